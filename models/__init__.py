@@ -1,1 +1,19 @@
+"""jaxtok.models: one Flax NNX decoder family (Llama-3, Qwen2/2.5, Qwen3 shapes), its KV cache, heads, presets,
+FLOP counts and Hugging Face interop."""
 
+from jaxtok.models import presets
+from jaxtok.models.cache import KVCache
+from jaxtok.models.flops import FlopsPerToken, flops_per_token, num_params
+from jaxtok.models.transformer import (
+    ATTENTION_KINDS,
+    Decoder,
+    DecoderOutput,
+    ModelConfig,
+    RopeScaling,
+    check_token_ids,
+)
+
+__all__ = [
+    "ATTENTION_KINDS", "Decoder", "DecoderOutput", "FlopsPerToken", "KVCache", "ModelConfig", "RopeScaling",
+    "check_token_ids", "flops_per_token", "num_params", "presets",
+]

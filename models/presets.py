@@ -1,0 +1,73 @@
+"""Model presets: the tiny zoo shapes trained on the synthetic tasks, and real shapes (no weights) so shardings,
+memory and FLOPs can be computed for Qwen3, Qwen2.5 and Llama-3.2.
+
+Real shapes follow the published HF ``config.json`` files of those checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxtok.models.transformer import ModelConfig, RopeScaling
+
+_LLAMA32_ROPE = RopeScaling(kind="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=8192)
+
+
+def _qwen3(d, f, layers, heads, kv, tie, vocab=151936):
+    return ModelConfig(vocab_size=vocab, hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_embeddings=tie,
+                       qk_norm=True, max_position_embeddings=40960, architecture="qwen3")
+
+
+def _qwen25(d, f, layers, heads, kv, tie, vocab=151936):
+    return ModelConfig(vocab_size=vocab, hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv, head_dim=d // heads, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                       tie_embeddings=tie, qkv_bias=True, max_position_embeddings=32768, architecture="qwen2")
+
+
+def _llama32(d, f, layers, heads, kv):
+    return ModelConfig(vocab_size=128256, hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv, head_dim=d // heads, rope_theta=500_000.0, rope_scaling=_LLAMA32_ROPE,
+                       rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=131072, architecture="llama")
+
+
+def _tiny(d, f, layers, heads, kv, **kw):
+    return ModelConfig(vocab_size=64, hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv, head_dim=d // heads, rope_theta=10000.0, rms_norm_eps=1e-6,
+                       max_position_embeddings=512, architecture="qwen3", qk_norm=True, **kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # tiny zoo (vocab is overridden by the task tokenizer's size)
+    "tiny_teacher": _tiny(192, 512, 4, 6, 2),
+    "tiny_student": _tiny(96, 256, 2, 4, 2),
+    "tiny_draft": _tiny(48, 128, 1, 2, 1),
+    "tiny_diffusion": _tiny(128, 384, 3, 4, 2, mask_token_id=3),
+    # real shapes
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8, True),
+    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, 8, True),
+    "qwen3-4b": _qwen3(2560, 9728, 36, 32, 8, True),
+    "qwen3-8b": _qwen3(4096, 12288, 36, 32, 8, False),
+    "qwen2.5-0.5b": _qwen25(896, 4864, 24, 14, 2, True),
+    "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2, True),
+    "qwen2.5-3b": _qwen25(2048, 11008, 36, 16, 2, True),
+    "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4, False, vocab=152064),
+    "llama-3.2-1b": _llama32(2048, 8192, 16, 32, 8),
+    "llama-3.2-3b": _llama32(3072, 8192, 28, 24, 8),
+}
+
+
+def get(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` with dataclass field ``overrides`` (e.g. ``vocab_size=64``, ``dtype="bfloat16"``)."""
+    if name not in PRESETS:
+        raise ValueError(f"model preset {name!r} is unknown; allowed: {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown} for preset {name!r}; allowed: {sorted(fields)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def names() -> list[str]:
+    return sorted(PRESETS)

@@ -1,0 +1,400 @@
+"""One decoder family in Flax NNX covering Llama-3, Qwen2/2.5 and Qwen3 shapes.
+
+RMSNorm, RoPE (default, ``linear`` and ``llama3`` scaling), grouped-query attention, SwiGLU MLP, optional q/k/v bias
+(Qwen2), optional per-head q/k RMSNorm (Qwen3), tied or untied embeddings, explicit ``head_dim``.
+
+The attention kind is chosen per call, so one set of weights serves AR decoding (``causal``), masked diffusion
+(``bidirectional``, LLaDA/Dream) and block diffusion (``block_causal``: bidirectional inside a block, causal across
+blocks). Every kind is combined with a padding mask; left padding works through per-row positions.
+
+Parameters carry logical axis names in their ``logical_axes`` metadata and activations are annotated with
+:func:`jaxtok.mesh.constrain`; ``jaxtok.mesh`` maps both to the ``data``/``fsdp``/``tensor`` mesh.
+
+Einsum letters: B batch, T query length, S key length, D embed, H query heads, K kv heads, G = H/K group size,
+N head_dim, F mlp hidden, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtok.mesh import constrain
+from jaxtok.models.cache import KVCache
+
+Attention = Literal["causal", "bidirectional", "block_causal"]
+ATTENTION_KINDS = ("causal", "bidirectional", "block_causal")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as in HF ``rope_scaling``: ``linear`` or ``llama3``."""
+
+    kind: Literal["linear", "llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder; presets in :mod:`jaxtok.models.presets`, HF configs via :mod:`jaxtok.models.hf`.
+
+    ``mask_token_id`` marks a masked-diffusion LM; ``shift_logits`` is Dream's convention (the logit at i predicts
+    token i+1), undone in :meth:`Decoder.__call__` so every sampler sees position-aligned logits.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 2048
+    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
+    mask_token_id: Optional[int] = None
+    shift_logits: bool = False
+    dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay float32
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"ModelConfig.architecture={self.architecture!r}: allowed {ARCHITECTURES}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed float32, bfloat16, float16")
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"ModelConfig.mask_token_id={self.mask_token_id} outside [0, {self.vocab_size})")
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.mask_token_id is not None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecoderOutput:
+    """``logits [B, T|K, V]`` float32 (None if not requested), ``hidden [B, T, D]`` final-normed (None unless
+    ``return_hidden``), ``cache`` the updated :class:`KVCache` (None without a cache)."""
+
+    logits: Optional[jax.Array]
+    hidden: Optional[jax.Array]
+    cache: Optional[KVCache]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm (Zhang & Sennrich 2019): ``x / sqrt(mean(x^2) + eps) * w``, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> np.ndarray:
+    """RoPE inverse frequencies ``theta^(-2i/d)`` with optional ``linear`` or ``llama3`` (Llama 3.1) scaling."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is None:
+        return inv.astype(np.float32)
+    if scaling.kind == "linear":
+        return (inv / scaling.factor).astype(np.float32)
+    if scaling.kind != "llama3":
+        raise ValueError(f"rope_scaling.kind={scaling.kind!r}: allowed 'linear', 'llama3'")
+    old = scaling.original_max_position_embeddings
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding (Su et al. 2021), half-split layout as in HF: ``x*cos + rotate_half(x)*sin``.
+
+    x: ``[B, T, H, N]``; positions: ``[B, T]``.
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, N/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, N]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+
+
+def attention_mask(
+    kind: str,
+    q_pos: jax.Array,
+    q_valid: jax.Array,
+    k_pos: jax.Array,
+    k_live: jax.Array,
+    block_size: Optional[int] = None,
+) -> jax.Array:
+    """Boolean ``[B, T, S]`` mask: which key each query may attend to.
+
+    ``causal``: k_pos <= q_pos. ``bidirectional``: every live key. ``block_causal``: key block <= query block with
+    block = position // block_size (bidirectional inside a block, causal across blocks). All kinds also require a
+    live key (written, not padding) and a valid query.
+    """
+    live = k_live[:, None, :] & q_valid[:, :, None]  # [B, T, S]
+    if kind == "bidirectional":
+        return live
+    if kind == "causal":
+        return live & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if kind == "block_causal":
+        if not block_size or block_size <= 0:
+            raise ValueError(f"attention='block_causal' needs a positive block_size, got {block_size!r}")
+        return live & (k_pos[:, None, :] // block_size <= q_pos[:, :, None] // block_size)
+    raise ValueError(f"attention={kind!r}: allowed {ATTENTION_KINDS}")
+
+
+def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
+    """Reject token ids outside ``[0, vocab_size)`` (JAX gathers would clamp them silently). Host-side only:
+    a no-op on traced values, so callers validate at their entry points before ``jit``."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        return
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = np.argwhere((arr < 0) | (arr >= vocab_size))[0].tolist()
+        raise ValueError(
+            f"{name}: token id {int(arr[tuple(bad)])} at index {bad} is outside the vocabulary [0, {vocab_size}) "
+            f"(min id {lo}, max id {hi})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: Optional[float] = None, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, weight ``[D]``."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, param_dtype, *, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), (axis_name,), param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, K, N = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.q_weight_dhn = _param(rngs, (D, H, N), ("embed", "heads", "head_dim"), pd, D**-0.5)
+        self.k_weight_dkn = _param(rngs, (D, K, N), ("embed", "kv_heads", "head_dim"), pd, D**-0.5)
+        self.v_weight_dkn = _param(rngs, (D, K, N), ("embed", "kv_heads", "head_dim"), pd, D**-0.5)
+        self.o_weight_hnd = _param(rngs, (H, N, D), ("heads", "head_dim", "embed"), pd, (H * N) ** -0.5)
+        if cfg.qkv_bias:
+            self.q_bias_hn = _param(rngs, (H, N), ("heads", "head_dim"), pd, init="zeros")
+            self.k_bias_kn = _param(rngs, (K, N), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.v_bias_kn = _param(rngs, (K, N), ("kv_heads", "head_dim"), pd, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(N, cfg.rms_norm_eps, "head_dim", pd, rngs=rngs)
+            self.k_norm = RMSNorm(N, cfg.rms_norm_eps, "head_dim", pd, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cache: Optional[KVCache], layer: int):
+        """x ``[B, T, D]``, positions ``[B, T]``, mask ``[B, T, S]``; returns ``([B, T, D], cache)``."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        x = x.astype(dt)
+        q = jnp.einsum("btd,dhn->bthn", x, self.q_weight_dhn[...].astype(dt))
+        k = jnp.einsum("btd,dkn->btkn", x, self.k_weight_dkn[...].astype(dt))
+        v = jnp.einsum("btd,dkn->btkn", x, self.v_weight_dkn[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias_hn[...].astype(dt)
+            k = k + self.k_bias_kn[...].astype(dt)
+            v = v + self.v_bias_kn[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
+        k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            cache = cache.write_layer(layer, k, v)
+            k, v = cache.k[layer].astype(dt), cache.v[layer].astype(dt)  # [B, S, K, N]
+        B, T, H, N = q.shape
+        K = k.shape[2]
+        q = q.reshape(B, T, K, H // K, N)
+        scores = jnp.einsum("btkgn,bskn->bkgts", q, k, preferred_element_type=jnp.float32) * (N**-0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
+        ctx = jnp.einsum("bkgts,bskn->btkgn", probs, v).reshape(B, T, H, N)
+        out = jnp.einsum("bthn,hnd->btd", ctx, self.o_weight_hnd[...].astype(dt))
+        return out, cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        pd = jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate_weight_df = _param(rngs, (D, F), ("embed", "mlp"), pd, D**-0.5)
+        self.up_weight_df = _param(rngs, (D, F), ("embed", "mlp"), pd, D**-0.5)
+        self.down_weight_fd = _param(rngs, (F, D), ("mlp", "embed"), pd, F**-0.5)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        x = x.astype(dt)
+        gate = jnp.einsum("btd,df->btf", x, self.gate_weight_df[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x, self.up_weight_df[...].astype(dt))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", hidden, self.down_weight_fd[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cache, layer):
+        attn_out, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer)
+        x = x + attn_out.astype(x.dtype)
+        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        return constrain(x, ("batch", "length", "act_embed")), cache
+
+
+class Decoder(nnx.Module):
+    """The jaxtok decoder: token embedding, ``num_layers`` pre-norm blocks, final RMSNorm, LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.embed_vd = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 1.0)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head_dv = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, cfg.hidden_size**-0.5)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Project final-normed hidden states ``[..., D]`` to float32 logits ``[..., V]``."""
+        dt = jnp.dtype(self.cfg.dtype)
+        w = self.embed_vd[...].T if self.cfg.tie_embeddings else self.lm_head_dv[...]
+        out = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: Optional[jax.Array] = None,
+        valid: Optional[jax.Array] = None,
+        attention: Attention = "causal",
+        block_size: Optional[int] = None,
+        cache: Optional[KVCache] = None,
+        logits_at: Optional[jax.Array] = None,
+        return_logits: bool = True,
+        return_hidden: bool = False,
+    ) -> DecoderOutput:
+        """Forward pass.
+
+        Args:
+          tokens: ``[B, T]`` int32 ids in ``[0, vocab_size)``.
+          positions: ``[B, T]`` RoPE positions; default ``cumsum(valid) - 1`` after the cache's last position, so
+            left padding needs no special care.
+          valid: ``[B, T]`` bool, False for padding (padding keys are never attended).
+          attention: ``causal`` | ``bidirectional`` | ``block_causal`` (with ``block_size``).
+          cache: a :class:`KVCache`; the T tokens are written at each row's offset ``cache.lengths`` and attend to
+            the row's live entries. The returned cache has ``lengths + T``.
+          logits_at: ``[B, K]`` int32 indices into the T axis; logits are computed only there (gather, then
+            matmul) -> ``[B, K, V]``. Lets losses skip logits they will not use.
+          return_logits / return_hidden: what to return.
+        """
+        cfg = self.cfg
+        check_token_ids(tokens, cfg.vocab_size)
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention={attention!r}: allowed {ATTENTION_KINDS}")
+        B, T = tokens.shape
+        valid = jnp.ones((B, T), bool) if valid is None else valid.astype(bool)
+        if positions is None:
+            start = cache.next_positions() if cache is not None else jnp.zeros((B,), jnp.int32)
+            positions = start[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+        positions = positions.astype(jnp.int32)
+
+        if cache is not None:
+            if not isinstance(cache.lengths, jax.core.Tracer) and int(np.max(cache.lengths)) + T > cache.capacity:
+                raise ValueError(
+                    f"KV cache overflow: writing {T} tokens at length {int(np.max(cache.lengths))} exceeds "
+                    f"capacity {cache.capacity}"
+                )
+            cache = cache.write_positions(jnp.where(valid, positions, -1))
+            k_pos = cache.positions  # [B, S]
+            slot = jnp.arange(cache.capacity)[None, :]
+            k_live = (slot < (cache.lengths + T)[:, None]) & (k_pos >= 0)
+        else:
+            k_pos, k_live = positions, valid
+        mask = attention_mask(attention, positions, valid, k_pos, k_live, block_size)  # [B, T, S]
+
+        x = jnp.take(self.embed_vd[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, T, D]
+        x = constrain(x, ("batch", "length", "act_embed"))
+        for i, block in enumerate(self.layers):
+            x, cache = block(x, positions, mask, cache, i)
+        hidden = self.final_norm(x)
+        if cache is not None:
+            cache = cache.advance(T)
+
+        logits = None
+        if return_logits:
+            if logits_at is not None:
+                idx = logits_at.astype(jnp.int32)
+                if cfg.shift_logits:  # Dream: position i is predicted by the hidden state at i-1
+                    idx = jnp.maximum(idx - 1, 0)
+                picked = jnp.take_along_axis(hidden, idx[..., None], axis=1)  # [B, K, D]
+                logits = self.logits(picked)
+            else:
+                logits = self.logits(hidden)  # [B, T, V]
+                if cfg.shift_logits:
+                    logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+            logits = constrain(logits, ("batch", "length", "act_vocab"))
+        return DecoderOutput(logits=logits, hidden=hidden if return_hidden else None, cache=cache)
