@@ -1,1 +1,1 @@
-
+"""jaxtok.train: the train step, objectives and the training loop."""
