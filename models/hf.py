@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxtok.mesh import logical_to_spec
+from jaxtok.mesh import DEFAULT_RULES, logical_to_spec
 from jaxtok.models.transformer import Decoder, ModelConfig, RopeScaling
 
 # HF class name -> jaxtok architecture, and back
@@ -356,13 +356,15 @@ def build_decoder(
     pdtype = jnp.dtype(cfg.param_dtype)
     flat = []
     for path, var in nnx.to_flat_state(state):
+        if tuple(path) not in views:
+            raise ValueError(f"no value for parameter {_dotted(path)}")
         view = views[tuple(path)]
         if tuple(view.shape) != tuple(var.get_value().shape):
             raise ValueError(f"parameter {_dotted(path)} has shape {tuple(view.shape)}, expected {var.get_value().shape}")
         sharding = None
         if mesh is not None:
-            axes = var.get_metadata().get("logical_axes")
-            sharding = NamedSharding(mesh, logical_to_spec(axes, rules, mesh) if rules else logical_to_spec(axes, mesh=mesh))
+            axes = var.get_metadata().get("logical_axes")  # same rule as jaxtok.mesh.param_shardings
+            sharding = NamedSharding(mesh, logical_to_spec(axes, rules or DEFAULT_RULES, mesh, view.shape))
         var.set_value(_place(view, pdtype, sharding))
         flat.append((path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
