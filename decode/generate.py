@@ -1,0 +1,330 @@
+"""Jitted autoregressive generation: prefill a left-padded prompt into a KV cache, then one ``lax.while_loop``
+that appends one token per row per step until every row has emitted a stop token or ``max_new_tokens`` is reached
+(decode_methods.md §0.1; DESIGN.md principle 3).
+
+The whole call is one ``jax.jit`` of a module-level function whose static arguments are the model's ``GraphDef``,
+the shapes and the switches (which filters are on, what to return); sampling values (temperature, top-k, top-p,
+min-p) are traced, so a second call with equal shapes and switches reuses the compiled program. Finished rows are
+frozen with ``where``: they emit ``pad_id``, log-prob 0 and are invalid; their forward input is masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxtok import sampling
+from jaxtok.mesh import axis_rules, batch_sharding, constrain, param_shardings, place
+from jaxtok.models import KVCache, check_token_ids
+
+DEFAULT_EOS_ID = 2  # "<eos>" of the jaxtok task tokenizer (<pad>=0, <bos>=1, <eos>=2, <mask>=3)
+DEFAULT_PAD_ID = 0
+
+_TRACES = [0]  # incremented each time the jitted body is traced (tests check that a second call does not retrace)
+
+
+def num_traces() -> int:
+    """How many times :func:`generate`'s jitted body has been traced in this process."""
+    return _TRACES[0]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    """Output of :func:`generate`.
+
+    Attributes:
+      tokens: ``[B, N]`` int32 generated ids (the stop token included), ``pad_id`` after a row is done.
+      logprobs: ``[B, N]`` float32 log-probability of each token under the sampling distribution (temperature and
+        filters applied; greedy rows at temperature 1); 0 where invalid.
+      valid: ``[B, N]`` bool, True for generated tokens.
+      done: ``[B]`` bool, True when the row emitted a stop token (False: it ran into ``max_new_tokens``).
+      lengths: ``[B]`` int32 number of valid tokens per row.
+      num_forwards: ``[]`` int32 model forwards (the prefill counts as one).
+      entropy: ``[B, N]`` float32 entropy of the sampling distribution, 0 where invalid (``return_entropy``).
+      topk_probs, topk_ids: ``[B, N, K]`` the K most likely tokens of the sampling distribution and their
+        probabilities, 0 where invalid (``return_topk=K``, e.g. for CPPO).
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    valid: jax.Array
+    done: jax.Array
+    lengths: jax.Array
+    num_forwards: jax.Array
+    entropy: Optional[jax.Array] = None
+    topk_probs: Optional[jax.Array] = None
+    topk_ids: Optional[jax.Array] = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """Loop carry: ``step`` = index of the next token to write; ``last [B]`` = the newest token (not yet in the
+    cache); the output buffers of :class:`GenerateResult`."""
+
+    step: jax.Array
+    last: jax.Array
+    done: jax.Array
+    cache: KVCache
+    num_forwards: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    valid: jax.Array
+    entropy: Optional[jax.Array]
+    topk_probs: Optional[jax.Array]
+    topk_ids: Optional[jax.Array]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jitted core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _constrain_cache(cache: KVCache) -> KVCache:
+    return KVCache(
+        k=constrain(cache.k, ("layers", "batch", "kv_length", "kv_heads", "head_dim")),
+        v=constrain(cache.v, ("layers", "batch", "kv_length", "kv_heads", "head_dim")),
+        positions=constrain(cache.positions, ("batch", "kv_length")),
+        lengths=constrain(cache.lengths, ("batch",)),
+    )
+
+
+def _record(state: _State, logits: jax.Array, key: jax.Array, params: dict, stop: jax.Array, pad_id: int) -> _State:
+    """Sample token ``state.step`` of every live row from ``logits [B, V]`` and write it into the buffers."""
+    s = sampling.sample(key, logits, params["temperature"], params.get("top_k"), params.get("top_p"),
+                        params.get("min_p"))
+    live = ~state.done  # [B]
+    tok = jnp.where(live, s.tokens, pad_id)
+    col = state.step
+
+    def put(buf, value, fill):
+        if buf is None:
+            return None
+        mask = live.reshape(live.shape + (1,) * (value.ndim - 1))
+        return buf.at[:, col].set(jnp.where(mask, value, fill).astype(buf.dtype))
+
+    topk_probs = topk_ids = None
+    if state.topk_probs is not None:
+        topk_probs, topk_ids = jax.lax.top_k(jnp.exp(s.log_probs), state.topk_probs.shape[-1])  # [B, K]
+    return dataclasses.replace(
+        state,
+        step=col + 1,
+        last=tok,
+        done=state.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1)),
+        tokens=put(state.tokens, tok, pad_id),
+        logprobs=put(state.logprobs, s.logprobs, 0.0),
+        valid=put(state.valid, live, False),
+        entropy=put(state.entropy, sampling.entropy_from_log_probs(s.log_probs), 0.0),
+        topk_probs=put(state.topk_probs, topk_probs, 0.0),
+        topk_ids=put(state.topk_ids, topk_ids, pad_id),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "stop_tokens", "pad_id", "return_entropy", "return_topk", "mesh"),
+)
+def _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, *, max_new_tokens, stop_tokens, pad_id,
+                  return_entropy, return_topk, mesh):
+    _TRACES[0] += 1
+    rules = axis_rules(mesh) if mesh is not None else contextlib.nullcontext()
+    with rules:
+        return _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, max_new_tokens, stop_tokens,
+                              pad_id, return_entropy, return_topk)
+
+
+def _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, n, stop_tokens, pad_id,
+                   return_entropy, return_topk) -> GenerateResult:
+    model = nnx.merge(graphdef, model_state)
+    cfg = model.cfg
+    b, p = prompt.shape
+    stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)  # -1 never matches
+
+    # prefill: every row's last prompt token sits at column P-1 (left padding)
+    cache = _constrain_cache(KVCache.init(cfg, b, p + n))
+    out = model(prompt, valid=prompt_valid, cache=cache, logits_at=jnp.full((b, 1), p - 1, jnp.int32))
+
+    def zeros(shape, dtype, on):
+        return jnp.zeros((b, n) + shape, dtype) if on else None
+
+    state = _State(
+        step=jnp.zeros((), jnp.int32),
+        last=jnp.full((b,), pad_id, jnp.int32),
+        done=jnp.zeros((b,), bool),
+        cache=out.cache,
+        num_forwards=jnp.ones((), jnp.int32),
+        tokens=jnp.full((b, n), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, n), jnp.float32),
+        valid=jnp.zeros((b, n), bool),
+        entropy=zeros((), jnp.float32, return_entropy),
+        topk_probs=zeros((return_topk,), jnp.float32, return_topk > 0),
+        topk_ids=zeros((return_topk,), jnp.int32, return_topk > 0),
+    )
+    state = _record(state, out.logits[:, 0], jax.random.fold_in(rng, 0), params, stop, pad_id)
+
+    def cond(s: _State):
+        return (s.step < n) & ~jnp.all(s.done)
+
+    def body(s: _State):
+        step_model = nnx.merge(graphdef, model_state)
+        o = step_model(s.last[:, None], valid=~s.done[:, None], cache=s.cache)
+        s = dataclasses.replace(s, cache=_constrain_cache(o.cache), num_forwards=s.num_forwards + 1)
+        return _record(s, o.logits[:, 0], jax.random.fold_in(rng, s.step), params, stop, pad_id)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return GenerateResult(
+        tokens=state.tokens,
+        logprobs=state.logprobs,
+        valid=state.valid,
+        done=state.done,
+        lengths=jnp.sum(state.valid, axis=1, dtype=jnp.int32),
+        num_forwards=state.num_forwards,
+        entropy=state.entropy,
+        topk_probs=state.topk_probs,
+        topk_ids=state.topk_ids,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _host(x) -> Optional[np.ndarray]:
+    """The host value of ``x``, or None when it is traced (then checks are skipped)."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def _check_range(name: str, value, lo, hi, allowed: str, lo_open=False) -> None:
+    v = _host(value)
+    if v is None:
+        return
+    bad = (v <= lo if lo_open else v < lo) | (v > hi) | ~np.isfinite(v)
+    if np.any(bad):
+        raise ValueError(f"{name}={value!r}: allowed {allowed}")
+
+
+def _validate(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
+              return_topk, mesh):
+    vocab = model.cfg.vocab_size
+    if prompt.ndim != 2:
+        raise ValueError(f"prompt: expected a [B, P] int array, got shape {prompt.shape}")
+    if prompt_valid.shape != prompt.shape:
+        raise ValueError(f"prompt_valid: shape {prompt_valid.shape} must equal prompt's {prompt.shape}")
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt: dtype {prompt.dtype} is not an integer type")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed a positive integer")
+    _check_range("temperature", temperature, 0.0, np.inf, "values >= 0 (0 = greedy)")
+    _check_range("top_k", top_k, 0, np.inf, "integers >= 0 (0 = off)")
+    _check_range("top_p", top_p, 0.0, 1.0, "values in (0, 1] (1 = off)", lo_open=True)
+    _check_range("min_p", min_p, 0.0, 1.0, "values in [0, 1] (0 = off)")
+    tk = _host(top_k)
+    if tk is not None and not np.all(tk == np.round(tk)):
+        raise ValueError(f"top_k={top_k!r}: allowed integers >= 0 (0 = off)")
+    for name, ids in (("stop_tokens", tuple(stop_tokens)), ("pad_id", (pad_id,))):
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
+                raise ValueError(f"{name}: id {t!r} is outside the vocabulary [0, {vocab})")
+    if isinstance(return_topk, bool) or not isinstance(return_topk, (int, np.integer)) or not 0 <= return_topk <= vocab:
+        raise ValueError(f"return_topk={return_topk!r}: allowed an integer in [0, {vocab}]")
+    valid = _host(prompt_valid)
+    if valid is not None:
+        valid = valid.astype(bool)
+        if not np.all(valid[:, -1]) or np.any(valid[:, 1:] < valid[:, :-1]):
+            rows = np.nonzero(~valid[:, -1] | np.any(valid[:, 1:] < valid[:, :-1], axis=1))[0].tolist()
+            raise ValueError(f"prompt_valid: rows {rows} are not left-padded with at least one token (each row must "
+                             f"be False...False True...True)")
+        toks = _host(prompt)
+        if toks is not None:
+            check_token_ids(np.where(valid, toks, 0), vocab, name="prompt")
+    if mesh is not None:
+        if not isinstance(mesh, Mesh):
+            raise ValueError(f"mesh={mesh!r}: allowed a jax.sharding.Mesh or None")
+        spec = batch_sharding(mesh).spec[0]
+        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+        shards = int(np.prod([mesh.shape[a] for a in axes]))
+        if prompt.shape[0] % shards:
+            raise ValueError(f"prompt: batch {prompt.shape[0]} is not divisible by the {shards} batch shards of the "
+                             f"mesh (axes {axes})")
+
+
+def _is_on(value, neutral) -> bool:
+    """A filter is compiled in when any entry differs from its neutral value (or when the value is traced)."""
+    v = _host(value)
+    return v is None or bool(np.any(v != neutral))
+
+
+def generate(
+    model: nnx.Module,
+    prompt,
+    prompt_valid,
+    *,
+    max_new_tokens: int,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    stop_tokens: Sequence[int] = (DEFAULT_EOS_ID,),
+    rng: jax.Array,
+    return_entropy: bool = False,
+    return_topk: int = 0,
+    mesh: Optional[Mesh] = None,
+    pad_id: int = DEFAULT_PAD_ID,
+) -> GenerateResult:
+    """Autoregressive generation from a left-padded prompt batch in one jitted call.
+
+    Args:
+      model: a ``jaxtok.models.Decoder`` (any NNX module with ``cfg`` and the decoder call contract).
+      prompt: ``[B, P]`` int ids, LEFT-padded.
+      prompt_valid: ``[B, P]`` bool, False on padding; every row needs at least one token.
+      max_new_tokens: N, the cap on generated tokens per row.
+      temperature: scalar or ``[B]``; 0 = greedy.
+      top_k: scalar or ``[B]`` int; 0 = off.  top_p: in (0, 1], 1 = off.  min_p: in [0, 1], 0 = off.
+      stop_tokens: ids that end a row (emitted, then the row is frozen).
+      rng: a PRNG key; step t uses ``fold_in(rng, t)``.
+      return_entropy / return_topk: also return per-token entropies / the K most likely tokens and probabilities
+        of the sampling distribution.
+      mesh: when given, the batch is sharded over its ``batch`` axes (``data``, ``fsdp``) and the weights as their
+        ``logical_axes`` declare; the result equals the unsharded one.
+      pad_id: id written after a row is done.
+
+    Returns:
+      :class:`GenerateResult`.
+    """
+    prompt = prompt if isinstance(prompt, jax.Array) else np.asarray(prompt)
+    prompt_valid = prompt_valid if isinstance(prompt_valid, jax.Array) else np.asarray(prompt_valid)
+    stop_tokens = tuple(int(t) for t in stop_tokens)
+    _validate(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
+              return_topk, mesh)
+    b = prompt.shape[0]
+
+    def per_row(x, dtype):
+        return jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
+
+    params = {"temperature": per_row(temperature, jnp.float32)}
+    if _is_on(top_k, 0):
+        params["top_k"] = per_row(top_k, jnp.int32)
+    if _is_on(top_p, 1.0):
+        params["top_p"] = per_row(top_p, jnp.float32)
+    if _is_on(min_p, 0.0):
+        params["min_p"] = per_row(min_p, jnp.float32)
+
+    prompt = jnp.where(jnp.asarray(prompt_valid, bool), jnp.asarray(prompt, jnp.int32), pad_id)
+    prompt_valid = jnp.asarray(prompt_valid, bool)
+    graphdef, model_state = nnx.split(model)
+    if mesh is not None:
+        model_state = place(model_state, param_shardings(model_state, mesh))
+        prompt, prompt_valid, params = place((prompt, prompt_valid, params), batch_sharding(mesh))
+    return _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, max_new_tokens=int(max_new_tokens),
+                         stop_tokens=stop_tokens, pad_id=int(pad_id), return_entropy=bool(return_entropy),
+                         return_topk=int(return_topk), mesh=mesh)
