@@ -163,9 +163,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
             f"ModelConfig(architecture={cfg.architecture!r}, qk_norm={cfg.qk_norm}) has no HF equivalent: "
             "only Qwen3ForCausalLM has (and always has) q/k norm"
         )
-    if cfg.architecture == "qwen2" and not cfg.qkv_bias:
-        pass  # Qwen2 always has q/k/v biases; save_hf writes zeros
-    elif cfg.qkv_bias and cfg.architecture != "qwen2":
+    if cfg.qkv_bias and cfg.architecture != "qwen2":  # (qwen2 without biases: save_hf writes zero biases)
         raise ValueError(
             f"ModelConfig(architecture={cfg.architecture!r}, qkv_bias=True) has no HF equivalent: "
             "its attention_bias would add an o_proj bias; use architecture='qwen2'"
@@ -336,6 +334,10 @@ def read_hf_config(path: str) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _dotted(path) -> str:
+    return ".".join(map(str, path))
+
+
 def _place(view: np.ndarray, dtype, sharding: Optional[NamedSharding]) -> jax.Array:
     """A jax array of ``view`` in ``dtype``; sharded: each device's slice read on its own (no full host copy)."""
     if sharding is None:
@@ -394,10 +396,6 @@ def hf_views(cfg: ModelConfig, tensors: dict[str, np.ndarray], where: str = "") 
     return views
 
 
-def _dotted(path) -> str:
-    return ".".join(map(str, path))
-
-
 def load_hf(
     path: str,
     dtype: str = "float32",
@@ -429,11 +427,10 @@ def load_hf(
     return build_decoder(cfg, views, mesh=mesh, rules=rules), cfg
 
 
-def hf_tensors(model: Decoder, dtype: Optional[str] = None) -> dict[str, np.ndarray]:
-    """The model's parameters as host numpy arrays under their HF names and layouts (Qwen2 without biases gets
-    zero biases, since Qwen2ForCausalLM always has them)."""
-    cfg = model.cfg
-    np_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+def hf_tensors(model: Decoder, cfg: ModelConfig, dtype: str) -> dict[str, np.ndarray]:
+    """The model's parameters as host numpy arrays under their HF names and layouts for ``cfg``'s architecture
+    (Qwen2 without biases gets zero biases, since Qwen2ForCausalLM always has them)."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out = {}
     for spec in tensor_specs(cfg):
@@ -445,10 +442,11 @@ def hf_tensors(model: Decoder, dtype: Optional[str] = None) -> dict[str, np.ndar
     return out
 
 
-def save_hf(model: Decoder, path: str, *, dtype: Optional[str] = None) -> None:
+def save_hf(model: Decoder, path: str, *, dtype: Optional[str] = None, architecture: Optional[str] = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
-    ``dtype`` (default: the model's ``param_dtype``) is the stored dtype. Diffusion models keep ``mask_token_id`` and
+    ``dtype`` (default: the model's ``param_dtype``) is the stored dtype; ``architecture`` (``llama``/``qwen2``/
+    ``qwen3`` or the HF class name) overrides ``model.cfg.architecture``, e.g. for a preset. Diffusion models keep ``mask_token_id`` and
     ``shift_logits`` in config.json, so :func:`load_hf` with ``diffusion=True`` reads them back.
     """
     from safetensors.numpy import save_file
@@ -456,8 +454,11 @@ def save_hf(model: Decoder, path: str, *, dtype: Optional[str] = None) -> None:
     dtype = dtype or model.cfg.param_dtype
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {_DTYPES}")
-    config = config_to_hf(model.cfg, dtype)
-    tensors = hf_tensors(model, dtype)
+    cfg = model.cfg
+    if architecture:
+        cfg = dataclasses.replace(cfg, architecture=_architecture_arg(architecture))
+    config = config_to_hf(cfg, dtype)
+    tensors = hf_tensors(model, cfg, dtype)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -513,27 +514,36 @@ def load_params(path: str, *, mesh: Optional[Mesh] = None, rules=None) -> tuple[
     return build_decoder(cfg, views, mesh=mesh, rules=rules), cfg
 
 
+def _architecture_arg(value: Optional[str]) -> Optional[str]:
+    """``--architecture`` as a jaxtok architecture; accepts ``qwen3`` or ``Qwen3ForCausalLM``."""
+    if not value:
+        return None
+    arch = ARCHITECTURES.get(value, value)
+    if arch not in _HF_CLASS:
+        raise ValueError(f"architecture={value!r}: allowed {sorted(_HF_CLASS) + sorted(ARCHITECTURES)}")
+    return arch
+
+
 def convert_main(args) -> int:
     """``jaxtok convert {to-jax,to-hf} SRC DST``.
 
-    ``args`` has ``direction`` (``to-jax`` | ``to-hf``), ``src``, ``dst``, ``dtype`` (optional), ``diffusion``
-    (to-jax: load as a masked-diffusion LM) and ``architecture`` (to-hf: override the saved HF class).
+    ``args`` has ``direction`` (``to-jax`` | ``to-hf``), ``src``, ``dst``, ``dtype`` (stored dtype; default float32
+    for to-jax, the model's for to-hf), ``diffusion`` (to-jax: load as a masked-diffusion LM, mask token from
+    config.json) and ``architecture`` (to-hf: the HF class to write; to-jax: the family SRC must be).
     """
     direction = getattr(args, "direction", None)
     dtype = getattr(args, "dtype", None)
+    arch = _architecture_arg(getattr(args, "architecture", None))
     if direction == "to-jax":
         model, cfg = load_hf(args.src, dtype or "float32", diffusion=bool(getattr(args, "diffusion", False)))
+        if arch and arch != cfg.architecture:
+            raise ValueError(f"--architecture={args.architecture!r} but {args.src} holds a {_HF_CLASS[cfg.architecture]}")
         save_params(model, args.dst)
     elif direction == "to-hf":
         model, cfg = load_params(args.src)
-        arch = getattr(args, "architecture", None)
-        if arch:
-            arch = ARCHITECTURES.get(arch, arch)
-            if arch not in _HF_CLASS:
-                raise ValueError(f"--architecture={arch!r}: allowed {sorted(_HF_CLASS) + sorted(ARCHITECTURES)}")
-            model.cfg = cfg = dataclasses.replace(cfg, architecture=arch)
-        save_hf(model, args.dst, dtype=dtype)
+        cfg = dataclasses.replace(cfg, architecture=arch or cfg.architecture)
+        save_hf(model, args.dst, dtype=dtype, architecture=cfg.architecture)
     else:
         raise ValueError(f"convert direction={direction!r}: allowed 'to-jax', 'to-hf'")
-    print(f"converted {args.src} -> {args.dst} ({direction}, {cfg.architecture}, {cfg.num_layers} layers)")
+    print(f"converted {args.src} -> {args.dst} ({direction}, {_HF_CLASS[cfg.architecture]}, {cfg.num_layers} layers)")
     return 0

@@ -193,20 +193,34 @@ def test_save_hf_of_a_preset_loads_in_transformers(tmp_path):
 
 
 def test_convert_both_ways(tmp_path, capsys):
-    g = goldens("qwen3")
-    args = argparse.Namespace(direction="to-jax", src=os.path.join(FIXTURES, "qwen3"), dst=str(tmp_path / "jax"),
-                              dtype=None, diffusion=False, architecture=None)
-    assert convert_main(args) == 0
-    args = argparse.Namespace(direction="to-hf", src=str(tmp_path / "jax"), dst=str(tmp_path / "hf"),
-                              dtype="float32", diffusion=False, architecture=None)
-    assert convert_main(args) == 0
-    hf = hf_from_pretrained(str(tmp_path / "hf"))
-    ref = fixtures_script.hf_logits(hf, g["tokens"], g["valid"], g["positions"])
-    np.testing.assert_allclose(ref[g["valid"]], g["logits_padded"][g["valid"]], rtol=0, atol=1e-6)
+    """to-jax then to-hf, writing the Llama fixture as a Qwen2ForCausalLM (zero q/k/v biases): same logits."""
+    g = goldens("llama")
+    ns = lambda **kw: argparse.Namespace(**{"dtype": None, "diffusion": False, "architecture": None, **kw})  # noqa: E731
+    assert convert_main(ns(direction="to-jax", src=os.path.join(FIXTURES, "llama"), dst=str(tmp_path / "jax"))) == 0
+    assert convert_main(ns(direction="to-hf", src=str(tmp_path / "jax"), dst=str(tmp_path / "hf"),
+                           architecture="Qwen2ForCausalLM")) == 0
     assert "converted" in capsys.readouterr().out
+    hf = hf_from_pretrained(str(tmp_path / "hf"))
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ref = fixtures_script.hf_logits(hf, g["tokens"], g["valid"], g["positions"])
+    assert max_err(ref, g["logits_padded"], g["valid"]) < F32_TOL
     with pytest.raises(ValueError, match="direction='sideways'"):
-        convert_main(argparse.Namespace(direction="sideways", src="a", dst="b", dtype=None, diffusion=False,
-                                        architecture=None))
+        convert_main(ns(direction="sideways", src="a", dst="b"))
+    with pytest.raises(ValueError, match="architecture='gpt2'"):
+        convert_main(ns(direction="to-hf", src=str(tmp_path / "jax"), dst=str(tmp_path / "x"), architecture="gpt2"))
+    with pytest.raises(ValueError, match="holds a LlamaForCausalLM"):
+        convert_main(ns(direction="to-jax", src=os.path.join(FIXTURES, "llama"), dst=str(tmp_path / "y"),
+                        architecture="qwen3"))
+
+
+def test_save_hf_rejects_architectures_without_an_equivalent(tmp_path):
+    model, _ = load_hf(os.path.join(FIXTURES, "qwen2"))
+    with pytest.raises(ValueError, match=r"qkv_bias=True\) has no HF equivalent"):
+        save_hf(model, str(tmp_path), architecture="llama")
+    with pytest.raises(ValueError, match=r"qk_norm=False\) has no HF equivalent"):
+        save_hf(model, str(tmp_path), architecture="qwen3")
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        save_hf(model, str(tmp_path), dtype="int8")
 
 
 # --------------------------------------------------------------------------------------------------------------
