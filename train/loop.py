@@ -1,0 +1,362 @@
+"""The training loop: config -> tokenizer, data, model, mesh, optimizer, objective -> jitted steps, periodic eval,
+metrics, checkpoints, resume.
+
+Run directory::
+
+    <run_dir>/tokenizer.json      the tokenizer (later stages and ``init_from`` reuse it)
+    <run_dir>/metrics.jsonl       one JSON object per logged step / eval
+    <run_dir>/checkpoints/<step>/ params, optimizer state, data-iterator state, RNG, meta (model config)
+    <run_dir>/summary.json        the dict returned by :func:`train`
+
+A run directory that already holds a checkpoint is resumed from its last good one (``run.resume``); a finished run
+(last checkpoint at ``train.steps``) is not trained again, which is what lets recipe stages and the model zoo be
+cached. ``model.init_from`` points at an earlier run directory: its parameters and tokenizer seed this run.
+
+The loop drives objectives that consume SFT batches (``{tokens, positions, valid, loss_mask}``); objectives are
+``fn(model, batch, rng, args) -> (loss_sum, count, aux)`` from ``OBJECTIVES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxtok import checkpoint as ckpt_lib
+from jaxtok import mesh as mesh_lib
+from jaxtok.models import Decoder, ModelConfig, RopeScaling, presets
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory of a run directory (or ``path`` itself when it already is one)."""
+    path = Path(path)
+    return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() or not path.exists() else path
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return ModelConfig(**d)
+
+
+def load_tokenizer_for(cfg) -> Any:
+    """The run's tokenizer: ``init_from``'s, an HF checkpoint's, or the synthetic tasks' character tokenizer."""
+    from jaxtok.tasks import build_tokenizer, load_tokenizer
+
+    if cfg.model.init_from:
+        src = Path(cfg.model.init_from)
+        for cand in (src / TOKENIZER_FILE, src.parent / TOKENIZER_FILE):
+            if cand.is_file():
+                return load_tokenizer(cand)
+    if cfg.model.hf_path:
+        return load_tokenizer(cfg.model.hf_path)
+    return build_tokenizer()
+
+
+def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None) -> tuple[Decoder, dict]:
+    """A :class:`Decoder` with the parameters of the checkpoint at ``path`` (a run directory or its checkpoint
+    directory; default: latest step), placed on ``mesh`` when given. Returns ``(model, meta)``."""
+    directory = checkpoint_dir(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"init_from / checkpoint path {str(path)!r}: no checkpoint directory at {directory}")
+    with ckpt_lib.Checkpointer(directory, async_save=False) as ck:
+        meta = ck.read_meta(step)
+        if "model_config" not in meta:
+            raise ckpt_lib.CheckpointError(f"checkpoint {directory}: meta has no model_config")
+        model_cfg = model_config_from_dict(meta["model_config"])
+        abstract = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
+        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        target = ckpt_lib.abstract_of(params)
+        if mesh is not None:
+            shardings = mesh_lib.param_shardings(params, mesh)
+            target = jax.tree.map(lambda s, sub: jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub), shardings, target,
+                is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+        out = ck.restore(meta.get("step"), params=target, data=False)
+    return nnx.merge(graphdef, out["params"], rest), meta
+
+
+def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
+    """The model of ``cfg.model``: ``init_from`` a run, an HF checkpoint, or a preset with the tokenizer's vocab."""
+    sec = cfg.model
+    if sec.init_from:
+        model, _ = load_model(sec.init_from, mesh=mesh)
+        return model
+    if sec.hf_path:
+        from jaxtok.models.hf import load_hf
+
+        model, _ = load_hf(sec.hf_path, sec.dtype, param_dtype=sec.param_dtype, mesh=mesh)
+        return model
+    model_cfg = presets.get(sec.preset, vocab_size=sec.vocab_size or vocab_size, dtype=sec.dtype,
+                            param_dtype=sec.param_dtype, **dict(sec.overrides))
+    model = Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+    if model_cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return model
+
+
+def build_objective(cfg) -> Callable:
+    """``loss_fn(model, batch, rng)`` of the configured objective with its parsed arguments bound."""
+    import jaxtok.train.objectives  # noqa: F401  (registration)
+    from jaxtok.registry import OBJECTIVES
+
+    fn = OBJECTIVES.get(cfg.objective.name, "objective.name")
+    args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
+    return functools.partial(fn, args=args) if args is not None else fn
+
+
+class _Metrics:
+    """Append-only ``metrics.jsonl`` writer (process 0 only)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+
+def _plain(v):
+    if isinstance(v, (np.generic, jax.Array)):
+        return np.asarray(v).item()
+    return v
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: Optional[int] = None) -> dict:
+    """Held-out accuracy of greedy completions (decode_methods.md §0.1 via :func:`jaxtok.decode.generate.generate`).
+
+    Returns ``exact_match`` (task reward == 1), ``format_ok`` and ``num_examples``. The last batch is padded to the
+    decode batch size with copies of its first row (ignored), so every call has one static shape.
+    """
+    from jaxtok.data import prompt_dataset
+    from jaxtok.decode.generate import generate
+    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+
+    n = num_examples or cfg.data.num_eval
+    B = cfg.decode.batch_size
+    sp = SpecialTokens.of(tok)
+    ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=B, num_examples=n,
+                           overlong=cfg.data.overlong)
+    hits, fmt, total = 0.0, 0.0, 0
+    for batch in ds:
+        rows = batch["prompt"].shape[0]
+        prompt = np.concatenate([batch["prompt"], np.repeat(batch["prompt"][:1], B - rows, 0)])
+        valid = np.concatenate([batch["prompt_valid"], np.repeat(batch["prompt_valid"][:1], B - rows, 0)])
+        out = generate(model, prompt, valid, max_new_tokens=cfg.decode.max_new_tokens, temperature=0.0,
+                       rng=jax.random.key(0), stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh)
+        tokens = np.asarray(jax.device_get(_gather(out.tokens)))
+        for r in range(rows):
+            example = task.example("eval", int(batch["index"][r]))
+            text = decode(tok, tokens[r])
+            hits += task.reward(text, example) >= 1.0
+            fmt += bool(task.format_ok(text))
+            total += 1
+    return {"exact_match": hits / max(total, 1), "format_ok": fmt / max(total, 1), "num_examples": total}
+
+
+def _gather(x: jax.Array) -> jax.Array:
+    """A fully replicated copy of ``x`` so every process can read it."""
+    if jax.process_count() == 1 or x.is_fully_replicated:
+        return x
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
+    """Token-weighted SFT loss / token accuracy / exact match on ``train.eval_batches`` held-out batches."""
+    from jaxtok.data import sft_dataset
+    from jaxtok.train.objectives.sft import SFTArgs, sft_metrics
+    from jaxtok.train.step import finalize_metrics, make_eval_step, split_model
+
+    args = SFTArgs(**{k: v for k, v in dict(cfg.objective.args).items() if k in ("chunk_size",)})
+    ds, _ = sft_dataset(task, "eval", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                        num_examples=max(cfg.data.num_eval, cfg.data.batch_size), seed=0, shuffle=False,
+                        num_epochs=1, overlong=cfg.data.overlong)
+    eval_step = make_eval_step(model, functools.partial(sft_metrics, args=args), mesh=mesh)
+    _, params, rest = split_model(model)
+    pairs = []
+    for i, batch in enumerate(ds):
+        if i >= cfg.train.eval_batches:
+            break
+        pairs.append(jax.device_get(eval_step(params, rest, mesh_lib.put_batch(batch, mesh))))
+    return finalize_metrics(pairs)
+
+
+def _evaluate_model(model, task, tok, cfg, mesh) -> dict:
+    out = {f"eval/{k}": v for k, v in teacher_forced_eval(model, task, tok, cfg, mesh=mesh).items()}
+    out.update({f"eval/{k}": v for k, v in generation_eval(model, task, tok, cfg, mesh=mesh).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train / evaluate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the final metrics (also ``summary.json``).
+
+    ``on_step(step, metrics)`` is called on the host after every step (metrics as device arrays).
+    """
+    from jaxtok.config import build_optimizer
+    from jaxtok.data import make_task_from_config, sft_dataset
+    from jaxtok.tasks import save_tokenizer
+    from jaxtok.train.step import init_train_state, make_train_step
+
+    mesh_lib.initialize_distributed(cfg.mesh)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer_for(cfg)
+    if jax.process_index() == 0:
+        save_tokenizer(tok, run_dir / TOKENIZER_FILE)
+    task = make_task_from_config(cfg.data)
+    mesh = mesh_lib.mesh_from_config(cfg.mesh)
+    rows = cfg.data.batch_size // cfg.train.micro_batches
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % cfg.train.micro_batches or rows % shards:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must split into train.micro_batches="
+                         f"{cfg.train.micro_batches} micro-batches whose rows divide the {shards} batch shards "
+                         f"(mesh data x fsdp)")
+
+    model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
+    optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
+    loss_fn = build_objective(cfg)
+    _, state = init_train_state(model, optimizer, seed=cfg.train.seed, mesh=mesh)
+    step_fn = make_train_step(model, optimizer, loss_fn, mesh=mesh, micro_batches=cfg.train.micro_batches)
+
+    ds, dropped = sft_dataset(task, "train", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                              num_examples=cfg.data.num_train, seed=cfg.data.seed, overlong=cfg.data.overlong,
+                              worker_count=cfg.data.worker_count)
+    it = iter(ds)
+    ck = ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, max_to_keep=cfg.train.keep_checkpoints)
+    start = 0
+    if cfg.run.resume and ck.latest_step() is not None:
+        train_part = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+        out = ck.restore(params=ckpt_lib.abstract_of(state.params), train=ckpt_lib.abstract_of(train_part))
+        state = dataclasses.replace(state, params=out["params"], **out["train"])
+        if out["data"] is not None:
+            it.set_state(out["data"])
+        start = int(out["step"])
+        log.info("resumed %s at step %d", run_dir, start)
+    metrics_out = _Metrics(run_dir)
+    meta = {"model_config": model_config_to_dict(model.cfg), "objective": cfg.objective.name}
+
+    def save(step: int) -> None:
+        ck.save(step, params=state.params, data=it.get_state(), meta=meta,
+                train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng})
+
+    total = cfg.train.steps
+    bar = _progress(total, start, cfg.run.progress and jax.process_index() == 0)
+    last: dict = {}
+    tokens_since, t0 = 0, time.perf_counter()
+    try:
+        for step in range(start + 1, total + 1):
+            batch = next(it)
+            tokens_since += int(np.sum(batch["valid"]))
+            state, metrics = step_fn(state, mesh_lib.put_batch(batch, mesh))
+            if on_step is not None:
+                on_step(step, metrics)
+            if step % cfg.train.log_every == 0 or step == total:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = max(time.perf_counter() - t0, 1e-9)
+                host.update(step=step, tokens_per_s=tokens_since / dt, dropped_overlong=dropped.count)
+                metrics_out.write(host)
+                bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
+                last = host
+                tokens_since, t0 = 0, time.perf_counter()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
+                ev = _evaluate_model(nnx.merge(nnx.graphdef(model), *split_model_states(state)), task, tok, cfg, mesh)
+                metrics_out.write(dict(ev, step=step))
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != total:
+                save(step)
+            bar.update(1)
+        if ck.latest_step() != total:
+            save(total)
+        ck.wait()
+    finally:
+        bar.close()
+        ck.close()
+
+    final_model = nnx.merge(nnx.graphdef(model), *split_model_states(state))
+    summary = {"step": total, "train/loss": last.get("loss"), "resumed_from": start or None}
+    summary.update(_evaluate_model(final_model, task, tok, cfg, mesh))
+    metrics_out.write(dict({k: v for k, v in summary.items() if k.startswith("eval/")}, step=total))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def split_model_states(state) -> tuple:
+    """``(params, rest)`` of a train state, for ``nnx.merge(graphdef, params, rest)``."""
+    return state.params, state.rest
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    if not (run_dir / CHECKPOINT_DIR).is_dir():
+        return False
+    with ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, async_save=False) as ck:
+        return ck.latest_step() is not None
+
+
+def evaluate(cfg, run_dir: str | Path) -> dict:
+    """Held-out evaluation of the model in ``run_dir`` (or ``model.init_from`` / an untrained preset when the run
+    directory has no checkpoint); writes ``eval.json`` and returns the metrics."""
+    from jaxtok.data import make_task_from_config
+
+    mesh_lib.initialize_distributed(cfg.mesh)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh_lib.mesh_from_config(cfg.mesh)
+    tok = load_tokenizer_for(cfg)
+    if _has_checkpoint(run_dir):
+        model, _ = load_model(run_dir, mesh=mesh)
+        src = run_dir / TOKENIZER_FILE
+        if src.is_file():
+            from jaxtok.tasks import load_tokenizer
+
+            tok = load_tokenizer(src)
+    else:
+        model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
+        model = mesh_lib.shard_model(model, mesh)
+    task = make_task_from_config(cfg.data)
+    out = _evaluate_model(model, task, tok, cfg, mesh)
+    if jax.process_index() == 0:
+        (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
+    return out
