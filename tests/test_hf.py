@@ -43,6 +43,17 @@ fixtures_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures_script)
 
 
+@nnx.jit(static_argnames="attention")
+def _forward(model, tokens, valid, attention, logits_at):
+    return model(tokens, valid=valid, attention=attention, logits_at=logits_at).logits
+
+
+def forward(model, tokens, valid=None, attention="causal", logits_at=None):
+    """Jitted logits of a jaxtok model (one compile per config and shape, faster than eager op-by-op dispatch)."""
+    valid = np.ones(tokens.shape, bool) if valid is None else valid
+    return _forward(model, tokens, valid, attention, logits_at)
+
+
 def goldens(family):
     return dict(np.load(os.path.join(FIXTURES, family, "goldens.npz")))
 
@@ -108,8 +119,8 @@ def test_fixture_parity_float32(family):
     g = goldens(family)
     model, cfg = load_hf(os.path.join(FIXTURES, family))
     assert cfg.architecture == family
-    full = model(g["tokens"]).logits
-    padded = model(g["tokens"], valid=g["valid"]).logits  # default positions = cumsum(valid) - 1
+    full = forward(model, g["tokens"])
+    padded = forward(model, g["tokens"], g["valid"])  # default positions = cumsum(valid) - 1
     assert full.dtype == np.float32
     assert max_err(full, g["logits_full"], np.ones_like(g["valid"])) < F32_TOL
     assert max_err(padded, g["logits_padded"], g["valid"]) < F32_TOL
@@ -122,8 +133,8 @@ def test_fixture_parity_bfloat16(family):
     g = goldens(family)
     model, cfg = load_hf(os.path.join(FIXTURES, family), "bfloat16")
     assert model.embed_vd[...].dtype == jax.numpy.bfloat16
-    padded = model(g["tokens"], valid=g["valid"]).logits
-    full = model(g["tokens"]).logits
+    padded = forward(model, g["tokens"], g["valid"])
+    full = forward(model, g["tokens"])
     assert max_err(padded, g["logits_padded"], g["valid"]) < BF16_TOL
     assert max_err(full, g["logits_full"], np.ones_like(g["valid"])) < BF16_TOL
 
@@ -146,11 +157,11 @@ def test_live_parity(family, tmp_path):
     tokens, valid, positions = fixtures_script.random_batch(hf.config.vocab_size, seed=5, pads=(2, 0, 5, 1))
     ref = fixtures_script.hf_logits(hf, tokens, valid, positions)
     model, _ = load_hf(str(tmp_path))
-    assert max_err(model(tokens, valid=valid).logits, ref, valid) < F32_TOL
+    assert max_err(forward(model, tokens, valid), ref, valid) < F32_TOL
     ref_full = fixtures_script.hf_logits(hf, tokens)
-    assert max_err(model(tokens).logits, ref_full, np.ones_like(valid)) < F32_TOL
+    assert max_err(forward(model, tokens), ref_full, np.ones_like(valid)) < F32_TOL
     model16, _ = load_hf(str(tmp_path), "bfloat16")
-    assert max_err(model16(tokens, valid=valid).logits, ref, valid) < BF16_TOL
+    assert max_err(forward(model16, tokens, valid), ref, valid) < BF16_TOL
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -188,8 +199,8 @@ def test_save_hf_of_a_preset_loads_in_transformers(tmp_path):
     tokens, valid, positions = fixtures_script.random_batch(cfg.vocab_size, seed=2, pads=(0, 4))
     ref = fixtures_script.hf_logits(hf, tokens, valid, positions)
     rounded, _ = load_hf(str(tmp_path))  # the bf16-rounded weights, computed in f32
-    assert max_err(rounded(tokens, valid=valid).logits, ref, valid) < F32_TOL
-    assert max_err(model(tokens, valid=valid).logits, ref, valid) < BF16_TOL
+    assert max_err(forward(rounded, tokens, valid), ref, valid) < F32_TOL
+    assert max_err(forward(model, tokens, valid), ref, valid) < BF16_TOL
 
 
 def test_convert_both_ways(tmp_path, capsys):
@@ -254,13 +265,13 @@ def test_sharded_load_matches_unsharded_and_rules():
     graphdef, state = nnx.split(sharded)
 
     @jax.jit
-    def forward(state, tokens, valid):
+    def sharded_forward(state, tokens, valid):
         return nnx.merge(graphdef, state)(tokens, valid=valid).logits
 
     with axis_rules(mesh):
-        logits = forward(state, g["tokens"][:2], g["valid"][:2])
+        logits = sharded_forward(state, g["tokens"][:2], g["valid"][:2])
     plain, _ = load_hf(path)
-    ref = plain(g["tokens"][:2], valid=g["valid"][:2]).logits
+    ref = forward(plain, g["tokens"][:2], g["valid"][:2])
     assert max_err(logits, np.asarray(ref), g["valid"][:2]) < 1e-5
     assert max_err(logits, g["logits_padded"][:2], g["valid"][:2]) < F32_TOL
 
@@ -279,13 +290,13 @@ def test_dream_shifted_logits_are_realigned():
     hf = hf_from_pretrained(path)
     tokens, valid = g["tokens"][:1], g["valid"][:1]  # unpadded row
     ref = fixtures_script.hf_logits(hf, tokens, valid, bidirectional=True)  # [1, T, V]
-    ours = np.asarray(model(tokens, attention="bidirectional").logits)
+    ours = np.asarray(forward(model, tokens, attention="bidirectional"))
     np.testing.assert_allclose(ours[:, 1:], ref[:, :-1], atol=F32_TOL, rtol=0)
     np.testing.assert_allclose(ours[:, 0], ref[:, 0], atol=F32_TOL, rtol=0)
     # bidirectional really differs from causal here
     assert np.abs(ref - g["logits_full"][:1]).max() > 1e-2
     # selective logits follow the same alignment
-    picked = model(tokens, attention="bidirectional", logits_at=np.array([[0, 3, 9]])).logits
+    picked = forward(model, tokens, attention="bidirectional", logits_at=np.array([[0, 3, 9]]))
     np.testing.assert_allclose(np.asarray(picked), ours[:, [0, 3, 9]], atol=1e-5, rtol=0)
 
 
@@ -296,7 +307,7 @@ def test_llada_bidirectional_parity_with_left_padding():
     assert not cfg.shift_logits and cfg.mask_token_id == 5
     hf = hf_from_pretrained(path)
     ref = fixtures_script.hf_logits(hf, g["tokens"], g["valid"], g["positions"], bidirectional=True)
-    ours = model(g["tokens"], valid=g["valid"], attention="bidirectional").logits
+    ours = forward(model, g["tokens"], g["valid"], attention="bidirectional")
     assert max_err(ours, ref, g["valid"]) < F32_TOL
 
 
