@@ -16,6 +16,7 @@ from jaxtok.models import Decoder, presets
 gen_module = importlib.import_module("jaxtok.decode.generate")
 
 V = 32
+N = 6  # max_new_tokens of the shared shape
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,6 @@ def run(model, **kw):
     kw = {"max_new_tokens": N, "stop_tokens": (), "rng": jax.random.key(0), **kw}
     return generate(model, kw.pop("prompt", prompt), kw.pop("prompt_valid", valid), **kw)
 
-
-N = 6
 
 
 def test_greedy_left_padded_equals_naive_unpadded_full_forwards(model):
