@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Optional, Sequence
 
 import jax
@@ -466,15 +467,10 @@ def save_hf(model: Decoder, path: str, *, dtype: Optional[str] = None, architect
 
 
 # --------------------------------------------------------------------------------------------------------------
-# jaxtok's own parameter files and the `jaxtok convert` command
+# jaxtok checkpoints and the `jaxtok convert` command
 # --------------------------------------------------------------------------------------------------------------
 
-JAX_CONFIG = "jaxtok_config.json"
-JAX_PARAMS = "params.safetensors"
-
-
-def _config_to_dict(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)
+CHECKPOINT_DIR = "checkpoints"  # a run directory's checkpoint folder (train/loop.py), so `init_from` accepts DST
 
 
 def _config_from_dict(d: dict) -> ModelConfig:
@@ -484,34 +480,48 @@ def _config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def save_params(model: Decoder, path: str) -> None:
-    """jaxtok's parameter format: ``jaxtok_config.json`` (the ModelConfig) + ``params.safetensors`` with tensors
-    named by their module path (``layers.0.attn.q_weight_dhn``) in jaxtok's einsum layouts."""
-    from safetensors.numpy import save_file
+def save_checkpoint(model: Decoder, path: str, *, meta: Optional[dict] = None) -> str:
+    """Save the parameters as step 0 of an orbax checkpoint (:class:`jaxtok.checkpoint.Checkpointer`) under
+    ``path/checkpoints`` with ``meta["model_config"]``: the layout of a training run directory, so a config's
+    ``model.init_from: path`` starts from these weights. Returns the checkpoint directory."""
+    from jaxtok.checkpoint import Checkpointer
 
-    os.makedirs(path, exist_ok=True)
-    flat = {
-        _dotted(p): np.asarray(jax.device_get(v.get_value()))
-        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-    save_file(flat, os.path.join(path, JAX_PARAMS), metadata={"format": "jaxtok"})
-    with open(os.path.join(path, JAX_CONFIG), "w") as f:
-        json.dump(_config_to_dict(model.cfg), f, indent=2)
+    directory = os.path.join(os.path.abspath(path), CHECKPOINT_DIR)
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise FileExistsError(f"{directory} already holds a checkpoint; choose an empty destination")
+    with Checkpointer(directory, async_save=False) as ck:
+        ck.save(0, params=nnx.state(model, nnx.Param),
+                meta={**(meta or {}), "model_config": dataclasses.asdict(model.cfg)})
+    return directory
 
 
-def load_params(path: str, *, mesh: Optional[Mesh] = None, rules=None) -> tuple[Decoder, ModelConfig]:
-    """Inverse of :func:`save_params` (parameters placed on ``mesh`` shardings when given)."""
-    for name in (JAX_CONFIG, JAX_PARAMS):
-        if not os.path.exists(os.path.join(path, name)):
-            raise FileNotFoundError(f"{path}: {name} is missing (not a `jaxtok convert to-jax` directory)")
-    with open(os.path.join(path, JAX_CONFIG)) as f:
-        cfg = _config_from_dict(json.load(f))
-    stored = _mmap_safetensors(os.path.join(path, JAX_PARAMS))
-    missing = [_dotted(s.path) for s in tensor_specs(cfg) if _dotted(s.path) not in stored]
-    if missing:
-        raise ValueError(f"{path}: {JAX_PARAMS} lacks parameter(s) {missing[:5]}")
-    views = {s.path: stored[_dotted(s.path)] for s in tensor_specs(cfg)}
-    return build_decoder(cfg, views, mesh=mesh, rules=rules), cfg
+def load_checkpoint(path: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None) -> tuple[Decoder, ModelConfig]:
+    """The model saved by :func:`save_checkpoint` or a training run: ``path`` is a run directory or its checkpoint
+    directory (default: latest step); parameters placed on ``mesh`` (``jaxtok.mesh.param_shardings``) when given."""
+    from jaxtok import checkpoint as ckpt_lib
+    from jaxtok.mesh import param_shardings
+
+    directory = os.path.join(path, CHECKPOINT_DIR)
+    directory = directory if os.path.isdir(directory) else path
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    with ckpt_lib.Checkpointer(directory, async_save=False) as ck:
+        if ck.latest_step() is None:
+            raise FileNotFoundError(f"{path}: no jaxtok checkpoint (expected {CHECKPOINT_DIR}/<step>/ from "
+                                    "`jaxtok convert to-jax` or a training run)")
+        meta = ck.read_meta(step)
+        if "model_config" not in meta:
+            raise ckpt_lib.CheckpointError(f"checkpoint {directory}: meta has no model_config")
+        cfg = _config_from_dict(meta["model_config"])
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        target = ckpt_lib.abstract_of(params)
+        if mesh is not None:
+            target = jax.tree.map(
+                lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
+                param_shardings(params, mesh), target, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+        out = ck.restore(meta["step"], params=target, data=False)
+    return nnx.merge(graphdef, out["params"], rest), cfg
 
 
 def _architecture_arg(value: Optional[str]) -> Optional[str]:
@@ -528,19 +538,24 @@ def convert_main(args) -> int:
     """``jaxtok convert {to-jax,to-hf} SRC DST``.
 
     ``args`` has ``direction`` (``to-jax`` | ``to-hf``), ``src``, ``dst``, ``dtype`` (stored dtype; default float32
-    for to-jax, the model's for to-hf), ``diffusion`` (to-jax: load as a masked-diffusion LM, mask token from
-    config.json) and ``architecture`` (to-hf: the HF class to write; to-jax: the family SRC must be).
+    for to-jax, the model's for to-hf), ``diffusion`` (to-jax: load as a masked-diffusion LM; the mask token from
+    an optional ``mask_token_id`` or config.json) and ``architecture`` (to-hf: the HF class to write; to-jax: the family SRC must be).
     """
     direction = getattr(args, "direction", None)
     dtype = getattr(args, "dtype", None)
     arch = _architecture_arg(getattr(args, "architecture", None))
     if direction == "to-jax":
-        model, cfg = load_hf(args.src, dtype or "float32", diffusion=bool(getattr(args, "diffusion", False)))
+        diffusion = bool(getattr(args, "diffusion", False))
+        mask_token_id = getattr(args, "mask_token_id", None) if diffusion else None
+        model, cfg = load_hf(args.src, dtype or "float32", diffusion=diffusion, mask_token_id=mask_token_id)
         if arch and arch != cfg.architecture:
             raise ValueError(f"--architecture={args.architecture!r} but {args.src} holds a {_HF_CLASS[cfg.architecture]}")
-        save_params(model, args.dst)
+        save_checkpoint(model, args.dst, meta={"source": os.path.abspath(args.src)})
+        tokenizer = os.path.join(args.src, "tokenizer.json")
+        if os.path.exists(tokenizer):  # train/loop.py finds an init_from run's tokenizer here
+            shutil.copy(tokenizer, os.path.join(args.dst, "tokenizer.json"))
     elif direction == "to-hf":
-        model, cfg = load_params(args.src)
+        model, cfg = load_checkpoint(args.src)
         cfg = dataclasses.replace(cfg, architecture=arch or cfg.architecture)
         save_hf(model, args.dst, dtype=dtype, architecture=cfg.architecture)
     else:

@@ -25,6 +25,7 @@ from jaxtok.models.hf import (
     config_from_hf,
     config_to_hf,
     convert_main,
+    load_checkpoint,
     load_hf,
     save_hf,
     tensor_specs,
@@ -211,6 +212,14 @@ def test_convert_both_ways(tmp_path, capsys):
     assert convert_main(ns(direction="to-hf", src=str(tmp_path / "jax"), dst=str(tmp_path / "hf"),
                            architecture="Qwen2ForCausalLM")) == 0
     assert "converted" in capsys.readouterr().out
+    # DST is laid out like a training run directory; it loads straight onto a mesh
+    mesh = make_mesh(2, 2, 2)
+    restored, cfg = load_checkpoint(str(tmp_path / "jax"), mesh=mesh)
+    assert cfg.architecture == "llama" and cfg.rope_scaling.kind == "llama3"
+    assert restored.layers[1].attn.q_weight_dhn[...].sharding.spec == P("fsdp", "tensor", None)
+    assert max_err(forward(restored, g["tokens"], g["valid"]), g["logits_padded"], g["valid"]) < F32_TOL
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        convert_main(ns(direction="to-jax", src=os.path.join(FIXTURES, "llama"), dst=str(tmp_path / "jax")))
     hf = hf_from_pretrained(str(tmp_path / "hf"))
     assert type(hf).__name__ == "Qwen2ForCausalLM"
     ref = fixtures_script.hf_logits(hf, g["tokens"], g["valid"], g["positions"])
@@ -364,7 +373,7 @@ def test_missing_files(tmp_path):
     os.remove(path / "model-00002-of-00002.safetensors")
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors: shard listed"):
         load_hf(str(path))
-    with pytest.raises(FileNotFoundError, match="jaxtok_config.json is missing"):
+    with pytest.raises(FileNotFoundError, match="no jaxtok checkpoint"):
         convert_main(argparse.Namespace(direction="to-hf", src=str(tmp_path / "empty"), dst=str(tmp_path / "o"),
                                         dtype=None, diffusion=False, architecture=None))
 
