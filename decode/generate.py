@@ -200,8 +200,10 @@ def _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, n, 
 
 
 def _host(x) -> Optional[np.ndarray]:
-    """The host value of ``x``, or None when it is traced (then checks are skipped)."""
-    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+    """The host value of ``x``, or None when it is traced or spans several hosts (then checks are skipped)."""
+    if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return None
+    return np.asarray(x)
 
 
 def _check_range(name: str, value, lo, hi, allowed: str, lo_open=False) -> None:
