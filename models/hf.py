@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -363,7 +363,9 @@ def build_decoder(
             raise ValueError(f"no value for parameter {_dotted(path)}")
         view = views[tuple(path)]
         if tuple(view.shape) != tuple(var.get_value().shape):
-            raise ValueError(f"parameter {_dotted(path)} has shape {tuple(view.shape)}, expected {var.get_value().shape}")
+            raise ValueError(
+                f"parameter {_dotted(path)} has shape {tuple(view.shape)}, expected {var.get_value().shape}"
+            )
         sharding = None
         if mesh is not None:
             axes = var.get_metadata().get("logical_axes")  # same rule as jaxtok.mesh.param_shardings
@@ -387,8 +389,8 @@ def hf_views(cfg: ModelConfig, tensors: dict[str, np.ndarray], where: str = "") 
             )
         views[spec.path] = spec.to_ours(stored)
     used = {s.hf_name for s in tensor_specs(cfg)}
-    ignorable = lambda n: n.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and n == "lm_head.weight")  # noqa: E731
-    extra = sorted(n for n in tensors if n not in used and not ignorable(n))
+    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied checkpoints store a copy
+    extra = sorted(n for n in tensors if n not in used | ignored and not n.endswith("rotary_emb.inv_freq"))
     if extra:
         raise ValueError(
             f"{where}: checkpoint has {len(extra)} tensor(s) jaxtok's {cfg.architecture} decoder does not use, "
@@ -447,8 +449,9 @@ def save_hf(model: Decoder, path: str, *, dtype: Optional[str] = None, architect
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
     ``dtype`` (default: the model's ``param_dtype``) is the stored dtype; ``architecture`` (``llama``/``qwen2``/
-    ``qwen3`` or the HF class name) overrides ``model.cfg.architecture``, e.g. for a preset. Diffusion models keep ``mask_token_id`` and
-    ``shift_logits`` in config.json, so :func:`load_hf` with ``diffusion=True`` reads them back.
+    ``qwen3`` or the HF class name) overrides ``model.cfg.architecture``, e.g. for a preset. Diffusion models keep
+    ``mask_token_id`` and ``shift_logits`` in config.json, so :func:`load_hf` with ``diffusion=True`` reads them back.
+    Single-process: every parameter is gathered to this host.
     """
     from safetensors.numpy import save_file
 
@@ -495,7 +498,9 @@ def save_checkpoint(model: Decoder, path: str, *, meta: Optional[dict] = None) -
     return directory
 
 
-def load_checkpoint(path: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None) -> tuple[Decoder, ModelConfig]:
+def load_checkpoint(
+    path: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None
+) -> tuple[Decoder, ModelConfig]:
     """The model saved by :func:`save_checkpoint` or a training run: ``path`` is a run directory or its checkpoint
     directory (default: latest step); parameters placed on ``mesh`` (``jaxtok.mesh.param_shardings``) when given."""
     from jaxtok import checkpoint as ckpt_lib
@@ -539,7 +544,9 @@ def convert_main(args) -> int:
 
     ``args`` has ``direction`` (``to-jax`` | ``to-hf``), ``src``, ``dst``, ``dtype`` (stored dtype; default float32
     for to-jax, the model's for to-hf), ``diffusion`` (to-jax: load as a masked-diffusion LM; the mask token from
-    an optional ``mask_token_id`` or config.json) and ``architecture`` (to-hf: the HF class to write; to-jax: the family SRC must be).
+    an optional ``mask_token_id`` or config.json) and ``architecture`` (to-hf: the HF class to write; to-jax: the
+    family SRC must hold). ``to-jax`` writes ``DST/checkpoints/0`` (a run directory ``model.init_from`` accepts);
+    ``tokenizer.json`` is copied along in both directions when SRC has one.
     """
     direction = getattr(args, "direction", None)
     dtype = getattr(args, "dtype", None)
@@ -549,16 +556,18 @@ def convert_main(args) -> int:
         mask_token_id = getattr(args, "mask_token_id", None) if diffusion else None
         model, cfg = load_hf(args.src, dtype or "float32", diffusion=diffusion, mask_token_id=mask_token_id)
         if arch and arch != cfg.architecture:
-            raise ValueError(f"--architecture={args.architecture!r} but {args.src} holds a {_HF_CLASS[cfg.architecture]}")
+            raise ValueError(
+                f"--architecture={args.architecture!r} but {args.src} holds a {_HF_CLASS[cfg.architecture]}"
+            )
         save_checkpoint(model, args.dst, meta={"source": os.path.abspath(args.src)})
-        tokenizer = os.path.join(args.src, "tokenizer.json")
-        if os.path.exists(tokenizer):  # train/loop.py finds an init_from run's tokenizer here
-            shutil.copy(tokenizer, os.path.join(args.dst, "tokenizer.json"))
     elif direction == "to-hf":
         model, cfg = load_checkpoint(args.src)
         cfg = dataclasses.replace(cfg, architecture=arch or cfg.architecture)
         save_hf(model, args.dst, dtype=dtype, architecture=cfg.architecture)
     else:
         raise ValueError(f"convert direction={direction!r}: allowed 'to-jax', 'to-hf'")
+    tokenizer = os.path.join(args.src, "tokenizer.json")
+    if os.path.exists(tokenizer):  # train/loop.py finds an init_from run's tokenizer there
+        shutil.copy(tokenizer, os.path.join(args.dst, "tokenizer.json"))
     print(f"converted {args.src} -> {args.dst} ({direction}, {_HF_CLASS[cfg.architecture]}, {cfg.num_layers} layers)")
     return 0

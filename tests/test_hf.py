@@ -39,7 +39,9 @@ F32_TOL = 1e-4
 # <= 5 by about 0.05 against the float32 reference (measured 0.038-0.047 on these fixtures); bound at 3x that.
 BF16_TOL = 0.15
 
-_spec = importlib.util.spec_from_file_location("make_hf_fixtures", os.path.join(ROOT, "..", "scripts", "make_hf_fixtures.py"))
+_spec = importlib.util.spec_from_file_location(
+    "make_hf_fixtures", os.path.join(ROOT, "..", "scripts", "make_hf_fixtures.py")
+)
 fixtures_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures_script)
 
@@ -187,7 +189,8 @@ def test_round_trip_load_save_transformers(family, tmp_path):
             np.testing.assert_array_equal(saved[name], value.numpy(), err_msg=name)
     # and back: our reload of our save is bit-identical
     again, cfg = load_hf(str(tmp_path))
-    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(again, nnx.Param))):
+    before = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for (p, a), (_, b) in zip(before, nnx.to_flat_state(nnx.state(again, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
 
 
@@ -207,7 +210,9 @@ def test_save_hf_of_a_preset_loads_in_transformers(tmp_path):
 def test_convert_both_ways(tmp_path, capsys):
     """to-jax then to-hf, writing the Llama fixture as a Qwen2ForCausalLM (zero q/k/v biases): same logits."""
     g = goldens("llama")
-    ns = lambda **kw: argparse.Namespace(**{"dtype": None, "diffusion": False, "architecture": None, **kw})  # noqa: E731
+    def ns(**kw):
+        return argparse.Namespace(**{"dtype": None, "diffusion": False, "architecture": None, **kw})
+
     assert convert_main(ns(direction="to-jax", src=os.path.join(FIXTURES, "llama"), dst=str(tmp_path / "jax"))) == 0
     assert convert_main(ns(direction="to-hf", src=str(tmp_path / "jax"), dst=str(tmp_path / "hf"),
                            architecture="Qwen2ForCausalLM")) == 0
@@ -351,7 +356,8 @@ def _edit_config(path, **changes):
 def test_unsupported_architecture_is_named(tmp_path):
     path = _copy_fixture("llama", tmp_path)
     _edit_config(path, architectures=["MistralForCausalLM"])
-    with pytest.raises(ValueError, match=r"unsupported architecture 'MistralForCausalLM'.*LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    supported = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    with pytest.raises(ValueError, match=rf"unsupported architecture 'MistralForCausalLM'.*{supported}"):
         load_hf(str(path))
     args = argparse.Namespace(direction="to-jax", src=str(path), dst=str(tmp_path / "out"), dtype=None,
                               diffusion=False, architecture=None)
@@ -381,7 +387,8 @@ def test_missing_files(tmp_path):
 def test_shape_mismatch_names_the_tensor(tmp_path):
     path = _copy_fixture("llama", tmp_path)
     _edit_config(path, intermediate_size=96)
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\), config.json implies \(96, 64\)"):
+    msg = r"'model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\), config.json implies \(96, 64\)"
+    with pytest.raises(ValueError, match=msg):
         load_hf(str(path))
 
 
