@@ -290,6 +290,33 @@ def test_sharded_load_matches_unsharded_and_rules():
     assert max_err(logits, g["logits_padded"][:2], g["valid"][:2]) < F32_TOL
 
 
+class _RecordingView:
+    """Stands in for a memory-mapped tensor and records the shape of every slice read from it."""
+
+    def __init__(self, array, reads):
+        self.array, self.reads, self.shape = array, reads, array.shape
+
+    def __getitem__(self, idx):
+        out = self.array[idx]
+        self.reads.append(out.shape)
+        return out
+
+
+def test_sharded_load_reads_only_each_devices_slice():
+    from jaxtok.models.hf import _open_checkpoint, build_decoder, hf_views
+
+    path = os.path.join(FIXTURES, "llama")
+    _, cfg = load_hf(path)
+    reads = {}
+    views = {p: _RecordingView(v, reads.setdefault(p, [])) for p, v in hf_views(cfg, _open_checkpoint(path)).items()}
+    build_decoder(cfg, views, mesh=make_mesh(2, 2, 2))
+    V, D = cfg.vocab_size, cfg.hidden_size
+    assert set(reads[("embed_vd",)]) == {(V // 2, D // 2)}  # [vocab/tensor, embed/fsdp], never the whole table
+    assert len(reads[("embed_vd",)]) <= 8
+    H, N = cfg.num_heads, cfg.head_dim
+    assert set(reads[("layers", 0, "attn", "q_weight_dhn")]) == {(D // 2, H // 2, N)}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # masked diffusion (LLaDA / Dream)
 # --------------------------------------------------------------------------------------------------------------
