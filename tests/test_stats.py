@@ -214,17 +214,18 @@ def test_score_function_gradient_matches_reverse_kl_gradient():
 
     # exact expectation by enumeration (weights p_S(y))
     p = jax.nn.softmax(s)
-    g_exact = sum(p[y] * jax.grad(surrogate)(s, jnp.array([y])) for y in range(5))
+    grad = jax.jit(jax.grad(surrogate))
+    g_exact = sum(p[y] * grad(s, jnp.array([y])) for y in range(5))
     close(g_exact, g_full, 1e-5)
     ys = jax.random.categorical(jax.random.key(11), s, shape=(200_000,))
-    close(jax.grad(surrogate)(s, ys), g_full, 0.02)
+    close(grad(s, ys), g_full, 0.02)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Chunking
 
 
-CASES = [(1, dict()), (5, dict()), (4, dict(top_k=3, top_k_mode="renorm", clip=0.05)),
+CASES = [(5, dict()), (4, dict(top_k=3, top_k_mode="renorm", clip=0.05)),
          (5, dict(top_k=3, top_k_mode="tail_bucket", beta=0.3)), (100, dict(temperature=0.7))]
 
 
@@ -280,10 +281,10 @@ def test_chunked_map_projects_hidden_states():
     # the memory path: pass hidden states and project per chunk, so no [N, V] logits exist at all
     h = _random_logits(17, (2, 5, 4))
     w = _random_logits(18, (4, 9))
-    out = S.chunked_map(lambda c: S.entropy(c @ w), h, chunk_size=3, token_ndim=2)
-    close(out, S.entropy(h @ w))
-    g1 = jax.grad(lambda w_: S.chunked_map(lambda c: S.entropy(c @ w_), h, chunk_size=3, token_ndim=2).sum())(w)
-    g2 = jax.grad(lambda w_: S.entropy(h @ w_).sum())(w)
+    chunked = lambda w_: S.chunked_map(lambda c: S.entropy(c @ w_), h, chunk_size=3, token_ndim=2)  # noqa: E731
+    close(chunked(w), S.entropy(h @ w))
+    g1 = jax.jit(jax.grad(lambda w_: chunked(w_).sum()))(w)
+    g2 = jax.jit(jax.grad(lambda w_: S.entropy(h @ w_).sum()))(w)
     close(g1, g2, 1e-5)
 
 
