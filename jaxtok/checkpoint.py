@@ -169,7 +169,7 @@ class Checkpointer:
         try:
             stored = self._mngr.item_metadata(step)
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
-            raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"checkpoint {where} is unreadable ({_short(e)})") from None
         flats, treedefs = {}, {}
         for name, template in targets.items():
             flat, treedefs[name] = flatten(abstract_of(template))
@@ -186,8 +186,7 @@ class Checkpointer:
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {where} is corrupt or incomplete ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise CheckpointError(f"checkpoint {where} is corrupt or incomplete ({_short(e)})") from None
         result = {"step": step, "meta": out["meta"], "data": out["data"] if has_data else None}
         for name, template in targets.items():
             restored = out[name]
@@ -204,6 +203,12 @@ class Checkpointer:
             result[name] = jax.tree_util.tree_unflatten(treedefs[name], [restored[k] for k in flats[name]])
         result.setdefault("train", None)
         return result
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    """``Type: first line of the message`` cut to ``limit`` characters (tensorstore appends long specs)."""
+    text = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def _flat_metadata(tree) -> dict[str, Any]:

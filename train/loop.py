@@ -230,10 +230,12 @@ def _evaluate_model(model, task, tok, cfg, mesh) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], None]] = None,
+          final_eval: bool = True) -> dict:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final metrics (also ``summary.json``).
 
-    ``on_step(step, metrics)`` is called on the host after every step (metrics as device arrays).
+    ``on_step(step, metrics)`` is called on the host after every step (metrics as device arrays);
+    ``final_eval=False`` skips the held-out evaluation after the last step.
     """
     from jaxtok.config import build_optimizer
     from jaxtok.data import make_task_from_config, sft_dataset
@@ -316,7 +318,8 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
 
     final_model = nnx.merge(nnx.graphdef(model), *split_model_states(state))
     summary = {"step": total, "train/loss": last.get("loss"), "resumed_from": start or None}
-    summary.update(_evaluate_model(final_model, task, tok, cfg, mesh))
+    if final_eval:
+        summary.update(_evaluate_model(final_model, task, tok, cfg, mesh))
     metrics_out.write(dict({k: v for k, v in summary.items() if k.startswith("eval/")}, step=total))
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -169,7 +169,7 @@ def make_train_step(
             params = optax.apply_updates(state.params, updates)
             new_state = TrainState(params=params, rest=state.rest, opt_state=opt_state, step=state.step + 1,
                                    rng=jax.random.key_data(rng))
-            metrics = {"loss": _ratio(loss_sum, count), "count": count, "grad_norm": optax.global_norm(grads),
+            metrics = {"loss": _ratio(loss_sum, count), "count": count, "grad_norm": optax.tree.norm(grads),
                        "step": new_state.step}
             metrics.update({k: _ratio(s, c) for k, (s, c) in aux.items()})
             return new_state, metrics
