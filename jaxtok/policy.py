@@ -715,7 +715,7 @@ def policy_loss(loss_mode: str, logp, old_logp, advantages, mask, cfg: Optional[
         extra["cppo_budget_reject_frac"] = masked_mean(budget_reject, m)
         extra["cppo_mask_mean"] = masked_mean(keep, m)
         extra["divergence_mean"] = masked_mean(jax.lax.stop_gradient(divergence), m)
-    elif loss_mode == "appo":
+    else:  # appo (loss_mode was checked by resolve)
         ratio = token_ratio(lp, old_logp, m)
         fkl = future_kl(lp, old_logp, m, cfg.appo_gamma_f, cfg.appo_participation_c)
         f = appo_future_factor(fkl, ratio, adv, cfg.appo_f_max, cfg.appo_neg_ratio, cfg.appo_neg_floor)
@@ -726,8 +726,6 @@ def policy_loss(loss_mode: str, logp, old_logp, advantages, mask, cfg: Optional[
             extra["appo_dropped_seqs"] = jnp.sum((n_dual[:, 0] > 1).astype(_F32))
             m = jnp.where(n_dual > 1, 0.0, m)
         extra["appo_future_factor_mean"] = masked_mean(f, m)
-    else:
-        _check_choice("loss_mode", loss_mode, LOSS_MODES)
 
     loss_sum, count = aggregate(loss, m, cfg.aggregation, cfg.norm_length)
     diag = _diagnostics(ratio, clipped, dual, m, lp, old_logp, entropy, cfg.num_position_buckets)

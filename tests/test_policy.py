@@ -298,12 +298,18 @@ def test_aggregation_modes_ragged_hand_case():
         P.aggregate(L, mask, "token-sum")
 
 
-@pytest.mark.parametrize("agg", P.AGG_MODES)
-def test_microbatch_accumulation_equals_full_batch(agg):
+def test_microbatch_accumulation_equals_full_batch():
     logp, old, adv, mask = _toy(B=4, T=5, seed=3)
-    cfg = P.PolicyLossConfig(aggregation=agg)
-    s, c, _ = _pl("ppo", logp, old, adv, mask, cfg)
-    parts = [_pl("ppo", logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], cfg) for i in (0, 2)]
+    aggs = jax.jit(lambda L, m: [P.aggregate(L, m, a) for a in P.AGG_MODES])
+    L = P.ppo_clip_loss(P.token_ratio(logp, old, mask), P.broadcast_advantages(adv, mask), 0.2, 0.28, 3.0)[0]
+    full, halves = aggs(L, mask), [aggs(L[i:i + 2], mask[i:i + 2]) for i in (0, 2)]
+    for a, f, h0, h1 in zip(P.AGG_MODES, full, *halves):
+        np.testing.assert_allclose(P.safe_divide(h0[0] + h1[0], h0[1] + h1[1]), P.safe_divide(*f), rtol=1e-6,
+                                   err_msg=a)
+    # the same through policy_loss, with a KL term
+    cfg = P.PolicyLossConfig(kl_coef=0.1)
+    s, c, _ = _pl("grpo", logp, old, adv, mask, cfg, old)
+    parts = [_pl("grpo", logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], cfg, old[i:i + 2]) for i in (0, 2)]
     np.testing.assert_allclose(P.safe_divide(parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]),
                                P.safe_divide(s, c), rtol=1e-6)
 
@@ -343,15 +349,16 @@ def test_kl_estimators_values_and_gradients():
 
 
 def test_kl_estimators_unbiased_against_exact_kl():
-    pi = jax.nn.log_softmax(_arr([1.0, 0.2, -0.5, 0.0, 0.7]))
-    ref = jax.nn.log_softmax(_arr([0.3, 0.5, 0.0, -1.0, 0.9]))
-    exact = float(jnp.sum(jnp.exp(pi) * (pi - ref)))
-    y = jax.random.categorical(jax.random.PRNGKey(0), pi, shape=(50_000,))
+    logits_pi, logits_ref = np.array([1.0, 0.2, -0.5, 0.0, 0.7]), np.array([0.3, 0.5, 0.0, -1.0, 0.9])
+    pi = logits_pi - np.log(np.exp(logits_pi).sum())
+    ref = logits_ref - np.log(np.exp(logits_ref).sum())
+    exact = float(np.sum(np.exp(pi) * (pi - ref)))  # KL(π ‖ π_ref)
+    y = np.random.default_rng(0).choice(5, size=50_000, p=np.exp(pi))
     for est in ("k1", "k3"):
-        mc = float(jnp.mean(P.kl_penalty(pi[y], ref[y], est)))
+        mc = float(jnp.mean(P.kl_penalty(_arr(pi[y]), _arr(ref[y]), est)))
         assert mc == pytest.approx(exact, abs=0.01), est
-    # k2 is biased (≈ KL only to second order) but positive
-    assert float(jnp.mean(P.kl_penalty(pi[y], ref[y], "k2"))) > 0
+    # k2 is only second-order accurate, but non-negative
+    assert float(jnp.min(P.kl_penalty(_arr(pi[y]), _arr(ref[y]), "k2"))) >= 0
 
 
 def test_kl_term_added_with_same_aggregation():
@@ -413,11 +420,11 @@ def test_cppo_hand_run_six_tokens():
 
 
 def test_cppo_batched_equals_loop():
-    k = jax.random.split(jax.random.PRNGKey(7), 3)
+    rng = np.random.default_rng(7)
     B, T = 4, 7
-    d = jax.random.uniform(k[0], (B, T), maxval=0.2)
-    ratio = 1.0 + 0.3 * jax.random.normal(k[1], (B, T))
-    adv = jnp.sign(jax.random.normal(k[2], (B, 1))) * jnp.ones((B, T))
+    d = _arr(rng.uniform(0, 0.2, (B, T)))
+    ratio = _arr(1.0 + 0.3 * rng.standard_normal((B, T)))
+    adv = _arr(np.sign(rng.standard_normal((B, 1))) * np.ones((B, T)))
     valid = jnp.arange(T)[None] < jnp.array([7, 4, 1, 6])[:, None]
     valid = valid.at[3, 2].set(False)  # a hole
     for delta_b in (0.015, jnp.array([0.01, 0.02, 0.03, 0.04])):
@@ -429,11 +436,11 @@ def test_cppo_batched_equals_loop():
 
 
 def test_cppo_limits_dppo_and_ppo_mask():
-    k = jax.random.split(jax.random.PRNGKey(1), 3)
+    rng = np.random.default_rng(1)
     B, T = 3, 8
-    ratio = 1.0 + 0.4 * jax.random.normal(k[0], (B, T))
-    adv = jax.random.normal(k[1], (B, T))
-    d = jax.random.uniform(k[2], (B, T), maxval=0.4)
+    ratio = _arr(1.0 + 0.4 * rng.standard_normal((B, T)))
+    adv = _arr(rng.standard_normal((B, T)))
+    d = _arr(rng.uniform(0, 0.4, (B, T)))
     valid = jnp.ones((B, T), bool)
     toward = adv * (ratio - 1) <= 0
     m, _, _ = _cppo_mask(ratio, adv, d, valid, 0.15, w_min=1.0, delta_b=1e9)
@@ -615,8 +622,8 @@ def test_diagnostics_buckets_and_ratio_stats():
     assert float(d["entropy"]) == pytest.approx(0.7, rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
-def test_all_modes_jit_and_sharded_match(mode):
+@pytest.mark.parametrize("mode", ["grpo", "ctpo", "cppo", "appo"])  # seq-mean, cumsum, prefix budget, scan
+def test_sharded_matches_single_device(mode):
     logp, old, adv, mask = _toy(B=8, T=4, seed=6)
     cfg = P.PolicyLossConfig(kl_coef=0.01)
     f = jax.jit(lambda lp, o, a, m, r: P.policy_loss(mode, lp, o, a, m, cfg, ref_logp=r)[:2])
