@@ -29,7 +29,7 @@ __all__ = [
     "log_space_clip_loss", "position_weights", "binary_tv", "binary_kl", "topk_divergence", "cppo_divergence",
     "cppo_adaptive_delta_b", "cppo_mask", "discounted_reverse_cumsum", "future_kl", "appo_future_factor",
     "masked_zscore", "branching_score", "contiguous_group_ids", "group_advantages", "dr_grpo_advantages",
-    "rloo_advantages", "batch_advantages", "broadcast_advantages", "aggregate", "kl_penalty",
+    "rloo_advantages", "batch_advantages", "ADV_ESTIMATORS", "outcome_advantages", "broadcast_advantages", "aggregate", "kl_penalty",
     "zero_variance_group_mask", "overlong_reward_penalty", "policy_loss",
 ]
 
@@ -433,6 +433,26 @@ def batch_advantages(advantages, mask, *, scale: str = "population", eps: Scalar
     ss = jnp.sum(((a - mean) ** 2) * m)
     std = jnp.sqrt(safe_divide(ss, n - 1.0 if scale == "bessel" else n))
     return (a - mean) / (std + eps) * m
+
+
+ADV_ESTIMATORS = ("grpo", "grpo_population", "dr_grpo", "rloo", "batch")
+
+
+def outcome_advantages(estimator: str, rewards, group_ids, num_groups: int, *, valid=None, eps: Scalar = 1e-6):
+    """Sequence advantages ``[N]`` from outcome rewards by name (§6.2): ``grpo`` (Bessel std, verl),
+    ``grpo_population`` (population std: APPO, ReasonMaxxer), ``dr_grpo`` (no std), ``rloo`` (leave-one-out),
+    ``batch`` (whitened over the whole batch, groups ignored)."""
+    _check_choice("advantage estimator", estimator, ADV_ESTIMATORS)
+    if estimator == "grpo":
+        return group_advantages(rewards, group_ids, num_groups, scale="bessel", eps=eps, valid=valid)
+    if estimator == "grpo_population":
+        return group_advantages(rewards, group_ids, num_groups, scale="population", eps=eps, valid=valid)
+    if estimator == "dr_grpo":
+        return dr_grpo_advantages(rewards, group_ids, num_groups, valid=valid)
+    if estimator == "rloo":
+        return rloo_advantages(rewards, group_ids, num_groups, valid=valid)
+    v = jnp.ones(jnp.shape(rewards), bool) if valid is None else valid
+    return batch_advantages(rewards, v, scale="bessel", eps=eps)
 
 
 def broadcast_advantages(advantages, mask):

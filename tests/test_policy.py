@@ -272,6 +272,19 @@ def test_batch_advantages_whiten():
     assert float(jnp.abs(w[~mask]).sum()) == 0.0
 
 
+def test_outcome_advantages_dispatch():
+    r = _arr([1, 0, 0, 1, 2, 0])
+    g = P.contiguous_group_ids(6, 3)
+    np.testing.assert_allclose(P.outcome_advantages("dr_grpo", r, g, 2), P.dr_grpo_advantages(r, g, 2))
+    np.testing.assert_allclose(P.outcome_advantages("rloo", r, g, 2), P.rloo_advantages(r, g, 2))
+    np.testing.assert_allclose(P.outcome_advantages("grpo_population", r, g, 2),
+                               P.group_advantages(r, g, 2, scale="population"))
+    np.testing.assert_allclose(P.outcome_advantages("batch", r, g, 2),
+                               (r - 2 / 3) / (np.std(np.asarray(r), ddof=1) + 1e-6), rtol=1e-5)
+    with pytest.raises(ConfigError, match="'ppo'"):
+        P.outcome_advantages("ppo", r, g, 2)
+
+
 def test_contiguous_group_ids_rejects_bad_size():
     np.testing.assert_array_equal(P.contiguous_group_ids(6, 2), [0, 0, 1, 1, 2, 2])
     with pytest.raises(ConfigError, match="group_size=4"):
