@@ -29,7 +29,8 @@ __all__ = [
     "log_space_clip_loss", "position_weights", "binary_tv", "binary_kl", "topk_divergence", "cppo_divergence",
     "cppo_adaptive_delta_b", "cppo_mask", "discounted_reverse_cumsum", "future_kl", "appo_future_factor",
     "masked_zscore", "branching_score", "contiguous_group_ids", "group_advantages", "dr_grpo_advantages",
-    "rloo_advantages", "batch_advantages", "ADV_ESTIMATORS", "outcome_advantages", "broadcast_advantages", "aggregate", "kl_penalty",
+    "rloo_advantages", "batch_advantages", "ADV_ESTIMATORS", "outcome_advantages",
+    "broadcast_advantages", "aggregate", "kl_penalty",
     "zero_variance_group_mask", "overlong_reward_penalty", "policy_loss",
 ]
 
