@@ -4,7 +4,7 @@
 With label smoothing ε: ``CE = (1-ε)·(-log p(x_t)) + ε·mean_v(-log p(v))``.
 
 Memory: the log-softmax runs in float32 over chunks of ``chunk_size`` tokens inside a rematerialised
-(``jax.checkpoint``) scan, so only ``[chunk_size, V]`` float32 logits are alive at a time in the forward and the
+(``jax.checkpoint``) scan (:func:`jaxtok.stats.chunked_map`), so only ``[chunk_size, V]`` float32 logits are alive at a time in the forward and the
 backward pass, instead of ``[B, T, V]``.
 """
 
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtok.registry import OBJECTIVES
+from jaxtok.stats import chunked_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,39 +34,29 @@ class SFTArgs:
             raise ValueError(f"label_smoothing={self.label_smoothing}: allowed [0, 1)")
 
 
-def _pad_rows(x: jax.Array, n: int) -> jax.Array:
-    return jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-
-
 def chunked_token_stats(logits_fn, hidden: jax.Array, targets: jax.Array, mask: jax.Array, *, chunk_size: int,
                         label_smoothing: float = 0.0):
     """Per-token float32 cross-entropy and argmax-correctness without materialising all logits.
 
+    Runs :func:`jaxtok.stats.chunked_map` (a rematerialised scan over token chunks).
+
     Args:
-      logits_fn: ``[C, D] -> [C, V]`` float32 logits (closes over the LM head).
+      logits_fn: ``[C, D] -> [C, V]`` logits (closes over the LM head).
       hidden: ``[N, D]`` hidden states; targets ``[N]`` int32; mask ``[N]`` bool.
     Returns:
       ``(nll [N] float32, correct [N] bool)``, zero / False where ``mask`` is False.
     """
-    N = hidden.shape[0]
-    C = min(chunk_size, max(N, 1))
-    n_chunks = -(-N // C)
-    pad = n_chunks * C
-    h = _pad_rows(hidden, pad).reshape(n_chunks, C, -1)
-    t = _pad_rows(targets, pad).reshape(n_chunks, C)
-    m = _pad_rows(mask, pad).reshape(n_chunks, C)
 
-    @jax.checkpoint
-    def one(hc, tc, mc):
-        logp = jax.nn.log_softmax(logits_fn(hc).astype(jnp.float32), axis=-1)  # [C, V]
-        nll = -jnp.take_along_axis(logp, tc[:, None], axis=-1)[:, 0]
+    def one(chunk):
+        logp = jax.nn.log_softmax(logits_fn(chunk["hidden"]).astype(jnp.float32), axis=-1)  # [C, V]
+        nll = -jnp.take_along_axis(logp, chunk["targets"][:, None], axis=-1)[:, 0]
         if label_smoothing:
             nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
-        correct = jnp.argmax(logp, axis=-1) == tc
-        return jnp.where(mc, nll, 0.0), mc & correct
+        correct = jnp.argmax(logp, axis=-1) == chunk["targets"]
+        return {"nll": jnp.where(chunk["mask"], nll, 0.0), "correct": chunk["mask"] & correct}
 
-    _, (nll, correct) = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (h, t, m))
-    return nll.reshape(pad)[:N], correct.reshape(pad)[:N]
+    out = chunked_map(one, {"hidden": hidden, "targets": targets, "mask": mask}, chunk_size=chunk_size, token_ndim=1)
+    return out["nll"], out["correct"]
 
 
 def _shifted(model: nnx.Module, batch: dict):
