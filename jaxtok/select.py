@@ -141,6 +141,8 @@ def entropy_sample(key: jax.Array, entropy_norm: jax.Array, valid: jax.Array, rh
     """TIP ``entropy_sample`` (§2 rule 1): draw ``K = max(1, floor(ρN))`` valid tokens without replacement with
     probability ∝ ``w = max(ĥ, 1e-8)^α · max(δ̂, 1e-8)^γ`` (Gumbel-top-k). ``α = γ = 0`` is uniform sampling.
     ``ρ``, ``α``, ``γ`` may be traced; ``divergence`` (δ̂, e.g. JSD_0.5/ln 2) is required when ``γ`` may be ≠ 0."""
+    if divergence is None and not (isinstance(gamma, (int, float)) and gamma == 0):
+        raise ConfigError(f"entropy_sample: gamma={gamma!r} needs a divergence array (got None); use gamma=0")
     log_w = jnp.asarray(alpha, _F32) * jnp.log(jnp.maximum(entropy_norm.astype(_F32), 1e-8))
     if divergence is not None:
         log_w = log_w + jnp.asarray(gamma, _F32) * jnp.log(jnp.maximum(divergence.astype(_F32), 1e-8))

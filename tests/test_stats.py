@@ -270,7 +270,9 @@ def test_chunked_saves_no_token_by_vocab_float32_residual():
     def has_nv_f32(leaves):
         return any(leaf.dtype == jnp.float32 and leaf.size >= N * V for leaf in leaves)
 
-    chunked = lambda z: jnp.sum(S.token_stats(z, t, names=("reverse_kl", "entropy"), chunk_size=8)["reverse_kl"])  # noqa: E731
+    def chunked(z):
+        return jnp.sum(S.token_stats(z, t, names=("reverse_kl", "entropy"), chunk_size=8)["reverse_kl"])
+
     plain = lambda z: jnp.sum(S.reverse_kl(z, t))  # noqa: E731
     assert has_nv_f32(_residual_leaves(plain, s))  # the check can fail: unchunked keeps f32 log-probs
     leaves = _residual_leaves(chunked, s)
