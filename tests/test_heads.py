@@ -12,13 +12,19 @@ from jaxtok.models.heads import PAD_LOGIT, FilterHead, MLPHead, TraceController,
 B, T, D = 2, 5, 8
 
 
+@nnx.jit
+def call(module, *args):
+    """One compiled call instead of op-by-op dispatch (keeps the file fast on a shared CPU)."""
+    return module(*args)
+
+
 def _x(seed, shape):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
 def _grads_nonzero(module, loss_fn):
     graphdef, params = nnx.split(module, nnx.Param)
-    grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p)))(params)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p))))(params)
     leaves = jax.tree.leaves(grads)
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves), "a parameter receives no gradient"
@@ -29,20 +35,20 @@ def test_value_head_shapes_linear_and_mlp():
     lin = ValueHead(D, rngs=nnx.Rngs(0))
     mlp = ValueHead(D, hidden=16, rngs=nnx.Rngs(0))
     for head in (lin, mlp):
-        out = head(h)
+        out = call(head, h)
         assert out.shape == (B, T) and out.dtype == jnp.float32
     # the linear head is exactly h @ w + b
     w, b = lin.mlp.out.kernel[...], lin.mlp.out.bias[...]
-    np.testing.assert_allclose(lin(h), (h @ w)[..., 0] + b[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(call(lin, h), (h @ w)[..., 0] + b[0], rtol=1e-6, atol=1e-6)
     # per-position: a change at one position changes only that position's value
     h2 = h.at[:, 2].set(100.0)
-    d = np.abs(np.asarray(mlp(h2) - mlp(h)))
+    d = np.abs(np.asarray(call(mlp, h2) - call(mlp, h)))
     assert d[:, 2].min() > 0 and d[:, [0, 1, 3, 4]].max() == 0
 
 
 def test_value_head_bf16_input_f32_output_and_grads():
     head = ValueHead(D, hidden=16, rngs=nnx.Rngs(1))
-    assert head(_x(0, (B, T, D)).astype(jnp.bfloat16)).dtype == jnp.float32
+    assert call(head, _x(0, (B, T, D)).astype(jnp.bfloat16)).dtype == jnp.float32
     _grads_nonzero(head, lambda m: jnp.sum(m(_x(0, (B, T, D))) ** 2))
 
 
@@ -62,7 +68,7 @@ def test_mlp_head_specdec_residual_blocks():
     for layer in head.layers:
         h = h + jax.nn.silu(h @ layer.kernel[...] + layer.bias[...])
     expected = h @ head.out.kernel[...] + head.out.bias[...]
-    out = head(x)
+    out = call(head, x)
     assert out.shape == (B, T, 2)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     k0, k1 = head.layers[0].kernel[...], head.layers[1].kernel[...]
@@ -76,7 +82,7 @@ def test_mlp_head_speckv_gamma_predictor():
     """SpecKV (§A3): 6 step features -> 16 ReLU -> logits over gamma in {2,4,6,8}."""
     head = MLPHead(6, 16, 4, depth=1, activation="relu", rngs=nnx.Rngs(0))
     feats = _x(4, (3, 6))
-    out = head(feats)
+    out = call(head, feats)
     assert out.shape == (3, 4) and out.dtype == jnp.float32
     l0 = head.layers[0]
     expected = jax.nn.relu(feats @ l0.kernel[...] + l0.bias[...]) @ head.out.kernel[...] + head.out.bias[...]
@@ -88,7 +94,7 @@ def test_mlp_head_depth_zero_is_linear():
     head = MLPHead(D, 99, 3, depth=0, rngs=nnx.Rngs(0))
     x = _x(5, (4, D))
     assert len(head.layers) == 0
-    np.testing.assert_allclose(head(x), x @ head.out.kernel[...] + head.out.bias[...], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(call(head, x), x @ head.out.kernel[...] + head.out.bias[...], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -107,13 +113,13 @@ def test_heads_deterministic():
     a = ValueHead(D, hidden=8, rngs=nnx.Rngs(7))
     b = ValueHead(D, hidden=8, rngs=nnx.Rngs(7))
     c = ValueHead(D, hidden=8, rngs=nnx.Rngs(8))
-    np.testing.assert_array_equal(a(x), b(x))
-    np.testing.assert_array_equal(a(x), a(x))
-    assert not np.allclose(a(x), c(x))
+    np.testing.assert_array_equal(call(a, x), call(b, x))
+    np.testing.assert_array_equal(call(a, x), call(a, x))
+    assert not np.allclose(call(a, x), call(c, x))
     f1 = TraceController(3, d_model=8, num_heads=2, num_layers=1, rngs=nnx.Rngs(3))
     f2 = TraceController(3, d_model=8, num_heads=2, num_layers=1, rngs=nnx.Rngs(3))
     feats, ids = _x(1, (B, T, 3)), jnp.zeros((B, T), jnp.int32)
-    np.testing.assert_array_equal(f1(feats, ids).logits, f2(feats, ids).logits)
+    np.testing.assert_array_equal(call(f1, feats, ids).logits, call(f2, feats, ids).logits)
 
 
 # ---------------------------------------------------------------- Learn2PD filter
@@ -124,16 +130,16 @@ L = 6
 def test_filter_head_shapes_and_padding():
     head = FilterHead(L, hidden=16, rngs=nnx.Rngs(0))
     conf = jax.nn.sigmoid(_x(0, (B, L)))
-    out = head(conf)
+    out = call(head, conf)
     assert out.shape == (B, L) and out.dtype == jnp.float32
-    np.testing.assert_array_equal(out, head(conf[..., None]))
+    np.testing.assert_array_equal(out, call(head, conf[..., None]))
     # the filter sees the whole block: changing one position's confidence moves other positions' logits
-    assert np.abs(np.asarray(head(conf.at[:, 0].set(0.99)) - out))[:, 1:].max() > 0
+    assert np.abs(np.asarray(call(head, conf.at[:, 0].set(0.99)) - out))[:, 1:].max() > 0
     # padding (block past the sequence end): garbage there never changes valid outputs
     valid = jnp.array([[True] * L, [True] * 4 + [False] * 2])
-    clean = head(jnp.where(valid, conf, 0.0), valid)
+    clean = call(head, jnp.where(valid, conf, 0.0), valid)
     for garbage in (jnp.nan, 1e30, -7.0):
-        dirty = head(jnp.where(valid, conf, garbage), valid)
+        dirty = call(head, jnp.where(valid, conf, garbage), valid)
         np.testing.assert_array_equal(dirty, clean)
     assert bool(jnp.all(clean[1, 4:] == PAD_LOGIT))
     np.testing.assert_array_equal(clean[0], out[0])
@@ -166,12 +172,12 @@ def test_trace_controller_shapes_and_commit_logits():
     for layers in (1, 2):
         ctl = _controller(layers)
         feats, ids = _x(0, (B, T, F)), jax.random.randint(jax.random.key(1), (B, T), 0, 4)
-        out = ctl(feats, ids)
+        out = call(ctl, feats, ids)
         assert out.logits.shape == (B, T) and out.threshold_logit.shape == (B,)
         assert out.logits.dtype == jnp.float32
         np.testing.assert_allclose(out.commit_logits, out.logits - out.threshold_logit[:, None], rtol=1e-6)
         # bidirectional encoder: a later position's state changes earlier logits
-        changed = ctl(feats, ids.at[:, -1].set((ids[:, -1] + 1) % 4))
+        changed = call(ctl, feats, ids.at[:, -1].set((ids[:, -1] + 1) % 4))
         assert np.abs(np.asarray(changed.logits[:, 0] - out.logits[:, 0])).min() > 0
 
 
@@ -180,13 +186,13 @@ def test_trace_controller_padding_garbage_and_left_padding():
     ctl = _controller()
     n = 3
     feats, ids = _x(2, (1, n, F)), jnp.array([[0, 2, 1]], jnp.int32)
-    ref = ctl(feats, ids)  # unpadded, length 3
+    ref = call(ctl, feats, ids)  # unpadded, length 3
     pad = T - n
     junk_f = jnp.full((1, pad, F), jnp.nan)
     junk_i = jnp.full((1, pad), 99, jnp.int32)  # out-of-range ids in padding are never read
     right = ctl(jnp.concatenate([feats, junk_f], 1), jnp.concatenate([ids, junk_i], 1),
                 jnp.arange(T)[None] < n)
-    left = ctl(jnp.concatenate([junk_f * -1e30, feats], 1), jnp.concatenate([junk_i, ids], 1),
+    left = call(ctl, jnp.concatenate([junk_f * -1e30, feats], 1), jnp.concatenate([junk_i, ids], 1),
                jnp.arange(T)[None] >= pad)
     np.testing.assert_allclose(right.logits[:, :n], ref.logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(left.logits[:, pad:], ref.logits, rtol=1e-5, atol=1e-5)
@@ -195,7 +201,7 @@ def test_trace_controller_padding_garbage_and_left_padding():
     assert bool(jnp.all(right.logits[:, n:] == PAD_LOGIT)) and bool(jnp.all(left.logits[:, :pad] == PAD_LOGIT))
     assert bool(jnp.all(right.commit_logits[:, n:] == PAD_LOGIT))
     # a batch mixing both rows gives the same per-row results (no leakage across rows)
-    both = ctl(jnp.concatenate([jnp.concatenate([feats, junk_f], 1), jnp.concatenate([junk_f, feats], 1)]),
+    both = call(ctl, jnp.concatenate([jnp.concatenate([feats, junk_f], 1), jnp.concatenate([junk_f, feats], 1)]),
                jnp.concatenate([jnp.concatenate([ids, junk_i], 1), jnp.concatenate([junk_i, ids], 1)]),
                jnp.stack([jnp.arange(T) < n, jnp.arange(T) >= pad]))
     np.testing.assert_allclose(both.logits[0, :n], ref.logits[0], rtol=1e-5, atol=1e-5)
@@ -215,7 +221,7 @@ def test_trace_controller_grads_jit_and_errors():
     _grads_nonzero(ctl, loss)
     graphdef, state = nnx.split(ctl)
     jitted = jax.jit(lambda s, f, i, v: nnx.merge(graphdef, s)(f, i, v).logits)
-    np.testing.assert_allclose(jitted(state, feats, ids, valid), ctl(feats, ids, valid).logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jitted(state, feats, ids, valid), call(ctl, feats, ids, valid).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="state_ids: token id 4"):
         ctl(feats, ids.at[0, 1].set(4))
     with pytest.raises(ValueError, match="features: shape"):
