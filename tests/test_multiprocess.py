@@ -68,7 +68,7 @@ def _train_subprocess(run_dir, kill_at=None):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
-    from jaxtok.train.loop import load_model, train
+    from jaxtok.train.loop import evaluate, load_model, train
 
     killed = _train_subprocess(tmp_path / "resumed", kill_at=5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -88,3 +88,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     # a finished run is not trained again (stage caching): the summary reports no new steps
     again = train(tiny_train_config(), tmp_path / "straight", final_eval=False)
     assert again["resumed_from"] == 6
+    # evaluate() reloads the run's checkpoint and tokenizer and scores held-out greedy completions
+    ev = evaluate(tiny_train_config(), tmp_path / "straight")
+    assert ev["eval/num_examples"] == 8 and 0.0 <= ev["eval/exact_match"] <= 1.0
+    assert json.loads((tmp_path / "straight" / "eval.json").read_text()) == ev

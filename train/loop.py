@@ -112,10 +112,9 @@ def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
         return model
     model_cfg = presets.get(sec.preset, vocab_size=sec.vocab_size or vocab_size, dtype=sec.dtype,
                             param_dtype=sec.param_dtype, **dict(sec.overrides))
-    model = Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
     if model_cfg.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
-    return model
+    return Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
 
 
 def build_objective(cfg) -> Callable:
@@ -260,8 +259,10 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     loss_fn = build_objective(cfg)
-    _, state = init_train_state(model, optimizer, seed=cfg.train.seed, mesh=mesh)
+    graphdef, state = init_train_state(model, optimizer, seed=cfg.train.seed, mesh=mesh)
     step_fn = make_train_step(model, optimizer, loss_fn, mesh=mesh, micro_batches=cfg.train.micro_batches)
+    model_cfg = model.cfg
+    del model  # the train state owns the (placed, donated) parameters from here on
 
     ds, dropped = sft_dataset(task, "train", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                               num_examples=cfg.data.num_train, seed=cfg.data.seed, overlong=cfg.data.overlong,
@@ -278,7 +279,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
         start = int(out["step"])
         log.info("resumed %s at step %d", run_dir, start)
     metrics_out = _Metrics(run_dir)
-    meta = {"model_config": model_config_to_dict(model.cfg), "objective": cfg.objective.name}
+    meta = {"model_config": model_config_to_dict(model_cfg), "objective": cfg.objective.name}
 
     def save(step: int) -> None:
         ck.save(step, params=state.params, data=it.get_state(), meta=meta,
@@ -304,7 +305,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
                 last = host
                 tokens_since, t0 = 0, time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-                ev = _evaluate_model(nnx.merge(nnx.graphdef(model), *split_model_states(state)), task, tok, cfg, mesh)
+                ev = _evaluate_model(nnx.merge(graphdef, state.params, state.rest), task, tok, cfg, mesh)
                 metrics_out.write(dict(ev, step=step))
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != total:
                 save(step)
@@ -316,7 +317,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
         bar.close()
         ck.close()
 
-    final_model = nnx.merge(nnx.graphdef(model), *split_model_states(state))
+    final_model = nnx.merge(graphdef, state.params, state.rest)
     summary = {"step": total, "train/loss": last.get("loss"), "resumed_from": start or None}
     if final_eval:
         summary.update(_evaluate_model(final_model, task, tok, cfg, mesh))
@@ -324,11 +325,6 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def split_model_states(state) -> tuple:
-    """``(params, rest)`` of a train state, for ``nnx.merge(graphdef, params, rest)``."""
-    return state.params, state.rest
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
