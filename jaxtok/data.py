@@ -9,8 +9,13 @@ Packing is not performed: one example per row. Packed rows would need per-segmen
 resets in every objective and sampler; for the short synthetic sequences the padding waste is small and rows stay
 independent (which the per-row selection rules and rewards assume).
 
-Nothing is truncated silently: an over-long example is dropped (``overlong="drop"``, counted and reported once
-per pipeline) or raises (``overlong="error"``).
+Nothing is truncated silently: an over-long example is dropped (``overlong="drop"``: the pipeline probes its first
+examples and warns once with how many of them are too long, and its :class:`DropCounter` counts every drop) or
+raises naming the example index, its length and the limit (``overlong="error"``). With ``worker_count > 0`` the
+drops happen in worker processes, so the parent's counter stays at 0; the upfront warning still fires.
+
+Splits. Synthetic tasks have disjoint train/eval splits (by a hash of the canonical problem). A JSONL/Parquet file
+is one split: :class:`FileTask` serves the same records for any split name, so point eval at a separate file.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from jaxtok.tasks.tokenizer import SpecialTokens, encode
 log = logging.getLogger(__name__)
 
 
+OVERLONG = ("drop", "error")
+
+
 class OverlongError(ValueError):
     """An example longer than the configured length with ``overlong="error"``."""
 
@@ -45,46 +53,89 @@ class DropCounter:
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
     _warned: bool = False
 
+    def __getstate__(self):  # grain worker processes receive a copy (their drops are not seen by the parent)
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def drop(self, index: int, length: int) -> None:
         with self._lock:
             self.count += 1
-            if not self._warned:
-                self._warned = True
-                log.warning("dropping over-long %s examples (first: index %d, %d tokens > %d); see .count",
-                            self.what, index, length, self.limit)
+            log.debug("dropped over-long %s example %d (%d tokens > %d)", self.what, index, length, self.limit)
+
+    def warn(self, dropped: int, probed: int, first: tuple[int, int]) -> None:
+        """Warn once per pipeline with the count of over-long examples among the first ``probed``."""
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        log.warning("dropping over-long %s examples: %d of the first %d exceed %d tokens (first: index %d, %d "
+                    "tokens); the pipeline's DropCounter counts all drops", self.what, dropped, probed, self.limit,
+                    *first)
 
 
-def encode_sft(tok, example: Example, seq_len: int, *, index: int = -1, overlong: str = "drop") -> Optional[dict]:
-    """``<bos> prompt target <eos>`` right-padded to ``seq_len`` → tokens/positions/valid/loss_mask ``[T]``.
+def _check_overlong(overlong: str) -> None:
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong={overlong!r}: allowed {OVERLONG}")
 
-    Returns None for an over-long example with ``overlong="drop"``; raises :class:`OverlongError` with "error".
-    """
+
+def sft_ids(tok, example: Example) -> tuple[list[int], int]:
+    """Token ids of ``<bos> prompt target <eos>`` and the length of the ``<bos> prompt`` part."""
     sp = SpecialTokens.of(tok)
     prompt = ([sp.bos] if sp.bos is not None else []) + encode(tok, example.prompt)
-    target = encode(tok, example.target) + [sp.eos]
-    ids = prompt + target
+    return prompt + encode(tok, example.target) + [sp.eos], len(prompt)
+
+
+def prompt_ids(tok, example: Example) -> list[int]:
+    """Token ids of ``<bos> prompt``."""
+    sp = SpecialTokens.of(tok)
+    return ([sp.bos] if sp.bos is not None else []) + encode(tok, example.prompt)
+
+
+def encode_sft(tok, example: Example, seq_len: int, overlong: str = "drop", *, index: int = -1,
+               counter: Optional[DropCounter] = None) -> Optional[dict]:
+    """``<bos> prompt target <eos>`` right-padded to ``seq_len`` → tokens/positions/valid/loss_mask ``[T]``.
+
+    ``loss_mask`` is True on the target tokens and ``<eos>`` (token t is predicted from position t-1).
+    Returns None for an over-long example with ``overlong="drop"`` (counted in ``counter``); raises
+    :class:`OverlongError` naming ``index``, the length and ``seq_len`` with ``overlong="error"``.
+    """
+    _check_overlong(overlong)
+    ids, n_prompt = sft_ids(tok, example)
     if len(ids) > seq_len:
         if overlong == "error":
             raise OverlongError(f"example {index}: {len(ids)} tokens > data.seq_len={seq_len} "
                                 f"(raise data.seq_len or set data.overlong=drop)")
+        if counter is not None:
+            counter.drop(index, len(ids))
         return None
     n = len(ids)
-    tokens = np.full((seq_len,), sp.pad, np.int32)
+    tokens = np.full((seq_len,), SpecialTokens.of(tok).pad, np.int32)
     tokens[:n] = ids
     valid = np.arange(seq_len) < n
     loss_mask = np.zeros((seq_len,), bool)
-    loss_mask[len(prompt):n] = True
+    loss_mask[n_prompt:n] = True
     return {"tokens": tokens, "positions": np.maximum(np.cumsum(valid) - 1, 0).astype(np.int32),
             "valid": valid, "loss_mask": loss_mask}
 
 
-def encode_prompt(tok, example: Example, prompt_len: int, *, index: int = -1, overlong: str = "drop") -> Optional[dict]:
-    """``<bos> prompt`` LEFT-padded to ``prompt_len`` → ``prompt [P]``, ``prompt_valid [P]``."""
+def encode_prompt(tok, example: Example, prompt_len: int, overlong: str = "drop", *, index: int = -1,
+                  counter: Optional[DropCounter] = None) -> Optional[dict]:
+    """``<bos> prompt`` LEFT-padded to ``prompt_len`` → ``prompt [P]``, ``prompt_valid [P]``, ``index []``.
+
+    Over-long prompts: None with ``overlong="drop"`` (counted in ``counter``), :class:`OverlongError` with "error".
+    """
+    _check_overlong(overlong)
     sp = SpecialTokens.of(tok)
-    ids = ([sp.bos] if sp.bos is not None else []) + encode(tok, example.prompt)
+    ids = prompt_ids(tok, example)
     if len(ids) > prompt_len:
         if overlong == "error":
-            raise OverlongError(f"prompt {index}: {len(ids)} tokens > data.prompt_len={prompt_len}")
+            raise OverlongError(f"prompt {index}: {len(ids)} tokens > data.prompt_len={prompt_len} "
+                                f"(raise data.prompt_len or set data.overlong=drop)")
+        if counter is not None:
+            counter.drop(index, len(ids))
         return None
     prompt = np.full((prompt_len,), sp.pad, np.int32)
     prompt[prompt_len - len(ids):] = ids
@@ -159,11 +210,31 @@ class FileTask:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_some_fit(encode_fn, num_examples: int, key: str, limit: int, probe: int = 64) -> None:
-    """Fail fast (instead of filtering forever) when none of the first ``probe`` examples fits."""
+def _probe(length_fn, num_examples: int, key: str, limit: int, overlong: str, counter: DropCounter,
+           probe: int = 256) -> None:
+    """Look at the first ``probe`` examples before streaming: fail fast when none fits (instead of filtering
+    forever), raise on the first over-long one with ``overlong="error"``, else warn once with the count."""
     n = min(num_examples, probe)
-    if n and all(encode_fn(i) is None for i in range(n)):
+    long = [(i, length) for i in range(n) if (length := length_fn(i)) > limit]
+    if not long:
+        return
+    if overlong == "error":
+        i, length = long[0]
+        raise OverlongError(f"example {i}: {length} tokens > {key}={limit} (raise {key} or set data.overlong=drop)")
+    if len(long) == n:
         raise OverlongError(f"none of the first {n} examples fits {key}={limit}; raise {key}")
+    counter.warn(len(long), n, long[0])
+
+
+def _with_workers(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+    """Move the pipeline into ``worker_count`` grain worker processes (0: stay in-process)."""
+    if not worker_count:
+        return ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags when it starts workers; jaxtok has no absl main
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
 
 def _batched(ds: grain.MapDataset, encode_fn, batch_size: int, drop_remainder: bool) -> grain.IterDataset:
@@ -179,40 +250,57 @@ def sft_dataset(task, split: str, tok, *, seq_len: int, batch_size: int, num_exa
     Deterministic in ``seed``; the iterator's ``get_state()/set_state()`` resume it exactly. Returns the dataset
     and the counter of dropped over-long examples.
     """
+    _check_overlong(overlong)
+    _check_sizes(batch_size=batch_size, num_examples=num_examples, worker_count=worker_count)
     counter = DropCounter("SFT", seq_len)
-    _check_some_fit(lambda i: encode_sft(tok, task.example(split, i), seq_len), num_examples, "data.seq_len", seq_len)
+    _probe(lambda i: len(sft_ids(tok, task.example(split, i))[0]), num_examples, "data.seq_len", seq_len, overlong,
+           counter)
 
     def enc(i):
-        out = encode_sft(tok, task.example(split, int(i)), seq_len, index=int(i), overlong=overlong)
-        if out is None:
-            counter.drop(int(i), seq_len + 1)
-        return out
+        return encode_sft(tok, task.example(split, int(i)), seq_len, overlong, index=int(i), counter=counter)
 
     ds = grain.MapDataset.range(num_examples)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     out = _batched(ds, enc, batch_size, drop_remainder=True)
-    if worker_count:
-        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return out, counter
+    return _with_workers(out, worker_count), counter
 
 
 def prompt_dataset(task, split: str, tok, *, prompt_len: int, batch_size: int, num_examples: int,
-                   overlong: str = "drop") -> tuple[grain.IterDataset, DropCounter]:
+                   overlong: str = "drop", seed: int = 0, shuffle: bool = False, num_epochs: Optional[int] = 1,
+                   drop_remainder: bool = False, worker_count: int = 0) -> tuple[grain.IterDataset, DropCounter]:
     """Left-padded prompt batches ``{prompt [B,P], prompt_valid [B,P], index [B]}``; ``index`` recovers each row's
-    :class:`Example` with ``task.example(split, index)`` (strings cannot travel in arrays)."""
+    :class:`Example` with ``task.example(split, index)`` (strings cannot travel in arrays; see
+    :func:`examples_of`). By default one ordered pass with a short last batch (eval); rollouts over the train split
+    use ``shuffle=True, num_epochs=None, drop_remainder=True``."""
+    _check_overlong(overlong)
+    _check_sizes(batch_size=batch_size, num_examples=num_examples, worker_count=worker_count)
     counter = DropCounter("prompt", prompt_len)
-    _check_some_fit(lambda i: encode_prompt(tok, task.example(split, i), prompt_len), num_examples,
-                    "data.prompt_len", prompt_len)
+    _probe(lambda i: len(prompt_ids(tok, task.example(split, i))), num_examples, "data.prompt_len", prompt_len,
+           overlong, counter)
 
     def enc(i):
-        out = encode_prompt(tok, task.example(split, int(i)), prompt_len, index=int(i), overlong=overlong)
-        if out is None:
-            counter.drop(int(i), prompt_len + 1)
-        return out
+        return encode_prompt(tok, task.example(split, int(i)), prompt_len, overlong, index=int(i), counter=counter)
 
-    return _batched(grain.MapDataset.range(num_examples), enc, batch_size, drop_remainder=False), counter
+    ds = grain.MapDataset.range(num_examples)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    out = _batched(ds, enc, batch_size, drop_remainder=drop_remainder)
+    return _with_workers(out, worker_count), counter
+
+
+def examples_of(task, split: str, batch: dict) -> list[Example]:
+    """The :class:`Example` of every row of a prompt batch (from its ``index`` array)."""
+    return [task.example(split, int(i)) for i in np.asarray(batch["index"])]
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        lo = 0 if name == "worker_count" else 1
+        if int(value) < lo:
+            raise ValueError(f"{name}={value}: must be >= {lo}")
 
 
 def make_task_from_config(section):
@@ -223,6 +311,30 @@ def make_task_from_config(section):
     from jaxtok.tasks import make_task
 
     return make_task(section.task, section.task_args, section.seed)
+
+
+def from_config(section, tok, split: str, kind: str = "sft"):
+    """Pipeline for a ``DataSection`` (any object with its fields) → ``(task, dataset, drop_counter)``.
+
+    ``kind="sft"``: SFT batches of ``seq_len``; ``kind="prompt"``: left-padded prompt batches of ``prompt_len``.
+    The train split draws ``num_train`` examples, shuffled and repeated forever with full batches; the eval split
+    draws ``num_eval`` examples in order, one pass (the last batch of prompt pipelines may be short).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: allowed ('train', 'eval')")
+    if kind not in ("sft", "prompt"):
+        raise ValueError(f"kind={kind!r}: allowed ('sft', 'prompt')")
+    task = make_task_from_config(section)
+    train = split == "train"
+    common = dict(batch_size=section.batch_size, num_examples=section.num_train if train else section.num_eval,
+                  overlong=section.overlong, worker_count=section.worker_count)
+    if kind == "sft":
+        ds, counter = sft_dataset(task, split, tok, seq_len=section.seq_len, seed=section.seed, shuffle=train,
+                                  num_epochs=None if train else 1, **common)
+    else:
+        ds, counter = prompt_dataset(task, split, tok, prompt_len=section.prompt_len, seed=section.seed,
+                                     shuffle=train, num_epochs=None if train else 1, drop_remainder=train, **common)
+    return task, ds, counter
 
 
 def eval_examples(task, split: str, n: int) -> list[Example]:

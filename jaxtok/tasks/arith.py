@@ -27,6 +27,8 @@ class ArithArgs:
             raise ValueError(f"steps={self.steps}: allowed 1..8")
         if not self.ops or set(self.ops) - set("+-*"):
             raise ValueError(f"ops={self.ops!r}: a non-empty subset of '+-*'")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction}: allowed (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,8 @@ class CountdownArgs:
             raise ValueError(f"numbers={self.numbers}: allowed 2..5")
         if not 2 <= self.max_number <= 99:
             raise ValueError(f"max_number={self.max_number}: allowed 2..99")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction}: allowed (0, 1)")
 
 
 def evaluate_expression(expr: str) -> Optional[tuple[Fraction, list[int]]]:

@@ -79,8 +79,20 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special-token post-processing."""
-    return tok.encode(text, add_special_tokens=False).ids
+    """Token ids of ``text`` without special-token post-processing.
+
+    Characters the tokenizer cannot represent raise instead of silently becoming its unknown token (the
+    character tokenizer's unknown token is ``<pad>``, so an unknown character would otherwise vanish as padding).
+    """
+    enc = tok.encode(text, add_special_tokens=False)
+    unk = getattr(tok.model, "unk_token", None)
+    unk_id = tok.token_to_id(unk) if unk else None
+    if unk_id is not None and unk_id in enc.ids:
+        bad = sorted({text[s:e] for i, (s, e) in zip(enc.ids, enc.offsets) if i == unk_id and text[s:e] != unk})
+        if bad:
+            raise ValueError(f"text {text[:60]!r} has characters the tokenizer does not know: {bad} "
+                             f"(unknown token {unk!r}); the character tokenizer covers {''.join(CHARACTERS)!r}")
+    return enc.ids
 
 
 def decode(tok: Tokenizer, ids, stop_at_eos: bool = True) -> str:
