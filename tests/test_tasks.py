@@ -1,135 +1,240 @@
-"""Synthetic tasks, tokenizer and data pipelines."""
+"""Tokenizer and synthetic tasks: fixed special ids, exact round trips, determinism, disjoint splits, extractors and
+rewards on hand cases, countdown reference solutions."""
 
-import json
+import re
 
-import numpy as np
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
 
-from jaxtok.data import FileTask, OverlongError, encode_prompt, encode_sft, prompt_dataset, sft_dataset
 from jaxtok.registry import ConfigError
-from jaxtok.tasks import build_tokenizer, load_tokenizer, make_task, save_tokenizer, split_of
-from jaxtok.tasks.arith import ArithTask
-from jaxtok.tasks.countdown import evaluate_expression
-from jaxtok.tasks.tokenizer import VOCAB_SIZE, SpecialTokens, decode, encode
+from jaxtok.tasks import Example, SpecialTokens, build_tokenizer, load_tokenizer, make_task, save_tokenizer, split_of
+from jaxtok.tasks.arith import ArithArgs, ArithTask
+from jaxtok.tasks.countdown import CountdownArgs, CountdownTask, evaluate_expression
+from jaxtok.tasks.sorting import SortArgs, SortTask
+from jaxtok.tasks.tokenizer import VOCAB_SIZE, decode, encode
 
-TOK = build_tokenizer()
-
-
-def test_tokenizer_round_trip_and_special_ids(tmp_path):
-    sp = SpecialTokens.of(TOK)
-    assert (sp.pad, sp.bos, sp.eos, sp.mask) == (0, 1, 2, 3) and len(sp.rainbow_pads) == 7
-    assert TOK.get_vocab_size() == VOCAB_SIZE <= 64
-    text = "c:3,5,7|56=(3+5)*7>(3+5)*7\n s:1,2"
-    assert decode(TOK, encode(TOK, text)) == text
-    assert len(encode(TOK, text)) == len(text)  # one token per character
-    tok2 = load_tokenizer(save_tokenizer(TOK, tmp_path))
-    assert encode(tok2, text) == encode(TOK, text)
-    assert decode(TOK, encode(TOK, "12") + [2] + encode(TOK, "34")) == "12"  # stops at <eos>
+TASK_SETTINGS = [("arith", {"digits": 2, "steps": 3, "ops": "+-*"}), ("countdown", {"numbers": 4}),
+                 ("sort", {"length": 6}), ("sort", {"alphabet": "letters"})]
 
 
-@pytest.mark.parametrize("name, args", [("arith", {"digits": 2, "steps": 3}), ("countdown", {}), ("sort", {})])
-def test_tasks_deterministic_disjoint_and_rewarded(name, args):
+# --------------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_special_ids_fixed_and_vocab_small():
+    tok = build_tokenizer()
+    sp = SpecialTokens.of(tok)
+    assert (sp.pad, sp.bos, sp.eos, sp.mask) == (0, 1, 2, 3)
+    assert sp.rainbow_pads == tuple(range(4, 11))
+    assert [tok.token_to_id(f"<pad_{i}>") for i in range(1, 8)] == list(range(4, 11))
+    assert tok.get_vocab_size() == VOCAB_SIZE == 61 <= 64
+
+
+@pytest.mark.parametrize("name,args", TASK_SETTINGS)
+def test_tokenizer_round_trips_task_text(name, args):
+    tok = build_tokenizer()
     task = make_task(name, args, seed=3)
-    assert task.example("train", 5) == make_task(name, args, seed=3).example("train", 5)
-    train = {task.example("train", i).prompt for i in range(1500)}
-    evals = {task.example("eval", i).prompt for i in range(300)}
-    assert not train & evals
     for i in range(50):
+        ex = task.example("train", i)
+        for text in (ex.prompt, ex.target, ex.prompt + ex.target + "\n"):
+            ids = encode(tok, text)
+            assert len(ids) == len(text)  # one token per character
+            assert decode(tok, ids) == text
+
+
+def test_round_trip_spaces_newlines_and_every_character():
+    tok = build_tokenizer()
+    text = "0123456789 +-*/=(),;:>|\nabcdefghijklmnopqrstuvwxyz  x\n\n"
+    assert decode(tok, encode(tok, text)) == text
+
+
+def test_unknown_character_raises_naming_it():
+    with pytest.raises(ValueError, match=r"\['\.', 'Q'\]"):
+        encode(build_tokenizer(), "aQ.1")
+
+
+def test_decode_stops_at_eos_and_drops_specials():
+    tok = build_tokenizer()
+    ids = [1] + encode(tok, "12>3") + [2] + encode(tok, "99") + [0, 0]
+    assert decode(tok, ids) == "12>3"
+    assert decode(tok, ids, stop_at_eos=False) == "12>399"
+
+
+def test_save_load_round_trip(tmp_path):
+    tok = build_tokenizer()
+    path = save_tokenizer(tok, tmp_path / "run")
+    assert path.name == "tokenizer.json"
+    for src in (tmp_path / "run", path):
+        loaded = load_tokenizer(src)
+        assert loaded.get_vocab() == tok.get_vocab()
+        assert encode(loaded, "3*(4+5)=27>27") == encode(tok, "3*(4+5)=27>27")
+        assert SpecialTokens.of(loaded) == SpecialTokens.of(tok)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_special_tokens_read_by_string_from_another_tokenizer(tmp_path):
+    """A non-synthetic tokenizer.json loads the same way; special ids are found by their token strings."""
+    vocab = {"hello": 0, "[PAD]": 1, "<s>": 2, "</s>": 3, "[UNK]": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    sp = SpecialTokens.of(load_tokenizer(tmp_path))
+    assert (sp.pad, sp.bos, sp.eos, sp.mask, sp.rainbow_pads) == (1, 2, 3, None, ())
+
+
+# --------------------------------------------------------------------------------------------------- all tasks
+
+
+@pytest.mark.parametrize("name,args", TASK_SETTINGS)
+def test_deterministic_in_seed_split_index(name, args):
+    a, b, c = make_task(name, args, seed=7), make_task(name, args, seed=7), make_task(name, args, seed=8)
+    ea = [a.example("train", i) for i in range(30)]
+    assert ea == [b.example("train", i) for i in range(30)]
+    assert ea != [c.example("train", i) for i in range(30)]
+    assert [a.example("eval", i) for i in range(30)] == [b.example("eval", i) for i in range(30)]
+
+
+@pytest.mark.parametrize("name,args", [("arith", {"digits": 1, "steps": 1}), ("arith", {"digits": 2, "steps": 1}),
+                                       ("countdown", {"numbers": 3, "max_number": 6}),
+                                       ("sort", {"length": 3, "max_number": 9})])
+def test_splits_disjoint(name, args):
+    """Small problem spaces (so repeats within a split are frequent) and still no eval problem in train."""
+    task = make_task(name, args, seed=0)
+    train = {task.example("train", i).prompt for i in range(3000)}
+    held = {task.example("eval", i).prompt for i in range(600)}
+    assert train and held and not train & held
+
+
+def test_split_is_a_hash_of_the_canonical_problem():
+    task = ArithTask(ArithArgs(digits=2, steps=2))
+    assert all(split_of(task.example("eval", i).prompt[:-1]) == "eval" for i in range(100))
+    assert all(split_of(task.example("train", i).prompt[:-1]) == "train" for i in range(100))
+    assert split_of("12+7", 0.1) == split_of("12+7", 0.1)
+
+
+@pytest.mark.parametrize("name,args", TASK_SETTINGS)
+def test_reference_target_earns_full_reward(name, args):
+    task = make_task(name, args, seed=1)
+    for i in range(100):
         ex = task.example("eval", i)
-        assert split_of(ex.prompt[:-1].removeprefix("c:").removeprefix("s:")) == "eval" or name != "arith"
+        assert task.extract_answer(ex.target) == ex.answer
         assert task.reward(ex.target, ex) == 1.0
         assert task.format_ok(ex.target)
+
+
+@pytest.mark.parametrize("name,args", TASK_SETTINGS)
+def test_malformed_completions(name, args):
+    task = make_task(name, args, seed=1)
     ex = task.example("train", 0)
-    assert task.reward("", ex) == 0.0 and task.extract_answer("no mark") is None
-    assert task.reward(ex.target + "9", ex) == 0.0
+    for bad in ("", "no marker here", ex.answer, "12+3=15>", ">\n5"):  # no '>' or nothing after it
+        assert task.extract_answer(bad) is None
+        assert task.reward(bad, ex) == 0.0
+        assert not task.format_ok(bad)
 
 
-def test_arith_scratchpad_hand_case_and_steps():
-    task = make_task("arith", {"digits": 2, "steps": 2}, seed=0)
-    ex = task.example("train", 0)
-    a, rest = ex.target.split(">")
-    assert ex.answer == rest and str(eval(ex.prompt[:-1])) == ex.answer
-    spans = ArithTask.steps(ex)
-    assert len(spans) == 2 and [ex.target[s:e] for s, e in spans] == a.split(";")
-    assert task.extract_answer("1+2=3>3") == "3" and task.extract_answer("x>-12\nmore") == "-12"
-
-
-def test_countdown_reward_verifies_any_solution():
-    task = make_task("countdown", {"numbers": 3}, seed=0)
-    ex = task.example("train", 1)
-    nums, target = ex.meta["numbers"], ex.meta["target"]
-    assert evaluate_expression(ex.answer)[0] == target
-    assert sorted(evaluate_expression(ex.answer)[1]) == sorted(nums)
-    assert task.reward(">" + "+".join(map(str, nums)), ex) == float(sum(nums) == target)
-    assert task.reward(">" + str(target), ex) == float(sorted(nums) == [target])  # must use the numbers
-    assert task.reward(">1/0", ex) == 0.0 and task.reward(">import os", ex) == 0.0
-
-
-def test_bad_task_args():
-    with pytest.raises(ConfigError, match="digits"):
+def test_unknown_task_and_bad_args_rejected():
+    with pytest.raises(ConfigError, match="arith"):
+        make_task("arithmetic")
+    with pytest.raises((ConfigError, ValueError), match="digits"):
         make_task("arith", {"digits": 0})
-    with pytest.raises(ConfigError, match="allowed"):
-        make_task("arith", {"digitz": 2})
+    with pytest.raises(ConfigError, match="bogus"):
+        make_task("sort", {"bogus": 1})
+    with pytest.raises(ValueError, match="alphabet"):
+        SortArgs(alphabet="greek")
 
 
-def test_encode_sft_hand_case():
-    task = make_task("arith", {"digits": 1}, seed=0)
+# --------------------------------------------------------------------------------------------------- arith
+
+
+def test_arith_hand_format_and_steps():
+    task = ArithTask(ArithArgs(digits=2, steps=2, ops="+-*"))
+    ex = task.example("train", 5)
+    # prompt "a op b op c =", target "a op b=r1;r1 op c=r2>r2", evaluated left to right
+    m = re.fullmatch(r"(\d+)([-+*])(\d+)([-+*])(\d+)=", ex.prompt)
+    assert m
+    a, o1, b, o2, c = m.groups()
+    r1 = eval(a + o1 + b)
+    r2 = eval(f"({r1}){o2}{c}")
+    assert ex.target == f"{a}{o1}{b}={r1};{r1}{o2}{c}={r2}>{r2}"
+    assert ex.answer == str(r2)
+    spans = task.steps(ex)
+    assert [ex.target[s:e] for s, e in spans] == [f"{a}{o1}{b}={r1}", f"{r1}{o2}{c}={r2}"]
+    assert ex.target[spans[0][1]] == ";" and ex.target[spans[1][1]] == ">"
+
+
+def test_arith_extract_reward_hand_cases():
+    task = ArithTask(ArithArgs())
+    ex = Example(prompt="12+7-3=", target="12+7=19;19-3=16>16", answer="16")
+    assert task.extract_answer("12+7=19;19-3=16>16") == "16"
+    assert task.reward("garbage;19-3=16>16", ex) == 1.0  # only the final answer is graded
+    assert task.reward("12+7=19;19-3=16>17", ex) == 0.0
+    assert task.reward("12+7=19;19-3=16>16\nmore text", ex) == 1.0  # answer ends at the line
+    assert task.reward("12+7=19>19;19-3=16>16", ex) == 1.0  # the last marker counts
+    assert task.extract_answer(">-4") == "-4" and task.format_ok(">-4")
+    assert not task.format_ok(">1a")
+
+
+def test_arith_knobs_and_negative_results():
+    task = ArithTask(ArithArgs(digits=1, steps=4, ops="-"))
+    exs = [task.example("train", i) for i in range(200)]
+    assert all(len(task.steps(e)) == 4 for e in exs)
+    assert all(set(e.prompt[:-1]) <= set("0123456789-") for e in exs)
+    assert any(e.answer.startswith("-") for e in exs)
+
+
+# --------------------------------------------------------------------------------------------------- countdown
+
+
+def test_countdown_reference_solutions_valid():
+    task = CountdownTask(CountdownArgs(numbers=4, max_number=12))
+    for split in ("train", "eval"):
+        for i in range(300):
+            ex = task.example(split, i)
+            value, used = evaluate_expression(ex.answer)
+            assert value == ex.meta["target"] and value > 0
+            assert sorted(used) == sorted(ex.meta["numbers"])
+            assert ex.prompt == "c:" + ",".join(map(str, ex.meta["numbers"])) + f"|{ex.meta['target']}="
+
+
+def test_countdown_reward_hand_cases():
+    task = CountdownTask(CountdownArgs(numbers=3))
+    ex = Example(prompt="c:3,5,7|56=", target="(3+5)*7>(3+5)*7", answer="(3+5)*7",
+                 meta={"numbers": [3, 5, 7], "target": 56})
+    assert task.reward("(3+5)*7>(3+5)*7", ex) == 1.0
+    assert task.reward(">7*(5+3)", ex) == 1.0  # any correct solution, not only the reference
+    assert task.reward(">7 * (5 + 3)", ex) == 1.0
+    assert task.reward(">3+5*7", ex) == 0.0  # 38
+    assert task.reward(">(5+3)*7*1", ex) == 0.0  # 1 is not given
+    assert task.reward(">(3+5)*7+3-3", ex) == 0.0  # numbers reused
+    assert task.reward(">56", ex) == 0.0  # numbers missing
+    assert task.reward(">(3+5)*", ex) == 0.0 and not task.format_ok(">(3+5)*")
+    assert task.reward(">__import__('os')", ex) == 0.0 and not task.format_ok(">__import__('os')")
+    assert task.reward(">7/(5-5)", ex) == 0.0  # division by zero is malformed, not a crash
+    ex2 = Example(prompt="c:2,3,4|6=", target="", answer="", meta={"numbers": [2, 3, 4], "target": 6})
+    assert task.reward(">3/2*4", ex2) == 1.0  # exact rational arithmetic
+    assert task.reward(">-2+4*2", ex2) == 0.0  # unary minus is not allowed
+
+
+# --------------------------------------------------------------------------------------------------- sort
+
+
+def test_sort_hand_cases():
+    task = SortTask(SortArgs(length=4, max_number=20))
     ex = task.example("train", 0)
-    row = encode_sft(TOK, ex, 24)
-    n = 1 + len(ex.prompt) + len(ex.target) + 1
-    assert row["tokens"][0] == 1 and row["tokens"][n - 1] == 2 and (row["tokens"][n:] == 0).all()
-    assert row["valid"].sum() == n
-    assert row["loss_mask"].sum() == len(ex.target) + 1 and not row["loss_mask"][: 1 + len(ex.prompt)].any()
-    assert decode(TOK, row["tokens"][row["loss_mask"]]) == ex.target
-    assert encode_sft(TOK, ex, n - 1) is None
-    with pytest.raises(OverlongError, match="seq_len"):
-        encode_sft(TOK, ex, n - 1, overlong="error")
+    items = [int(x) for x in ex.prompt[2:-1].split(",")]
+    assert ex.answer == ",".join(map(str, sorted(items)))  # numeric, not lexicographic
+    assert task.reward(ex.target, ex) == 1.0
+    assert task.reward(">" + ",".join(map(str, items)), ex) == float(items == sorted(items))  # the input order
+    hand = Example(prompt="s:10,9,2=", target="2,9,10>2,9,10", answer="2,9,10")
+    assert task.reward(">2,9,10", hand) == 1.0
+    assert task.reward(">10,2,9", hand) == 0.0
+    assert task.format_ok(">10,2,9") and not task.format_ok(">1,,2")
 
 
-def test_encode_prompt_left_pads():
-    ex = make_task("sort", {"length": 3}).example("train", 0)
-    row = encode_prompt(TOK, ex, 12)
-    L = 1 + len(ex.prompt)
-    assert (row["prompt_valid"] == (np.arange(12) >= 12 - L)).all()
-    assert decode(TOK, row["prompt"][row["prompt_valid"]]) == ex.prompt
-
-
-def test_pipeline_drops_overlong_and_resumes_exactly():
-    task = make_task("arith", {"digits": 2, "steps": 2})
-    ds, dropped = sft_dataset(task, "train", TOK, seq_len=30, batch_size=4, num_examples=200, num_epochs=1)
-    rows = sum(b["tokens"].shape[0] for b in ds)
-    assert dropped.count > 0 and rows + dropped.count >= 200 - 3 and rows % 4 == 0
-    ds, _ = sft_dataset(task, "train", TOK, seq_len=40, batch_size=4, num_examples=100, seed=1)
-    it = iter(ds)
-    for _ in range(5):
-        next(it)
-    state = it.get_state()
-    want = [next(it)["tokens"] for _ in range(3)]
-    it2 = iter(ds)
-    it2.set_state(state)
-    for w in want:
-        np.testing.assert_array_equal(next(it2)["tokens"], w)
-    with pytest.raises(OverlongError, match="data.seq_len"):
-        sft_dataset(task, "train", TOK, seq_len=6, batch_size=4, num_examples=100)
-
-
-def test_prompt_dataset_indices_recover_examples():
-    task = make_task("sort", {})
-    ds, _ = prompt_dataset(task, "eval", TOK, prompt_len=16, batch_size=3, num_examples=5)
-    batches = list(ds)
-    assert [b["prompt"].shape for b in batches] == [(3, 16), (2, 16)]
-    idx = np.concatenate([b["index"] for b in batches])
-    assert list(idx) == list(range(5))
-
-
-def test_jsonl_field_mapping(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text("\n".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) for i in range(4)))
-    task = FileTask.load(str(p), "jsonl", prompt_field="q", answer_field="a")
-    ex = task.example("train", 2)
-    assert (ex.prompt, ex.answer, ex.target) == ("2+1=", "3", ">3")
-    assert task.reward(">3", ex) == 1.0
-    with pytest.raises(KeyError, match="prompt_field"):
-        FileTask.load(str(p), "jsonl", prompt_field="question", answer_field="a")
-    with pytest.raises(FileNotFoundError):
-        FileTask.load(str(tmp_path / "missing.jsonl"), "jsonl")
+def test_sort_letters():
+    task = SortTask(SortArgs(length=5, alphabet="letters"))
+    ex = task.example("eval", 3)
+    items = ex.prompt[2:-1].split(",")
+    assert all(len(c) == 1 and c.islower() for c in items)
+    assert ex.answer == ",".join(sorted(items))
+    assert task.format_ok(">a,b,z") and not task.format_ok(">a,1") and not task.format_ok(">ab,c")
