@@ -15,15 +15,19 @@ import dataclasses
 import importlib
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jaxtok.registry import COMMIT_POLICIES, OBJECTIVES, TASKS, ConfigError, Registry
+from jaxtok.registry import COMMIT_POLICIES, DRAFT_POLICIES, OBJECTIVES, TASKS, ConfigError, Registry
 
-__all__ = ["Config", "ConfigError", "load_config", "to_yaml", "validate", "validate_names", "build_optimizer"]
+__all__ = [
+    "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "OptimizerSection", "ObjectiveSection",
+    "TrainSection", "DecodeSection", "RunSection", "BenchSection", "load_config", "from_dict", "to_yaml", "to_dict",
+    "validate", "validate_names", "check_paths", "build_optimizer", "describe",
+]
 
 
 def _f(default, *, choices: Optional[Sequence] = None, min=None, max=None, gt=None, doc: str = ""):
@@ -34,129 +38,179 @@ def _f(default, *, choices: Optional[Sequence] = None, min=None, max=None, gt=No
     return dataclasses.field(default=default, metadata=meta)
 
 
+class _Section:
+    """Base of the config sections: ``__post_init__`` checks every field's metadata and the section's own rules
+    (:meth:`check`), so an out-of-range section cannot be built, whether from YAML or in Python."""
+
+    _key: ClassVar[str] = ""  # the section's key in Config, used in messages
+
+    def __post_init__(self):
+        _check_fields(self, f"{self._key}." if self._key else "")
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules of the section (raise ConfigError)."""
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelSection:
+class ModelSection(_Section):
     """Which model to build or load."""
 
+    _key: ClassVar[str] = "model"
     preset: str = _f("tiny_student", doc="a name from jaxtok.models.presets (ignored with hf_path)")
     hf_path: Optional[str] = _f(None, doc="local Hugging Face checkpoint directory to load instead of a preset")
     init_from: Optional[str] = _f(None, doc="run directory (or checkpoint dir) of an earlier stage to start from")
     dtype: str = _f("float32", choices=("float32", "bfloat16"), doc="compute dtype of matmuls")
     param_dtype: str = _f("float32", choices=("float32", "bfloat16"), doc="storage dtype of parameters")
     vocab_size: Optional[int] = _f(None, min=1, doc="default: the tokenizer's vocabulary size")
-    attention: str = _f("causal", choices=("causal", "bidirectional", "block_causal"), doc="attention kind")
+    attention: str = _f("causal", choices=("causal", "bidirectional", "block_causal"),
+                        doc="attention kind (bidirectional/block_causal for diffusion LMs)")
     block_size: Optional[int] = _f(None, min=1, doc="block length for block_causal attention")
     overrides: Dict[str, Any] = _f({}, doc="ModelConfig field overrides, e.g. {num_layers: 3}")
 
+    def check(self) -> None:
+        if self.attention == "block_causal" and self.block_size is None:
+            raise ConfigError("model.block_size=None: required with model.attention='block_causal'")
+
 
 @dataclasses.dataclass(frozen=True)
-class MeshSection:
+class MeshSection(_Section):
     """Device mesh: degrees of the ``data``, ``fsdp`` and ``tensor`` axes (-1 = fill with the remaining devices)."""
 
-    data: int = _f(-1, min=-1)
-    fsdp: int = _f(1, min=-1)
-    tensor: int = _f(1, min=-1)
+    _key: ClassVar[str] = "mesh"
+    data: int = _f(-1, min=-1, doc="data-parallel degree (-1 = fill)")
+    fsdp: int = _f(1, min=-1, doc="parameter-sharding (FSDP) degree (-1 = fill)")
+    tensor: int = _f(1, min=-1, doc="tensor-parallel degree (-1 = fill)")
     distributed: bool = _f(False, doc="call jax.distributed.initialize (multi-host)")
     coordinator_address: Optional[str] = _f(None, doc="host:port of process 0; default from the environment")
-    num_processes: Optional[int] = _f(None, min=1)
-    process_id: Optional[int] = _f(None, min=0)
+    num_processes: Optional[int] = _f(None, min=1, doc="number of processes; default from the environment")
+    process_id: Optional[int] = _f(None, min=0, doc="this process's index; default from the environment")
+
+    def check(self) -> None:
+        degrees = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, d in degrees.items():
+            if d == 0:
+                raise ConfigError(f"mesh.{name}=0: a degree is >= 1, or -1 to fill with the remaining devices")
+        fill = [n for n, d in degrees.items() if d == -1]
+        if len(fill) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1 (fill), got {fill}")
+        if (self.num_processes is not None and self.process_id is not None
+                and self.process_id >= self.num_processes):
+            raise ConfigError(f"mesh.process_id={self.process_id}: must be < mesh.num_processes={self.num_processes}")
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSection:
+class DataSection(_Section):
     """Training/eval data: a synthetic task from jaxtok.tasks, or a local JSONL/Parquet prompt file."""
 
-    task: str = _f("arith", doc="a registered task name, or 'jsonl' / 'parquet' with path")
+    _key: ClassVar[str] = "data"
+    task: str = _f("arith", doc="a registered task name (TASKS), or 'jsonl' / 'parquet' with data.path")
     task_args: Dict[str, Any] = _f({}, doc="arguments of the task (its dataclass), e.g. {digits: 2, steps: 1}")
     path: Optional[str] = _f(None, doc="file for task=jsonl|parquet")
-    prompt_field: str = _f("prompt")
-    answer_field: str = _f("answer")
-    target_field: Optional[str] = _f(None, doc="full response for SFT (default: the answer)")
-    seq_len: int = _f(64, min=2, doc="SFT sequence length (prompt + response)")
-    prompt_len: int = _f(32, min=1, doc="left-padded prompt length for rollouts and eval")
+    prompt_field: str = _f("prompt", doc="jsonl/parquet: the prompt column")
+    answer_field: str = _f("answer", doc="jsonl/parquet: the reference answer column (reward, exact match)")
+    target_field: Optional[str] = _f(None, doc="jsonl/parquet: full response for SFT (default: the answer)")
+    seq_len: int = _f(128, min=2, doc="SFT sequence length (prompt + response), tokens")
+    prompt_len: int = _f(64, min=1, doc="left-padded prompt length for rollouts and eval, tokens")
     batch_size: int = _f(32, min=1, doc="global batch size (rows)")
     num_train: int = _f(200_000, min=1, doc="training examples drawn from the task")
-    num_eval: int = _f(256, min=1, doc="held-out examples for eval")
-    seed: int = _f(0)
+    num_eval: int = _f(256, min=1, doc="held-out examples for eval (disjoint from train)")
+    seed: int = _f(0, doc="seed of the synthetic task generator and the shuffle")
     worker_count: int = _f(0, min=0, doc="grain worker processes (0 = in-process)")
-    overlong: str = _f("drop", choices=("drop", "error"), doc="over-long examples: dropped with a counted warning, or an error")
+    overlong: str = _f("drop", choices=("drop", "error"),
+                       doc="over-long examples: dropped with a counted warning, or an error (never truncated)")
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerSection:
-    """optax optimizer and learning-rate schedule."""
+class OptimizerSection(_Section):
+    """optax optimizer and learning-rate schedule (built by :func:`build_optimizer`)."""
 
-    name: str = _f("adamw", choices=("adamw", "adam", "sgd", "lion", "adafactor"))
-    lr: float = _f(1e-3, gt=0.0)
-    schedule: str = _f("warmup_cosine", choices=("constant", "linear", "cosine", "warmup_cosine"))
-    warmup_steps: int = _f(0, min=0)
+    _key: ClassVar[str] = "optimizer"
+    name: str = _f("adamw", choices=("adamw", "adam", "sgd", "lion", "adafactor"), doc="optax update rule")
+    lr: float = _f(1e-3, gt=0.0, doc="peak learning rate")
+    schedule: str = _f("warmup_cosine", choices=("constant", "linear", "cosine", "warmup_cosine"),
+                       doc="learning-rate schedule over train.steps")
+    warmup_steps: int = _f(0, min=0, doc="linear warm-up from 0 to lr")
     end_lr_ratio: float = _f(0.1, min=0.0, max=1.0, doc="final lr as a fraction of lr (cosine/linear)")
-    weight_decay: float = _f(0.0, min=0.0)
-    b1: float = _f(0.9, min=0.0, max=1.0)
-    b2: float = _f(0.999, min=0.0, max=1.0)
-    eps: float = _f(1e-8, gt=0.0)
-    grad_clip: float = _f(1.0, min=0.0, doc="global-norm clipping; 0 = off")
+    weight_decay: float = _f(0.0, min=0.0, doc="decoupled weight decay (adamw, lion, adafactor)")
+    b1: float = _f(0.9, min=0.0, max=1.0, doc="first-moment decay (adam*, lion); sgd: momentum (0 = none)")
+    b2: float = _f(0.999, min=0.0, max=1.0, doc="second-moment decay (adam*, lion)")
+    eps: float = _f(1e-8, gt=0.0, doc="adam epsilon")
+    grad_clip: float = _f(1.0, min=0.0, doc="global-norm gradient clipping; 0 = off")
 
 
 @dataclasses.dataclass(frozen=True)
-class ObjectiveSection:
+class ObjectiveSection(_Section):
     """The loss: a registered objective name and its arguments."""
 
-    name: str = _f("sft", doc="a name from the OBJECTIVES registry")
-    args: Dict[str, Any] = _f({}, doc="the objective's arguments (its dataclass)")
+    _key: ClassVar[str] = "objective"
+    name: str = _f("sft", doc="a name from the OBJECTIVES registry (sft, distill, policy_gradient, ...)")
+    args: Dict[str, Any] = _f({}, doc="the objective's arguments (checked against its dataclass)")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSection:
+class TrainSection(_Section):
     """Training loop."""
 
-    steps: int = _f(1000, min=1)
+    _key: ClassVar[str] = "train"
+    steps: int = _f(1000, min=1, doc="optimizer steps")
     micro_batches: int = _f(1, min=1, doc="gradient accumulation: micro-batches per step (token-weighted)")
     eval_every: int = _f(0, min=0, doc="steps between evals; 0 = only at the end")
-    log_every: int = _f(50, min=1)
+    log_every: int = _f(50, min=1, doc="steps between metrics.jsonl records")
     checkpoint_every: int = _f(0, min=0, doc="steps between checkpoints; 0 = only at the end")
-    keep_checkpoints: int = _f(2, min=1)
-    seed: int = _f(0)
-    eval_batches: int = _f(4, min=1)
+    keep_checkpoints: int = _f(2, min=1, doc="checkpoints kept in the run directory")
+    seed: int = _f(0, doc="seed of parameter init and training randomness")
+    eval_batches: int = _f(4, min=1, doc="batches per periodic eval")
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeSection:
-    """Decoding: sampling parameters and the decode policy with its arguments."""
+class DecodeSection(_Section):
+    """Decoding: method, sampling parameters, and the decode policy with its arguments."""
 
-    method: str = _f("ar", choices=("ar", "speculative", "diffusion"))
-    max_new_tokens: int = _f(32, min=1)
-    temperature: float = _f(0.0, min=0.0, doc="0 = greedy")
-    top_k: int = _f(0, min=0, doc="0 = off")
-    top_p: float = _f(1.0, gt=0.0, max=1.0)
-    min_p: float = _f(0.0, min=0.0, max=1.0)
-    policy: str = _f("fixed", doc="draft-length or commit policy name")
-    policy_args: Dict[str, Any] = _f({})
-    batch_size: int = _f(32, min=1)
+    _key: ClassVar[str] = "decode"
+    method: str = _f("greedy", choices=("greedy", "sample", "speculative", "diffusion"),
+                     doc="greedy/sample: autoregressive; speculative: draft-and-verify; diffusion: masked diffusion")
+    max_new_tokens: int = _f(32, min=1, doc="cap on generated tokens per row")
+    temperature: float = _f(1.0, min=0.0, doc="sampling temperature (method=greedy ignores it; 0 = greedy)")
+    top_k: int = _f(0, min=0, doc="keep the k most likely tokens; 0 = off")
+    top_p: float = _f(1.0, gt=0.0, max=1.0, doc="nucleus: keep the smallest set with mass >= top_p; 1 = off")
+    min_p: float = _f(0.0, min=0.0, max=1.0, doc="drop tokens with p < min_p * p_max; 0 = off")
+    policy: Optional[str] = _f(None, doc="speculative: a DRAFT_POLICIES name; diffusion: a COMMIT_POLICIES name; "
+                                         "None = the method's default")
+    policy_args: Dict[str, Any] = _f({}, doc="the policy's arguments (checked against its dataclass)")
+    draft_init_from: Optional[str] = _f(None, doc="speculative: run directory of the draft model")
+    draft_len: int = _f(4, min=1, doc="speculative: maximum draft tokens per round")
+    batch_size: int = _f(32, min=1, doc="prompts decoded together")
+
+    def check(self) -> None:
+        if self.method != "greedy" and self.policy_args and self.policy is None:
+            raise ConfigError(f"decode.policy_args={self.policy_args!r}: set decode.policy too")
 
 
 @dataclasses.dataclass(frozen=True)
-class RunSection:
+class RunSection(_Section):
     """Where outputs go."""
 
+    _key: ClassVar[str] = "run"
     out_dir: str = _f("runs", doc="parent of run directories")
     name: Optional[str] = _f(None, doc="run directory name; default: the config file's stem")
     resume: bool = _f(True, doc="resume from the run directory's last good checkpoint")
-    cache_dir: str = _f(".cache/jaxtok", doc="recipe stage cache")
-    progress: bool = _f(True, doc="show progress bars")
+    cache_dir: str = _f(".cache/jaxtok", doc="recipe stage cache: <cache_dir>/<stage>-<key>/")
+    progress: bool = _f(True, doc="show progress bars (steps, tokens/s, ETA)")
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchSection:
+class BenchSection(_Section):
     """A benchmark by name and its arguments."""
 
-    name: str = _f("train")
-    args: Dict[str, Any] = _f({})
+    _key: ClassVar[str] = "bench"
+    name: str = _f("train", doc="benchmark name (jaxtok.bench)")
+    args: Dict[str, Any] = _f({}, doc="the benchmark's arguments")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One experiment."""
+    """One experiment: every section has defaults, a YAML file states what it changes."""
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
@@ -167,6 +221,11 @@ class Config:
     decode: DecodeSection = dataclasses.field(default_factory=DecodeSection)
     run: RunSection = dataclasses.field(default_factory=RunSection)
     bench: BenchSection = dataclasses.field(default_factory=BenchSection)
+
+    def __post_init__(self):
+        if self.data.batch_size % self.train.micro_batches:
+            raise ConfigError(f"train.micro_batches={self.train.micro_batches}: must divide "
+                              f"data.batch_size={self.data.batch_size}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,15 +253,28 @@ def read_yaml_with_bases(path: str | Path, _seen: tuple = ()) -> dict:
     return OmegaConf.to_container(OmegaConf.merge(merged, OmegaConf.create(data)))
 
 
-def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
+def _omegaconf_error(e: OmegaConfBaseException, raw: Any) -> ConfigError:
+    """An OmegaConf merge/validation error as a ConfigError naming the dotted key, the given value (looked up in
+    ``raw``, the merged input without the schema) and the allowed keys or type."""
     key = getattr(e, "full_key", None) or "?"
     head, _, leaf = key.rpartition(".")
     msg = str(getattr(e, "msg", e)).splitlines()[0]
-    allowed = ""
+    value = ""
+    if raw is not None:
+        found = OmegaConf.select(raw, key, default=_NOT_GIVEN, throw_on_missing=False)
+        if found is not _NOT_GIVEN:
+            value = f"={OmegaConf.to_container(found) if OmegaConf.is_config(found) else found!r}"
     node = _section_class(head)
     if node is not None and "not in" in msg:
-        allowed = f"; allowed keys of {head or 'the top level'}: {sorted(f.name for f in dataclasses.fields(node))}"
-    return ConfigError(f"{key}: {msg}{allowed}")
+        hint = msg.split("Did you mean", 1)[1].strip(" :?") if "Did you mean" in msg else ""
+        allowed = sorted(f.name for f in dataclasses.fields(node))
+        where = head or "the top level"
+        return ConfigError(f"{key}{value}: unknown key" + (f" (did you mean {hint}?)" if hint else "")
+                           + f"; allowed keys of {where}: {allowed}")
+    return ConfigError(f"{key}{value}: {msg}")
+
+
+_NOT_GIVEN = object()
 
 
 def _section_class(dotted: str):
@@ -215,13 +287,14 @@ def _section_class(dotted: str):
 
 def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     """Build and validate a :class:`Config` from a plain mapping plus dotted overrides."""
+    raw = None
     try:
-        schema = OmegaConf.structured(Config)
-        merged = OmegaConf.merge(schema, OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
+        given = [OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides))]
+        raw = OmegaConf.merge(*given)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *given)
+        cfg = OmegaConf.to_object(merged)  # builds the frozen dataclasses, whose __post_init__ checks ranges
     except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
-    validate(cfg)
+        raise _omegaconf_error(e, raw) from None
     return cfg
 
 
@@ -234,21 +307,31 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what a run directory's ``config.yaml`` holds; loadable by load_config)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain nested dicts."""
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def validate(cfg: Any, prefix: str = "") -> None:
-    """Check every field's ``choices``/``min``/``max``/``gt`` metadata, recursively; raise ConfigError."""
+def validate(cfg: Any) -> None:
+    """Re-check every section of ``cfg`` (sections check themselves when built; this catches values set with
+    ``object.__setattr__`` or ``dataclasses.replace`` on a parent). Raises ConfigError."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if isinstance(value, _Section):
+            value.__post_init__()
+    if isinstance(cfg, Config):
+        cfg.__post_init__()
+
+
+def _check_fields(section: Any, prefix: str) -> None:
+    """Check every field's ``choices``/``min``/``max``/``gt`` metadata; raise ConfigError naming the key."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            validate(value, key + ".")
-            continue
         meta = f.metadata
         if value is None:
             continue
@@ -265,30 +348,63 @@ def validate(cfg: Any, prefix: str = "") -> None:
 _REGISTERING_MODULES = ("jaxtok.tasks", "jaxtok.train.objectives", "jaxtok.decode")
 
 
+def import_registering_modules(modules: Sequence[str] = _REGISTERING_MODULES) -> list[str]:
+    """Import the packages that fill the registries; returns those that do not exist (yet). An import error
+    inside an existing package is not hidden."""
+    missing = []
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name is None or not mod.startswith(e.name):
+                raise
+            missing.append(mod)
+    return missing
+
+
+def check_name(registry: Registry, key: str, name: str, args: Any = None, args_key: Optional[str] = None) -> Any:
+    """``name`` must be registered in ``registry`` (ConfigError naming ``key``, the value and the allowed names)
+    and ``args`` must fit its argument dataclass; returns the parsed arguments. An empty registry (its package
+    registers nothing yet) is not checked."""
+    if not registry.names():
+        return None
+    if name not in registry:
+        raise ConfigError(f"{key}={name!r}: not a known {registry.kind}; allowed: {registry.names()}")
+    return registry.parse_args(name, args, args_key or f"{key}_args")
+
+
 def validate_names(cfg: Config) -> None:
-    """Check registered method names and their arguments (imports the registering packages)."""
-    for mod in _REGISTERING_MODULES:
-        importlib.import_module(mod)
-    if cfg.data.task not in ("jsonl", "parquet"):
-        TASKS.parse_args(cfg.data.task if cfg.data.task in TASKS else _unknown(TASKS, "data.task", cfg.data.task),
-                         cfg.data.task_args, "data.task_args")
-    elif not cfg.data.path:
-        raise ConfigError(f"data.path: required with data.task={cfg.data.task!r}")
-    name = cfg.objective.name
-    OBJECTIVES.parse_args(name if name in OBJECTIVES else _unknown(OBJECTIVES, "objective.name", name),
-                          cfg.objective.args, "objective.args")
-    from jaxtok.models import presets
+    """Check method names against the registries and their arguments against the registered dataclasses:
+    ``data.task``/``data.task_args``, ``objective.name``/``objective.args``, ``model.preset``,
+    ``decode.policy``/``decode.policy_args``. Imports the registering packages lazily."""
+    import_registering_modules()
+    if cfg.data.task in ("jsonl", "parquet"):
+        if not cfg.data.path:
+            raise ConfigError(f"data.path=None: required with data.task={cfg.data.task!r}")
+    else:
+        check_name(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
+    check_name(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args, "objective.args")
+    if cfg.model.hf_path is None and not import_registering_modules(("jaxtok.models.presets",)):
+        presets = importlib.import_module("jaxtok.models.presets")
+        if cfg.model.preset not in presets.PRESETS:
+            raise ConfigError(f"model.preset={cfg.model.preset!r}: allowed {presets.names()}")
+    policies = {"speculative": DRAFT_POLICIES, "diffusion": COMMIT_POLICIES}.get(cfg.decode.method)
+    if cfg.decode.policy is not None:
+        if policies is None:
+            raise ConfigError(f"decode.policy={cfg.decode.policy!r}: only used with decode.method "
+                              f"'speculative' or 'diffusion', got decode.method={cfg.decode.method!r}")
+        check_name(policies, "decode.policy", cfg.decode.policy, cfg.decode.policy_args, "decode.policy_args")
 
-    if cfg.model.hf_path is None and cfg.model.preset not in presets.PRESETS:
-        raise ConfigError(f"model.preset={cfg.model.preset!r}: allowed {presets.names()}")
-    if cfg.decode.method == "diffusion" and len(COMMIT_POLICIES.names()):
-        COMMIT_POLICIES.parse_args(
-            cfg.decode.policy if cfg.decode.policy in COMMIT_POLICIES else _unknown(COMMIT_POLICIES, "decode.policy", cfg.decode.policy),
-            cfg.decode.policy_args, "decode.policy_args")
 
-
-def _unknown(registry: Registry, key: str, value: str):
-    raise ConfigError(f"{key}={value!r}: not a known {registry.kind}; allowed: {registry.names()}")
+def check_paths(cfg: Config) -> None:
+    """Input paths named by ``cfg`` must exist (checked by commands that run, not by ``validate``)."""
+    paths = {"model.hf_path": cfg.model.hf_path, "model.init_from": cfg.model.init_from,
+             "decode.draft_init_from": cfg.decode.draft_init_from}
+    if cfg.data.task in ("jsonl", "parquet"):
+        paths["data.path"] = cfg.data.path
+    for key, value in paths.items():
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{key}={value!r}: no such file or directory")
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:

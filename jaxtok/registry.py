@@ -8,6 +8,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Callable, Mapping, Optional
 
@@ -18,6 +19,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """One registered callable and the dataclass of its arguments (``None``: it takes none)."""
+
     name: str
     fn: Callable
     config_cls: Optional[type]
@@ -31,7 +34,10 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, config_cls: Optional[type] = None) -> Callable[[Callable], Callable]:
-        """Decorator: ``@OBJECTIVES.register("sft", SFTArgs)``."""
+        """Decorator: ``@OBJECTIVES.register("sft", SFTArgs)``; ``config_cls`` is the frozen dataclass of the
+        entry's arguments (``None``: it takes none)."""
+        if config_cls is not None and not dataclasses.is_dataclass(config_cls):
+            raise TypeError(f"{self.kind} {name!r}: config_cls must be a dataclass, got {config_cls!r}")
 
         def deco(fn: Callable) -> Callable:
             if name in self._entries and self._entries[name].fn is not fn:
@@ -42,22 +48,28 @@ class Registry:
         return deco
 
     def names(self) -> list[str]:
+        """Registered names, sorted."""
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
     def entry(self, name: str, key: Optional[str] = None) -> Entry:
+        """The entry of ``name``; an unknown name raises ConfigError naming ``key`` (e.g. ``objective.name``),
+        the value and the registered names."""
         if name not in self._entries:
             where = f"{key}={name!r}" if key else f"{self.kind} {name!r}"
             raise ConfigError(f"{where} is not a known {self.kind}; allowed: {self.names()}")
         return self._entries[name]
 
     def get(self, name: str, key: Optional[str] = None) -> Callable:
+        """The callable registered as ``name`` (ConfigError listing the allowed names if there is none)."""
         return self.entry(name, key).fn
 
     def parse_args(self, name: str, mapping: Optional[Mapping[str, Any]], key: str = "args") -> Any:
-        """Build the entry's argument dataclass from ``mapping``; unknown keys and wrong types raise ConfigError."""
+        """Build the entry's argument dataclass from ``mapping``; unknown keys and wrong types raise ConfigError.
+
+        ``key`` is the dotted config key of ``mapping`` (e.g. ``objective.args``) used in messages."""
         cls = self.entry(name).config_cls
         mapping = dict(mapping or {})
         if cls is None:
@@ -72,7 +84,8 @@ def build_dataclass(cls: type, mapping: Mapping[str, Any], key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key; allowed keys: {sorted(fields)}")
+        bad = unknown[0]
+        raise ConfigError(f"{key}.{bad}={mapping[bad]!r}: unknown key; allowed keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in mapping.items():
@@ -84,14 +97,24 @@ def build_dataclass(cls: type, mapping: Mapping[str, Any], key: str) -> Any:
 
 
 def _coerce(tp, value, key):
+    """``value`` checked against the type hint ``tp`` (bool/int/float/str, Optional/Union, Literal, list/tuple of
+    those); ints are accepted for floats and lists for tuples. Other types pass through."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if origin is typing.Union:
+    if origin is typing.Union or isinstance(tp, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
-            return None
-        return _coerce(args[0], value, key) if len(args) == 1 else value
+            if len(args) < len(typing.get_args(tp)):
+                return None
+            raise ConfigError(f"{key}=None: a value is required")
+        errors = []
+        for a in args:
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[-1])
+        raise ConfigError(f"{key}={value!r}: {' or '.join(errors)}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -113,16 +136,29 @@ def _coerce(tp, value, key):
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r}: expected a string")
         return value
-    if origin in (tuple, list):
+    if origin in (tuple, list) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list")
-        return tuple(value) if origin is tuple else list(value)
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}={value!r}: expected {len(args)} items")
+            items = [_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            elem = args[0] if args else Any
+            items = [_coerce(elem, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return dict(value)
     return value
 
 
-OBJECTIVES = Registry("objective")
-TASKS = Registry("task")
-SELECTIONS = Registry("selection rule")
-DRAFT_POLICIES = Registry("draft-length policy")
-COMMIT_POLICIES = Registry("commit policy")
-BENCHES = Registry("benchmark")
+# The global registries. Other modules register into them; jaxtok/ itself never imports models/train/decode.
+OBJECTIVES = Registry("objective")  # objective.name (jaxtok.train.objectives)
+TASKS = Registry("task")  # data.task (jaxtok.tasks)
+SELECTIONS = Registry("selection rule")  # token-selection rules (jaxtok.select)
+DRAFT_POLICIES = Registry("draft-length policy")  # decode.policy with decode.method=speculative
+COMMIT_POLICIES = Registry("commit policy")  # decode.policy with decode.method=diffusion
+BENCHES = Registry("benchmark")  # bench.name (jaxtok.bench registers into it)
