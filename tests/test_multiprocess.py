@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from _worker import DEVICES_PER_PROCESS, run_steps, tiny_train_config
 
@@ -81,8 +82,6 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     a, meta_a = load_model(tmp_path / "resumed")
     b, meta_b = load_model(tmp_path / "straight")
     assert meta_a["step"] == meta_b["step"] == 6
-    from flax import nnx
-
     for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # a finished run is not trained again (stage caching): the summary reports no new steps

@@ -4,13 +4,14 @@ chunked float32 cross-entropy against hand-computed values."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from jaxtok import mesh as M
 from jaxtok.models import Decoder, DecoderOutput
 from jaxtok.train.objectives.sft import SFTArgs, chunked_token_stats, sft_loss, sft_metrics
-from jaxtok.train.step import finalize_metrics, init_train_state, make_eval_step, make_train_step
+from jaxtok.train.step import finalize_metrics, init_train_state, make_eval_step, make_train_step, split_model
 
 from _worker import run_steps, tiny_batch, tiny_model_config, tiny_optimizer
 
@@ -78,8 +79,6 @@ def test_second_call_does_not_recompile():
 
 def test_empty_selection_gives_zero_loss_and_no_update():
     model = Decoder(tiny_model_config(), rngs=nnx.Rngs(0))
-    import optax
-
     opt = optax.adam(1e-2)
     _, state = init_train_state(model, opt)
     before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
@@ -148,8 +147,6 @@ def test_sft_metrics_exact_match_hand_case():
     assert [float(v) for v in out["token_accuracy"]] == [4.0, 6.0]  # row 1: tokens 9 and 5 are mispredicted
     eval_step = make_eval_step(_NextTokenOracle(16), lambda m, b: sft_metrics(m, b, SFTArgs(chunk_size=4)))
     model = _NextTokenOracle(16)
-    from jaxtok.train.step import split_model
-
     _, params, rest = split_model(model)
     pairs = [eval_step(params, rest, {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(loss_mask)})] * 2
     final = finalize_metrics(pairs)
