@@ -81,16 +81,27 @@ def _check_overlong(overlong: str) -> None:
         raise ValueError(f"overlong={overlong!r}: allowed {OVERLONG}")
 
 
+_SPECIALS: dict[int, tuple[Any, SpecialTokens]] = {}
+
+
+def _specials(tok) -> SpecialTokens:
+    """``SpecialTokens.of(tok)``, memoised per tokenizer object (it holds a reference, so ids are not reused)."""
+    hit = _SPECIALS.get(id(tok))
+    if hit is None or hit[0] is not tok:
+        hit = _SPECIALS[id(tok)] = (tok, SpecialTokens.of(tok))
+    return hit[1]
+
+
 def sft_ids(tok, example: Example) -> tuple[list[int], int]:
     """Token ids of ``<bos> prompt target <eos>`` and the length of the ``<bos> prompt`` part."""
-    sp = SpecialTokens.of(tok)
+    sp = _specials(tok)
     prompt = ([sp.bos] if sp.bos is not None else []) + encode(tok, example.prompt)
     return prompt + encode(tok, example.target) + [sp.eos], len(prompt)
 
 
 def prompt_ids(tok, example: Example) -> list[int]:
     """Token ids of ``<bos> prompt``."""
-    sp = SpecialTokens.of(tok)
+    sp = _specials(tok)
     return ([sp.bos] if sp.bos is not None else []) + encode(tok, example.prompt)
 
 
@@ -112,7 +123,7 @@ def encode_sft(tok, example: Example, seq_len: int, overlong: str = "drop", *, i
             counter.drop(index, len(ids))
         return None
     n = len(ids)
-    tokens = np.full((seq_len,), SpecialTokens.of(tok).pad, np.int32)
+    tokens = np.full((seq_len,), _specials(tok).pad, np.int32)
     tokens[:n] = ids
     valid = np.arange(seq_len) < n
     loss_mask = np.zeros((seq_len,), bool)
@@ -128,7 +139,7 @@ def encode_prompt(tok, example: Example, prompt_len: int, overlong: str = "drop"
     Over-long prompts: None with ``overlong="drop"`` (counted in ``counter``), :class:`OverlongError` with "error".
     """
     _check_overlong(overlong)
-    sp = SpecialTokens.of(tok)
+    sp = _specials(tok)
     ids = prompt_ids(tok, example)
     if len(ids) > prompt_len:
         if overlong == "error":
@@ -238,7 +249,10 @@ def _with_workers(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset
 
 
 def _batched(ds: grain.MapDataset, encode_fn, batch_size: int, drop_remainder: bool) -> grain.IterDataset:
-    return (ds.map(encode_fn).to_iter_dataset().filter(lambda x: x is not None)
+    # One prefetch thread: encoding is pure Python (GIL-bound), so grain's default 16 threads only add contention;
+    # one thread still overlaps data preparation with the jitted step.
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(2 * batch_size, 16))
+    return (ds.map(encode_fn).to_iter_dataset(read).filter(lambda x: x is not None)
             .batch(batch_size, drop_remainder=drop_remainder))
 
 
