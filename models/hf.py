@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from typing import Any, Optional
 
 import jax
@@ -539,35 +540,57 @@ def _architecture_arg(value: Optional[str]) -> Optional[str]:
     return arch
 
 
-def convert_main(args) -> int:
-    """``jaxtok convert {to-jax,to-hf} SRC DST``.
+def convert(
+    direction: str,
+    src: str,
+    dst: str,
+    *,
+    dtype: Optional[str] = None,
+    diffusion: bool = False,
+    mask_token_id: Optional[int] = None,
+    architecture: Optional[str] = None,
+) -> ModelConfig:
+    """Convert between an HF directory and a jaxtok checkpoint; returns the model's config.
 
-    ``args`` has ``direction`` (``to-jax`` | ``to-hf``), ``src``, ``dst``, ``dtype`` (stored dtype; default float32
-    for to-jax, the model's for to-hf), ``diffusion`` (to-jax: load as a masked-diffusion LM; the mask token from
-    an optional ``mask_token_id`` or config.json) and ``architecture`` (to-hf: the HF class to write; to-jax: the
-    family SRC must hold). ``to-jax`` writes ``DST/checkpoints/0`` (a run directory ``model.init_from`` accepts);
-    ``tokenizer.json`` is copied along in both directions when SRC has one.
+    ``to-jax``: load the HF directory ``src`` (``diffusion``/``mask_token_id`` as in :func:`load_hf`; if given,
+    ``architecture`` must match it) and write ``dst/checkpoints/0``, a run directory that ``model.init_from``
+    accepts. ``to-hf``: load the jaxtok checkpoint (run directory or checkpoint directory) ``src`` and write an HF
+    directory, as ``architecture`` when given. ``dtype`` is the stored dtype (default: float32 for to-jax, the
+    model's for to-hf). ``tokenizer.json`` is copied along when ``src`` has one.
     """
-    direction = getattr(args, "direction", None)
-    dtype = getattr(args, "dtype", None)
-    arch = _architecture_arg(getattr(args, "architecture", None))
+    arch = _architecture_arg(architecture)
     if direction == "to-jax":
-        diffusion = bool(getattr(args, "diffusion", False))
-        mask_token_id = getattr(args, "mask_token_id", None) if diffusion else None
-        model, cfg = load_hf(args.src, dtype or "float32", diffusion=diffusion, mask_token_id=mask_token_id)
+        model, cfg = load_hf(src, dtype or "float32", diffusion=diffusion,
+                             mask_token_id=mask_token_id if diffusion else None)
         if arch and arch != cfg.architecture:
-            raise ValueError(
-                f"--architecture={args.architecture!r} but {args.src} holds a {_HF_CLASS[cfg.architecture]}"
-            )
-        save_checkpoint(model, args.dst, meta={"source": os.path.abspath(args.src)})
+            raise ValueError(f"architecture={architecture!r} but {src} holds a {_HF_CLASS[cfg.architecture]}")
+        save_checkpoint(model, dst, meta={"source": os.path.abspath(src)})
     elif direction == "to-hf":
-        model, cfg = load_checkpoint(args.src)
+        model, cfg = load_checkpoint(src)
         cfg = dataclasses.replace(cfg, architecture=arch or cfg.architecture)
-        save_hf(model, args.dst, dtype=dtype, architecture=cfg.architecture)
+        save_hf(model, dst, dtype=dtype, architecture=cfg.architecture)
     else:
         raise ValueError(f"convert direction={direction!r}: allowed 'to-jax', 'to-hf'")
-    tokenizer = os.path.join(args.src, "tokenizer.json")
+    tokenizer = os.path.join(src, "tokenizer.json")
     if os.path.exists(tokenizer):  # train/loop.py finds an init_from run's tokenizer there
-        shutil.copy(tokenizer, os.path.join(args.dst, "tokenizer.json"))
-    print(f"converted {args.src} -> {args.dst} ({direction}, {_HF_CLASS[cfg.architecture]}, {cfg.num_layers} layers)")
+        shutil.copy(tokenizer, os.path.join(dst, "tokenizer.json"))
+    return cfg
+
+
+def convert_main(args) -> int:
+    """``jaxtok convert {to-jax,to-hf} SRC DST [--dtype] [--diffusion] [--mask-token-id] [--architecture]``:
+    :func:`convert` with ``args`` from ``jaxtok/cli.py``. Bad input (unsupported architecture, missing file, shape
+    mismatch, a corrupt checkpoint) prints one ``jaxtok convert: ...`` line to stderr and returns exit code 2."""
+    from jaxtok.checkpoint import CheckpointError
+
+    try:
+        cfg = convert(args.direction, args.src, args.dst, dtype=getattr(args, "dtype", None),
+                      diffusion=bool(getattr(args, "diffusion", False)),
+                      mask_token_id=getattr(args, "mask_token_id", None),
+                      architecture=getattr(args, "architecture", None))
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+        print(f"jaxtok convert: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {args.src} -> {args.dst} ({args.direction}, {_HF_CLASS[cfg.architecture]}, "
+          f"{cfg.num_layers} layers)")
     return 0

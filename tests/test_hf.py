@@ -24,6 +24,7 @@ from jaxtok.models.hf import (
     TensorSpec,
     config_from_hf,
     config_to_hf,
+    convert,
     convert_main,
     load_checkpoint,
     load_hf,
@@ -207,35 +208,37 @@ def test_save_hf_of_a_preset_loads_in_transformers(tmp_path):
     assert max_err(forward(model, tokens, valid), ref, valid) < BF16_TOL
 
 
-def test_convert_both_ways(tmp_path, capsys):
-    """to-jax then to-hf, writing the Llama fixture as a Qwen2ForCausalLM (zero q/k/v biases): same logits."""
-    g = goldens("llama")
-    def ns(**kw):
-        return argparse.Namespace(**{"dtype": None, "diffusion": False, "architecture": None, **kw})
+def test_convert_both_ways_from_the_command_line(tmp_path, capsys):
+    """`jaxtok convert` to-jax then to-hf, writing the Llama fixture as a Qwen2ForCausalLM (zero q/k/v biases)."""
+    from jaxtok.cli import main
 
-    assert convert_main(ns(direction="to-jax", src=os.path.join(FIXTURES, "llama"), dst=str(tmp_path / "jax"))) == 0
-    assert convert_main(ns(direction="to-hf", src=str(tmp_path / "jax"), dst=str(tmp_path / "hf"),
-                           architecture="Qwen2ForCausalLM")) == 0
+    g = goldens("llama")
+    src, mid, dst = os.path.join(FIXTURES, "llama"), str(tmp_path / "jax"), str(tmp_path / "hf")
+    assert main(["convert", "to-jax", src, mid]) == 0
+    assert main(["convert", "to-hf", mid, dst, "--architecture", "Qwen2ForCausalLM"]) == 0
     assert "converted" in capsys.readouterr().out
-    # DST is laid out like a training run directory; it loads straight onto a mesh
-    mesh = make_mesh(2, 2, 2)
-    restored, cfg = load_checkpoint(str(tmp_path / "jax"), mesh=mesh)
-    assert cfg.architecture == "llama" and cfg.rope_scaling.kind == "llama3"
-    assert restored.layers[1].attn.q_weight_dhn[...].sharding.spec == P("fsdp", "tensor", None)
-    assert max_err(forward(restored, g["tokens"], g["valid"]), g["logits_padded"], g["valid"]) < F32_TOL
-    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
-        convert_main(ns(direction="to-jax", src=os.path.join(FIXTURES, "llama"), dst=str(tmp_path / "jax")))
-    hf = hf_from_pretrained(str(tmp_path / "hf"))
+    hf = hf_from_pretrained(dst)
     assert type(hf).__name__ == "Qwen2ForCausalLM"
     ref = fixtures_script.hf_logits(hf, g["tokens"], g["valid"], g["positions"])
     assert max_err(ref, g["logits_padded"], g["valid"]) < F32_TOL
+    # DST of to-jax is laid out like a training run directory; it loads straight onto a mesh
+    restored, cfg = load_checkpoint(mid, mesh=make_mesh(2, 2, 2))
+    assert cfg.architecture == "llama" and cfg.rope_scaling.kind == "llama3"
+    assert restored.layers[1].attn.q_weight_dhn[...].sharding.spec == P("fsdp", "tensor", None)
+    assert max_err(forward(restored, g["tokens"], g["valid"]), g["logits_padded"], g["valid"]) < F32_TOL
+    # bad input: one clear line and exit code 2
+    capsys.readouterr()
+    for argv, msg in [
+        (["convert", "to-jax", src, mid], "already holds a checkpoint"),
+        (["convert", "to-hf", mid, str(tmp_path / "x"), "--architecture", "gpt2"], "architecture='gpt2'"),
+        (["convert", "to-jax", src, str(tmp_path / "y"), "--architecture", "qwen3"], "holds a LlamaForCausalLM"),
+        (["convert", "to-hf", str(tmp_path / "nowhere"), str(tmp_path / "z")], "does not exist"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("jaxtok convert: ") and msg in err, (argv, err)
     with pytest.raises(ValueError, match="direction='sideways'"):
-        convert_main(ns(direction="sideways", src="a", dst="b"))
-    with pytest.raises(ValueError, match="architecture='gpt2'"):
-        convert_main(ns(direction="to-hf", src=str(tmp_path / "jax"), dst=str(tmp_path / "x"), architecture="gpt2"))
-    with pytest.raises(ValueError, match="holds a LlamaForCausalLM"):
-        convert_main(ns(direction="to-jax", src=os.path.join(FIXTURES, "llama"), dst=str(tmp_path / "y"),
-                        architecture="qwen3"))
+        convert("sideways", src, mid)
 
 
 def test_save_hf_rejects_architectures_without_an_equivalent(tmp_path):
@@ -380,16 +383,16 @@ def _edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def test_unsupported_architecture_is_named(tmp_path):
+def test_unsupported_architecture_is_named(tmp_path, capsys):
     path = _copy_fixture("llama", tmp_path)
     _edit_config(path, architectures=["MistralForCausalLM"])
     supported = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
     with pytest.raises(ValueError, match=rf"unsupported architecture 'MistralForCausalLM'.*{supported}"):
         load_hf(str(path))
     args = argparse.Namespace(direction="to-jax", src=str(path), dst=str(tmp_path / "out"), dtype=None,
-                              diffusion=False, architecture=None)
-    with pytest.raises(ValueError, match="MistralForCausalLM"):
-        convert_main(args)
+                              diffusion=False, mask_token_id=None, architecture=None)
+    assert convert_main(args) == 2
+    assert "unsupported architecture 'MistralForCausalLM'" in capsys.readouterr().err
 
 
 def test_missing_files(tmp_path):
@@ -407,8 +410,7 @@ def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors: shard listed"):
         load_hf(str(path))
     with pytest.raises(FileNotFoundError, match="no jaxtok checkpoint"):
-        convert_main(argparse.Namespace(direction="to-hf", src=str(tmp_path / "empty"), dst=str(tmp_path / "o"),
-                                        dtype=None, diffusion=False, architecture=None))
+        convert("to-hf", str(tmp_path / "empty"), str(tmp_path / "o"))
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
