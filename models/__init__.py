@@ -3,6 +3,7 @@ FLOP counts and Hugging Face interop."""
 
 from jaxtok.models import presets
 from jaxtok.models.cache import KVCache
+from jaxtok.models.hf import convert, load_checkpoint, load_hf, save_checkpoint, save_hf
 from jaxtok.models.flops import FlopsPerToken, flops_per_token, num_params
 from jaxtok.models.transformer import (
     ATTENTION_KINDS,
@@ -15,5 +16,6 @@ from jaxtok.models.transformer import (
 
 __all__ = [
     "ATTENTION_KINDS", "Decoder", "DecoderOutput", "FlopsPerToken", "KVCache", "ModelConfig", "RopeScaling",
-    "check_token_ids", "flops_per_token", "num_params", "presets",
+    "check_token_ids", "convert", "flops_per_token", "load_checkpoint", "load_hf", "num_params", "presets",
+    "save_checkpoint", "save_hf",
 ]
