@@ -196,11 +196,36 @@ def test_countdown_reference_solutions_valid():
             assert ex.prompt == "c:" + ",".join(map(str, ex.meta["numbers"])) + f"|{ex.meta['target']}="
 
 
+def test_countdown_scratchpad_steps_chain_to_the_target():
+    task = CountdownTask(CountdownArgs(numbers=4))
+    for i in range(100):
+        ex = task.example("train", i)
+        steps = [ex.target[s:e] for s, e in task.steps(ex)]
+        assert len(steps) == 3 and ex.target == ";".join(steps) + ">" + ex.answer
+        acc = None
+        for step in steps:
+            a, op, b, r = re.fullmatch(r"(\d+)([-+*/])(\d+)=(\d+)", step).groups()
+            assert acc is None or int(a) == acc  # each step continues from the previous result
+            assert evaluate_expression(f"{a}{op}{b}")[0] == int(r)
+            acc = int(r)
+        assert acc == ex.meta["target"]
+
+
+def test_every_task_exposes_step_spans():
+    for name, args in TASK_SETTINGS:
+        task = make_task(name, args)
+        ex = task.example("eval", 0)
+        spans = task.steps(ex)
+        assert spans and spans[-1][1] == ex.target.rindex(">")
+        assert all(";" not in ex.target[s:e] for s, e in spans)
+
+
 def test_countdown_reward_hand_cases():
     task = CountdownTask(CountdownArgs(numbers=3))
-    ex = Example(prompt="c:3,5,7|56=", target="(3+5)*7>(3+5)*7", answer="(3+5)*7",
+    ex = Example(prompt="c:3,5,7|56=", target="3+5=8;8*7=56>(3+5)*7", answer="(3+5)*7",
                  meta={"numbers": [3, 5, 7], "target": 56})
-    assert task.reward("(3+5)*7>(3+5)*7", ex) == 1.0
+    assert task.reward("3+5=8;8*7=56>(3+5)*7", ex) == 1.0
+    assert task.reward("3+5=8;8*7=56>(3+5)*6", ex) == 0.0  # only the final expression is graded
     assert task.reward(">7*(5+3)", ex) == 1.0  # any correct solution, not only the reference
     assert task.reward(">7 * (5 + 3)", ex) == 1.0
     assert task.reward(">3+5*7", ex) == 0.0  # 38

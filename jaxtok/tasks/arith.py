@@ -10,7 +10,7 @@ import dataclasses
 from typing import Optional
 
 from jaxtok.registry import TASKS
-from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split
+from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split, scratchpad_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +57,7 @@ class ArithTask:
     @staticmethod
     def steps(example: Example) -> list[tuple[int, int]]:
         """Character spans ``[start, end)`` of each scratchpad step inside ``example.target``."""
-        spans, start = [], 0
-        for line in example.meta["steps"]:
-            spans.append((start, start + len(line)))
-            start += len(line) + 1
-        return spans
+        return scratchpad_steps(example.target)
 
     def extract_answer(self, completion: str) -> Optional[str]:
         return extract_after_mark(completion)

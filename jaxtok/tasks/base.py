@@ -11,6 +11,7 @@ import numpy as np
 
 SPLITS = ("train", "eval")
 ANSWER_MARK = ">"
+STEP_SEP = ";"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Task(Protocol):
     def reward(self, completion: str, example: Example) -> float: ...
 
     def format_ok(self, completion: str) -> bool: ...
+
+    def steps(self, example: Example) -> list[tuple[int, int]]: ...
 
 
 def split_of(problem: str, eval_fraction: float = 0.1) -> str:
@@ -64,3 +67,14 @@ def extract_after_mark(completion: str) -> Optional[str]:
         return None
     ans = completion.rsplit(ANSWER_MARK, 1)[1].split("\n", 1)[0].strip()
     return ans or None
+
+
+def scratchpad_steps(target: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the ``;``-separated scratchpad steps of a target (the text before the
+    last ``>``), for span-level methods such as TRACE (train_methods.md §3)."""
+    body = target.rsplit(ANSWER_MARK, 1)[0] if ANSWER_MARK in target else target
+    spans, start = [], 0
+    for seg in body.split(STEP_SEP):
+        spans.append((start, start + len(seg)))
+        start += len(seg) + 1
+    return spans

@@ -1,6 +1,7 @@
 """Countdown: reach a target with ``+ - * /`` using each given number exactly once.
 
-Prompt ``c:3,5,7|56=``; target ``(3+5)*7>(3+5)*7`` — the reference solution, then ``>`` and the answer expression.
+Prompt ``c:3,5,7|56=``; target ``3+5=8;8*7=56>(3+5)*7`` — a worked scratchpad (one ``;``-separated step per
+operation, combining the running value with the next number), then ``>`` and the answer expression.
 The reward verifies the extracted expression (numbers used exactly once, value equals the target), so any
 correct solution scores, not only the reference.
 """
@@ -13,7 +14,7 @@ from fractions import Fraction
 from typing import Optional
 
 from jaxtok.registry import TASKS
-from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split
+from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split, scratchpad_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,16 @@ def evaluate_expression(expr: str) -> Optional[tuple[Fraction, list[int]]]:
         return None
 
 
+def _top_level_additive(expr: str) -> bool:
+    """Whether ``expr`` has a ``+`` or ``-`` outside parentheses (so it needs them before ``*`` or ``/``)."""
+    depth = 0
+    for c in expr:
+        depth += (c == "(") - (c == ")")
+        if depth == 0 and c in "+-":
+            return True
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class CountdownTask:
     args: CountdownArgs
@@ -76,19 +87,28 @@ class CountdownTask:
         order = list(rng.permutation(len(exprs)))
         exprs = [exprs[i] for i in order]
         acc_s, acc_v = exprs[0]
+        lines = []
         for s, v in exprs[1:]:
             choices = ["+", "*"] + (["-"] if acc_v - v > 0 else []) + (["/"] if v != 0 and (acc_v / v).denominator == 1 else [])
             op = choices[int(rng.integers(0, len(choices)))]
-            acc_v = {"+": acc_v + v, "-": acc_v - v, "*": acc_v * v, "/": acc_v / v if v else acc_v}[op]
-            acc_s = f"({acc_s}){op}{s}" if op in "*/" and any(c in acc_s for c in "+-") else f"{acc_s}{op}{s}"
+            new_v = {"+": acc_v + v, "-": acc_v - v, "*": acc_v * v, "/": acc_v / v if v else acc_v}[op]
+            lines.append(f"{acc_v}{op}{v}={new_v}")
+            acc_v = new_v
+            acc_s = f"({acc_s}){op}{s}" if op in "*/" and _top_level_additive(acc_s) else f"{acc_s}{op}{s}"
         problem = ",".join(map(str, nums)) + f"|{int(acc_v)}"
-        return problem, (nums, int(acc_v), acc_s)
+        return problem, (nums, int(acc_v), acc_s, lines)
 
     def example(self, split: str, index: int) -> Example:
-        nums, target, solution = sample_in_split(self._make, split, self.seed, index, self.args.eval_fraction)
+        nums, target, solution, lines = sample_in_split(self._make, split, self.seed, index,
+                                                        self.args.eval_fraction)
         prompt = "c:" + ",".join(map(str, nums)) + f"|{target}="
-        return Example(prompt=prompt, target=f"{solution}>{solution}", answer=solution,
-                       meta={"numbers": nums, "target": target})
+        return Example(prompt=prompt, target=";".join(lines) + f">{solution}", answer=solution,
+                       meta={"numbers": nums, "target": target, "steps": lines})
+
+    @staticmethod
+    def steps(example: Example) -> list[tuple[int, int]]:
+        """Character spans ``[start, end)`` of each scratchpad step inside ``example.target``."""
+        return scratchpad_steps(example.target)
 
     def extract_answer(self, completion: str) -> Optional[str]:
         return extract_after_mark(completion)

@@ -11,7 +11,7 @@ import string
 from typing import Optional
 
 from jaxtok.registry import TASKS
-from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split
+from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split, scratchpad_steps
 
 ALPHABETS = ("digits", "letters")
 
@@ -52,6 +52,11 @@ class SortTask:
         answer = ",".join(map(str, sorted(items)))
         return Example(prompt="s:" + ",".join(map(str, items)) + "=", target=f"{answer}>{answer}", answer=answer,
                        meta={"items": items})
+
+    @staticmethod
+    def steps(example: Example) -> list[tuple[int, int]]:
+        """One step: the sorted list before the answer mark."""
+        return scratchpad_steps(example.target)
 
     def extract_answer(self, completion: str) -> Optional[str]:
         return extract_after_mark(completion)
