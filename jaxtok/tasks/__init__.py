@@ -2,7 +2,7 @@
 
 from jaxtok.registry import TASKS
 from jaxtok.tasks import arith, countdown, sorting  # noqa: F401  (registration)
-from jaxtok.tasks.base import Example, split_of
+from jaxtok.tasks.base import Example, Task, scratchpad_steps, split_of
 from jaxtok.tasks.tokenizer import SpecialTokens, build_tokenizer, load_tokenizer, save_tokenizer
 
 
@@ -11,4 +11,5 @@ def make_task(name: str, args: dict | None = None, seed: int = 0):
     return TASKS.get(name, "data.task")(TASKS.parse_args(name, args or {}, "data.task_args"), seed)
 
 
-__all__ = ["Example", "SpecialTokens", "TASKS", "build_tokenizer", "load_tokenizer", "make_task", "save_tokenizer", "split_of"]
+__all__ = ["Example", "SpecialTokens", "TASKS", "Task", "build_tokenizer", "load_tokenizer", "make_task", "save_tokenizer",
+           "scratchpad_steps", "split_of"]

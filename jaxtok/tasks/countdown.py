@@ -89,9 +89,10 @@ class CountdownTask:
         acc_s, acc_v = exprs[0]
         lines = []
         for s, v in exprs[1:]:
-            choices = ["+", "*"] + (["-"] if acc_v - v > 0 else []) + (["/"] if v != 0 and (acc_v / v).denominator == 1 else [])
+            # keep every intermediate value a positive integer
+            choices = ["+", "*"] + (["-"] if acc_v > v else []) + (["/"] if (acc_v / v).denominator == 1 else [])
             op = choices[int(rng.integers(0, len(choices)))]
-            new_v = {"+": acc_v + v, "-": acc_v - v, "*": acc_v * v, "/": acc_v / v if v else acc_v}[op]
+            new_v = {"+": acc_v + v, "-": acc_v - v, "*": acc_v * v, "/": acc_v / v}[op]
             lines.append(f"{acc_v}{op}{v}={new_v}")
             acc_v = new_v
             acc_s = f"({acc_s}){op}{s}" if op in "*/" and _top_level_additive(acc_s) else f"{acc_s}{op}{s}"
