@@ -33,7 +33,10 @@ def _fwd(graphdef, state, tokens, positions=None, valid=None, cache=None, logits
 def fwd(model, tokens, **kw):
     """A jitted forward (one compile per shape instead of op-by-op dispatch)."""
     graphdef, state = nnx.split(model)
-    return _fwd(graphdef, state, jnp.asarray(tokens, jnp.int32), **kw)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if kw.get("valid") is None:
+        kw["valid"] = jnp.ones(tokens.shape, bool)
+    return _fwd(graphdef, state, tokens, **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,12 +57,29 @@ def maxdiff(a, b):
 # --------------------------------------------------------------------------------------------------------------
 
 
+CAP = 12  # one cache capacity and one reference shape for every cache test (fewer compiles)
+
+
+def causal_ref(model, *seqs):
+    """Reference causal logits of each 1-D sequence (<= CAP tokens), from one full forward of shape [2, CAP]:
+    each sequence is right-extended with arbitrary tokens, which causal attention never lets earlier positions see
+    (checked by test_bidirectional_sees_the_future_causal_does_not)."""
+    out = []
+    for i in range(0, len(seqs), 2):
+        pair = list(seqs[i:i + 2])
+        rows = [jnp.concatenate([q, jnp.full((CAP - q.shape[0],), 7, jnp.int32)]) for q in pair]
+        rows += rows[:1] * (2 - len(rows))
+        logits = fwd(model, jnp.stack(rows)).logits
+        out += [logits[j, :q.shape[0]] for j, q in enumerate(pair)]
+    return out
+
+
 def test_incremental_decoding_equals_full_forward():
     """Prefill 3 tokens, then 1-token, 1-token and 3-token appends == one full forward (f32, 1e-5)."""
     model = model_for()
     tokens = toks(0, (2, 8))
     full = fwd(model, tokens).logits
-    cache = KVCache.init(CFG, 2, 10)
+    cache = KVCache.init(CFG, 2, CAP)
     pieces = []
     for lo, hi in ((0, 3), (3, 4), (4, 5), (5, 8)):
         out = fwd(model, tokens[:, lo:hi], cache=cache)
@@ -80,12 +100,14 @@ def _poison(cache: KVCache, value) -> KVCache:
 
 @pytest.mark.parametrize("garbage", [1e30, -3e4, jnp.nan])
 def test_stale_cache_entries_never_influence_outputs(garbage):
-    """Entries beyond a row's length (after a per-row rollback) hold garbage; outputs are unchanged."""
+    """Entries beyond a row's length (after a per-row rollback) hold garbage; outputs are unchanged.
+
+    The NaN case fails while attention multiplies zero probabilities by stale values (0 * NaN = NaN)."""
     model = model_for()
     tokens = toks(1, (2, 8))
-    cache = fwd(model, tokens[:, :6], cache=KVCache.init(CFG, 2, 10)).cache
+    cache = fwd(model, tokens[:, :6], cache=KVCache.init(CFG, 2, CAP)).cache
     cache = cache.rollback(jnp.array([4, 2]))
-    new = toks(2, (2, 2))
+    new = toks(2, (2, 3))
     clean = fwd(model, new, cache=cache).logits
     dirty = fwd(model, new, cache=_poison(cache, garbage)).logits
     assert bool(jnp.all(jnp.isfinite(dirty))), f"stale cache entries = {garbage} leak into the outputs"
@@ -96,73 +118,65 @@ def test_rollback_then_reappend_equals_never_written():
     """Per-row rollback, then appending other tokens == full forwards over the kept prefix + new tokens, row by row
     (rows of different lengths in one batch)."""
     model = model_for()
-    tokens = toks(3, (2, 7))
-    cache = fwd(model, tokens, cache=KVCache.init(CFG, 2, 10)).cache
+    tokens = toks(3, (2, 6))
+    cache = fwd(model, tokens, cache=KVCache.init(CFG, 2, CAP)).cache
     keep = [4, 2]
     cache = cache.rollback(jnp.array(keep))
     np.testing.assert_array_equal(cache.lengths, keep)
     new = toks(4, (2, 3))
     out = fwd(model, new, cache=cache)
     np.testing.assert_array_equal(out.cache.lengths, [7, 5])
-    for b, n in enumerate(keep):
-        ref = fwd(model, jnp.concatenate([tokens[b:b + 1, :n], new[b:b + 1]], axis=1)).logits[:, n:]
-        assert maxdiff(out.logits[b:b + 1], ref) < TOL, f"row {b}"
-    # and one more 1-token step from rows of different lengths
-    nxt = toks(5, (2, 1))
+    nxt = toks(5, (2, 1))  # one more 1-token step from rows of different lengths
     out2 = fwd(model, nxt, cache=out.cache)
+    refs = causal_ref(model, *[jnp.concatenate([tokens[b, :n], new[b], nxt[b]]) for b, n in enumerate(keep)])
     for b, n in enumerate(keep):
-        seq = jnp.concatenate([tokens[b:b + 1, :n], new[b:b + 1], nxt[b:b + 1]], axis=1)
-        assert maxdiff(out2.logits[b:b + 1], fwd(model, seq).logits[:, -1:]) < TOL, f"row {b}"
+        assert maxdiff(out.logits[b], refs[b][n:n + 3]) < TOL, f"row {b}"
+        assert maxdiff(out2.logits[b], refs[b][n + 3:]) < TOL, f"row {b}"
 
 
 def test_right_padded_prefill_rows_of_different_lengths():
     """A right-padded prefill, rolled back to each row's true length, then decoded == per-row full forwards."""
     model = model_for()
-    tokens = toks(6, (2, 6))
-    lengths = np.array([6, 3])
-    valid = jnp.arange(6)[None, :] < lengths[:, None]
-    out = fwd(model, tokens, valid=valid, cache=KVCache.init(CFG, 2, 9))
-    for b, n in enumerate(lengths):
-        assert maxdiff(out.logits[b, :n], fwd(model, tokens[b:b + 1, :n]).logits[0]) < TOL
+    tokens = toks(6, (2, 8))
+    lengths = np.array([8, 3])
+    valid = jnp.arange(8)[None, :] < lengths[:, None]
+    out = fwd(model, tokens, valid=valid, cache=KVCache.init(CFG, 2, CAP))
     cache = out.cache.rollback(jnp.asarray(lengths))
-    nxt = toks(7, (2, 2))
+    nxt = toks(7, (2, 3))
     step = fwd(model, nxt, cache=cache)
+    refs = causal_ref(model, *[jnp.concatenate([tokens[b, :n], nxt[b]]) for b, n in enumerate(lengths)])
     for b, n in enumerate(lengths):
-        seq = jnp.concatenate([tokens[b:b + 1, :n], nxt[b:b + 1]], axis=1)
-        assert maxdiff(step.logits[b], fwd(model, seq).logits[0, n:]) < TOL, f"row {b}"
+        assert maxdiff(out.logits[b, :n], refs[b][:n]) < TOL, f"row {b}"
+        assert maxdiff(step.logits[b], refs[b][n:]) < TOL, f"row {b}"
 
 
 def test_left_padding_with_and_without_cache():
     """A left-padded row gives the unpadded sequence's logits at its valid positions (causal), and decoding after a
     left-padded prefill matches too."""
     model = model_for()
-    seq = toks(8, (1, 5))
     pad = 3
-    padded = jnp.concatenate([toks(9, (1, pad)), seq], axis=1)  # padding holds arbitrary (valid) ids
-    other = toks(10, (1, pad + 5))
-    tokens = jnp.concatenate([padded, other], axis=0)
-    valid = jnp.stack([jnp.arange(pad + 5) >= pad, jnp.ones(pad + 5, bool)])
-    ref = fwd(model, seq).logits[0]
+    seq, other = toks(8, (5,)), toks(10, (8,))
+    padded = jnp.concatenate([toks(9, (pad,)), seq])  # padding holds arbitrary (valid) ids
+    tokens = jnp.stack([padded, other])
+    valid = jnp.stack([jnp.arange(8) >= pad, jnp.ones(8, bool)])
     out = fwd(model, tokens, valid=valid).logits
-    assert maxdiff(out[0, pad:], ref) < TOL
-    assert maxdiff(out[1], fwd(model, other).logits[0]) < TOL
-    # with a cache: prefill the left-padded batch, then decode two tokens
-    pre = fwd(model, tokens, valid=valid, cache=KVCache.init(CFG, 2, pad + 8))
-    assert maxdiff(pre.logits[0, pad:], ref) < TOL
+    pre = fwd(model, tokens, valid=valid, cache=KVCache.init(CFG, 2, CAP))
     nxt = toks(11, (2, 1))
     s1 = fwd(model, nxt, cache=pre.cache)
     s2 = fwd(model, nxt[::-1], cache=s1.cache)
-    full0 = fwd(model, jnp.concatenate([seq, nxt[:1], nxt[1:]], axis=1)).logits[0]
-    assert maxdiff(s1.logits[0, 0], full0[5]) < TOL and maxdiff(s2.logits[0, 0], full0[6]) < TOL
-    full1 = fwd(model, jnp.concatenate([other, nxt[1:], nxt[:1]], axis=1)).logits[0]
-    assert maxdiff(s1.logits[1, 0], full1[pad + 5]) < TOL and maxdiff(s2.logits[1, 0], full1[pad + 6]) < TOL
+    ref0, ref1 = causal_ref(model, jnp.concatenate([seq, nxt[0], nxt[1]]), jnp.concatenate([other, nxt[1], nxt[0]]))
+    assert maxdiff(out[0, pad:], ref0[:5]) < TOL and maxdiff(out[1], ref1[:8]) < TOL
+    assert maxdiff(pre.logits[0, pad:], ref0[:5]) < TOL and maxdiff(pre.logits[1], ref1[:8]) < TOL
+    assert maxdiff(s1.logits[0, 0], ref0[5]) < TOL and maxdiff(s2.logits[0, 0], ref0[6]) < TOL
+    assert maxdiff(s1.logits[1, 0], ref1[8]) < TOL and maxdiff(s2.logits[1, 0], ref1[9]) < TOL
 
 
 def test_cache_overflow_is_a_clear_error():
     model = model_for()
-    cache = fwd(model, toks(0, (2, 3)), cache=KVCache.init(CFG, 2, 4)).cache
-    with pytest.raises(ValueError, match="KV cache overflow.*capacity 4"):
-        model(toks(1, (2, 2)), cache=cache)
+    cache = fwd(model, toks(0, (2, 8)), cache=KVCache.init(CFG, 2, CAP)).cache
+    cache = cache.rollback(jnp.array([8, 2]))
+    with pytest.raises(ValueError, match=f"KV cache overflow.*capacity {CAP}"):
+        model(toks(1, (2, 5)), cache=cache)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -172,9 +186,9 @@ def test_cache_overflow_is_a_clear_error():
 
 def _changed_at(model, t, **kw):
     """Per-position max |Δlogit| [T] after changing the token at position t."""
-    tokens = toks(12, (1, 8))
-    altered = tokens.at[0, t].set((tokens[0, t] + 1) % V)
-    return np.asarray(jnp.max(jnp.abs(fwd(model, altered, **kw).logits - fwd(model, tokens, **kw).logits), -1))[0]
+    tokens = toks(12, (2, 8))
+    altered = tokens.at[:, t].set((tokens[:, t] + 1) % V)
+    return np.asarray(jnp.abs(fwd(model, altered, **kw).logits - fwd(model, tokens, **kw).logits)).max((0, 2))
 
 
 def test_bidirectional_sees_the_future_causal_does_not():
@@ -211,12 +225,25 @@ def test_block_causal_limits():
         model(tokens, attention="sliding")
 
 
+@pytest.mark.parametrize("attention, block_size", [("bidirectional", None), ("block_causal", 2)])
+def test_left_padding_non_causal(attention, block_size):
+    """Padding keys are never attended and blocks count from the first valid token (positions), so a left-padded
+    row equals the unpadded sequence under bidirectional and block_causal attention too."""
+    model = model_for()
+    seq = toks(23, (1, 5))
+    padded = jnp.concatenate([toks(24, (1, 3)), seq], axis=1)
+    valid = (jnp.arange(8) >= 3)[None]
+    ref = fwd(model, seq, attention=attention, block_size=block_size).logits
+    out = fwd(model, padded, valid=valid, attention=attention, block_size=block_size).logits
+    assert maxdiff(out[:, 3:], ref) < TOL
+
+
 def test_block_causal_with_cache_equals_full():
     """Block diffusion: appending whole blocks to the cache == a full block_causal forward."""
     model = model_for()
     tokens = toks(14, (2, 8))
     full = fwd(model, tokens, attention="block_causal", block_size=4).logits
-    c = KVCache.init(CFG, 2, 8)
+    c = KVCache.init(CFG, 2, CAP)
     a = fwd(model, tokens[:, :4], cache=c, attention="block_causal", block_size=4)
     b = fwd(model, tokens[:, 4:], cache=a.cache, attention="block_causal", block_size=4)
     assert maxdiff(jnp.concatenate([a.logits, b.logits], 1), full) < TOL
@@ -255,7 +282,7 @@ def test_dream_shift_logits_alignment():
 
 
 def test_tied_and_untied_embeddings():
-    tokens = toks(17, (2, 5))
+    tokens = toks(17, (2, 8))
     tied = model_for(dataclasses.replace(CFG, tie_embeddings=True))
     untied = model_for()
     assert not hasattr(tied, "lm_head_dv") and hasattr(untied, "lm_head_dv")
@@ -269,7 +296,7 @@ def test_tied_and_untied_embeddings():
 
 
 def test_qkv_bias_and_qk_norm_variants():
-    tokens = toks(18, (2, 5))
+    tokens = toks(18, (2, 8))
     base = fwd(model_for(), tokens).logits
     bias_model = Decoder(dataclasses.replace(CFG, qkv_bias=True), rngs=nnx.Rngs(0))
     # zero-initialised biases: same weights, same outputs; non-zero biases change them
@@ -306,12 +333,12 @@ def test_rope_inverse_frequencies_hand_computed():
 
 
 def test_rope_scaling_reaches_the_model():
-    tokens = toks(19, (1, 6))
+    tokens = toks(19, (2, 8))
     base = fwd(model_for(), tokens).logits
     lin = model_for(dataclasses.replace(CFG, rope_scaling=RopeScaling("linear", factor=4.0)))
     assert maxdiff(fwd(lin, tokens).logits, base) > 1e-4
     # linear scaling by f at positions p == no scaling at positions p / f
-    pos = jnp.arange(6)[None] * 4
+    pos = jnp.broadcast_to(jnp.arange(8) * 4, (2, 8))
     assert maxdiff(fwd(lin, tokens, positions=pos).logits, fwd(model_for(), tokens, positions=pos // 4).logits) < TOL
 
 
@@ -418,6 +445,6 @@ def test_bf16_compute_close_to_f32():
     assert out.logits.dtype == jnp.float32
     d = maxdiff(out.logits, ref)
     assert 0 < d < 0.05, d
-    step = fwd(bf16, tokens[:, :5], cache=KVCache.init(bf16.cfg, 2, 8))
+    step = fwd(bf16, tokens[:, :5], cache=KVCache.init(bf16.cfg, 2, CAP))
     assert step.cache.k.dtype == jnp.bfloat16
     assert maxdiff(step.logits, out.logits[:, :5]) < 0.05
