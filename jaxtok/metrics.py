@@ -1,19 +1,61 @@
-"""Run outputs: ``results.json``, a markdown table and PNG plots (DESIGN.md, principle 7)."""
+"""Run outputs (DESIGN.md, principle 7): ``metrics.jsonl`` (:class:`MetricsWriter`), ``results.json``, a markdown
+table ``results.md`` and PNG plots (:func:`write_results`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+PlotSpec = Union[Callable[[Any], None], Mapping[str, Any]]
+
+
+class MetricsWriter:
+    """Append-only ``<run_dir>/metrics.jsonl``: one JSON object per record, ``{"step", "time", **values}``.
+
+    Values become Python floats (numpy/JAX scalars included; ints stay ints, strings pass through), so the file
+    never holds arrays. Each record is written and closed at once: a killed run loses at most the line being
+    written. ``enabled=False`` (e.g. on processes other than 0) makes ``write`` a no-op.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, filename: str = "metrics.jsonl"):
+        self.path = Path(run_dir) / filename
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, values: Mapping[str, Any], **extra: Any) -> Optional[dict]:
+        """Append one record for ``step``; returns it (``None`` when disabled)."""
+        if not self.enabled:
+            return None
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: _plain(v, k) for k, v in {**values, **extra}.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def read(self) -> list[dict]:
+        """All records written so far."""
+        return read_jsonl(self.path)
+
+
+def _plain(v: Any, key: str) -> Any:
+    """A JSON-able scalar: bool/int/str/None unchanged, other numbers (numpy, JAX 0-d arrays) as float."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}={v!r}: expected a scalar number") from None
 
 
 def _fmt(v: Any) -> str:
+    """A table cell: floats with 4 significant digits, ``|`` escaped, newlines as spaces."""
     if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.4g}"
-    return str(v)
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None) -> str:
@@ -29,10 +71,12 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence
 
 
 def write_results(run_dir: str | Path, results: Mapping[str, Any], table: Sequence[Mapping[str, Any]],
-                  plots: Optional[Mapping[str, Callable]] = None, title: str = "results") -> dict:
-    """Write ``results.json``, ``results.md`` (the table) and one PNG per ``plots`` entry.
+                  plots: Optional[Mapping[str, PlotSpec]] = None, title: str = "results") -> dict:
+    """Write ``results.json``, ``results.md`` (a heading and the table) and one ``<name>.png`` per ``plots`` entry.
 
-    Each plot is ``fn(ax)`` drawing on a matplotlib axis; files are ``<name>.png``. Returns the written paths.
+    A plot is either ``fn(ax)`` drawing on a matplotlib axis, or a spec (see :func:`draw_spec`):
+    ``{"x": [...], "y": [...] or {label: [...]}, "kind": "line"|"scatter"|"bar", "xlabel", "ylabel", "title",
+    "logx", "logy"}``. Returns the written paths by file name.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,12 +91,49 @@ def write_results(run_dir: str | Path, results: Mapping[str, Any], table: Sequen
 
         for name, draw in plots.items():
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            draw(ax)
+            draw(ax) if callable(draw) else draw_spec(ax, draw, name)
             fig.tight_layout()
             paths[f"{name}.png"] = run_dir / f"{name}.png"
             fig.savefig(paths[f"{name}.png"], dpi=110)
             plt.close(fig)
     return {k: str(v) for k, v in paths.items()}
+
+
+def draw_spec(ax, spec: Mapping[str, Any], name: str = "plot") -> None:
+    """Draw a plot spec (see :func:`write_results`) on ``ax``; a bad spec raises ValueError naming the key."""
+    allowed = {"x", "y", "kind", "xlabel", "ylabel", "title", "logx", "logy"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"plot {name!r}: unknown key {unknown[0]!r}; allowed: {sorted(allowed)}")
+    if "y" not in spec:
+        raise ValueError(f"plot {name!r}: 'y' is required")
+    kind = spec.get("kind", "line")
+    if kind not in ("line", "scatter", "bar"):
+        raise ValueError(f"plot {name!r}: kind={kind!r}; allowed: ['bar', 'line', 'scatter']")
+    series = spec["y"] if isinstance(spec["y"], Mapping) else {None: spec["y"]}
+    n = len(series)
+    for i, (label, ys) in enumerate(series.items()):
+        xs = list(spec.get("x", range(len(ys))))
+        if len(xs) != len(ys):
+            raise ValueError(f"plot {name!r}: x has {len(xs)} values but y[{label!r}] has {len(ys)}")
+        if kind == "bar":
+            width = 0.8 / n
+            ax.bar([j + (i - (n - 1) / 2) * width for j in range(len(xs))], ys, width, label=label)
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        elif kind == "scatter":
+            ax.scatter(xs, ys, label=label)
+        else:
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(spec.get("xlabel", ""))
+    ax.set_ylabel(spec.get("ylabel", ""))
+    ax.set_title(spec.get("title", name))
+    if spec.get("logx"):
+        ax.set_xscale("log")
+    if spec.get("logy"):
+        ax.set_yscale("log")
+    if n > 1 or None not in series:
+        ax.legend()
+    ax.grid(alpha=0.3)
 
 
 def _json_default(o):
