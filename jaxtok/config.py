@@ -223,6 +223,10 @@ class Config:
     bench: BenchSection = dataclasses.field(default_factory=BenchSection)
 
     def __post_init__(self):
+        opt = self.optimizer
+        if opt.schedule != "constant" and opt.warmup_steps >= self.train.steps:
+            raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps}: must be < train.steps={self.train.steps} "
+                              f"with optimizer.schedule={opt.schedule!r}")
         if self.data.batch_size % self.train.micro_batches:
             raise ConfigError(f"train.micro_batches={self.train.micro_batches}: must divide "
                               f"data.batch_size={self.data.batch_size}")
@@ -453,6 +457,8 @@ def build_optimizer(section: OptimizerSection, total_steps: int):
     """The optax optimizer of ``section``: schedule, optional global-norm clipping, then the update rule."""
     import optax
 
+    if section.schedule != "constant" and section.warmup_steps >= total_steps:
+        raise ConfigError(f"optimizer.warmup_steps={section.warmup_steps}: must be < the {total_steps} total steps")
     lr, end = section.lr, section.lr * section.end_lr_ratio
     decay_steps = max(total_steps - section.warmup_steps, 1)
     if section.schedule == "constant":

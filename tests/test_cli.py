@@ -30,9 +30,9 @@ def test_validate_exit_code_2_names_key_and_allowed(capsys):
     assert captured.out == ""
     assert cli.main(["validate", str(SFT), "objective.name=nope"]) == 2
     assert "objective.name='nope'" in capsys.readouterr().err
-    assert cli.main(["validate", str(SFT), "train.steps=7"]) == 0
+    assert cli.main(["validate", str(SFT), "train.steps=700"]) == 0
     out = capsys.readouterr().out
-    assert "preset: tiny_student" in out and "steps: 7" in out
+    assert "preset: tiny_student" in out and "steps: 700" in out
 
 
 def test_subprocess_exit_code_and_no_jax_import():
@@ -73,10 +73,10 @@ def test_run_dir_holds_resolved_config(tmp_path, monkeypatch):
         return {"ok": 1}
 
     monkeypatch.setitem(cli.HANDLERS, "train", fake_train)
-    assert cli.main(["train", str(SFT), f"run.out_dir={tmp_path}", "run.name=r1", "train.steps=3"]) == 0
+    assert cli.main(["train", str(SFT), f"run.out_dir={tmp_path}", "run.name=r1", "train.steps=300"]) == 0
     assert seen["dir"] == tmp_path / "r1"
     saved = load_config(tmp_path / "r1" / "config.yaml")
-    assert saved == seen["cfg"] and saved.train.steps == 3
+    assert saved == seen["cfg"] and saved.train.steps == 300
     # default name: the config file's stem
     monkeypatch.setitem(cli.HANDLERS, "eval", fake_train)
     write(tmp_path / "exp7.yaml", f"base: {SFT}\nrun: {{name: null}}\n")
@@ -122,12 +122,12 @@ def test_recipe_runs_in_order_passes_dirs_and_caches(tmp_path, capsys):
         return {"score": 0.5, "steps": cfg.train.steps, "array": [1, 2]}
 
     handlers = {"train": fake, "eval": fake}
-    ovs = [f"run.cache_dir={tmp_path / 'cache'}", f"run.out_dir={tmp_path / 'out'}", "train.steps=3"]
+    ovs = [f"run.cache_dir={tmp_path / 'cache'}", f"run.out_dir={tmp_path / 'out'}", "train.steps=300"]
     res = recipe.run_recipe(_recipe(tmp_path), ovs, handlers=handlers)
     assert [c[0].name.split("-")[0] for c in calls] == ["a", "b"]
     assert calls[0][0].parent == (tmp_path / "cache").resolve()
     assert calls[1][1] == str(calls[0][0])  # ${stage:a} -> a's run dir
-    assert res["b"] == {"score": 0.5, "steps": 3}  # non-scalar values left out
+    assert res["b"] == {"score": 0.5, "steps": 300}  # non-scalar values left out
     out = json.loads((tmp_path / "out" / "r" / "results.json").read_text())
     assert out["stages"]["a"]["score"] == 0.5 and out["dirs"]["b"] == str(calls[1][0])
     assert "| stage | score |" in (tmp_path / "out" / "r" / "results.md").read_text()
@@ -136,7 +136,7 @@ def test_recipe_runs_in_order_passes_dirs_and_caches(tmp_path, capsys):
     assert recipe.run_recipe(tmp_path / "r.yaml", ovs, handlers=handlers) == res
     assert len(calls) == 2 and capsys.readouterr().out.count("cached") == 2
     # a changed upstream reruns everything downstream; the cache location is not part of the key
-    recipe.run_recipe(tmp_path / "r.yaml", ovs + ["train.steps=4"], handlers=handlers)
+    recipe.run_recipe(tmp_path / "r.yaml", ovs + ["train.steps=400"], handlers=handlers)
     assert len(calls) == 4
     moved = [f"run.cache_dir={tmp_path / 'cache2'}"] + ovs[1:]
     recipe.run_recipe(tmp_path / "r.yaml", moved, handlers=handlers)

@@ -64,7 +64,7 @@ def test_include_cycle_and_missing_base(tmp_path):
 
 
 def test_resolved_yaml_round_trips(tmp_path):
-    cfg = load_config(SFT, ["train.steps=3", "data.task_args.digits=1"])
+    cfg = load_config(SFT, ["train.steps=300", "data.task_args.digits=1"])
     again = load_config(write(tmp_path / "c.yaml", to_yaml(cfg)))
     assert again == cfg
 
@@ -82,6 +82,7 @@ def test_resolved_yaml_round_trips(tmp_path):
     ("decode.method=beam", ["decode.method='beam'", "speculative"]),
     ("mesh.fsdp=0", ["mesh.fsdp=0", "-1"]),
     ("train.micro_batches=3", ["train.micro_batches=3", "data.batch_size=64"]),
+    ("train.steps=100", ["optimizer.warmup_steps=100", "train.steps=100", "warmup_cosine"]),
 ])
 def test_bad_values_name_key_value_and_allowed(override, words):
     with pytest.raises(ConfigError) as e:
