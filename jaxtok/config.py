@@ -2,8 +2,10 @@
 
 Frozen dataclasses are the schema; OmegaConf structured configs merge YAML files and dotted command-line overrides
 onto it and reject unknown keys and wrong types. Field metadata declares allowed values (``choices``) and ranges
-(``min``/``max``), checked by :func:`validate` before any compute. Every error is a :class:`ConfigError` naming the
-dotted key, the bad value and what is allowed.
+(``min``/``max``/``gt``), checked by each section's ``__post_init__`` (so no out-of-range section can exist), plus
+cross-field rules. :func:`validate_names` checks method names (objective, task, decode policy) and their arguments
+against the registries. Every error is a :class:`ConfigError` naming the dotted key, the bad value and what is
+allowed; all of this runs before any compute.
 
 YAML files may include others with ``base: other.yaml`` (or a list), resolved relative to the including file and
 merged first, so an experiment file states only what it changes.
@@ -26,7 +28,7 @@ from jaxtok.registry import COMMIT_POLICIES, DRAFT_POLICIES, OBJECTIVES, TASKS, 
 __all__ = [
     "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "OptimizerSection", "ObjectiveSection",
     "TrainSection", "DecodeSection", "RunSection", "BenchSection", "load_config", "from_dict", "to_yaml", "to_dict",
-    "validate", "validate_names", "check_paths", "build_optimizer", "describe", "reference_yaml",
+    "validate_names", "check_paths", "build_optimizer", "describe", "reference_yaml",
 ]
 
 
@@ -251,8 +253,11 @@ def read_yaml_with_bases(path: str | Path, _seen: tuple = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("base", None) or []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"base={bases!r} in {path}: must be a file name or a list of file names")
     merged = OmegaConf.create({})
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merged = OmegaConf.merge(merged, read_yaml_with_bases(path.parent / base, _seen + (path,)))
     return OmegaConf.to_container(OmegaConf.merge(merged, OmegaConf.create(data)))
 
@@ -261,7 +266,7 @@ def _omegaconf_error(e: OmegaConfBaseException, raw: Any) -> ConfigError:
     """An OmegaConf merge/validation error as a ConfigError naming the dotted key, the given value (looked up in
     ``raw``, the merged input without the schema) and the allowed keys or type."""
     key = getattr(e, "full_key", None) or "?"
-    head, _, leaf = key.rpartition(".")
+    head = key.rpartition(".")[0]
     msg = str(getattr(e, "msg", e)).splitlines()[0]
     value = ""
     if raw is not None:
@@ -318,17 +323,6 @@ def to_yaml(cfg: Config) -> str:
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain nested dicts."""
     return OmegaConf.to_container(OmegaConf.structured(cfg))
-
-
-def validate(cfg: Any) -> None:
-    """Re-check every section of ``cfg`` (sections check themselves when built; this catches values set with
-    ``object.__setattr__`` or ``dataclasses.replace`` on a parent). Raises ConfigError."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, _Section):
-            value.__post_init__()
-    if isinstance(cfg, Config):
-        cfg.__post_init__()
 
 
 def _check_fields(section: Any, prefix: str) -> None:
@@ -401,7 +395,8 @@ def validate_names(cfg: Config) -> None:
 
 
 def check_paths(cfg: Config) -> None:
-    """Input paths named by ``cfg`` must exist (checked by commands that run, not by ``validate``)."""
+    """Input paths named by ``cfg`` must exist. Checked by the commands that run, not by ``jaxtok validate``:
+    a config may name run directories that an earlier recipe stage creates."""
     paths = {"model.hf_path": cfg.model.hf_path, "model.init_from": cfg.model.init_from,
              "decode.draft_init_from": cfg.decode.draft_init_from}
     if cfg.data.task in ("jsonl", "parquet"):

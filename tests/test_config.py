@@ -61,6 +61,9 @@ def test_include_cycle_and_missing_base(tmp_path):
     write(tmp_path / "c.yaml", "base: nope.yaml\n")
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "c.yaml")
+    write(tmp_path / "d.yaml", "base: {a: 1}\n")
+    with pytest.raises(ConfigError, match=r"base=\{'a': 1\}.*list of file names"):
+        load_config(tmp_path / "d.yaml")
 
 
 def test_resolved_yaml_round_trips(tmp_path):
