@@ -144,10 +144,10 @@ def test_filter_head_shapes_and_padding():
     assert bool(jnp.all(clean[1, 4:] == PAD_LOGIT))
     np.testing.assert_array_equal(clean[0], out[0])
     y = (conf > 0.5).astype(jnp.float32)
-    _grads_nonzero(head, lambda m: jnp.sum(optax_bce(m(conf), y)))
+    _grads_nonzero(head, lambda m: jnp.sum(bce_with_logits(m(conf), y)))
 
 
-def optax_bce(logits, labels):
+def bce_with_logits(logits, labels):
     return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
@@ -216,12 +216,13 @@ def test_trace_controller_grads_jit_and_errors():
 
     def loss(m):
         out = m(feats, ids, valid)
-        return jnp.sum(jnp.where(valid, optax_bce(out.commit_logits, y), 0.0))
+        return jnp.sum(jnp.where(valid, bce_with_logits(out.commit_logits, y), 0.0))
 
     _grads_nonzero(ctl, loss)
     graphdef, state = nnx.split(ctl)
     jitted = jax.jit(lambda s, f, i, v: nnx.merge(graphdef, s)(f, i, v).logits)
-    np.testing.assert_allclose(jitted(state, feats, ids, valid), call(ctl, feats, ids, valid).logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jitted(state, feats, ids, valid), call(ctl, feats, ids, valid).logits,
+                               rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="state_ids: token id 4"):
         ctl(feats, ids.at[0, 1].set(4))
     with pytest.raises(ValueError, match="features: shape"):

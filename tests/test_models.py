@@ -367,7 +367,8 @@ def test_token_ids_outside_vocab_rejected(bad):
     model = model_for()
     tokens = np.array(toks(20, (2, 4))).copy()
     tokens[1, 2] = bad
-    with pytest.raises(ValueError, match=rf"tokens: token id {bad} at index \[1, 2\] is outside the vocabulary \[0, {V}\)"):
+    msg = rf"tokens: token id {bad} at index \[1, 2\] is outside the vocabulary \[0, {V}\)"
+    with pytest.raises(ValueError, match=msg):
         model(jnp.asarray(tokens))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(jnp.asarray(tokens[:, 2:]), cache=KVCache.init(CFG, 2, 4))
