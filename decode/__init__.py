@@ -1,5 +1,6 @@
 """jaxtok.decode: jitted decode loops (autoregressive generation; speculative and diffusion decoding to come)."""
 
 from .generate import generate
+from .run import run_decode
 
-__all__ = ["generate"]
+__all__ = ["generate", "run_decode"]
