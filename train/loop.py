@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxtok import checkpoint as ckpt_lib
 from jaxtok import mesh as mesh_lib
+from jaxtok.metrics import MetricsWriter
 from jaxtok.models import Decoder, ModelConfig, RopeScaling, presets
 
 log = logging.getLogger(__name__)
@@ -125,25 +126,6 @@ def build_objective(cfg) -> Callable:
     fn = OBJECTIVES.get(cfg.objective.name, "objective.name")
     args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
     return functools.partial(fn, args=args) if args is not None else fn
-
-
-class _Metrics:
-    """Append-only ``metrics.jsonl`` writer (process 0 only)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = jax.process_index() == 0
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
-
-
-def _plain(v):
-    if isinstance(v, (np.generic, jax.Array)):
-        return np.asarray(v).item()
-    return v
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -278,7 +260,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
             it.set_state(out["data"])
         start = int(out["step"])
         log.info("resumed %s at step %d", run_dir, start)
-    metrics_out = _Metrics(run_dir)
+    metrics_out = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
     meta = {"model_config": model_config_to_dict(model_cfg), "objective": cfg.objective.name}
 
     def save(step: int) -> None:
@@ -297,16 +279,16 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
             if on_step is not None:
                 on_step(step, metrics)
             if step % cfg.train.log_every == 0 or step == total:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "step"}
                 dt = max(time.perf_counter() - t0, 1e-9)
-                host.update(step=step, tokens_per_s=tokens_since / dt, dropped_overlong=dropped.count)
-                metrics_out.write(host)
+                host.update(tokens_per_s=tokens_since / dt, dropped_overlong=dropped.count)
+                metrics_out.write(step, host)
                 bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
                 last = host
                 tokens_since, t0 = 0, time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                 ev = _evaluate_model(nnx.merge(graphdef, state.params, state.rest), task, tok, cfg, mesh)
-                metrics_out.write(dict(ev, step=step))
+                metrics_out.write(step, ev)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != total:
                 save(step)
             bar.update(1)
@@ -317,11 +299,11 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
         bar.close()
         ck.close()
 
-    final_model = nnx.merge(graphdef, state.params, state.rest)
     summary = {"step": total, "train/loss": last.get("loss"), "resumed_from": start or None}
     if final_eval:
+        final_model = nnx.merge(graphdef, state.params, state.rest)
         summary.update(_evaluate_model(final_model, task, tok, cfg, mesh))
-    metrics_out.write(dict({k: v for k, v in summary.items() if k.startswith("eval/")}, step=total))
+        metrics_out.write(total, {k: v for k, v in summary.items() if k.startswith("eval/")})
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
