@@ -54,7 +54,7 @@ class KVCache:
 
     def rollback(self, new_lengths: jax.Array) -> "KVCache":
         """Per-row rollback: keep only the first ``new_lengths[b]`` slots of row b (stale slots are masked)."""
-        new_lengths = jnp.minimum(jnp.asarray(new_lengths, jnp.int32), self.lengths)
+        new_lengths = jnp.clip(jnp.asarray(new_lengths, jnp.int32), 0, self.lengths)
         return dataclasses.replace(self, lengths=new_lengths)
 
     def next_positions(self) -> jax.Array:

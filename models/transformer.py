@@ -257,6 +257,9 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.write_layer(layer, k, v)
             k, v = cache.k[layer].astype(dt), cache.v[layer].astype(dt)  # [B, S, K, N]
+        # Masked keys get probability 0, but 0 * NaN is NaN: zero the values of keys no query may read (stale or
+        # padding cache slots may hold anything).
+        v = jnp.where(jnp.any(mask, axis=1)[:, :, None, None], v, jnp.zeros((), v.dtype))
         B, T, H, N = q.shape
         K = k.shape[2]
         q = q.reshape(B, T, K, H // K, N)
@@ -362,6 +365,12 @@ class Decoder(nnx.Module):
             positions = start[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
         positions = positions.astype(jnp.int32)
 
+        if cache is not None and cfg.shift_logits:
+            raise ValueError(
+                "shift_logits (Dream) with a KV cache is not supported: the first logit of an appended chunk is "
+                "predicted by the previous chunk's last hidden state, which the cache does not keep. Run the full "
+                "forward, or append with one token of overlap and drop its logit."
+            )
         if cache is not None:
             if not isinstance(cache.lengths, jax.core.Tracer) and int(np.max(cache.lengths)) + T > cache.capacity:
                 raise ValueError(
