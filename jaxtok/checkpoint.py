@@ -19,6 +19,7 @@ Safety:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,11 +84,26 @@ def abstract_of(tree) -> Any:
     return jax.tree.map(one, tree)
 
 
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _remove_interrupted_saves(directory: Path) -> None:
+    """Delete temporary step directories left by a process killed mid-save (never committed, never read).
+
+    orbax's own ``cleanup_tmp_directories`` does this on a background thread; doing it here, synchronously and on
+    process 0 only, means a fresh ``Checkpointer`` never races with it."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Checkpointer:
     """Save and restore training checkpoints under ``directory`` (keeps the ``max_to_keep`` newest)."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 2, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        _remove_interrupted_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
