@@ -499,14 +499,16 @@ def save_checkpoint(model: Decoder, path: str, *, meta: Optional[dict] = None) -
     return directory
 
 
-def load_checkpoint(
+def load_checkpoint_with_meta(
     path: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None
-) -> tuple[Decoder, ModelConfig]:
-    """The model saved by :func:`save_checkpoint` or a training run: ``path`` is a run directory or its checkpoint
-    directory (default: latest step); parameters placed on ``mesh`` (``jaxtok.mesh.param_shardings``) when given."""
+) -> tuple[Decoder, dict]:
+    """The model saved by :func:`save_checkpoint` or a training run, and the checkpoint's metadata (step, model
+    config, ...): ``path`` is a run directory or its checkpoint directory (default: latest step); parameters placed
+    on ``mesh`` (``jaxtok.mesh.param_shardings``) when given."""
     from jaxtok import checkpoint as ckpt_lib
     from jaxtok.mesh import param_shardings
 
+    path = str(path)
     directory = os.path.join(path, CHECKPOINT_DIR)
     directory = directory if os.path.isdir(directory) else path
     if not os.path.isdir(directory):
@@ -527,7 +529,15 @@ def load_checkpoint(
                 lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
                 param_shardings(params, mesh), target, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
         out = ck.restore(meta["step"], params=target, data=False)
-    return nnx.merge(graphdef, out["params"], rest), cfg
+    return nnx.merge(graphdef, out["params"], rest), meta
+
+
+def load_checkpoint(
+    path: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None
+) -> tuple[Decoder, ModelConfig]:
+    """Like :func:`load_checkpoint_with_meta`, returning ``(model, model config)``."""
+    model, _ = load_checkpoint_with_meta(path, step=step, mesh=mesh)
+    return model, model.cfg
 
 
 def _architecture_arg(value: Optional[str]) -> Optional[str]:

@@ -33,7 +33,7 @@ from flax import nnx
 from jaxtok import checkpoint as ckpt_lib
 from jaxtok import mesh as mesh_lib
 from jaxtok.metrics import MetricsWriter
-from jaxtok.models import Decoder, ModelConfig, RopeScaling, presets
+from jaxtok.models import Decoder, ModelConfig, presets
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,6 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def model_config_from_dict(d: dict) -> ModelConfig:
-    d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    return ModelConfig(**d)
-
-
 def load_tokenizer_for(cfg) -> Any:
     """The run's tokenizer: ``init_from``'s, an HF checkpoint's, or the synthetic tasks' character tokenizer."""
     from jaxtok.tasks import build_tokenizer, load_tokenizer
@@ -80,24 +73,9 @@ def load_tokenizer_for(cfg) -> Any:
 def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None) -> tuple[Decoder, dict]:
     """A :class:`Decoder` with the parameters of the checkpoint at ``path`` (a run directory or its checkpoint
     directory; default: latest step), placed on ``mesh`` when given. Returns ``(model, meta)``."""
-    directory = checkpoint_dir(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"init_from / checkpoint path {str(path)!r}: no checkpoint directory at {directory}")
-    with ckpt_lib.Checkpointer(directory, async_save=False) as ck:
-        meta = ck.read_meta(step)
-        if "model_config" not in meta:
-            raise ckpt_lib.CheckpointError(f"checkpoint {directory}: meta has no model_config")
-        model_cfg = model_config_from_dict(meta["model_config"])
-        abstract = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        target = ckpt_lib.abstract_of(params)
-        if mesh is not None:
-            shardings = mesh_lib.param_shardings(params, mesh)
-            target = jax.tree.map(lambda s, sub: jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub), shardings, target,
-                is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-        out = ck.restore(meta.get("step"), params=target, data=False)
-    return nnx.merge(graphdef, out["params"], rest), meta
+    from jaxtok.models.hf import load_checkpoint_with_meta
+
+    return load_checkpoint_with_meta(str(path), mesh=mesh, step=step)
 
 
 def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
