@@ -7,10 +7,9 @@ right evaluation), then ``>`` and the answer. Step boundaries are exposed for sp
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from jaxtok.registry import TASKS
-from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split, scratchpad_steps
+from jaxtok.tasks.base import Example, MarkedAnswerTask, sample_in_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +31,7 @@ class ArithArgs:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArithTask:
+class ArithTask(MarkedAnswerTask):
     args: ArithArgs
     seed: int = 0
     name: str = "arith"
@@ -53,17 +52,6 @@ class ArithTask:
             acc = new
         prompt = str(nums[0]) + "".join(o + str(n) for o, n in zip(ops, nums[1:])) + "="
         return Example(prompt=prompt, target=";".join(lines) + f">{acc}", answer=str(acc), meta={"steps": lines})
-
-    @staticmethod
-    def steps(example: Example) -> list[tuple[int, int]]:
-        """Character spans ``[start, end)`` of each scratchpad step inside ``example.target``."""
-        return scratchpad_steps(example.target)
-
-    def extract_answer(self, completion: str) -> Optional[str]:
-        return extract_after_mark(completion)
-
-    def reward(self, completion: str, example: Example) -> float:
-        return float(self.extract_answer(completion) == example.answer)
 
     def format_ok(self, completion: str) -> bool:
         ans = self.extract_answer(completion)

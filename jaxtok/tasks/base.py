@@ -78,3 +78,19 @@ def scratchpad_steps(target: str) -> list[tuple[int, int]]:
         spans.append((start, start + len(seg)))
         start += len(seg) + 1
     return spans
+
+
+class MarkedAnswerTask:
+    """Shared behaviour of the synthetic tasks: the answer follows the last ``>``, the scratchpad steps are the
+    ``;``-separated segments before it, and the reward is exact match (a task overrides what differs)."""
+
+    @staticmethod
+    def steps(example: Example) -> list[tuple[int, int]]:
+        """Character spans ``[start, end)`` of each scratchpad step inside ``example.target``."""
+        return scratchpad_steps(example.target)
+
+    def extract_answer(self, completion: str) -> Optional[str]:
+        return extract_after_mark(completion)
+
+    def reward(self, completion: str, example: Example) -> float:
+        return float(self.extract_answer(completion) == example.answer)

@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Optional
 
 from jaxtok.registry import TASKS
-from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split, scratchpad_steps
+from jaxtok.tasks.base import Example, MarkedAnswerTask, sample_in_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _top_level_additive(expr: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class CountdownTask:
+class CountdownTask(MarkedAnswerTask):
     args: CountdownArgs
     seed: int = 0
     name: str = "countdown"
@@ -105,14 +105,6 @@ class CountdownTask:
         prompt = "c:" + ",".join(map(str, nums)) + f"|{target}="
         return Example(prompt=prompt, target=";".join(lines) + f">{solution}", answer=solution,
                        meta={"numbers": nums, "target": target, "steps": lines})
-
-    @staticmethod
-    def steps(example: Example) -> list[tuple[int, int]]:
-        """Character spans ``[start, end)`` of each scratchpad step inside ``example.target``."""
-        return scratchpad_steps(example.target)
-
-    def extract_answer(self, completion: str) -> Optional[str]:
-        return extract_after_mark(completion)
 
     def reward(self, completion: str, example: Example) -> float:
         """1 if the extracted expression uses exactly the given numbers and equals the target."""

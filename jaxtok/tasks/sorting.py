@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Optional
 
 from jaxtok.registry import TASKS
-from jaxtok.tasks.base import Example, extract_after_mark, sample_in_split, scratchpad_steps
+from jaxtok.tasks.base import Example, MarkedAnswerTask, sample_in_split
 
 ALPHABETS = ("digits", "letters")
 
@@ -35,7 +34,7 @@ class SortArgs:
 
 
 @dataclasses.dataclass(frozen=True)
-class SortTask:
+class SortTask(MarkedAnswerTask):
     args: SortArgs
     seed: int = 0
     name: str = "sort"
@@ -52,17 +51,6 @@ class SortTask:
         answer = ",".join(map(str, sorted(items)))
         return Example(prompt="s:" + ",".join(map(str, items)) + "=", target=f"{answer}>{answer}", answer=answer,
                        meta={"items": items})
-
-    @staticmethod
-    def steps(example: Example) -> list[tuple[int, int]]:
-        """One step: the sorted list before the answer mark."""
-        return scratchpad_steps(example.target)
-
-    def extract_answer(self, completion: str) -> Optional[str]:
-        return extract_after_mark(completion)
-
-    def reward(self, completion: str, example: Example) -> float:
-        return float(self.extract_answer(completion) == example.answer)
 
     def format_ok(self, completion: str) -> bool:
         """The answer is a comma-separated list of items of the task's alphabet."""
