@@ -9,7 +9,7 @@ the resolved ``config.yaml``, and calls the command's handler ``(cfg, run_dir) -
 train       ``jaxtok.train.loop.train``
 eval        ``jaxtok.train.loop.evaluate``
 decode      ``jaxtok.decode.run_decode``
-bench       ``jaxtok.bench.run_bench``
+bench       ``jaxtok.train.bench.run_bench``
 ==========  =====================================
 
 ``jaxtok run RECIPE`` runs a multi-stage recipe (:mod:`jaxtok.recipe`); ``jaxtok convert {to-jax,to-hf} SRC DST``
@@ -34,7 +34,7 @@ HANDLER_PATHS = {
     "train": ("jaxtok.train.loop", "train"),
     "eval": ("jaxtok.train.loop", "evaluate"),
     "decode": ("jaxtok.decode", "run_decode"),
-    "bench": ("jaxtok.bench", "run_bench"),
+    "bench": ("jaxtok.train.bench", "run_bench"),
 }
 # Handlers set here (tests, plug-ins) take precedence over HANDLER_PATHS.
 HANDLERS: dict[str, Callable] = {}

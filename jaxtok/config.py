@@ -206,7 +206,7 @@ class BenchSection(_Section):
     """A benchmark by name and its arguments."""
 
     _key: ClassVar[str] = "bench"
-    name: str = _f("train", doc="benchmark name (jaxtok.bench)")
+    name: str = _f("train", doc="benchmark name (BENCHES registry, jaxtok.train.bench)")
     args: Dict[str, Any] = _f({}, doc="the benchmark's arguments")
 
 

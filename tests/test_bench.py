@@ -1,0 +1,42 @@
+"""`jaxtok bench`: the train-step benchmark writes results.json, a table and a plot with consistent numbers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxtok import cli
+from jaxtok.models import flops_per_token, presets
+from jaxtok.registry import ConfigError
+from jaxtok.train.bench import peak_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_bench_writes_consistent_results(tmp_path):
+    rc = cli.main(["bench", str(ROOT / "configs" / "bench" / "train.yaml"), f"run.out_dir={tmp_path}",
+                   "model.preset=tiny_draft", "bench.args.batch_sizes=[2,4]", "bench.args.seq_len=16",
+                   "bench.args.steps=2", "bench.args.warmup=1", "bench.args.calibration_size=128"])
+    assert rc == 0
+    run = tmp_path / "bench_train"
+    res = json.loads((run / "results.json").read_text())
+    assert (run / "results.md").exists() and (run / "tokens_per_s.png").exists()
+    fpt = flops_per_token(presets.get("tiny_draft", vocab_size=64), 16).train
+    assert res["train_flops_per_token"] == fpt
+    for row in res["rows"]:
+        assert row["tokens_per_s"] == pytest.approx(row["batch"] * 16 / (row["step_ms"] / 1e3))
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * fpt / res["peak_flops"])
+        assert row["mfu"] > 0
+
+
+def test_peak_is_measured_on_cpu():
+    peak, source = peak_flops(64)
+    assert peak > 0 and "measured" in source
+
+
+def test_unknown_bench_and_bad_args_are_config_errors(tmp_path, capsys):
+    cfg = str(ROOT / "configs" / "bench" / "train.yaml")
+    assert cli.main(["bench", cfg, f"run.out_dir={tmp_path}", "bench.name=nope"]) == 2
+    assert "bench.name='nope'" in capsys.readouterr().err
+    assert cli.main(["bench", cfg, f"run.out_dir={tmp_path}", "bench.args.stepz=3"]) == 2
+    assert "stepz" in capsys.readouterr().err

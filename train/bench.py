@@ -1,0 +1,125 @@
+"""``jaxtok bench``: measured throughput against the device's limits.
+
+``train``: the jitted train step of :mod:`jaxtok.train.step` (SFT loss) at several batch sizes. Reports step time,
+tokens/s, model FLOPs per token (:func:`jaxtok.models.flops_per_token`, MaxText-style: 3x forward, causal
+attention at half), achieved FLOP/s, MFU = achieved / peak, and the compiled step's memory (XLA memory analysis).
+Peak FLOP/s comes from a table for TPUs and NVIDIA GPUs (dense bf16, per chip); on a CPU there is no honest table
+value, so a float32 matmul calibration is measured in the same run and used as the peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtok.config import build_optimizer
+from jaxtok.metrics import write_results
+from jaxtok.models import Decoder, flops_per_token, num_params, presets
+from jaxtok.registry import BENCHES
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "A100": 312e12, "H100": 989e12, "H200": 989e12,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBenchArgs:
+    batch_sizes: tuple[int, ...] = (8, 16, 32)
+    seq_len: int = 64
+    steps: int = 10  # timed steps per batch size
+    warmup: int = 2  # untimed steps after compilation
+    calibration_size: int = 1024  # CPU: square matmul size of the peak calibration
+
+    def __post_init__(self):
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes={self.batch_sizes}: positive integers")
+        if self.seq_len < 2 or self.steps < 1 or self.warmup < 0:
+            raise ValueError("seq_len >= 2, steps >= 1, warmup >= 0")
+
+
+def peak_flops(calibration_size: int = 1024) -> tuple[float, str]:
+    """``(peak FLOP/s of one device, source)``: the table for known accelerators, else a measured matmul rate."""
+    kind = jax.devices()[0].device_kind
+    for name, value in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return value, f"table ({kind}, dense bf16)"
+    n = calibration_size
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        out = mm(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t0), f"measured f32 {n}x{n} matmul on {kind}"
+
+
+def _batch(B: int, T: int, vocab: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab, (B, T)).astype(np.int32)
+    return {"tokens": tokens, "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+            "valid": np.ones((B, T), bool), "loss_mask": np.ones((B, T), bool)}
+
+
+@BENCHES.register("train", TrainBenchArgs)
+def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
+    """Train-step throughput and MFU of ``cfg.model.preset`` at each of ``args.batch_sizes``."""
+    from jaxtok.train.objectives.sft import SFTArgs, sft_loss
+    from jaxtok.train.step import init_train_state, make_train_step
+
+    model_cfg = presets.get(cfg.model.preset, vocab_size=cfg.model.vocab_size or 64, dtype=cfg.model.dtype,
+                            param_dtype=cfg.model.param_dtype)
+    peak, peak_src = peak_flops(args.calibration_size)
+    fpt = flops_per_token(model_cfg, args.seq_len)
+    rows = []
+    for B in args.batch_sizes:
+        model = Decoder(model_cfg, rngs=nnx.Rngs(0))
+        opt = build_optimizer(cfg.optimizer, max(args.steps + args.warmup, cfg.optimizer.warmup_steps + 1))
+        step = make_train_step(model, opt, lambda m, b, r: sft_loss(m, b, r, SFTArgs()))
+        _, state = init_train_state(model, opt)
+        batch = _batch(B, args.seq_len, model_cfg.vocab_size, B)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        for _ in range(args.warmup):
+            state, m = step(state, batch)
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, m = step(state, batch)
+        jax.block_until_ready(state)
+        dt = (time.perf_counter() - t0) / args.steps
+        tok_s = B * args.seq_len / dt
+        achieved = tok_s * fpt.train
+        rows.append({"batch": B, "seq_len": args.seq_len, "step_ms": dt * 1e3, "tokens_per_s": tok_s,
+                     "achieved_tflops": achieved / 1e12, "mfu": achieved / peak, "compile_s": compile_s,
+                     "temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else None,
+                     "loss": float(m["loss"])})
+    results = {"bench": "train", "preset": cfg.model.preset, "params": num_params(model_cfg),
+               "train_flops_per_token": fpt.train, "peak_flops": peak, "peak_source": peak_src,
+               "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "rows": rows}
+    write_results(run_dir, results, rows, title=f"train step, {cfg.model.preset} (peak: {peak_src})",
+                  plots={"tokens_per_s": lambda ax: (ax.plot([r["batch"] for r in rows],
+                                                             [r["tokens_per_s"] for r in rows], "o-"),
+                                                     ax.set_xlabel("batch size"), ax.set_ylabel("tokens/s"),
+                                                     ax.set_xscale("log", base=2))})
+    return {"tokens_per_s": rows[-1]["tokens_per_s"], "mfu": rows[-1]["mfu"], "peak_source": peak_src}
+
+
+def run_bench(cfg, run_dir: str | Path) -> dict:
+    """Run the benchmark named ``bench.name`` with ``bench.args``."""
+    fn = BENCHES.get(cfg.bench.name, "bench.name")
+    args = BENCHES.parse_args(cfg.bench.name, cfg.bench.args, "bench.args")
+    out = fn(cfg, run_dir, args)
+    print(open(Path(run_dir) / "results.md").read())
+    return out
