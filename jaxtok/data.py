@@ -256,6 +256,16 @@ def _batched(ds: grain.MapDataset, encode_fn, batch_size: int, drop_remainder: b
             .batch(batch_size, drop_remainder=drop_remainder))
 
 
+def _pipeline(encode_fn, num_examples: int, seed: int, shuffle: bool, num_epochs: Optional[int], batch_size: int,
+              drop_remainder: bool, worker_count: int) -> grain.IterDataset:
+    """Indices -> (shuffled, repeated) -> encoded rows (over-long ones filtered) -> batches -> optional workers."""
+    ds = grain.MapDataset.range(num_examples)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    return _with_workers(_batched(ds, encode_fn, batch_size, drop_remainder=drop_remainder), worker_count)
+
+
 def sft_dataset(task, split: str, tok, *, seq_len: int, batch_size: int, num_examples: int, seed: int = 0,
                 shuffle: bool = True, num_epochs: Optional[int] = None, overlong: str = "drop",
                 worker_count: int = 0) -> tuple[grain.IterDataset, DropCounter]:
@@ -273,12 +283,7 @@ def sft_dataset(task, split: str, tok, *, seq_len: int, batch_size: int, num_exa
     def enc(i):
         return encode_sft(tok, task.example(split, int(i)), seq_len, overlong, index=int(i), counter=counter)
 
-    ds = grain.MapDataset.range(num_examples)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    out = _batched(ds, enc, batch_size, drop_remainder=True)
-    return _with_workers(out, worker_count), counter
+    return _pipeline(enc, num_examples, seed, shuffle, num_epochs, batch_size, True, worker_count), counter
 
 
 def prompt_dataset(task, split: str, tok, *, prompt_len: int, batch_size: int, num_examples: int,
@@ -297,12 +302,7 @@ def prompt_dataset(task, split: str, tok, *, prompt_len: int, batch_size: int, n
     def enc(i):
         return encode_prompt(tok, task.example(split, int(i)), prompt_len, overlong, index=int(i), counter=counter)
 
-    ds = grain.MapDataset.range(num_examples)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    out = _batched(ds, enc, batch_size, drop_remainder=drop_remainder)
-    return _with_workers(out, worker_count), counter
+    return _pipeline(enc, num_examples, seed, shuffle, num_epochs, batch_size, drop_remainder, worker_count), counter
 
 
 def examples_of(task, split: str, batch: dict) -> list[Example]:

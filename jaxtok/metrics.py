@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
+
 PlotSpec = Union[Callable[[Any], None], Mapping[str, Any]]
 
 
@@ -137,15 +139,11 @@ def draw_spec(ax, spec: Mapping[str, Any], name: str = "plot") -> None:
 
 
 def _json_default(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    """JSON for NumPy scalars and arrays (JAX arrays convert through ``np.asarray``); anything else as ``str``."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray) or hasattr(o, "__array__"):
+        return np.asarray(o).tolist()
     return str(o)
 
 
