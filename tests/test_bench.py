@@ -40,3 +40,18 @@ def test_unknown_bench_and_bad_args_are_config_errors(tmp_path, capsys):
     assert "bench.name='nope'" in capsys.readouterr().err
     assert cli.main(["bench", cfg, f"run.out_dir={tmp_path}", "bench.args.stepz=3"]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_decode_bench_writes_consistent_results(tmp_path):
+    rc = cli.main(["bench", str(ROOT / "configs" / "bench" / "decode.yaml"), f"run.out_dir={tmp_path}",
+                   "model.preset=tiny_draft", "bench.args.batch_sizes=[1,2]", "bench.args.prompt_len=4",
+                   "bench.args.new_tokens=3", "bench.args.repeats=1", "bench.args.calibration_mb=8"])
+    assert rc == 0
+    run = tmp_path / "bench_decode"
+    res = json.loads((run / "results.json").read_text())
+    assert (run / "results.md").exists() and (run / "decode_tokens_per_s.png").exists()
+    cfg = presets.get("tiny_draft", vocab_size=64)
+    assert res["kv_bytes_per_token"] == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    for row in res["rows"]:
+        assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] * 3 / (row["ms_per_step"] * 3 / 1e3))
+        assert row["achieved_gb_s"] * 1e9 == pytest.approx(row["bandwidth_utilisation"] * res["peak_bandwidth"])

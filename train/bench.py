@@ -117,7 +117,9 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
 
 
 def run_bench(cfg, run_dir: str | Path) -> dict:
-    """Run the benchmark named ``bench.name`` with ``bench.args``."""
+    """Run the benchmark named ``bench.name`` (``train`` here, ``decode`` in :mod:`jaxtok.decode.bench`)."""
+    import jaxtok.decode.bench  # noqa: F401  (registers "decode")
+
     fn = BENCHES.get(cfg.bench.name, "bench.name")
     args = BENCHES.parse_args(cfg.bench.name, cfg.bench.args, "bench.args")
     out = fn(cfg, run_dir, args)

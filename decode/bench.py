@@ -1,0 +1,109 @@
+"""``decode`` benchmark: AR decoding throughput against the device's memory bandwidth.
+
+For each batch size: prefill tokens/s (one forward over the prompt), decode tokens/s of the jitted
+:func:`jaxtok.decode.generate` loop (greedy, no stop tokens, so every row generates ``new_tokens``), and the
+achieved bandwidth = (weight bytes + KV-cache bytes read per decode step) x steps / decode time, against the
+device's bandwidth: a data-sheet table for TPUs and NVIDIA GPUs, on a CPU a copy calibration measured in the same
+run. Decode time is the generate call minus the measured prefill time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtok.metrics import write_results
+from jaxtok.models import Decoder, num_params, presets
+from jaxtok.registry import BENCHES
+
+from .generate import generate
+
+# HBM bandwidth per chip (bytes/s), from the vendors' data sheets.
+PEAK_BANDWIDTH = {
+    "TPU v4": 1.2e12, "TPU v5 lite": 0.82e12, "TPU v5e": 0.82e12, "TPU v5p": 2.76e12, "TPU v5": 2.76e12,
+    "TPU v6 lite": 1.64e12, "TPU v6e": 1.64e12,
+    "A100": 2.0e12, "H100": 3.35e12, "H200": 4.8e12,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBenchArgs:
+    batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
+    prompt_len: int = 16
+    new_tokens: int = 32
+    repeats: int = 3  # timed calls per batch size (after one compiling call)
+    calibration_mb: int = 256  # CPU: size of the copy used to measure bandwidth
+
+    def __post_init__(self):
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes={self.batch_sizes}: positive integers")
+        if self.prompt_len < 1 or self.new_tokens < 1 or self.repeats < 1:
+            raise ValueError("prompt_len, new_tokens and repeats must be >= 1")
+
+
+def peak_bandwidth(calibration_mb: int = 256) -> tuple[float, str]:
+    """``(bytes/s of one device, source)``: the table for known accelerators, else a measured copy rate."""
+    kind = jax.devices()[0].device_kind
+    for name, value in PEAK_BANDWIDTH.items():
+        if name.lower() in kind.lower():
+            return value, f"table ({kind})"
+    n = calibration_mb * 2**20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)  # reads and writes n floats
+    copy(x).block_until_ready()
+    reps, t0 = 5, time.perf_counter()
+    for _ in range(reps):
+        out = copy(x)
+    out.block_until_ready()
+    return 2 * 4 * n * reps / (time.perf_counter() - t0), f"measured {calibration_mb} MB copy on {kind}"
+
+
+def _timed(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - t0) / repeats
+
+
+@BENCHES.register("decode", DecodeBenchArgs)
+def decode_bench(cfg, run_dir: str | Path, args: DecodeBenchArgs) -> dict:
+    """Prefill and decode throughput and achieved bandwidth of ``cfg.model.preset`` at each batch size."""
+    model_cfg = presets.get(cfg.model.preset, vocab_size=cfg.model.vocab_size or 64, dtype=cfg.model.dtype,
+                            param_dtype=cfg.model.param_dtype)
+    model = Decoder(model_cfg, rngs=nnx.Rngs(0))
+    peak, peak_src = peak_bandwidth(args.calibration_mb)
+    weight_bytes = num_params(model_cfg) * jnp.dtype(model_cfg.param_dtype).itemsize
+    kv_per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim * jnp.dtype(model_cfg.dtype).itemsize
+    graphdef, state = nnx.split(model)
+    prefill = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)
+    P, N = args.prompt_len, args.new_tokens
+    rows = []
+    for B in args.batch_sizes:
+        prompt = np.random.default_rng(B).integers(4, model_cfg.vocab_size, (B, P)).astype(np.int32)
+        valid = np.ones((B, P), bool)
+        t_prefill = _timed(lambda: prefill(state, prompt), args.repeats)
+        t_total = _timed(lambda: generate(model, prompt, valid, max_new_tokens=N, temperature=0.0, stop_tokens=(),
+                                          rng=jax.random.key(0)).tokens, args.repeats)
+        t_decode = max(t_total - t_prefill, 1e-9)
+        mean_ctx = P + (N + 1) / 2
+        bytes_per_step = weight_bytes + B * mean_ctx * kv_per_token
+        achieved = bytes_per_step * N / t_decode
+        rows.append({"batch": B, "prefill_tokens_per_s": B * P / t_prefill, "decode_tokens_per_s": B * N / t_decode,
+                     "ms_per_step": t_decode / N * 1e3, "achieved_gb_s": achieved / 1e9,
+                     "bandwidth_utilisation": achieved / peak})
+    results = {"bench": "decode", "preset": cfg.model.preset, "params": num_params(model_cfg),
+               "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "prompt_len": P, "new_tokens": N,
+               "peak_bandwidth": peak, "peak_source": peak_src, "device": jax.devices()[0].device_kind, "rows": rows}
+    write_results(run_dir, results, rows, title=f"AR decode, {cfg.model.preset} (bandwidth peak: {peak_src})",
+                  plots={"decode_tokens_per_s": lambda ax: (ax.plot([r["batch"] for r in rows],
+                                                                    [r["decode_tokens_per_s"] for r in rows], "o-"),
+                                                            ax.set_xlabel("batch size"), ax.set_ylabel("tokens/s"),
+                                                            ax.set_xscale("log", base=2))})
+    return {"decode_tokens_per_s": rows[-1]["decode_tokens_per_s"], "peak_source": peak_src}
