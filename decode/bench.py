@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtok.metrics import write_results
+from jaxtok.metrics import device_table_value, write_results
 from jaxtok.models import Decoder, num_params, presets
 from jaxtok.registry import BENCHES
 
@@ -49,10 +49,9 @@ class DecodeBenchArgs:
 
 def peak_bandwidth(calibration_mb: int = 256) -> tuple[float, str]:
     """``(bytes/s of one device, source)``: the table for known accelerators, else a measured copy rate."""
-    kind = jax.devices()[0].device_kind
-    for name, value in PEAK_BANDWIDTH.items():
-        if name.lower() in kind.lower():
-            return value, f"table ({kind})"
+    value, kind = device_table_value(PEAK_BANDWIDTH)
+    if value is not None:
+        return value, f"table ({kind})"
     n = calibration_mb * 2**20 // 4
     x = jnp.ones((n,), jnp.float32)
     copy = jax.jit(lambda a: a + 1.0)  # reads and writes n floats

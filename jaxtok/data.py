@@ -105,6 +105,20 @@ def prompt_ids(tok, example: Example) -> list[int]:
     return ([sp.bos] if sp.bos is not None else []) + encode(tok, example.prompt)
 
 
+def _fits(length: int, limit: int, what: str, key: str, index: int, overlong: str,
+          counter: Optional[DropCounter]) -> bool:
+    """Whether an encoded row of ``length`` tokens fits ``limit``; an over-long one is counted (``drop``) or
+    raises :class:`OverlongError` naming the row, its length and the config key (``error``)."""
+    if length <= limit:
+        return True
+    if overlong == "error":
+        raise OverlongError(f"{what} {index}: {length} tokens > {key}={limit} "
+                            f"(raise {key} or set data.overlong=drop)")
+    if counter is not None:
+        counter.drop(index, length)
+    return False
+
+
 def encode_sft(tok, example: Example, seq_len: int, overlong: str = "drop", *, index: int = -1,
                counter: Optional[DropCounter] = None) -> Optional[dict]:
     """``<bos> prompt target <eos>`` right-padded to ``seq_len`` → tokens/positions/valid/loss_mask ``[T]``.
@@ -115,12 +129,7 @@ def encode_sft(tok, example: Example, seq_len: int, overlong: str = "drop", *, i
     """
     _check_overlong(overlong)
     ids, n_prompt = sft_ids(tok, example)
-    if len(ids) > seq_len:
-        if overlong == "error":
-            raise OverlongError(f"example {index}: {len(ids)} tokens > data.seq_len={seq_len} "
-                                f"(raise data.seq_len or set data.overlong=drop)")
-        if counter is not None:
-            counter.drop(index, len(ids))
+    if not _fits(len(ids), seq_len, "example", "data.seq_len", index, overlong, counter):
         return None
     n = len(ids)
     tokens = np.full((seq_len,), _specials(tok).pad, np.int32)
@@ -141,12 +150,7 @@ def encode_prompt(tok, example: Example, prompt_len: int, overlong: str = "drop"
     _check_overlong(overlong)
     sp = _specials(tok)
     ids = prompt_ids(tok, example)
-    if len(ids) > prompt_len:
-        if overlong == "error":
-            raise OverlongError(f"prompt {index}: {len(ids)} tokens > data.prompt_len={prompt_len} "
-                                f"(raise data.prompt_len or set data.overlong=drop)")
-        if counter is not None:
-            counter.drop(index, len(ids))
+    if not _fits(len(ids), prompt_len, "prompt", "data.prompt_len", index, overlong, counter):
         return None
     prompt = np.full((prompt_len,), sp.pad, np.int32)
     prompt[prompt_len - len(ids):] = ids

@@ -153,3 +153,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def device_table_value(table: Mapping[str, float]) -> tuple[Optional[float], str]:
+    """``(value, device kind)`` of the first ``table`` entry whose name occurs in the device kind of JAX's first
+    device (e.g. ``"H100"`` in ``"NVIDIA H100 80GB HBM3"``), or ``(None, kind)`` for devices not in the table."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    for name, value in table.items():
+        if name.lower() in kind.lower():
+            return value, kind
+    return None, kind

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtok.config import build_optimizer
-from jaxtok.metrics import write_results
+from jaxtok.metrics import device_table_value, write_results
 from jaxtok.models import Decoder, flops_per_token, num_params, presets
 from jaxtok.registry import BENCHES
 
@@ -48,10 +48,9 @@ class TrainBenchArgs:
 
 def peak_flops(calibration_size: int = 1024) -> tuple[float, str]:
     """``(peak FLOP/s of one device, source)``: the table for known accelerators, else a measured matmul rate."""
-    kind = jax.devices()[0].device_kind
-    for name, value in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return value, f"table ({kind}, dense bf16)"
+    value, kind = device_table_value(PEAK_FLOPS)
+    if value is not None:
+        return value, f"table ({kind}, dense bf16)"
     n = calibration_size
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
