@@ -19,11 +19,13 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One registered callable and the dataclass of its arguments (``None``: it takes none)."""
+    """One registered callable, the dataclass of its arguments (``None``: it takes none) and free-form ``meta``
+    (e.g. an objective's ``data="rollout"`` and the frozen ``models=("teacher",)`` it needs)."""
 
     name: str
     fn: Callable
     config_cls: Optional[type]
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Registry:
@@ -33,16 +35,16 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, config_cls: Optional[type] = None) -> Callable[[Callable], Callable]:
+    def register(self, name: str, config_cls: Optional[type] = None, **meta: Any) -> Callable[[Callable], Callable]:
         """Decorator: ``@OBJECTIVES.register("sft", SFTArgs)``; ``config_cls`` is the frozen dataclass of the
-        entry's arguments (``None``: it takes none)."""
+        entry's arguments (``None``: it takes none); keyword ``meta`` is stored on the entry."""
         if config_cls is not None and not dataclasses.is_dataclass(config_cls):
             raise TypeError(f"{self.kind} {name!r}: config_cls must be a dataclass, got {config_cls!r}")
 
         def deco(fn: Callable) -> Callable:
             if name in self._entries and self._entries[name].fn is not fn:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, fn, config_cls)
+            self._entries[name] = Entry(name, fn, config_cls, dict(meta))
             return fn
 
         return deco
