@@ -23,11 +23,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jaxtok.registry import COMMIT_POLICIES, DRAFT_POLICIES, OBJECTIVES, TASKS, ConfigError, Registry
+from jaxtok.registry import COMMIT_POLICIES, DRAFT_POLICIES, OBJECTIVES, REWARDS, TASKS, ConfigError, Registry
 
 __all__ = [
     "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "OptimizerSection", "ObjectiveSection",
-    "TrainSection", "DecodeSection", "RunSection", "BenchSection", "load_config", "from_dict", "to_yaml", "to_dict",
+    "TrainSection", "RolloutSection", "DecodeSection", "RunSection", "BenchSection", "load_config", "from_dict", "to_yaml", "to_dict",
     "validate_names", "check_paths", "build_optimizer", "describe", "reference_yaml",
 ]
 
@@ -166,6 +166,34 @@ class TrainSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutSection(_Section):
+    """On-policy data for rollout objectives (OPD/TIP/TRACE, the RL losses): every ``inner_epochs`` optimizer
+    steps, ``data.batch_size / num_generations`` prompts are completed ``num_generations`` times by the current
+    policy (:mod:`jaxtok.train.rollout`), scored by the rewards and handed to the objective."""
+
+    _key: ClassVar[str] = "rollout"
+    num_generations: int = _f(4, min=1, doc="completions per prompt (the GRPO group size); divides data.batch_size")
+    max_new_tokens: int = _f(32, min=1, doc="cap on completion tokens")
+    temperature: float = _f(1.0, gt=0.0, doc="sampling temperature (the objective's log-probs use the same)")
+    top_k: int = _f(0, min=0, doc="sampling top-k; 0 = off (old log-probs are recomputed without filters)")
+    top_p: float = _f(1.0, gt=0.0, max=1.0, doc="sampling nucleus; 1 = off")
+    inner_epochs: int = _f(1, min=1, doc="optimizer steps per rollout batch (PPO's mu)")
+    teacher_init_from: Optional[str] = _f(None, doc="run directory of the frozen teacher (objectives needing one)")
+    reference: str = _f("none", doc="frozen reference policy for KL terms: none | init (the initial policy) | "
+                                    "<run dir>")
+    rewards: Dict[str, float] = _f({"exact_match": 1.0},
+                                   doc="reward name -> weight (jaxtok.train.rewards: exact_match, format, "
+                                       "math_verify)")
+    off_policy_fraction: float = _f(0.0, min=0.0, max=1.0,
+                                    doc="GKD-style mixing: share of prompt groups completed by the teacher")
+
+    def check(self) -> None:
+        for name, w in self.rewards.items():
+            if not isinstance(w, (int, float)):
+                raise ConfigError(f"rollout.rewards.{name}={w!r}: weights are numbers")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeSection(_Section):
     """Decoding: method, sampling parameters, and the decode policy with its arguments."""
 
@@ -220,6 +248,7 @@ class Config:
     optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
     objective: ObjectiveSection = dataclasses.field(default_factory=ObjectiveSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     decode: DecodeSection = dataclasses.field(default_factory=DecodeSection)
     run: RunSection = dataclasses.field(default_factory=RunSection)
     bench: BenchSection = dataclasses.field(default_factory=BenchSection)
@@ -343,7 +372,7 @@ def _check_fields(section: Any, prefix: str) -> None:
             raise ConfigError(f"{key}={value!r}: must be > {meta['gt']}")
 
 
-_REGISTERING_MODULES = ("jaxtok.tasks", "jaxtok.train.objectives", "jaxtok.decode")
+_REGISTERING_MODULES = ("jaxtok.tasks", "jaxtok.train.objectives", "jaxtok.train.rewards", "jaxtok.decode")
 
 
 def import_registering_modules(modules: Sequence[str] = _REGISTERING_MODULES) -> list[str]:
@@ -382,6 +411,8 @@ def validate_names(cfg: Config) -> None:
     else:
         check_name(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
     check_name(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args, "objective.args")
+    if cfg.objective.name in OBJECTIVES:
+        _check_rollout(cfg, OBJECTIVES.entry(cfg.objective.name).meta)
     if cfg.model.hf_path is None and not import_registering_modules(("jaxtok.models.presets",)):
         presets = importlib.import_module("jaxtok.models.presets")
         if cfg.model.preset not in presets.PRESETS:
@@ -394,11 +425,30 @@ def validate_names(cfg: Config) -> None:
         check_name(policies, "decode.policy", cfg.decode.policy, cfg.decode.policy_args, "decode.policy_args")
 
 
+def _check_rollout(cfg: Config, meta) -> None:
+    """Rollout objectives: group size divides the batch, the frozen models they name are configured, reward
+    names are registered."""
+    ro = cfg.rollout
+    if meta.get("data") != "rollout":
+        return
+    if cfg.data.batch_size % ro.num_generations:
+        raise ConfigError(f"rollout.num_generations={ro.num_generations}: must divide data.batch_size="
+                          f"{cfg.data.batch_size} (rows = prompts x completions)")
+    if "teacher" in meta.get("models", ()) and not ro.teacher_init_from:
+        raise ConfigError(f"rollout.teacher_init_from=None: objective {cfg.objective.name!r} needs a teacher run "
+                          f"directory")
+    for name in ro.rewards:
+        check_name(REWARDS, "rollout.rewards", name)
+
+
 def check_paths(cfg: Config) -> None:
     """Input paths named by ``cfg`` must exist. Checked by the commands that run, not by ``jaxtok validate``:
     a config may name run directories that an earlier recipe stage creates."""
     paths = {"model.hf_path": cfg.model.hf_path, "model.init_from": cfg.model.init_from,
-             "decode.draft_init_from": cfg.decode.draft_init_from}
+             "decode.draft_init_from": cfg.decode.draft_init_from,
+             "rollout.teacher_init_from": cfg.rollout.teacher_init_from}
+    if cfg.rollout.reference not in ("none", "init"):
+        paths["rollout.reference"] = cfg.rollout.reference
     if cfg.data.task in ("jsonl", "parquet"):
         paths["data.path"] = cfg.data.path
     for key, value in paths.items():

@@ -12,8 +12,11 @@ A run directory that already holds a checkpoint is resumed from its last good on
 (last checkpoint at ``train.steps``) is not trained again, which is what lets recipe stages and the model zoo be
 cached. ``model.init_from`` points at an earlier run directory: its parameters and tokenizer seed this run.
 
-The loop drives objectives that consume SFT batches (``{tokens, positions, valid, loss_mask}``); objectives are
-``fn(model, batch, rng, args) -> (loss_sum, count, aux)`` from ``OBJECTIVES``.
+Objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count, aux)`` from ``OBJECTIVES``; the entry's
+meta says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions, valid, loss_mask}`` of the task.
+``data="rollout"``: every ``rollout.inner_epochs`` steps, prompts of the task are completed by the current policy and
+scored (:mod:`jaxtok.train.rollout`); ``models=("teacher", "reference")`` names the frozen models the step passes
+(``rollout.teacher_init_from``; ``rollout.reference`` = ``init`` for the initial policy or a run directory).
 """
 
 from __future__ import annotations
@@ -96,14 +99,43 @@ def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
     return Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
 
 
-def build_objective(cfg) -> Callable:
-    """``loss_fn(model, batch, rng)`` of the configured objective with its parsed arguments bound."""
+def objective_entry(cfg):
+    """The registry entry of ``objective.name`` (its ``meta`` says which data and frozen models it needs)."""
     import jaxtok.train.objectives  # noqa: F401  (registration)
     from jaxtok.registry import OBJECTIVES
 
-    fn = OBJECTIVES.get(cfg.objective.name, "objective.name")
+    return OBJECTIVES.entry(cfg.objective.name, "objective.name")
+
+
+def build_objective(cfg) -> Callable:
+    """``loss_fn(model, batch, rng, **frozen)`` of the configured objective with its parsed arguments bound."""
+    from jaxtok.registry import OBJECTIVES
+
+    fn = objective_entry(cfg).fn
     args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
     return functools.partial(fn, args=args) if args is not None else fn
+
+
+def build_frozen_models(cfg, names, vocab_size: int, mesh=None) -> dict:
+    """The frozen models an objective names (entry meta ``models``): ``teacher`` from ``rollout.teacher_init_from``;
+    ``reference`` from ``rollout.reference`` (``init``: the initial policy, rebuilt so a resumed run gets the same
+    one; a run directory; ``none``: not passed, the objective sees ``reference=None``)."""
+    out = {}
+    for name in names:
+        if name == "teacher":
+            if not cfg.rollout.teacher_init_from:
+                raise ValueError(f"objective {cfg.objective.name!r} needs rollout.teacher_init_from")
+            out["teacher"], _ = load_model(cfg.rollout.teacher_init_from, mesh=mesh)
+        elif name == "reference":
+            ref = cfg.rollout.reference
+            if ref == "init":
+                out["reference"] = mesh_lib.shard_model(build_model(cfg, vocab_size, mesh=mesh), mesh)
+            elif ref != "none":
+                out["reference"], _ = load_model(ref, mesh=mesh)
+        else:
+            raise ValueError(f"objective {cfg.objective.name!r} asks for an unknown frozen model {name!r}; "
+                             f"known: teacher, reference")
+    return out
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -126,6 +158,7 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
     from jaxtok.data import prompt_dataset
     from jaxtok.decode.generate import generate
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
+    from jaxtok.train.rollout import fetch
 
     n = num_examples or cfg.data.num_eval
     B = cfg.decode.batch_size
@@ -139,7 +172,7 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
         valid = np.concatenate([batch["prompt_valid"], np.repeat(batch["prompt_valid"][:1], B - rows, 0)])
         out = generate(model, prompt, valid, max_new_tokens=cfg.decode.max_new_tokens, temperature=0.0,
                        rng=jax.random.key(0), stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh)
-        tokens = np.asarray(jax.device_get(_gather(out.tokens)))
+        tokens = fetch(out.tokens)
         for r in range(rows):
             example = task.example("eval", int(batch["index"][r]))
             text = decode(tok, tokens[r])
@@ -147,15 +180,6 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
             fmt += bool(task.format_ok(text))
             total += 1
     return {"exact_match": hits / max(total, 1), "format_ok": fmt / max(total, 1), "num_examples": total}
-
-
-def _gather(x: jax.Array) -> jax.Array:
-    """A fully replicated copy of ``x`` so every process can read it."""
-    if jax.process_count() == 1 or x.is_fully_replicated:
-        return x
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(x, tiled=True)
 
 
 def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
@@ -197,9 +221,10 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     ``final_eval=False`` skips the held-out evaluation after the last step.
     """
     from jaxtok.config import build_optimizer
-    from jaxtok.data import make_task_from_config, sft_dataset
+    from jaxtok.data import make_task_from_config, prompt_dataset, sft_dataset
     from jaxtok.tasks import save_tokenizer
-    from jaxtok.train.step import init_train_state, make_train_step
+    from jaxtok.train import rollout as rollout_lib
+    from jaxtok.train.step import frozen_states, init_train_state, make_train_step
 
     mesh_lib.initialize_distributed(cfg.mesh)
     run_dir = Path(run_dir)
@@ -218,15 +243,27 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
 
     model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
+    entry = objective_entry(cfg)
     loss_fn = build_objective(cfg)
+    frozen = build_frozen_models(cfg, entry.meta.get("models", ()), tok.get_vocab_size(), mesh=mesh)
     graphdef, state = init_train_state(model, optimizer, seed=cfg.train.seed, mesh=mesh)
-    step_fn = make_train_step(model, optimizer, loss_fn, mesh=mesh, micro_batches=cfg.train.micro_batches)
+    step_fn = make_train_step(model, optimizer, loss_fn, mesh=mesh, micro_batches=cfg.train.micro_batches,
+                              frozen=frozen or None)
+    frozen_args = (frozen_states(frozen),) if frozen else ()
     model_cfg = model.cfg
     del model  # the train state owns the (placed, donated) parameters from here on
 
-    ds, dropped = sft_dataset(task, "train", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                              num_examples=cfg.data.num_train, seed=cfg.data.seed, overlong=cfg.data.overlong,
-                              worker_count=cfg.data.worker_count)
+    rollouts = entry.meta.get("data", "sft") == "rollout"
+    if rollouts:
+        ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len,
+                                     batch_size=cfg.data.batch_size // cfg.rollout.num_generations,
+                                     num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True,
+                                     num_epochs=None, drop_remainder=True, overlong=cfg.data.overlong,
+                                     worker_count=cfg.data.worker_count)
+    else:
+        ds, dropped = sft_dataset(task, "train", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                  num_examples=cfg.data.num_train, seed=cfg.data.seed, overlong=cfg.data.overlong,
+                                  worker_count=cfg.data.worker_count)
     it = iter(ds)
     ck = ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, max_to_keep=cfg.train.keep_checkpoints)
     start = 0
@@ -249,17 +286,28 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     bar = _progress(total, start, cfg.run.progress and jax.process_index() == 0)
     last: dict = {}
     tokens_since, t0 = 0, time.perf_counter()
+    placed, rollout_info = None, {}
     try:
         for step in range(start + 1, total + 1):
-            batch = next(it)
+            if not rollouts:
+                batch = next(it)
+                placed = mesh_lib.put_batch(batch, mesh)
+            elif placed is None or (step - 1) % cfg.rollout.inner_epochs == 0:
+                policy = nnx.merge(graphdef, state.params, state.rest)
+                ro = rollout_lib.collect(policy, next(it), task=task, tokenizer=tok, settings=cfg.rollout,
+                                         rng=jax.random.fold_in(jax.random.key(cfg.train.seed), step), mesh=mesh,
+                                         teacher=frozen.get("teacher"), prepare=entry.meta.get("prepare"))
+                del policy
+                batch, rollout_info = ro.batch, ro.info
+                placed = mesh_lib.put_batch(batch, mesh)
             tokens_since += int(np.sum(batch["valid"]))
-            state, metrics = step_fn(state, mesh_lib.put_batch(batch, mesh))
+            state, metrics = step_fn(state, placed, *frozen_args)
             if on_step is not None:
                 on_step(step, metrics)
             if step % cfg.train.log_every == 0 or step == total:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "step"}
                 dt = max(time.perf_counter() - t0, 1e-9)
-                host.update(tokens_per_s=tokens_since / dt, dropped_overlong=dropped.count)
+                host.update(tokens_per_s=tokens_since / dt, dropped_overlong=dropped.count, **rollout_info)
                 metrics_out.write(step, host)
                 bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
                 last = host

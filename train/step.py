@@ -111,9 +111,11 @@ def _aux_parts(aux: dict, count: jax.Array) -> dict:
     return out
 
 
-def _sums(graphdef, loss_fn: LossFn, params, rest, batch, rng):
-    """``grad`` target: Σ loss over one (micro-)batch, with ``(count, aux)`` as auxiliary output."""
-    loss_sum, count, aux = loss_fn(merge(graphdef, params, rest), batch, rng)
+def _sums(graphdef, loss_fn: LossFn, params, rest, batch, rng, frozen_graphdefs=None, frozen=None):
+    """``grad`` target: Σ loss over one (micro-)batch, with ``(count, aux)`` as auxiliary output. Frozen models
+    (teacher, reference) are merged from their own states and passed by name; no gradient reaches them."""
+    models = {k: nnx.merge(frozen_graphdefs[k], frozen[k]) for k in (frozen or {})}
+    loss_sum, count, aux = loss_fn(merge(graphdef, params, rest), batch, rng, **models)
     return jnp.asarray(loss_sum, jnp.float32), (jnp.asarray(count, jnp.float32), _aux_parts(aux, count))
 
 
@@ -130,8 +132,13 @@ def make_train_step(
     rules=DEFAULT_RULES,
     micro_batches: int = 1,
     donate: bool = True,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """A jitted ``step(state, batch) -> (state, metrics)``.
+    frozen: Optional[dict[str, nnx.Module]] = None,
+) -> Callable[..., tuple[TrainState, dict]]:
+    """A jitted ``step(state, batch) -> (state, metrics)``, or ``step(state, batch, frozen_states)`` when
+    ``frozen`` names models the loss needs besides the policy (``{"teacher": model}``): the loss is then called as
+    ``loss_fn(model, batch, rng, teacher=...)`` and ``frozen_states`` is :func:`frozen_states` of them — passed as
+    an argument (sharded like parameters, not donated) rather than closed over, so their weights are never baked
+    into the compiled program as constants.
 
     Gradient accumulation: the batch ``[B, ...]`` is split into ``micro_batches`` and scanned; loss sums, counts
     and gradient sums are accumulated and divided once by the total count, so uneven token counts are weighed
@@ -143,9 +150,11 @@ def make_train_step(
     if micro_batches < 1:
         raise ValueError(f"micro_batches={micro_batches}: must be >= 1")
     graphdef = nnx.graphdef(model)
-    value_and_grad = jax.value_and_grad(lambda p, r, b, k: _sums(graphdef, loss_fn, p, r, b, k), has_aux=True)
+    frozen_graphdefs = {k: nnx.graphdef(m) for k, m in (frozen or {}).items()}
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, frozen_state=None):
+        value_and_grad = jax.value_and_grad(
+            lambda p, r, b, k: _sums(graphdef, loss_fn, p, r, b, k, frozen_graphdefs, frozen_state), has_aux=True)
         with axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
             rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
             if micro_batches == 1:
@@ -174,12 +183,21 @@ def make_train_step(
             metrics.update({k: _ratio(s, c) for k, (s, c) in aux.items()})
             return new_state, metrics
 
+    donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0,) if donate else ())
+        return jax.jit(step, donate_argnums=donate_argnums)
     shardings = state_shardings(model, optimizer, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, rules)), out_shardings=(shardings, replicated),
-                   donate_argnums=(0,) if donate else ())
+    in_shardings = (shardings, batch_sharding(mesh, rules))
+    if frozen:
+        in_shardings += (param_shardings(frozen_states(frozen), mesh, rules),)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated),
+                   donate_argnums=donate_argnums)
+
+
+def frozen_states(frozen: dict[str, nnx.Module]) -> dict:
+    """``{name: nnx.State}`` of frozen models, the third argument of a step built with ``frozen``."""
+    return {k: nnx.state(m) for k, m in frozen.items()}
 
 
 def make_eval_step(

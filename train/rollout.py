@@ -1,0 +1,164 @@
+"""On-policy rollouts for distillation and RL objectives (train_methods.md §0).
+
+One rollout turns a left-padded prompt batch ``{prompt [G, P], prompt_valid [G, P], index [G]}`` into the batch a
+rollout objective consumes (``B = G · n`` rows, the ``n`` completions of a prompt contiguous):
+
+1. :func:`expand_groups` repeats every prompt ``n = rollout.num_generations`` times;
+2. the jitted sampler :func:`jaxtok.decode.generate.generate` completes them with the current policy (or, for the
+   GKD-style ``off_policy_fraction`` of prompt groups, with the teacher);
+3. :func:`assemble` lays prompt and completion side by side in the SFT convention (``loss_mask[t]``: token ``t``
+   is a completion token predicted from position ``t-1``);
+4. :func:`score_tokens` recomputes the behaviour log-probs and entropies with one forward of the training model at
+   the sampling temperature and without top-k/top-p filters, so the objective's first inner epoch sees ratio 1
+   exactly (verl's "recompute old log-prob");
+5. :func:`jaxtok.train.rewards.score` rewards the decoded completions on the host, and the objective's ``prepare``
+   hook (entry meta, e.g. TRACE's span annotator) adds its own arrays.
+
+The result (:class:`Rollout`) holds host numpy arrays; the loop places them on the mesh once and runs
+``rollout.inner_epochs`` optimizer steps on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtok import mesh as mesh_lib
+from jaxtok.stats import chunked_map
+from jaxtok.tasks.tokenizer import SpecialTokens, decode
+
+
+@dataclasses.dataclass
+class Rollout:
+    """A scored rollout batch: ``batch`` (numpy arrays, the objective's input), the decoded ``completions`` and
+    their task ``examples`` (host side), and scalar ``info`` for the metrics log."""
+
+    batch: dict
+    completions: list
+    examples: list
+    info: dict
+
+
+def expand_groups(prompts: dict, n: int) -> dict:
+    """Repeat every row ``n`` times (rows of one prompt contiguous): ``[G, ...] -> [G·n, ...]``."""
+    return {k: np.repeat(np.asarray(v), n, axis=0) for k, v in prompts.items()}
+
+
+def assemble(prompt: np.ndarray, prompt_valid: np.ndarray, completion: np.ndarray,
+             completion_valid: np.ndarray) -> dict:
+    """Prompt ``[B, P]`` (left-padded) + completion ``[B, N]`` -> ``tokens, positions, valid, loss_mask [B, P+N]``.
+
+    Positions count valid tokens (``cumsum(valid) - 1``, 0 on padding), matching generation's positions, so the
+    scoring forward sees the same inputs as the sampler did."""
+    tokens = np.concatenate([prompt, completion], axis=1).astype(np.int32)  # [B, T]
+    valid = np.concatenate([prompt_valid, completion_valid], axis=1).astype(bool)  # [B, T]
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)  # [B, T]
+    loss_mask = np.concatenate([np.zeros_like(prompt_valid, bool), completion_valid.astype(bool)], axis=1)
+    return {"tokens": tokens, "positions": positions, "valid": valid, "loss_mask": loss_mask}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def _score_jit(graphdef, state, tokens, positions, valid, temperature, *, chunk_size):
+    model = nnx.merge(graphdef, state)
+    hidden = model(tokens, positions=positions, valid=valid, return_logits=False, return_hidden=True).hidden
+    B, T = tokens.shape
+
+    def one(chunk):  # hidden at t-1 scores token t
+        logits = model.logits(chunk["hidden"]).astype(jnp.float32) / chunk["temperature"][:, None]  # [C, V]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        lp = jnp.take_along_axis(logp, chunk["target"][:, None], axis=-1)[:, 0]
+        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        return {"logp": lp, "entropy": ent}
+
+    tree = {"hidden": hidden[:, :-1], "target": tokens[:, 1:],
+            "temperature": jnp.broadcast_to(temperature[:, None], (B, T - 1))}
+    out = chunked_map(one, tree, chunk_size=chunk_size, token_ndim=2, remat=False)  # [B, T-1]
+    pad = jnp.zeros((B, 1), jnp.float32)
+    return jnp.concatenate([pad, out["logp"]], 1), jnp.concatenate([pad, out["entropy"]], 1)
+
+
+def score_tokens(model: nnx.Module, batch: dict, temperature: np.ndarray, *, mesh=None, chunk_size: int = 1024):
+    """Per-token log-prob of ``tokens[t]`` under ``softmax(logits[t-1] / temperature)`` and that distribution's
+    entropy (nats), both float32 ``[B, T]``, 0 off ``loss_mask``. The float32 log-softmax runs over token chunks
+    (no ``[B, T, V]`` float32 array)."""
+    graphdef, state = nnx.split(model)
+    placed = mesh_lib.put_batch({k: batch[k] for k in ("tokens", "positions", "valid")}
+                                | {"temperature": np.asarray(temperature, np.float32)}, mesh)
+    logp, ent = _score_jit(graphdef, state, placed["tokens"], placed["positions"], placed["valid"],
+                           placed["temperature"], chunk_size=chunk_size)
+    mask = batch["loss_mask"]
+    return np.where(mask, fetch(logp), 0.0).astype(np.float32), np.where(mask, fetch(ent), 0.0).astype(np.float32)
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+    """A host numpy copy of a global array (gathered across processes when it is not fully addressable)."""
+    if jax.process_count() > 1 and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh):
+    from jaxtok.decode.generate import generate
+
+    out = generate(model, prompt, prompt_valid, max_new_tokens=settings.max_new_tokens,
+                   temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, rng=rng,
+                   stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh)
+    return fetch(out.tokens), fetch(out.valid)
+
+
+def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None,
+            teacher: Optional[nnx.Module] = None, prepare: Optional[Callable] = None,
+            chunk_size: int = 1024) -> Rollout:
+    """One scored rollout batch (module docstring); ``settings`` is the config's ``rollout`` section.
+
+    Batch keys: ``tokens, positions, valid, loss_mask [B, T]``, ``old_logprobs, entropy [B, T]`` float32,
+    ``rewards [B]`` float32, ``group_ids [B]`` int32, ``temperature [B]`` float32, ``on_policy [B]`` bool
+    (False for rows the teacher completed), plus whatever ``prepare`` returns.
+    """
+    sp = SpecialTokens.of(tokenizer)
+    n = settings.num_generations
+    rows = expand_groups(prompts, n)
+    G = len(prompts["prompt"])
+    k_student, k_teacher, k_mix = jax.random.split(rng, 3)
+    completion, completion_valid = _sample(model, rows["prompt"], rows["prompt_valid"], settings, k_student, sp, mesh)
+    on_policy = np.ones(G * n, bool)
+    if settings.off_policy_fraction > 0:
+        if teacher is None:
+            raise ValueError("rollout.off_policy_fraction > 0 needs a teacher (rollout.teacher_init_from)")
+        groups = np.asarray(jax.random.uniform(k_mix, (G,))) < settings.off_policy_fraction
+        if groups.any():
+            t_tok, t_valid = _sample(teacher, rows["prompt"], rows["prompt_valid"], settings, k_teacher, sp, mesh)
+            on_policy = ~np.repeat(groups, n)
+            completion = np.where(on_policy[:, None], completion, t_tok)
+            completion_valid = np.where(on_policy[:, None], completion_valid, t_valid)
+    batch = assemble(rows["prompt"], rows["prompt_valid"], completion, completion_valid)
+    temperature = np.full((G * n,), settings.temperature, np.float32)
+    batch["old_logprobs"], batch["entropy"] = score_tokens(model, batch, temperature, mesh=mesh,
+                                                           chunk_size=chunk_size)
+    from jaxtok.data import examples_of
+    from jaxtok.train.rewards import score
+
+    examples = examples_of(task, "train", rows)
+    completions = [decode(tokenizer, completion[b][completion_valid[b]]) for b in range(G * n)]
+    batch.update(rewards=score(task, completions, examples, settings.rewards),
+                 group_ids=(np.arange(G * n) // n).astype(np.int32), temperature=temperature, on_policy=on_policy)
+    if prepare is not None:
+        extra = prepare(batch, completions, examples, task, tokenizer)
+        clash = set(extra) & set(batch)
+        if clash:
+            raise ValueError(f"prepare hook returned keys that already exist in the rollout batch: {sorted(clash)}")
+        batch.update(extra)
+    lengths = completion_valid.sum(axis=1)
+    info = {"rollout/reward_mean": float(batch["rewards"].mean()),
+            "rollout/exact_match": float(np.mean([task.reward(c, e) >= 1.0 for c, e in zip(completions, examples)])),
+            "rollout/length_mean": float(lengths.mean()),
+            "rollout/entropy_mean": float(batch["entropy"].sum() / max(batch["loss_mask"].sum(), 1))}
+    return Rollout(batch=batch, completions=completions, examples=examples, info=info)
