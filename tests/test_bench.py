@@ -55,3 +55,29 @@ def test_decode_bench_writes_consistent_results(tmp_path):
     for row in res["rows"]:
         assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] * 3 / (row["ms_per_step"] * 3 / 1e3))
         assert row["achieved_gb_s"] * 1e9 == pytest.approx(row["bandwidth_utilisation"] * res["peak_bandwidth"])
+
+
+def test_sweep_bench_compares_variants_side_by_side(tmp_path):
+    """Two variants of one config, trained and tabulated together; a bad variant override fails before any run."""
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "model: {preset: tiny_draft}\n"
+        "data: {task: arith, task_args: {digits: 1}, seq_len: 24, prompt_len: 10, batch_size: 8, num_eval: 8}\n"
+        "optimizer: {schedule: constant}\n"
+        "train: {steps: 3, log_every: 1, eval_batches: 1}\n"
+        "decode: {max_new_tokens: 8, batch_size: 8}\n"
+        f"run: {{out_dir: {tmp_path / 'runs'}, progress: false}}\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "bench:\n  name: sweep\n  args:\n"
+        f"    config: {base}\n"
+        "    variants: {slow: [optimizer.lr=1.0e-4], fast: [optimizer.lr=1.0e-2]}\n"
+        "    metrics: [train/loss, eval/exact_match]\n    curve: loss\n"
+        f"run: {{out_dir: {tmp_path}, name: sw}}\n")
+    assert cli.main(["bench", str(sweep)]) == 0
+    res = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert [r["variant"] for r in res["table"]] == ["slow", "fast"]
+    assert (tmp_path / "sw" / "curve.png").exists() and (tmp_path / "sw" / "fast" / "seed0" / "summary.json").exists()
+    loss = {r["variant"]: r["train/loss"] for r in res["table"]}
+    assert loss["fast"] < loss["slow"]  # three steps at lr 1e-2 move a random model further than at 1e-4
+    assert cli.main(["bench", str(sweep), "bench.args.variants.bad=[optimizer.lr=-1]"]) == 2

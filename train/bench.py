@@ -1,5 +1,7 @@
 """``jaxtok bench``: measured throughput against the device's limits.
 
+``sweep``: training variants of one config side by side (reproductions: TIP selections, RL loss modes).
+
 ``train``: the jitted train step of :mod:`jaxtok.train.step` (SFT loss) at several batch sizes. Reports step time,
 tokens/s, model FLOPs per token (:func:`jaxtok.models.flops_per_token`, MaxText-style: 3x forward, causal
 attention at half), achieved FLOP/s, MFU = achieved / peak, and the compiled step's memory (XLA memory analysis).
@@ -113,6 +115,84 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
                                                      ax.set_xlabel("batch size"), ax.set_ylabel("tokens/s"),
                                                      ax.set_xscale("log", base=2))})
     return {"tokens_per_s": rows[-1]["tokens_per_s"], "mfu": rows[-1]["mfu"], "peak_source": peak_src}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepArgs:
+    """A side-by-side comparison of training variants (a reproduction, not a timing): every variant starts from
+    ``config`` with its own dotted ``overrides``, runs once per seed, and the table reports the final ``metrics``
+    (mean and spread over seeds) and wall time; ``curve`` (a key of the runs' ``metrics.jsonl``) is plotted against
+    the step for every variant."""
+
+    config: str = ""
+    variants: dict = dataclasses.field(default_factory=dict)  # name -> list of "key=value" overrides
+    seeds: tuple[int, ...] = (0,)
+    metrics: tuple[str, ...] = ("eval/exact_match",)
+    curve: str = "eval/exact_match"
+
+    def __post_init__(self):
+        if not self.config:
+            raise ValueError("config: the experiment config every variant starts from is required")
+        if not self.variants:
+            raise ValueError("variants: give at least one {name: [overrides]}")
+        for name, ov in self.variants.items():
+            if not isinstance(ov, (list, tuple)) or not all(isinstance(o, str) and "=" in o for o in ov):
+                raise ValueError(f"variants.{name}={ov!r}: a list of 'key=value' strings")
+        if not self.seeds:
+            raise ValueError("seeds: at least one")
+
+
+def _variant_config(args: SweepArgs, name: str, seed: int):
+    from jaxtok.config import check_paths, load_config, validate_names
+
+    cfg = load_config(args.config, [*args.variants[name], f"train.seed={seed}", "run.progress=false"])
+    validate_names(cfg)
+    check_paths(cfg)
+    return cfg
+
+
+@BENCHES.register("sweep", SweepArgs)
+def sweep_bench(cfg, run_dir: str | Path, args: SweepArgs) -> dict:
+    """Train every variant x seed of ``args`` into ``<run_dir>/<variant>/seed<k>`` (finished runs are reused) and
+    compare them in one table and one learning-curve plot."""
+    from jaxtok.metrics import read_jsonl
+    from jaxtok.train.loop import train
+
+    del cfg
+    configs = {(v, s): _variant_config(args, v, s) for v in args.variants for s in args.seeds}  # fail early
+    rows, curves = [], {}
+    for (variant, seed), vcfg in configs.items():
+        out_dir = Path(run_dir) / variant / f"seed{seed}"
+        t0 = time.perf_counter()
+        summary = train(vcfg, out_dir)
+        row = {"variant": variant, "seed": seed, "wall_s": time.perf_counter() - t0}
+        row.update({m: summary.get(m) for m in args.metrics})
+        rows.append(row)
+        pts = [(r["step"], r[args.curve]) for r in read_jsonl(out_dir / "metrics.jsonl") if args.curve in r]
+        curves.setdefault(variant, []).append(dict(pts))
+    table = []
+    for variant in args.variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        entry = {"variant": variant, "seeds": len(mine)}
+        for m in args.metrics:
+            vals = np.array([r[m] for r in mine if r[m] is not None], float)
+            entry[m] = float(vals.mean()) if vals.size else None
+            entry[f"{m} sd"] = float(vals.std()) if vals.size > 1 else 0.0
+        entry["wall_s"] = float(np.mean([r["wall_s"] for r in mine]))
+        table.append(entry)
+
+    def draw(ax):
+        for variant, runs in curves.items():
+            steps = sorted(set().union(*runs))
+            mean = [np.mean([r[s] for r in runs if s in r]) for s in steps]
+            ax.plot(steps, mean, "o-", label=variant)
+        ax.set_xlabel("step")
+        ax.set_ylabel(args.curve)
+        ax.legend(fontsize=7)
+
+    results = {"bench": "sweep", "config": args.config, "seeds": list(args.seeds), "rows": rows, "table": table}
+    write_results(run_dir, results, table, title=f"sweep over {args.config}", plots={"curve": draw})
+    return {"table": table}
 
 
 def run_bench(cfg, run_dir: str | Path) -> dict:
