@@ -25,6 +25,7 @@ def test_train_bench_writes_consistent_results(tmp_path):
     assert res["train_flops_per_token"] == fpt
     for row in res["rows"]:
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * 16 / (row["step_ms"] / 1e3))
+        assert row["flops_per_token"] == fpt and row["objective"] == "sft"
         assert row["mfu"] == pytest.approx(row["tokens_per_s"] * fpt / res["peak_flops"])
         assert row["mfu"] > 0
 

@@ -35,17 +35,27 @@ PEAK_FLOPS = {
 
 @dataclasses.dataclass(frozen=True)
 class TrainBenchArgs:
+    """``objectives``: ``[{name, args}]`` from OBJECTIVES, each timed at every batch size; rollout objectives get a
+    synthetic rollout batch (prompt = first half of ``seq_len``, groups of ``group_size``) and random frozen models
+    of the same preset (``teacher_preset`` for a teacher)."""
+
     batch_sizes: tuple[int, ...] = (8, 16, 32)
     seq_len: int = 64
     steps: int = 10  # timed steps per batch size
     warmup: int = 2  # untimed steps after compilation
     calibration_size: int = 1024  # CPU: square matmul size of the peak calibration
+    objectives: tuple[dict, ...] = ({"name": "sft"},)
+    group_size: int = 4
+    teacher_preset: str = ""  # "" = the benchmarked preset
 
     def __post_init__(self):
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes={self.batch_sizes}: positive integers")
         if self.seq_len < 2 or self.steps < 1 or self.warmup < 0:
             raise ValueError("seq_len >= 2, steps >= 1, warmup >= 0")
+        for i, o in enumerate(self.objectives):
+            if not isinstance(o, dict) or "name" not in o or set(o) - {"name", "args"}:
+                raise ValueError(f"objectives[{i}]={o!r}: expected {{name: ..., args: {{...}}}}")
 
 
 def peak_flops(calibration_size: int = 1024) -> tuple[float, str]:
@@ -71,49 +81,104 @@ def _batch(B: int, T: int, vocab: int, seed: int) -> dict:
             "valid": np.ones((B, T), bool), "loss_mask": np.ones((B, T), bool)}
 
 
+def _rollout_batch(B: int, T: int, vocab: int, seed: int, group_size: int) -> dict:
+    """A synthetic rollout batch (train/rollout.py contract): the second half of every row is the completion."""
+    rng = np.random.default_rng(seed)
+    batch = _batch(B, T, vocab, seed)
+    batch["loss_mask"][:, : T // 2] = False
+    batch.update(old_logprobs=np.where(batch["loss_mask"], -rng.exponential(2.0, (B, T)), 0.0).astype(np.float32),
+                 entropy=np.where(batch["loss_mask"], rng.uniform(0, 2, (B, T)), 0.0).astype(np.float32),
+                 rewards=rng.integers(0, 2, B).astype(np.float32),
+                 group_ids=(np.arange(B) // group_size).astype(np.int32),
+                 temperature=np.ones(B, np.float32), on_policy=np.ones(B, bool))
+    return batch
+
+
+def _objective(spec: dict):
+    """``(loss_fn, entry)`` of a bench objective spec ``{name, args}``."""
+    import functools
+
+    import jaxtok.train.objectives  # noqa: F401  (registration)
+    from jaxtok.registry import OBJECTIVES
+
+    entry = OBJECTIVES.entry(spec["name"], "bench.args.objectives.name")
+    args = OBJECTIVES.parse_args(spec["name"], spec.get("args"), f"bench.args.objectives[{spec['name']}].args")
+    return (functools.partial(entry.fn, args=args) if args is not None else entry.fn), entry
+
+
+def _label(spec: dict) -> str:
+    args = spec.get("args") or {}
+    return spec["name"] + (" " + " ".join(f"{k}={v}" for k, v in sorted(args.items())) if args else "")
+
+
 @BENCHES.register("train", TrainBenchArgs)
 def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
-    """Train-step throughput and MFU of ``cfg.model.preset`` at each of ``args.batch_sizes``."""
-    from jaxtok.train.objectives.sft import SFTArgs, sft_loss
-    from jaxtok.train.step import init_train_state, make_train_step
+    """Train-step throughput and MFU of ``cfg.model.preset`` for every objective at each of ``args.batch_sizes``.
 
-    model_cfg = presets.get(cfg.model.preset, vocab_size=cfg.model.vocab_size or 64, dtype=cfg.model.dtype,
-                            param_dtype=cfg.model.param_dtype)
+    Model FLOPs per token count what the step must compute: 3x the policy's forward (forward + backward), plus one
+    forward of every frozen model the objective uses (teacher, reference). Selective objectives (TIP) are charged
+    the full count, so a cheaper selected-logits path shows as a higher MFU-equivalent rate, not a different
+    denominator."""
+    from jaxtok.train.step import frozen_states, init_train_state, make_train_step
+
+    def preset(name):
+        return presets.get(name, vocab_size=cfg.model.vocab_size or 64, dtype=cfg.model.dtype,
+                           param_dtype=cfg.model.param_dtype)
+
+    model_cfg = preset(cfg.model.preset)
+    teacher_cfg = preset(args.teacher_preset or cfg.model.preset)
     peak, peak_src = peak_flops(args.calibration_size)
     fpt = flops_per_token(model_cfg, args.seq_len)
     rows = []
-    for B in args.batch_sizes:
-        model = Decoder(model_cfg, rngs=nnx.Rngs(0))
-        opt = build_optimizer(cfg.optimizer, max(args.steps + args.warmup, cfg.optimizer.warmup_steps + 1))
-        step = make_train_step(model, opt, lambda m, b, r: sft_loss(m, b, r, SFTArgs()))
-        _, state = init_train_state(model, opt)
-        batch = _batch(B, args.seq_len, model_cfg.vocab_size, B)
-        t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        for _ in range(args.warmup):
-            state, m = step(state, batch)
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, m = step(state, batch)
-        jax.block_until_ready(state)
-        dt = (time.perf_counter() - t0) / args.steps
-        tok_s = B * args.seq_len / dt
-        achieved = tok_s * fpt.train
-        rows.append({"batch": B, "seq_len": args.seq_len, "step_ms": dt * 1e3, "tokens_per_s": tok_s,
-                     "achieved_tflops": achieved / 1e12, "mfu": achieved / peak, "compile_s": compile_s,
-                     "temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else None,
-                     "loss": float(m["loss"])})
+    for spec in args.objectives:
+        loss_fn, entry = _objective(spec)
+        names = entry.meta.get("models", ())
+        frozen = {n: Decoder(teacher_cfg if n == "teacher" else model_cfg, rngs=nnx.Rngs(1)) for n in names}
+        step_fpt = fpt.train + sum(flops_per_token(m.cfg, args.seq_len).forward for m in frozen.values())
+        extra = (frozen_states(frozen),) if frozen else ()
+        for B in args.batch_sizes:
+            model = Decoder(model_cfg, rngs=nnx.Rngs(0))
+            opt = build_optimizer(cfg.optimizer, max(args.steps + args.warmup, cfg.optimizer.warmup_steps + 1))
+            step = make_train_step(model, opt, loss_fn, frozen=frozen or None)
+            _, state = init_train_state(model, opt)
+            if entry.meta.get("data") == "rollout":
+                batch = _rollout_batch(B, args.seq_len, model_cfg.vocab_size, B, args.group_size)
+            else:
+                batch = _batch(B, args.seq_len, model_cfg.vocab_size, B)
+            t0 = time.perf_counter()
+            compiled = step.lower(state, batch, *extra).compile()
+            compile_s = time.perf_counter() - t0
+            mem = compiled.memory_analysis()
+            for _ in range(args.warmup):
+                state, m = step(state, batch, *extra)
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, m = step(state, batch, *extra)
+            jax.block_until_ready(state)
+            dt = (time.perf_counter() - t0) / args.steps
+            tok_s = B * args.seq_len / dt
+            achieved = tok_s * step_fpt
+            rows.append({"objective": _label(spec), "batch": B, "seq_len": args.seq_len, "step_ms": dt * 1e3,
+                         "tokens_per_s": tok_s, "flops_per_token": step_fpt, "achieved_tflops": achieved / 1e12,
+                         "mfu": achieved / peak, "compile_s": compile_s,
+                         "temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else None,
+                         "loss": float(m["loss"])})
     results = {"bench": "train", "preset": cfg.model.preset, "params": num_params(model_cfg),
                "train_flops_per_token": fpt.train, "peak_flops": peak, "peak_source": peak_src,
                "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "rows": rows}
+
+    def draw(ax):
+        for label in dict.fromkeys(r["objective"] for r in rows):
+            mine = [r for r in rows if r["objective"] == label]
+            ax.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=label)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("tokens/s")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+
     write_results(run_dir, results, rows, title=f"train step, {cfg.model.preset} (peak: {peak_src})",
-                  plots={"tokens_per_s": lambda ax: (ax.plot([r["batch"] for r in rows],
-                                                             [r["tokens_per_s"] for r in rows], "o-"),
-                                                     ax.set_xlabel("batch size"), ax.set_ylabel("tokens/s"),
-                                                     ax.set_xscale("log", base=2))})
+                  plots={"tokens_per_s": draw})
     return {"tokens_per_s": rows[-1]["tokens_per_s"], "mfu": rows[-1]["mfu"], "peak_source": peak_src}
 
 
