@@ -73,6 +73,10 @@ def test_collect_old_logprobs_match_the_sampler(tok, policy):
               for c, e in zip(ro.completions, ro.examples)]
     np.testing.assert_allclose(b["rewards"], expect)
     assert ro.info["rollout/length_mean"] == pytest.approx(np.asarray(out.valid).sum(1).mean())
+    before = rollout._score_jit._cache_size()
+    rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=settings, rng=jax.random.key(8),
+                    chunk_size=5)
+    assert rollout._score_jit._cache_size() == before  # equal shapes: the scoring forward is not recompiled
 
 
 def test_rewards_hand_computed():
