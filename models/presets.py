@@ -44,6 +44,8 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny_student": _tiny(96, 256, 2, 4, 2),
     "tiny_draft": _tiny(48, 128, 1, 2, 1),
     "tiny_diffusion": _tiny(128, 384, 3, 4, 2, mask_token_id=3),
+    # ~25M parameters (~100 MB in float32): the CPU benchmarks' model that does not fit in the caches
+    "small": _tiny(512, 1536, 8, 8, 4),
     # real shapes
     "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8, True),
     "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, 8, True),
