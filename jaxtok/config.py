@@ -186,6 +186,15 @@ class RolloutSection(_Section):
                                        "math_verify)")
     off_policy_fraction: float = _f(0.0, min=0.0, max=1.0,
                                     doc="GKD-style mixing: share of prompt groups completed by the teacher")
+    branches: int = _f(0, min=0, doc="APPO tree rollouts: branch rollouts per prompt from high Branching-Score "
+                                     "tokens (jaxtok.train.branching); 0 = off")
+    branch_gamma: float = _f(1.0, min=0.0, max=1.0, doc="APPO: discount of the future log-ratio in the score")
+    branch_eps: float = _f(0.2, gt=0.0, doc="APPO: clip of the future value Omega to [1-eps, 1+eps]")
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Rows of the rollout batch per prompt: initial completions plus branches."""
+        return self.num_generations + self.branches
 
     def check(self) -> None:
         for name, w in self.rewards.items():
@@ -431,9 +440,9 @@ def _check_rollout(cfg: Config, meta) -> None:
     ro = cfg.rollout
     if meta.get("data") != "rollout":
         return
-    if cfg.data.batch_size % ro.num_generations:
-        raise ConfigError(f"rollout.num_generations={ro.num_generations}: must divide data.batch_size="
-                          f"{cfg.data.batch_size} (rows = prompts x completions)")
+    if cfg.data.batch_size % ro.rows_per_prompt:
+        raise ConfigError(f"rollout.num_generations={ro.num_generations} + rollout.branches={ro.branches}: must "
+                          f"divide data.batch_size={cfg.data.batch_size} (rows = prompts x completions)")
     if "teacher" in meta.get("models", ()) and not ro.teacher_init_from:
         raise ConfigError(f"rollout.teacher_init_from=None: objective {cfg.objective.name!r} needs a teacher run "
                           f"directory")

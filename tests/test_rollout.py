@@ -175,7 +175,7 @@ def _rollout_cfg(tmp_path, teacher_dir, **rollout_kw):
 def test_rollout_config_checks(tmp_path):
     cfg = _rollout_cfg(tmp_path, tmp_path)
     validate_names(cfg)
-    with pytest.raises(ConfigError, match="num_generations=3"):
+    with pytest.raises(ConfigError, match="num_generations=3 \\+ rollout.branches=0"):
         validate_names(dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, num_generations=3)))
     with pytest.raises(ConfigError, match="teacher_init_from"):
         validate_names(dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, teacher_init_from=None)))

@@ -223,6 +223,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     from jaxtok.config import build_optimizer
     from jaxtok.data import make_task_from_config, prompt_dataset, sft_dataset
     from jaxtok.tasks import save_tokenizer
+    from jaxtok.train import branching
     from jaxtok.train import rollout as rollout_lib
     from jaxtok.train.step import frozen_states, init_train_state, make_train_step
 
@@ -254,9 +255,10 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     del model  # the train state owns the (placed, donated) parameters from here on
 
     rollouts = entry.meta.get("data", "sft") == "rollout"
+    collect = branching.collect_appo if cfg.rollout.branches else rollout_lib.collect
     if rollouts:
         ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len,
-                                     batch_size=cfg.data.batch_size // cfg.rollout.num_generations,
+                                     batch_size=cfg.data.batch_size // cfg.rollout.rows_per_prompt,
                                      num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True,
                                      num_epochs=None, drop_remainder=True, overlong=cfg.data.overlong,
                                      worker_count=cfg.data.worker_count)
@@ -294,7 +296,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
                 placed = mesh_lib.put_batch(batch, mesh)
             elif placed is None or (step - 1) % cfg.rollout.inner_epochs == 0:
                 policy = nnx.merge(graphdef, state.params, state.rest)
-                ro = rollout_lib.collect(policy, next(it), task=task, tokenizer=tok, settings=cfg.rollout,
+                ro = collect(policy, next(it), task=task, tokenizer=tok, settings=cfg.rollout,
                                          rng=jax.random.fold_in(jax.random.key(cfg.train.seed), step), mesh=mesh,
                                          teacher=frozen.get("teacher"), prepare=entry.meta.get("prepare"))
                 del policy

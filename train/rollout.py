@@ -111,7 +111,7 @@ def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh)
     out = generate(model, prompt, prompt_valid, max_new_tokens=settings.max_new_tokens,
                    temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, rng=rng,
                    stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh)
-    return fetch(out.tokens), fetch(out.valid)
+    return fetch(out.tokens), fetch(out.valid), fetch(out.logprobs)
 
 
 def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None,
@@ -120,6 +120,7 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
     """One scored rollout batch (module docstring); ``settings`` is the config's ``rollout`` section.
 
     Batch keys: ``tokens, positions, valid, loss_mask [B, T]``, ``old_logprobs, entropy [B, T]`` float32,
+    ``sampler_logprobs [B, T]`` (the sampler's own log-probs, with its filters: APPO's rollout-engine log-prob),
     ``rewards [B]`` float32, ``group_ids [B]`` int32, ``temperature [B]`` float32, ``on_policy [B]`` bool
     (False for rows the teacher completed), plus whatever ``prepare`` returns.
     """
@@ -128,18 +129,22 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
     rows = expand_groups(prompts, n)
     G = len(prompts["prompt"])
     k_student, k_teacher, k_mix = jax.random.split(rng, 3)
-    completion, completion_valid = _sample(model, rows["prompt"], rows["prompt_valid"], settings, k_student, sp, mesh)
+    completion, completion_valid, sampler_lp = _sample(model, rows["prompt"], rows["prompt_valid"], settings, k_student,
+                                                       sp, mesh)
     on_policy = np.ones(G * n, bool)
     if settings.off_policy_fraction > 0:
         if teacher is None:
             raise ValueError("rollout.off_policy_fraction > 0 needs a teacher (rollout.teacher_init_from)")
         groups = np.asarray(jax.random.uniform(k_mix, (G,))) < settings.off_policy_fraction
         if groups.any():
-            t_tok, t_valid = _sample(teacher, rows["prompt"], rows["prompt_valid"], settings, k_teacher, sp, mesh)
+            t_tok, t_valid, t_lp = _sample(teacher, rows["prompt"], rows["prompt_valid"], settings, k_teacher, sp,
+                                           mesh)
             on_policy = ~np.repeat(groups, n)
             completion = np.where(on_policy[:, None], completion, t_tok)
             completion_valid = np.where(on_policy[:, None], completion_valid, t_valid)
+            sampler_lp = np.where(on_policy[:, None], sampler_lp, t_lp)
     batch = assemble(rows["prompt"], rows["prompt_valid"], completion, completion_valid)
+    batch["sampler_logprobs"] = np.concatenate([np.zeros_like(rows["prompt"], np.float32), sampler_lp], axis=1)
     temperature = np.full((G * n,), settings.temperature, np.float32)
     batch["old_logprobs"], batch["entropy"] = score_tokens(model, batch, temperature, mesh=mesh,
                                                            chunk_size=chunk_size)
