@@ -15,8 +15,11 @@ cached. ``model.init_from`` points at an earlier run directory: its parameters a
 Objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count, aux)`` from ``OBJECTIVES``; the entry's
 meta says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions, valid, loss_mask}`` of the task.
 ``data="rollout"``: every ``rollout.inner_epochs`` steps, prompts of the task are completed by the current policy and
-scored (:mod:`jaxtok.train.rollout`); ``models=("teacher", "reference")`` names the frozen models the step passes
-(``rollout.teacher_init_from``; ``rollout.reference`` = ``init`` for the initial policy or a run directory).
+scored (:mod:`jaxtok.train.rollout`; APPO tree rollouts with ``rollout.branches``); ``data="documents"``: SFT rows
+handed to the objective's own ``collect`` (REFINE). ``models=("teacher", "reference")`` names the frozen models the
+step passes (``rollout.teacher_init_from``; ``rollout.reference`` = ``init`` for the initial policy or a run
+directory); ``collect=fn(policy, batch, *, task, tokenizer, settings, rng, mesh, teacher, prepare, args)`` replaces
+the default collector.
 """
 
 from __future__ import annotations
@@ -254,9 +257,15 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     model_cfg = model.cfg
     del model  # the train state owns the (placed, donated) parameters from here on
 
-    rollouts = entry.meta.get("data", "sft") == "rollout"
+    data_kind = entry.meta.get("data", "sft")
+    rollouts = data_kind in ("rollout", "documents")
     collect = branching.collect_appo if cfg.rollout.branches else rollout_lib.collect
-    if rollouts:
+    if "collect" in entry.meta:  # the objective's own collector gets its parsed arguments
+        from jaxtok.registry import OBJECTIVES
+
+        collect = functools.partial(entry.meta["collect"], args=OBJECTIVES.parse_args(
+            cfg.objective.name, cfg.objective.args, "objective.args"))
+    if data_kind == "rollout":
         ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len,
                                      batch_size=cfg.data.batch_size // cfg.rollout.rows_per_prompt,
                                      num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True,
