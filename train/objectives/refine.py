@@ -53,6 +53,7 @@ class RefineArgs:
     ntp_tokens: str = "all"
     eps_low: float = 0.2
     eps_high: float = 0.2
+    chunk_size: int = 1024  # tokens per float32 log-softmax chunk of the NTP term
 
     def __post_init__(self):
         if self.n_chunks < 1 or self.rollout_len < 1 or self.margin < 0:
@@ -188,7 +189,8 @@ def _ntp(model, batch, args: RefineArgs):
     from jaxtok.train.objectives.sft import SFTArgs, _token_stats
 
     mask = batch["loss_mask"] if args.ntp_tokens == "response" else batch["valid"] & jnp.roll(batch["valid"], 1, 1)
-    nll, _, m = _token_stats(model, dict(batch, loss_mask=mask.at[:, 0].set(False)), SFTArgs())
+    nll, _, m = _token_stats(model, dict(batch, loss_mask=mask.at[:, 0].set(False)),
+                             SFTArgs(chunk_size=args.chunk_size))
     return jnp.sum(nll), jnp.sum(m).astype(jnp.float32)
 
 
