@@ -245,6 +245,7 @@ class BenchSection(_Section):
     _key: ClassVar[str] = "bench"
     name: str = _f("train", doc="benchmark name (BENCHES registry, jaxtok.train.bench)")
     args: Dict[str, Any] = _f({}, doc="the benchmark's arguments")
+    trace: bool = _f(False, doc="write a jax.profiler trace of the run into <run_dir>/trace (TensorBoard/Perfetto)")
 
 
 @dataclasses.dataclass(frozen=True)

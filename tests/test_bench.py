@@ -82,3 +82,11 @@ def test_sweep_bench_compares_variants_side_by_side(tmp_path):
     loss = {r["variant"]: r["train/loss"] for r in res["table"]}
     assert loss["fast"] < loss["slow"]  # three steps at lr 1e-2 move a random model further than at 1e-4
     assert cli.main(["bench", str(sweep), "bench.args.variants.bad=[optimizer.lr=-1]"]) == 2
+
+
+def test_bench_trace_writes_a_profile(tmp_path):
+    rc = cli.main(["bench", str(ROOT / "configs" / "bench" / "train.yaml"), f"run.out_dir={tmp_path}",
+                   "model.preset=tiny_draft", "bench.args.batch_sizes=[2]", "bench.args.seq_len=8",
+                   "bench.args.steps=1", "bench.args.warmup=0", "bench.args.calibration_size=64", "bench.trace=true"])
+    assert rc == 0
+    assert list((tmp_path / "bench_train" / "trace").rglob("*.xplane.pb"))

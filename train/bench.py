@@ -264,8 +264,12 @@ def run_bench(cfg, run_dir: str | Path) -> dict:
     """Run the benchmark named ``bench.name`` (``train`` here, ``decode`` in :mod:`jaxtok.decode.bench`)."""
     import jaxtok.decode.bench  # noqa: F401  (registers "decode")
 
+    import contextlib
+
     fn = BENCHES.get(cfg.bench.name, "bench.name")
     args = BENCHES.parse_args(cfg.bench.name, cfg.bench.args, "bench.args")
-    out = fn(cfg, run_dir, args)
+    trace = jax.profiler.trace(str(Path(run_dir) / "trace")) if cfg.bench.trace else contextlib.nullcontext()
+    with trace:
+        out = fn(cfg, run_dir, args)
     print(open(Path(run_dir) / "results.md").read())
     return out
