@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtok.metrics import device_table_value, write_results
-from jaxtok.models import Decoder, num_params, presets
+from jaxtok.models import Decoder, KVCache, num_params, presets
 from jaxtok.registry import BENCHES
 
 from .generate import generate
@@ -79,6 +79,33 @@ def _timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def _breakdown(model, state, weight_bytes: int, peak: float, capacity: int, repeats: int) -> dict:
+    """Where a batch-1 decode step's time goes, each part timed alone: ``ideal`` = weight bytes / peak;
+    ``weight_matvecs`` = every weight matrix read once by one fused matrix-vector chain (the step's unavoidable
+    reads, at the efficiency the machine reaches on matrices of these sizes); ``cached_forward`` = one jitted
+    single-token forward with the KV cache (adds norms, RoPE, attention, logits and the cache write)."""
+    graphdef = nnx.graphdef(model)
+    mats = [w for w in jax.tree.leaves(state) if getattr(w, "ndim", 0) >= 2]
+
+    @jax.jit
+    def chain(mats):
+        acc = jnp.zeros((), jnp.float32)
+        for w in mats:
+            w2 = w.reshape(-1, w.shape[-1])
+            acc = acc + jnp.sum(jnp.ones((w2.shape[0],), w2.dtype) @ w2)
+        return acc
+
+    @jax.jit
+    def step(state, cache, tok):
+        out = nnx.merge(graphdef, state)(tok, cache=cache)
+        return out.logits, out.cache
+
+    cache = KVCache.init(model.cfg, 1, capacity, model.cfg.dtype)
+    tok = jnp.ones((1, 1), jnp.int32)
+    return {"ideal": weight_bytes / peak * 1e3, "weight_matvecs": _timed(lambda: chain(mats), repeats) * 1e3,
+            "cached_forward": _timed(lambda: step(state, cache, tok), repeats) * 1e3}
+
+
 @BENCHES.register("decode", DecodeBenchArgs)
 def decode_bench(cfg, run_dir: str | Path, args: DecodeBenchArgs) -> dict:
     """Prefill and decode throughput and achieved bandwidth of ``cfg.model.preset`` at each batch size."""
@@ -107,7 +134,8 @@ def decode_bench(cfg, run_dir: str | Path, args: DecodeBenchArgs) -> dict:
                      "bandwidth_utilisation": achieved / peak})
     results = {"bench": "decode", "preset": cfg.model.preset, "params": num_params(model_cfg),
                "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "prompt_len": P, "new_tokens": N,
-               "peak_bandwidth": peak, "peak_source": peak_src, "device": jax.devices()[0].device_kind, "rows": rows}
+               "peak_bandwidth": peak, "peak_source": peak_src, "device": jax.devices()[0].device_kind, "rows": rows,
+               "batch1_breakdown_ms": _breakdown(model, state, weight_bytes, peak, P + N, args.repeats)}
     write_results(run_dir, results, rows, title=f"AR decode, {cfg.model.preset} (bandwidth peak: {peak_src})",
                   plots={"decode_tokens_per_s": lambda ax: (ax.plot([r["batch"] for r in rows],
                                                                     [r["decode_tokens_per_s"] for r in rows], "o-"),

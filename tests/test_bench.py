@@ -56,6 +56,9 @@ def test_decode_bench_writes_consistent_results(tmp_path):
     for row in res["rows"]:
         assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] * 3 / (row["ms_per_step"] * 3 / 1e3))
         assert row["achieved_gb_s"] * 1e9 == pytest.approx(row["bandwidth_utilisation"] * res["peak_bandwidth"])
+    parts = res["batch1_breakdown_ms"]
+    assert parts["ideal"] == pytest.approx(res["weight_bytes"] / res["peak_bandwidth"] * 1e3)
+    assert parts["weight_matvecs"] > 0 and parts["cached_forward"] > 0
 
 
 def test_sweep_bench_compares_variants_side_by_side(tmp_path):
