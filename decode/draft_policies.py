@@ -1,0 +1,408 @@
+"""Draft-length policies for speculative decoding (decode_methods.md §A1.3, §A2, §A3).
+
+A policy decides how many tokens the drafter proposes in a round. It changes speed, never the output
+distribution: verification (§A1) is lossless for any per-row draft length. Each policy is a small frozen
+dataclass registered in :data:`jaxtok.registry.DRAFT_POLICIES` (``decode.policy``) with the dataclass of its
+arguments (``decode.policy_args``). Policies are pytrees: thresholds are static fields, learned heads are arrays.
+
+The speculative loop calls, per round and per row (all arrays ``[B]``, no host round trips):
+
+- ``round_gamma(state, gamma_max)`` -> the row's draft cap γ_b for this round (chosen before drafting);
+- ``round_init(batch)`` -> a per-round carry; then after each drafted token ``d_j`` (j = 0, 1, ...):
+  ``after(carry, j, logits_j, hidden_j)`` -> (continue drafting after ``d_j``, carry), where ``logits_j [B, V]``
+  are the drafter's raw logits that produced ``d_j`` and ``hidden_j [B, D]`` its last hidden state at the input
+  position of that forward (only drafters with hidden states provide it; ``needs_hidden`` policies require it);
+- ``update(state, gamma, drafted, accepted, stats, live)`` -> the state for the next round.
+
+Registered: ``fixed`` (γ = ``decode.draft_len``), ``heuristic`` (+2 after a fully accepted round, −1 otherwise),
+``confidence`` (stop after a draft token whose top-1 probability is below a threshold), ``specdecpp`` (SpecDec++
+acceptance head, stop when P(any rejection) > h) and ``speckv`` (SpecKV: an MLP over the previous round's draft
+entropy/confidence picks γ ∈ {2, 4, 6, 8}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtok.models.heads import MLPHead
+from jaxtok.registry import DRAFT_POLICIES, ConfigError
+
+_LOG2 = float(jnp.log(2.0))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftStats:
+    """Per-draft statistics of one round, from the drafter's raw (untempered, §0.2) distributions.
+
+    ``entropy_bits [B, γ]`` Shannon entropy in bits, ``confidence [B, γ]`` top-1 probability, ``valid [B, γ]``.
+    """
+
+    entropy_bits: jax.Array
+    confidence: jax.Array
+    valid: jax.Array
+
+
+def draft_stats(logits: jax.Array, valid: jax.Array) -> DraftStats:
+    """:class:`DraftStats` of raw draft logits ``[B, γ, V]`` (float32)."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    p = jnp.exp(lp)
+    ent = -jnp.sum(jnp.where(p > 0, p * lp, 0.0), axis=-1) / _LOG2
+    return DraftStats(entropy_bits=ent, confidence=jnp.max(p, axis=-1), valid=valid.astype(bool))
+
+
+def top1_prob(logits: jax.Array) -> jax.Array:
+    """Top-1 probability of raw logits ``[..., V]`` -> ``[...]`` (confidence, §0.2), float32."""
+    return jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
+class DraftPolicy:
+    """Base: draft up to γmax tokens every round and keep no state (the ``fixed`` policy)."""
+
+    needs_hidden = False
+
+    def init(self, batch: int, gamma_max: int) -> Any:
+        return ()
+
+    def round_gamma(self, state, gamma_max: int, batch: int) -> jax.Array:
+        return jnp.full((batch,), gamma_max, jnp.int32)
+
+    def round_init(self, batch: int) -> Any:
+        return ()
+
+    def after(self, carry, j: int | jax.Array, logits: jax.Array, hidden: Optional[jax.Array]):
+        return jnp.ones(logits.shape[:1], bool), carry
+
+    def update(self, state, gamma, drafted, accepted, stats: DraftStats, live):
+        return state
+
+    def check(self, gamma_max: int) -> None:
+        """Raise if the policy cannot run with ``decode.draft_len = gamma_max``."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fixed, heuristic, confidence (§A1.3)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fixed(DraftPolicy):
+    """Fixed γ = ``decode.draft_len`` every round (Leviathan et al. 2023)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeuristicArgs:
+    """HF's ``"heuristic"`` schedule: γ starts at ``initial``; +``increase`` after a round whose drafts were all
+    accepted, −``decrease`` otherwise; kept in ``[minimum, decode.draft_len]``."""
+
+    initial: int = 4
+    increase: int = 2
+    decrease: int = 1
+    minimum: int = 1
+
+    def __post_init__(self):
+        for name in ("initial", "minimum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: allowed integers >= 1")
+        for name in ("increase", "decrease"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: allowed integers >= 0")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Heuristic(DraftPolicy):
+    """+2/−1 heuristic (HF assisted generation, §A1.3), per row. State: γ ``[B]`` int32."""
+
+    args: HeuristicArgs = dataclasses.field(default_factory=HeuristicArgs, metadata=dict(static=True))
+
+    def init(self, batch, gamma_max):
+        return jnp.full((batch,), min(self.args.initial, gamma_max), jnp.int32)
+
+    def round_gamma(self, state, gamma_max, batch):
+        return state
+
+    def update(self, state, gamma, drafted, accepted, stats, live):
+        return heuristic_update(state, accepted, self.args, stats.valid.shape[1], live)
+
+
+def heuristic_update(gamma: jax.Array, accepted: jax.Array, args: HeuristicArgs, gamma_max: int,
+                     live=None) -> jax.Array:
+    """γ' = γ + increase if ``accepted == γ`` else γ − decrease, clipped to ``[minimum, gamma_max]`` (rows with
+    ``live`` False keep γ). ``[B]`` int32."""
+    new = jnp.where(accepted >= gamma, gamma + args.increase, gamma - args.decrease)
+    new = jnp.clip(new, min(args.minimum, gamma_max), gamma_max).astype(jnp.int32)
+    return new if live is None else jnp.where(live, new, gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfidenceArgs:
+    """HF's ``assistant_confidence_threshold``: stop drafting after a token whose draft top-1 probability is
+    below ``threshold`` (that token is still proposed). ``min_len`` tokens are always drafted."""
+
+    threshold: float = 0.4
+    min_len: int = 1
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r}: allowed values in [0, 1]")
+        if self.min_len < 1:
+            raise ValueError(f"min_len={self.min_len!r}: allowed integers >= 1")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Confidence(DraftPolicy):
+    """Confidence stop (§A1.3): continue after ``d_j`` iff ``max softmax(logits_j) >= threshold`` or
+    ``j + 1 < min_len``."""
+
+    args: ConfidenceArgs = dataclasses.field(default_factory=ConfidenceArgs, metadata=dict(static=True))
+
+    def after(self, carry, j, logits, hidden):
+        return confidence_continue(top1_prob(logits), j, self.args), carry
+
+
+def confidence_continue(conf: jax.Array, j, args: ConfidenceArgs) -> jax.Array:
+    """``[B]`` bool: keep drafting after draft index ``j`` (0-based) with top-1 probability ``conf``."""
+    return (conf >= args.threshold) | (j + 1 < args.min_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SpecDec++ (§A2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecDecPPArgs:
+    """SpecDec++ (Huang et al. 2024): stop when P(at least one rejection) > ``threshold``; ``min_len``/``max_len``
+    bound the draft (reference defaults 0.3 and (2, 20); the loop also caps at ``decode.draft_len``).
+    ``head_path``: a head saved by ``jaxtok.decode.train_heads`` (None: an untrained head from ``seed``);
+    ``depth``: residual blocks of a new head."""
+
+    threshold: float = 0.3
+    min_len: int = 2
+    max_len: int = 20
+    head_path: Optional[str] = None
+    depth: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r}: allowed values in [0, 1]")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"min_len={self.min_len!r}, max_len={self.max_len!r}: allowed 1 <= min_len <= max_len")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpecDecPP(DraftPolicy):
+    """SpecDec++ stop rule (§A2 inference, schedule ``ada``). After drafting ``d_j`` (s = j+1) from a forward whose
+    input was ``d_{j-1}``: ``a = softmax(head(hidden_j))[1]`` = P(accept ``d_{j-1}``) (``a = 1`` at j = 0);
+    ``cum *= a``; stop iff ``1 - cum > threshold`` (never when s < min_len, always when s >= max_len). The head's
+    verdict on a token lags one step (pitfall in §A2). Carry: ``cum [B]``."""
+
+    head_graphdef: Any = dataclasses.field(metadata=dict(static=True))
+    head_state: Any
+    args: SpecDecPPArgs = dataclasses.field(default_factory=SpecDecPPArgs, metadata=dict(static=True))
+    needs_hidden = True
+
+    def round_init(self, batch):
+        return jnp.ones((batch,), jnp.float32)
+
+    def accept_prob(self, hidden: jax.Array) -> jax.Array:
+        """P(accept) ``[...]`` from drafter hidden states ``[..., D]``."""
+        head = nnx.merge(self.head_graphdef, self.head_state)
+        return jax.nn.softmax(head(hidden), axis=-1)[..., 1]
+
+    def after(self, carry, j, logits, hidden):
+        if hidden is None:
+            raise ValueError("policy 'specdecpp' needs the drafter's hidden states: use an autoregressive model "
+                             "drafter (decode.draft_init_from), not n-gram or DEER")
+        a = jnp.where(j == 0, 1.0, self.accept_prob(hidden))
+        return specdecpp_continue(carry, a, j, self.args)
+
+
+def specdecpp_continue(cum_accept: jax.Array, accept_prob: jax.Array, j, args: SpecDecPPArgs):
+    """One SpecDec++ step: ``(continue [B], cum')`` with ``cum' = cum * accept_prob`` and stop iff
+    ``1 - cum' > threshold``, overridden by the bounds on s = j + 1."""
+    cum = cum_accept * accept_prob
+    s = j + 1
+    stop = (1.0 - cum) > args.threshold
+    stop = jnp.where(s < args.min_len, False, stop)
+    stop = jnp.where(s >= args.max_len, True, stop)
+    return ~stop, cum
+
+
+def specdecpp_head(hidden_size: int, depth: int = 3, seed: int = 0) -> MLPHead:
+    """A new SpecDec++ acceptance head: ``depth`` residual SiLU blocks of width D, then D -> 2 (class 1 = accept)."""
+    return MLPHead(hidden_size, None, 2, depth, activation="silu", residual=True, in_axis="embed",
+                   rngs=nnx.Rngs(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SpecKV (§A3)
+# ----------------------------------------------------------------------------------------------------------------
+
+SPECKV_FEATURES = ("mean_draft_entropy", "mean_draft_confidence", "max_draft_entropy", "min_draft_confidence",
+                   "comp_enc", "gamma")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecKVArgs:
+    """SpecKV (arXiv:2605.02888): candidates γ, the first round's γ, the target-compression code (0 = fp16,
+    1 = int8, 2 = nf4), the head (None: untrained from ``seed``) and its hidden width."""
+
+    candidates: Tuple[int, ...] = (2, 4, 6, 8)
+    initial: int = 4
+    comp_enc: int = 0
+    head_path: Optional[str] = None
+    hidden: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.candidates or any(c < 1 for c in self.candidates):
+            raise ValueError(f"candidates={self.candidates!r}: allowed a non-empty list of integers >= 1")
+        if self.initial < 1:
+            raise ValueError(f"initial={self.initial!r}: allowed integers >= 1")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpecKV(DraftPolicy):
+    """SpecKV γ choice (§A3): before a round, score each candidate γ with the predicted acceptance rate
+    ``a(γ) = clip(mlp([features, comp_enc, γ]), 0, 1)`` and pick ``argmax_γ a(γ)·γ + 1``. Features are the
+    previous round's draft statistics (mean/max entropy in bits, mean/min top-1 probability over its valid
+    drafts); the first round uses ``initial``. State: ``{"gamma": [B], "features": [B, 4], "seen": [B]}``."""
+
+    head_graphdef: Any = dataclasses.field(metadata=dict(static=True))
+    head_state: Any
+    args: SpecKVArgs = dataclasses.field(default_factory=SpecKVArgs, metadata=dict(static=True))
+
+    def check(self, gamma_max):
+        if max(self.args.candidates) > gamma_max or self.args.initial > gamma_max:
+            raise ConfigError(f"decode.policy_args.candidates={list(self.args.candidates)} (initial "
+                              f"{self.args.initial}) exceed decode.draft_len={gamma_max}; raise draft_len")
+
+    def init(self, batch, gamma_max):
+        return {"features": jnp.zeros((batch, 4), jnp.float32), "seen": jnp.zeros((batch,), bool)}
+
+    def predict(self, features: jax.Array) -> jax.Array:
+        """Predicted acceptance rate ``[B, C]`` of each candidate γ from round features ``[B, 4]``."""
+        head = nnx.merge(self.head_graphdef, self.head_state)
+        return speckv_predict(head, features, self.args.candidates, self.args.comp_enc)
+
+    def round_gamma(self, state, gamma_max, batch):
+        chosen = speckv_choose(self.predict(state["features"]), self.args.candidates)
+        return jnp.where(state["seen"], chosen, self.args.initial).astype(jnp.int32)
+
+    def update(self, state, gamma, drafted, accepted, stats, live):
+        feats = speckv_features(stats)
+        has = live & jnp.any(stats.valid, axis=-1)
+        return {"features": jnp.where(has[:, None], feats, state["features"]), "seen": state["seen"] | has}
+
+
+def speckv_features(stats: DraftStats) -> jax.Array:
+    """``[B, 4]``: mean entropy (bits), mean top-1 probability, max entropy, min top-1 probability over valid
+    drafts (0 for a row without any)."""
+    v = stats.valid
+    n = jnp.maximum(jnp.sum(v, axis=-1), 1)
+    mean_h = jnp.sum(jnp.where(v, stats.entropy_bits, 0.0), axis=-1) / n
+    mean_c = jnp.sum(jnp.where(v, stats.confidence, 0.0), axis=-1) / n
+    max_h = jnp.max(jnp.where(v, stats.entropy_bits, 0.0), axis=-1)
+    min_c = jnp.where(jnp.any(v, axis=-1), jnp.min(jnp.where(v, stats.confidence, 1.0), axis=-1), 0.0)
+    return jnp.stack([mean_h, mean_c, max_h, min_c], axis=-1).astype(jnp.float32)
+
+
+def speckv_inputs(features: jax.Array, candidates, comp_enc: int) -> jax.Array:
+    """The 6 SpecKV inputs per candidate: ``[B, 4]`` -> ``[B, C, 6]`` (order of :data:`SPECKV_FEATURES`)."""
+    b, c = features.shape[0], len(candidates)
+    f = jnp.broadcast_to(features[:, None, :], (b, c, 4))
+    comp = jnp.full((b, c, 1), float(comp_enc), jnp.float32)
+    gam = jnp.broadcast_to(jnp.asarray(candidates, jnp.float32)[None, :, None], (b, c, 1))
+    return jnp.concatenate([f, comp, gam], axis=-1)
+
+
+def speckv_predict(head, features, candidates, comp_enc) -> jax.Array:
+    """``clip(head(inputs), 0, 1)`` -> ``[B, C]`` predicted acceptance rates."""
+    return jnp.clip(head(speckv_inputs(features, candidates, comp_enc))[..., 0], 0.0, 1.0)
+
+
+def speckv_choose(pred_rate: jax.Array, candidates) -> jax.Array:
+    """``argmax_γ pred(γ)·γ + 1`` (linear expected-tokens proxy, §A3) -> chosen γ ``[B]`` int32 (ties: the
+    smaller γ, i.e. the earlier candidate)."""
+    cand = jnp.asarray(candidates, jnp.float32)
+    idx = jnp.argmax(pred_rate * cand + 1.0, axis=-1)
+    return jnp.asarray(candidates, jnp.int32)[idx]
+
+
+def speckv_head(hidden: int = 16, seed: int = 0) -> MLPHead:
+    """A new SpecKV predictor: 6 features -> ``hidden`` ReLU -> 1 (acceptance rate, clipped by the caller)."""
+    return MLPHead(len(SPECKV_FEATURES), hidden, 1, 1, activation="relu", rngs=nnx.Rngs(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry and construction
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_head(path: str) -> MLPHead:
+    """Load a head saved by :func:`save_head`."""
+    from jaxtok.decode.train_heads import load_head as _load
+
+    return _load(path)
+
+
+@DRAFT_POLICIES.register("fixed", None)
+def make_fixed(args=None, **_) -> Fixed:
+    return Fixed()
+
+
+@DRAFT_POLICIES.register("heuristic", HeuristicArgs)
+def make_heuristic(args: HeuristicArgs, **_) -> Heuristic:
+    return Heuristic(args=args)
+
+
+@DRAFT_POLICIES.register("confidence", ConfidenceArgs)
+def make_confidence(args: ConfidenceArgs, **_) -> Confidence:
+    return Confidence(args=args)
+
+
+@DRAFT_POLICIES.register("specdecpp", SpecDecPPArgs)
+def make_specdecpp(args: SpecDecPPArgs, *, hidden_size: Optional[int] = None, head: Optional[MLPHead] = None,
+                   **_) -> SpecDecPP:
+    """``hidden_size``: the drafter's hidden width (for a new head); ``head``: a trained head (else ``head_path``,
+    else untrained)."""
+    if head is None and args.head_path:
+        head = load_head(args.head_path)
+    if head is None:
+        if hidden_size is None:
+            raise ConfigError("policy 'specdecpp' needs a model drafter (its hidden size) or a trained head")
+        head = specdecpp_head(hidden_size, args.depth, args.seed)
+    graphdef, state = nnx.split(head)
+    return SpecDecPP(head_graphdef=graphdef, head_state=state, args=args)
+
+
+@DRAFT_POLICIES.register("speckv", SpecKVArgs)
+def make_speckv(args: SpecKVArgs, *, head: Optional[MLPHead] = None, **_) -> SpecKV:
+    if head is None and args.head_path:
+        head = load_head(args.head_path)
+    if head is None:
+        head = speckv_head(args.hidden, args.seed)
+    graphdef, state = nnx.split(head)
+    return SpecKV(head_graphdef=graphdef, head_state=state, args=args)
+
+
+def build_policy(name: Optional[str] = "fixed", args: Any = None, **context) -> DraftPolicy:
+    """A policy by registered name; ``args`` is its argument dataclass or a mapping (checked, ConfigError on
+    unknown keys); ``context``: ``hidden_size`` (drafter width), ``head`` (a trained MLPHead)."""
+    name = name or "fixed"
+    entry = DRAFT_POLICIES.entry(name, "decode.policy")
+    if args is None or isinstance(args, Mapping):
+        args = DRAFT_POLICIES.parse_args(name, args, "decode.policy_args")
+    return entry.fn(args, **context)

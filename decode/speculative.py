@@ -1,0 +1,664 @@
+"""Speculative decoding in one jitted draft -> verify -> accept ``lax.while_loop`` (decode_methods.md §A1–§A6),
+and entropy-adaptive model switching (EAD, §A4).
+
+Lossless loop (:func:`speculative_generate`). Every row keeps its committed sequence in a fixed buffer
+``seq [B, S]`` = ``W`` pad columns | left-padded prompt ``P`` | up to ``N + γmax + 1`` emitted tokens, and
+``n [B]`` = committed length; the newest token ``seq[n-1]`` is not yet in the target's KV cache. A round:
+
+1. the draft-length policy picks the row's cap γ_b (``decode.draft_len`` = γmax is the static cap);
+2. the drafter proposes ``d [B, γmax]`` with raw logits and a validity mask (leading True, at most γ_b);
+3. ONE target forward on ``[seq[n-1], d_1..d_γmax]`` at per-row cache offsets gives ``p_1..p_{γmax+1}``;
+4. exact speculative sampling (``sampling.speculative_accept``: accept w.p. min(1, p/q), residual
+   ``max(0, p - q)`` with the degenerate fallback to ``p``, bonus from ``p_{γ+1}``) or the greedy variant
+   (``speculative_accept_greedy``) for rows with temperature 0; the same sampling transform S (temperature,
+   top-k, top-p, min-p) is applied to p and q;
+5. the accepted drafts and the next token are written at ``seq[n:]``; the target cache is rolled back to
+   ``n + num_accepted`` (``KVCache.rollback``: stale slots are masked, never copied); rows that emitted a stop
+   token or reached ``max_new_tokens`` are frozen with ``where``.
+
+Drafters are small pytrees whose static fields (a model's ``GraphDef``, n-gram sizes) are part of the jit cache
+key and whose arrays are traced:
+
+- :class:`ModelDrafter` — a smaller AR model with its own KV cache. Each round it rolls its cache back to
+  ``n - W`` (W = γmax + 1) and re-feeds the last W committed tokens in one forward, so it never has to track
+  which of its own drafts were accepted (stale or rejected KV is overwritten; a few recomputed tokens per round);
+- :class:`NgramDrafter` — prompt lookup: the tokens that followed the latest earlier occurrence of the last
+  g committed tokens (g = max_ngram .. min_ngram); deterministic drafts, q = one-hot (§A1.1);
+- :class:`DeerDrafter` — DEER (§A6): a masked-diffusion decoder drafts γmax tokens in ONE bidirectional forward
+  on ``committed | <mask> x γmax`` (independent per-position marginals; no prefix cache: the full buffer is
+  re-encoded each round);
+- :class:`RoutedDrafter` — TAPS (§A5): several drafters; each round every row takes the draft of the drafter
+  with the highest mean top-1 confidence over its proposed tokens (all drafters run; their caches stay valid
+  through the re-feed scheme).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtok import sampling
+from jaxtok.models import KVCache
+
+from .draft_policies import DraftPolicy, DraftStats, Fixed, draft_stats, top1_prob
+from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _is_on, _validate
+
+_TRACES = [0]  # incremented each time a jitted body of this module is traced
+
+
+def num_traces() -> int:
+    """How many times :func:`speculative_generate`'s / :func:`ead_generate`'s jitted bodies have been traced."""
+    return _TRACES[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small array helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rows_slice(buf: jax.Array, start: jax.Array, width: int) -> jax.Array:
+    """``buf [B, S, ...]`` -> ``[B, width, ...]`` taken at per-row offsets ``start [B]`` (in range by construction)."""
+    def one(row, s):
+        return jax.lax.dynamic_slice_in_dim(row, s, width, axis=0)
+
+    return jax.vmap(one)(buf, start)
+
+
+def _rows_write(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write ``new [B, T, ...]`` into ``buf [B, S, ...]`` at per-row offsets ``start [B]``."""
+    def one(row, x, s):
+        return jax.lax.dynamic_update_slice_in_dim(row, x.astype(row.dtype), s, axis=0)
+
+    return jax.vmap(one)(buf, new, start)
+
+
+def _expand(params: dict, ndim: int) -> dict:
+    """Per-row sampling parameters ``[B]`` reshaped to broadcast against a batch shape of ``ndim`` axes."""
+    return {k: v.reshape(v.shape + (1,) * (ndim - 1)) for k, v in params.items()}
+
+
+def _sample(key, logits, params) -> jax.Array:
+    """Tokens drawn from S(logits) for ``logits [B, ..., V]`` with per-row params (argmax where T = 0)."""
+    p = _expand(params, logits.ndim - 1)
+    return sampling.sample(key, logits, p["temperature"], p.get("top_k"), p.get("top_p"), p.get("min_p")).tokens
+
+
+def _probs(logits, params) -> jax.Array:
+    """The processed distribution S(logits) as probabilities, float32 ``[B, ..., V]``."""
+    p = _expand(params, logits.ndim - 1)
+    return jax.nn.softmax(sampling.process_logits(logits, p["temperature"], p.get("top_k"), p.get("top_p"),
+                                                  p.get("min_p")), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drafters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftContext:
+    """What a drafter sees in a round. ``seq [B, S]``/``seq_valid [B, S]`` committed buffer, ``n [B]`` committed
+    length (``seq[n-1]`` = newest token), ``live [B]`` rows still generating, ``gamma [B]`` the policy's caps,
+    ``params`` per-row sampling parameters, ``key``; static: ``gamma_max``, ``window`` (= γmax + 1), ``pad_id``."""
+
+    seq: jax.Array
+    seq_valid: jax.Array
+    n: jax.Array
+    live: jax.Array
+    gamma: jax.Array
+    params: dict
+    key: jax.Array
+    gamma_max: int = dataclasses.field(metadata=dict(static=True))
+    window: int = dataclasses.field(metadata=dict(static=True))
+    pad_id: int = dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """A round's proposal: ``tokens [B, γmax]`` int32 (pad where invalid), raw ``logits [B, γmax, V]`` float32 (the
+    distribution q = S(logits) the tokens were drawn from), ``valid [B, γmax]`` (leading True), ``forwards`` []
+    int32 drafter forwards, ``state`` the drafter's new state, ``choice [B]`` int32 (routing; 0 for one drafter)."""
+
+    tokens: jax.Array
+    logits: jax.Array
+    valid: jax.Array
+    forwards: jax.Array
+    state: Any
+    choice: jax.Array
+
+
+def policy_mask(policy: DraftPolicy, logits: jax.Array, gamma: jax.Array, valid: Optional[jax.Array] = None
+                ) -> jax.Array:
+    """Apply a draft-length policy to drafts proposed all at once (n-gram, DEER): ``[B, γ]`` leading-True mask
+    ``active_j = active_{j-1} & continue_{j-1} & (j < gamma_b) & valid_j``."""
+    b, g = logits.shape[:2]
+    carry = policy.round_init(b)
+    active = gamma > 0
+    out = []
+    for j in range(g):
+        if valid is not None:
+            active = active & valid[:, j]
+        out.append(active)
+        cont, carry = policy.after(carry, j, logits[:, j], None)
+        active = active & cont & (j + 1 < gamma)
+    return jnp.stack(out, axis=1)
+
+
+class Drafter:
+    """Drafter protocol: ``init(seq, seq_valid, prefill_len, capacity) -> state`` (prefill),
+    ``draft(state, ctx, policy) -> Draft``, ``has_hidden`` (whether ``policy.after`` gets hidden states)."""
+
+    has_hidden = False
+    vocab_size: int
+
+    def init(self, seq, seq_valid, prefill_len: int, capacity: int):
+        return ()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelDrafter(Drafter):
+    """A smaller autoregressive model (§A1.4) with its own KV cache (the drafter state)."""
+
+    graphdef: Any = dataclasses.field(metadata=dict(static=True))
+    state: Any
+    has_hidden = True
+
+    @classmethod
+    def of(cls, model: nnx.Module) -> "ModelDrafter":
+        graphdef, state = nnx.split(model)
+        return cls(graphdef=graphdef, state=state)
+
+    @property
+    def cfg(self):
+        return _cfg_of(self.graphdef, self.state)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def init(self, seq, seq_valid, prefill_len, capacity):
+        model = nnx.merge(self.graphdef, self.state)
+        cache = KVCache.init(model.cfg, seq.shape[0], capacity)
+        return model(seq[:, :prefill_len], valid=seq_valid[:, :prefill_len], cache=cache, return_logits=False).cache
+
+    def draft(self, cache: KVCache, ctx: DraftContext, policy: DraftPolicy) -> Draft:
+        model = nnx.merge(self.graphdef, self.state)
+        b, g, w = ctx.n.shape[0], ctx.gamma_max, ctx.window
+        need_hidden = policy.needs_hidden
+        start = ctx.n - w  # re-feed the last W committed tokens (their KV may be stale or missing)
+        chunk = _rows_slice(ctx.seq, start, w)  # [B, W]
+        cvalid = _rows_slice(ctx.seq_valid, start, w) & ctx.live[:, None]
+        out = model(chunk, valid=cvalid, cache=cache.rollback(start), logits_at=jnp.full((b, 1), w - 1, jnp.int32),
+                    return_hidden=need_hidden)
+        hidden0 = out.hidden[:, -1] if need_hidden else None
+        vocab = out.logits.shape[-1]
+
+        def cond(c):
+            return (c["j"] < g) & jnp.any(c["active"])
+
+        def body(c):
+            j = c["j"]
+            tok = _sample(jax.random.fold_in(ctx.key, j), c["logits"], ctx.params)  # [B]
+            tok = jnp.where(c["active"], tok, ctx.pad_id)
+            cont, pcarry = policy.after(c["pcarry"], j, c["logits"], c["hidden"])
+            nxt = c["active"] & cont & (j + 1 < ctx.gamma)
+
+            def fwd(_):
+                m = nnx.merge(self.graphdef, self.state)
+                o = m(tok[:, None], valid=nxt[:, None], cache=c["cache"], return_hidden=need_hidden)
+                h = o.hidden[:, 0] if need_hidden else c["hidden"]
+                return o.cache, o.logits[:, 0], h, jnp.int32(1)
+
+            def skip(_):
+                return c["cache"], c["logits"], c["hidden"], jnp.int32(0)
+
+            cache_, logits_, hidden_, f = jax.lax.cond(jnp.any(nxt) & (j + 1 < g), fwd, skip, None)
+            return {
+                "j": j + 1, "cache": cache_, "logits": logits_, "hidden": hidden_, "active": nxt, "pcarry": pcarry,
+                "tokens": c["tokens"].at[:, j].set(tok),
+                "logits_buf": c["logits_buf"].at[:, j].set(c["logits"]),
+                "valid": c["valid"].at[:, j].set(c["active"]),
+                "forwards": c["forwards"] + f,
+            }
+
+        init = {
+            "j": jnp.int32(0), "cache": out.cache, "logits": out.logits[:, 0], "hidden": hidden0,
+            "active": ctx.live & (ctx.gamma > 0), "pcarry": policy.round_init(b),
+            "tokens": jnp.full((b, g), ctx.pad_id, jnp.int32),
+            "logits_buf": jnp.zeros((b, g, vocab), jnp.float32),
+            "valid": jnp.zeros((b, g), bool), "forwards": jnp.int32(1),
+        }
+        c = jax.lax.while_loop(cond, body, init)
+        return Draft(c["tokens"], c["logits_buf"], c["valid"], c["forwards"], c["cache"], jnp.zeros((b,), jnp.int32))
+
+
+def _cfg_of(graphdef, state):
+    return nnx.merge(graphdef, state).cfg
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NgramDrafter(Drafter):
+    """Prompt lookup / n-gram drafting (§A1.1 deterministic drafts): find the latest earlier occurrence of the last
+    g committed tokens (g = ``max_ngram`` down to ``min_ngram``, first hit wins) and propose the tokens that
+    followed it (only committed ones). No hit: no drafts (the round emits the target's token). q = one-hot."""
+
+    vocab_size: int = dataclasses.field(metadata=dict(static=True))
+    max_ngram: int = dataclasses.field(default=3, metadata=dict(static=True))
+    min_ngram: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    def __post_init__(self):
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"min_ngram={self.min_ngram!r}, max_ngram={self.max_ngram!r}: allowed "
+                             f"1 <= min_ngram <= max_ngram")
+
+    def draft(self, state, ctx: DraftContext, policy: DraftPolicy) -> Draft:
+        tokens, valid = ngram_lookup(ctx.seq, ctx.seq_valid, ctx.n, ctx.gamma_max, self.max_ngram, self.min_ngram,
+                                     ctx.pad_id)
+        logits = jnp.where(jax.nn.one_hot(tokens, self.vocab_size, dtype=bool), 0.0, -jnp.inf)  # [B, γ, V]
+        valid = policy_mask(policy, logits, ctx.gamma, valid & ctx.live[:, None])
+        tokens = jnp.where(valid, tokens, ctx.pad_id)
+        b = tokens.shape[0]
+        return Draft(tokens, logits, valid, jnp.int32(0), state, jnp.zeros((b,), jnp.int32))
+
+
+def ngram_lookup(seq, seq_valid, n, gamma, max_ngram, min_ngram, pad_id=0):
+    """Prompt-lookup drafts: ``(tokens [B, γ], valid [B, γ])``. For g from ``max_ngram`` down to ``min_ngram``: the
+    latest start ``i`` with ``seq[i:i+g] == seq[n-g:n]`` (all valid) and ``i + g < n``; drafts ``seq[i+g : i+g+γ]``,
+    valid while ``< n``. Rows without any hit get no valid drafts."""
+    b, s = seq.shape
+    idx = jnp.arange(s)[None, :]  # [1, S]
+    found = jnp.zeros((b,), bool)
+    best = jnp.zeros((b,), jnp.int32)  # start of the continuation
+    for g in range(max_ngram, min_ngram - 1, -1):
+        pattern = _rows_slice(seq, jnp.maximum(n - g, 0), g)  # [B, g]
+        pat_ok = jnp.all(_rows_slice(seq_valid, jnp.maximum(n - g, 0), g), axis=1) & (n >= g)
+        match = jnp.ones((b, s), bool)
+        for k in range(g):
+            shifted = jnp.roll(seq, -k, axis=1)  # shifted[:, i] = seq[:, i + k]
+            sv = jnp.roll(seq_valid, -k, axis=1)
+            match = match & (shifted == pattern[:, k:k + 1]) & sv
+        match = match & (idx + g < n[:, None]) & (idx + g <= s - 1)
+        hit = jnp.any(match, axis=1) & pat_ok
+        last = (s - 1 - jnp.argmax(match[:, ::-1], axis=1)).astype(jnp.int32)
+        take = hit & ~found
+        best = jnp.where(take, last + g, best)
+        found = found | hit
+    toks = _rows_slice(jnp.pad(seq, ((0, 0), (0, gamma))), best, gamma)
+    valid = found[:, None] & (best[:, None] + jnp.arange(gamma)[None, :] < n[:, None])
+    return jnp.where(valid, toks, pad_id).astype(jnp.int32), valid
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeerDrafter(Drafter):
+    """DEER (§A6): a masked-diffusion ``Decoder`` (``cfg.mask_token_id`` set) drafts γmax tokens in one
+    bidirectional forward on ``committed tokens | <mask> * γmax``; ``d_j ~ S(q_j)`` independently. Lossless under
+    A1 verification because q_j does not depend on the other drafts."""
+
+    graphdef: Any = dataclasses.field(metadata=dict(static=True))
+    state: Any
+    mask_id: int = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def of(cls, model: nnx.Module, mask_id: Optional[int] = None) -> "DeerDrafter":
+        mask_id = model.cfg.mask_token_id if mask_id is None else mask_id
+        if mask_id is None:
+            raise ValueError("DeerDrafter: the model's cfg.mask_token_id is None and no mask_id was given; a DEER "
+                             "drafter must be a masked-diffusion LM (e.g. preset tiny_diffusion, <mask> id 3)")
+        graphdef, state = nnx.split(model)
+        return cls(graphdef=graphdef, state=state, mask_id=int(mask_id))
+
+    @property
+    def vocab_size(self) -> int:
+        return _cfg_of(self.graphdef, self.state).vocab_size
+
+    def draft(self, state, ctx: DraftContext, policy: DraftPolicy) -> Draft:
+        model = nnx.merge(self.graphdef, self.state)
+        b, s = ctx.seq.shape
+        g = ctx.gamma_max
+        idx = jnp.arange(s)[None, :]
+        n = ctx.n[:, None]
+        is_mask = (idx >= n) & (idx < n + g)
+        tokens = jnp.where(idx < n, ctx.seq, jnp.where(is_mask, self.mask_id, ctx.pad_id))
+        valid = ((idx < n) & ctx.seq_valid) | is_mask
+        at = ctx.n[:, None] + jnp.arange(g)[None, :]  # [B, γ]
+        logits = model(tokens, valid=valid & ctx.live[:, None], attention="bidirectional", logits_at=at).logits
+        drafts = _sample(ctx.key, logits, ctx.params)  # [B, γ]
+        dvalid = policy_mask(policy, logits, ctx.gamma, jnp.broadcast_to(ctx.live[:, None], (b, g)))
+        return Draft(jnp.where(dvalid, drafts, ctx.pad_id), logits, dvalid, jnp.int32(1), state,
+                     jnp.zeros((b,), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoutedDrafter(Drafter):
+    """TAPS confidence routing (§A5): every drafter drafts; row b takes the drafter with the highest mean top-1
+    probability over its valid drafts (a drafter with no valid draft scores -1). Its ``choice [B]`` is reported.
+    Deviation from the paper's granularity (first step only): the complete drafts are scored."""
+
+    drafters: tuple
+
+    @property
+    def vocab_size(self) -> int:
+        return self.drafters[0].vocab_size
+
+    @property
+    def has_hidden(self) -> bool:
+        return all(d.has_hidden for d in self.drafters)
+
+    def init(self, seq, seq_valid, prefill_len, capacity):
+        return tuple(d.init(seq, seq_valid, prefill_len, capacity) for d in self.drafters)
+
+    def draft(self, state, ctx: DraftContext, policy: DraftPolicy) -> Draft:
+        outs = [d.draft(st, dataclasses.replace(ctx, key=jax.random.fold_in(ctx.key, 1000 + i)), policy)
+                for i, (d, st) in enumerate(zip(self.drafters, state))]
+        conf = jnp.stack([routing_confidence(o.logits, o.valid) for o in outs], axis=1)  # [B, K]
+        choice = jnp.argmax(conf, axis=1).astype(jnp.int32)  # [B]
+
+        def pick(*xs):
+            stacked = jnp.stack(xs, axis=1)  # [B, K, ...]
+            return jnp.take_along_axis(stacked, choice.reshape((-1, 1) + (1,) * (stacked.ndim - 2)), axis=1)[:, 0]
+
+        return Draft(pick(*[o.tokens for o in outs]), pick(*[o.logits for o in outs]),
+                     pick(*[o.valid for o in outs]), sum(o.forwards for o in outs),
+                     tuple(o.state for o in outs), choice)
+
+
+def routing_confidence(logits: jax.Array, valid: jax.Array) -> jax.Array:
+    """TAPS routing score ``[B]``: mean top-1 probability of raw draft logits ``[B, γ, V]`` over valid drafts;
+    -1 where there is none."""
+    conf = top1_prob(logits)
+    cnt = jnp.sum(valid, axis=1)
+    return jnp.where(cnt > 0, jnp.sum(jnp.where(valid, conf, 0.0), axis=1) / jnp.maximum(cnt, 1), -1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpeculativeResult:
+    """Output of :func:`speculative_generate`.
+
+    Attributes:
+      tokens ``[B, N]`` int32 (stop token included, ``pad_id`` after), valid ``[B, N]``, lengths ``[B]``,
+      done ``[B]`` (a stop token was emitted);
+      target_forwards ``[]`` batched target forwards (prefill included), draft_forwards ``[]`` batched drafter
+      forwards (prefill included; n-gram drafts cost none);
+      rounds ``[B]`` verification rounds per row; accepted ``[B]`` accepted drafts per row; drafted ``[B]``
+      proposed (valid) drafts per row;
+      accepted_by_position / drafted_by_position ``[γmax]``: over rows and rounds, how often draft j was
+      accepted / proposed;
+      route_counts ``[K]`` rounds routed to each drafter (TAPS; ``[1]`` otherwise).
+    """
+
+    tokens: jax.Array
+    valid: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    target_forwards: jax.Array
+    draft_forwards: jax.Array
+    rounds: jax.Array
+    accepted: jax.Array
+    drafted: jax.Array
+    accepted_by_position: jax.Array
+    drafted_by_position: jax.Array
+    route_counts: jax.Array
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """Emitted tokens per target forward per row: ``sum(lengths) / sum(rounds + 1)`` (prefill counted)."""
+        return float(np.sum(self.lengths) / max(np.sum(np.asarray(self.rounds) + 1), 1))
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean accepted drafts per verification round (the bonus/recovered token excluded)."""
+        return float(np.sum(self.accepted) / max(np.sum(self.rounds), 1))
+
+    @property
+    def acceptance_rate_by_position(self) -> np.ndarray:
+        """``[γmax]`` P(draft j accepted | proposed); NaN where never proposed."""
+        d = np.asarray(self.drafted_by_position, np.float64)
+        return np.where(d > 0, np.asarray(self.accepted_by_position) / np.maximum(d, 1), np.nan)
+
+    def metrics(self) -> dict:
+        """Host-side summary of the call (JSON-ready)."""
+        return {
+            "target_forwards": int(self.target_forwards),
+            "draft_forwards": int(self.draft_forwards),
+            "tokens_per_target_forward": self.tokens_per_target_forward,
+            "mean_accepted_length": self.mean_accepted_length,
+            "acceptance_rate": float(np.sum(self.accepted) / max(np.sum(self.drafted), 1)),
+            "acceptance_rate_by_position": [None if np.isnan(x) else float(x)
+                                            for x in self.acceptance_rate_by_position],
+            "route_counts": np.asarray(self.route_counts).tolist(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jitted loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _layout(b, p, n, g):
+    """Buffer geometry: W pad columns before the prompt, then P, then N + γ + 1 emitted slots."""
+    w = g + 1
+    return w, w + p + n + g + 1
+
+
+@functools.partial(jax.jit, static_argnames=("target_graphdef", "max_new_tokens", "gamma_max", "stop_tokens",
+                                             "pad_id"))
+def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params, *,
+                     max_new_tokens, gamma_max, stop_tokens, pad_id):
+    _TRACES[0] += 1
+    target = nnx.merge(target_graphdef, target_state)
+    b, p = prompt.shape
+    n_new, g = max_new_tokens, gamma_max
+    w, s = _layout(b, p, n_new, g)
+    stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    col = jnp.arange(s)[None, :]
+
+    seq = jnp.full((b, s), pad_id, jnp.int32).at[:, w:w + p].set(prompt)
+    seq_valid = jnp.zeros((b, s), bool).at[:, w:w + p].set(prompt_valid)
+
+    # prefill both models on pad | prompt; the first token comes from the target (as in AR generation)
+    out = target(seq[:, :w + p], valid=seq_valid[:, :w + p], cache=KVCache.init(target.cfg, b, s),
+                 logits_at=jnp.full((b, 1), w + p - 1, jnp.int32))
+    first = _sample(jax.random.fold_in(rng, 0), out.logits[:, 0], params)
+    seq = seq.at[:, w + p].set(first)
+    seq_valid = seq_valid.at[:, w + p].set(True)
+    done = jnp.any(first[:, None] == stop[None, :], axis=-1)
+    count = jnp.ones((b,), jnp.int32)
+    dstate = drafter.init(seq, seq_valid, w + p, s)
+    draft_prefill = jnp.int32(0 if isinstance(drafter, (NgramDrafter, DeerDrafter)) else 1)
+
+    state = {
+        "round": jnp.int32(0), "seq": seq, "seq_valid": seq_valid, "count": count, "done": done,
+        "finished": done | (count >= n_new), "cache": out.cache, "dstate": dstate, "pstate": policy.init(b, g),
+        "target_forwards": jnp.int32(1), "draft_forwards": draft_prefill,
+        "rounds": jnp.zeros((b,), jnp.int32), "accepted": jnp.zeros((b,), jnp.int32),
+        "drafted": jnp.zeros((b,), jnp.int32), "acc_pos": jnp.zeros((g,), jnp.int32),
+        "draft_pos": jnp.zeros((g,), jnp.int32),
+        "routes": jnp.zeros((len(drafter.drafters) if isinstance(drafter, RoutedDrafter) else 1,), jnp.int32),
+    }
+
+    def cond(st):
+        return ~jnp.all(st["finished"])
+
+    def body(st):
+        live = ~st["finished"]
+        n = w + p + st["count"]  # committed length; seq[n-1] is the newest token
+        key = jax.random.fold_in(rng, st["round"] + 1)
+        k_draft, k_accept = jax.random.split(key)
+        gamma = jnp.clip(policy.round_gamma(st["pstate"], g, b), 0, g)
+        ctx = DraftContext(seq=st["seq"], seq_valid=st["seq_valid"], n=n, live=live, gamma=gamma, params=params,
+                           key=k_draft, gamma_max=g, window=w, pad_id=pad_id)
+        d = drafter.draft(st["dstate"], ctx, policy)
+        dvalid = d.valid & live[:, None]
+
+        # verify: one target forward on [last, d_1..d_γ] at slots n-1 .. n-1+γ
+        last = jnp.take_along_axis(st["seq"], (n - 1)[:, None], axis=1)  # [B, 1]
+        vin = jnp.concatenate([last, d.tokens], axis=1)  # [B, γ+1]
+        vo = target(vin, valid=jnp.broadcast_to(live[:, None], vin.shape), cache=st["cache"])
+        t_logits = vo.logits  # [B, γ+1, V]
+        q = _probs(d.logits, params)  # [B, γ, V]
+        p_ = _probs(t_logits, params)  # [B, γ+1, V]
+        exact = sampling.speculative_accept(k_accept, d.tokens, q, p_, dvalid, pad_id)
+        greedy = sampling.speculative_accept_greedy(d.tokens, t_logits, dvalid, pad_id)
+        is_greedy = params["temperature"] <= 0
+        nacc = jnp.where(is_greedy, greedy.num_accepted, exact.num_accepted)
+        emitted = jnp.where(is_greedy[:, None], greedy.tokens, exact.tokens)  # [B, γ+1]
+
+        # stop tokens and the max_new_tokens cap
+        j = jnp.arange(g + 1)[None, :]
+        n_emit = jnp.minimum(nacc + 1, n_new - st["count"])  # [B]
+        is_stop = jnp.any(emitted[..., None] == stop, axis=-1) & (j < n_emit[:, None])
+        hit = jnp.any(is_stop, axis=1)
+        n_emit = jnp.where(hit, sampling.first_true_index(is_stop) + 1, n_emit)
+        n_emit = jnp.where(live, n_emit, 0)
+        keep = j < n_emit[:, None]
+        seq_ = _rows_write(st["seq"], jnp.where(keep, emitted, pad_id), n)
+        seq_valid_ = _rows_write(st["seq_valid"], keep, n)
+        count = st["count"] + n_emit
+        done = st["done"] | (live & hit)
+
+        # target KV: keep last + accepted drafts; frozen rows back to their old length
+        cache = vo.cache.rollback(jnp.where(live, n + nacc, n - 1))
+        stats = draft_stats(d.logits, dvalid)
+        pstate = policy.update(st["pstate"], gamma, jnp.sum(dvalid, axis=1), nacc, stats, live)
+        acc_mask = (jnp.arange(g)[None, :] < nacc[:, None]) & dvalid
+        return {
+            "round": st["round"] + 1, "seq": seq_, "seq_valid": seq_valid_, "count": count, "done": done,
+            "finished": done | (count >= n_new), "cache": cache, "dstate": d.state, "pstate": pstate,
+            "target_forwards": st["target_forwards"] + 1, "draft_forwards": st["draft_forwards"] + d.forwards,
+            "rounds": st["rounds"] + live, "accepted": st["accepted"] + jnp.where(live, nacc, 0),
+            "drafted": st["drafted"] + jnp.sum(dvalid, axis=1),
+            "acc_pos": st["acc_pos"] + jnp.sum(acc_mask, axis=0), "draft_pos": st["draft_pos"] + jnp.sum(dvalid, 0),
+            "routes": st["routes"] + jnp.sum(jax.nn.one_hot(d.choice, st["routes"].shape[0], dtype=jnp.int32)
+                                             * live[:, None], axis=0),
+        }
+
+    st = jax.lax.while_loop(cond, body, state)
+    out_tok = st["seq"][:, w + p:w + p + n_new]
+    out_valid = col[:, :n_new] < st["count"][:, None]
+    return SpeculativeResult(
+        tokens=jnp.where(out_valid, out_tok, pad_id), valid=out_valid, lengths=st["count"], done=st["done"],
+        target_forwards=st["target_forwards"], draft_forwards=st["draft_forwards"], rounds=st["rounds"],
+        accepted=st["accepted"], drafted=st["drafted"], accepted_by_position=st["acc_pos"],
+        drafted_by_position=st["draft_pos"], route_counts=st["routes"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sampling_params(b, temperature, top_k, top_p, min_p) -> dict:
+    def per_row(x, dtype):
+        return jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
+
+    params = {"temperature": per_row(temperature, jnp.float32)}
+    if _is_on(top_k, 0):
+        params["top_k"] = per_row(top_k, jnp.int32)
+    if _is_on(top_p, 1.0):
+        params["top_p"] = per_row(top_p, jnp.float32)
+    if _is_on(min_p, 0.0):
+        params["min_p"] = per_row(min_p, jnp.float32)
+    return params
+
+
+def _check_length(name: str, cfg, p: int, n: int, g: int) -> None:
+    need = p + n + g + 1
+    if need > cfg.max_position_embeddings:
+        raise ValueError(f"prompt: length {p} + max_new_tokens {n} + draft_len {g} + 1 = {need} positions exceed "
+                         f"the {name}'s max_position_embeddings={cfg.max_position_embeddings}")
+
+
+def as_drafter(drafter) -> Drafter:
+    """A :class:`Drafter`, or an NNX decoder wrapped as one (a masked-diffusion LM -> DEER, else AR)."""
+    if isinstance(drafter, Drafter):
+        return drafter
+    if isinstance(drafter, nnx.Module) and hasattr(drafter, "cfg"):
+        return DeerDrafter.of(drafter) if drafter.cfg.is_diffusion else ModelDrafter.of(drafter)
+    raise ValueError(f"drafter={type(drafter).__name__}: allowed a Drafter (ModelDrafter, NgramDrafter, DeerDrafter, "
+                     f"RoutedDrafter) or a jaxtok Decoder")
+
+
+def speculative_generate(
+    target: nnx.Module,
+    drafter,
+    prompt,
+    prompt_valid,
+    *,
+    max_new_tokens: int,
+    draft_len: int = 4,
+    policy: Optional[DraftPolicy] = None,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    stop_tokens: Sequence[int] = (DEFAULT_EOS_ID,),
+    rng: jax.Array,
+    pad_id: int = DEFAULT_PAD_ID,
+) -> SpeculativeResult:
+    """Lossless speculative decoding of a left-padded prompt batch in one jitted call (§A1).
+
+    Args:
+      target: the verifier, a ``jaxtok.models.Decoder``.
+      drafter: a :class:`Drafter` or a Decoder (AR -> :class:`ModelDrafter`, masked diffusion -> :class:`DeerDrafter`).
+      prompt / prompt_valid: ``[B, P]`` LEFT-padded ids and mask (at least one token per row).
+      max_new_tokens: N, cap on emitted tokens per row.
+      draft_len: γmax, the static cap on drafts per round (the target verifies γmax + 1 positions per round).
+      policy: a :class:`~jaxtok.decode.draft_policies.DraftPolicy` (default ``fixed``: γmax every round).
+      temperature / top_k / top_p / min_p: the sampling transform S, applied identically to target and drafter
+        (scalar or ``[B]``); rows with temperature 0 use greedy verification (token-identical to greedy AR).
+      stop_tokens: ids that end a row (emitted, then frozen). rng: PRNG key (round r uses ``fold_in(rng, r+1)``).
+      pad_id: filler after a row's tokens.
+
+    Returns:
+      :class:`SpeculativeResult` (tokens, valid, lengths, done and the acceptance metrics).
+    """
+    prompt = prompt if isinstance(prompt, jax.Array) else np.asarray(prompt)
+    prompt_valid = prompt_valid if isinstance(prompt_valid, jax.Array) else np.asarray(prompt_valid)
+    stop_tokens = tuple(int(t) for t in stop_tokens)
+    _validate(target, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
+              0, None)
+    if isinstance(draft_len, bool) or not isinstance(draft_len, (int, np.integer)) or draft_len < 1:
+        raise ValueError(f"draft_len={draft_len!r}: allowed a positive integer")
+    drafter = as_drafter(drafter)
+    policy = Fixed() if policy is None else policy
+    if not isinstance(policy, DraftPolicy):
+        raise ValueError(f"policy={policy!r}: allowed a DraftPolicy (see jaxtok.decode.draft_policies.build_policy)")
+    policy.check(int(draft_len))
+    if policy.needs_hidden and not drafter.has_hidden:
+        raise ValueError(f"policy {type(policy).__name__} needs drafter hidden states; drafter "
+                         f"{type(drafter).__name__} has none (use an autoregressive ModelDrafter)")
+    if drafter.vocab_size != target.cfg.vocab_size:
+        raise ValueError(f"drafter: vocab_size {drafter.vocab_size} differs from the target's "
+                         f"{target.cfg.vocab_size}")
+    b, p = prompt.shape
+    _check_length("target", target.cfg, p, int(max_new_tokens), int(draft_len))
+    for d in (drafter.drafters if isinstance(drafter, RoutedDrafter) else (drafter,)):
+        if isinstance(d, (ModelDrafter, DeerDrafter)):
+            _check_length("drafter", _cfg_of(d.graphdef, d.state), p + int(draft_len) + 1, int(max_new_tokens),
+                          int(draft_len))
+    params = _sampling_params(b, temperature, top_k, top_p, min_p)
+    prompt_valid = jnp.asarray(prompt_valid, bool)
+    prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
+    graphdef, state = nnx.split(target)
+    return _speculative_jit(graphdef, state, drafter, policy, prompt, prompt_valid, rng, params,
+                            max_new_tokens=int(max_new_tokens), gamma_max=int(draft_len), stop_tokens=stop_tokens,
+                            pad_id=int(pad_id))
