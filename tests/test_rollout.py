@@ -203,3 +203,32 @@ def test_loop_rollout_path_end_to_end(tmp_path, tok):
     assert steps[0]["max_logratio"] < 1e-4  # first inner epoch: recomputed old log-probs == current policy
     assert steps[1]["max_logratio"] > steps[0]["max_logratio"]  # second epoch: the policy has moved
     assert all("rollout/reward_mean" in r for r in steps)
+
+
+def test_interrupted_rollout_run_resumes_to_the_same_parameters(tmp_path, tok):
+    """A rollout run that dies after its step-2 checkpoint and is started again ends bitwise equal to an
+    uninterrupted run: the prompt iterator, RNG and rollout seeds (a function of the step) are restored."""
+    from jaxtok.models.hf import save_checkpoint
+    from jaxtok.tasks import save_tokenizer
+    from jaxtok.train.loop import load_model, train
+
+    teacher_dir = tmp_path / "teacher"
+    save_checkpoint(Decoder(presets.get("tiny_student", vocab_size=tok.get_vocab_size()), rngs=nnx.Rngs(3)),
+                    str(teacher_dir))
+    save_tokenizer(tok, teacher_dir / "tokenizer.json")
+    cfg = _rollout_cfg(tmp_path, teacher_dir)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=2))
+    train(cfg, tmp_path / "straight", final_eval=False)
+
+    def die(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", on_step=die, final_eval=False)
+    summary = train(cfg, tmp_path / "resumed", final_eval=False)
+    assert summary["resumed_from"] == 2
+    a, _ = load_model(tmp_path / "straight")
+    b, _ = load_model(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
