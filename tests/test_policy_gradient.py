@@ -1,0 +1,322 @@
+"""The ``policy_gradient`` objective (train/objectives/policy_gradient.py) on tiny decoders and hand-made rollout
+batches: first inner epoch, limiting cases between loss modes, zero-variance groups, the KL term, gradient sign,
+DAPO helpers, accumulation with sequence-level aggregation (spec §6, §9)."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxtok.models import Decoder, presets
+from jaxtok.registry import OBJECTIVES, ConfigError
+from jaxtok.train.objectives import policy_gradient as PG
+from jaxtok.train.rollout import score_tokens
+from jaxtok.train.step import init_train_state, make_train_step
+
+V = 16
+
+
+def _model(seed=0):
+    return Decoder(presets.get("tiny_draft", vocab_size=V), rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model(0)
+
+
+def rollout_batch(model, rewards, *, comp_lens=None, prompt_len=3, comp_len=4, temperature=1.3, group_size=2,
+                  seed=0, old_noise=0.0):
+    """A rollout batch by the contract: left-padded prompts (row b has b % 2 pad slots), ragged completions
+    padded after their end; old log-probs/entropy recomputed by the rollout's scorer (``+ old_noise``·N(0,1) to
+    emulate a later inner epoch)."""
+    rng = np.random.default_rng(seed)
+    B = len(rewards)
+    T = prompt_len + comp_len
+    comp_lens = [comp_len] * B if comp_lens is None else comp_lens
+    tokens = rng.integers(4, V, (B, T)).astype(np.int32)
+    valid = np.zeros((B, T), bool)
+    loss_mask = np.zeros((B, T), bool)
+    for b in range(B):
+        valid[b, b % 2:prompt_len + comp_lens[b]] = True
+        loss_mask[b, prompt_len:prompt_len + comp_lens[b]] = True
+    tokens = np.where(valid, tokens, 0).astype(np.int32)
+    batch = {"tokens": tokens, "positions": np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32),
+             "valid": valid, "loss_mask": loss_mask}
+    temp = np.full(B, temperature, np.float32)
+    old, ent = score_tokens(model, batch, temp)
+    old = np.where(loss_mask, old + old_noise * rng.standard_normal(old.shape), 0.0).astype(np.float32)
+    batch.update(old_logprobs=old, entropy=ent, rewards=np.asarray(rewards, np.float32),
+                 group_ids=(np.arange(B) // group_size).astype(np.int32), temperature=temp)
+    return batch
+
+
+_JITTED = {}
+
+
+def _losses(model, batch, *variants, reference=None):
+    """``policy_gradient_loss`` outputs for several argument dicts, from one jitted function per (model,
+    variants, reference), reused across batches of equal shapes (compiles dominate this file's runtime)."""
+    args = tuple(PG.PolicyGradientArgs(**kw) for kw in variants)
+    key = (id(model), args, id(reference))
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(lambda b: [PG.policy_gradient_loss(model, b, None, a, reference=reference)
+                                          for a in args])
+    return _JITTED[key](batch)
+
+
+def _value_and_grads(model, batch, *variants):
+    """``[(loss_sum, count, aux, d loss_sum / d params)]`` for several argument dicts, one jitted function."""
+    args = [PG.PolicyGradientArgs(**kw) for kw in variants]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def one(p, a):
+        ls, c, aux = PG.policy_gradient_loss(nnx.merge(graphdef, p, rest), batch, None, a)
+        return ls, (c, aux)
+
+    @jax.jit
+    def run(p):
+        out = []
+        for a in args:
+            (ls, (c, aux)), g = jax.value_and_grad(one, has_aux=True)(p, a)
+            out.append((ls, c, aux, g))
+        return out
+
+    return run(params)
+
+
+BASE = {"ppo": dict(loss_mode="ppo"), "grpo": dict(loss_mode="grpo"), "dr_grpo": dict(loss_mode="dr_grpo"),
+        "dapo": dict(loss_mode="dapo"), "ppo_entropy": dict(loss_mode="ppo", entropy_coef=0.1)}
+
+
+def _base(model, batch):
+    """The common variants in one compiled function: ``{name: (loss_sum, count, aux)}``."""
+    return dict(zip(BASE, _losses(model, batch, *BASE.values())))
+
+
+def _loss(model, batch, reference=None, **kw):
+    return _losses(model, batch, kw, reference=reference)[0]
+
+
+def _value(out):
+    loss_sum, count, _ = out
+    return float(loss_sum) / float(count) if float(count) else 0.0
+
+
+def _aux(out, key):
+    s, c = out[2][key]
+    return float(s) / float(c) if float(c) else 0.0
+
+
+def test_first_inner_epoch_ratio_one_and_minus_mean_advantage(model):
+    """Old log-probs from the rollout scorer at τ = 1.3: the objective (logits / τ) sees ratio 1 exactly and the
+    token-mean PPO loss is −Σ m A / Σ m with hand-computed GRPO advantages (Bessel std, groups of 2: ±1/√2·...)."""
+    batch = rollout_batch(model, [1, 0, 1, 1], comp_lens=[4, 3, 2, 4])
+    out = _base(model, batch)["ppo"]
+    assert _aux(out, "ratio_mean") == pytest.approx(1.0, abs=1e-5)
+    assert float(out[2]["ratio_max"][0]) == pytest.approx(1.0, abs=1e-5)
+    assert _aux(out, "clip_frac") == 0.0
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)  # group (1, 0): mean 0.5, Bessel std √0.5; group (1, 1): A = 0
+    adv_tokens = np.array([a] * 4 + [-a] * 3 + [0.0] * 2 + [0.0] * 4)
+    assert float(out[1]) == 13
+    assert _value(out) == pytest.approx(-adv_tokens.mean(), abs=1e-5)
+    # the temperature matters: scoring at τ = 1 would not give ratio 1
+    batch_t1 = dict(batch, temperature=np.ones(4, np.float32))
+    assert abs(_aux(_base(model, batch_t1)["ppo"], "ratio_mean") - 1.0) > 1e-3
+
+
+def test_aggregation_counts_and_grpo_value(model):
+    """grpo = seq-mean-token-mean: count = rows with tokens; the value is the mean over rows of −A_i (ratio 1)."""
+    batch = rollout_batch(model, [1, 0, 0, 0], comp_lens=[4, 3, 2, 4])
+    out, dr = _base(model, batch)["grpo"], _base(model, batch)["dr_grpo"]
+    assert float(out[1]) == 4
+    adv = np.array([1.0, -1 / 1.0, 0.0, 0.0]) * 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert _value(out) == pytest.approx(-adv.mean(), abs=1e-5)
+    # dr_grpo: Σ_t / T per row (T = padded 7), mean over rows, no std
+    np.testing.assert_allclose(_value(dr), -(0.5 * 4 - 0.5 * 3) / 7 / 4, atol=1e-6)
+    assert PG.PolicyGradientArgs(loss_mode="dr_grpo").estimator == "dr_grpo"
+
+
+def test_loss_modes_reduce_to_each_other_on_one_token_completions(model):
+    """One-token completions after a perturbation: token, sequence (GSPO), GSPO-token and cumulative (CTPO)
+    ratios coincide, so GSPO = GSPO-token = PPO with the same ε and no dual clip, and CTPO with p = 0 and
+    log-space bounds (−log(1−ε), log(1+ε), log c) = PPO-clip with dual clip c."""
+    batch = rollout_batch(model, [1, 0, 0.5, 0], comp_lens=[1, 1, 1, 1], old_noise=0.8, seed=1)
+    eps, c = 0.2, 1.5
+    gspo = dict(eps_low=eps, eps_high=eps, aggregation="token-mean")
+    ppo, gs, gs_tok, ppo_dual, ctpo, grpo_tok = _losses(
+        model, batch, dict(loss_mode="ppo", dual_clip_c=None), dict(loss_mode="gspo", **gspo),
+        dict(loss_mode="gspo_token", **gspo), dict(loss_mode="ppo", dual_clip_c=c),
+        dict(loss_mode="ctpo", ctpo_p=0.0, ctpo_c_low=-math.log(1 - eps), ctpo_c_high=math.log(1 + eps),
+             ctpo_c_dual=math.log(c)),
+        dict(loss_mode="grpo", aggregation="token-mean", dual_clip_c=c))
+    assert _aux(ppo, "clip_frac") > 0  # the perturbation is large enough to clip
+    assert _aux(ppo_dual, "dual_clip_frac") > 0  # and to dual-clip
+    for out in (gs, gs_tok):
+        np.testing.assert_allclose(_value(out), _value(ppo), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_value(ctpo), _value(ppo_dual), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_value(grpo_tok), _value(ppo_dual), rtol=1e-6)
+
+
+def test_gspo_token_equals_gspo_value_and_parameter_gradient(model):
+    """Constant advantage within a sequence: GSPO-token has GSPO's value and the same gradient w.r.t. the
+    model parameters (§6.3)."""
+    batch = rollout_batch(model, [1, 0, 1, 0], comp_lens=[4, 2, 3, 4], old_noise=1e-3, seed=1)
+    (v1, c1, _, g1), (v2, c2, _, g2) = _value_and_grads(model, batch, dict(loss_mode="gspo"),
+                                                         dict(loss_mode="gspo_token"))
+    np.testing.assert_allclose(v1 / c1, v2 / c2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    assert max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(g1)) > 0
+
+
+def test_appo_with_b_zero_is_dapo(model):
+    batch = rollout_batch(model, [1, 0, 1, 0], comp_lens=[4, 2, 3, 4], old_noise=0.3, seed=2)
+    dapo, appo0, appo = _losses(model, batch, dict(loss_mode="dapo"),
+                                dict(loss_mode="appo", appo_b=0.0, appo_drop_multi_dual_clip=False),
+                                dict(loss_mode="appo"))
+    np.testing.assert_allclose(_value(appo0), _value(dapo), rtol=1e-6)
+    assert 1.0 <= _aux(appo, "appo_future_factor_mean") <= 1.2
+
+
+def test_zero_variance_groups_give_zero_loss_not_nan(model):
+    """All rewards equal: advantages 0, loss 0 and a finite (zero) gradient; dapo/cppo drop the rows (count 0)."""
+    batch = rollout_batch(model, [1, 1, 0, 0], old_noise=0.2)
+    modes = ("grpo", "dapo", "cppo")
+    for mode, (ls, count, aux, grads) in zip(modes, _value_and_grads(model, batch, *[dict(loss_mode=m)
+                                                                                     for m in modes])):
+        assert float(ls) == 0.0
+        assert float(count) == (0.0 if mode in ("dapo", "cppo") else 4.0)
+        assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(grads))
+        assert all(np.isfinite(float(s)) and np.isfinite(float(c)) for s, c in aux.values())
+
+
+def test_dynamic_sampling_masks_only_zero_variance_groups(model):
+    rewards, ids = np.array([1, 0, 1, 1, 0, 0.5]), np.arange(6) // 2
+    np.testing.assert_array_equal(PG.dynamic_sampling_mask(rewards, ids), [True, True, False, False, True, True])
+    np.testing.assert_array_equal(PG.dynamic_sampling_mask(rewards, ids, atol=0.5), [1, 1, 0, 0, 0, 0])
+    batch = rollout_batch(model, [1, 1, 0, 1], comp_lens=[4, 3, 2, 4])
+    out = _base(model, batch)["dapo"]
+    assert float(out[1]) == 6  # the second group's 2 + 4 tokens
+    assert _aux(out, "kept_rows") == pytest.approx(0.5)
+    # group ids need not be contiguous or start at 0
+    np.testing.assert_array_equal(PG.dense_group_ids(np.array([7, 7, 3, 3, 9])), [1, 1, 0, 0, 2])
+
+
+def test_overlong_shaping_hand_computed(model):
+    """DAPO soft overlong punishment: L_max = 10, buffer 4 -> 0 up to 6 tokens, −(|y| − 6)/4 in the buffer, −1
+    beyond; inside the objective the completion length is Σ loss_mask."""
+    np.testing.assert_allclose(PG.shape_overlong_rewards([1, 1, 1, 0], [5, 8, 12, 7], 10, 4), [1, 0.5, 0, -0.25])
+    batch = rollout_batch(model, [1, 1, 1, 1], comp_lens=[2, 4, 3, 3])
+    # lengths 2, 4 | 3, 3 with max 4, buffer 2: penalties 0, −1 | −0.5, −0.5 -> advantages ±1/√2 | 0
+    out = _loss(model, batch, loss_mode="ppo", overlong_buffer=2, overlong_max_length=4)
+    assert _aux(out, "reward_mean") == pytest.approx(0.5)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert _value(out) == pytest.approx(-(2 * a - 4 * a) / 12, abs=1e-5)
+    with pytest.raises(ConfigError, match="overlong_max_length"):
+        PG.PolicyGradientArgs(overlong_buffer=8, overlong_max_length=4)
+
+
+def test_kl_term_zero_when_reference_is_policy(model):
+    batch = rollout_batch(model, [1, 0, 0, 1], old_noise=0.1)
+    base, *same_all = _losses(model, batch, dict(loss_mode="grpo"),
+                              *[dict(loss_mode="grpo", kl_coef=0.5, kl_estimator=e) for e in ("k1", "k2", "k3", "k3+")],
+                              reference=model)
+    for same in same_all:
+        assert _aux(same, "kl_loss") == pytest.approx(0.0, abs=1e-6)
+        np.testing.assert_allclose(_value(same), _value(base), atol=1e-6)
+    other = _loss(model, batch, reference=_model(1), loss_mode="grpo", kl_coef=0.5)
+    kl = _aux(other, "kl_loss")
+    assert kl > 0  # k3 >= 0, and positive for a different model
+    np.testing.assert_allclose(_value(other), _value(base) + 0.5 * kl, rtol=1e-5)
+    with pytest.raises(ConfigError, match="reference"):
+        _loss(model, batch, loss_mode="grpo", kl_coef=0.1)
+
+
+def test_entropy_bonus(model):
+    batch = rollout_batch(model, [1, 0, 0, 1])
+    base, bonus = _base(model, batch)["ppo"], _base(model, batch)["ppo_entropy"]
+    np.testing.assert_allclose(_value(bonus), _value(base) - 0.1 * _aux(base, "entropy"), rtol=1e-5)
+    # the objective's entropy (current policy, logits / τ) equals the rollout's stored entropy at epoch 1
+    np.testing.assert_allclose(_aux(base, "entropy"), batch["entropy"].sum() / batch["loss_mask"].sum(), rtol=1e-5)
+
+
+def test_precomputed_token_advantages_are_used(model):
+    """A batch carrying ``advantages [B, T]`` (APPO tree rollouts) bypasses the reward estimator."""
+    batch = rollout_batch(model, [0, 0, 0, 0])
+    adv = np.where(batch["loss_mask"], np.arange(batch["loss_mask"].shape[1])[None, :] * 0.1, 0.0)
+    out = _loss(model, dict(batch, advantages=adv.astype(np.float32)), loss_mode="ppo")
+    assert _value(out) == pytest.approx(-adv[batch["loss_mask"]].mean(), abs=1e-5)
+
+
+def test_cppo_topk_divergence_is_zero_at_first_epoch(model):
+    """CPPO with the rollout's top-K (same policy): D_t = 0 everywhere, the mask keeps every token."""
+    batch = rollout_batch(model, [1, 0, 1, 0])
+    stats = PG.rollout_token_stats(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    full = jax.nn.log_softmax(model(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
+                                    valid=jnp.asarray(batch["valid"])).logits / 1.3, axis=-1)  # [B, T, V]
+    np.testing.assert_allclose(np.where(batch["loss_mask"], stats["logp"], 0), batch["old_logprobs"], atol=1e-5)
+    top_lp, top_ids = jax.lax.top_k(full, 3)  # logits at t-1 score token t: shift right by one
+    top_lp = jnp.concatenate([jnp.zeros_like(top_lp[:, :1]), top_lp[:, :-1]], 1)
+    top_ids = jnp.concatenate([jnp.zeros_like(top_ids[:, :1]), top_ids[:, :-1]], 1)
+    batch.update(topk_logprobs=np.asarray(top_lp), topk_ids=np.asarray(top_ids))
+    out = _loss(model, batch, loss_mode="cppo", cppo_divergence="topk_tv", dynamic_sampling=False)
+    assert _aux(out, "divergence_mean") == pytest.approx(0.0, abs=1e-6)
+    assert _aux(out, "cppo_mask_mean") == 1.0
+    with pytest.raises(ConfigError, match="topk_ids"):
+        _loss(model, rollout_batch(model, [1, 0, 1, 0]), loss_mode="cppo", cppo_divergence="topk_kl")
+
+
+def test_one_sgd_step_moves_log_probs_by_advantage_sign(model):
+    """Gradient sign: after one SGD step on GRPO, the rewarded completion is more likely, the other less."""
+    batch = rollout_batch(model, [1, 0, 0, 1])
+    ((ls, count, _, grads),) = _value_and_grads(model, batch, dict(loss_mode="grpo"))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def delta_logp(p, g):
+        new = jax.tree.map(lambda a, b: a - 0.05 * b / count, p, g)
+        lp0 = PG.rollout_token_stats(nnx.merge(graphdef, p, rest), batch)["logp"]
+        lp1 = PG.rollout_token_stats(nnx.merge(graphdef, new, rest), batch)["logp"]
+        return jnp.sum((lp1 - lp0) * batch["loss_mask"], axis=1)
+
+    delta = np.asarray(delta_logp(params, grads))
+    assert delta[0] > 0 > delta[1] and delta[3] > 0 > delta[2]
+
+
+def test_micro_batches_match_one_batch_with_host_advantages(model):
+    """seq-mean-token-mean counts sequences: with whole-batch advantages merged on the host, two interleaved
+    micro-batches give the same step as one batch."""
+    batch = rollout_batch(model, [1, 0, 0.5, 0], comp_lens=[4, 1, 3, 2], old_noise=0.2)
+    args = PG.PolicyGradientArgs(loss_mode="grpo", dynamic_sampling=True)
+    batch.update(PG.host_advantages(batch, args))
+    loss_fn = lambda m, b, rng: PG.policy_gradient_loss(m, b, rng, args)  # noqa: E731
+    opt = optax.sgd(0.1)
+    results = []
+    for micro in (1, 2):
+        graphdef, state = init_train_state(model, opt)
+        step = make_train_step(model, opt, loss_fn, micro_batches=micro, donate=False)
+        _, metrics = step(state, batch)
+        results.append(metrics)
+    for k in ("loss", "count", "grad_norm", "clip_frac", "pg_loss", "clip_frac_pos0"):
+        np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_registration_and_arguments():
+    entry = OBJECTIVES.entry("policy_gradient")
+    assert entry.meta["data"] == "rollout" and entry.meta["models"] == ("reference",)
+    args = OBJECTIVES.parse_args("policy_gradient", {"loss_mode": "dapo", "eps_high": 0.3, "kl_coef": 0}, "a")
+    assert args.loss_mode == "dapo" and args.eps_high == 0.3 and args.drop_zero_variance
+    assert args.resolve("dapo").eps_low == 0.2 and args.resolve("dapo").aggregation == "token-mean"
+    with pytest.raises(ConfigError, match="loss_mode"):
+        OBJECTIVES.parse_args("policy_gradient", {"loss_mode": "trpo"}, "a")
+    with pytest.raises(ConfigError, match="advantage_estimator"):
+        PG.PolicyGradientArgs(advantage_estimator="gae")
+    assert dataclasses.replace(args, dynamic_sampling=False).drop_zero_variance is False
+    with pytest.raises(ConfigError, match="old_logprobs"):
+        PG.policy_gradient_loss(None, {"tokens": np.zeros((1, 2), np.int32)}, None)
