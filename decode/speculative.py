@@ -458,10 +458,19 @@ def _layout(b, p, n, g):
     return w, w + p + n + g + 1
 
 
+def poison_stale(cache: KVCache) -> KVCache:
+    """Fill every stale slot (at or beyond a row's length) with NaN keys/values and garbage positions: a test hook
+    proving that rolled-back entries are never read (§A1.5 property 6)."""
+    stale = jnp.arange(cache.capacity)[None, :] >= cache.lengths[:, None]  # [B, S]
+    m = stale[None, :, :, None, None]
+    return dataclasses.replace(cache, k=jnp.where(m, jnp.nan, cache.k), v=jnp.where(m, jnp.nan, cache.v),
+                               positions=jnp.where(stale, 7, cache.positions))
+
+
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "max_new_tokens", "gamma_max", "stop_tokens",
-                                             "pad_id"))
+                                             "pad_id", "poison"))
 def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params, *,
-                     max_new_tokens, gamma_max, stop_tokens, pad_id):
+                     max_new_tokens, gamma_max, stop_tokens, pad_id, poison=False):
     _TRACES[0] += 1
     target = nnx.merge(target_graphdef, target_state)
     b, p = prompt.shape
@@ -536,12 +545,17 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
 
         # target KV: keep last + accepted drafts; frozen rows back to their old length
         cache = vo.cache.rollback(jnp.where(live, n + nacc, n - 1))
+        dstate = d.state
+        if poison:
+            cache = poison_stale(cache)
+            dstate = jax.tree.map(lambda x: poison_stale(x) if isinstance(x, KVCache) else x, dstate,
+                                  is_leaf=lambda x: isinstance(x, KVCache))
         stats = draft_stats(d.logits, dvalid)
         pstate = policy.update(st["pstate"], gamma, jnp.sum(dvalid, axis=1), nacc, stats, live)
         acc_mask = (jnp.arange(g)[None, :] < nacc[:, None]) & dvalid
         return {
             "round": st["round"] + 1, "seq": seq_, "seq_valid": seq_valid_, "count": count, "done": done,
-            "finished": done | (count >= n_new), "cache": cache, "dstate": d.state, "pstate": pstate,
+            "finished": done | (count >= n_new), "cache": cache, "dstate": dstate, "pstate": pstate,
             "target_forwards": st["target_forwards"] + 1, "draft_forwards": st["draft_forwards"] + d.forwards,
             "rounds": st["rounds"] + live, "accepted": st["accepted"] + jnp.where(live, nacc, 0),
             "drafted": st["drafted"] + jnp.sum(dvalid, axis=1),
@@ -613,6 +627,7 @@ def speculative_generate(
     stop_tokens: Sequence[int] = (DEFAULT_EOS_ID,),
     rng: jax.Array,
     pad_id: int = DEFAULT_PAD_ID,
+    poison_stale_cache: bool = False,
 ) -> SpeculativeResult:
     """Lossless speculative decoding of a left-padded prompt batch in one jitted call (§A1).
 
@@ -627,6 +642,7 @@ def speculative_generate(
         (scalar or ``[B]``); rows with temperature 0 use greedy verification (token-identical to greedy AR).
       stop_tokens: ids that end a row (emitted, then frozen). rng: PRNG key (round r uses ``fold_in(rng, r+1)``).
       pad_id: filler after a row's tokens.
+      poison_stale_cache: test hook: NaN-fill stale KV slots of the target and model drafters after every round.
 
     Returns:
       :class:`SpeculativeResult` (tokens, valid, lengths, done and the acceptance metrics).
@@ -661,4 +677,206 @@ def speculative_generate(
     graphdef, state = nnx.split(target)
     return _speculative_jit(graphdef, state, drafter, policy, prompt, prompt_valid, rng, params,
                             max_new_tokens=int(max_new_tokens), gamma_max=int(draft_len), stop_tokens=stop_tokens,
-                            pad_id=int(pad_id))
+                            pad_id=int(pad_id), poison=bool(poison_stale_cache))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EAD: entropy-adaptive switching between a small and a large model (lossy, §A4)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EADArgs:
+    """Entropy Adaptive Decoding (arXiv:2502.06833): rolling ``window`` w of per-token entropies (bits, from the
+    producing model's untempered logits); switch to the large model when the window mean exceeds ``threshold``
+    τ and back when it does not, but only after ``min_dwell`` tokens from the current model; ``start`` model;
+    ``chunk``: tokens per catch-up forward when a model re-joins after the other one produced tokens."""
+
+    window: int = 5
+    threshold: float = 1.0
+    min_dwell: int = 5
+    start: str = "small"
+    chunk: int = 8
+
+    def __post_init__(self):
+        for name in ("window", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: allowed integers >= 1")
+        if self.min_dwell < 0:
+            raise ValueError(f"min_dwell={self.min_dwell!r}: allowed integers >= 0")
+        if self.start not in ("small", "large"):
+            raise ValueError(f"start={self.start!r}: allowed 'small', 'large'")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EADResult:
+    """Output of :func:`ead_generate`: ``tokens/valid [B, N]``, ``lengths/done [B]``, ``from_large [B, N]`` (token
+    produced by the large model), ``small_forwards/large_forwards []`` batched forwards (prefill included)."""
+
+    tokens: jax.Array
+    valid: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    from_large: jax.Array
+    small_forwards: jax.Array
+    large_forwards: jax.Array
+
+    @property
+    def large_share(self) -> float:
+        """Share of emitted tokens produced by the large model."""
+        return float(np.sum(self.from_large) / max(np.sum(self.lengths), 1))
+
+
+def ead_switch(mode_large: jax.Array, dwell: jax.Array, mean_entropy: jax.Array, args: EADArgs):
+    """EAD's rule (§A4) after a token: ``want = mean_entropy > τ``; switch iff ``want != mode`` and
+    ``dwell >= min_dwell`` (dwell = tokens from the current model since the last switch, this one included).
+    Returns ``(mode_large [B], dwell [B])`` with dwell reset to 0 on a switch."""
+    want = mean_entropy > args.threshold
+    switch = (want != mode_large) & (dwell >= args.min_dwell)
+    return jnp.where(switch, want, mode_large), jnp.where(switch, 0, dwell)
+
+
+def _sync_logits(graphdef, state, cache: KVCache, seq, seq_valid, n, use, chunk: int):
+    """Bring ``cache`` (valid for ``seq[:lengths]``) up to ``n-1`` for rows in ``use`` by chunked catch-up forwards,
+    then run the newest token ``seq[n-1]`` -> ``(logits [B, V], cache, forwards)``. Other rows are untouched."""
+    target = n - 1
+
+    def cond(c):
+        return jnp.any(use & (c[0].lengths < target))
+
+    def body(c):
+        cache, f = c
+        model = nnx.merge(graphdef, state)
+        start = cache.lengths
+        pos = start[:, None] + jnp.arange(chunk)[None, :]
+        toks = _rows_slice(seq, start, chunk)
+        v = _rows_slice(seq_valid, start, chunk) & use[:, None] & (pos < target[:, None])
+        o = model(toks, valid=v, cache=cache, return_logits=False)
+        return o.cache.rollback(jnp.where(use, jnp.minimum(start + chunk, target), start)), f + 1
+
+    cache, f = jax.lax.while_loop(cond, body, (cache, jnp.int32(0)))
+    model = nnx.merge(graphdef, state)
+    before = cache.lengths
+    newest = jnp.take_along_axis(seq, target[:, None], axis=1)  # [B, 1]
+    o = model(newest, valid=use[:, None], cache=cache)
+    return o.logits[:, 0], o.cache.rollback(jnp.where(use, before + 1, before)), f + 1
+
+
+@functools.partial(jax.jit, static_argnames=("small_graphdef", "large_graphdef", "max_new_tokens", "stop_tokens",
+                                             "pad_id", "args"))
+def _ead_jit(small_graphdef, small_state, large_graphdef, large_state, prompt, prompt_valid, rng, params, *,
+             max_new_tokens, stop_tokens, pad_id, args: EADArgs):
+    _TRACES[0] += 1
+    b, p = prompt.shape
+    n_new, c = max_new_tokens, args.chunk
+    s = p + n_new + c
+    stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    seq = jnp.full((b, s), pad_id, jnp.int32).at[:, :p].set(prompt)
+    seq_valid = jnp.zeros((b, s), bool).at[:, :p].set(prompt_valid)
+
+    def prefill(graphdef, state):  # every prompt token but the newest (the loop's first step runs that one)
+        model = nnx.merge(graphdef, state)
+        cache = KVCache.init(model.cfg, b, s)
+        if p == 1:
+            return cache
+        return model(seq[:, :p - 1], valid=seq_valid[:, :p - 1], cache=cache, return_logits=False).cache
+
+    w = args.window
+    st = {
+        "seq": seq, "seq_valid": seq_valid, "count": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
+        "finished": jnp.zeros((b,), bool), "small": prefill(small_graphdef, small_state),
+        "large": prefill(large_graphdef, large_state), "fs": jnp.int32(p > 1), "fl": jnp.int32(p > 1),
+        "mode": jnp.full((b,), args.start == "large"), "dwell": jnp.zeros((b,), jnp.int32),
+        "hist": jnp.zeros((b, w), jnp.float32), "from_large": jnp.zeros((b, n_new + 1), bool),
+    }
+
+    def cond(st):
+        return ~jnp.all(st["finished"])
+
+    def body(st):
+        live = ~st["finished"]
+        n = p + st["count"]
+        use_l = live & st["mode"]
+        use_s = live & ~st["mode"]
+        zeros = jnp.zeros((b, prompt_vocab), jnp.float32)
+
+        def run(graphdef, state, cache, use):
+            return jax.lax.cond(
+                jnp.any(use),
+                lambda: _sync_logits(graphdef, state, cache, st["seq"], st["seq_valid"], n, use, c),
+                lambda: (zeros, cache, jnp.int32(0)))
+
+        ls, cache_s, fs = run(small_graphdef, small_state, st["small"], use_s)
+        ll, cache_l, fl = run(large_graphdef, large_state, st["large"], use_l)
+        logits = jnp.where(use_l[:, None], ll, ls)
+        tok = _sample(jax.random.fold_in(rng, jnp.max(st["count"])), logits, params)
+        tok = jnp.where(live, tok, pad_id)
+        ent = draft_stats(logits[:, None], live[:, None]).entropy_bits[:, 0]  # bits, untempered
+        slot = jax.nn.one_hot(st["count"] % w, w, dtype=bool) & live[:, None]
+        hist = jnp.where(slot, ent[:, None], st["hist"])
+        filled = jnp.minimum(st["count"] + 1, w)
+        mean_h = jnp.sum(jnp.where(jnp.arange(w)[None, :] < filled[:, None], hist, 0.0), axis=1) / filled
+        mode, dwell = ead_switch(st["mode"], st["dwell"] + 1, mean_h, args)
+        seq_ = _rows_write(st["seq"], tok[:, None], n)
+        seq_valid_ = _rows_write(st["seq_valid"], live[:, None], n)
+        count = st["count"] + live
+        hit = live & jnp.any(tok[:, None] == stop[None, :], axis=-1)
+        done = st["done"] | hit
+        return {
+            "seq": seq_, "seq_valid": seq_valid_, "count": count, "done": done, "finished": done | (count >= n_new),
+            "small": cache_s, "large": cache_l, "fs": st["fs"] + fs, "fl": st["fl"] + fl,
+            "mode": jnp.where(live, mode, st["mode"]), "dwell": jnp.where(live, dwell, st["dwell"]), "hist": hist,
+            "from_large": _rows_write(st["from_large"], use_l[:, None], st["count"]),
+        }
+
+    prompt_vocab = nnx.merge(small_graphdef, small_state).cfg.vocab_size
+    st = jax.lax.while_loop(cond, body, st)
+    valid = jnp.arange(n_new)[None, :] < st["count"][:, None]
+    return EADResult(tokens=jnp.where(valid, st["seq"][:, p:p + n_new], pad_id), valid=valid, lengths=st["count"],
+                     done=st["done"], from_large=st["from_large"][:, :n_new] & valid, small_forwards=st["fs"],
+                     large_forwards=st["fl"])
+
+
+def ead_generate(
+    small: nnx.Module,
+    large: nnx.Module,
+    prompt,
+    prompt_valid,
+    *,
+    max_new_tokens: int,
+    args: EADArgs = EADArgs(),
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    stop_tokens: Sequence[int] = (DEFAULT_EOS_ID,),
+    rng: jax.Array,
+    pad_id: int = DEFAULT_PAD_ID,
+) -> EADResult:
+    """Entropy Adaptive Decoding (lossy, §A4): each token comes from the small or the large model, switched by
+    the rolling mean entropy (:func:`ead_switch`); both keep KV caches, and a model that re-joins first catches up
+    on the tokens the other produced. Rows of a batch choosing different models run both. One jitted call.
+
+    Arguments as :func:`speculative_generate`; ``args`` an :class:`EADArgs`. Returns :class:`EADResult`
+    (``large_share`` = share of tokens from the large model).
+    """
+    prompt = prompt if isinstance(prompt, jax.Array) else np.asarray(prompt)
+    prompt_valid = prompt_valid if isinstance(prompt_valid, jax.Array) else np.asarray(prompt_valid)
+    stop_tokens = tuple(int(t) for t in stop_tokens)
+    _validate(large, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
+              0, None)
+    if small.cfg.vocab_size != large.cfg.vocab_size:
+        raise ValueError(f"small: vocab_size {small.cfg.vocab_size} differs from large's {large.cfg.vocab_size}")
+    if not isinstance(args, EADArgs):
+        raise ValueError(f"args={args!r}: allowed an EADArgs")
+    b, p = prompt.shape
+    for name, m in (("small", small), ("large", large)):
+        _check_length(name, m.cfg, p, int(max_new_tokens), 0)
+    params = _sampling_params(b, temperature, top_k, top_p, min_p)
+    prompt_valid = jnp.asarray(prompt_valid, bool)
+    prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
+    sg, ss = nnx.split(small)
+    lg, ls = nnx.split(large)
+    return _ead_jit(sg, ss, lg, ls, prompt, prompt_valid, rng, params, max_new_tokens=int(max_new_tokens),
+                    stop_tokens=stop_tokens, pad_id=int(pad_id), args=args)

@@ -1,0 +1,337 @@
+"""Tests for jaxtok.decode.speculative and draft_policies (decode_methods.md §A1.5, §A2–§A6).
+
+Most tests share one compiled shape per drafter/policy (B=ROWS rows, P=4, N=4, γ=3): greedy rows are compared token
+for token with greedy AR ``generate``; sampled rows (same program, temperature traced) give the empirical joint
+law of the first three tokens, compared with the target's exact autoregressive joint by a χ² test (α = 0.001).
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats as sps
+
+from jaxtok.decode import generate
+from jaxtok.decode import draft_policies as dp
+from jaxtok.decode.speculative import (
+    DeerDrafter, DraftContext, EADArgs, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, ead_switch,
+    ngram_lookup, num_traces, policy_mask, routing_confidence, speculative_generate,
+)
+from jaxtok.models import Decoder, ModelConfig
+from jaxtok.registry import ConfigError
+
+spec_module = importlib.import_module("jaxtok.decode.speculative")
+
+V = 4
+P, N, G = 4, 4, 3
+ROWS = 2048
+TEMP = 0.8
+
+
+def _cfg(d, **kw):
+    return ModelConfig(vocab_size=V, hidden_size=d, intermediate_size=2 * d, num_layers=1, num_heads=2,
+                       num_kv_heads=1, head_dim=d // 2, max_position_embeddings=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = Decoder(_cfg(16), rngs=nnx.Rngs(0))
+    draft = Decoder(_cfg(8), rngs=nnx.Rngs(1))
+    deer = Decoder(_cfg(8, mask_token_id=3), rngs=nnx.Rngs(2))
+    return target, draft, deer
+
+
+def _greedy_prompts():
+    """ROWS random prompts, left-padded to P with 1..P tokens."""
+    rng = np.random.default_rng(0)
+    lens = rng.integers(1, P + 1, ROWS)
+    valid = np.arange(P)[None, :] >= (P - lens)[:, None]
+    prompt = np.where(valid, rng.integers(0, V, (ROWS, P)), 0).astype(np.int32)
+    return prompt, valid
+
+
+SAMPLE_PROMPT = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(models):
+    prompt, valid = _greedy_prompts()
+    out = generate(models[0], prompt, valid, max_new_tokens=N, temperature=0.0, stop_tokens=(), rng=jax.random.key(0))
+    return prompt, valid, np.asarray(out.tokens)
+
+
+@pytest.fixture(scope="module")
+def target_joint(models):
+    """Exact law of the first 3 tokens under the target with temperature TEMP: ``[V, V, V]``."""
+    target = models[0]
+    ctx = np.array([SAMPLE_PROMPT + [a, b] for a in range(V) for b in range(V)], np.int32)  # [V², P+1]
+    logits = jax.jit(lambda x: target(x).logits)(jnp.asarray(ctx))
+    lp = np.asarray(jax.nn.softmax(logits.astype(jnp.float32) / TEMP, axis=-1), np.float64)
+    p1 = lp[0, 2]  # after the prompt
+    p2 = lp[::V, 3]  # [V(a), V] after prompt + a
+    p3 = lp[:, 4].reshape(V, V, V)  # after prompt + a + b
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def _run(models, drafter, policy, temperature, rng=0, prompt=None, valid=None, **kw):
+    if prompt is None:
+        prompt = np.tile(np.array([[0] + SAMPLE_PROMPT], np.int32), (ROWS, 1))
+        valid = prompt > -1
+        valid[:, 0] = False
+    return speculative_generate(models[0], drafter, prompt, valid, max_new_tokens=N, draft_len=G, policy=policy,
+                                temperature=temperature, stop_tokens=(), rng=jax.random.key(rng), **kw)
+
+
+def _chi2_pvalue(samples: np.ndarray, joint: np.ndarray) -> float:
+    """χ² goodness of fit of ``samples [n, 3]`` to ``joint [V, V, V]``; cells with expected count < 5 pooled."""
+    n = samples.shape[0]
+    counts = np.zeros(joint.size)
+    np.add.at(counts, np.ravel_multi_index(samples.T, joint.shape), 1)
+    exp = joint.ravel() * n
+    small = exp < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    ex = np.append(exp[~small], exp[small].sum())
+    keep = ex > 0
+    return float(sps.chisquare(obs[keep], ex[keep] * obs[keep].sum() / ex[keep].sum()).pvalue)
+
+
+def _drafters(models):
+    target, draft, deer = models
+    return {
+        "model": ModelDrafter.of(draft),
+        "ngram": NgramDrafter(vocab_size=V, max_ngram=2),
+        "deer": DeerDrafter.of(deer),
+        "taps": RoutedDrafter((ModelDrafter.of(draft), NgramDrafter(vocab_size=V, max_ngram=2))),
+    }
+
+
+POLICIES = {
+    "fixed": lambda h: dp.build_policy("fixed"),
+    "heuristic": lambda h: dp.build_policy("heuristic", {"initial": 1}),
+    "confidence": lambda h: dp.build_policy("confidence", {"threshold": 0.6}),
+    "specdecpp": lambda h: dp.build_policy("specdecpp", {"threshold": 0.5, "min_len": 1}, hidden_size=h),
+    "speckv": lambda h: dp.build_policy("speckv", {"candidates": [1, 2, 3], "initial": 2}),
+}
+
+CASES = [("model", name) for name in POLICIES] + [("ngram", "fixed"), ("deer", "confidence"), ("taps", "heuristic")]
+
+
+@pytest.mark.parametrize("drafter_name,policy_name", CASES)
+def test_greedy_equals_ar_and_sampling_is_lossless(models, greedy_ref, target_joint, drafter_name, policy_name):
+    """§A1.5 props 1 and 4: one program per (drafter, policy); greedy rows reproduce greedy AR exactly on
+    left-padded prompts with per-row acceptance counts; sampled rows follow the target's law (χ², α = 0.001)."""
+    drafter = _drafters(models)[drafter_name]
+    policy = POLICIES[policy_name](models[1].cfg.hidden_size)
+    prompt, valid, ref = greedy_ref
+    g = _run(models, drafter, policy, 0.0, prompt=prompt, valid=valid)
+    np.testing.assert_array_equal(np.asarray(g.tokens), ref)
+    assert np.all(np.asarray(g.lengths) == N)
+    acc = np.asarray(g.accepted) / np.maximum(np.asarray(g.rounds), 1)
+    assert acc.min() < acc.max()  # rows with different acceptance counts share the batch
+    s = _run(models, drafter, policy, TEMP, rng=1)
+    toks = np.asarray(s.tokens)[:, :3]
+    assert _chi2_pvalue(toks, target_joint) > 1e-3
+    if drafter_name != "ngram":
+        assert np.sum(np.asarray(s.accepted)) > 0 and np.sum(np.asarray(s.accepted)) < np.sum(np.asarray(s.drafted))
+
+
+def test_stale_cache_garbage_is_never_read_and_no_retrace(models, greedy_ref):
+    """§A1.5 prop 6: NaN in every rolled-back KV slot changes nothing; a second call with equal shapes, another
+    rng and another temperature reuses the compiled program."""
+    prompt, valid, ref = greedy_ref
+    drafter = ModelDrafter.of(models[1])
+    poisoned = _run(models, drafter, dp.build_policy("fixed"), 0.0, prompt=prompt, valid=valid,
+                    poison_stale_cache=True)
+    np.testing.assert_array_equal(np.asarray(poisoned.tokens), ref)
+    before = num_traces()
+    _run(models, drafter, dp.build_policy("fixed"), 0.5, rng=7, prompt=prompt, valid=valid, poison_stale_cache=True)
+    assert num_traces() == before
+
+
+def test_identical_drafter_accepts_everything_and_draft_len_one(models, greedy_ref):
+    """§A1.5 prop 3: q == p (the target drafts for itself) ⇒ every draft accepted, γ+1 tokens per round; with
+    draft_len=1 each round emits 2 tokens."""
+    target = models[0]
+    prompt, valid, ref = greedy_ref
+    out = speculative_generate(target, target, prompt[:8], valid[:8], max_new_tokens=5, draft_len=1,
+                               temperature=TEMP, stop_tokens=(), rng=jax.random.key(3))
+    assert np.all(np.asarray(out.accepted) == np.asarray(out.drafted))
+    np.testing.assert_array_equal(np.asarray(out.rounds), 2)  # 1 (prefill) + 2 + 2 tokens
+    assert out.tokens_per_target_forward == pytest.approx(5 / 3)
+    assert out.mean_accepted_length == 1.0
+    np.testing.assert_allclose(out.acceptance_rate_by_position, [1.0])
+
+
+def test_stop_tokens_and_max_new_tokens_match_generate(models):
+    """Rows end at their first stop token (emitted, then pad) exactly as AR generation; others at N."""
+    target, draft, _ = models
+    prompt, valid = _greedy_prompts()
+    prompt, valid = prompt[:16], valid[:16]
+    ref = generate(target, prompt, valid, max_new_tokens=6, temperature=0.0, stop_tokens=(2,), rng=jax.random.key(0))
+    out = speculative_generate(target, draft, prompt, valid, max_new_tokens=6, draft_len=G, temperature=0.0,
+                               stop_tokens=(2,), rng=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(out.valid), np.asarray(ref.valid))
+    np.testing.assert_array_equal(np.asarray(out.done), np.asarray(ref.done))
+    assert np.any(np.asarray(out.done)) and not np.all(np.asarray(out.done))
+
+
+def test_ead_switches_after_min_dwell_and_reports_large_share(models):
+    """EAD with τ = -1 starting on the small model: the first ``min_dwell`` tokens come from the small model's
+    greedy continuation, then the large model takes over after a chunked catch-up (chunk=1) and continues greedily."""
+    target, draft, _ = models
+    prompt, valid = _greedy_prompts()
+    prompt, valid = prompt[:8], valid[:8]
+    n = 5
+    out = ead_generate(draft, target, prompt, valid, max_new_tokens=n, temperature=0.0, stop_tokens=(),
+                       rng=jax.random.key(0), args=EADArgs(threshold=-1.0, min_dwell=2, chunk=1))
+    small = np.asarray(generate(draft, prompt, valid, max_new_tokens=2, temperature=0.0, stop_tokens=(),
+                                rng=jax.random.key(0)).tokens)
+    toks = np.asarray(out.tokens)
+    np.testing.assert_array_equal(toks[:, :2], small)
+    cont = generate(target, np.concatenate([prompt, small], 1), np.concatenate([valid, np.ones_like(small, bool)], 1),
+                    max_new_tokens=n - 2, temperature=0.0, stop_tokens=(), rng=jax.random.key(0))
+    np.testing.assert_array_equal(toks[:, 2:], np.asarray(cont.tokens))
+    assert out.large_share == pytest.approx((n - 2) / n)
+    np.testing.assert_array_equal(np.asarray(out.from_large)[0], [False, False, True, True, True])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hand-made inputs: the policies' rules and the drafters' pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_heuristic_rule():
+    args = dp.HeuristicArgs(initial=4, increase=2, decrease=1, minimum=1)
+    gamma = jnp.array([4, 4, 1, 7, 3])
+    accepted = jnp.array([4, 2, 0, 7, 3])
+    live = jnp.array([True, True, True, True, False])
+    np.testing.assert_array_equal(dp.heuristic_update(gamma, accepted, args, 8, live), [6, 3, 1, 8, 3])
+
+
+def test_confidence_rule():
+    args = dp.ConfidenceArgs(threshold=0.4, min_len=2)
+    conf = jnp.array([0.3, 0.5, 0.4])
+    np.testing.assert_array_equal(dp.confidence_continue(conf, 0, args), [True, True, True])  # j+1 < min_len
+    np.testing.assert_array_equal(dp.confidence_continue(conf, 1, args), [False, True, True])
+    logits = jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]]))
+    np.testing.assert_allclose(dp.top1_prob(logits), [0.7, 0.3], rtol=1e-6)
+
+
+def test_specdecpp_rule():
+    """cum = Π a; stop iff 1 - cum > h, never before min_len, always at max_len."""
+    args = dp.SpecDecPPArgs(threshold=0.3, min_len=2, max_len=4)
+    cum = jnp.ones(3)
+    cont, cum = dp.specdecpp_continue(cum, jnp.array([1.0, 1.0, 1.0]), 0, args)  # s=1 < min_len
+    assert cont.all()
+    cont, cum = dp.specdecpp_continue(cum, jnp.array([0.9, 0.6, 0.75]), 1, args)
+    np.testing.assert_array_equal(cont, [True, False, True])  # 1-cum = 0.1, 0.4, 0.25
+    cont, cum = dp.specdecpp_continue(cum, jnp.array([0.9, 1.0, 0.9]), 2, args)
+    np.testing.assert_array_equal(cont, [True, False, False])  # 0.19, 0.4, 0.325
+    np.testing.assert_allclose(cum, [0.81, 0.6, 0.675], rtol=1e-6)
+    cont, _ = dp.specdecpp_continue(jnp.ones(3), jnp.ones(3), 3, args)  # s = max_len
+    assert not cont.any()
+
+
+def test_specdecpp_head_drives_the_stop():
+    """A head whose output bias says P(accept)=0.5 everywhere: with h=0.3 drafting stops after s=2 (min_len 1)."""
+    head = dp.specdecpp_head(8, depth=1)
+    head.out.kernel[...] = jnp.zeros_like(head.out.kernel[...])
+    policy = dp.make_specdecpp(dp.SpecDecPPArgs(threshold=0.3, min_len=1), head=head)
+    carry = policy.round_init(2)
+    h = jnp.ones((2, 8))
+    c0, carry = policy.after(carry, 0, jnp.zeros((2, V)), h)
+    c1, carry = policy.after(carry, 1, jnp.zeros((2, V)), h)
+    assert c0.all() and not c1.any()
+    np.testing.assert_allclose(carry, 0.5)
+
+
+def test_speckv_features_and_choice():
+    st = dp.DraftStats(entropy_bits=jnp.array([[1.0, 3.0, 9.0], [0.0, 0.0, 0.0]]),
+                       confidence=jnp.array([[0.8, 0.4, 0.0], [0.5, 0.5, 0.5]]),
+                       valid=jnp.array([[True, True, False], [False, False, False]]))
+    np.testing.assert_allclose(dp.speckv_features(st), [[2.0, 0.6, 3.0, 0.4], [0.0, 0.0, 0.0, 0.0]], rtol=1e-6)
+    # argmax_γ a(γ)·γ + 1: 0.9·2=1.8, 0.6·4=2.4, 0.3·6=1.8, 0.1·8=0.8 -> γ=4 ; all zero -> first (ties: smaller)
+    pred = jnp.array([[0.9, 0.6, 0.3, 0.1], [0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(dp.speckv_choose(pred, (2, 4, 6, 8)), [4, 2])
+    x = dp.speckv_inputs(jnp.ones((1, 4)), (2, 4), comp_enc=1)
+    np.testing.assert_allclose(x[0], [[1, 1, 1, 1, 1, 2], [1, 1, 1, 1, 1, 4]])
+    policy = dp.build_policy("speckv")
+    state = policy.init(2, 8)
+    np.testing.assert_array_equal(policy.round_gamma(state, 8, 2), [4, 4])  # first round: initial
+
+
+def test_ead_rule():
+    args = EADArgs(window=5, threshold=2.0, min_dwell=3)
+    mode = jnp.array([False, False, True, True])
+    dwell = jnp.array([3, 2, 5, 4])
+    mean_h = jnp.array([2.5, 2.5, 1.0, 3.0])
+    new_mode, new_dwell = ead_switch(mode, dwell, mean_h, args)
+    np.testing.assert_array_equal(new_mode, [True, False, False, True])
+    np.testing.assert_array_equal(new_dwell, [0, 2, 0, 4])
+
+
+def test_ngram_lookup_hand_case():
+    seq = jnp.array([[5, 1, 2, 3, 1, 2, 4, 1, 2, 0, 0],
+                     [0, 0, 6, 7, 8, 9, 0, 0, 0, 0, 0]], jnp.int32)
+    valid = jnp.array([[True] * 9 + [False] * 2, [False, False] + [True] * 4 + [False] * 5])
+    n = jnp.array([9, 6])
+    toks, ok = ngram_lookup(seq, valid, n, 3, max_ngram=2, min_ngram=1)
+    # row 0: last bigram (1, 2); latest earlier occurrence at 4 -> drafts 4, 1, 2
+    np.testing.assert_array_equal(toks[0], [4, 1, 2])
+    np.testing.assert_array_equal(ok[0], [True, True, True])
+    # row 1: token 9 never occurred before -> no drafts
+    assert not ok[1].any()
+    toks, ok = ngram_lookup(seq, valid, jnp.array([8, 6]), 3, max_ngram=2, min_ngram=1)
+    # row 0 ends "4 1": bigram unseen, unigram 1 last seen at 4 -> drafts 2, 4, then 1 at index 7 (< n) ok
+    np.testing.assert_array_equal(toks[0], [2, 4, 1])
+    np.testing.assert_array_equal(ok[0], [True, True, True])
+
+
+def test_policy_mask_and_routing_confidence():
+    logits = jnp.log(jnp.array([[[0.9, 0.1, 0, 0], [0.3, 0.3, 0.2, 0.2], [0.9, 0.1, 0, 0]]]) + 1e-9)
+    conf = dp.build_policy("confidence", {"threshold": 0.5})
+    np.testing.assert_array_equal(policy_mask(conf, logits, jnp.array([3])), [[True, True, False]])
+    np.testing.assert_array_equal(policy_mask(dp.build_policy("fixed"), logits, jnp.array([2])),
+                                  [[True, True, False]])
+    valid = jnp.array([[True, True, False], [False, False, False]])
+    two = jnp.concatenate([logits, logits])
+    np.testing.assert_allclose(routing_confidence(two, valid), [0.6, -1.0], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(models):
+    target, draft, _ = models
+    prompt = np.array([[1, 2, 3]], np.int32)
+    valid = np.ones_like(prompt, bool)
+    kw = dict(max_new_tokens=4, draft_len=2, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        speculative_generate(target, draft, np.array([[1, 9, 3]]), valid, **kw)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        speculative_generate(target, draft, np.ones((1, 30), np.int32), np.ones((1, 30), bool), **kw)
+    with pytest.raises(ValueError, match="draft_len=0"):
+        speculative_generate(target, draft, prompt, valid, max_new_tokens=4, draft_len=0, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="vocab_size"):
+        other = Decoder(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                                    num_kv_heads=1, head_dim=4), rngs=nnx.Rngs(0))
+        speculative_generate(target, other, prompt, valid, **kw)
+    with pytest.raises(ValueError, match="hidden states"):
+        speculative_generate(target, NgramDrafter(vocab_size=V), prompt, valid,
+                             policy=dp.build_policy("specdecpp", hidden_size=8), **kw)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        DeerDrafter.of(draft)
+    with pytest.raises(ConfigError, match="decode.policy='nope'"):
+        dp.build_policy("nope")
+    with pytest.raises(ConfigError, match="unknown key"):
+        dp.build_policy("heuristic", {"gama": 3})
+    with pytest.raises(ConfigError, match="draft_len=2"):
+        speculative_generate(target, draft, prompt, valid, policy=dp.build_policy("speckv"), **kw)
+    with pytest.raises(ValueError, match="start="):
+        EADArgs(start="medium")
