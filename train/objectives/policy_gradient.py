@@ -138,7 +138,8 @@ def rollout_token_stats(model: nnx.Module, batch: dict, *, temperature=None, chu
 
     def one(chunk):  # hidden at t-1 scores token t
         logits = nnx.merge(graphdef, state).logits(chunk["hidden"]).astype(_F32)  # [C, V]
-        logp = jax.nn.log_softmax(logits / chunk["tau"][:, None], axis=-1)
+        tau = jnp.where(chunk["tau"] > 0, chunk["tau"], 1.0)  # chunk padding rows carry τ = 0 (NaN gradients)
+        logp = jax.nn.log_softmax(logits / tau[:, None], axis=-1)
         out = {"logp": jnp.take_along_axis(logp, chunk["target"][:, None], axis=-1)[:, 0]}
         if with_entropy:
             out["entropy"] = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
