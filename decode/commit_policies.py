@@ -1,0 +1,522 @@
+"""Commit policies of the diffusion sampler (decode_methods.md Part B), registered in
+``jaxtok.registry.COMMIT_POLICIES``.
+
+A policy is a pure function ``fn(info, args, state, spec, heads) -> Decision`` called once per denoising step by
+:func:`jaxtok.decode.diffusion_generate`:
+
+- ``info`` (:class:`StepInfo`): the step's position-aligned logits ``[B, N, V]``, proposals ``x0 [B, N]``, their
+  confidence ``conf [B, N]`` (``softmax(logits)[x0]`` of the un-tempered logits, §0.2), the masks ``eligible``
+  (still masked, inside the row's active block, row not done), ``masked`` (still masked anywhere), the active block
+  ``[lo, hi)`` per row, the step counters and per-row PRNG keys.
+- ``args``: the policy's frozen argument dataclass (every one extends :class:`SamplerArgs`, the loop settings).
+- ``state``: the policy's per-row carry (e.g. BACD's confidence sums), from the entry's ``init_state``.
+- ``spec`` (:class:`LoopSpec`): static loop constants (generation length, block length, steps per block,
+  terminators).
+- ``heads``: learned modules a policy needs (Learn2PD's ``filter``).
+
+``Decision.commit [B, N]`` may only select masked positions (the loop intersects with ``masked``); ``x0`` may be
+rewritten (ETE's exploratory samples, EoT fills). Committed tokens are never re-masked. Every policy guarantees
+progress: threshold-like rules always add the top-1 eligible position; scheduled rules (``llada``, ``eoser``,
+``ass``, ``learn2pd``) commit the rest of the block at their last scheduled step, so every loop ends within its
+cap. Terminators (``spec.stop_ids``: ``<eos>`` and the Rainbow pads) are EOS-class for every EOS-aware rule.
+
+Entry meta: ``scheduled`` (the block is decoded in ``steps_per_block`` steps), ``init_state(B, N)``,
+``block_rule`` (adaptive block length, AdaBlock), ``heads`` (names of required learned modules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxtok.registry import COMMIT_POLICIES
+from jaxtok.sampling import count_leading_true, first_true_index, gumbel_argmax, topk_mask
+
+_DEPRIORITISE = 2.0  # subtracted from a confidence in [0, 1] to rank it below every other, staying finite
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step context and shared argument base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerArgs:
+    """Loop settings shared by every policy (fields of every policy's argument dataclass).
+
+    ``block_len``: semi-autoregressive block length K (a block-causal model: its block size). ``steps``: nominal
+    total denoising steps for scheduled policies (None = the generation length, one token per step); per block
+    ``steps // num_blocks``. ``cache``: ``none`` (full forward every step) or ``block`` (exact block KV cache,
+    block-causal models only). ``cfg_scale``: LLaDA's unsupervised classifier-free guidance w (0 = off; one batched
+    2B forward). ``shift_logits``: the model's raw logit at i-1 predicts token i (an AR-adapted checkpoint whose
+    config lacks Dream's ``shift_logits``). ``stop_early``: a row stops once a terminator is committed and every
+    position before it is decoded (the rest is filled with ``pad_id``)."""
+
+    block_len: int = 32
+    steps: Optional[int] = None
+    cache: Literal["none", "block"] = "none"
+    cfg_scale: float = 0.0
+    shift_logits: bool = False
+    stop_early: bool = True
+
+    def __post_init__(self):
+        if self.block_len < 1:
+            raise ValueError(f"block_len={self.block_len}: must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps={self.steps}: must be >= 1 (or null = generation length)")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale}: must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """Static constants of one sampler call (hashable)."""
+
+    gen_len: int
+    block_len: int
+    steps: int  # nominal total steps
+    steps_per_block: int
+    stop_ids: tuple[int, ...]
+    mask_id: int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """One denoising step of every row (shapes ``B`` rows, ``N`` generated positions, ``V`` vocabulary).
+
+    ``logits [B,N,V]`` f32 position-aligned; ``x0 [B,N]`` proposals; ``conf [B,N]`` p(x0) un-tempered; ``eligible``,
+    ``masked`` ``[B,N]`` bool; ``is_stop [B,N]`` x0 is a terminator; ``lo, hi [B]`` active block ``[lo, hi)`` in
+    generation indices; ``block_step [B]`` steps already spent in the block; ``block_masks [B]`` masked positions of
+    the block when it started; ``step []`` global step (0-based); ``keys [B]`` per-row PRNG keys of this step."""
+
+    logits: jax.Array
+    x0: jax.Array
+    conf: jax.Array
+    eligible: jax.Array
+    masked: jax.Array
+    is_stop: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    block_step: jax.Array
+    block_masks: jax.Array
+    step: jax.Array
+    keys: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """``commit [B,N]`` positions to reveal now, ``x0 [B,N]`` the tokens they take, ``state`` the policy carry."""
+
+    commit: jax.Array
+    x0: jax.Array
+    state: Any = None
+
+
+def register(name: str, args_cls, *, scheduled: bool = False, init_state=None, block_rule=None, heads=()):
+    """``@register("threshold", ThresholdArgs)``: a commit policy with its loop meta (module docstring)."""
+    return COMMIT_POLICIES.register(name, args_cls, scheduled=scheduled, init_state=init_state,
+                                    block_rule=block_rule, heads=tuple(heads))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared primitives (§0.3, §0.5)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def num_transfer_tokens(n: jax.Array, steps: int, s: jax.Array) -> jax.Array:
+    """LLaDA's schedule (§0.5): of ``n`` masks decoded in ``steps`` steps, step ``s`` (0-based) commits
+    ``n // steps + (s < n % steps)`` (the remainder goes to the first steps). Traced ``n [B]``, ``s [B]``."""
+    n = jnp.asarray(n, jnp.int32)
+    return n // steps + (jnp.asarray(s, jnp.int32) < n % steps).astype(jnp.int32)
+
+
+def top1(conf: jax.Array, eligible: jax.Array) -> jax.Array:
+    """``[B, N]`` the most confident eligible position of each row (none in rows without eligible positions)."""
+    return topk_mask(conf, 1, eligible)
+
+
+def row_uniform(keys: jax.Array, n: int, salt: int) -> jax.Array:
+    """``[B, n]`` uniforms in [0, 1) from per-row keys (batch-invariant: a row's draw ignores the other rows)."""
+    return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, salt), (n,), jnp.float32))(keys)
+
+
+def scheduled_k(info: StepInfo, spec: LoopSpec, k: jax.Array) -> jax.Array:
+    """``k [B]`` unless this is the block's last scheduled step (or later): then every eligible position."""
+    last = info.block_step >= spec.steps_per_block - 1
+    return jnp.where(last, jnp.sum(info.eligible, axis=-1), k)
+
+
+def eos_scaled(conf: jax.Array, is_stop: jax.Array, factor) -> jax.Array:
+    """EOSER (§B19): the confidence of terminator proposals times ``factor`` (``[]`` or ``[B]``)."""
+    f = jnp.asarray(factor, jnp.float32)
+    f = f[:, None] if f.ndim == 1 else f
+    return jnp.where(is_stop, conf * f, conf)
+
+
+def threshold_commit(conf: jax.Array, eligible: jax.Array, tau) -> jax.Array:
+    """Fast-dLLM threshold rule (§B10): ``{argmax conf} ∪ {i eligible : conf_i >= τ}`` (τ ``[]`` or ``[B]``)."""
+    tau = jnp.asarray(tau, jnp.float32)
+    tau = tau[:, None] if tau.ndim == 1 else tau
+    return (eligible & (conf >= tau)) | top1(conf, eligible)
+
+
+def factor_commit(conf: jax.Array, eligible: jax.Array, factor: float) -> jax.Array:
+    """Fast-dLLM factor rule (§B10): sort eligible confidences ``c_(1) >= c_(2) >= ...``; keep the leading run with
+    ``c_(n) >= 1 - f/(n+1)`` (the first always kept); the reference's quirk commits all ``N`` when the run fails only
+    at the last index; at least one."""
+    n_elig = jnp.sum(eligible, axis=-1)  # [B]
+    scores = jnp.where(eligible, conf, -jnp.inf)
+    srt = -jnp.sort(-scores, axis=-1)  # [B, N] descending, -inf after the eligible ones
+    n = jnp.arange(1, conf.shape[-1] + 1, dtype=jnp.float32)
+    thr = jnp.where(n == 1, -1.0, 1.0 - factor / (n + 1.0))
+    run = count_leading_true((srt >= thr) & jnp.isfinite(srt))  # [B]
+    k = jnp.where(run >= n_elig - 1, n_elig, jnp.maximum(run, 1))
+    return topk_mask(conf, k, eligible)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B9 LLaDA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaDAArgs(SamplerArgs):
+    """``remasking``: ``low_confidence`` (commit the most confident) or ``random`` (uniform scores).
+    ``eos_conf_inf``: terminator proposals are ranked last (LLaDA's ``confidence_eos_eot_inf``, intended form)."""
+
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    eos_conf_inf: bool = False
+
+
+def _llada_scores(info: StepInfo, args, spec: LoopSpec) -> jax.Array:
+    conf = info.conf
+    if getattr(args, "remasking", "low_confidence") == "random":
+        conf = row_uniform(info.keys, conf.shape[-1], 1)
+    if getattr(args, "eos_conf_inf", False):
+        conf = jnp.where(info.is_stop, conf - _DEPRIORITISE, conf)
+    return conf
+
+
+@register("llada", LLaDAArgs, scheduled=True)
+def llada(info: StepInfo, args: LLaDAArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """LLaDA (§B9): commit the top-``k_s`` eligible positions by confidence, ``k_s`` from
+    :func:`num_transfer_tokens` over the block's masks and ``steps_per_block``."""
+    k = scheduled_k(info, spec, num_transfer_tokens(info.block_masks, spec.steps_per_block, info.block_step))
+    return Decision(topk_mask(_llada_scores(info, args, spec), k, info.eligible), info.x0, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B10 Fast-dLLM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdArgs(SamplerArgs):
+    """``threshold`` τ in (0, 1] (Fast-dLLM default 0.9; 1.0 = one token per step)."""
+
+    threshold: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold}: allowed (0, 1]")
+
+
+@register("threshold", ThresholdArgs)
+def threshold(info: StepInfo, args: ThresholdArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Fast-dLLM parallel decoding, threshold rule (§B10)."""
+    return Decision(threshold_commit(info.conf, info.eligible, args.threshold), info.x0, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorArgs(SamplerArgs):
+    """``factor`` f > 0 (reference default 1)."""
+
+    factor: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.factor <= 0:
+            raise ValueError(f"factor={self.factor}: must be > 0")
+
+
+@register("factor", FactorArgs)
+def factor(info: StepInfo, args: FactorArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Fast-dLLM parallel decoding, factor rule (§B10)."""
+    return Decision(factor_commit(info.conf, info.eligible, args.factor), info.x0, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B11 Prophet
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProphetArgs(SamplerArgs):
+    """``base``: the rule used until the early commit (``llada`` with ``remasking``, or ``threshold`` with
+    ``threshold``). ``gaps``: top1−top2 *logit* gap thresholds of the early/mid/late phase, switching at
+    ``phase_bounds`` of progress ``(step + 1) / steps``. ``region``: where the gap is averaged: ``block`` (the
+    active block's masked positions) or ``answer`` (``answer_length`` generation indices from ``answer_offset``)."""
+
+    base: Literal["llada", "threshold"] = "llada"
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    threshold: float = 0.9
+    gaps: tuple[float, float, float] = (7.5, 5.0, 2.5)
+    phase_bounds: tuple[float, float] = (0.33, 0.67)
+    region: Literal["block", "answer"] = "block"
+    answer_offset: int = 0
+    answer_length: int = 5
+
+
+def logit_gap(logits: jax.Array) -> jax.Array:
+    """``[B, N]`` top1 − top2 logit."""
+    top2 = jax.lax.top_k(logits.astype(jnp.float32), 2)[0]
+    return top2[..., 0] - top2[..., 1]
+
+
+@register("prophet", ProphetArgs, scheduled=True)
+def prophet(info: StepInfo, args: ProphetArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Prophet (§B11): if the mean top1−top2 logit gap over the region reaches the phase threshold, commit every
+    remaining mask of the row with its proposal ("all-in"); otherwise the base rule."""
+    gap = logit_gap(info.logits)  # [B, N]
+    idx = jnp.arange(spec.gen_len)[None, :]
+    if args.region == "block":
+        region = info.eligible
+    else:
+        region = (idx >= args.answer_offset) & (idx < args.answer_offset + args.answer_length) & info.masked.any(
+            -1, keepdims=True)
+    cnt = jnp.sum(region, axis=-1)
+    g = jnp.where(cnt > 0, jnp.sum(jnp.where(region, gap, 0.0), -1) / jnp.maximum(cnt, 1), -jnp.inf)  # [B]
+    progress = (info.step + 1).astype(jnp.float32) / spec.steps
+    lo_b, hi_b = args.phase_bounds
+    thr = jnp.where(progress < lo_b, args.gaps[0], jnp.where(progress < hi_b, args.gaps[1], args.gaps[2]))
+    all_in = g >= thr  # [B]
+    if args.base == "llada":
+        base = llada(info, args, state, spec).commit
+    else:
+        base = threshold_commit(info.conf, info.eligible, args.threshold)
+    return Decision(jnp.where(all_in[:, None], info.masked, base), info.x0, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B12 AdaBlock
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaBlockArgs(SamplerArgs):
+    """``threshold`` τ of the in-block Fast-dLLM rule; ``delta`` δ, the delimiter confidence that sets the block end;
+    ``delimiter_ids`` (task tokenizer: 29 = ';' step separator, 31 = '>' answer mark); ``window`` look-ahead as a
+    fraction of the generation length (reference 0.25). ``block_len`` is the default block length."""
+
+    threshold: float = 0.9
+    delta: float = 0.3
+    delimiter_ids: tuple[int, ...] = (29, 31)
+    window: float = 0.25
+
+
+def adablock_end(info: StepInfo, args: AdaBlockArgs, start: jax.Array, spec: LoopSpec) -> jax.Array:
+    """AdaBlock block length (§B12): in the window ``[start, start + W)``, the most confident position predicting a
+    delimiter ends the block if its confidence is >= δ; otherwise the default length. Returns the end ``[B]``."""
+    n = spec.gen_len
+    idx = jnp.arange(n)[None, :]
+    remaining = n - start  # [B]
+    w = jnp.minimum(max(int(args.window * n), 1), remaining)
+    delim = jnp.isin(info.x0, jnp.asarray(args.delimiter_ids, jnp.int32))
+    cand = delim & info.masked & (idx >= start[:, None]) & (idx < (start + w)[:, None])
+    score = jnp.where(cand, info.conf, -1.0)
+    best = jnp.argmax(score, axis=-1)  # [B]
+    ok = jnp.max(score, axis=-1) >= args.delta
+    return jnp.where(ok, best + 1, start + jnp.minimum(spec.block_len, remaining)).astype(jnp.int32)
+
+
+@register("adablock", AdaBlockArgs, block_rule=adablock_end)
+def adablock(info: StepInfo, args: AdaBlockArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """AdaBlock-dLLM (§B12): Fast-dLLM threshold decoding inside blocks whose length :func:`adablock_end` chose."""
+    return Decision(threshold_commit(info.conf, info.eligible, args.threshold), info.x0, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B19 EOSER and ASS
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EOSERArgs(SamplerArgs):
+    """Linear EOS factor from ``gamma_min`` (first step) to ``gamma_max`` (last of ``steps``); reference 0.4 → 1."""
+
+    gamma_min: float = 0.4
+    gamma_max: float = 1.0
+
+
+@register("eoser", EOSERArgs, scheduled=True)
+def eoser(info: StepInfo, args: EOSERArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """EOSER (§B19): LLaDA's scheduled top-k with terminator confidences scaled by
+    ``γ_min + (γ_max − γ_min)·clamp(step, 0, S−1)/(S−1)``."""
+    t = jnp.clip(info.step, 0, spec.steps - 1).astype(jnp.float32) / max(spec.steps - 1, 1)
+    conf = eos_scaled(info.conf, info.is_stop, args.gamma_min + (args.gamma_max - args.gamma_min) * t)
+    k = scheduled_k(info, spec, num_transfer_tokens(info.block_masks, spec.steps_per_block, info.block_step))
+    return Decision(topk_mask(conf, k, info.eligible), info.x0, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class ASSArgs(SamplerArgs):
+    """Ascending step size with EOSER (reference ``eoser_ass_generate``: γ 0.01 → 1). ``steps`` is ignored: a block
+    of n masks takes ``max(1, floor(log2 n))`` steps."""
+
+    gamma_min: float = 0.01
+    gamma_max: float = 1.0
+
+
+def ass_schedule(n: jax.Array, i: jax.Array):
+    """ASS (§B19): of ``n`` masks, step ``i`` commits ``2^i``; the last of ``S = max(1, floor(log2 n))`` steps
+    commits the remainder ``n − (2^(S−1) − 1)``. Returns ``(k [B], S [B])``."""
+    n = jnp.asarray(n, jnp.int32)
+    s = jnp.maximum(jnp.floor(jnp.log2(jnp.maximum(n, 1).astype(jnp.float32))).astype(jnp.int32), 1)
+    i = jnp.asarray(i, jnp.int32)
+    k = jnp.where(i >= s - 1, n - (2 ** (s - 1) - 1), 2 ** jnp.minimum(i, 30))
+    return k, s
+
+
+@register("ass", ASSArgs, scheduled=True)
+def ass(info: StepInfo, args: ASSArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """EOSER + ASS (§B19): commit ``2^i`` tokens at block step i (top by EOS-scaled confidence), with the EOS factor
+    at progress ``(2^(i+1) − 1) / 2^S``."""
+    k, s = ass_schedule(info.block_masks, info.block_step)
+    t = jnp.minimum((2.0 ** (info.block_step + 1) - 1.0) / 2.0 ** s, 1.0)  # [B]
+    conf = eos_scaled(info.conf, info.is_stop, args.gamma_min + (args.gamma_max - args.gamma_min) * t)
+    k = jnp.where(info.block_step >= s - 1, jnp.sum(info.eligible, axis=-1), k)
+    return Decision(topk_mask(conf, k, info.eligible), info.x0, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B14 ETE
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ETEArgs(SamplerArgs):
+    """[INFERRED rule, §B14] ``threshold`` τ of the exploit set; ``cross`` masked positions past the block end that
+    may also be committed (cross-block); when fewer than ``min_commits`` pass τ, explore the ``explore``
+    highest-entropy eligible positions with tokens sampled at temperature 1."""
+
+    threshold: float = 0.9
+    cross: int = 0
+    min_commits: int = 1
+    explore: int = 1
+
+
+@register("ete", ETEArgs)
+def ete(info: StepInfo, args: ETEArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Explore-then-exploit (§B14, inferred): commit ``C = {conf >= τ}`` over the block plus ``cross`` positions
+    after it; if ``|C| < min_commits`` also commit the ``explore`` highest-entropy block positions with sampled
+    tokens; at least the top-1."""
+    idx = jnp.arange(spec.gen_len)[None, :]
+    window = info.eligible | (info.masked & (idx >= info.hi[:, None]) & (idx < (info.hi + args.cross)[:, None]))
+    exploit = window & (info.conf >= args.threshold)
+    stalled = jnp.sum(exploit, axis=-1) < args.min_commits  # [B]
+    logp = jax.nn.log_softmax(info.logits.astype(jnp.float32), axis=-1)
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, N]
+    explore = topk_mask(ent, args.explore, info.eligible) & stalled[:, None]
+    sampled = jax.vmap(lambda k, lp: gumbel_argmax(jax.random.fold_in(k, 2), lp))(info.keys, logp)  # [B, N]
+    x0 = jnp.where(explore, sampled, info.x0)
+    return Decision(exploit | explore | top1(info.conf, info.eligible), x0, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B18 BACD
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BACDArgs(SamplerArgs):
+    """Threshold bounds ``lower`` L, ``upper`` U (reference 0.6, 0.9)."""
+
+    upper: float = 0.9
+    lower: float = 0.6
+
+
+def _bacd_state(b: int, n: int):
+    return {"sum": jnp.zeros((b,), jnp.float32), "count": jnp.zeros((b,), jnp.float32)}
+
+
+@register("bacd", BACDArgs, init_state=_bacd_state)
+def bacd(info: StepInfo, args: BACDArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """BACD (§B18): τ = clamp(max eligible confidence, L, U) at a block's first step, then clamp(mean confidence of
+    the block's committed tokens, L, U); commit ``conf >= τ`` (at least the top-1). The history resets per block."""
+    fresh = info.block_step == 0
+    s = jnp.where(fresh, 0.0, state["sum"])
+    c = jnp.where(fresh, 0.0, state["count"])
+    best = jnp.max(jnp.where(info.eligible, info.conf, 0.0), axis=-1)
+    tau = jnp.clip(jnp.where(c > 0, s / jnp.maximum(c, 1.0), best), args.lower, args.upper)
+    commit = threshold_commit(info.conf, info.eligible, tau)
+    new = {"sum": s + jnp.sum(jnp.where(commit, info.conf, 0.0), -1), "count": c + jnp.sum(commit, -1)}
+    return Decision(commit, info.x0, new)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B16 Learn2PD (+ End-of-Text Prediction)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Learn2PDArgs(SamplerArgs):
+    """``threshold`` on the filter's sigmoid (reference 0.9); ``eot``: End-of-Text Prediction truncation. Needs
+    ``heads={"filter": FilterHead(block_size=block_len)}`` (``jaxtok.models.heads``)."""
+
+    threshold: float = 0.9
+    eot: bool = True
+
+
+def block_features(values: jax.Array, lo: jax.Array, width: int):
+    """``values [B, N]`` gathered at ``lo + 0..width-1`` -> ``([B, width], valid [B, width])`` (valid: inside N)."""
+    n = values.shape[-1]
+    cols = lo[:, None] + jnp.arange(width)[None, :]
+    return jnp.take_along_axis(values, jnp.clip(cols, 0, n - 1), axis=-1), cols < n
+
+
+def scatter_block(values: jax.Array, lo: jax.Array, n: int) -> jax.Array:
+    """Inverse of :func:`block_features`: ``values [B, W]`` placed at generation indices ``lo..lo+W-1`` of
+    ``[B, n]`` (other positions: the value at the clipped index; callers mask with the block)."""
+    idx = jnp.arange(n)[None, :] - lo[:, None]
+    return jnp.take_along_axis(values, jnp.clip(idx, 0, values.shape[-1] - 1), axis=-1)
+
+
+@register("learn2pd", Learn2PDArgs, scheduled=True, heads=("filter",))
+def learn2pd(info: StepInfo, args: Learn2PDArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Learn2PD (§B16): commit ``sigmoid(filter(block confidences)) > threshold`` on eligible positions plus LLaDA's
+    scheduled top-k. The filter sees the whole block's confidence vector (decoded positions: 1). EoTP: if an
+    accepted position proposes a terminator, fill everything after the first such one with it; else if a masked
+    position proposes one, fill everything after the most confident such proposal."""
+    n = spec.gen_len
+    feats, fvalid = block_features(jnp.where(info.masked, info.conf, 1.0), info.lo, spec.block_len)
+    keep = jax.nn.sigmoid(heads["filter"](feats, fvalid)) > args.threshold  # [B, K]
+    accepted = scatter_block(keep, info.lo, n) & info.eligible
+    k = scheduled_k(info, spec, num_transfer_tokens(info.block_masks, spec.steps_per_block, info.block_step))
+    commit = accepted | topk_mask(info.conf, k, info.eligible)
+    x0 = info.x0
+    if args.eot:
+        idx = jnp.arange(n)[None, :]
+        acc_stop = commit & info.is_stop
+        cand_stop = info.masked & info.is_stop
+        first_acc = first_true_index(acc_stop)  # [B]
+        best_cand = jnp.argmax(jnp.where(cand_stop, info.conf, -1.0), axis=-1)
+        cut = jnp.where(jnp.any(acc_stop, -1), first_acc, jnp.where(jnp.any(cand_stop, -1), best_cand, n))
+        fill = info.masked & (idx > cut[:, None])
+        stop_tok = jnp.take_along_axis(info.x0, jnp.clip(cut, 0, n - 1)[:, None], axis=-1)  # [B, 1]
+        x0 = jnp.where(fill, stop_tok, x0)
+        commit = commit | fill
+    return Decision(commit, x0, state)
+
+
+__all__ = [
+    "SamplerArgs", "LoopSpec", "StepInfo", "Decision", "register", "num_transfer_tokens", "top1", "threshold_commit",
+    "factor_commit", "logit_gap", "adablock_end", "ass_schedule", "eos_scaled", "row_uniform", "block_features",
+    "scatter_block", "LLaDAArgs", "ThresholdArgs", "FactorArgs", "ProphetArgs", "AdaBlockArgs", "EOSERArgs",
+    "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs",
+]

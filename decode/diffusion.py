@@ -1,0 +1,404 @@
+"""Jitted sampler for masked and block diffusion LMs with pluggable commit policies (decode_methods.md Part B, B0).
+
+State: ``x [B, P+N]`` = the LEFT-padded prompt, then ``N`` generated positions that start as ``mask_id``. One
+``lax.while_loop`` runs denoising steps; every row keeps its own semi-autoregressive block ``[lo, hi)`` (generation
+indices): when a row's block has no masks left, its next block starts at its first masked position — fixed length
+``block_len`` (a block-causal model: the model's own position blocks, ``position // block_size``) or chosen by the
+policy's ``block_rule`` (AdaBlock). This is B0's "blocks × inner loop" with per-row block pointers, so rows never
+wait for each other's blocks and finished rows are frozen with ``where``. Each step::
+
+    logits = model(x)                       # 1 NFE, position-aligned [B, N, V] (CFG: one batched 2B forward)
+    x0     = sample(logits / T)             # Gumbel-max in log space (§0.1); T = 0: argmax
+    conf   = softmax(logits)[x0]            # un-tempered (§0.2)
+    commit = POLICY(info, args, state)      # decode/commit_policies.py; only masked positions
+    x      = where(commit, x0, x)           # committed tokens are never re-masked
+    done  |= no masks left | (stop_early and a terminator is committed with every earlier position decoded)
+
+Caps: the loop stops after ``max(N, num_blocks · steps_per_block) + num_blocks`` steps at the latest; every policy
+commits at least one token per step (or finishes its block at its last scheduled step), so it ends earlier.
+
+Outputs (:class:`DiffusionResult`): tokens, per-row NFE, and the commit trajectory ``commit_step [B, N]`` (the
+0-based step at which each position was revealed; the state after s steps is :func:`trajectory_state`) for TAD
+(train_methods.md §5) and CJ-GRPO (§10).
+
+Caches (``SamplerArgs.cache``): ``none``; ``block`` — the exact block KV cache of a block-causal model: positions
+before the previous block live in a :class:`jaxtok.models.KVCache`, each step runs a ``[B, 2·block]`` window
+(previous block, current block) and rolls the cache back, and a row entering its next block keeps the previous
+block's (now final) keys. Block-causal attention makes this identical to the full forward. Fast-dLLM's approximate
+prefix/dual caches need per-layer key overwrites the decoder's cache API does not offer and are not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtok.models import KVCache, check_token_ids
+from jaxtok.registry import COMMIT_POLICIES, ConfigError
+from jaxtok.sampling import first_true_index, gumbel_argmax
+
+from . import commit_policies as cp
+from .commit_policies import LoopSpec, SamplerArgs, StepInfo
+
+DEFAULT_MASK_ID = 3
+DEFAULT_STOP_IDS = (2,) + tuple(range(4, 11))  # <eos> and the Rainbow pads <pad_1..7> of the task tokenizer
+_WINDOW_ONLY = ("llada", "threshold", "factor", "eoser", "ass", "bacd")  # policies that read only the block
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DiffusionResult:
+    """Output of :func:`diffusion_generate`.
+
+    ``tokens [B, N]`` int32 generated ids (``mask_id`` where a row hit the cap; ``pad_id`` where ``stop_early``
+    filled); ``valid [B, N]`` up to and including the first terminator; ``lengths [B]``; ``done [B]``;
+    ``nfe [B]`` int32 forwards the row took part in; ``commit_step [B, N]`` int32 step at which each position was
+    committed (-1: never); ``num_steps []`` loop iterations."""
+
+    tokens: jax.Array
+    valid: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    nfe: jax.Array
+    commit_step: jax.Array
+    num_steps: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _State:
+    x: jax.Array  # [B, L]
+    commit_step: jax.Array  # [B, N]
+    step: jax.Array  # []
+    nfe: jax.Array  # [B]
+    done: jax.Array  # [B]
+    lo: jax.Array  # [B]
+    hi: jax.Array  # [B]
+    block_step: jax.Array  # [B]
+    block_masks: jax.Array  # [B]
+    pstate: Any
+    cache: Optional[KVCache]
+    base: Optional[jax.Array]  # [B] cache slots kept (block cache)
+    cached_kb: Optional[jax.Array]  # [B] block the cache is prepared for
+
+
+def trajectory_state(tokens: jax.Array, commit_step: jax.Array, step, mask_id: int = DEFAULT_MASK_ID) -> jax.Array:
+    """``x^(step)``: the generated part after ``step`` denoising steps (``0`` = all masks): positions committed at a
+    step ``< step`` show their token, the rest ``mask_id``. ``[B, N]``."""
+    shown = (commit_step >= 0) & (commit_step < step)
+    return jnp.where(shown, tokens, mask_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of one step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sample_x0(logits: jax.Array, keys: jax.Array, temperature: float) -> jax.Array:
+    """§0.1: ``argmax(logits/T + g)`` per row (``keys [B]``), or ``argmax logits`` at ``T = 0``. ``[B, N]``."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(lambda k, lg: gumbel_argmax(jax.random.fold_in(k, 0), lg / temperature))(keys, logits)
+
+
+def confidence(logits: jax.Array, x0: jax.Array) -> jax.Array:
+    """§0.2: ``softmax(logits)[x0]`` in float32 from the un-tempered logits. ``[B, N]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.exp(jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0])
+
+
+def fixed_block_end(start: jax.Array, plen: jax.Array, block_len: int, n: int, aligned: bool) -> jax.Array:
+    """End ``[B]`` of the fixed block holding generation index ``start``: multiples of ``block_len`` from the first
+    generated position, or (``aligned``, block-causal models) of the absolute position ``plen + i``."""
+    if aligned:
+        pos = plen + start
+        end = (pos // block_len + 1) * block_len - plen
+    else:
+        end = (start // block_len + 1) * block_len
+    return jnp.minimum(end, n).astype(jnp.int32)
+
+
+def _row_keys(rng: jax.Array, step: jax.Array, b: int) -> jax.Array:
+    k = jax.random.fold_in(rng, step)
+    return jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(b))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jitted core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "head_defs", "policy", "args", "spec", "temperature",
+                                             "attention", "block_size", "pad_id"))
+def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt_valid, rng, *, policy, args, spec,
+                   temperature, attention, block_size, pad_id):
+    entry = COMMIT_POLICIES.entry(policy)
+    fn = entry.fn
+    block_rule = entry.meta.get("block_rule")
+    heads = {name: nnx.merge(d, s) for name, d, s in zip(head_defs[0], head_defs[1], head_states)}
+    b, p = prompt.shape
+    n, mask = spec.gen_len, spec.mask_id
+    length = p + n
+    aligned = attention == "block_causal"
+    use_cache = args.cache == "block"
+    shift = 1 if args.shift_logits else 0
+    plen = jnp.sum(prompt_valid, axis=1).astype(jnp.int32)  # [B]
+    pad = (p - plen).astype(jnp.int32)
+    full_valid = jnp.concatenate([prompt_valid, jnp.ones((b, n), bool)], axis=1)  # [B, L]
+    positions = jnp.maximum(jnp.cumsum(full_valid, axis=1, dtype=jnp.int32) - 1, 0)
+    gen_cols = jnp.broadcast_to(p + jnp.arange(n, dtype=jnp.int32) - shift, (b, n))
+    idx = jnp.arange(n, dtype=jnp.int32)[None, :]
+    stop = jnp.asarray(spec.stop_ids if spec.stop_ids else (-1,), jnp.int32)
+    nb_max = math.ceil(n / spec.block_len) + 1
+    cap = max(n, nb_max * spec.steps_per_block) + nb_max
+
+    def forward_full(x):
+        model = nnx.merge(graphdef, model_state)
+        if args.cfg_scale > 0:  # LLaDA unsupervised CFG: un-conditional = prompt replaced by masks
+            un_x = x.at[:, :p].set(jnp.where(prompt_valid, mask, x[:, :p]))
+            out = model(jnp.concatenate([x, un_x]), valid=jnp.concatenate([full_valid, full_valid]),
+                        attention=attention, block_size=block_size, logits_at=jnp.concatenate([gen_cols, gen_cols]))
+            cond, uncond = out.logits[:b], out.logits[b:]
+            return uncond + (args.cfg_scale + 1.0) * (cond - uncond)
+        return model(x, valid=full_valid, attention=attention, block_size=block_size, logits_at=gen_cols).logits
+
+    bs = block_size or 1
+
+    def refill(x, kb):
+        """A fresh cache holding every row's positions before block ``kb - 1``."""
+        model = nnx.merge(graphdef, model_state)
+        cache = KVCache.init(model.cfg, b, length + n + 4 * bs)
+        keep = full_valid & (positions < ((kb - 1) * bs)[:, None])
+        out = model(x, positions=positions, valid=keep, attention=attention, block_size=block_size, cache=cache,
+                    return_logits=False)
+        return out.cache, jnp.full((b,), length, jnp.int32)
+
+    def forward_window(x, cache, base, kb):
+        """Logits of block ``kb`` of every row from the window (block kb-1, block kb) over the cached prefix."""
+        model = nnx.merge(graphdef, model_state)
+        wpos = ((kb - 1) * bs)[:, None] + jnp.arange(2 * bs, dtype=jnp.int32)[None, :]  # [B, 2bs]
+        cols = wpos + pad[:, None]
+        wvalid = (wpos >= 0) & (cols < length)
+        tokens = jnp.where(wvalid, jnp.take_along_axis(x, jnp.clip(cols, 0, length - 1), axis=1), pad_id)
+        at = jnp.broadcast_to(bs + jnp.arange(bs, dtype=jnp.int32) - shift, (b, bs))
+        out = model(tokens, positions=jnp.maximum(wpos, 0), valid=wvalid, attention=attention,
+                    block_size=block_size, cache=cache.rollback(base), logits_at=at)
+        off = jnp.clip(plen[:, None] + idx - (kb * bs)[:, None], 0, bs - 1)  # [B, N] -> window offset
+        logits = jnp.take_along_axis(out.logits, off[..., None], axis=1)  # [B, N, V]; exact inside block kb
+        return logits, out.cache
+
+    def update_blocks(s, masked, info_for_rule):
+        in_block = (idx >= s.lo[:, None]) & (idx < s.hi[:, None])
+        new = ~jnp.any(masked & in_block, axis=-1) & jnp.any(masked, axis=-1)  # [B]
+        start = first_true_index(masked)
+        if block_rule is None:
+            end = fixed_block_end(start, plen, spec.block_len, n, aligned)
+        else:
+            end = block_rule(info_for_rule, args, start, spec)
+        lo = jnp.where(new, start, s.lo)
+        hi = jnp.where(new, jnp.maximum(end, start + 1), s.hi)
+        in_block = (idx >= lo[:, None]) & (idx < hi[:, None])
+        return dataclasses.replace(
+            s, lo=lo, hi=hi, block_step=jnp.where(new, 0, s.block_step),
+            block_masks=jnp.where(new, jnp.sum(masked & in_block, axis=-1), s.block_masks).astype(jnp.int32))
+
+    def body(s: _State) -> _State:
+        gen = s.x[:, p:]
+        masked = (gen == mask) & ~s.done[:, None]  # [B, N]
+        live = jnp.any(masked, axis=-1)
+        keys = _row_keys(rng, s.step, b)
+        extra_nfe = jnp.zeros((b,), jnp.int32)
+        if block_rule is None:
+            s = update_blocks(s, masked, None)
+        if use_cache:
+            kb = (plen + s.lo) // bs
+            advance = kb == s.cached_kb + 1
+            ok = (kb == s.cached_kb) | advance | ~live
+            need = ~jnp.all(ok)
+
+            def do_refill(_):
+                c, base = refill(s.x, kb)
+                return c, base, kb
+
+            def do_advance(_):
+                return s.cache, jnp.where(advance, s.base + bs, s.base), jnp.where(advance, kb, s.cached_kb)
+
+            cache, base, cached_kb = jax.lax.cond(need, do_refill, do_advance, None)
+            extra_nfe = jnp.where(need & live, 1, 0)
+            logits, cache = forward_window(s.x, cache, base, kb)
+            s = dataclasses.replace(s, cache=cache, base=base, cached_kb=cached_kb)
+        else:
+            logits = forward_full(s.x)
+        x0 = sample_x0(logits, keys, temperature)
+        conf = confidence(logits, x0)
+        is_stop = jnp.isin(x0, stop)
+
+        def info_of(st, eligible):
+            return StepInfo(logits=logits, x0=x0, conf=conf, eligible=eligible, masked=masked, is_stop=is_stop,
+                            lo=st.lo, hi=st.hi, block_step=st.block_step, block_masks=st.block_masks, step=st.step,
+                            keys=keys)
+
+        if block_rule is not None:
+            s = update_blocks(s, masked, info_of(s, masked))
+        eligible = masked & (idx >= s.lo[:, None]) & (idx < s.hi[:, None])
+        dec = fn(info_of(s, eligible), args, s.pstate, spec, heads)
+        commit = dec.commit & masked
+        gen = jnp.where(commit, dec.x0, gen)
+        commit_step = jnp.where(commit, s.step, s.commit_step)
+        done = s.done | ~jnp.any(gen == mask, axis=-1)
+        if args.stop_early:
+            first = first_true_index(jnp.isin(gen, stop))  # committed terminators (masks never match)
+            finished = (first < n) & ~jnp.any((gen == mask) & (idx < first[:, None]), axis=-1) & ~s.done
+            fill = finished[:, None] & (idx > first[:, None]) & (gen == mask)
+            gen = jnp.where(fill, pad_id, gen)
+            commit_step = jnp.where(fill, s.step, commit_step)
+            done = done | finished
+        pstate = jax.tree.map(lambda new, old: jnp.where(live.reshape((b,) + (1,) * (new.ndim - 1)), new, old),
+                              dec.state, s.pstate)
+        return dataclasses.replace(
+            s, x=s.x.at[:, p:].set(gen), commit_step=commit_step, step=s.step + 1,
+            nfe=s.nfe + live.astype(jnp.int32) + extra_nfe, done=done,
+            block_step=s.block_step + live.astype(jnp.int32), pstate=pstate)
+
+    init_state = entry.meta.get("init_state")
+    x = jnp.concatenate([jnp.where(prompt_valid, prompt, pad_id), jnp.full((b, n), mask, jnp.int32)], axis=1)
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = _State(
+        x=x, commit_step=jnp.full((b, n), -1, jnp.int32), step=jnp.zeros((), jnp.int32), nfe=zeros,
+        done=jnp.zeros((b,), bool), lo=zeros, hi=zeros, block_step=zeros, block_masks=zeros,
+        pstate=init_state(b, n) if init_state else {},
+        cache=KVCache.init(nnx.merge(graphdef, model_state).cfg, b, length + n + 4 * bs) if use_cache else None,
+        base=zeros if use_cache else None, cached_kb=jnp.full((b,), -(10**6), jnp.int32) if use_cache else None)
+    state = jax.lax.while_loop(lambda s: (s.step < cap) & ~jnp.all(s.done), body, state)
+    gen = state.x[:, p:]
+    first = first_true_index(jnp.isin(gen, stop))
+    return DiffusionResult(tokens=gen, valid=idx <= first[:, None], lengths=jnp.minimum(first + 1, n),
+                           done=state.done, nfe=state.nfe, commit_step=state.commit_step, num_steps=state.step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def policy_args_of(policy: str, policy_args=None, **overrides):
+    """The policy's argument dataclass from a dataclass instance, a mapping (checked like a config) or None
+    (defaults); keyword ``overrides`` that are not None replace fields (``block_len=``, ``steps=``)."""
+    entry = COMMIT_POLICIES.entry(policy, "policy")
+    if policy_args is None or isinstance(policy_args, Mapping):
+        policy_args = COMMIT_POLICIES.parse_args(policy, policy_args, "policy_args")
+    elif not isinstance(policy_args, entry.config_cls):
+        raise ConfigError(f"policy_args: {type(policy_args).__name__} is not the arguments of policy {policy!r} "
+                          f"({entry.config_cls.__name__})")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(policy_args, **changes) if changes else policy_args
+
+
+def diffusion_generate(
+    model: nnx.Module,
+    prompt,
+    prompt_valid,
+    *,
+    gen_len: int,
+    policy: str = "llada",
+    policy_args=None,
+    block_len: Optional[int] = None,
+    steps: Optional[int] = None,
+    temperature: float = 0.0,
+    rng: Optional[jax.Array] = None,
+    mask_id: Optional[int] = None,
+    stop_tokens: Sequence[int] = DEFAULT_STOP_IDS,
+    pad_id: int = 0,
+    attention: str = "bidirectional",
+    block_size: Optional[int] = None,
+    heads: Optional[Mapping[str, nnx.Module]] = None,
+) -> DiffusionResult:
+    """Decode ``gen_len`` tokens per row with a masked/block diffusion LM in one jitted call (module docstring).
+
+    Args:
+      model: a ``jaxtok.models.Decoder`` trained as a diffusion LM (position-aligned logits; Dream models shift
+        through their config, AR-adapted ones with ``policy_args.shift_logits``).
+      prompt, prompt_valid: ``[B, P]`` LEFT-padded prompt ids and mask (each row >= 1 token).
+      gen_len: N generated positions (all start masked).
+      policy: a ``COMMIT_POLICIES`` name; policy_args: its dataclass, a mapping, or None (defaults).
+      block_len, steps: override ``policy_args.block_len`` / ``.steps`` when given.
+      temperature: Python float; 0 = argmax proposals.
+      rng: PRNG key (step s, row r use ``fold_in(fold_in(rng, s), r)``: rows are batch-invariant).
+      mask_id: default the model config's ``mask_token_id`` (3 without one).
+      stop_tokens: terminators (default ``<eos>`` and the Rainbow pads 4..10).
+      pad_id: prompt padding and ``stop_early`` fill.
+      attention: ``bidirectional`` (LLaDA/MDLM) or ``block_causal`` with ``block_size`` (then blocks follow the
+        model's position blocks and ``block_len`` defaults to ``block_size``).
+      heads: learned modules a policy needs, e.g. ``{"filter": FilterHead}`` for ``learn2pd``.
+    """
+    entry = COMMIT_POLICIES.entry(policy, "policy")
+    if block_len is None and attention == "block_causal" and block_size and (
+            policy_args is None or (isinstance(policy_args, Mapping) and "block_len" not in policy_args)):
+        block_len = block_size
+    args = policy_args_of(policy, policy_args, block_len=block_len, steps=steps)
+    cfg = model.cfg
+    prompt = np.asarray(prompt) if not isinstance(prompt, jax.Array) else prompt
+    prompt_valid = np.asarray(prompt_valid, bool) if not isinstance(prompt_valid, jax.Array) else prompt_valid
+    if prompt.ndim != 2 or prompt_valid.shape != prompt.shape:
+        raise ValueError(f"prompt/prompt_valid: expected equal [B, P] shapes, got {prompt.shape} and "
+                         f"{prompt_valid.shape}")
+    if isinstance(gen_len, bool) or not isinstance(gen_len, (int, np.integer)) or gen_len < 1:
+        raise ValueError(f"gen_len={gen_len!r}: allowed a positive integer")
+    if attention not in ("bidirectional", "block_causal"):
+        raise ValueError(f"attention={attention!r}: allowed 'bidirectional', 'block_causal'")
+    if attention == "block_causal" and not (block_size and block_size > 0):
+        raise ValueError(f"attention='block_causal' needs a positive block_size, got {block_size!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r}: allowed a Python float >= 0")
+    if mask_id is None:
+        mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else DEFAULT_MASK_ID
+    for name, ids in (("stop_tokens", tuple(stop_tokens)), ("pad_id", (pad_id,)), ("mask_id", (mask_id,))):
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < cfg.vocab_size:
+                raise ValueError(f"{name}: id {t!r} is outside the vocabulary [0, {cfg.vocab_size})")
+    if mask_id in tuple(stop_tokens) or mask_id == pad_id:
+        raise ValueError(f"mask_id={mask_id} must differ from pad_id={pad_id} and stop_tokens={tuple(stop_tokens)}")
+    if args.cache == "block":
+        if attention != "block_causal":
+            raise ConfigError("policy_args.cache='block' is the exact cache of block-causal models: needs "
+                              "attention='block_causal'")
+        if args.block_len != block_size:
+            raise ConfigError(f"policy_args.cache='block': block_len={args.block_len} must equal the model's "
+                              f"block_size={block_size}")
+        if policy not in _WINDOW_ONLY or args.cfg_scale > 0 or cfg.shift_logits:
+            raise ConfigError(f"policy_args.cache='block' supports policies {list(_WINDOW_ONLY)} without cfg_scale "
+                              f"or a shift_logits model config; got policy={policy!r}, cfg_scale={args.cfg_scale}")
+    missing = [h for h in entry.meta.get("heads", ()) if not heads or h not in heads]
+    if missing:
+        raise ConfigError(f"policy {policy!r} needs heads {missing} (pass heads={{name: module}})")
+    pv = np.asarray(prompt_valid) if not isinstance(prompt_valid, jax.core.Tracer) else None
+    if pv is not None and (not np.all(pv[:, -1]) or np.any(pv[:, 1:] < pv[:, :-1])):
+        raise ValueError("prompt_valid: every row must be left-padded with at least one token (False...True)")
+    if pv is not None and not isinstance(prompt, jax.core.Tracer):
+        check_token_ids(np.where(pv, np.asarray(prompt), 0), cfg.vocab_size, name="prompt")
+
+    n_blocks = math.ceil(gen_len / args.block_len)
+    total = args.steps or gen_len
+    spec = LoopSpec(gen_len=int(gen_len), block_len=int(args.block_len), steps=int(total),
+                    steps_per_block=max(1, total // n_blocks), stop_ids=tuple(int(t) for t in stop_tokens),
+                    mask_id=int(mask_id))
+    graphdef, model_state = nnx.split(model)
+    names = tuple(sorted(heads or {}))
+    splits = [nnx.split(heads[k]) for k in names]
+    head_defs = (names, tuple(d for d, _ in splits))
+    head_states = tuple(st for _, st in splits)
+    rng = jax.random.key(0) if rng is None else rng
+    return _diffusion_jit(graphdef, model_state, head_defs, head_states, jnp.asarray(prompt, jnp.int32),
+                          jnp.asarray(prompt_valid, bool), rng, policy=policy, args=args, spec=spec,
+                          temperature=float(temperature), attention=attention,
+                          block_size=int(block_size) if block_size else None, pad_id=int(pad_id))
