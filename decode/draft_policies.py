@@ -406,3 +406,68 @@ def build_policy(name: Optional[str] = "fixed", args: Any = None, **context) -> 
     if args is None or isinstance(args, Mapping):
         args = DRAFT_POLICIES.parse_args(name, args, "decode.policy_args")
     return entry.fn(args, **context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode-loop selectors that travel through ``decode.policy`` (the config has no drafter field yet)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TAPSArgs:
+    """TAPS (§A5) from the config: route each round among ``decode.draft_init_from`` (if set), the run directories
+    in ``drafters`` and, with ``ngram``, a prompt-lookup drafter; the draft length follows ``policy`` with
+    ``policy_args``."""
+
+    drafters: Tuple[str, ...] = ()
+    ngram: bool = True
+    max_ngram: int = 3
+    policy: str = "fixed"
+    policy_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@DRAFT_POLICIES.register("taps", TAPSArgs, loop="speculative", routed=True)
+def make_taps(args: TAPSArgs, **context) -> DraftPolicy:
+    """The inner draft-length policy of a TAPS run (the routed drafter is built by ``decode/run.py``)."""
+    if args.policy in ("taps", "ead"):
+        raise ConfigError(f"decode.policy_args.policy={args.policy!r}: allowed a draft-length policy")
+    return build_policy(args.policy, dict(args.policy_args), **context)
+
+
+@dataclasses.dataclass(frozen=True)
+class EADArgs:
+    """Entropy Adaptive Decoding (arXiv:2502.06833): rolling ``window`` w of per-token entropies (bits, from the
+    producing model's untempered logits); switch to the large model when the window mean exceeds ``threshold``
+    τ and back when it does not, but only after ``min_dwell`` tokens from the current model; ``start`` model;
+    ``chunk``: tokens per catch-up forward when a model re-joins after the other one produced tokens."""
+
+    window: int = 5
+    threshold: float = 1.0
+    min_dwell: int = 5
+    start: str = "small"
+    chunk: int = 8
+
+    def __post_init__(self):
+        for name in ("window", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: allowed integers >= 1")
+        if self.min_dwell < 0:
+            raise ValueError(f"min_dwell={self.min_dwell!r}: allowed integers >= 0")
+        if self.start not in ("small", "large"):
+            raise ValueError(f"start={self.start!r}: allowed 'small', 'large'")
+
+
+def ead_switch(mode_large: jax.Array, dwell: jax.Array, mean_entropy: jax.Array, args: EADArgs):
+    """EAD's rule (§A4) after a token: ``want = mean_entropy > τ``; switch iff ``want != mode`` and
+    ``dwell >= min_dwell`` (dwell = tokens from the current model since the last switch, this one included).
+    Returns ``(mode_large [B], dwell [B])`` with dwell reset to 0 on a switch."""
+    want = mean_entropy > args.threshold
+    switch = (want != mode_large) & (dwell >= args.min_dwell)
+    return jnp.where(switch, want, mode_large), jnp.where(switch, 0, dwell)
+
+
+@DRAFT_POLICIES.register("ead", EADArgs, loop="ead")
+def make_ead(args, **_):
+    """EAD is a loop of its own (:func:`jaxtok.decode.speculative.ead_generate`), not a draft-length policy: its
+    entry carries :class:`EADArgs` for ``decode.policy_args``."""
+    return args

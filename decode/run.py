@@ -1,8 +1,15 @@
 """``jaxtok decode``: decode held-out prompts of the configured task with a trained model.
 
 Writes ``results.json`` (exact match, generated tokens, tokens/s — wall time includes the one-time jit
-compilation), ``results.md`` (sample completions) into the
-run directory. Methods: ``greedy`` and ``sample`` (autoregressive, :func:`jaxtok.decode.generate`).
+compilation — and the method's own metrics), ``results.md`` (sample completions) into the run directory, and
+prints a table. Methods (one function each in :data:`METHODS`, same signature, so a new one is one entry):
+
+- ``greedy`` / ``sample``: autoregressive, :func:`jaxtok.decode.generate`;
+- ``speculative``: :func:`jaxtok.decode.speculative.speculative_generate` with the target ``model.init_from`` and
+  the drafter ``decode.draft_init_from`` (an AR run -> model drafter; a masked-diffusion run -> DEER; unset ->
+  n-gram prompt lookup), draft cap ``decode.draft_len`` and the draft-length policy ``decode.policy``.
+  Two ``decode.policy`` names select other loops: ``taps`` (route among several drafters, its args name them and
+  the inner policy) and ``ead`` (lossy small/large switching: small = ``decode.draft_init_from``).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -17,21 +25,29 @@ import numpy as np
 from jaxtok import mesh as mesh_lib
 from jaxtok.data import make_task_from_config, prompt_dataset
 from jaxtok.metrics import write_results
-from jaxtok.registry import ConfigError
+from jaxtok.registry import DRAFT_POLICIES, ConfigError
 from jaxtok.tasks import build_tokenizer, load_tokenizer
 from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
 from .generate import generate
+from .speculative import (
+    DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate,
+)
 
-AVAILABLE_METHODS = ("greedy", "sample")
+
+def _load_model(path: str, mesh):
+    from jaxtok.models.hf import load_checkpoint
+
+    model, _ = load_checkpoint(path, mesh=mesh)
+    return model
 
 
 def _model_and_tokenizer(cfg, mesh):
     """Weights from ``model.init_from`` (a jaxtok run/checkpoint) or ``model.hf_path``, and their tokenizer."""
-    from jaxtok.models.hf import load_checkpoint, load_hf
+    from jaxtok.models.hf import load_hf
 
     if cfg.model.init_from:
-        model, _ = load_checkpoint(cfg.model.init_from, mesh=mesh)
+        model = _load_model(cfg.model.init_from, mesh)
         src = Path(cfg.model.init_from)
     elif cfg.model.hf_path:
         model, _ = load_hf(cfg.model.hf_path, cfg.model.dtype, mesh=mesh)
@@ -42,18 +58,136 @@ def _model_and_tokenizer(cfg, mesh):
     return model, tok
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Methods: build(cfg, model, mesh) -> step(prompt, valid, key, special_tokens, real_rows) -> (tokens [B, N],
+# valid [B, N], stats: dict of per-batch sums over the first real_rows rows)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sampling(cfg, temperature):
+    d = cfg.decode
+    return dict(max_new_tokens=d.max_new_tokens, temperature=temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p)
+
+
+def _build_ar(cfg, model, mesh) -> Callable:
+    temperature = 0.0 if cfg.decode.method == "greedy" else cfg.decode.temperature
+
+    def step(prompt, valid, key, sp, b):
+        out = generate(model, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh,
+                       **_sampling(cfg, temperature))
+        return out.tokens, out.valid, {"target_forwards": int(out.num_forwards)}
+
+    return step
+
+
+def _drafter_from(path, mesh, vocab_size: int, max_ngram: int = 3):
+    if path is None:
+        return NgramDrafter(vocab_size=vocab_size, max_ngram=max_ngram)
+    m = _load_model(path, mesh)
+    return DeerDrafter.of(m) if m.cfg.is_diffusion else ModelDrafter.of(m)
+
+
+def _spec_stats(out, b: int) -> dict:
+    """Per-batch sums (only the batch's real rows for per-row arrays)."""
+    return {
+        "target_forwards": int(out.target_forwards), "draft_forwards": int(out.draft_forwards),
+        "rounds": int(np.sum(np.asarray(out.rounds)[:b])), "accepted": int(np.sum(np.asarray(out.accepted)[:b])),
+        "drafted": int(np.sum(np.asarray(out.drafted)[:b])),
+        "row_forwards": int(np.sum(np.asarray(out.rounds)[:b] + 1)),
+        "accepted_by_position": np.asarray(out.accepted_by_position).astype(np.int64),
+        "drafted_by_position": np.asarray(out.drafted_by_position).astype(np.int64),
+        "route_counts": np.asarray(out.route_counts).astype(np.int64),
+    }
+
+
+def _build_speculative(cfg, model, mesh) -> Callable:
+    d = cfg.decode
+    name = d.policy or "fixed"
+    entry = DRAFT_POLICIES.entry(name, "decode.policy")
+    args = DRAFT_POLICIES.parse_args(name, d.policy_args, "decode.policy_args")
+    vocab = model.cfg.vocab_size
+    if entry.meta.get("loop") == "ead":
+        if d.draft_init_from is None:
+            raise ConfigError("decode.policy='ead' needs decode.draft_init_from=<small model run dir>")
+        small = _load_model(d.draft_init_from, mesh)
+
+        def ead_step(prompt, valid, key, sp, b):
+            out = ead_generate(small, model, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad, args=args,
+                               **_sampling(cfg, d.temperature))
+            return out.tokens, out.valid, {"large_tokens": int(np.sum(np.asarray(out.from_large)[:b])),
+                                           "small_forwards": int(out.small_forwards),
+                                           "large_forwards": int(out.large_forwards)}
+
+        return ead_step
+    if entry.meta.get("routed"):
+        paths = ([d.draft_init_from] if d.draft_init_from else []) + list(args.drafters)
+        drafters = [_drafter_from(p, mesh, vocab) for p in paths]
+        if args.ngram:
+            drafters.append(NgramDrafter(vocab_size=vocab, max_ngram=args.max_ngram))
+        if len(drafters) < 2:
+            raise ConfigError(f"decode.policy='taps' needs at least two drafters, got {len(drafters)} "
+                              f"(decode.draft_init_from, decode.policy_args.drafters, decode.policy_args.ngram)")
+        drafter = RoutedDrafter(tuple(drafters))
+    else:
+        drafter = _drafter_from(d.draft_init_from, mesh, vocab)
+    hidden = getattr(drafter, "cfg", None)
+    policy = entry.fn(args, hidden_size=hidden.hidden_size if hidden is not None else None)
+
+    def spec_step(prompt, valid, key, sp, b):
+        out = speculative_generate(model, drafter, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad,
+                                   draft_len=d.draft_len, policy=policy, **_sampling(cfg, d.temperature))
+        return out.tokens, out.valid, _spec_stats(out, b)
+
+    return spec_step
+
+
+METHODS = {"greedy": _build_ar, "sample": _build_ar, "speculative": _build_speculative}
+AVAILABLE_METHODS = tuple(METHODS)
+
+
+def _summary(method_stats: dict, n_tok: int) -> dict:
+    """Derived metrics of the summed per-batch stats."""
+    s = dict(method_stats)
+    out = {}
+    if "row_forwards" in s:
+        out["tokens_per_target_forward"] = n_tok / max(s["row_forwards"], 1)
+        out["mean_accepted_length"] = s["accepted"] / max(s["rounds"], 1)
+        out["acceptance_rate"] = s["accepted"] / max(s["drafted"], 1)
+        dr = s.pop("drafted_by_position")
+        out["acceptance_rate_by_position"] = [float(a / x) if x else None
+                                              for a, x in zip(s.pop("accepted_by_position"), dr)]
+        out["route_counts"] = s.pop("route_counts").tolist()
+    if "large_tokens" in s:
+        out["large_share"] = s["large_tokens"] / max(n_tok, 1)
+    return {**{k: int(v) for k, v in s.items()}, **out}
+
+
+def _table(results: dict) -> str:
+    cols = ["method", "policy", "exact_match", "tokens_per_s", "tokens_per_target_forward", "mean_accepted_length",
+            "large_share"]
+    cols = [c for c in cols if c in results]
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    return "\n".join([head, sep, "| " + " | ".join(fmt(results[c]) for c in cols) + " |"])
+
+
 def run_decode(cfg, run_dir: str | Path) -> dict:
-    """Decode ``data.num_eval`` held-out prompts; returns exact match and throughput."""
-    if cfg.decode.method not in AVAILABLE_METHODS:
+    """Decode ``data.num_eval`` held-out prompts; returns exact match, throughput and the method's metrics."""
+    if cfg.decode.method not in METHODS:
         raise ConfigError(f"decode.method={cfg.decode.method!r}: available so far {list(AVAILABLE_METHODS)}")
     mesh = mesh_lib.mesh_from_config(cfg.mesh)
     model, tok = _model_and_tokenizer(cfg, mesh)
+    step = METHODS[cfg.decode.method](cfg, model, mesh)
     task = make_task_from_config(cfg.data)
     sp = SpecialTokens.of(tok)
-    temperature = 0.0 if cfg.decode.method == "greedy" else cfg.decode.temperature
     ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
                            num_examples=cfg.data.num_eval, overlong=cfg.data.overlong)
     rows, hits, total, n_tok, wall = [], 0.0, 0, 0, 0.0
+    stats: dict = {}
     key = jax.random.key(cfg.train.seed)
     for batch in ds:
         B = batch["prompt"].shape[0]
@@ -64,12 +198,12 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
             valid = np.concatenate([valid, np.repeat(valid[:1], extra, 0)])
         key, sub = jax.random.split(key)
         t0 = time.perf_counter()
-        out = generate(model, prompt, valid, max_new_tokens=cfg.decode.max_new_tokens, temperature=temperature,
-                       top_k=cfg.decode.top_k, top_p=cfg.decode.top_p, min_p=cfg.decode.min_p, rng=sub,
-                       stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh)
-        tokens = np.asarray(jax.device_get(out.tokens))
+        out_tokens, out_valid, batch_stats = step(prompt, valid, sub, sp, B)
+        tokens = np.asarray(jax.device_get(out_tokens))
         wall += time.perf_counter() - t0
-        n_tok += int(np.asarray(jax.device_get(out.valid))[:B].sum())
+        n_tok += int(np.asarray(jax.device_get(out_valid))[:B].sum())
+        for k, v in batch_stats.items():
+            stats[k] = stats[k] + v if k in stats else v
         for r in range(B):
             ex = task.example("eval", int(batch["index"][r]))
             text = decode(tok, tokens[r])
@@ -80,6 +214,11 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
                 rows.append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": bool(ok)})
     results = {"method": cfg.decode.method, "exact_match": hits / max(total, 1), "num_examples": total,
                "generated_tokens": n_tok, "tokens_per_s": n_tok / max(wall, 1e-9), "wall_s": wall}
+    if cfg.decode.method == "speculative":
+        results["policy"] = cfg.decode.policy or "fixed"
+        results["draft_len"] = cfg.decode.draft_len
+    results.update(_summary(stats, n_tok))
     write_results(run_dir, results, rows, title=f"decode samples (exact match {results['exact_match']:.3f})")
     print(json.dumps(results, indent=2))
+    print(_table(results))
     return results

@@ -46,7 +46,7 @@ from flax import nnx
 from jaxtok import sampling
 from jaxtok.models import KVCache
 
-from .draft_policies import DraftPolicy, DraftStats, Fixed, draft_stats, top1_prob
+from .draft_policies import DraftPolicy, EADArgs, Fixed, draft_stats, ead_switch, top1_prob
 from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _is_on, _validate
 
 _TRACES = [0]  # incremented each time a jitted body of this module is traced
@@ -685,29 +685,6 @@ def speculative_generate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class EADArgs:
-    """Entropy Adaptive Decoding (arXiv:2502.06833): rolling ``window`` w of per-token entropies (bits, from the
-    producing model's untempered logits); switch to the large model when the window mean exceeds ``threshold``
-    τ and back when it does not, but only after ``min_dwell`` tokens from the current model; ``start`` model;
-    ``chunk``: tokens per catch-up forward when a model re-joins after the other one produced tokens."""
-
-    window: int = 5
-    threshold: float = 1.0
-    min_dwell: int = 5
-    start: str = "small"
-    chunk: int = 8
-
-    def __post_init__(self):
-        for name in ("window", "chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: allowed integers >= 1")
-        if self.min_dwell < 0:
-            raise ValueError(f"min_dwell={self.min_dwell!r}: allowed integers >= 0")
-        if self.start not in ("small", "large"):
-            raise ValueError(f"start={self.start!r}: allowed 'small', 'large'")
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class EADResult:
@@ -726,15 +703,6 @@ class EADResult:
     def large_share(self) -> float:
         """Share of emitted tokens produced by the large model."""
         return float(np.sum(self.from_large) / max(np.sum(self.lengths), 1))
-
-
-def ead_switch(mode_large: jax.Array, dwell: jax.Array, mean_entropy: jax.Array, args: EADArgs):
-    """EAD's rule (§A4) after a token: ``want = mean_entropy > τ``; switch iff ``want != mode`` and
-    ``dwell >= min_dwell`` (dwell = tokens from the current model since the last switch, this one included).
-    Returns ``(mode_large [B], dwell [B])`` with dwell reset to 0 on a switch."""
-    want = mean_entropy > args.threshold
-    switch = (want != mode_large) & (dwell >= args.min_dwell)
-    return jnp.where(switch, want, mode_large), jnp.where(switch, 0, dwell)
 
 
 def _sync_logits(graphdef, state, cache: KVCache, seq, seq_valid, n, use, chunk: int):
