@@ -239,6 +239,7 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
             s = dataclasses.replace(s, cache=cache, base=base, cached_kb=cached_kb)
         else:
             logits = forward_full(s.x)
+        logits = logits.at[..., mask].set(-jnp.inf)  # the mask token is never a proposal
         x0 = sample_x0(logits, keys, temperature)
         conf = confidence(logits, x0)
         is_stop = jnp.isin(x0, stop)

@@ -1,0 +1,271 @@
+"""Diffusion sampler and commit policies: hand-computed schedules and commit sets, hand-traced decodes with a
+scripted model (fixed logits per generated position), limiting cases tying policies together (threshold 1.0 ==
+LLaDA top-1, unreachable Prophet gap == its base, EOSER at γ=1 == LLaDA, silent Learn2PD filter == LLaDA), per-policy
+invariants (only masked positions, once each, within the cap, blocks in order), Rainbow-pad terminators, batch
+invariance, and the exact block KV cache against the full forward of a block-causal model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtok.decode import commit_policies as cp
+from jaxtok.decode.diffusion import diffusion_generate, trajectory_state
+from jaxtok.models import Decoder, DecoderOutput, presets
+from jaxtok.models.heads import FilterHead
+from jaxtok.registry import COMMIT_POLICIES, ConfigError
+
+V = 61
+MASK = 3
+
+
+class Scripted(nnx.Module):
+    """A stand-in diffusion LM whose logits at generated index i are ``table[i]`` whatever the input."""
+
+    def __init__(self, table, prompt_len):
+        self.cfg = presets.get("tiny_diffusion", vocab_size=V)
+        self.table = nnx.Param(jnp.asarray(table, jnp.float32))  # [N, V]
+        self.prompt_len = prompt_len
+
+    def __call__(self, tokens, *, logits_at=None, **kw):
+        return DecoderOutput(logits=self.table[...][logits_at - self.prompt_len], hidden=None, cache=None)
+
+
+def script(tokens, confs):
+    """Logits making ``tokens[i]`` the argmax at index i with softmax probability ``confs[i]`` (rest uniform)."""
+    table = np.zeros((len(tokens), V), np.float32)
+    for i, (t, c) in enumerate(zip(tokens, confs)):
+        # p(t) = e^a / (e^a + V - 1) = c  ->  a = log(c (V - 1) / (1 - c))
+        table[i, t] = np.log(c * (V - 1) / (1 - c))
+    return table
+
+
+PROMPT = np.array([[0, 1, 11], [1, 12, 13]])
+PVALID = PROMPT != 0
+PVALID[1, 0] = True
+
+
+def run(model, policy, gen_len, **kw):
+    kw.setdefault("stop_tokens", (2,))
+    return diffusion_generate(model, PROMPT, PVALID, gen_len=gen_len, policy=policy, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure rules, by hand
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_num_transfer_tokens_remainder_goes_first():
+    ks = [cp.num_transfer_tokens(jnp.array([10, 3]), 4, jnp.array([s, s])) for s in range(4)]
+    np.testing.assert_array_equal(np.stack(ks, 1), [[3, 3, 2, 2], [1, 1, 1, 0]])
+
+
+def test_ass_schedule_by_hand_and_sums_to_length():
+    k256 = [int(cp.ass_schedule(jnp.array([256]), jnp.array([i]))[0][0]) for i in range(8)]
+    assert k256 == [1, 2, 4, 8, 16, 32, 64, 129]
+    for n in range(1, 70):
+        k, s = cp.ass_schedule(jnp.array([n]), jnp.array([0]))
+        total = sum(int(cp.ass_schedule(jnp.array([n]), jnp.array([i]))[0][0]) for i in range(int(s[0])))
+        assert total == n
+
+
+def test_threshold_commit_by_hand():
+    conf = jnp.array([[0.95, 0.5, 0.92, 0.3]])
+    elig = jnp.array([[True, True, False, True]])
+    np.testing.assert_array_equal(cp.threshold_commit(conf, elig, 0.9), [[1, 0, 0, 0]])
+    np.testing.assert_array_equal(cp.threshold_commit(conf, elig, 0.4), [[1, 1, 0, 0]])
+    low = jnp.array([[0.2, 0.5, 0.92, 0.3]])
+    np.testing.assert_array_equal(cp.threshold_commit(low, elig, 0.9), [[0, 1, 0, 0]])  # top-1 only
+
+
+def test_factor_commit_by_hand_including_the_last_index_quirk():
+    elig = jnp.ones((1, 4), bool)
+    # thresholds 1 - 1/(n+1): -, 0.667, 0.75, 0.8 -> run of 2
+    np.testing.assert_array_equal(cp.factor_commit(jnp.array([[0.5, 0.99, 0.4, 0.9]]), elig, 1.0), [[0, 1, 0, 1]])
+    # fails only at the last index -> all four (reference off-by-one)
+    np.testing.assert_array_equal(cp.factor_commit(jnp.array([[0.8, 0.99, 0.1, 0.9]]), elig, 1.0), [[1, 1, 1, 1]])
+    # a single eligible position is always committed
+    one = jnp.array([[False, True, False, False]])
+    np.testing.assert_array_equal(cp.factor_commit(jnp.array([[0.9, 0.1, 0.9, 0.9]]), one, 1.0), [[0, 1, 0, 0]])
+
+
+def test_eos_scaled_and_trajectory_state_by_hand():
+    out = cp.eos_scaled(jnp.array([[0.8, 0.6]]), jnp.array([[True, False]]), 0.5)
+    np.testing.assert_allclose(out, [[0.4, 0.6]])
+    tokens = jnp.array([[7, 8, 9]])
+    cs = jnp.array([[1, 0, -1]])
+    np.testing.assert_array_equal(trajectory_state(tokens, cs, 0, MASK), [[3, 3, 3]])
+    np.testing.assert_array_equal(trajectory_state(tokens, cs, 1, MASK), [[3, 8, 3]])
+    np.testing.assert_array_equal(trajectory_state(tokens, cs, 2, MASK), [[7, 8, 3]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hand-traced decodes with the scripted model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+TOKS = [20, 21, 22, 23, 24, 25]
+CONFS = [0.5, 0.95, 0.3, 0.97, 0.6, 0.4]
+
+
+def test_llada_trace_by_hand():
+    model = Scripted(script(TOKS, CONFS), 3)
+    r = run(model, "llada", 6, block_len=3, steps=6)  # 1 token per step, blocks [0,3) then [3,6)
+    np.testing.assert_array_equal(r.tokens[0], TOKS)
+    np.testing.assert_array_equal(r.commit_step[0], [1, 0, 2, 3, 4, 5])
+    assert r.nfe.tolist() == [6, 6] and bool(r.done.all())
+
+
+def test_threshold_trace_by_hand():
+    model = Scripted(script(TOKS, CONFS), 3)
+    r = run(model, "threshold", 6, block_len=3, policy_args={"threshold": 0.9})
+    # step 0: block [0,3): {1 (0.95)}; step 1: top-1 = 0; step 2: 2; step 3: block [3,6): {3}; 4: 4; 5: 5
+    np.testing.assert_array_equal(r.commit_step[0], [1, 0, 2, 3, 4, 5])
+    r = run(model, "threshold", 6, block_len=6, policy_args={"threshold": 0.55})
+    np.testing.assert_array_equal(r.commit_step[0], [1, 0, 3, 0, 0, 2])  # 0.4 at 5 before 0.3 at 2
+    assert r.nfe.tolist() == [4, 4]
+
+
+def test_adablock_ends_the_block_at_a_confident_delimiter():
+    toks = [20, 21, 29, 23, 24, 25]  # 29 = ';' predicted at index 2 with confidence 0.5 >= delta
+    confs = [0.3, 0.35, 0.5, 0.99, 0.98, 0.97]
+    model = Scripted(script(toks, confs), 3)
+    r = run(model, "adablock", 6, block_len=6, policy_args={"threshold": 0.9, "delta": 0.3, "window": 0.5})
+    # block [0,3) first (one token per step, by confidence), then [3,6) all at once
+    np.testing.assert_array_equal(r.commit_step[0], [2, 1, 0, 3, 3, 3])
+    r = run(model, "adablock", 6, block_len=6, policy_args={"threshold": 0.9, "delta": 0.6, "window": 0.5})
+    np.testing.assert_array_equal(r.commit_step[0], [3, 2, 1, 0, 0, 0])  # delimiter not confident: one block
+
+
+def test_rainbow_pads_terminate_with_the_right_lengths():
+    toks = [20, 21, 4, 5, 6, 7, 8, 9]  # <pad_1> at index 2 ends the answer
+    confs = [0.5, 0.4, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99]
+    model = Scripted(script(toks, confs), 3)
+    rainbow = (2,) + tuple(range(4, 11))
+    r = run(model, "threshold", 8, block_len=8, stop_tokens=rainbow, policy_args={"threshold": 0.9})
+    # step 0 commits the confident pads 2..7; step 1 index 0, step 2 index 1 -> prefix done, row stops
+    assert r.lengths.tolist() == [3, 3]
+    np.testing.assert_array_equal(r.valid[0], [1, 1, 1, 0, 0, 0, 0, 0])
+    assert r.nfe.tolist() == [3, 3]
+    r = run(model, "threshold", 8, block_len=8, stop_tokens=(2,), policy_args={"threshold": 0.9})
+    assert r.lengths.tolist() == [8, 8]  # the pads are ordinary tokens when not terminators
+
+
+def test_stop_early_fills_after_the_terminator():
+    toks = [20, 2, 22, 23]
+    model = Scripted(script(toks, [0.9, 0.95, 0.2, 0.1]), 3)
+    r = run(model, "llada", 4, block_len=4, steps=4, pad_id=0)
+    np.testing.assert_array_equal(r.tokens[0], [20, 2, 0, 0])
+    np.testing.assert_array_equal(r.commit_step[0], [1, 0, 1, 1])
+    assert r.nfe.tolist() == [2, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Limiting cases on a random (untrained) decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    cfg = presets.get("tiny_diffusion", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=16)
+    return Decoder(cfg, rngs=nnx.Rngs(1))
+
+
+def same(a, b):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.commit_step, b.commit_step)
+    np.testing.assert_array_equal(a.nfe, b.nfe)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_threshold_one_equals_llada_top1(decoder, temperature):
+    kw = dict(block_len=4, temperature=temperature, rng=jax.random.key(5))
+    same(run(decoder, "threshold", 8, policy_args={"threshold": 1.0}, **kw), run(decoder, "llada", 8, steps=8, **kw))
+
+
+def test_prophet_limits(decoder):
+    kw = dict(block_len=4, steps=8)
+    never = {"gaps": [1e9, 1e9, 1e9]}
+    same(run(decoder, "prophet", 8, policy_args=never, **kw), run(decoder, "llada", 8, **kw))
+    at_once = run(decoder, "prophet", 8, policy_args={"gaps": [-1e9, -1e9, -1e9]}, **kw)
+    assert at_once.nfe.tolist() == [1, 1] and bool((at_once.commit_step == 0).all())
+
+
+def test_eoser_at_gamma_one_equals_llada(decoder):
+    kw = dict(block_len=4, steps=8, stop_tokens=tuple(range(20, 40)))  # many "terminators" so scaling matters
+    same(run(decoder, "eoser", 8, policy_args={"gamma_min": 1.0}, **kw), run(decoder, "llada", 8, **kw))
+    assert not np.array_equal(run(decoder, "eoser", 8, policy_args={"gamma_min": 0.0}, **kw).commit_step,
+                              run(decoder, "llada", 8, **kw).commit_step)
+
+
+def test_learn2pd_limits(decoder):
+    head = FilterHead(block_size=4, hidden=8, rngs=nnx.Rngs(0))
+    head.mlp.out.bias[...] = jnp.full((4,), -1e4)  # never keeps -> the LLaDA schedule alone
+    kw = dict(block_len=4, steps=8)
+    l2pd = {"eot": False, "stop_early": False}
+    same(run(decoder, "learn2pd", 8, heads={"filter": head}, policy_args=l2pd, **kw),
+         run(decoder, "llada", 8, policy_args={"stop_early": False}, **kw))
+    head.mlp.out.bias[...] = jnp.full((4,), 1e4)  # keeps everything: one step per block
+    assert run(decoder, "learn2pd", 8, heads={"filter": head}, policy_args=l2pd, **kw).nfe.tolist() == [2, 2]
+
+
+def test_ass_takes_log2_steps(decoder):
+    r = run(decoder, "ass", 8, block_len=8, policy_args={"stop_early": False})
+    assert int(r.num_steps) == 3 and r.nfe.tolist() == [3, 3]  # 1 + 2 + 5
+
+
+@pytest.mark.parametrize("policy", ["llada", "threshold", "factor", "prophet", "adablock", "eoser", "ass", "ete",
+                                    "bacd", "learn2pd"])
+def test_every_policy_commits_each_masked_position_once_in_block_order(decoder, policy):
+    heads = {"filter": FilterHead(block_size=4, hidden=8, rngs=nnx.Rngs(0))}
+    args = {"stop_early": False, "block_len": 4}
+    if policy == "learn2pd":
+        args["eot"] = False
+    r = run(decoder, policy, 12, policy_args=args, temperature=1.0, rng=jax.random.key(2), heads=heads)
+    cs = np.asarray(r.commit_step)
+    assert bool(r.done.all()) and not bool((r.tokens == MASK).any())
+    assert (cs >= 0).all() and (cs < int(r.num_steps)).all()
+    assert (np.asarray(r.nfe) <= int(r.num_steps)).all() and int(r.num_steps) <= 12 + 4
+    if policy not in ("ete", "adablock"):  # the others never commit past their fixed block
+        blocks = cs.reshape(2, 3, 4)
+        assert (blocks[:, :-1].max(-1) <= blocks[:, 1:].min(-1)).all()
+
+
+def test_rows_are_batch_invariant(decoder):
+    kw = dict(gen_len=8, policy="threshold", block_len=4, temperature=1.0, rng=jax.random.key(9), stop_tokens=(2,))
+    both = diffusion_generate(decoder, PROMPT, PVALID, **kw)
+    alone = diffusion_generate(decoder, PROMPT[:1], PVALID[:1], **kw)
+    np.testing.assert_array_equal(both.tokens[0], alone.tokens[0])
+    np.testing.assert_array_equal(both.commit_step[0], alone.commit_step[0])
+
+
+@pytest.mark.parametrize("policy", ["llada", "threshold"])
+def test_exact_block_cache_equals_full_forward(decoder, policy):
+    prompt = np.array([[0, 0, 1, 11, 21, 12, 25], [1, 12, 22, 13, 14, 21, 25], [0, 0, 0, 0, 0, 1, 25]])
+    valid = prompt != 0
+    valid[1, 0] = True
+    out = [diffusion_generate(decoder, prompt, valid, gen_len=10, policy=policy, attention="block_causal",
+                              block_size=4, temperature=1.0, rng=jax.random.key(3), stop_tokens=(2,),
+                              policy_args={"cache": c, "stop_early": False}) for c in ("none", "block")]
+    np.testing.assert_array_equal(out[0].tokens, out[1].tokens)
+    np.testing.assert_array_equal(out[0].commit_step, out[1].commit_step)
+    np.testing.assert_array_equal(out[1].nfe, out[0].nfe + 1)  # + the prefix prefill
+
+
+def test_bad_input_is_named(decoder):
+    with pytest.raises(ConfigError, match="policy='nope'"):
+        run(decoder, "nope", 4)
+    with pytest.raises(ConfigError, match="block_causal"):
+        run(decoder, "llada", 4, policy_args={"cache": "block"})
+    with pytest.raises(ConfigError, match="filter"):
+        run(decoder, "learn2pd", 4)
+    with pytest.raises(ConfigError, match="threshold"):
+        run(decoder, "threshold", 4, policy_args={"threshold": 1.5})
+    with pytest.raises(ValueError, match="mask_id"):
+        run(decoder, "llada", 4, stop_tokens=(3,))
+    assert {"llada", "threshold", "factor", "prophet", "adablock", "eoser", "ass"} <= set(COMMIT_POLICIES.names())
+    assert dataclasses.is_dataclass(COMMIT_POLICIES.entry("llada").config_cls)
