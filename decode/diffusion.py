@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtok.models import KVCache, check_token_ids
-from jaxtok.registry import COMMIT_POLICIES, ConfigError
+from jaxtok.registry import BENCHES, COMMIT_POLICIES, ConfigError
 from jaxtok.sampling import first_true_index, gumbel_argmax
 
 from . import commit_policies as cp
@@ -403,3 +403,162 @@ def diffusion_generate(
                           jnp.asarray(prompt_valid, bool), rng, policy=policy, args=args, spec=spec,
                           temperature=float(temperature), attention=attention,
                           block_size=int(block_size) if block_size else None, pad_id=int(pad_id))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out evaluation, `jaxtok decode` handler body and the policy benchmark
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stop_ids_of(tok) -> tuple[int, ...]:
+    """Terminators of a tokenizer: ``<eos>`` and its Rainbow pads (B20)."""
+    from jaxtok.tasks.tokenizer import SpecialTokens
+
+    sp = SpecialTokens.of(tok)
+    return (sp.eos,) + tuple(sp.rainbow_pads)
+
+
+def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, heads=None,
+                    num_examples: Optional[int] = None) -> tuple[dict, list[dict]]:
+    """Decode ``num_examples`` (default ``data.num_eval``) held-out prompts of ``task`` with one policy.
+
+    Settings from ``cfg``: ``decode.max_new_tokens`` (= gen_len), ``decode.temperature``, ``decode.batch_size``,
+    ``model.attention``/``model.block_size``, ``train.seed``. The first batch is decoded once untimed (compilation);
+    ``wall_s`` covers the timed pass over all batches. Returns ``(metrics, sample rows)``: ``exact_match``,
+    ``format_ok``, ``mean_nfe`` (forwards per row), ``tokens_per_nfe`` (valid generated tokens per forward),
+    ``mean_length``, ``wall_s``, ``tokens_per_s``, ``compile_s``, ``num_examples``.
+    """
+    from jaxtok.data import prompt_dataset
+    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+
+    sp = SpecialTokens.of(tok)
+    n = num_examples or cfg.data.num_eval
+    bsz = cfg.decode.batch_size
+    ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=bsz, num_examples=n,
+                           overlong=cfg.data.overlong)
+    batches = list(ds)
+    temperature = 0.0 if cfg.decode.method == "greedy" else float(cfg.decode.temperature)
+    kw = dict(gen_len=cfg.decode.max_new_tokens, policy=policy, policy_args=policy_args, temperature=temperature,
+              stop_tokens=stop_ids_of(tok), pad_id=sp.pad, attention=cfg.model.attention,
+              block_size=cfg.model.block_size, heads=heads)
+
+    def padded(batch):
+        rows = batch["prompt"].shape[0]
+        extra = bsz - rows
+        return (np.concatenate([batch["prompt"], np.repeat(batch["prompt"][:1], extra, 0)]),
+                np.concatenate([batch["prompt_valid"], np.repeat(batch["prompt_valid"][:1], extra, 0)]))
+
+    key = jax.random.key(cfg.train.seed)
+    t0 = time.perf_counter()
+    jax.block_until_ready(diffusion_generate(model, *padded(batches[0]), rng=key, **kw).tokens)
+    compile_s = time.perf_counter() - t0
+    hits = fmt = total = nfe = n_tok = 0
+    samples, wall = [], 0.0
+    for i, batch in enumerate(batches):
+        prompt, valid = padded(batch)
+        t0 = time.perf_counter()
+        out = diffusion_generate(model, prompt, valid, rng=jax.random.fold_in(key, i), **kw)
+        tokens = np.asarray(jax.device_get(out.tokens))
+        wall += time.perf_counter() - t0
+        rows = batch["prompt"].shape[0]
+        nfe += int(np.asarray(out.nfe)[:rows].sum())
+        n_tok += int(np.asarray(out.valid)[:rows].sum())
+        for r in range(rows):
+            ex = task.example("eval", int(batch["index"][r]))
+            text = decode(tok, tokens[r])
+            ok = task.reward(text, ex) >= 1.0
+            hits += ok
+            fmt += bool(task.format_ok(text))
+            total += 1
+            if len(samples) < 16:
+                samples.append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": bool(ok),
+                                "nfe": int(out.nfe[r])})
+    metrics = {"policy": policy, "exact_match": hits / max(total, 1), "format_ok": fmt / max(total, 1),
+               "mean_nfe": nfe / max(total, 1), "tokens_per_nfe": n_tok / max(nfe, 1),
+               "mean_length": n_tok / max(total, 1), "wall_s": wall, "tokens_per_s": n_tok / max(wall, 1e-9),
+               "compile_s": compile_s, "num_examples": total}
+    return metrics, samples
+
+
+def run_diffusion_decode(cfg, model, tok, task, run_dir) -> dict:
+    """``jaxtok decode`` with ``decode.method=diffusion``: held-out exact match, NFE and throughput of
+    ``decode.policy`` (default ``llada``) with ``decode.policy_args``; writes ``results.json``/``results.md``."""
+    from jaxtok.metrics import write_results
+
+    policy = cfg.decode.policy or "llada"
+    if COMMIT_POLICIES.entry(policy, "decode.policy").meta.get("heads"):
+        raise ConfigError(f"decode.policy={policy!r} needs learned heads "
+                          f"{list(COMMIT_POLICIES.entry(policy).meta['heads'])}; call diffusion_generate(heads=...)")
+    args = policy_args_of(policy, dict(cfg.decode.policy_args))
+    metrics, samples = evaluate_policy(cfg, model, tok, task, policy=policy, policy_args=args)
+    results = dict(metrics, method="diffusion", policy_args=dataclasses.asdict(args),
+                   gen_len=cfg.decode.max_new_tokens)
+    write_results(run_dir, results, samples, title=f"diffusion decode, {policy} (exact match "
+                                                   f"{metrics['exact_match']:.3f}, mean NFE {metrics['mean_nfe']:.1f})")
+    print(json.dumps(results, indent=2, default=str))
+    return results
+
+
+DEFAULT_BENCH_RUNS = (
+    {"label": "llada 1 tok/step", "policy": "llada", "args": {}},
+    {"label": "threshold 0.9", "policy": "threshold", "args": {"threshold": 0.9}},
+    {"label": "threshold 0.7", "policy": "threshold", "args": {"threshold": 0.7}},
+    {"label": "factor 1", "policy": "factor", "args": {"factor": 1.0}},
+    {"label": "prophet", "policy": "prophet", "args": {"gaps": [7.5, 5.0, 2.5]}},
+    {"label": "adablock", "policy": "adablock", "args": {"threshold": 0.9}},
+    {"label": "eoser", "policy": "eoser", "args": {}},
+    {"label": "ass", "policy": "ass", "args": {}},
+    {"label": "ete", "policy": "ete", "args": {"threshold": 0.9}},
+    {"label": "bacd", "policy": "bacd", "args": {}},
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionBenchArgs:
+    """``runs``: ``{label, policy, args}`` entries (default :data:`DEFAULT_BENCH_RUNS`); ``num_examples``: held-out
+    prompts per run (default ``data.num_eval``)."""
+
+    runs: tuple = DEFAULT_BENCH_RUNS
+    num_examples: Optional[int] = None
+
+
+@BENCHES.register("diffusion", DiffusionBenchArgs)
+def diffusion_bench(cfg, run_dir, args: DiffusionBenchArgs) -> dict:
+    """Accuracy against NFE and wall-clock for each run of ``args.runs`` on the model at ``model.init_from``
+    (decode_methods.md (b): NFE per token and accuracy vs one token per step); writes ``results.json``, the table and
+    ``accuracy_vs_nfe.png``."""
+    from jaxtok.data import make_task_from_config
+    from jaxtok.metrics import write_results
+    from jaxtok.models.hf import load_checkpoint
+    from jaxtok.tasks import load_tokenizer
+
+    if not cfg.model.init_from:
+        raise ConfigError("bench 'diffusion' needs model.init_from=<run dir of a trained diffusion model>")
+    model, _ = load_checkpoint(cfg.model.init_from)
+    tok = load_tokenizer(cfg.model.init_from)
+    task = make_task_from_config(cfg.data)
+    table = []
+    for run in args.runs:
+        if set(run) - {"label", "policy", "args"} or "policy" not in run:
+            raise ConfigError(f"bench.args.runs: entry {run!r} needs 'policy' and may have 'label', 'args'")
+        pa = policy_args_of(run["policy"], dict(run.get("args") or {}))
+        m, _ = evaluate_policy(cfg, model, tok, task, policy=run["policy"], policy_args=pa,
+                               num_examples=args.num_examples)
+        table.append({"run": run.get("label", run["policy"]), **{k: v for k, v in m.items() if k != "policy"}})
+    base = table[0]
+    for row in table:
+        row["nfe_speedup"] = base["mean_nfe"] / max(row["mean_nfe"], 1e-9)
+        row["wall_speedup"] = base["wall_s"] / max(row["wall_s"], 1e-9)
+
+    def draw(ax):
+        for row in table:
+            ax.scatter(row["mean_nfe"], row["exact_match"])
+            ax.annotate(row["run"], (row["mean_nfe"], row["exact_match"]), fontsize=6)
+        ax.set_xlabel("mean NFE per row")
+        ax.set_ylabel("exact match")
+
+    results = {"bench": "diffusion", "init_from": cfg.model.init_from, "gen_len": cfg.decode.max_new_tokens,
+               "device": jax.devices()[0].device_kind, "rows": table}
+    write_results(run_dir, results, table, title="diffusion policies: accuracy vs NFE",
+                  plots={"accuracy_vs_nfe": draw})
+    return results
