@@ -40,7 +40,7 @@ def _cfg(d, **kw):
 @pytest.fixture(scope="module")
 def models():
     target = Decoder(_cfg(16), rngs=nnx.Rngs(0))
-    draft = Decoder(_cfg(8), rngs=nnx.Rngs(1))
+    draft = Decoder(_cfg(16), rngs=nnx.Rngs(1))  # same shapes as the target: programs are shared (fewer compiles)
     deer = Decoder(_cfg(8, mask_token_id=3), rngs=nnx.Rngs(2))
     return target, draft, deer
 
@@ -89,13 +89,14 @@ def target_joint(models):
     return joint
 
 
-def _run(models, drafter, policy, temperature, rng=0, prompt=None, valid=None, **kw):
+def _run(models, drafter, policy, temperature, rng=0, prompt=None, valid=None, draft_len=G, **kw):
     if prompt is None:
         prompt = np.tile(np.array([[0] + SAMPLE_PROMPT], np.int32), (ROWS, 1))
         valid = prompt > -1
         valid[:, 0] = False
-    return speculative_generate(models[0], drafter, prompt, valid, max_new_tokens=N, draft_len=G, policy=policy,
-                                temperature=temperature, stop_tokens=(STOP,), rng=jax.random.key(rng), **kw)
+    return speculative_generate(models[0], drafter, prompt, valid, max_new_tokens=N, draft_len=draft_len,
+                                policy=policy, temperature=temperature, stop_tokens=(STOP,), rng=jax.random.key(rng),
+                                **kw)
 
 
 def _chi2_pvalue(samples: np.ndarray, joint: np.ndarray) -> float:
@@ -117,7 +118,7 @@ def _drafters(models):
         "model": ModelDrafter.of(draft),
         "ngram": NgramDrafter(vocab_size=V, max_ngram=2),
         "deer": DeerDrafter.of(deer),
-        "taps": RoutedDrafter((ModelDrafter.of(draft), NgramDrafter(vocab_size=V, max_ngram=2))),
+        "taps": RoutedDrafter((DeerDrafter.of(deer), NgramDrafter(vocab_size=V, max_ngram=2))),
     }
 
 
@@ -129,47 +130,48 @@ POLICIES = {
     "speckv": lambda h: dp.build_policy("speckv", {"candidates": [1, 2, 3], "initial": 2}),
 }
 
-# (drafter, policy, poison): poison=True NaN-fills every stale KV slot after each round (§A1.5 prop 6)
+# (drafter, policy, draft_len, poison): poison=True NaN-fills every stale KV slot after each round (§A1.5 prop 6);
 # every drafter and every policy appears at least once (each case is one compiled program)
-CASES = [("model", "fixed", True), ("model", "specdecpp", True), ("model", "speckv", False),
-         ("ngram", "fixed", False), ("deer", "confidence", False), ("taps", "heuristic", True)]
+CASES = [("model", "fixed", G, True), ("model", "specdecpp", G, True), ("model", "speckv", G, False),
+         ("ngram", "fixed", 1, False), ("deer", "confidence", G, False), ("taps", "heuristic", G, True)]
 
 
-@pytest.mark.parametrize("drafter_name,policy_name,poison", CASES)
+@pytest.mark.parametrize("drafter_name,policy_name,draft_len,poison", CASES)
 def test_greedy_equals_ar_and_sampling_is_lossless(models, greedy_ref, target_joint, drafter_name, policy_name,
-                                                   poison):
+                                                   draft_len, poison):
     """§A1.5 props 1, 4 and 6: one program per case; greedy rows reproduce greedy AR (tokens, valid, done) on
     left-padded prompts with per-row acceptance counts and stop tokens; sampled rows follow the target's law of
     the first three outputs (χ², α = 0.001)."""
     drafter = _drafters(models)[drafter_name]
     policy = POLICIES[policy_name](models[1].cfg.hidden_size)
     prompt, valid, ref = greedy_ref
-    g = _run(models, drafter, policy, 0.0, prompt=prompt, valid=valid, poison_stale_cache=poison)
+    g = _run(models, drafter, policy, 0.0, prompt=prompt, valid=valid, draft_len=draft_len, poison_stale_cache=poison)
     for field in ("tokens", "valid", "done", "lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(g, field)), np.asarray(getattr(ref, field)), err_msg=field)
     acc = np.asarray(g.accepted) / np.maximum(np.asarray(g.rounds), 1)
     assert acc.min() < acc.max()  # rows with different acceptance counts share the batch
     before = num_traces()
-    s = _run(models, drafter, policy, TEMP, rng=1, poison_stale_cache=poison)
+    s = _run(models, drafter, policy, TEMP, rng=1, draft_len=draft_len, poison_stale_cache=poison)
     assert num_traces() == before  # same shapes, other temperature and rng: no retrace
     toks = np.where(np.asarray(s.valid), np.asarray(s.tokens), V)[:, :3]
     assert _chi2_pvalue(toks, target_joint) > 1e-3
+    if drafter_name == "taps":
+        assert np.all(np.asarray(s.route_counts) > 0)  # both drafters win some rounds
     if drafter_name != "ngram":
         assert np.sum(np.asarray(s.accepted)) > 0 and np.sum(np.asarray(s.accepted)) < np.sum(np.asarray(s.drafted))
 
 
-def test_identical_drafter_accepts_everything_and_draft_len_one(models, greedy_ref):
-    """§A1.5 prop 3: q == p (the target drafts for itself) ⇒ every draft accepted, γ+1 tokens per round; with
-    draft_len=1 each round emits 2 tokens."""
+def test_identical_drafter_accepts_everything(models):
+    """§A1.5 prop 3: q == p (the target drafts for itself) ⇒ every draft is accepted: one round of γ+1 = 4 tokens
+    after the prefill's token (N = 4 keeps the first 3)."""
     target = models[0]
-    prompt, valid, _ = greedy_ref
-    out = speculative_generate(target, target, prompt[:8], valid[:8], max_new_tokens=5, draft_len=1,
-                               temperature=TEMP, stop_tokens=(), rng=jax.random.key(3))
+    out = _run(models, ModelDrafter.of(target), dp.build_policy("fixed"), TEMP, rng=3, poison_stale_cache=True)
+    stopped = np.asarray(out.done)
     assert np.all(np.asarray(out.accepted) == np.asarray(out.drafted))
-    np.testing.assert_array_equal(np.asarray(out.rounds), 2)  # 1 (prefill) + 2 + 2 tokens
-    assert out.tokens_per_target_forward == pytest.approx(5 / 3)
-    assert out.mean_accepted_length == 1.0
-    np.testing.assert_allclose(out.acceptance_rate_by_position, [1.0])
+    np.testing.assert_array_equal(np.asarray(out.rounds)[~stopped], 1)
+    np.testing.assert_array_equal(np.asarray(out.accepted)[~stopped], G)
+    np.testing.assert_allclose(out.acceptance_rate_by_position, 1.0)
+    assert out.mean_accepted_length > 2.0
 
 
 def naive_greedy(model, prompt, valid, prefix, n):
@@ -190,16 +192,19 @@ def test_ead_switches_after_min_dwell_and_reports_large_share(models):
     greedy continuation, then the large model takes over after a chunked catch-up (chunk=1) and continues greedily."""
     target, draft, _ = models
     prompt, valid = _greedy_prompts()
-    prompt, valid = prompt[:8], valid[:8]
-    n = 5
+    n = N
     out = ead_generate(draft, target, prompt, valid, max_new_tokens=n, temperature=0.0, stop_tokens=(),
                        rng=jax.random.key(0), args=EADArgs(threshold=-1.0, min_dwell=2, chunk=1))
-    small = naive_greedy(draft, prompt, valid, [], 2)
-    toks = np.asarray(out.tokens)
+    small = np.asarray(generate(draft, prompt, valid, max_new_tokens=N, temperature=0.0, stop_tokens=(STOP,),
+                                rng=jax.random.key(0)).tokens)[:, :2]  # the greedy_ref program
+    keep = ~np.any(small == STOP, axis=1)  # (that program stops at STOP; EAD here does not)
+    toks = np.asarray(out.tokens)[keep]
+    prompt, valid, small = prompt[keep][:64], valid[keep][:64], small[keep][:64]
+    toks = toks[:64]
     np.testing.assert_array_equal(toks[:, :2], small)
     np.testing.assert_array_equal(toks[:, 2:], naive_greedy(target, prompt, valid, small, n - 2))
     assert out.large_share == pytest.approx((n - 2) / n)
-    np.testing.assert_array_equal(np.asarray(out.from_large)[0], [False, False, True, True, True])
+    np.testing.assert_array_equal(np.asarray(out.from_large)[0], [False, False, True, True])
 
 
 # ----------------------------------------------------------------------------------------------------------------
