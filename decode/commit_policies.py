@@ -49,15 +49,16 @@ class SamplerArgs:
 
     ``block_len``: semi-autoregressive block length K (a block-causal model: its block size). ``steps``: nominal
     total denoising steps for scheduled policies (None = the generation length, one token per step); per block
-    ``steps // num_blocks``. ``cache``: ``none`` (full forward every step) or ``block`` (exact block KV cache,
-    block-causal models only). ``cfg_scale``: LLaDA's unsupervised classifier-free guidance w (0 = off; one batched
+    ``steps // num_blocks``. ``cache``: ``none`` (full forward every step), ``prefix`` / ``dual`` (Fast-dLLM's
+    approximate caches, refreshed when a row starts a block) or ``block`` (exact block KV cache, block-causal
+    models only). ``cfg_scale``: LLaDA's unsupervised classifier-free guidance w (0 = off; one batched
     2B forward). ``shift_logits``: the model's raw logit at i-1 predicts token i (an AR-adapted checkpoint whose
     config lacks Dream's ``shift_logits``). ``stop_early``: a row stops once a terminator is committed and every
     position before it is decoded (the rest is filled with ``pad_id``)."""
 
     block_len: int = 32
     steps: Optional[int] = None
-    cache: Literal["none", "block"] = "none"
+    cache: Literal["none", "prefix", "dual", "block"] = "none"
     cfg_scale: float = 0.0
     shift_logits: bool = False
     stop_early: bool = True

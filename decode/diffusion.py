@@ -21,11 +21,19 @@ Outputs (:class:`DiffusionResult`): tokens, per-row NFE, and the commit trajecto
 0-based step at which each position was revealed; the state after s steps is :func:`trajectory_state`) for TAD
 (train_methods.md §5) and CJ-GRPO (§10).
 
-Caches (``SamplerArgs.cache``): ``none``; ``block`` — the exact block KV cache of a block-causal model: positions
-before the previous block live in a :class:`jaxtok.models.KVCache`, each step runs a ``[B, 2·block]`` window
-(previous block, current block) and rolls the cache back, and a row entering its next block keeps the previous
-block's (now final) keys. Block-causal attention makes this identical to the full forward. Fast-dLLM's approximate
-prefix/dual caches need per-layer key overwrites the decoder's cache API does not offer and are not implemented.
+Caches (``SamplerArgs.cache``, §B10):
+
+- ``none``: a full forward every step.
+- ``prefix`` / ``dual`` (Fast-dLLM, approximate): when any row starts a block, a full forward refreshes a
+  :class:`jaxtok.models.KVCache` with every position's keys (and gives the step's logits); other steps run only a
+  window — ``prefix``: from the block start to the end (``[B, N]``), ``dual``: the block (``[B, block_len]``) — over
+  the cache, whose slots for the window's own columns are hidden (positions -1) and whose other keys are stale
+  until the next refresh. Same NFE, less compute per step; outputs drift from ``none`` (measured, not asserted). On a
+  block-causal model both are exact (stale keys are never visible to the block).
+- ``block``: the exact block KV cache of a block-causal model: positions before the previous block live in the
+  cache, each step runs a ``[B, 2·block]`` window (previous block, current block) and rolls the cache back, and a
+  row entering its next block keeps the previous block's (now final) keys. The first step's prefill counts as one
+  extra NFE.
 """
 
 from __future__ import annotations
@@ -197,14 +205,13 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
         logits = jnp.take_along_axis(out.logits, off[..., None], axis=1)  # [B, N, V]; exact inside block kb
         return logits, out.cache
 
-    def update_blocks(s, masked, info_for_rule):
+    def block_starts(s, masked):
+        """``(new [B], start [B])``: rows whose active block has no masks left start a block at their first mask."""
         in_block = (idx >= s.lo[:, None]) & (idx < s.hi[:, None])
-        new = ~jnp.any(masked & in_block, axis=-1) & jnp.any(masked, axis=-1)  # [B]
-        start = first_true_index(masked)
-        if block_rule is None:
-            end = fixed_block_end(start, plen, spec.block_len, n, aligned)
-        else:
-            end = block_rule(info_for_rule, args, start, spec)
+        new = ~jnp.any(masked & in_block, axis=-1) & jnp.any(masked, axis=-1)
+        return new, first_true_index(masked)
+
+    def set_blocks(s, masked, new, start, end):
         lo = jnp.where(new, start, s.lo)
         hi = jnp.where(new, jnp.maximum(end, start + 1), s.hi)
         in_block = (idx >= lo[:, None]) & (idx < hi[:, None])
@@ -212,15 +219,47 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
             s, lo=lo, hi=hi, block_step=jnp.where(new, 0, s.block_step),
             block_masks=jnp.where(new, jnp.sum(masked & in_block, axis=-1), s.block_masks).astype(jnp.int32))
 
+    approx = args.cache in ("prefix", "dual")
+    width = n if (args.cache == "prefix" or block_rule is not None) else min(spec.block_len, n)
+
+    def refresh(x):
+        """Fast-dLLM cache refresh: a full forward writing every position's keys (and this step's logits)."""
+        model = nnx.merge(graphdef, model_state)
+        out = model(x, valid=full_valid, attention=attention, block_size=block_size,
+                    cache=KVCache.init(model.cfg, b, length + width), logits_at=gen_cols)
+        return out.logits, out.cache
+
+    def approx_window(x, cache, lo, hi):
+        """Logits of the window from the block start (prefix: to the end; dual: the block) over the refreshed
+        cache, whose slots for the window's own columns are hidden (positions -1)."""
+        model = nnx.merge(graphdef, model_state)
+        c0 = p + lo  # [B] first window column
+        cols = c0[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]  # [B, W]
+        end = length if args.cache == "prefix" else p + hi
+        wvalid = cols < jnp.broadcast_to(end, (b,))[:, None]
+        slot = jnp.arange(cache.capacity)[None, :]
+        hide = (slot >= c0[:, None]) & (slot < jnp.broadcast_to(end, (b,))[:, None])
+        view = dataclasses.replace(cache, positions=jnp.where(hide, -1, cache.positions))
+        safe = jnp.clip(cols, 0, length - 1)
+        out = model(jnp.take_along_axis(x, safe, axis=1), positions=jnp.take_along_axis(positions, safe, axis=1),
+                    valid=wvalid, attention=attention, block_size=block_size, cache=view)
+        off = jnp.clip(idx - lo[:, None], 0, width - 1)
+        return jnp.take_along_axis(out.logits, off[..., None], axis=1)  # [B, N, V]; exact in the window
+
     def body(s: _State) -> _State:
         gen = s.x[:, p:]
         masked = (gen == mask) & ~s.done[:, None]  # [B, N]
         live = jnp.any(masked, axis=-1)
         keys = _row_keys(rng, s.step, b)
         extra_nfe = jnp.zeros((b,), jnp.int32)
+        new, start = block_starts(s, masked)
         if block_rule is None:
-            s = update_blocks(s, masked, None)
-        if use_cache:
+            s = set_blocks(s, masked, new, start, fixed_block_end(start, plen, spec.block_len, n, aligned))
+        if approx:
+            logits, cache = jax.lax.cond(jnp.any(new & live), lambda: refresh(s.x),
+                                         lambda: (approx_window(s.x, s.cache, s.lo, s.hi), s.cache))
+            s = dataclasses.replace(s, cache=cache)
+        elif use_cache:
             kb = (plen + s.lo) // bs
             advance = kb == s.cached_kb + 1
             ok = (kb == s.cached_kb) | advance | ~live
@@ -250,7 +289,7 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
                             keys=keys)
 
         if block_rule is not None:
-            s = update_blocks(s, masked, info_of(s, masked))
+            s = set_blocks(s, masked, new, start, block_rule(info_of(s, masked), args, start, spec))
         eligible = masked & (idx >= s.lo[:, None]) & (idx < s.hi[:, None])
         dec = fn(info_of(s, eligible), args, s.pstate, spec, heads)
         commit = dec.commit & masked
@@ -278,7 +317,8 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
         x=x, commit_step=jnp.full((b, n), -1, jnp.int32), step=jnp.zeros((), jnp.int32), nfe=zeros,
         done=jnp.zeros((b,), bool), lo=zeros, hi=zeros, block_step=zeros, block_masks=zeros,
         pstate=init_state(b, n) if init_state else {},
-        cache=KVCache.init(nnx.merge(graphdef, model_state).cfg, b, length + n + 4 * bs) if use_cache else None,
+        cache=(KVCache.init(nnx.merge(graphdef, model_state).cfg, b, length + n + 4 * bs) if use_cache else
+               KVCache.init(nnx.merge(graphdef, model_state).cfg, b, length + width) if approx else None),
         base=zeros if use_cache else None, cached_kb=jnp.full((b,), -(10**6), jnp.int32) if use_cache else None)
     state = jax.lax.while_loop(lambda s: (s.step < cap) & ~jnp.all(s.done), body, state)
     gen = state.x[:, p:]
@@ -369,6 +409,12 @@ def diffusion_generate(
                 raise ValueError(f"{name}: id {t!r} is outside the vocabulary [0, {cfg.vocab_size})")
     if mask_id in tuple(stop_tokens) or mask_id == pad_id:
         raise ValueError(f"mask_id={mask_id} must differ from pad_id={pad_id} and stop_tokens={tuple(stop_tokens)}")
+    if args.cache != "none" and (args.cfg_scale > 0 or args.shift_logits or cfg.shift_logits):
+        raise ConfigError(f"policy_args.cache={args.cache!r} does not support cfg_scale or shifted logits "
+                          f"(cfg_scale={args.cfg_scale}, shift_logits={args.shift_logits or cfg.shift_logits})")
+    if args.cache == "dual" and policy not in _WINDOW_ONLY + ("adablock",):
+        raise ConfigError(f"policy_args.cache='dual' has logits only inside the block; policy={policy!r} reads "
+                          f"beyond it (allowed: {list(_WINDOW_ONLY + ('adablock',))}; use cache='prefix')")
     if args.cache == "block":
         if attention != "block_causal":
             raise ConfigError("policy_args.cache='block' is the exact cache of block-causal models: needs "
@@ -376,9 +422,8 @@ def diffusion_generate(
         if args.block_len != block_size:
             raise ConfigError(f"policy_args.cache='block': block_len={args.block_len} must equal the model's "
                               f"block_size={block_size}")
-        if policy not in _WINDOW_ONLY or args.cfg_scale > 0 or cfg.shift_logits:
-            raise ConfigError(f"policy_args.cache='block' supports policies {list(_WINDOW_ONLY)} without cfg_scale "
-                              f"or a shift_logits model config; got policy={policy!r}, cfg_scale={args.cfg_scale}")
+        if policy not in _WINDOW_ONLY:
+            raise ConfigError(f"policy_args.cache='block' supports policies {list(_WINDOW_ONLY)}; got {policy!r}")
     missing = [h for h in entry.meta.get("heads", ()) if not heads or h not in heads]
     if missing:
         raise ConfigError(f"policy {policy!r} needs heads {missing} (pass heads={{name: module}})")

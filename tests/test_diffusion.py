@@ -248,16 +248,19 @@ def test_rows_are_batch_invariant(decoder):
     np.testing.assert_array_equal(both.commit_step[0], alone.commit_step[0])
 
 
-def test_exact_block_cache_equals_full_forward(decoder):
+def test_caches_equal_the_full_forward_on_a_block_causal_model(decoder):
     prompt = np.array([[0, 0, 1, 11, 21, 12, 25], [1, 12, 22, 13, 14, 21, 25], [0, 0, 0, 0, 0, 1, 25]])
     valid = prompt != 0
     valid[1, 0] = True
-    out = [diffusion_generate(decoder, prompt, valid, gen_len=10, policy="threshold", attention="block_causal",
-                              block_size=4, temperature=1.0, rng=jax.random.key(3), stop_tokens=(2,),
-                              policy_args={"cache": c, "stop_early": False}) for c in ("none", "block")]
-    np.testing.assert_array_equal(out[0].tokens, out[1].tokens)
-    np.testing.assert_array_equal(out[0].commit_step, out[1].commit_step)
-    np.testing.assert_array_equal(out[1].nfe, out[0].nfe + 1)  # + the prefix prefill
+    out = {c: diffusion_generate(decoder, prompt, valid, gen_len=10, policy="threshold", attention="block_causal",
+                                 block_size=4, temperature=1.0, rng=jax.random.key(3), stop_tokens=(2,),
+                                 policy_args={"cache": c, "stop_early": False})
+           for c in ("none", "block", "prefix", "dual")}
+    for c in ("block", "prefix", "dual"):  # block-causal: no stale key is ever visible to the block
+        np.testing.assert_array_equal(out[c].tokens, out["none"].tokens)
+        np.testing.assert_array_equal(out[c].commit_step, out["none"].commit_step)
+    np.testing.assert_array_equal(out["block"].nfe, out["none"].nfe + 1)  # + the prefix prefill
+    np.testing.assert_array_equal(out["dual"].nfe, out["none"].nfe)
 
 
 def test_bad_input_is_named(decoder):
@@ -265,6 +268,8 @@ def test_bad_input_is_named(decoder):
         run(decoder, "nope", 4)
     with pytest.raises(ConfigError, match="block_causal"):
         run(decoder, "llada", 4, policy_args={"cache": "block"})
+    with pytest.raises(ConfigError, match="dual"):
+        run(decoder, "prophet", 4, policy_args={"cache": "dual"})
     with pytest.raises(ConfigError, match="filter"):
         run(decoder, "learn2pd", 4)
     with pytest.raises(ConfigError, match="threshold"):
