@@ -70,33 +70,67 @@ def _losses(model, batch, *variants, reference=None):
     return _JITTED[key](batch)
 
 
-def _value_and_grads(model, batch, *variants):
-    """``[(loss_sum, count, aux, d loss_sum / d params)]`` for several argument dicts, one jitted function."""
-    args = [PG.PolicyGradientArgs(**kw) for kw in variants]
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def one(p, a):
-        ls, c, aux = PG.policy_gradient_loss(nnx.merge(graphdef, p, rest), batch, None, a)
-        return ls, (c, aux)
-
-    @jax.jit
-    def run(p):
-        out = []
-        for a in args:
-            (ls, (c, aux)), g = jax.value_and_grad(one, has_aux=True)(p, a)
-            out.append((ls, c, aux, g))
-        return out
-
-    return run(params)
+GRAD = {"gspo": dict(loss_mode="gspo"), "gspo_token_c5": dict(loss_mode="gspo_token", chunk_size=5),
+        "grpo": dict(loss_mode="grpo"), "dapo": dict(loss_mode="dapo"), "cppo": dict(loss_mode="cppo")}
 
 
-BASE = {"ppo": dict(loss_mode="ppo"), "grpo": dict(loss_mode="grpo"), "dr_grpo": dict(loss_mode="dr_grpo"),
-        "dapo": dict(loss_mode="dapo"), "ppo_entropy": dict(loss_mode="ppo", entropy_coef=0.1)}
+def _grads(model, batch):
+    """``{name: (loss_sum, count, aux, d loss_sum / d params)}`` for the :data:`GRAD` variants, one jitted
+    function per model (the batch is an argument)."""
+    key = ("grad", id(model))
+    if key not in _JITTED:
+        args = {k: PG.PolicyGradientArgs(**kw) for k, kw in GRAD.items()}
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def one(p, b, a):
+            ls, c, aux = PG.policy_gradient_loss(nnx.merge(graphdef, p, rest), b, None, a)
+            return ls, (c, aux)
+
+        def run(p, b):
+            out = {}
+            for k, a in args.items():
+                (ls, (c, aux)), g = jax.value_and_grad(one, has_aux=True)(p, b, a)
+                out[k] = (ls, c, aux, g)
+            return out
+
+        _JITTED[key] = (jax.jit(run), params)
+    run, params = _JITTED[key]
+    return run(params, batch)
 
 
-def _base(model, batch):
-    """The common variants in one compiled function: ``{name: (loss_sum, count, aux)}``."""
-    return dict(zip(BASE, _losses(model, batch, *BASE.values())))
+EPS, C = 0.2, 1.5  # clip ε and a dual-clip bound low enough to bind in the one-token test
+_CLIP = dict(eps_low=EPS, eps_high=EPS, aggregation="token-mean")
+VARIANTS = {  # every forward-only variant the tests read, compiled once per model
+    "ppo": dict(loss_mode="ppo"), "grpo": dict(loss_mode="grpo"), "dr_grpo": dict(loss_mode="dr_grpo"),
+    "dapo": dict(loss_mode="dapo"), "ppo_entropy": dict(loss_mode="ppo", entropy_coef=0.1),
+    "ppo_overlong": dict(loss_mode="ppo", overlong_buffer=2, overlong_max_length=4),
+    "ppo_no_dual": dict(loss_mode="ppo", dual_clip_c=None), "ppo_dual": dict(loss_mode="ppo", dual_clip_c=C),
+    "gspo_eps": dict(loss_mode="gspo", **_CLIP), "gspo_token_eps": dict(loss_mode="gspo_token", **_CLIP),
+    "ctpo_ppo": dict(loss_mode="ctpo", ctpo_p=0.0, ctpo_c_low=-math.log(1 - EPS), ctpo_c_high=math.log(1 + EPS),
+                     ctpo_c_dual=math.log(C)),
+    "grpo_token_mean": dict(loss_mode="grpo", aggregation="token-mean", dual_clip_c=C),
+    "appo": dict(loss_mode="appo"), "appo_b0": dict(loss_mode="appo", appo_b=0.0, appo_drop_multi_dual_clip=False),
+}
+KL_VARIANTS = {"grpo": dict(loss_mode="grpo"),
+               **{e: dict(loss_mode="grpo", kl_coef=0.5, kl_estimator=e) for e in ("k1", "k2", "k3", "k3+")}}
+
+
+def _all(model, batch):
+    """``{name: (loss_sum, count, aux)}`` of the :data:`VARIANTS` on ``batch``."""
+    return dict(zip(VARIANTS, _losses(model, batch, *VARIANTS.values())))
+
+
+def _with_reference(model, batch, reference):
+    """``{name: (loss_sum, count, aux)}`` of the :data:`KL_VARIANTS` against ``reference`` (passed as state, so
+    references of one architecture share the compiled function)."""
+    ref_def, ref_state = nnx.split(reference)
+    key = ("kl", id(model), ref_def)
+    if key not in _JITTED:
+        args = [PG.PolicyGradientArgs(**kw) for kw in KL_VARIANTS.values()]
+        _JITTED[key] = jax.jit(lambda b, st: [PG.policy_gradient_loss(model, b, None, a,
+                                                                      reference=nnx.merge(ref_def, st))
+                                              for a in args])
+    return dict(zip(KL_VARIANTS, _JITTED[key](batch, ref_state)))
 
 
 def _loss(model, batch, reference=None, **kw):
@@ -117,7 +151,7 @@ def test_first_inner_epoch_ratio_one_and_minus_mean_advantage(model):
     """Old log-probs from the rollout scorer at τ = 1.3: the objective (logits / τ) sees ratio 1 exactly and the
     token-mean PPO loss is −Σ m A / Σ m with hand-computed GRPO advantages (Bessel std, groups of 2: ±1/√2·...)."""
     batch = rollout_batch(model, [1, 0, 1, 1], comp_lens=[4, 3, 2, 4])
-    out = _base(model, batch)["ppo"]
+    out = _all(model, batch)["ppo"]
     assert _aux(out, "ratio_mean") == pytest.approx(1.0, abs=1e-5)
     assert float(out[2]["ratio_max"][0]) == pytest.approx(1.0, abs=1e-5)
     assert _aux(out, "clip_frac") == 0.0
@@ -127,13 +161,13 @@ def test_first_inner_epoch_ratio_one_and_minus_mean_advantage(model):
     assert _value(out) == pytest.approx(-adv_tokens.mean(), abs=1e-5)
     # the temperature matters: scoring at τ = 1 would not give ratio 1
     batch_t1 = dict(batch, temperature=np.ones(4, np.float32))
-    assert abs(_aux(_base(model, batch_t1)["ppo"], "ratio_mean") - 1.0) > 1e-3
+    assert abs(_aux(_all(model, batch_t1)["ppo"], "ratio_mean") - 1.0) > 1e-3
 
 
 def test_aggregation_counts_and_grpo_value(model):
     """grpo = seq-mean-token-mean: count = rows with tokens; the value is the mean over rows of −A_i (ratio 1)."""
     batch = rollout_batch(model, [1, 0, 0, 0], comp_lens=[4, 3, 2, 4])
-    out, dr = _base(model, batch)["grpo"], _base(model, batch)["dr_grpo"]
+    out, dr = _all(model, batch)["grpo"], _all(model, batch)["dr_grpo"]
     assert float(out[1]) == 4
     adv = np.array([1.0, -1 / 1.0, 0.0, 0.0]) * 0.5 / (math.sqrt(0.5) + 1e-6)
     assert _value(out) == pytest.approx(-adv.mean(), abs=1e-5)
@@ -147,14 +181,9 @@ def test_loss_modes_reduce_to_each_other_on_one_token_completions(model):
     ratios coincide, so GSPO = GSPO-token = PPO with the same ε and no dual clip, and CTPO with p = 0 and
     log-space bounds (−log(1−ε), log(1+ε), log c) = PPO-clip with dual clip c."""
     batch = rollout_batch(model, [1, 0, 0.5, 0], comp_lens=[1, 1, 1, 1], old_noise=0.8, seed=1)
-    eps, c = 0.2, 1.5
-    gspo = dict(eps_low=eps, eps_high=eps, aggregation="token-mean")
-    ppo, gs, gs_tok, ppo_dual, ctpo, grpo_tok = _losses(
-        model, batch, dict(loss_mode="ppo", dual_clip_c=None), dict(loss_mode="gspo", **gspo),
-        dict(loss_mode="gspo_token", **gspo), dict(loss_mode="ppo", dual_clip_c=c),
-        dict(loss_mode="ctpo", ctpo_p=0.0, ctpo_c_low=-math.log(1 - eps), ctpo_c_high=math.log(1 + eps),
-             ctpo_c_dual=math.log(c)),
-        dict(loss_mode="grpo", aggregation="token-mean", dual_clip_c=c))
+    out = _all(model, batch)
+    ppo, gs, gs_tok, ppo_dual, ctpo, grpo_tok = (out[k] for k in ("ppo_no_dual", "gspo_eps", "gspo_token_eps",
+                                                                  "ppo_dual", "ctpo_ppo", "grpo_token_mean"))
     assert _aux(ppo, "clip_frac") > 0  # the perturbation is large enough to clip
     assert _aux(ppo_dual, "dual_clip_frac") > 0  # and to dual-clip
     for out in (gs, gs_tok):
@@ -168,8 +197,8 @@ def test_gspo_token_equals_gspo_value_and_parameter_gradient(model):
     model parameters (§6.3)."""
     batch = rollout_batch(model, [1, 0, 1, 0], comp_lens=[4, 2, 3, 4], old_noise=1e-3, seed=1)
     # chunk_size 5 does not divide the 4 x 6 scored tokens: the padded chunk rows must not poison the gradient
-    (v1, c1, _, g1), (v2, c2, _, g2) = _value_and_grads(model, batch, dict(loss_mode="gspo"),
-                                                         dict(loss_mode="gspo_token", chunk_size=5))
+    out = _grads(model, batch)
+    (v1, c1, _, g1), (v2, c2, _, g2) = out["gspo"], out["gspo_token_c5"]
     np.testing.assert_allclose(v1 / c1, v2 / c2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
@@ -178,9 +207,8 @@ def test_gspo_token_equals_gspo_value_and_parameter_gradient(model):
 
 def test_appo_with_b_zero_is_dapo(model):
     batch = rollout_batch(model, [1, 0, 1, 0], comp_lens=[4, 2, 3, 4], old_noise=0.3, seed=2)
-    dapo, appo0, appo = _losses(model, batch, dict(loss_mode="dapo"),
-                                dict(loss_mode="appo", appo_b=0.0, appo_drop_multi_dual_clip=False),
-                                dict(loss_mode="appo"))
+    out = _all(model, batch)
+    dapo, appo0, appo = out["dapo"], out["appo_b0"], out["appo"]
     np.testing.assert_allclose(_value(appo0), _value(dapo), rtol=1e-6)
     assert 1.0 <= _aux(appo, "appo_future_factor_mean") <= 1.2
 
@@ -189,8 +217,9 @@ def test_zero_variance_groups_give_zero_loss_not_nan(model):
     """All rewards equal: advantages 0, loss 0 and a finite (zero) gradient; dapo/cppo drop the rows (count 0)."""
     batch = rollout_batch(model, [1, 1, 0, 0], old_noise=0.2)
     modes = ("grpo", "dapo", "cppo")
-    for mode, (ls, count, aux, grads) in zip(modes, _value_and_grads(model, batch, *[dict(loss_mode=m)
-                                                                                     for m in modes])):
+    out = _grads(model, batch)
+    for mode in modes:
+        ls, count, aux, grads = out[mode]
         assert float(ls) == 0.0
         assert float(count) == (0.0 if mode in ("dapo", "cppo") else 4.0)
         assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(grads))
@@ -202,7 +231,7 @@ def test_dynamic_sampling_masks_only_zero_variance_groups(model):
     np.testing.assert_array_equal(PG.dynamic_sampling_mask(rewards, ids), [True, True, False, False, True, True])
     np.testing.assert_array_equal(PG.dynamic_sampling_mask(rewards, ids, atol=0.5), [1, 1, 0, 0, 0, 0])
     batch = rollout_batch(model, [1, 1, 0, 1], comp_lens=[4, 3, 2, 4])
-    out = _base(model, batch)["dapo"]
+    out = _all(model, batch)["dapo"]
     assert float(out[1]) == 6  # the second group's 2 + 4 tokens
     assert _aux(out, "kept_rows") == pytest.approx(0.5)
     # group ids need not be contiguous or start at 0
@@ -215,7 +244,7 @@ def test_overlong_shaping_hand_computed(model):
     np.testing.assert_allclose(PG.shape_overlong_rewards([1, 1, 1, 0], [5, 8, 12, 7], 10, 4), [1, 0.5, 0, -0.25])
     batch = rollout_batch(model, [1, 1, 1, 1], comp_lens=[2, 4, 3, 3])
     # lengths 2, 4 | 3, 3 with max 4, buffer 2: penalties 0, −1 | −0.5, −0.5 -> advantages ±1/√2 | 0
-    out = _loss(model, batch, loss_mode="ppo", overlong_buffer=2, overlong_max_length=4)
+    out = _all(model, batch)["ppo_overlong"]
     assert _aux(out, "reward_mean") == pytest.approx(0.5)
     a = 0.5 / (math.sqrt(0.5) + 1e-6)
     assert _value(out) == pytest.approx(-(2 * a - 4 * a) / 12, abs=1e-5)
@@ -225,13 +254,12 @@ def test_overlong_shaping_hand_computed(model):
 
 def test_kl_term_zero_when_reference_is_policy(model):
     batch = rollout_batch(model, [1, 0, 0, 1], old_noise=0.1)
-    base, *same_all = _losses(model, batch, dict(loss_mode="grpo"),
-                              *[dict(loss_mode="grpo", kl_coef=0.5, kl_estimator=e) for e in ("k1", "k2", "k3", "k3+")],
-                              reference=model)
-    for same in same_all:
+    same_all = _with_reference(model, batch, model)
+    base = same_all.pop("grpo")
+    for same in same_all.values():
         assert _aux(same, "kl_loss") == pytest.approx(0.0, abs=1e-6)
         np.testing.assert_allclose(_value(same), _value(base), atol=1e-6)
-    other = _loss(model, batch, reference=_model(1), loss_mode="grpo", kl_coef=0.5)
+    other = _with_reference(model, batch, _model(1))["k3"]
     kl = _aux(other, "kl_loss")
     assert kl > 0  # k3 >= 0, and positive for a different model
     np.testing.assert_allclose(_value(other), _value(base) + 0.5 * kl, rtol=1e-5)
@@ -241,7 +269,7 @@ def test_kl_term_zero_when_reference_is_policy(model):
 
 def test_entropy_bonus(model):
     batch = rollout_batch(model, [1, 0, 0, 1])
-    base, bonus = _base(model, batch)["ppo"], _base(model, batch)["ppo_entropy"]
+    base, bonus = _all(model, batch)["ppo"], _all(model, batch)["ppo_entropy"]
     np.testing.assert_allclose(_value(bonus), _value(base) - 0.1 * _aux(base, "entropy"), rtol=1e-5)
     # the objective's entropy (current policy, logits / τ) equals the rollout's stored entropy at epoch 1
     np.testing.assert_allclose(_aux(base, "entropy"), batch["entropy"].sum() / batch["loss_mask"].sum(), rtol=1e-5)
@@ -258,13 +286,14 @@ def test_precomputed_token_advantages_are_used(model):
 def test_cppo_topk_divergence_is_zero_at_first_epoch(model):
     """CPPO with the rollout's top-K (same policy): D_t = 0 everywhere, the mask keeps every token."""
     batch = rollout_batch(model, [1, 0, 1, 0])
-    stats = PG.rollout_token_stats(model, {k: jnp.asarray(v) for k, v in batch.items()})
-    full = jax.nn.log_softmax(model(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
-                                    valid=jnp.asarray(batch["valid"])).logits / 1.3, axis=-1)  # [B, T, V]
-    np.testing.assert_allclose(np.where(batch["loss_mask"], stats["logp"], 0), batch["old_logprobs"], atol=1e-5)
-    top_lp, top_ids = jax.lax.top_k(full, 3)  # logits at t-1 score token t: shift right by one
-    top_lp = jnp.concatenate([jnp.zeros_like(top_lp[:, :1]), top_lp[:, :-1]], 1)
-    top_ids = jnp.concatenate([jnp.zeros_like(top_ids[:, :1]), top_ids[:, :-1]], 1)
+    @jax.jit
+    def rollout_topk(b):  # what a rollout storing μ's top-3 would keep: logits at t-1 score token t
+        full = jax.nn.log_softmax(model(b["tokens"], positions=b["positions"], valid=b["valid"]).logits / 1.3, -1)
+        top_lp, top_ids = jax.lax.top_k(full, 3)  # [B, T, 3]
+        shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], 1)  # noqa: E731
+        return shift(top_lp), shift(top_ids)
+
+    top_lp, top_ids = rollout_topk(batch)
     batch.update(topk_logprobs=np.asarray(top_lp), topk_ids=np.asarray(top_ids))
     out = _loss(model, batch, loss_mode="cppo", cppo_divergence="topk_tv", dynamic_sampling=False)
     assert _aux(out, "divergence_mean") == pytest.approx(0.0, abs=1e-6)
@@ -276,7 +305,7 @@ def test_cppo_topk_divergence_is_zero_at_first_epoch(model):
 def test_one_sgd_step_moves_log_probs_by_advantage_sign(model):
     """Gradient sign: after one SGD step on GRPO, the rewarded completion is more likely, the other less."""
     batch = rollout_batch(model, [1, 0, 0, 1])
-    ((ls, count, _, grads),) = _value_and_grads(model, batch, dict(loss_mode="grpo"))
+    ls, count, _, grads = _grads(model, batch)["grpo"]
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
@@ -298,14 +327,23 @@ def test_micro_batches_match_one_batch_with_host_advantages(model):
     batch.update(PG.host_advantages(batch, args))
     loss_fn = lambda m, b, rng: PG.policy_gradient_loss(m, b, rng, args)  # noqa: E731
     opt = optax.sgd(0.1)
-    results = []
-    for micro in (1, 2):
-        graphdef, state = init_train_state(model, opt)
-        step = make_train_step(model, opt, loss_fn, micro_batches=micro, donate=False)
-        _, metrics = step(state, batch)
-        results.append(metrics)
-    for k in ("loss", "count", "grad_norm", "clip_frac", "pg_loss", "clip_frac_pos0"):
-        np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-5, atol=1e-7, err_msg=k)
+    _, state = init_train_state(model, opt)
+    step = make_train_step(model, opt, loss_fn, micro_batches=2, donate=False)
+    _, metrics = step(state, batch)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def whole(p):  # the full-batch loss, gradient and clip fraction
+        def f(q):
+            ls, c, aux = loss_fn(nnx.merge(graphdef, q, rest), batch, None)
+            return ls / c, (c, aux["clip_frac"][0] / aux["clip_frac"][1])
+
+        (value, (count, clip)), g = jax.value_and_grad(f, has_aux=True)(p)
+        return value, count, clip, optax.tree.norm(g)
+
+    for k, v in zip(("loss", "count", "clip_frac", "grad_norm"), whole(params)):
+        np.testing.assert_allclose(metrics[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    assert float(metrics["count"]) == 4 and float(metrics["clip_frac"]) > 0
 
 
 def test_registration_and_arguments():

@@ -184,7 +184,8 @@ def shape_overlong_rewards(rewards, lengths, max_length: int, buffer_length: int
     """DAPO soft overlong punishment (§6.2) as a host reward transform: ``r + penalty(|y|)``, float32 ``[B]``.
 
     ``lengths``: completion lengths in tokens; the penalty is 0 up to ``max_length − buffer_length``, falls
-    linearly to ``−penalty_factor`` at ``max_length`` and stays there (:func:`jaxtok.policy.overlong_reward_penalty`)."""
+    linearly to ``−penalty_factor`` at ``max_length`` and stays there
+    (:func:`jaxtok.policy.overlong_reward_penalty`)."""
     pen = P.overlong_reward_penalty(np.asarray(lengths, np.float32), max_length, buffer_length, penalty_factor)
     return (np.asarray(rewards, np.float32) + np.asarray(pen)).astype(np.float32)
 
@@ -246,8 +247,8 @@ def _cppo_inputs(args: P.PolicyLossConfig, stats: dict, batch: dict, mask):
 
 
 @OBJECTIVES.register("policy_gradient", PolicyGradientArgs, data="rollout", models=("reference",))
-def policy_gradient_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: PolicyGradientArgs = PolicyGradientArgs(),
-                         *, reference: Optional[nnx.Module] = None):
+def policy_gradient_loss(model: nnx.Module, batch: dict, rng: jax.Array,
+                         args: PolicyGradientArgs = PolicyGradientArgs(), *, reference: Optional[nnx.Module] = None):
     """Policy-gradient loss of ``args.loss_mode`` on a rollout batch (module docstring, spec §6/§9).
 
     Returns ``(loss_sum, count, aux)``; ``count`` is the aggregation's denominator (tokens or sequences).
