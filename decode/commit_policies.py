@@ -21,7 +21,9 @@ progress: threshold-like rules always add the top-1 eligible position; scheduled
 cap. Terminators (``spec.stop_ids``: ``<eos>`` and the Rainbow pads) are EOS-class for every EOS-aware rule.
 
 Entry meta: ``scheduled`` (the block is decoded in ``steps_per_block`` steps), ``init_state(B, N)``,
-``block_rule`` (adaptive block length, AdaBlock), ``heads`` (names of required learned modules).
+``block_rule`` (adaptive block length, AdaBlock), ``heads`` (names of required learned modules), ``lookahead``
+(the loop passes ``heads["lookahead"](pos [B, C], tok [B, C]) -> logits [B, C, N, V]``: one batched forward of C
+copies of the current state, each with one more token committed).
 """
 
 from __future__ import annotations
@@ -111,17 +113,20 @@ class StepInfo:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """``commit [B,N]`` positions to reveal now, ``x0 [B,N]`` the tokens they take, ``state`` the policy carry."""
+    """``commit [B,N]`` positions to reveal now, ``x0 [B,N]`` the tokens they take, ``state`` the policy carry,
+    ``nfe [B]`` extra forwards the policy ran (None: none)."""
 
     commit: jax.Array
     x0: jax.Array
     state: Any = None
+    nfe: Optional[jax.Array] = None  # [B] extra forwards this step (Info-Gain's lookahead)
 
 
-def register(name: str, args_cls, *, scheduled: bool = False, init_state=None, block_rule=None, heads=()):
+def register(name: str, args_cls, *, scheduled: bool = False, init_state=None, block_rule=None, heads=(),
+             lookahead: bool = False):
     """``@register("threshold", ThresholdArgs)``: a commit policy with its loop meta (module docstring)."""
     return COMMIT_POLICIES.register(name, args_cls, scheduled=scheduled, init_state=init_state,
-                                    block_rule=block_rule, heads=tuple(heads))
+                                    block_rule=block_rule, heads=tuple(heads), lookahead=lookahead)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -515,9 +520,73 @@ def learn2pd(info: StepInfo, args: Learn2PDArgs, state, spec: LoopSpec, heads=No
     return Decision(commit, x0, state)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# B15 Info-Gain
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InfoGainArgs(SamplerArgs):
+    """``candidates`` N one-token actions per step; ``position_temperature`` of the Gumbel-perturbed position choice
+    of candidates 1..N-1; ``threshold``: bypass (fill the block at once) when every eligible position's top
+    probability reaches it; ``objective``: ``info_gain`` (J = −C − H_next) or ``lookum`` (J = −H_next).
+    Reference defaults 8, 0.2, 0.8."""
+
+    candidates: int = 8
+    position_temperature: float = 0.2
+    threshold: float = 0.8
+    objective: Literal["info_gain", "lookum"] = "info_gain"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.candidates < 1 or self.position_temperature <= 0:
+            raise ValueError(f"candidates={self.candidates} must be >= 1 and position_temperature="
+                             f"{self.position_temperature} > 0")
+
+
+def _entropy(logits: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)
+
+
+@register("infogain", InfoGainArgs, lookahead=True)
+def infogain(info: StepInfo, args: InfoGainArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Info-Gain sampler (§B15): candidate 0 commits the most confident eligible position, candidates c >= 1 the
+    argmax of ``conf / position_temperature + Gumbel``, each with its proposal ``x0``; one batched lookahead forward
+    scores ``J = −H(current at the position) − mean H(next logits over the remaining masks)``; the best candidate is
+    committed. Bypass: rows whose eligible positions all have top probability >= ``threshold`` commit the whole
+    block. Differences from the reference: the proposals are the step's ``x0`` for every candidate (diversity from
+    positions only, as the reference at T = 0), and the chosen candidate's lookahead logits are not reused, so a
+    step costs two forwards (``Decision.nfe``)."""
+    n = spec.gen_len
+    maxp = jnp.exp(jnp.max(jax.nn.log_softmax(info.logits.astype(jnp.float32), -1), -1))  # [B, N]
+    has = jnp.any(info.eligible, -1)
+    bypass = has & jnp.all(jnp.where(info.eligible, maxp >= args.threshold, True), -1)  # [B]
+    scores = jnp.where(info.eligible, info.conf, -jnp.inf)
+    first = jnp.argmax(scores, -1)[:, None]  # [B, 1]
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3), (args.candidates - 1, n),
+                                              minval=1e-20, maxval=1.0))(info.keys)  # [B, C-1, N]
+    noisy = info.conf[:, None] / args.position_temperature - jnp.log(-jnp.log(u))
+    rest = jnp.argmax(jnp.where(info.eligible[:, None], noisy, -jnp.inf), -1)  # [B, C-1]
+    pos = jnp.concatenate([first, rest], axis=1).astype(jnp.int32)  # [B, C]
+    tok = jnp.take_along_axis(info.x0, pos, axis=1)
+    need = has & ~bypass
+    nxt = jax.lax.cond(jnp.any(need), lambda: heads["lookahead"](pos, tok),
+                       lambda: jnp.zeros(pos.shape + info.logits.shape[1:], jnp.float32))  # [B, C, N, V]
+    onehot = jnp.arange(n)[None, None, :] == pos[..., None]  # [B, C, N]
+    remaining = info.masked[:, None] & ~onehot
+    h_next = jnp.sum(jnp.where(remaining, _entropy(nxt), 0.0), -1) / jnp.maximum(jnp.sum(remaining, -1), 1)
+    cost = jnp.take_along_axis(_entropy(info.logits), pos, axis=1)  # [B, C]
+    j = -h_next - (cost if args.objective == "info_gain" else 0.0)
+    best = jnp.take_along_axis(pos, jnp.argmax(j, -1)[:, None], axis=1)  # [B, 1]
+    pick = (jnp.arange(n)[None, :] == best) & info.eligible
+    commit = jnp.where(bypass[:, None], info.eligible, pick)
+    return Decision(commit, info.x0, state, nfe=need.astype(jnp.int32))
+
+
 __all__ = [
     "SamplerArgs", "LoopSpec", "StepInfo", "Decision", "register", "num_transfer_tokens", "top1", "threshold_commit",
     "factor_commit", "logit_gap", "adablock_end", "ass_schedule", "eos_scaled", "row_uniform", "block_features",
     "scatter_block", "LLaDAArgs", "ThresholdArgs", "FactorArgs", "ProphetArgs", "AdaBlockArgs", "EOSERArgs",
-    "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs",
+    "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs",
 ]

@@ -246,6 +246,16 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
         off = jnp.clip(idx - lo[:, None], 0, width - 1)
         return jnp.take_along_axis(out.logits, off[..., None], axis=1)  # [B, N, V]; exact in the window
 
+    def lookahead(x, pos, tok):
+        """``[B, C, N, V]`` logits of C copies of ``x``, copy c with ``tok[:, c]`` committed at ``pos[:, c]``."""
+        c = pos.shape[1]
+        cand = jnp.where(idx[:, None, :] == pos[..., None], tok[..., None], x[:, None, p:])  # [B, C, N]
+        xs = jnp.concatenate([jnp.broadcast_to(x[:, None, :p], (b, c, p)), cand], axis=-1).reshape(b * c, length)
+        rep = lambda a: jnp.repeat(a, c, axis=0)  # noqa: E731
+        logits = nnx.merge(graphdef, model_state)(xs, valid=rep(full_valid), attention=attention,
+                                                  block_size=block_size, logits_at=rep(gen_cols)).logits
+        return logits.at[..., mask].set(-jnp.inf).reshape(b, c, n, -1)
+
     def body(s: _State) -> _State:
         gen = s.x[:, p:]
         masked = (gen == mask) & ~s.done[:, None]  # [B, N]
@@ -291,7 +301,12 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
         if block_rule is not None:
             s = set_blocks(s, masked, new, start, block_rule(info_of(s, masked), args, start, spec))
         eligible = masked & (idx >= s.lo[:, None]) & (idx < s.hi[:, None])
-        dec = fn(info_of(s, eligible), args, s.pstate, spec, heads)
+        step_heads = heads
+        if entry.meta.get("lookahead"):
+            step_heads = dict(heads, lookahead=functools.partial(lookahead, s.x))
+        dec = fn(info_of(s, eligible), args, s.pstate, spec, step_heads)
+        if dec.nfe is not None:
+            extra_nfe = extra_nfe + dec.nfe * live
         commit = dec.commit & masked
         gen = jnp.where(commit, dec.x0, gen)
         commit_step = jnp.where(commit, s.step, s.commit_step)
@@ -409,6 +424,8 @@ def diffusion_generate(
                 raise ValueError(f"{name}: id {t!r} is outside the vocabulary [0, {cfg.vocab_size})")
     if mask_id in tuple(stop_tokens) or mask_id == pad_id:
         raise ValueError(f"mask_id={mask_id} must differ from pad_id={pad_id} and stop_tokens={tuple(stop_tokens)}")
+    if args.cache != "none" and entry.meta.get("lookahead"):
+        raise ConfigError(f"policy {policy!r} runs lookahead forwards of the whole sequence: use cache='none'")
     if args.cache != "none" and (args.cfg_scale > 0 or args.shift_logits or cfg.shift_logits):
         raise ConfigError(f"policy_args.cache={args.cache!r} does not support cfg_scale or shifted logits "
                           f"(cfg_scale={args.cfg_scale}, shift_logits={args.shift_logits or cfg.shift_logits})")

@@ -217,13 +217,24 @@ def test_learn2pd_limits(decoder):
     assert run(decoder, "learn2pd", 8, heads={"filter": head}, policy_args=l2pd, **kw).nfe.tolist() == [2, 2]
 
 
+def test_infogain_limits():
+    model = Scripted(np.random.default_rng(3).normal(0.0, 3.0, (8, V)), 3)
+    kw = dict(block_len=4, temperature=0.0)
+    one = run(model, "infogain", 8, policy_args={"candidates": 1, "threshold": 2.0}, **kw)  # no bypass
+    top1 = run(model, "llada", 8, steps=8, **kw)
+    np.testing.assert_array_equal(one.commit_step, top1.commit_step)  # candidate 0 = the most confident
+    np.testing.assert_array_equal(one.nfe, 2 * top1.nfe)  # + one lookahead forward per step
+    fill = run(model, "infogain", 8, policy_args={"threshold": 0.0, "stop_early": False}, **kw)  # always bypass
+    assert fill.nfe.tolist() == [2, 2] and np.ptp(np.asarray(fill.commit_step).reshape(2, 2, 4), -1).max() == 0
+
+
 def test_ass_takes_log2_steps(decoder):
     r = run(decoder, "ass", 8, block_len=8, policy_args={"stop_early": False})
     assert int(r.num_steps) == 3 and r.nfe.tolist() == [3, 3]  # 1 + 2 + 5
 
 
 @pytest.mark.parametrize("policy", ["llada", "threshold", "factor", "prophet", "adablock", "eoser", "ass", "ete",
-                                    "bacd", "learn2pd"])
+                                    "bacd", "learn2pd", "infogain"])
 def test_every_policy_commits_each_masked_position_once_in_block_order(policy):
     heads = {"filter": FilterHead(block_size=4, hidden=8, rngs=nnx.Rngs(0))}
     args = {"stop_early": False, "block_len": 4}
@@ -234,7 +245,8 @@ def test_every_policy_commits_each_masked_position_once_in_block_order(policy):
     cs = np.asarray(r.commit_step)
     assert bool(r.done.all()) and not bool((r.tokens == MASK).any())
     assert (cs >= 0).all() and (cs < int(r.num_steps)).all()
-    assert (np.asarray(r.nfe) <= int(r.num_steps)).all() and int(r.num_steps) <= 12 + 4
+    lookahead = 2 if policy == "infogain" else 1  # forwards per step
+    assert (np.asarray(r.nfe) <= lookahead * int(r.num_steps)).all() and int(r.num_steps) <= 12 + 4
     if policy not in ("ete", "adablock"):  # the others never commit past their fixed block
         blocks = cs.reshape(2, 3, 4)
         assert (blocks[:, :-1].max(-1) <= blocks[:, 1:].min(-1)).all()
