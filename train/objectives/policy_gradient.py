@@ -66,7 +66,9 @@ class PolicyGradientArgs(P.PolicyLossConfig):
     - ``entropy_coef``: entropy bonus ``− coef · agg(H_t)`` (current policy, at the rollout temperature).
     - ``cppo_delta_b_adaptive``: per-sequence ``δ_b = clamp(P90(D), δ_b^min, 2 δ_b^min)`` (base models, §6.5)
       with ``δ_b^min = cppo_delta_b_min``; else the fixed ``cppo_delta_b``. CPPO's ``topk_tv``/``topk_kl``
-      divergences read the rollout's ``topk_ids [B, T, K]`` and ``topk_logprobs [B, T, K]``.
+      divergences read the rollout's ``topk_ids [B, T, K]`` and ``topk_logprobs [B, T, K]``, aligned with
+      ``tokens`` like ``old_logprobs`` (position t: μ's top-K of the distribution that sampled token t, at the
+      rollout temperature).
     - ``chunk_size``: tokens per float32 log-softmax chunk.
     """
 
