@@ -120,7 +120,7 @@ def speckv_examples(target, drafter, prompt, prompt_valid, *, max_new_tokens: in
             g = int(choice.choice(candidates))
             span = slice(t, min(t + g, lengths[b]))
             nacc = int(np.cumprod(match[b, span]).sum())
-            if prev is not None:
+            if prev is not None and t + g <= lengths[b]:  # rounds cut by the response end are not recorded
                 inputs.append(list(prev) + [comp_enc, g])
                 rate.append(nacc / g)
             e, c = ent[b, span], conf[b, span]
