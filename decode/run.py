@@ -1,8 +1,8 @@
 """``jaxtok decode``: decode held-out prompts of the configured task with a trained model.
 
 Writes ``results.json`` (exact match, generated tokens, tokens/s — steady state: the first batch is run once
-untimed to compile, ``compile_s`` — and the method's own metrics), ``results.md`` (sample completions) into the run directory, and
-prints a table. Methods (one function each in :data:`METHODS`, same signature, so a new one is one entry):
+untimed to compile, ``compile_s`` — and the method's own metrics) and ``results.md`` (sample completions) into
+the run directory, and prints a table. Methods (one function each in :data:`METHODS`, same signature, so a new one is one entry):
 
 - ``greedy`` / ``sample``: autoregressive, :func:`jaxtok.decode.generate`;
 - ``speculative``: :func:`jaxtok.decode.speculative.speculative_generate` with the target ``model.init_from`` and
@@ -218,7 +218,8 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
             if len(rows) < 16:
                 rows.append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": bool(ok)})
     results = {"method": cfg.decode.method, "exact_match": hits / max(total, 1), "num_examples": total,
-               "generated_tokens": n_tok, "tokens_per_s": n_tok / max(wall, 1e-9), "wall_s": wall, "compile_s": compile_s}
+               "generated_tokens": n_tok, "tokens_per_s": n_tok / max(wall, 1e-9), "wall_s": wall,
+               "compile_s": compile_s}
     if cfg.decode.method == "speculative":
         results["policy"] = cfg.decode.policy or "fixed"
         results["draft_len"] = cfg.decode.draft_len

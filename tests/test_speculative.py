@@ -262,7 +262,7 @@ def test_speckv_features_and_choice():
                        confidence=jnp.array([[0.8, 0.4, 0.0], [0.5, 0.5, 0.5]]),
                        valid=jnp.array([[True, True, False], [False, False, False]]))
     np.testing.assert_allclose(dp.speckv_features(st), [[2.0, 0.6, 3.0, 0.4], [0.0, 0.0, 0.0, 0.0]], rtol=1e-6)
-    # argmax_γ a(γ)·γ + 1: 0.9·2=1.8, 0.6·4=2.4, 0.3·6=1.8, 0.1·8=0.8 -> γ=4 ; all zero -> first (ties: smaller)
+    # argmax_γ a(γ)·γ + 1: 0.9·2=1.8, 0.6·4=2.4, 0.3·6=1.8, 0.1·8=0.8 -> γ=4; all zero -> first (ties: smaller)
     pred = jnp.array([[0.9, 0.6, 0.3, 0.1], [0.0, 0.0, 0.0, 0.0]])
     np.testing.assert_array_equal(dp.speckv_choose(pred, (2, 4, 6, 8)), [4, 2])
     x = dp.speckv_inputs(jnp.ones((1, 4)), (2, 4), comp_enc=1)
