@@ -2,7 +2,8 @@
 
 Writes ``results.json`` (exact match, generated tokens, tokens/s — steady state: the first batch is run once
 untimed to compile, ``compile_s`` — and the method's own metrics) and ``results.md`` (sample completions) into
-the run directory, and prints a table. Methods (one function each in :data:`METHODS`, same signature, so a new one is one entry):
+the run directory, and prints a table. Methods (one builder each in :data:`METHODS`, same signature, so a new
+method is one entry):
 
 - ``greedy`` / ``sample``: autoregressive, :func:`jaxtok.decode.generate`;
 - ``speculative``: :func:`jaxtok.decode.speculative.speculative_generate` with the target ``model.init_from`` and
