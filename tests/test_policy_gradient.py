@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxtok import mesh as M
 from jaxtok.models import Decoder, presets
 from jaxtok.registry import OBJECTIVES, ConfigError
 from jaxtok.train.objectives import policy_gradient as PG
@@ -321,15 +322,16 @@ def test_one_sgd_step_moves_log_probs_by_advantage_sign(model):
 
 def test_micro_batches_match_one_batch_with_host_advantages(model):
     """seq-mean-token-mean counts sequences: with whole-batch advantages merged on the host, two interleaved
-    micro-batches give the same step as one batch."""
+    micro-batches on a 2-device mesh give the loss, count and gradient of one unsharded full batch."""
     batch = rollout_batch(model, [1, 0, 0.5, 0], comp_lens=[4, 1, 3, 2], old_noise=0.2)
     args = PG.PolicyGradientArgs(loss_mode="grpo", dynamic_sampling=True)
     batch.update(PG.host_advantages(batch, args))
     loss_fn = lambda m, b, rng: PG.policy_gradient_loss(m, b, rng, args)  # noqa: E731
     opt = optax.sgd(0.1)
-    _, state = init_train_state(model, opt)
-    step = make_train_step(model, opt, loss_fn, micro_batches=2, donate=False)
-    _, metrics = step(state, batch)
+    mesh = M.make_mesh(2, 1, 1, devices=jax.devices()[:2])  # and the batch sharded over two data shards
+    _, state = init_train_state(model, opt, mesh=mesh)
+    step = make_train_step(model, opt, loss_fn, mesh=mesh, micro_batches=2, donate=False)
+    _, metrics = step(state, M.put_batch(batch, mesh))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
