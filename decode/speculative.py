@@ -157,6 +157,7 @@ class Drafter:
     ``draft(state, ctx, policy) -> Draft``, ``has_hidden`` (whether ``policy.after`` gets hidden states)."""
 
     has_hidden = False
+    prefill_forwards = 0  # batched forwards spent by ``init``
     vocab_size: int
 
     def init(self, seq, seq_valid, prefill_len: int, capacity: int):
@@ -171,6 +172,7 @@ class ModelDrafter(Drafter):
     graphdef: Any = dataclasses.field(metadata=dict(static=True))
     state: Any
     has_hidden = True
+    prefill_forwards = 1
 
     @classmethod
     def of(cls, model: nnx.Module) -> "ModelDrafter":
@@ -356,6 +358,10 @@ class RoutedDrafter(Drafter):
     def has_hidden(self) -> bool:
         return all(d.has_hidden for d in self.drafters)
 
+    @property
+    def prefill_forwards(self) -> int:
+        return sum(d.prefill_forwards for d in self.drafters)
+
     def init(self, seq, seq_valid, prefill_len, capacity):
         return tuple(d.init(seq, seq_valid, prefill_len, capacity) for d in self.drafters)
 
@@ -491,7 +497,7 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
     done = jnp.any(first[:, None] == stop[None, :], axis=-1)
     count = jnp.ones((b,), jnp.int32)
     dstate = drafter.init(seq, seq_valid, w + p, s)
-    draft_prefill = jnp.int32(0 if isinstance(drafter, (NgramDrafter, DeerDrafter)) else 1)
+    draft_prefill = jnp.int32(drafter.prefill_forwards)
 
     state = {
         "round": jnp.int32(0), "seq": seq, "seq_valid": seq_valid, "count": count, "done": done,
@@ -669,8 +675,7 @@ def speculative_generate(
     _check_length("target", target.cfg, p, int(max_new_tokens), int(draft_len))
     for d in (drafter.drafters if isinstance(drafter, RoutedDrafter) else (drafter,)):
         if isinstance(d, (ModelDrafter, DeerDrafter)):
-            _check_length("drafter", _cfg_of(d.graphdef, d.state), p + int(draft_len) + 1, int(max_new_tokens),
-                          int(draft_len))
+            _check_length("drafter", _cfg_of(d.graphdef, d.state), p, int(max_new_tokens), int(draft_len))
     params = _sampling_params(b, temperature, top_k, top_p, min_p)
     prompt_valid = jnp.asarray(prompt_valid, bool)
     prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
@@ -751,6 +756,7 @@ def _ead_jit(small_graphdef, small_state, large_graphdef, large_state, prompt, p
         return model(seq[:, :p - 1], valid=seq_valid[:, :p - 1], cache=cache, return_logits=False).cache
 
     w = args.window
+    vocab = nnx.merge(small_graphdef, small_state).cfg.vocab_size
     st = {
         "seq": seq, "seq_valid": seq_valid, "count": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
         "finished": jnp.zeros((b,), bool), "small": prefill(small_graphdef, small_state),
@@ -767,7 +773,7 @@ def _ead_jit(small_graphdef, small_state, large_graphdef, large_state, prompt, p
         n = p + st["count"]
         use_l = live & st["mode"]
         use_s = live & ~st["mode"]
-        zeros = jnp.zeros((b, prompt_vocab), jnp.float32)
+        zeros = jnp.zeros((b, vocab), jnp.float32)
 
         def run(graphdef, state, cache, use):
             return jax.lax.cond(
@@ -798,7 +804,6 @@ def _ead_jit(small_graphdef, small_state, large_graphdef, large_state, prompt, p
             "from_large": _rows_write(st["from_large"], use_l[:, None], st["count"]),
         }
 
-    prompt_vocab = nnx.merge(small_graphdef, small_state).cfg.vocab_size
     st = jax.lax.while_loop(cond, body, st)
     valid = jnp.arange(n_new)[None, :] < st["count"][:, None]
     return EADResult(tokens=jnp.where(valid, st["seq"][:, p:p + n_new], pad_id), valid=valid, lengths=st["count"],

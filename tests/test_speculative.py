@@ -172,6 +172,8 @@ def test_identical_drafter_accepts_everything(models):
     np.testing.assert_array_equal(np.asarray(out.accepted)[~stopped], G)
     np.testing.assert_allclose(out.acceptance_rate_by_position, 1.0)
     assert out.mean_accepted_length > 2.0
+    # prefill + one verification; drafter: prefill + re-feed chunk + γ-1 single-token steps
+    assert int(out.target_forwards) == 2 and int(out.draft_forwards) == 1 + G
 
 
 def naive_greedy(model, prompt, valid, prefix, n):
