@@ -52,7 +52,7 @@ from jaxtok import select as sel
 from jaxtok import stats
 from jaxtok.registry import OBJECTIVES, SELECTIONS, ConfigError
 from jaxtok.stats import chunked_map
-from jaxtok.train.objectives.policy_gradient import require_keys, sequence_advantages
+from jaxtok.train.objectives.policy_gradient import require_keys, rollout_token_stats, sequence_advantages
 
 __all__ = [
     "OPD_LOSSES", "SAMPLED_WEIGHTS", "OPDArgs", "opd_token_loss", "reward_weights", "selection_weights", "opd_loss",
@@ -77,7 +77,7 @@ def _choice(name, value, allowed):
 
 def _shifted(batch: dict):
     """``targets [B, T-1]`` int32, ``mask [B, T-1]`` bool, ``tau [B, T-1]`` f32 (the rollout temperature)."""
-    tokens = batch["tokens"]
+    tokens = jnp.asarray(batch["tokens"])
     B, T = tokens.shape
     tau = jnp.broadcast_to(jnp.asarray(batch.get("temperature", 1.0), _F32), (B,))
     return (tokens[:, 1:].astype(jnp.int32), jnp.asarray(batch["loss_mask"], bool)[:, 1:],
@@ -380,31 +380,40 @@ def trace_lambda(step, kl_weight: float = 0.5, hold_steps: int = 10, decay_steps
     return jnp.asarray(kl_weight, _F32) * jnp.where(k >= hold_steps + decay_steps, 0.0, lam)
 
 
-def _trace_stats(model, teacher, batch, lam, args: TraceArgs):
-    """``logp [B, T]`` (aligned with tokens, column 0 is 0, as ``rollout_token_stats``) and the clipped
-    ``fkl``/``rkl`` to the teacher ``[B, T]``; the teacher forward runs only when ``λ > 0``."""
+def _span_kl(model, teacher, batch, args: TraceArgs):
+    """Clipped ``fkl``/``rkl`` of the student to the teacher ``[B, T]`` (aligned with tokens, column 0 is 0)."""
     y, _, tau = _shifted(batch)
     hs = _hidden(model, batch)  # [B, T-1, D]
-    s_head = _head(model)
-    t_graph, t_state = nnx.split(teacher)
-    width = teacher.cfg.hidden_size
+    ht = jax.lax.stop_gradient(_hidden(teacher, batch))
+    s_head, t_head = _head(model), _head(teacher)
 
-    def teacher_hidden(_):
-        return jax.lax.stop_gradient(_hidden(nnx.merge(t_graph, t_state), batch)).astype(hs.dtype)
-
-    ht = jax.lax.cond(lam > 0, teacher_hidden, lambda _: jnp.zeros(hs.shape[:2] + (width,), hs.dtype), None)
-
-    def one(c):  # the GRPO log-prob exactly as policy_gradient.rollout_token_stats computes it
-        logits = s_head(c["hs"]).astype(_F32)  # [C, V]
-        tau_c = jnp.where(c["tau"] > 0, c["tau"], 1.0)
-        lp_s = jax.nn.log_softmax(logits / tau_c[:, None], axis=-1)
-        lp_t = stats.log_probs(jax.lax.stop_gradient(_scaled(nnx.merge(t_graph, t_state).logits(c["ht"]), c["tau"])))
-        return {"logp": jnp.take_along_axis(lp_s, c["y"][:, None], axis=-1)[:, 0],
-                "fkl": stats.divergence_from_log_probs("forward_kl", lp_s, lp_t, clip=args.token_clip),
+    def one(c):
+        lp_s = stats.log_probs(_scaled(s_head(c["hs"]), c["tau"]))  # [C, V]
+        lp_t = stats.log_probs(jax.lax.stop_gradient(_scaled(t_head(c["ht"]), c["tau"])))
+        return {"fkl": stats.divergence_from_log_probs("forward_kl", lp_s, lp_t, clip=args.token_clip),
                 "rkl": stats.divergence_from_log_probs("reverse_kl", lp_s, lp_t, clip=args.token_clip)}
 
-    out = chunked_map(one, {"hs": hs, "ht": ht, "y": y, "tau": tau}, chunk_size=args.chunk_size, token_ndim=2)
+    out = chunked_map(one, {"hs": hs, "ht": ht, "tau": tau}, chunk_size=args.chunk_size, token_ndim=2)
     return jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1), out)
+
+
+def _trace_stats(model, teacher, batch, lam, args: TraceArgs):
+    """``logp [B, T]`` of the sampled tokens by :func:`policy_gradient.rollout_token_stats` (the GRPO path, so
+    λ = 0 is exactly GRPO) and the span KLs, computed under ``lax.cond(λ > 0)``: once λ reaches 0 the teacher
+    and the KL forward are skipped (§3). While λ > 0 the student runs twice (GRPO log-probs, KL)."""
+    logp = rollout_token_stats(model, batch, chunk_size=args.chunk_size, with_entropy=False)["logp"]
+    s_graph, s_state = nnx.split(model)
+    t_graph, t_state = nnx.split(teacher)
+    shape = jnp.shape(batch["tokens"])
+
+    def with_kl(states):
+        return _span_kl(nnx.merge(s_graph, states[0]), nnx.merge(t_graph, states[1]), batch, args)
+
+    def without(states):
+        return {"fkl": jnp.zeros(shape, _F32), "rkl": jnp.zeros(shape, _F32)}
+
+    kl = jax.lax.cond(lam > 0, with_kl, without, (s_state, t_state))
+    return {"logp": logp, **kl}
 
 
 # -- rule-based annotator for the synthetic tasks (the entry's ``prepare`` hook) ---------------------------------
