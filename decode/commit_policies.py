@@ -23,7 +23,7 @@ cap. Terminators (``spec.stop_ids``: ``<eos>`` and the Rainbow pads) are EOS-cla
 Entry meta: ``scheduled`` (the block is decoded in ``steps_per_block`` steps), ``init_state(B, N)``,
 ``block_rule`` (adaptive block length, AdaBlock), ``heads`` (names of required learned modules), ``lookahead``
 (the loop passes ``heads["lookahead"](pos [B, C], tok [B, C]) -> logits [B, C, N, V]``: one batched forward of C
-copies of the current state, each with one more token committed).
+copies of the current state, each with one more token committed), ``needs_hidden`` (``info.hidden`` is filled).
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class StepInfo:
     block_masks: jax.Array
     step: jax.Array
     keys: jax.Array
+    hidden: Optional[jax.Array] = None  # [B, N, D] final-normed hidden states (policies with meta needs_hidden)
 
 
 @jax.tree_util.register_dataclass
@@ -123,10 +124,11 @@ class Decision:
 
 
 def register(name: str, args_cls, *, scheduled: bool = False, init_state=None, block_rule=None, heads=(),
-             lookahead: bool = False):
+             lookahead: bool = False, needs_hidden: bool = False):
     """``@register("threshold", ThresholdArgs)``: a commit policy with its loop meta (module docstring)."""
     return COMMIT_POLICIES.register(name, args_cls, scheduled=scheduled, init_state=init_state,
-                                    block_rule=block_rule, heads=tuple(heads), lookahead=lookahead)
+                                    block_rule=block_rule, heads=tuple(heads), lookahead=lookahead,
+                                    needs_hidden=needs_hidden)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -521,6 +523,55 @@ def learn2pd(info: StepInfo, args: Learn2PDArgs, state, spec: LoopSpec, heads=No
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# B17 TraceLock
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceLockArgs(SamplerArgs):
+    """``threshold`` on the controller's dynamic-threshold probability (reference 0.99); ``max_accept`` cap on
+    threshold commits per step (4); ``window`` positions from the first mask the controller sees (128). Needs
+    ``heads={"controller": TraceController(in_features=hidden_size + 1)}``; features are the backbone's hidden state
+    and the proposal's confidence at every generated position, state ids LOCKED (1) / GEN (2) / EOT (3)."""
+
+    threshold: float = 0.99
+    max_accept: int = 4
+    window: int = 128
+
+
+def tracelock_inputs(info: StepInfo, window: int):
+    """Controller inputs over the generated positions: ``features [B, N, D+1]`` (hidden, confidence), ``state_ids``
+    and ``valid`` (the window ``[first mask, first mask + window)``)."""
+    n = info.conf.shape[-1]
+    idx = jnp.arange(n)[None, :]
+    first = first_true_index(info.masked)[:, None]
+    valid = (idx >= first) & (idx < first + window)
+    conf = jnp.where(info.masked, info.conf, 1.0)
+    feats = jnp.concatenate([info.hidden.astype(jnp.float32), conf[..., None]], axis=-1)
+    states = jnp.where(info.masked, 2, jnp.where(info.is_stop, 3, 1)).astype(jnp.int32)
+    return feats, states, valid
+
+
+@register("tracelock", TraceLockArgs, scheduled=True, heads=("controller",), needs_hidden=True)
+def tracelock(info: StepInfo, args: TraceLockArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """TraceLock (§B17): ``prob = sigmoid(logit − threshold_logit)`` of the controller over the window; commit the
+    scheduled top-k by ``prob`` (LLaDA schedule) plus up to ``max_accept`` positions with ``prob >= threshold``
+    (never a terminator: the reference suppresses controller-driven EOS/PAD commits), inside the active block; the
+    top-1 if nothing is selected. Tokens are the proposals ``x0``."""
+    feats, states, valid = tracelock_inputs(info, args.window)
+    out = heads["controller"](feats, states, valid)
+    prob = jax.nn.sigmoid(out.commit_logits)  # [B, N]
+    pool = info.eligible & valid
+    k = scheduled_k(info, spec, num_transfer_tokens(info.block_masks, spec.steps_per_block, info.block_step))
+    sched = topk_mask(prob, k, pool)
+    thresh = topk_mask(prob, args.max_accept, pool & (prob >= args.threshold) & ~info.is_stop)
+    commit = sched | thresh
+    fallback = ~jnp.any(commit, -1, keepdims=True) & topk_mask(prob, 1, pool)
+    return Decision(commit | fallback | (top1(prob, info.eligible) & ~jnp.any(pool, -1, keepdims=True)), info.x0,
+                    state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # B15 Info-Gain
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -588,5 +639,5 @@ __all__ = [
     "SamplerArgs", "LoopSpec", "StepInfo", "Decision", "register", "num_transfer_tokens", "top1", "threshold_commit",
     "factor_commit", "logit_gap", "adablock_end", "ass_schedule", "eos_scaled", "row_uniform", "block_features",
     "scatter_block", "LLaDAArgs", "ThresholdArgs", "FactorArgs", "ProphetArgs", "AdaBlockArgs", "EOSERArgs",
-    "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs",
+    "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs", "TraceLockArgs",
 ]

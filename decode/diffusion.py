@@ -170,6 +170,8 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
     nb_max = math.ceil(n / spec.block_len) + 1
     cap = max(n, nb_max * spec.steps_per_block) + nb_max
 
+    needs_hidden = bool(entry.meta.get("needs_hidden"))
+
     def forward_full(x):
         model = nnx.merge(graphdef, model_state)
         if args.cfg_scale > 0:  # LLaDA unsupervised CFG: un-conditional = prompt replaced by masks
@@ -178,6 +180,10 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
                         attention=attention, block_size=block_size, logits_at=jnp.concatenate([gen_cols, gen_cols]))
             cond, uncond = out.logits[:b], out.logits[b:]
             return uncond + (args.cfg_scale + 1.0) * (cond - uncond)
+        if needs_hidden:
+            out = model(x, valid=full_valid, attention=attention, block_size=block_size, logits_at=gen_cols,
+                        return_hidden=True)
+            return out.logits, out.hidden[:, p:]
         return model(x, valid=full_valid, attention=attention, block_size=block_size, logits_at=gen_cols).logits
 
     bs = block_size or 1
@@ -288,6 +294,9 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
             s = dataclasses.replace(s, cache=cache, base=base, cached_kb=cached_kb)
         else:
             logits = forward_full(s.x)
+        hidden = None
+        if needs_hidden:
+            logits, hidden = logits
         logits = logits.at[..., mask].set(-jnp.inf)  # the mask token is never a proposal
         x0 = sample_x0(logits, keys, temperature)
         conf = confidence(logits, x0)
@@ -296,7 +305,7 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
         def info_of(st, eligible):
             return StepInfo(logits=logits, x0=x0, conf=conf, eligible=eligible, masked=masked, is_stop=is_stop,
                             lo=st.lo, hi=st.hi, block_step=st.block_step, block_masks=st.block_masks, step=st.step,
-                            keys=keys)
+                            keys=keys, hidden=hidden)
 
         if block_rule is not None:
             s = set_blocks(s, masked, new, start, block_rule(info_of(s, masked), args, start, spec))
@@ -424,8 +433,11 @@ def diffusion_generate(
                 raise ValueError(f"{name}: id {t!r} is outside the vocabulary [0, {cfg.vocab_size})")
     if mask_id in tuple(stop_tokens) or mask_id == pad_id:
         raise ValueError(f"mask_id={mask_id} must differ from pad_id={pad_id} and stop_tokens={tuple(stop_tokens)}")
-    if args.cache != "none" and entry.meta.get("lookahead"):
-        raise ConfigError(f"policy {policy!r} runs lookahead forwards of the whole sequence: use cache='none'")
+    if args.cache != "none" and (entry.meta.get("lookahead") or entry.meta.get("needs_hidden")):
+        raise ConfigError(f"policy {policy!r} reads full-sequence forwards (lookahead / hidden states): use "
+                          f"cache='none'")
+    if args.cfg_scale > 0 and entry.meta.get("needs_hidden"):
+        raise ConfigError(f"policy {policy!r} reads hidden states: cfg_scale must be 0, got {args.cfg_scale}")
     if args.cache != "none" and (args.cfg_scale > 0 or args.shift_logits or cfg.shift_logits):
         raise ConfigError(f"policy_args.cache={args.cache!r} does not support cfg_scale or shifted logits "
                           f"(cfg_scale={args.cfg_scale}, shift_logits={args.shift_logits or cfg.shift_logits})")

@@ -15,7 +15,7 @@ from flax import nnx
 from jaxtok.decode import commit_policies as cp
 from jaxtok.decode.diffusion import diffusion_generate, trajectory_state
 from jaxtok.models import Decoder, DecoderOutput, presets
-from jaxtok.models.heads import FilterHead
+from jaxtok.models.heads import FilterHead, TraceController
 from jaxtok.registry import COMMIT_POLICIES, ConfigError
 
 V = 61
@@ -31,7 +31,8 @@ class Scripted(nnx.Module):
         self.prompt_len = prompt_len
 
     def __call__(self, tokens, *, logits_at=None, **kw):
-        return DecoderOutput(logits=self.table[...][logits_at - self.prompt_len], hidden=None, cache=None)
+        hidden = jnp.zeros(tokens.shape + (16,)) + tokens[..., None] / V  # [B, L, 16] for TraceLock's features
+        return DecoderOutput(logits=self.table[...][logits_at - self.prompt_len], hidden=hidden, cache=None)
 
 
 def script(tokens, confs):
@@ -228,15 +229,26 @@ def test_infogain_limits():
     assert fill.nfe.tolist() == [2, 2] and np.ptp(np.asarray(fill.commit_step).reshape(2, 2, 4), -1).max() == 0
 
 
+def test_tracelock_limits():
+    model = Scripted(np.random.default_rng(4).normal(0.0, 3.0, (8, V)), 3)
+    ctrl = TraceController(17, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
+    kw = dict(block_len=8, heads={"controller": ctrl}, policy_args={"stop_early": False})
+    ctrl.threshold.bias[...] = jnp.full((1,), 1e4)  # prob 0 everywhere: scheduled top-1 by index, left to right
+    np.testing.assert_array_equal(run(model, "tracelock", 8, **kw).commit_step, [list(range(8))] * 2)
+    ctrl.threshold.bias[...] = jnp.full((1,), -1e4)  # prob 1 everywhere: the cap of 4 threshold commits per step
+    np.testing.assert_array_equal(run(model, "tracelock", 8, **kw).commit_step, [[0] * 4 + [1] * 4] * 2)
+
+
 def test_ass_takes_log2_steps(decoder):
     r = run(decoder, "ass", 8, block_len=8, policy_args={"stop_early": False})
     assert int(r.num_steps) == 3 and r.nfe.tolist() == [3, 3]  # 1 + 2 + 5
 
 
 @pytest.mark.parametrize("policy", ["llada", "threshold", "factor", "prophet", "adablock", "eoser", "ass", "ete",
-                                    "bacd", "learn2pd", "infogain"])
+                                    "bacd", "learn2pd", "infogain", "tracelock"])
 def test_every_policy_commits_each_masked_position_once_in_block_order(policy):
-    heads = {"filter": FilterHead(block_size=4, hidden=8, rngs=nnx.Rngs(0))}
+    heads = {"filter": FilterHead(block_size=4, hidden=8, rngs=nnx.Rngs(0)),
+             "controller": TraceController(17, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))}
     args = {"stop_early": False, "block_len": 4}
     if policy == "learn2pd":
         args["eot"] = False
