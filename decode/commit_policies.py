@@ -23,7 +23,9 @@ cap. Terminators (``spec.stop_ids``: ``<eos>`` and the Rainbow pads) are EOS-cla
 Entry meta: ``scheduled`` (the block is decoded in ``steps_per_block`` steps), ``init_state(B, N)``,
 ``block_rule`` (adaptive block length, AdaBlock), ``heads`` (names of required learned modules), ``lookahead``
 (the loop passes ``heads["lookahead"](pos [B, C], tok [B, C]) -> logits [B, C, N, V]``: one batched forward of C
-copies of the current state, each with one more token committed), ``needs_hidden`` (``info.hidden`` is filled).
+copies of the current state, each with one more token committed), ``needs_hidden`` (``info.hidden`` is filled),
+``verifier`` (``heads["verify"](drafts [B, N], start [B]) -> logits [B, K, V]``: the same model in AR mode —
+causal attention, i.e. block size 1 — predicting generation index ``start + c`` with the drafts filled before it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtok.registry import COMMIT_POLICIES
-from jaxtok.sampling import count_leading_true, first_true_index, gumbel_argmax, topk_mask
+from jaxtok.sampling import count_leading_true, first_true_index, gumbel_argmax, residual_distribution, topk_mask
 
 _DEPRIORITISE = 2.0  # subtracted from a confidence in [0, 1] to rank it below every other, staying finite
 
@@ -84,6 +86,7 @@ class LoopSpec:
     steps_per_block: int
     stop_ids: tuple[int, ...]
     mask_id: int
+    temperature: float = 0.0
 
 
 @jax.tree_util.register_dataclass
@@ -124,11 +127,11 @@ class Decision:
 
 
 def register(name: str, args_cls, *, scheduled: bool = False, init_state=None, block_rule=None, heads=(),
-             lookahead: bool = False, needs_hidden: bool = False):
+             lookahead: bool = False, needs_hidden: bool = False, verifier: bool = False):
     """``@register("threshold", ThresholdArgs)``: a commit policy with its loop meta (module docstring)."""
     return COMMIT_POLICIES.register(name, args_cls, scheduled=scheduled, init_state=init_state,
                                     block_rule=block_rule, heads=tuple(heads), lookahead=lookahead,
-                                    needs_hidden=needs_hidden)
+                                    needs_hidden=needs_hidden, verifier=verifier)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -572,6 +575,76 @@ def tracelock(info: StepInfo, args: TraceLockArgs, state, spec: LoopSpec, heads=
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# B13 S2D2
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class S2D2Args(SamplerArgs):
+    """``min_span``: verify when the first masked span of the block is at least this long (routing
+    ``mask_span_length``; 1 = always); ``kappa``: ratio tempering ``min(1, (q/p)^κ)`` (1 = lossless);
+    ``threshold`` τ_c of the ``low_confidence_dynamic`` fallback (SDAR config 0.85)."""
+
+    min_span: int = 1
+    kappa: float = 1.0
+    threshold: float = 0.85
+
+
+def _tempered_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
+    t = temperature if temperature > 0 else 1.0
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+
+
+@register("s2d2", S2D2Args, scheduled=True, verifier=True)
+def s2d2(info: StepInfo, args: S2D2Args, state, spec: LoopSpec, heads=None) -> Decision:
+    """S2D2 (§B13): the block's drafts ``x0 ~ p`` (diffusion mode) on the first contiguous masked span are verified
+    by the same model in AR mode (``q``, one batched forward): draft j is accepted with probability
+    ``min(1, (q_j(d_j)/p_j(d_j))^κ)`` while all earlier ones were; at the first rejection the token is resampled
+    from ``normalize(max(0, q − p))`` (A1). With κ = 1 and T > 0 every verified position is distributed as ``q``.
+    If fewer than the scheduled ``k`` tokens were committed, the rest come from the ``low_confidence_dynamic``
+    rule (all eligible with confidence > τ_c if at least k of them, else the top-k)."""
+    n, kb = spec.gen_len, spec.block_len
+    idx = jnp.arange(n)[None, :]
+    start = first_true_index(info.eligible)  # [B]
+    rel = idx - start[:, None]
+    run = count_leading_true(jnp.take_along_axis(info.eligible, jnp.clip(start[:, None] + jnp.arange(kb)[None, :],
+                                                                          0, n - 1), axis=1)
+                             & (start[:, None] + jnp.arange(kb)[None, :] < n))  # [B] span length
+    verify = (run >= args.min_span) & (run > 0)
+    logp = _tempered_log_probs(info.logits, spec.temperature)  # draft distribution p (what x0 was drawn from)
+    q_logits = jax.lax.cond(jnp.any(verify), lambda: heads["verify"](info.x0, start),
+                            lambda: jnp.zeros((info.x0.shape[0], kb) + info.logits.shape[-1:], jnp.float32))
+    logq = _tempered_log_probs(q_logits, spec.temperature)  # [B, K, V]
+    cols = jnp.clip(start[:, None] + jnp.arange(kb)[None, :], 0, n - 1)  # [B, K]
+    d = jnp.take_along_axis(info.x0, cols, axis=1)  # [B, K] drafts on the span
+    logp_k = jnp.take_along_axis(logp, cols[..., None], axis=1)  # [B, K, V]
+    lp_d = jnp.take_along_axis(logp_k, d[..., None], -1)[..., 0]
+    lq_d = jnp.take_along_axis(logq, d[..., None], -1)[..., 0]
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 4), (kb,)))(info.keys)
+    in_span = jnp.arange(kb)[None, :] < run[:, None]
+    accept = in_span & (jnp.log(jnp.maximum(u, 1e-30)) < args.kappa * (lq_d - lp_d))
+    n_acc = count_leading_true(accept)  # [B]
+    rejected = verify & (n_acc < run)
+    at = jnp.clip(n_acc, 0, kb - 1)[:, None]
+    p_rej = jnp.exp(jnp.take_along_axis(logp_k, at[..., None], axis=1)[:, 0])  # [B, V]
+    q_rej = jnp.exp(jnp.take_along_axis(logq, at[..., None], axis=1)[:, 0])
+    key = jax.vmap(lambda k: jax.random.fold_in(k, 5))(info.keys)
+    fix = jax.vmap(gumbel_argmax)(key, jnp.log(residual_distribution(q_rej, p_rej)))  # [B]
+    verified = verify[:, None] & info.eligible & (rel >= 0) & (rel < n_acc[:, None])
+    fixed = rejected[:, None] & (rel == n_acc[:, None])
+    x0 = jnp.where(fixed, fix[:, None], info.x0)
+    commit = verified | fixed
+    k = scheduled_k(info, spec, num_transfer_tokens(info.block_masks, spec.steps_per_block, info.block_step))
+    short = jnp.maximum(k - jnp.sum(commit, -1), 0)  # [B]
+    rest = info.eligible & ~commit
+    hi_conf = rest & (info.conf > args.threshold)
+    dyn = jnp.where((jnp.sum(hi_conf, -1) >= short)[:, None], hi_conf, topk_mask(info.conf, short, rest))
+    commit = commit | (dyn & (short > 0)[:, None])
+    commit = commit | (top1(info.conf, info.eligible) & ~jnp.any(commit, -1, keepdims=True))
+    return Decision(commit, x0, state, nfe=verify.astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # B15 Info-Gain
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -639,5 +712,5 @@ __all__ = [
     "SamplerArgs", "LoopSpec", "StepInfo", "Decision", "register", "num_transfer_tokens", "top1", "threshold_commit",
     "factor_commit", "logit_gap", "adablock_end", "ass_schedule", "eos_scaled", "row_uniform", "block_features",
     "scatter_block", "LLaDAArgs", "ThresholdArgs", "FactorArgs", "ProphetArgs", "AdaBlockArgs", "EOSERArgs",
-    "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs", "TraceLockArgs",
+    "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs", "TraceLockArgs", "S2D2Args",
 ]

@@ -262,6 +262,20 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
                                                   block_size=block_size, logits_at=rep(gen_cols)).logits
         return logits.at[..., mask].set(-jnp.inf).reshape(b, c, n, -1)
 
+    def verify_ar(x, drafts, start):
+        """``[B, K, V]``: the model in AR mode (causal attention) predicting generation index ``start + c`` of copy
+        c, whose masked positions before it hold ``drafts`` (one batched forward of K copies)."""
+        kb = spec.block_len
+        c = jnp.arange(kb, dtype=jnp.int32)
+        gen = x[:, p:]
+        filled = jnp.where(gen == mask, drafts, gen)
+        cand = jnp.where(idx[:, None, :] < (start[:, None] + c[None, :])[..., None], filled[:, None], gen[:, None])
+        xs = jnp.concatenate([jnp.broadcast_to(x[:, None, :p], (b, kb, p)), cand], -1).reshape(b * kb, length)
+        at = jnp.clip(p + start[:, None] + c[None, :], 0, length - 1).reshape(b * kb, 1)
+        rep = lambda a: jnp.repeat(a, kb, axis=0)  # noqa: E731
+        logits = nnx.merge(graphdef, model_state)(xs, valid=rep(full_valid), attention="causal", logits_at=at).logits
+        return logits.at[..., mask].set(-jnp.inf).reshape(b, kb, -1)
+
     def body(s: _State) -> _State:
         gen = s.x[:, p:]
         masked = (gen == mask) & ~s.done[:, None]  # [B, N]
@@ -313,6 +327,8 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
         step_heads = heads
         if entry.meta.get("lookahead"):
             step_heads = dict(heads, lookahead=functools.partial(lookahead, s.x))
+        if entry.meta.get("verifier"):
+            step_heads = dict(heads, verify=functools.partial(verify_ar, s.x))
         dec = fn(info_of(s, eligible), args, s.pstate, spec, step_heads)
         if dec.nfe is not None:
             extra_nfe = extra_nfe + dec.nfe * live
@@ -433,7 +449,7 @@ def diffusion_generate(
                 raise ValueError(f"{name}: id {t!r} is outside the vocabulary [0, {cfg.vocab_size})")
     if mask_id in tuple(stop_tokens) or mask_id == pad_id:
         raise ValueError(f"mask_id={mask_id} must differ from pad_id={pad_id} and stop_tokens={tuple(stop_tokens)}")
-    if args.cache != "none" and (entry.meta.get("lookahead") or entry.meta.get("needs_hidden")):
+    if args.cache != "none" and any(entry.meta.get(k) for k in ("lookahead", "needs_hidden", "verifier")):
         raise ConfigError(f"policy {policy!r} reads full-sequence forwards (lookahead / hidden states): use "
                           f"cache='none'")
     if args.cfg_scale > 0 and entry.meta.get("needs_hidden"):
@@ -466,7 +482,7 @@ def diffusion_generate(
     total = args.steps or gen_len
     spec = LoopSpec(gen_len=int(gen_len), block_len=int(args.block_len), steps=int(total),
                     steps_per_block=max(1, total // n_blocks), stop_ids=tuple(int(t) for t in stop_tokens),
-                    mask_id=int(mask_id))
+                    mask_id=int(mask_id), temperature=float(temperature))
     graphdef, model_state = nnx.split(model)
     names = tuple(sorted(heads or {}))
     splits = [nnx.split(heads[k]) for k in names]

@@ -239,13 +239,45 @@ def test_tracelock_limits():
     np.testing.assert_array_equal(run(model, "tracelock", 8, **kw).commit_step, [[0] * 4 + [1] * 4] * 2)
 
 
+class TwoMode(Scripted):
+    """Scripted with a different table in AR mode (causal attention): S2D2's verifier q differs from the drafter p."""
+
+    def __init__(self, table, ar_table, prompt_len):
+        super().__init__(table, prompt_len)
+        self.ar_table = nnx.Param(jnp.asarray(ar_table, jnp.float32))
+
+    def __call__(self, tokens, *, logits_at=None, attention="bidirectional", **kw):
+        out = super().__call__(tokens, logits_at=logits_at)
+        if attention == "causal":
+            out = DecoderOutput(logits=self.ar_table[...][logits_at - self.prompt_len], hidden=None, cache=None)
+        return out
+
+
+def test_s2d2_preserves_the_verifier_distribution():
+    p_logits = np.full((1, V), -30.0, np.float32)
+    q_logits = np.full((1, V), -30.0, np.float32)
+    p_logits[0, 20:23] = np.log([0.6, 0.3, 0.1])
+    q_logits[0, 20:23] = np.log([0.2, 0.3, 0.5])
+    model = TwoMode(p_logits, q_logits, 3)
+    rows = 3000
+    prompt, valid = np.repeat(PROMPT[1:], rows, 0), np.repeat(PVALID[1:], rows, 0)
+    r = diffusion_generate(model, prompt, valid, gen_len=1, policy="s2d2", block_len=1, temperature=1.0,
+                           rng=jax.random.key(0), stop_tokens=(2,))
+    counts = np.bincount(np.asarray(r.tokens[:, 0]) - 20, minlength=3)[:3]
+    assert counts.sum() == rows
+    chi2 = lambda probs: float(np.sum((counts - rows * np.array(probs)) ** 2 / (rows * np.array(probs))))  # noqa
+    assert chi2([0.2, 0.3, 0.5]) < 13.8  # q: accepted (chi2, 2 dof, p = 0.001)
+    assert chi2([0.6, 0.3, 0.1]) > 100  # not the drafter's p
+    assert r.nfe.tolist() == [2] * rows  # draft forward + verify forward
+
+
 def test_ass_takes_log2_steps(decoder):
     r = run(decoder, "ass", 8, block_len=8, policy_args={"stop_early": False})
     assert int(r.num_steps) == 3 and r.nfe.tolist() == [3, 3]  # 1 + 2 + 5
 
 
 @pytest.mark.parametrize("policy", ["llada", "threshold", "factor", "prophet", "adablock", "eoser", "ass", "ete",
-                                    "bacd", "learn2pd", "infogain", "tracelock"])
+                                    "bacd", "learn2pd", "infogain", "tracelock", "s2d2"])
 def test_every_policy_commits_each_masked_position_once_in_block_order(policy):
     heads = {"filter": FilterHead(block_size=4, hidden=8, rngs=nnx.Rngs(0)),
              "controller": TraceController(17, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))}
@@ -257,7 +289,7 @@ def test_every_policy_commits_each_masked_position_once_in_block_order(policy):
     cs = np.asarray(r.commit_step)
     assert bool(r.done.all()) and not bool((r.tokens == MASK).any())
     assert (cs >= 0).all() and (cs < int(r.num_steps)).all()
-    lookahead = 2 if policy == "infogain" else 1  # forwards per step
+    lookahead = 2 if policy in ("infogain", "s2d2") else 1  # forwards per step
     assert (np.asarray(r.nfe) <= lookahead * int(r.num_steps)).all() and int(r.num_steps) <= 12 + 4
     if policy not in ("ete", "adablock"):  # the others never commit past their fixed block
         blocks = cs.reshape(2, 3, 4)
