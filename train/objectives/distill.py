@@ -401,7 +401,7 @@ def _trace_stats(model, teacher, batch, lam, args: TraceArgs):
     """``logp [B, T]`` of the sampled tokens by :func:`policy_gradient.rollout_token_stats` (the GRPO path, so
     λ = 0 is exactly GRPO) and the span KLs, computed under ``lax.cond(λ > 0)``: once λ reaches 0 the teacher
     and the KL forward are skipped (§3). While λ > 0 the student runs twice (GRPO log-probs, KL)."""
-    logp = rollout_token_stats(model, batch, chunk_size=args.chunk_size, with_entropy=False)["logp"]
+    st = rollout_token_stats(model, batch, chunk_size=args.chunk_size)
     s_graph, s_state = nnx.split(model)
     t_graph, t_state = nnx.split(teacher)
     shape = jnp.shape(batch["tokens"])
@@ -413,7 +413,7 @@ def _trace_stats(model, teacher, batch, lam, args: TraceArgs):
         return {"fkl": jnp.zeros(shape, _F32), "rkl": jnp.zeros(shape, _F32)}
 
     kl = jax.lax.cond(lam > 0, with_kl, without, (s_state, t_state))
-    return {"logp": logp, **kl}
+    return {"logp": st["logp"], "entropy": st["entropy"], **kl}
 
 
 # -- rule-based annotator for the synthetic tasks (the entry's ``prepare`` hook) ---------------------------------
@@ -524,8 +524,8 @@ def trace_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: TraceArgs =
 
     adv = sequence_advantages(batch["rewards"], batch["group_ids"], args.advantage_estimator, eps=args.adv_eps)
     ratio = P.token_ratio(st["logp"], batch["old_logprobs"], mask)
-    pg, clipped, _ = P.ppo_clip_loss(ratio, P.broadcast_advantages(adv, mask), args.eps_low, args.eps_high,
-                                     args.dual_clip_c)
+    pg, clipped, _ = P.ppo_clip_loss(ratio, jnp.broadcast_to(adv[:, None], mask.shape), args.eps_low,
+                                     args.eps_high, args.dual_clip_c)
     w0 = max(args.kl_weight, 1e-30)
     w = jnp.where(routed, 1.0 - lam / w0, 1.0)
     pg_sum, count = P.aggregate(w * pg, mask, args.aggregation)
@@ -541,6 +541,7 @@ def trace_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: TraceArgs =
     aux = {"pg_loss": (pg_sum, count), "span_kl": (jnp.sum(kl_rows), jnp.sum(routed.astype(_F32))),
            "kl_lambda": (lam, one), "key_frac": (jnp.sum(key.astype(_F32)), n_tok),
            "error_frac": (jnp.sum(err.astype(_F32)), n_tok), "clip_frac": (jnp.sum(clipped * mask), n_tok),
+           "entropy": (jnp.sum(jax.lax.stop_gradient(st["entropy"]) * mask), n_tok),
            "reward_mean": (jnp.sum(jnp.asarray(batch["rewards"], _F32)), jnp.full((), mask.shape[0], _F32))}
     return loss_sum, count, aux
 
