@@ -500,3 +500,73 @@ def test_configs_validate(name):
         assert cfg.rollout.teacher_init_from
     if "reference" in entry.meta.get("models", ()):
         assert cfg.rollout.reference != "none"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TAD (§5)
+
+M = 3  # mask id of the tiny diffusion preset
+TRAJ = np.array([[M, M, M, M, M],  # step 0: all masked
+                 [M, 7, M, M, M],
+                 [M, 7, M, 9, M],
+                 [5, 7, M, 9, M],
+                 [5, 7, 8, 9, 6]])  # S = 4: final response (the last step reveals two tokens)
+
+
+def test_tad_pairs_near_distant_counts():
+    from jaxtok.train.objectives import tad as TAD
+
+    valid = jnp.ones((1, 5), bool)
+    for i in range(5):
+        x_t, x_tg = TAD.trajectory_pair(TRAJ, i, 0)  # δ = 0: no near token, pure KL
+        part = sel.near_distant(jnp.asarray(x_t)[None], jnp.asarray(x_tg)[None], valid, M)
+        assert int(part.near.sum()) == 0 and int(part.distant.sum()) == int((x_t == M).sum())
+        x_t, x_tg = TAD.trajectory_pair(TRAJ, i, 10)  # δ ≥ S: every masked token is near
+        part = sel.near_distant(jnp.asarray(x_t)[None], jnp.asarray(x_tg)[None], valid, M)
+        assert int(part.distant.sum()) == 0 and int(part.near.sum()) == int((x_t == M).sum())
+        for delta in (1, 2):  # near = tokens revealed between steps i and i+δ
+            x_t, x_tg = TAD.trajectory_pair(TRAJ, i, delta)
+            part = sel.near_distant(jnp.asarray(x_t)[None], jnp.asarray(x_tg)[None], valid, M)
+            assert int(part.near.sum()) == int((x_t == M).sum() - (x_tg == M).sum())
+    with pytest.raises(ValueError, match="step=5"):
+        TAD.trajectory_pair(TRAJ, 5, 1)
+
+
+def test_tad_loss_hand_computed():
+    from jaxtok.train.objectives import tad as TAD
+
+    x_t, x_tg = (jnp.asarray(a)[None] for a in TAD.trajectory_pair(TRAJ, 2, 1))  # near: pos 0; distant: 2, 4
+    s = jax.random.normal(jax.random.key(0), (1, 5, V))
+    t = jax.random.normal(jax.random.key(1), (1, 5, V))
+    valid = jnp.ones((1, 5), bool)
+    args = TAD.TADArgs(ce_weight=1.0, kl_weight=0.5, temperature=2.0)
+    loss, aux = TAD.tad_loss_from_logits(s, t, x_t, x_tg, valid, M, args, chunk_size=3)
+    ce = -jax.nn.log_softmax(s[0, 0])[5]
+    kl = (stats.forward_kl(s[0, 2], t[0, 2], temperature=2.0) + stats.forward_kl(s[0, 4], t[0, 4],
+                                                                                  temperature=2.0)) / 2
+    np.testing.assert_allclose(loss, ce + 0.5 * 4.0 * kl, rtol=1e-5)
+    assert float(aux["near"]) == 1 and float(aux["distant"]) == 2
+    # identical teacher and student: no KL; empty near/distant sets add 0 (no NaN)
+    loss, aux = TAD.tad_loss_from_logits(s, s, x_t, x_tg, valid, M, args)
+    np.testing.assert_allclose(loss, ce, rtol=1e-5)
+    loss, _ = TAD.tad_loss_from_logits(s, t, x_tg, x_tg, jnp.zeros_like(valid), M, args)
+    assert float(loss) == 0.0
+
+
+def test_tad_objective_teacher_equal_student_gives_pure_ce():
+    from jaxtok.train.objectives import tad as TAD
+
+    cfg = presets.get("tiny_diffusion", vocab_size=V, num_layers=1)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    x_t, x_tg = TAD.trajectory_pair(TRAJ, 2, 1)
+    prompt = np.array([[0, 12, 13], [14, 12, 13]], np.int32)  # left-padded plain prompts
+    valid = np.concatenate([prompt > 0, np.ones((2, 5), bool)], 1)
+    tokens = np.concatenate([prompt, np.stack([x_t, x_t])], 1).astype(np.int32)
+    positions = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
+    batch = {"tokens": tokens, "valid": valid, "positions": positions, "teacher_tokens": tokens,
+             "teacher_valid": valid, "teacher_positions": positions, "x_target": np.stack([x_tg, x_tg])}
+    (loss, one, aux, _), = run(TAD.tad_loss, model, batch, [TAD.TADArgs()], grad=False,
+                               teacher=Decoder(cfg, rngs=nnx.Rngs(0)))
+    assert float(one) == 1.0 and float(aux["near"][0]) == 2 and float(aux["distant"][0]) == 4
+    np.testing.assert_allclose(aux["kl"][0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(loss, aux["ce"][0], rtol=1e-6)
