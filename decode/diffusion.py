@@ -43,7 +43,6 @@ import functools
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -55,8 +54,8 @@ from jaxtok.models import KVCache, check_token_ids
 from jaxtok.registry import BENCHES, COMMIT_POLICIES, ConfigError
 from jaxtok.sampling import first_true_index, gumbel_argmax
 
-from . import commit_policies as cp
-from .commit_policies import LoopSpec, SamplerArgs, StepInfo
+from . import commit_policies  # noqa: F401  (registers the policies)
+from .commit_policies import LoopSpec, StepInfo
 
 DEFAULT_MASK_ID = 3
 DEFAULT_STOP_IDS = (2,) + tuple(range(4, 11))  # <eos> and the Rainbow pads <pad_1..7> of the task tokenizer

@@ -274,7 +274,8 @@ def test_s2d2_preserves_the_verifier_distribution():
 
 
 def test_ass_takes_log2_steps():
-    r = run(Scripted(np.random.default_rng(7).normal(0.0, 3.0, (8, V)), 3), "ass", 8, block_len=8, policy_args={"stop_early": False})
+    model = Scripted(np.random.default_rng(7).normal(0.0, 3.0, (8, V)), 3)
+    r = run(model, "ass", 8, block_len=8, policy_args={"stop_early": False})
     assert int(r.num_steps) == 3 and r.nfe.tolist() == [3, 3]  # 1 + 2 + 5
 
 
