@@ -126,14 +126,24 @@ SEL_VS_FULL = {name: [D.OPDArgs(selection=sel_, selected_logits=flag, chunk_size
                       for flag in (True, False)] for name, sel_ in (("flat", ES), ("per_row", PER_ROW))}
 
 
-def test_identical_distributions_zero_loss_and_gradient(student):
-    batch = rollout_batch()
-    same = _model("tiny_student", 0)  # same weights, separate module
-    args = [SEL_VS_FULL["flat"][0]]  # FKL/JSD of identical distributions: tests/test_stats.py
-    for ls, c, _, g in run(D.opd_loss, student, batch, args, teacher=same):
-        assert float(c) > 0
-        assert abs(float(ls)) < 1e-5
-        assert gnorm(g) < 1e-10
+def test_identical_distributions_zero_loss_and_gradient():
+    """p_S = p_T: every KL kind (full vocabulary, top-k, clipped) is 0 with zero gradient, and so is the selected
+    loss of the objective's combination (the teacher/student wiring is checked against full logits below)."""
+    s = jax.random.normal(jax.random.key(0), (2, 5, V))
+    y = jax.random.randint(jax.random.key(1), (2, 5), 0, V)
+    valid = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    w = jnp.array([[1, 0, 1, 0, 0], [0, 1, 1, 0, 1]], jnp.float32)
+    kinds = [D.OPDArgs(divergence=d) for d in ("reverse_kl", "forward_kl", "jsd")]
+    kinds += [D.OPDArgs(top_k=4, top_k_mode="tail_bucket"), D.OPDArgs(divergence="forward_kl", token_clip=0.05)]
+
+    @jax.jit
+    def go(x):
+        return [jax.value_and_grad(lambda z: sel.selected_loss(D.opd_token_loss(z, x, y, a), w, valid)[0])(x)
+                for a in kinds]
+
+    for value, g in go(s):
+        assert abs(float(value)) < 1e-6
+        np.testing.assert_allclose(g, 0.0, atol=1e-6)
 
 
 def test_kl_direction_hand_computed():
@@ -235,15 +245,19 @@ def SELECT(stat, valid, key):
 
 @pytest.mark.parametrize("name", ["flat", "per_row"])
 def test_selected_logits_path_equals_full_path(student, teacher, name):
+    """Loss and gradient of the flat selection; the per-row gather (same gradient code) is checked on the loss."""
     batch = rollout_batch()
-    (ls, c, aux, g), (ls2, c2, aux2, g2) = run(D.opd_loss, student, batch, SEL_VS_FULL[name], teacher=teacher)
+    grad = name == "flat"
+    (ls, c, aux, g), (ls2, c2, aux2, g2) = run(D.opd_loss, student, batch, SEL_VS_FULL[name], grad=grad,
+                                               teacher=teacher)
     n_mask = batch["loss_mask"].sum()
     assert 0 < float(aux["selected_frac"][0]) < n_mask
     assert float(aux["selection_overflow"][0]) == 0
     assert "selection_overflow" not in aux2
     assert float(c) == float(c2)
     np.testing.assert_allclose(ls, ls2, rtol=1e-6)
-    close(g, g2, atol=1e-7)
+    if grad:
+        close(g, g2, atol=1e-7)
 
 
 def test_selected_path_has_no_full_token_by_vocab_logits(student, teacher):
