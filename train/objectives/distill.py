@@ -29,8 +29,9 @@ selection is per micro-batch (the TIP repo); ``selection.granularity: batch`` me
 ``trace`` (rollout data, frozen ``teacher``, ``prepare`` = :func:`trace_annotate`): GRPO on all tokens with the span
 tokens' GRPO weight ``1 − λ_k/w0``, plus ``λ_k`` times forward KL on key spans of correct rollouts and reverse KL on
 error spans of incorrect rollouts, per-vocabulary terms clipped at 0.05, spans capped at 25 % of each row. The step
-``k`` comes from the batch field ``step`` (``[B]`` int, the loop's optimizer step) when present, else from
-``args.step`` (a constant: tests and fixed-λ runs).
+``k`` comes from the batch field ``step`` (``[B]`` int32, the number of optimizer updates done before this one; the
+entry's meta ``batch_step=True`` asks the loop for it) when present, else from ``args.step`` (a constant: tests and
+fixed-λ runs).
 
 ``shred`` (SFT data of the forget set, frozen ``reference`` = the original model θ0, ``rollout.reference: init``):
 forward KL from the demoted top-K target of θ0 to the student on every response token after ``skip_tokens``.
@@ -495,7 +496,8 @@ def trace_annotate(batch: dict, texts: list, examples: list, task, tokenizer) ->
 
 
 
-@OBJECTIVES.register("trace", TraceArgs, data="rollout", models=("teacher",), prepare=trace_annotate)
+@OBJECTIVES.register("trace", TraceArgs, data="rollout", models=("teacher",), prepare=trace_annotate,
+                     batch_step=True)
 def trace_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: TraceArgs = TraceArgs(), *,
                teacher: Optional[nnx.Module] = None):
     """TRACE (§3): ``L = agg(w_t · ℓ^GRPO_t) + λ_k · Σ_y L_span(y)`` in the aggregation's units, where
