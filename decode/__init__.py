@@ -1,6 +1,24 @@
-"""jaxtok.decode: jitted decode loops (autoregressive generation; speculative and diffusion decoding to come)."""
+"""jaxtok.decode: jitted decode loops.
 
+- :func:`generate` — autoregressive generation (prefill + one ``while_loop`` over the KV cache);
+- :func:`speculative_generate` / :func:`ead_generate` — lossless speculative decoding with pluggable drafters
+  (:class:`ModelDrafter`, :class:`NgramDrafter`, :class:`DeerDrafter`, :class:`RoutedDrafter` for TAPS) and
+  draft-length policies (:mod:`jaxtok.decode.draft_policies`); EAD's lossy small/large switching;
+- :func:`diffusion_generate` — masked-diffusion sampling with pluggable commit policies
+  (:mod:`jaxtok.decode.commit_policies`), returning per-row NFE and the commit trajectory.
+
+Importing this package registers every draft-length and commit policy (``DRAFT_POLICIES``, ``COMMIT_POLICIES``).
+"""
+
+from . import commit_policies, draft_policies  # noqa: F401  (registration)
+from .diffusion import DiffusionResult, diffusion_generate, run_diffusion_decode, trajectory_state
 from .generate import generate
 from .run import run_decode
+from .speculative import (
+    DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate,
+)
 
-__all__ = ["generate", "run_decode"]
+__all__ = [
+    "DeerDrafter", "DiffusionResult", "ModelDrafter", "NgramDrafter", "RoutedDrafter", "diffusion_generate",
+    "ead_generate", "generate", "run_decode", "run_diffusion_decode", "speculative_generate", "trajectory_state",
+]

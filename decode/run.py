@@ -10,7 +10,9 @@ method is one entry):
   the drafter ``decode.draft_init_from`` (an AR run -> model drafter; a masked-diffusion run -> DEER; unset ->
   n-gram prompt lookup), draft cap ``decode.draft_len`` and the draft-length policy ``decode.policy``.
   Two ``decode.policy`` names select other loops: ``taps`` (route among several drafters, its args name them and
-  the inner policy) and ``ead`` (lossy small/large switching: small = ``decode.draft_init_from``).
+  the inner policy) and ``ead`` (lossy small/large switching: small = ``decode.draft_init_from``);
+- ``diffusion``: :func:`jaxtok.decode.diffusion.run_diffusion_decode` — masked-diffusion sampling of a diffusion
+  LM with the commit policy ``decode.policy`` (default ``llada``) and ``decode.policy_args``.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def _build_speculative(cfg, model, mesh) -> Callable:
 
 
 METHODS = {"greedy": _build_ar, "sample": _build_ar, "speculative": _build_speculative}
-AVAILABLE_METHODS = tuple(METHODS)
+AVAILABLE_METHODS = (*METHODS, "diffusion")
 
 
 def _summary(method_stats: dict, n_tok: int) -> dict:
@@ -178,10 +180,14 @@ def _table(results: dict) -> str:
 
 def run_decode(cfg, run_dir: str | Path) -> dict:
     """Decode ``data.num_eval`` held-out prompts; returns exact match, throughput and the method's metrics."""
-    if cfg.decode.method not in METHODS:
-        raise ConfigError(f"decode.method={cfg.decode.method!r}: available so far {list(AVAILABLE_METHODS)}")
+    if cfg.decode.method not in AVAILABLE_METHODS:
+        raise ConfigError(f"decode.method={cfg.decode.method!r}: available {list(AVAILABLE_METHODS)}")
     mesh = mesh_lib.mesh_from_config(cfg.mesh)
     model, tok = _model_and_tokenizer(cfg, mesh)
+    if cfg.decode.method == "diffusion":
+        from .diffusion import run_diffusion_decode
+
+        return run_diffusion_decode(cfg, model, tok, make_task_from_config(cfg.data), run_dir)
     step = METHODS[cfg.decode.method](cfg, model, mesh)
     task = make_task_from_config(cfg.data)
     sp = SpecialTokens.of(tok)

@@ -11,6 +11,7 @@ value, so a float32 matmul calibration is measured in the same run and used as t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -261,10 +262,10 @@ def sweep_bench(cfg, run_dir: str | Path, args: SweepArgs) -> dict:
 
 
 def run_bench(cfg, run_dir: str | Path) -> dict:
-    """Run the benchmark named ``bench.name`` (``train`` here, ``decode`` in :mod:`jaxtok.decode.bench`)."""
+    """Run the benchmark named ``bench.name`` (``train``/``sweep`` here, ``decode`` in :mod:`jaxtok.decode.bench`,
+    ``diffusion`` in :mod:`jaxtok.decode.diffusion`)."""
     import jaxtok.decode.bench  # noqa: F401  (registers "decode")
-
-    import contextlib
+    import jaxtok.decode.diffusion  # noqa: F401  (registers "diffusion")
 
     fn = BENCHES.get(cfg.bench.name, "bench.name")
     args = BENCHES.parse_args(cfg.bench.name, cfg.bench.args, "bench.args")
