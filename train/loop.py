@@ -19,7 +19,8 @@ scored (:mod:`jaxtok.train.rollout`; APPO tree rollouts with ``rollout.branches`
 handed to the objective's own ``collect`` (REFINE). ``models=("teacher", "reference")`` names the frozen models the
 step passes (``rollout.teacher_init_from``; ``rollout.reference`` = ``init`` for the initial policy or a run
 directory); ``collect=fn(policy, batch, *, task, tokenizer, settings, rng, mesh, teacher, prepare, args)`` replaces
-the default collector.
+the default collector. ``batch_step=True``: the objective reads ``batch["step"] [B]``, the optimizer step being
+taken (filled in by the train step, :func:`jaxtok.train.step.make_train_step`; TRACE's λ schedule).
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     frozen = build_frozen_models(cfg, entry.meta.get("models", ()), tok.get_vocab_size(), mesh=mesh)
     graphdef, state = init_train_state(model, optimizer, seed=cfg.train.seed, mesh=mesh)
     step_fn = make_train_step(model, optimizer, loss_fn, mesh=mesh, micro_batches=cfg.train.micro_batches,
-                              frozen=frozen or None)
+                              frozen=frozen or None, batch_step=bool(entry.meta.get("batch_step")))
     frozen_args = (frozen_states(frozen),) if frozen else ()
     model_cfg = model.cfg
     del model  # the train state owns the (placed, donated) parameters from here on

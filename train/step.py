@@ -133,6 +133,7 @@ def make_train_step(
     micro_batches: int = 1,
     donate: bool = True,
     frozen: Optional[dict[str, nnx.Module]] = None,
+    batch_step: bool = False,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """A jitted ``step(state, batch) -> (state, metrics)``, or ``step(state, batch, frozen_states)`` when
     ``frozen`` names models the loss needs besides the policy (``{"teacher": model}``): the loss is then called as
@@ -146,6 +147,10 @@ def make_train_step(
     see :func:`jaxtok.config.build_optimizer`). Metrics: ``loss``, ``count`` (tokens), ``grad_norm`` (before
     clipping), ``step`` and every aux entry, all global. ``state`` is donated; with a mesh, in/out shardings are
     the declared ones and the batch is sharded on its leading axis.
+
+    ``batch_step``: the loss sees ``batch["step"] [B]`` int32, the optimizer step ``k`` being taken (0 for the
+    first; ``state.step`` before the update), filled in inside the step so schedules read by the objective (TRACE's
+    λ_k, entry meta ``batch_step=True``) follow the train state, resumes included, without a host round trip.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches={micro_batches}: must be >= 1")
@@ -157,6 +162,9 @@ def make_train_step(
             lambda p, r, b, k: _sums(graphdef, loss_fn, p, r, b, k, frozen_graphdefs, frozen_state), has_aux=True)
         with axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
             rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+            if batch_step:
+                rows = jax.tree.leaves(batch)[0].shape[0]
+                batch = {**batch, "step": jnp.full((rows,), state.step, jnp.int32)}  # [B]
             if micro_batches == 1:
                 (loss_sum, (count, aux)), grads = value_and_grad(state.params, state.rest, batch, step_rng)
             else:
