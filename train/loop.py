@@ -21,6 +21,9 @@ step passes (``rollout.teacher_init_from``; ``rollout.reference`` = ``init`` for
 directory); ``collect=fn(policy, batch, *, task, tokenizer, settings, rng, mesh, teacher, prepare, args)`` replaces
 the default collector. ``batch_step=True``: the objective reads ``batch["step"] [B]``, the optimizer step being
 taken (filled in by the train step, :func:`jaxtok.train.step.make_train_step`; TRACE's λ schedule).
+``wrap_model=fn(decoder, args, rngs)`` builds the trained model around the decoder (LenVM's value head); the
+checkpoint meta names the wrapper (``wrap_model``/``wrap_args``) so resume, ``init_from`` and :func:`load_model`
+rebuild the same model.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
+WRAP_META = "wrap_model"  # checkpoint meta: the objective whose ``wrap_model`` built the saved model
+WRAP_ARGS_META = "wrap_args"  # checkpoint meta: that objective's arguments (the wrapper's shape options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,10 +84,50 @@ def load_tokenizer_for(cfg) -> Any:
 
 def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None) -> tuple[Decoder, dict]:
     """A :class:`Decoder` with the parameters of the checkpoint at ``path`` (a run directory or its checkpoint
-    directory; default: latest step), placed on ``mesh`` when given. Returns ``(model, meta)``."""
+    directory; default: latest step), placed on ``mesh`` when given. Returns ``(model, meta)``.
+
+    A checkpoint of a wrapped training model (meta ``wrap_model``: the objective whose entry meta ``wrap_model``
+    built it, ``wrap_args`` its arguments; e.g. LenVM's value-head model) is rebuilt through the same wrapper, so
+    every parameter, head included, is restored."""
     from jaxtok.models.hf import load_checkpoint_with_meta
 
+    directory = checkpoint_dir(path)
+    if directory.is_dir():
+        with ckpt_lib.Checkpointer(directory, async_save=False) as ck:
+            wrapped = ck.latest_step() is not None and ck.read_meta(step).get(WRAP_META)
+        if wrapped:
+            return _load_wrapped(directory, mesh=mesh, step=step)
     return load_checkpoint_with_meta(str(path), mesh=mesh, step=step)
+
+
+def _wrapper_of(name: str, args_mapping) -> tuple[Callable, Any]:
+    """``(wrap_model, parsed args)`` of objective ``name`` (ConfigError when it has no ``wrap_model``)."""
+    import jaxtok.train.objectives  # noqa: F401  (registration)
+    from jaxtok.registry import OBJECTIVES, ConfigError
+
+    entry = OBJECTIVES.entry(name, "wrap_model")
+    if "wrap_model" not in entry.meta:
+        raise ConfigError(f"objective {name!r} has no wrap_model in its registry meta")
+    return entry.meta["wrap_model"], OBJECTIVES.parse_args(name, args_mapping, f"{name} args")
+
+
+def _load_wrapped(directory: Path, *, mesh=None, step: Optional[int] = None) -> tuple[Decoder, dict]:
+    from jaxtok.mesh import param_shardings
+    from jaxtok.models.hf import _config_from_dict
+
+    with ckpt_lib.Checkpointer(directory, async_save=False) as ck:
+        meta = ck.read_meta(step)
+        wrap, args = _wrapper_of(meta[WRAP_META], meta.get(WRAP_ARGS_META))
+        model_cfg = _config_from_dict(meta["model_config"])
+        abstract = nnx.eval_shape(lambda: wrap(Decoder(model_cfg, rngs=nnx.Rngs(0)), args, nnx.Rngs(0)))
+        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        target = ckpt_lib.abstract_of(params)
+        if mesh is not None:
+            target = jax.tree.map(
+                lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
+                param_shardings(params, mesh), target, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+        out = ck.restore(meta["step"], params=target, data=False)
+    return nnx.merge(graphdef, out["params"], rest), meta
 
 
 def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
@@ -118,6 +163,36 @@ def build_objective(cfg) -> Callable:
     fn = objective_entry(cfg).fn
     args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
     return functools.partial(fn, args=args) if args is not None else fn
+
+
+def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
+    """The model the loop trains and the checkpoint meta that rebuilds it: ``(model, wrap_meta)``.
+
+    :func:`build_model`, then the objective's entry meta ``wrap_model(decoder, args, rngs)`` (LenVM's value head)
+    with ``nnx.Rngs(train.seed)``. ``model.init_from`` a wrapped run (a LenVM run continued) restores the wrapped
+    model as saved, head included, instead of wrapping again. ``wrap_meta`` (``{wrap_model, wrap_args}`` or
+    ``{}``) goes into every checkpoint, so a resume, ``init_from`` and :func:`load_model` rebuild the same model."""
+    from jaxtok.registry import ConfigError
+
+    wrap_meta: dict = {}
+    if cfg.model.init_from:
+        model, src = load_model(cfg.model.init_from, mesh=mesh)
+        if src.get(WRAP_META):
+            wrap_meta = {WRAP_META: src[WRAP_META], WRAP_ARGS_META: src.get(WRAP_ARGS_META) or {}}
+    else:
+        model = build_model(cfg, vocab_size, mesh=mesh)
+    entry = objective_entry(cfg)
+    if "wrap_model" in entry.meta:
+        if wrap_meta and wrap_meta[WRAP_META] != cfg.objective.name:
+            raise ConfigError(f"model.init_from={cfg.model.init_from!r} holds a model wrapped by objective "
+                              f"{wrap_meta[WRAP_META]!r}; objective {cfg.objective.name!r} wraps its own: start "
+                              f"from an unwrapped run")
+        if not wrap_meta:
+            args_map = dict(cfg.objective.args)
+            wrap, args = _wrapper_of(cfg.objective.name, args_map)
+            model = wrap(model, args, nnx.Rngs(cfg.train.seed))
+            wrap_meta = {WRAP_META: cfg.objective.name, WRAP_ARGS_META: args_map}
+    return model, wrap_meta
 
 
 def build_frozen_models(cfg, names, vocab_size: int, mesh=None) -> dict:
@@ -246,7 +321,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
                          f"{cfg.train.micro_batches} micro-batches whose rows divide the {shards} batch shards "
                          f"(mesh data x fsdp)")
 
-    model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
+    model, wrap_meta = build_train_model(cfg, tok.get_vocab_size(), mesh=mesh)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     entry = objective_entry(cfg)
     loss_fn = build_objective(cfg)
@@ -288,7 +363,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
         start = int(out["step"])
         log.info("resumed %s at step %d", run_dir, start)
     metrics_out = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
-    meta = {"model_config": model_config_to_dict(model_cfg), "objective": cfg.objective.name}
+    meta = {"model_config": model_config_to_dict(model_cfg), "objective": cfg.objective.name, **wrap_meta}
 
     def save(step: int) -> None:
         ck.save(step, params=state.params, data=it.get_state(), meta=meta,
