@@ -90,7 +90,8 @@ def _assert_same_params(a, b):
 
 def test_lenvm_trains_checkpoints_and_resumes_the_value_head_model(tmp_path, teacher_dir, tok):
     """A LenVM run trains the value head (it moves from its fresh, seed-determined init), saves it with the backbone,
-    an interrupted run resumes to bitwise the same parameters, and ``init_from`` that run rebuilds the saved value-head model instead of wrapping a fresh head."""
+    an interrupted run resumes to bitwise the same parameters, and ``init_from`` that run rebuilds the saved
+    value-head model instead of wrapping a fresh head."""
     from jaxtok.train.loop import build_train_model, load_model, train
     from jaxtok.train.objectives.lenvm import LengthValueModel
 
@@ -122,3 +123,50 @@ def test_lenvm_trains_checkpoints_and_resumes_the_value_head_model(tmp_path, tea
     rebuilt, wrap_meta = build_train_model(cont, tok.get_vocab_size())
     assert wrap_meta["wrap_model"] == "lenvm"
     _assert_same_params(trained, rebuilt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Diffusion objectives are evaluated by diffusion decoding
+
+
+def test_mdlm_run_is_evaluated_by_diffusion_decoding(tmp_path, monkeypatch):
+    """A masked-diffusion run's evals decode with ``evaluate_policy`` (policy ``llada`` by default, the objective's
+    bidirectional attention although ``model.attention`` is left ``causal``) and report the held-out diffusion loss;
+    AR generation is never called."""
+    import jaxtok.decode.diffusion as diffusion
+    from jaxtok.train import loop
+
+    calls = []
+    real = diffusion.evaluate_policy
+
+    def spy(cfg, model, tok, task, **kw):
+        calls.append((cfg.model.attention, kw["policy"]))
+        return real(cfg, model, tok, task, **kw)
+
+    def no_ar(*a, **k):
+        raise AssertionError("AR generation eval on a diffusion model")
+
+    monkeypatch.setattr(diffusion, "evaluate_policy", spy)
+    monkeypatch.setattr(loop, "generation_eval", no_ar)
+    cfg = _cfg("mdlm", {"chunk_size": 64}, steps=2, model={"preset": "tiny_diffusion"},
+               train={"eval_every": 1})
+    summary = loop.train(cfg, tmp_path / "run")
+    assert calls == [("bidirectional", "llada")] * 2  # the step-1 eval and the final one
+    assert 0 < summary["eval/mean_nfe"] <= 6 and 0.0 <= summary["eval/exact_match"] <= 1.0
+    assert np.isfinite(summary["eval/loss"]) and "eval/masked_accuracy" in summary
+
+
+def test_diffusion_eval_settings_follow_the_objective():
+    from jaxtok.train.loop import diffusion_eval_settings, is_diffusion_run
+
+    bd3 = _cfg("bd3lm", {"block_size": 4})
+    assert is_diffusion_run(bd3) and not is_diffusion_run(_cfg("sft"))
+    dcfg, policy, args = diffusion_eval_settings(bd3)
+    assert (dcfg.model.attention, dcfg.model.block_size, policy, args) == ("block_causal", 4, "llada", {})
+    shifted = _cfg("mdlm", {"shift_logits": True}, model={"attention": "bidirectional"},
+                   decode={"method": "diffusion", "policy": "threshold", "policy_args": {"threshold": 0.8}})
+    dcfg, policy, args = diffusion_eval_settings(shifted)
+    assert (dcfg.model.attention, policy, args) == ("bidirectional", "threshold",
+                                                    {"threshold": 0.8, "shift_logits": True})
+    with pytest.raises(ConfigError, match="learned heads"):
+        diffusion_eval_settings(_cfg("mdlm", decode={"method": "diffusion", "policy": "learn2pd"}))

@@ -281,7 +281,91 @@ def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
     return finalize_metrics(pairs)
 
 
+DIFFUSION_OBJECTIVES = ("mdlm", "bd3lm", "cj_grpo", "tad")  # objectives that train masked-diffusion LMs
+
+
+def is_diffusion_run(cfg) -> bool:
+    """Whether the run trains a masked-diffusion LM (evaluated by diffusion decoding, not AR generation):
+    ``decode.method=diffusion``, a :data:`DIFFUSION_OBJECTIVES` objective, or entry meta ``eval="diffusion"``."""
+    return (cfg.decode.method == "diffusion" or cfg.objective.name in DIFFUSION_OBJECTIVES
+            or objective_entry(cfg).meta.get("eval") == "diffusion")
+
+
+def diffusion_eval_settings(cfg):
+    """``(cfg, policy, policy_args mapping)`` for :func:`jaxtok.decode.diffusion.evaluate_policy`: the policy is
+    ``decode.policy`` (default ``llada``) with ``decode.policy_args``; the attention is ``model.attention`` unless
+    that is the default ``causal``, then the objective's own (``mdlm``: ``args.attention``, ``bd3lm``:
+    ``block_causal`` with ``args.block_size``); an objective trained with ``shift_logits`` decodes shifted unless
+    the policy arguments say otherwise. Policies that need learned heads are refused (ConfigError)."""
+    import jaxtok.decode  # noqa: F401  (registers the commit policies)
+    import jaxtok.train.objectives  # noqa: F401  (registration)
+    from jaxtok.registry import COMMIT_POLICIES, OBJECTIVES, ConfigError
+
+    policy = cfg.decode.policy or "llada"
+    heads = COMMIT_POLICIES.entry(policy, "decode.policy").meta.get("heads")
+    if heads:
+        raise ConfigError(f"decode.policy={policy!r} needs learned heads {list(heads)}; the training loop's "
+                          f"evaluation cannot provide them: choose a policy without heads (e.g. llada, threshold)")
+    args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
+    policy_args = dict(cfg.decode.policy_args)
+    if getattr(args, "shift_logits", False):
+        policy_args.setdefault("shift_logits", True)
+    if cfg.model.attention == "causal":
+        attention = getattr(args, "attention", "bidirectional")
+        block_size = getattr(args, "block_size", None) if attention == "block_causal" else cfg.model.block_size
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention,
+                                                                 block_size=block_size))
+    return cfg, policy, policy_args
+
+
+def diffusion_eval(model, task, tok, cfg) -> dict:
+    """Held-out accuracy of diffusion decoding (:func:`jaxtok.decode.diffusion.evaluate_policy` with
+    :func:`diffusion_eval_settings`): ``exact_match``, ``format_ok``, ``mean_nfe``, ``tokens_per_nfe``,
+    ``mean_length``, ``num_examples``."""
+    from jaxtok.decode.diffusion import evaluate_policy
+
+    dcfg, policy, policy_args = diffusion_eval_settings(cfg)
+    metrics, _ = evaluate_policy(dcfg, model, tok, task, policy=policy, policy_args=policy_args or None)
+    keys = ("exact_match", "format_ok", "mean_nfe", "tokens_per_nfe", "mean_length", "num_examples")
+    return {k: metrics[k] for k in keys}
+
+
+def objective_eval(model, task, tok, cfg, *, mesh=None) -> dict:
+    """The objective's own loss and aux metrics on ``train.eval_batches`` held-out SFT batches (fixed noise key
+    ``train.seed``, so evals of one run are comparable): e.g. the masked-diffusion NELBO per token and masked
+    accuracy of ``mdlm``/``bd3lm``."""
+    from jaxtok.data import sft_dataset
+    from jaxtok.train.step import aux_parts, finalize_metrics, make_eval_step, split_model
+
+    loss_fn = build_objective(cfg)
+
+    def metrics_fn(m, batch):
+        loss_sum, count, aux = loss_fn(m, batch, jax.random.key(cfg.train.seed))
+        return {"loss": (loss_sum, count), **aux_parts(aux, count)}
+
+    ds, _ = sft_dataset(task, "eval", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                        num_examples=max(cfg.data.num_eval, cfg.data.batch_size), seed=0, shuffle=False,
+                        num_epochs=1, overlong=cfg.data.overlong)
+    eval_step = make_eval_step(model, metrics_fn, mesh=mesh)
+    _, params, rest = split_model(model)
+    pairs = []
+    for i, batch in enumerate(ds):
+        if i >= cfg.train.eval_batches:
+            break
+        pairs.append(jax.device_get(eval_step(params, rest, mesh_lib.put_batch(batch, mesh))))
+    return finalize_metrics(pairs)
+
+
 def _evaluate_model(model, task, tok, cfg, mesh) -> dict:
+    """``eval/*`` metrics: AR models get the teacher-forced SFT metrics and greedy generation accuracy; diffusion
+    runs (:func:`is_diffusion_run`) get the objective's held-out loss (SFT-data objectives) and diffusion-decoding
+    accuracy and NFE."""
+    if is_diffusion_run(cfg):
+        out = {}
+        if objective_entry(cfg).meta.get("data", "sft") == "sft":
+            out.update({f"eval/{k}": v for k, v in objective_eval(model, task, tok, cfg, mesh=mesh).items()})
+        out.update({f"eval/{k}": v for k, v in diffusion_eval(model, task, tok, cfg).items()})
+        return out
     out = {f"eval/{k}": v for k, v in teacher_forced_eval(model, task, tok, cfg, mesh=mesh).items()}
     out.update({f"eval/{k}": v for k, v in generation_eval(model, task, tok, cfg, mesh=mesh).items()})
     return out
@@ -321,6 +405,8 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
                          f"{cfg.train.micro_batches} micro-batches whose rows divide the {shards} batch shards "
                          f"(mesh data x fsdp)")
 
+    if is_diffusion_run(cfg) and (final_eval or cfg.train.eval_every):
+        diffusion_eval_settings(cfg)  # a bad decode policy fails now, not after training
     model, wrap_meta = build_train_model(cfg, tok.get_vocab_size(), mesh=mesh)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     entry = objective_entry(cfg)

@@ -102,7 +102,7 @@ def _split_micro(batch: dict, micro_batches: int, mesh: Optional[Mesh], rules) -
     return jax.tree.map(one, batch)
 
 
-def _aux_parts(aux: dict, count: jax.Array) -> dict:
+def aux_parts(aux: dict, count: jax.Array) -> dict:
     """Each aux value as a float32 ``(sum, count)`` pair (plain sums are weighted by the loss count)."""
     out = {}
     for k, v in aux.items():
@@ -116,7 +116,7 @@ def _sums(graphdef, loss_fn: LossFn, params, rest, batch, rng, frozen_graphdefs=
     (teacher, reference) are merged from their own states and passed by name; no gradient reaches them."""
     models = {k: nnx.merge(frozen_graphdefs[k], frozen[k]) for k in (frozen or {})}
     loss_sum, count, aux = loss_fn(merge(graphdef, params, rest), batch, rng, **models)
-    return jnp.asarray(loss_sum, jnp.float32), (jnp.asarray(count, jnp.float32), _aux_parts(aux, count))
+    return jnp.asarray(loss_sum, jnp.float32), (jnp.asarray(count, jnp.float32), aux_parts(aux, count))
 
 
 def _ratio(s, c):
