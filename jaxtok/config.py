@@ -435,12 +435,24 @@ def validate_names(cfg: Config) -> None:
         check_name(policies, "decode.policy", cfg.decode.policy, cfg.decode.policy_args, "decode.policy_args")
 
 
+def check_micro_batches(cfg: Config, meta) -> None:
+    """``train.micro_batches > 1`` interleaves the rows of a batch over micro-batches, splitting every prompt group.
+    An objective computing group advantages inside its loss (entry meta ``group_advantages=True``) would normalise
+    over group fragments: refused. ``group_advantages=fn(batch, args)`` means the loop computes them on the whole
+    rollout batch before the split (``policy_gradient``'s ``host_advantages``): allowed."""
+    if cfg.train.micro_batches > 1 and meta.get("group_advantages") is True:
+        raise ConfigError(f"train.micro_batches={cfg.train.micro_batches}: objective {cfg.objective.name!r} "
+                          f"computes group advantages inside its loss and micro-batches split every prompt group; "
+                          f"use train.micro_batches=1 (a smaller data.batch_size fits memory the same way)")
+
+
 def _check_rollout(cfg: Config, meta) -> None:
     """Rollout objectives: group size divides the batch, the frozen models they name are configured, reward
-    names are registered."""
+    names are registered, group advantages are not split over micro-batches."""
     ro = cfg.rollout
     if meta.get("data") != "rollout":
         return
+    check_micro_batches(cfg, meta)
     if cfg.data.batch_size % ro.rows_per_prompt:
         raise ConfigError(f"rollout.num_generations={ro.num_generations} + rollout.branches={ro.branches}: must "
                           f"divide data.batch_size={cfg.data.batch_size} (rows = prompts x completions)")

@@ -170,3 +170,50 @@ def test_diffusion_eval_settings_follow_the_objective():
                                                     {"threshold": 0.8, "shift_logits": True})
     with pytest.raises(ConfigError, match="learned heads"):
         diffusion_eval_settings(_cfg("mdlm", decode={"method": "diffusion", "policy": "learn2pd"}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Micro-batches never split a group's advantage statistics
+
+from jaxtok.registry import REWARDS  # noqa: E402
+
+
+@REWARDS.register("_test_length")
+def _length_reward(task, completion, example):
+    """A reward that varies within groups even for an untrained policy (length of the decoded completion)."""
+    return float(len(completion)) / 8.0
+
+
+def _pg_cfg(micro_batches, **args):
+    return _cfg("policy_gradient", {"loss_mode": "grpo", "chunk_size": 64, **args}, steps=1,
+                rollout={"rewards": {"_test_length": 1.0}, "temperature": 1.0}, train={"micro_batches": micro_batches},
+                data={"batch_size": 16})  # micro-batches of 8 rows over the 8 simulated data shards
+
+
+def test_policy_gradient_micro_batches_use_whole_group_advantages(tmp_path):
+    """GRPO with 2 micro-batches (rows interleaved, so each holds half of every group) logs the same loss,
+    gradient norm and advantages as one full batch: advantages come from whole groups on the host."""
+    from jaxtok.train.loop import train
+
+    logged = {}
+    for m in (1, 2):
+        cfg = _pg_cfg(m)
+        validate_names(cfg)
+        train(cfg, tmp_path / f"m{m}", final_eval=False)
+        logged[m] = _records(tmp_path / f"m{m}")[0]
+    assert logged[1]["adv_abs_mean"] > 0.1  # the rewards vary within groups: the comparison is not vacuous
+    for key in ("loss", "grad_norm", "adv_abs_mean", "kept_rows"):
+        np.testing.assert_allclose(logged[2][key], logged[1][key], rtol=2e-4, atol=1e-6, err_msg=key)
+
+
+def test_in_loss_group_advantages_refuse_micro_batches(tmp_path, teacher_dir):
+    from jaxtok.train.loop import train
+
+    for name, args in (("trace", {}), ("cj_grpo", {}), ("reasonmaxxer", {})):
+        cfg = _cfg(name, args, rollout={"teacher_init_from": str(teacher_dir), "reference": "init"},
+                   train={"micro_batches": 2})
+        with pytest.raises(ConfigError, match="train.micro_batches=2: objective .* group advantages"):
+            validate_names(cfg)
+    with pytest.raises(ConfigError, match="micro_batches"):
+        train(_cfg("trace", rollout={"teacher_init_from": str(teacher_dir)}, train={"micro_batches": 2},
+                   data={"batch_size": 16}), tmp_path / "run")

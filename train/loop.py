@@ -23,7 +23,9 @@ the default collector. ``batch_step=True``: the objective reads ``batch["step"] 
 taken (filled in by the train step, :func:`jaxtok.train.step.make_train_step`; TRACE's λ schedule).
 ``wrap_model=fn(decoder, args, rngs)`` builds the trained model around the decoder (LenVM's value head); the
 checkpoint meta names the wrapper (``wrap_model``/``wrap_args``) so resume, ``init_from`` and :func:`load_model`
-rebuild the same model.
+rebuild the same model. ``group_advantages=fn(batch, args)``: with ``train.micro_batches > 1`` the loop merges
+its whole-batch ``advantages``/``row_keep`` into each rollout batch before the step splits it (``True``: the
+objective normalises groups itself, and micro-batching is refused, :func:`jaxtok.config.check_micro_batches`).
 """
 
 from __future__ import annotations
@@ -383,7 +385,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     ``on_step(step, metrics)`` is called on the host after every step (metrics as device arrays);
     ``final_eval=False`` skips the held-out evaluation after the last step.
     """
-    from jaxtok.config import build_optimizer
+    from jaxtok.config import build_optimizer, check_micro_batches
     from jaxtok.data import make_task_from_config, prompt_dataset, sft_dataset
     from jaxtok.tasks import save_tokenizer
     from jaxtok.train import branching
@@ -410,6 +412,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     model, wrap_meta = build_train_model(cfg, tok.get_vocab_size(), mesh=mesh)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     entry = objective_entry(cfg)
+    check_micro_batches(cfg, entry.meta)
     loss_fn = build_objective(cfg)
     frozen = build_frozen_models(cfg, entry.meta.get("models", ()), tok.get_vocab_size(), mesh=mesh)
     graphdef, state = init_train_state(model, optimizer, seed=cfg.train.seed, mesh=mesh)
@@ -427,6 +430,13 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
 
         collect = functools.partial(entry.meta["collect"], args=OBJECTIVES.parse_args(
             cfg.objective.name, cfg.objective.args, "objective.args"))
+    group_adv = entry.meta.get("group_advantages")
+    host_adv = group_adv if callable(group_adv) and cfg.train.micro_batches > 1 else None
+    if host_adv is not None:  # whole-group advantages on the full rollout batch, before the micro-batch split
+        from jaxtok.registry import OBJECTIVES
+
+        host_adv = functools.partial(host_adv, args=OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args,
+                                                                          "objective.args"))
     if data_kind == "rollout":
         ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len,
                                      batch_size=cfg.data.batch_size // cfg.rollout.rows_per_prompt,
@@ -472,6 +482,8 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
                                          teacher=frozen.get("teacher"), prepare=entry.meta.get("prepare"))
                 del policy
                 batch, rollout_info = ro.batch, ro.info
+                if host_adv is not None:  # keys the collector set itself (APPO's token advantages) are kept
+                    batch = {**host_adv(batch), **batch}
                 placed = mesh_lib.put_batch(batch, mesh)
             tokens_since += int(np.sum(batch["valid"]))
             state, metrics = step_fn(state, placed, *frozen_args)

@@ -497,7 +497,7 @@ def trace_annotate(batch: dict, texts: list, examples: list, task, tokenizer) ->
 
 
 @OBJECTIVES.register("trace", TraceArgs, data="rollout", models=("teacher",), prepare=trace_annotate,
-                     batch_step=True)
+                     batch_step=True, group_advantages=True)
 def trace_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: TraceArgs = TraceArgs(), *,
                teacher: Optional[nnx.Module] = None):
     """TRACE (§3): ``L = agg(w_t · ℓ^GRPO_t) + λ_k · Σ_y L_span(y)`` in the aggregation's units, where

@@ -248,7 +248,8 @@ def _cppo_inputs(args: P.PolicyLossConfig, stats: dict, batch: dict, mask):
     return div, delta_b
 
 
-@OBJECTIVES.register("policy_gradient", PolicyGradientArgs, data="rollout", models=("reference",))
+@OBJECTIVES.register("policy_gradient", PolicyGradientArgs, data="rollout", models=("reference",),
+                     group_advantages=host_advantages)
 def policy_gradient_loss(model: nnx.Module, batch: dict, rng: jax.Array,
                          args: PolicyGradientArgs = PolicyGradientArgs(), *, reference: Optional[nnx.Module] = None):
     """Policy-gradient loss of ``args.loss_mode`` on a rollout batch (module docstring, spec §6/§9).

@@ -218,7 +218,8 @@ def reasonmaxxer_token_stats(model: nnx.Module, batch: dict, reference: Optional
     return jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1), out)
 
 
-@OBJECTIVES.register("reasonmaxxer", ReasonMaxxerArgs, data="rollout", models=("reference",))
+@OBJECTIVES.register("reasonmaxxer", ReasonMaxxerArgs, data="rollout", models=("reference",),
+                     group_advantages=True)
 def reasonmaxxer_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: ReasonMaxxerArgs = ReasonMaxxerArgs(),
                       *, reference: Optional[nnx.Module] = None):
     """ReasonMaxxer loss ``(L, 1, aux)`` on a pool / rollout batch (module docstring). ``reference`` is the frozen
