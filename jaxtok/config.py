@@ -186,6 +186,9 @@ class RolloutSection(_Section):
                                        "math_verify)")
     off_policy_fraction: float = _f(0.0, min=0.0, max=1.0,
                                     doc="GKD-style mixing: share of prompt groups completed by the teacher")
+    topk: int = _f(0, min=0, doc="top-K of the behaviour distribution stored per completion token (topk_ids / "
+                                  "topk_logprobs) for objectives that read them (CPPO topk_tv/topk_kl); 0 = the "
+                                  "objective's default (20 when it needs them, else none)")
     branches: int = _f(0, min=0, doc="APPO tree rollouts: branch rollouts per prompt from high Branching-Score "
                                      "tokens (jaxtok.train.branching); 0 = off")
     branch_gamma: float = _f(1.0, min=0.0, max=1.0, doc="APPO: discount of the future log-ratio in the score")
@@ -446,6 +449,25 @@ def check_micro_batches(cfg: Config, meta) -> None:
                           f"use train.micro_batches=1 (a smaller data.batch_size fits memory the same way)")
 
 
+DEFAULT_ROLLOUT_TOPK = 20  # CPPO/DPPO's top-K reduced divergence (train_methods.md §6.5)
+
+
+def rollout_topk(cfg: Config, meta) -> int:
+    """K of the top-K behaviour statistics the rollout stores: ``rollout.topk``, else
+    :data:`DEFAULT_ROLLOUT_TOPK` when the objective's entry meta ``rollout_topk(args)`` says it reads them, else 0.
+    Only the default collector stores them: with APPO branches or an objective's own ``collect`` a K > 0 is a
+    ConfigError."""
+    ask = meta.get("rollout_topk")
+    needed = bool(ask and ask(OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")))
+    k = cfg.rollout.topk or (DEFAULT_ROLLOUT_TOPK if needed else 0)
+    if k and (cfg.rollout.branches or "collect" in meta):
+        who = ("rollout.branches > 0 (APPO)" if cfg.rollout.branches
+               else f"objective {cfg.objective.name!r}'s own collector")
+        raise ConfigError(f"rollout.topk={k}: top-K rollout statistics are stored by the default collector only, not "
+                          f"with {who}")
+    return k
+
+
 def _check_rollout(cfg: Config, meta) -> None:
     """Rollout objectives: group size divides the batch, the frozen models they name are configured, reward
     names are registered, group advantages are not split over micro-batches."""
@@ -453,6 +475,7 @@ def _check_rollout(cfg: Config, meta) -> None:
     if meta.get("data") != "rollout":
         return
     check_micro_batches(cfg, meta)
+    rollout_topk(cfg, meta)
     if cfg.data.batch_size % ro.rows_per_prompt:
         raise ConfigError(f"rollout.num_generations={ro.num_generations} + rollout.branches={ro.branches}: must "
                           f"divide data.batch_size={cfg.data.batch_size} (rows = prompts x completions)")

@@ -217,3 +217,28 @@ def test_in_loss_group_advantages_refuse_micro_batches(tmp_path, teacher_dir):
     with pytest.raises(ConfigError, match="micro_batches"):
         train(_cfg("trace", rollout={"teacher_init_from": str(teacher_dir)}, train={"micro_batches": 2},
                    data={"batch_size": 16}), tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. CPPO's top-K divergence reads the rollout's top-K statistics
+
+
+def test_cppo_topk_divergence_runs_on_stored_rollout_topk(tmp_path):
+    """CPPO with ``topk_tv`` asks for top-K rollout statistics (K = 20 by default): the loop stores them, the first
+    inner epoch sees divergence 0 (same forward as the old log-probs), the second a positive one."""
+    from jaxtok.config import rollout_topk
+    from jaxtok.train.loop import objective_entry, train
+
+    cfg = _cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "topk_tv", "chunk_size": 64},
+               rollout={"rewards": {"_test_length": 1.0}, "inner_epochs": 2}, steps=2, train={"eval_every": 0})
+    validate_names(cfg)
+    assert rollout_topk(cfg, objective_entry(cfg).meta) == 20
+    binary = _cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "binary_tv"})
+    assert rollout_topk(binary, objective_entry(binary).meta) == 0
+    train(cfg, tmp_path / "run", final_eval=False)
+    steps = _records(tmp_path / "run")
+    assert steps[0]["divergence_mean"] < 1e-6 < steps[1]["divergence_mean"]
+    appo = _cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "topk_kl"},
+                rollout={"branches": 2, "num_generations": 2})
+    with pytest.raises(ConfigError, match="default collector only"):
+        validate_names(appo)

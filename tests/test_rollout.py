@@ -232,3 +232,30 @@ def test_interrupted_rollout_run_resumes_to_the_same_parameters(tmp_path, tok):
     b, _ = load_model(tmp_path / "resumed")
     for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_score_rollout_topk_matches_the_sampler_topk(tok, policy):
+    """Without filters the top-K ids and log-probs recomputed by the scoring forward are the sampler's own top-K of
+    the distribution each completion token was drawn from (``generate(return_topk=K)``), the sampled token's
+    log-prob is among them when it is in the top-K, and prompt columns are 0."""
+    task = make_task("arith", {"digits": 1})
+    ds, _ = prompt_dataset(task, "train", tok, prompt_len=12, batch_size=2, num_examples=8)
+    prompts = next(iter(ds))
+    settings = _settings(num_generations=2, max_new_tokens=5, temperature=1.3)
+    key = jax.random.key(11)
+    K = 5
+    ro = rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=settings, rng=key, chunk_size=7, topk=K)
+    b = ro.batch
+    assert b["topk_ids"].shape == (4, 17, K) and b["topk_logprobs"].dtype == np.float32
+    rows = rollout.expand_groups(prompts, 2)
+    out = generate(policy, rows["prompt"], rows["prompt_valid"], max_new_tokens=5, temperature=1.3,
+                   rng=jax.random.split(key, 3)[0], stop_tokens=(2,), pad_id=0, return_topk=K)
+    v = np.asarray(out.valid)
+    np.testing.assert_array_equal(b["topk_ids"][:, 12:][v], np.asarray(out.topk_ids)[v])
+    np.testing.assert_allclose(np.exp(b["topk_logprobs"][:, 12:][v]), np.asarray(out.topk_probs)[v], atol=2e-5)
+    hit = b["topk_ids"] == b["tokens"][..., None]  # [B, T, K]
+    lp_hit = np.where(hit, b["topk_logprobs"], 0.0).sum(-1)
+    np.testing.assert_allclose(lp_hit[hit.any(-1)], b["old_logprobs"][hit.any(-1)], atol=1e-6)
+    assert np.all(b["topk_ids"][:, :12] == 0) and np.all(b["topk_logprobs"][:, :12] == 0)
+    assert "topk_ids" not in rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=settings,
+                                             rng=key, chunk_size=7).batch

@@ -385,7 +385,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     ``on_step(step, metrics)`` is called on the host after every step (metrics as device arrays);
     ``final_eval=False`` skips the held-out evaluation after the last step.
     """
-    from jaxtok.config import build_optimizer, check_micro_batches
+    from jaxtok.config import build_optimizer, check_micro_batches, rollout_topk
     from jaxtok.data import make_task_from_config, prompt_dataset, sft_dataset
     from jaxtok.tasks import save_tokenizer
     from jaxtok.train import branching
@@ -430,6 +430,9 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
 
         collect = functools.partial(entry.meta["collect"], args=OBJECTIVES.parse_args(
             cfg.objective.name, cfg.objective.args, "objective.args"))
+    topk = rollout_topk(cfg, entry.meta) if data_kind == "rollout" else 0
+    if topk:  # top-K behaviour statistics for the objective (CPPO's top-K TV/KL)
+        collect = functools.partial(collect, topk=topk)
     group_adv = entry.meta.get("group_advantages")
     host_adv = group_adv if callable(group_adv) and cfg.train.micro_batches > 1 else None
     if host_adv is not None:  # whole-group advantages on the full rollout batch, before the micro-batch split

@@ -8,9 +8,10 @@ rollout objective consumes (``B = G · n`` rows, the ``n`` completions of a prom
    GKD-style ``off_policy_fraction`` of prompt groups, with the teacher);
 3. :func:`assemble` lays prompt and completion side by side in the SFT convention (``loss_mask[t]``: token ``t``
    is a completion token predicted from position ``t-1``);
-4. :func:`score_tokens` recomputes the behaviour log-probs and entropies with one forward of the training model at
-   the sampling temperature and without top-k/top-p filters, so the objective's first inner epoch sees ratio 1
-   exactly (verl's "recompute old log-prob");
+4. :func:`score_rollout` recomputes the behaviour log-probs and entropies (and, for CPPO's top-K divergences, the
+   top-K ids and log-probs) with one forward of the training model at the sampling temperature and without
+   top-k/top-p filters, so the objective's first inner epoch sees ratio 1 exactly (verl's "recompute old
+   log-prob");
 5. :func:`jaxtok.train.rewards.score` rewards the decoded completions on the host, and the objective's ``prepare``
    hook (entry meta, e.g. TRACE's span annotator) adds its own arrays.
 
@@ -63,8 +64,8 @@ def assemble(prompt: np.ndarray, prompt_valid: np.ndarray, completion: np.ndarra
     return {"tokens": tokens, "positions": positions, "valid": valid, "loss_mask": loss_mask}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def _score_jit(graphdef, state, tokens, positions, valid, temperature, *, chunk_size):
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "topk"))
+def _score_jit(graphdef, state, tokens, positions, valid, temperature, *, chunk_size, topk=0):
     model = nnx.merge(graphdef, state)
     hidden = model(tokens, positions=positions, valid=valid, return_logits=False, return_hidden=True).hidden
     B, T = tokens.shape
@@ -74,26 +75,45 @@ def _score_jit(graphdef, state, tokens, positions, valid, temperature, *, chunk_
         logp = jax.nn.log_softmax(logits, axis=-1)
         lp = jnp.take_along_axis(logp, chunk["target"][:, None], axis=-1)[:, 0]
         ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-        return {"logp": lp, "entropy": ent}
+        out = {"logp": lp, "entropy": ent}
+        if topk:
+            out["topk_logp"], out["topk_ids"] = jax.lax.top_k(logp, topk)  # [C, K]
+        return out
 
     tree = {"hidden": hidden[:, :-1], "target": tokens[:, 1:],
             "temperature": jnp.broadcast_to(temperature[:, None], (B, T - 1))}
-    out = chunked_map(one, tree, chunk_size=chunk_size, token_ndim=2, remat=False)  # [B, T-1]
-    pad = jnp.zeros((B, 1), jnp.float32)
-    return jnp.concatenate([pad, out["logp"]], 1), jnp.concatenate([pad, out["entropy"]], 1)
+    out = chunked_map(one, tree, chunk_size=chunk_size, token_ndim=2, remat=False)  # [B, T-1, ...]
+    return jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], 1), out)  # [B, T, ...]
 
 
-def score_tokens(model: nnx.Module, batch: dict, temperature: np.ndarray, *, mesh=None, chunk_size: int = 1024):
-    """Per-token log-prob of ``tokens[t]`` under ``softmax(logits[t-1] / temperature)`` and that distribution's
-    entropy (nats), both float32 ``[B, T]``, 0 off ``loss_mask``. The float32 log-softmax runs over token chunks
-    (no ``[B, T, V]`` float32 array)."""
+def score_rollout(model: nnx.Module, batch: dict, temperature: np.ndarray, *, mesh=None, chunk_size: int = 1024,
+                  topk: int = 0) -> dict:
+    """Behaviour statistics of a rollout batch under ``softmax(logits[t-1] / temperature)`` (no top-k/top-p
+    filters), aligned with ``tokens`` and 0 off ``loss_mask``: ``old_logprobs [B, T]`` (of ``tokens[t]``) and
+    ``entropy [B, T]`` (nats), float32; with ``topk = K > 0`` also ``topk_ids [B, T, K]`` int32 and
+    ``topk_logprobs [B, T, K]`` float32, the K most likely tokens of that distribution (CPPO's top-K TV/KL, §6.5;
+    computed by the same forward as ``old_logprobs`` so the first inner epoch has divergence 0 exactly). The float32
+    log-softmax runs over token chunks (no ``[B, T, V]`` float32 array)."""
     graphdef, state = nnx.split(model)
     placed = mesh_lib.put_batch({k: batch[k] for k in ("tokens", "positions", "valid")}
                                 | {"temperature": np.asarray(temperature, np.float32)}, mesh)
-    logp, ent = _score_jit(graphdef, state, placed["tokens"], placed["positions"], placed["valid"],
-                           placed["temperature"], chunk_size=chunk_size)
-    mask = batch["loss_mask"]
-    return np.where(mask, fetch(logp), 0.0).astype(np.float32), np.where(mask, fetch(ent), 0.0).astype(np.float32)
+    out = _score_jit(graphdef, state, placed["tokens"], placed["positions"], placed["valid"], placed["temperature"],
+                     chunk_size=chunk_size, topk=int(topk))
+    mask = np.asarray(batch["loss_mask"], bool)
+    res = {"old_logprobs": np.where(mask, fetch(out["logp"]), 0.0).astype(np.float32),
+           "entropy": np.where(mask, fetch(out["entropy"]), 0.0).astype(np.float32)}
+    if topk:
+        res["topk_ids"] = np.where(mask[..., None], fetch(out["topk_ids"]), 0).astype(np.int32)
+        res["topk_logprobs"] = np.where(mask[..., None], fetch(out["topk_logp"]), 0.0).astype(np.float32)
+    return res
+
+
+def score_tokens(model: nnx.Module, batch: dict, temperature: np.ndarray, *, mesh=None, chunk_size: int = 1024):
+    """``(old_logprobs, entropy)`` ``[B, T]`` float32 of :func:`score_rollout` (per-token log-prob of
+    ``tokens[t]`` under ``softmax(logits[t-1] / temperature)`` and that distribution's entropy, 0 off
+    ``loss_mask``)."""
+    out = score_rollout(model, batch, temperature, mesh=mesh, chunk_size=chunk_size)
+    return out["old_logprobs"], out["entropy"]
 
 
 def fetch(x: jax.Array) -> np.ndarray:
@@ -116,13 +136,14 @@ def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh)
 
 def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None,
             teacher: Optional[nnx.Module] = None, prepare: Optional[Callable] = None,
-            chunk_size: int = 1024) -> Rollout:
+            chunk_size: int = 1024, topk: int = 0) -> Rollout:
     """One scored rollout batch (module docstring); ``settings`` is the config's ``rollout`` section.
 
     Batch keys: ``tokens, positions, valid, loss_mask [B, T]``, ``old_logprobs, entropy [B, T]`` float32,
     ``sampler_logprobs [B, T]`` (the sampler's own log-probs, with its filters: APPO's rollout-engine log-prob),
     ``rewards [B]`` float32, ``group_ids [B]`` int32, ``temperature [B]`` float32, ``on_policy [B]`` bool
-    (False for rows the teacher completed), plus whatever ``prepare`` returns.
+    (False for rows the teacher completed), with ``topk = K > 0`` ``topk_ids [B, T, K]`` int32 and
+    ``topk_logprobs [B, T, K]`` float32 (:func:`score_rollout`), plus whatever ``prepare`` returns.
     """
     sp = SpecialTokens.of(tokenizer)
     n = settings.num_generations
@@ -146,8 +167,7 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
     batch = assemble(rows["prompt"], rows["prompt_valid"], completion, completion_valid)
     batch["sampler_logprobs"] = np.concatenate([np.zeros_like(rows["prompt"], np.float32), sampler_lp], axis=1)
     temperature = np.full((G * n,), settings.temperature, np.float32)
-    batch["old_logprobs"], batch["entropy"] = score_tokens(model, batch, temperature, mesh=mesh,
-                                                           chunk_size=chunk_size)
+    batch.update(score_rollout(model, batch, temperature, mesh=mesh, chunk_size=chunk_size, topk=topk))
     from jaxtok.data import examples_of
     from jaxtok.train.rewards import score
 

@@ -248,8 +248,14 @@ def _cppo_inputs(args: P.PolicyLossConfig, stats: dict, batch: dict, mask):
     return div, delta_b
 
 
+def needs_rollout_topk(args: PolicyGradientArgs) -> bool:
+    """Whether the rollout must store ``topk_ids``/``topk_logprobs`` (CPPO with ``topk_tv``/``topk_kl``); entry
+    meta ``rollout_topk``, read by the loop (:func:`jaxtok.config.rollout_topk`)."""
+    return args.loss_mode == "cppo" and args.cppo_divergence.startswith("topk")
+
+
 @OBJECTIVES.register("policy_gradient", PolicyGradientArgs, data="rollout", models=("reference",),
-                     group_advantages=host_advantages)
+                     group_advantages=host_advantages, rollout_topk=needs_rollout_topk)
 def policy_gradient_loss(model: nnx.Module, batch: dict, rng: jax.Array,
                          args: PolicyGradientArgs = PolicyGradientArgs(), *, reference: Optional[nnx.Module] = None):
     """Policy-gradient loss of ``args.loss_mode`` on a rollout batch (module docstring, spec §6/§9).
