@@ -390,8 +390,10 @@ def group_advantages(rewards, group_ids, num_groups: int, *, scale: str = "besse
     """GRPO group-normalised advantage ``A_i = (r_i − mean_g) / (std_g + ε)`` (§6.2). ``[N]``.
 
     ``scale``: ``bessel`` (verl ``torch.std``), ``population`` (APPO, ReasonMaxxer) or ``none`` (Dr.GRPO,
-    ``A_i = r_i − mean_g``). Groups of size 1 use mean 0, std 1 (verl), so ``A = r``. Zero-variance groups give
-    ``A = 0`` (no NaN). Rows with ``valid = False`` get 0 and do not enter the statistics."""
+    ``A_i = r_i − mean_g``). Groups of size 1 use mean 0, std 1 (verl), so ``A = r``. Zero-variance groups (all
+    valid rewards equal, tested exactly by max == min so a mean off by a rounding error does not leave a
+    ``±tiny/tiny`` ratio) give ``A = 0`` for every ``ε ≥ 0`` (no NaN at ``ε = 0``). Rows with ``valid = False``
+    get 0 and do not enter the statistics."""
     _check_choice("scale", scale, ADV_SCALES)
     r, w, n, mean, ss = _group_moments(rewards, group_ids, num_groups, valid)
     single = n <= 1
@@ -401,7 +403,12 @@ def group_advantages(rewards, group_ids, num_groups: int, *, scale: str = "besse
         return centred * w
     std = jnp.sqrt(safe_divide(ss, n - 1.0 if scale == "bessel" else n))
     std = jnp.where(single, 1.0, std)
-    return centred / (std[group_ids] + eps) * w
+    seg_max = jax.ops.segment_max(jnp.where(w > 0, r, -jnp.inf), group_ids, num_segments=num_groups)  # [G]
+    seg_min = jax.ops.segment_min(jnp.where(w > 0, r, jnp.inf), group_ids, num_segments=num_groups)
+    flat = (seg_max <= seg_min) & ~single  # [G] zero-variance groups of >= 2 valid rows
+    denom = std[group_ids] + eps  # [N]
+    ok = ~flat[group_ids] & (denom > 0)
+    return jnp.where(ok, centred / jnp.where(ok, denom, 1.0), 0.0) * w
 
 
 def dr_grpo_advantages(rewards, group_ids, num_groups: int, valid=None):
@@ -423,7 +430,7 @@ def batch_advantages(advantages, mask, *, scale: str = "population", eps: Scalar
     """Batch-normalised advantages (REINFORCE++-style whitening): ``(A − mean)/(std + ε)`` over ``mask``.
 
     Any shape (e.g. ``[B, T]`` token advantages or ``[N]`` rewards). ``scale`` as in :func:`group_advantages`;
-    0 outside the mask."""
+    0 outside the mask, and 0 everywhere when the masked values are all equal (for every ``ε ≥ 0``)."""
     _check_choice("scale", scale, ADV_SCALES)
     m = _f32(mask)
     a = _f32(advantages)
@@ -433,7 +440,9 @@ def batch_advantages(advantages, mask, *, scale: str = "population", eps: Scalar
     n = jnp.sum(m)
     ss = jnp.sum(((a - mean) ** 2) * m)
     std = jnp.sqrt(safe_divide(ss, n - 1.0 if scale == "bessel" else n))
-    return (a - mean) / (std + eps) * m
+    flat = jnp.max(jnp.where(m > 0, a, -jnp.inf)) <= jnp.min(jnp.where(m > 0, a, jnp.inf))
+    ok = ~flat & (std + eps > 0)
+    return jnp.where(ok, (a - mean) / jnp.where(ok, std + eps, 1.0), 0.0) * m
 
 
 ADV_ESTIMATORS = ("grpo", "grpo_population", "dr_grpo", "rloo", "batch")

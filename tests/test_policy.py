@@ -648,3 +648,19 @@ def test_sharded_matches_single_device(mode):
     sharded = f(*args)
     np.testing.assert_allclose(sharded, plain, rtol=1e-5)
     assert np.isfinite(np.asarray(plain)).all() and float(plain[1]) > 0
+
+
+@pytest.mark.parametrize("scale", ["bessel", "population"])
+def test_zero_variance_groups_give_zero_advantage_without_eps(scale):
+    """ε = 0: a zero-variance group (even one whose float mean is off by rounding, 0.1 × 3) gets A = 0, not NaN or
+    ±tiny/tiny; other groups are (r − mean)/std exactly; a group of one keeps A = r."""
+    r = _arr([0.1, 0.1, 0.1, 1, 0, 1, 7])
+    g = jnp.array([0, 0, 0, 1, 1, 1, 2])
+    a = np.asarray(P.group_advantages(r, g, 3, scale=scale, eps=0.0))
+    ddof = 1 if scale == "bessel" else 0
+    s = np.std([1.0, 0.0, 1.0], ddof=ddof)
+    np.testing.assert_allclose(a, [0, 0, 0, (1 / 3) / s, -(2 / 3) / s, (1 / 3) / s, 7.0], rtol=1e-5)
+    flat = P.batch_advantages(_arr([0.1, 0.1, 0.1]), jnp.ones(3, bool), scale=scale, eps=0.0)
+    np.testing.assert_array_equal(np.asarray(flat), 0.0)
+    np.testing.assert_array_equal(np.asarray(P.outcome_advantages("grpo", _arr([2.0, 2.0]), jnp.zeros(2, jnp.int32),
+                                                                  1, eps=0.0)), 0.0)
