@@ -183,7 +183,12 @@ def test_round_trip_load_save_transformers(family, tmp_path):
     hf = hf_from_pretrained(str(tmp_path))
     assert type(hf).__name__ == json.load(open(os.path.join(FIXTURES, family, "config.json")))["architectures"][0]
     ref = fixtures_script.hf_logits(hf, g["tokens"], g["valid"], g["positions"])
-    np.testing.assert_allclose(ref[g["valid"]], g["logits_padded"][g["valid"]], rtol=0, atol=1e-6)
+    # Exact against the original files loaded by the same transformers version; the stored goldens (made by
+    # whichever transformers version wrote the fixtures) agree to float32 tolerance only.
+    orig = hf_from_pretrained(os.path.join(FIXTURES, family))
+    ref_orig = fixtures_script.hf_logits(orig, g["tokens"], g["valid"], g["positions"])
+    np.testing.assert_allclose(ref[g["valid"]], ref_orig[g["valid"]], rtol=0, atol=1e-6)
+    assert max_err(ref, g["logits_padded"], g["valid"]) < F32_TOL
     saved = load_file(os.path.join(tmp_path, "model.safetensors"))
     for name, value in hf.state_dict().items():
         if name in saved:
