@@ -9,6 +9,14 @@ A recipe YAML::
     summary: [eval/exact_match, eval/loss]      # optional: result keys shown in the summary table
     run: {out_dir: runs, name: my_recipe}       # optional: where the recipe's results go
 
+A summary column is a result key (also the column's name) or a one-entry mapping ``{column: key}`` /
+``{column: [key, key, ...]}``: the first key a stage's result has fills the cell, so rows of train stages
+(``eval/exact_match``) and decode stages (``exact_match``) line up in one column. Besides its result, every
+stage offers ``recipe/what`` (command and method, e.g. ``decode speculative/fixed``), ``recipe/time_s`` (seconds
+this run spent on it; ``cached`` when reused) and ``recipe/dir`` (its run directory). ``plots: [column, ...]``
+draws one bar chart per named summary column over the stages that have a number there (``<column>.png`` in the
+recipe run directory).
+
 Config paths are relative to the recipe file. ``${stage:NAME}`` inside an override is replaced by the run
 directory of the earlier stage NAME. Overrides given on the command line apply to every stage.
 
@@ -26,8 +34,9 @@ import dataclasses
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -36,7 +45,7 @@ from jaxtok.metrics import markdown_table, write_results
 
 STAGE_COMMANDS = ("train", "eval", "decode", "bench")
 STAGE_KEYS = ("command", "config", "name", "overrides")
-RECIPE_KEYS = ("run", "stages", "summary")
+RECIPE_KEYS = ("run", "stages", "summary", "plots")
 _STAGE_REF = re.compile(r"\$\{stage:([A-Za-z0-9_\-]+)\}")
 _OUTPUT_KEYS = ("out_dir", "name", "cache_dir", "progress")  # where outputs go: not part of a stage's identity
 
@@ -56,12 +65,46 @@ class Stage:
         return list(dict.fromkeys(_STAGE_REF.findall(" ".join(self.overrides))))
 
 
+# A summary column: its name and the result keys that may fill it, first present wins.
+Column = tuple[str, tuple[str, ...]]
+ColumnSpec = Union[str, Mapping[str, Union[str, Sequence[str]]]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     stages: tuple[Stage, ...]
-    summary: tuple[str, ...] = ()  # result keys for the summary table (default: all)
+    summary: tuple[Column, ...] = ()  # summary table columns (default: every result key)
     out_dir: Optional[str] = None  # default: the first stage's run.out_dir
     name: Optional[str] = None  # default: the recipe file's stem
+    plots: tuple[str, ...] = ()  # summary columns drawn as bar charts over the stages
+
+
+def parse_columns(spec: Any, where: str = "summary") -> tuple[Column, ...]:
+    """Summary columns from the recipe's ``summary`` list: each entry a key (``"tokens_per_s"``) or a one-entry
+    mapping ``{column: key}`` / ``{column: [key, ...]}``. Raises ConfigError naming the bad entry."""
+    if spec is None:
+        return ()
+    if not isinstance(spec, list):
+        raise ConfigError(f"{where}={spec!r}: must be a list of result keys or {{column: [keys]}} mappings")
+    cols: list[Column] = []
+    for i, item in enumerate(spec):
+        if isinstance(item, str) and item:
+            col = (item, (item,))
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, keys), = item.items()
+            keys = [keys] if isinstance(keys, str) else keys
+            if not isinstance(name, str) or not isinstance(keys, list) or not keys \
+                    or not all(isinstance(k, str) and k for k in keys):
+                raise ConfigError(f"{where}[{i}]={item!r}: a column maps its name to a key or a non-empty list "
+                                  f"of keys")
+            col = (name, tuple(keys))
+        else:
+            raise ConfigError(f"{where}[{i}]={item!r}: must be a result key or a one-entry mapping "
+                              f"{{column: [keys]}}")
+        if any(c[0] == col[0] for c in cols):
+            raise ConfigError(f"{where}[{i}]: column {col[0]!r} appears twice")
+        cols.append(col)
+    return tuple(cols)
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -110,7 +153,15 @@ def read_recipe(path: str | Path) -> Recipe:
                 raise ConfigError(f"{key}.overrides: ${{stage:{ref}}} does not name an earlier stage; "
                                   f"earlier stages: {[s.name for s in stages]}")
         stages.append(stage)
-    return Recipe(tuple(stages), tuple(data.get("summary") or ()), run.get("out_dir"), run.get("name"))
+    summary = parse_columns(data.get("summary"))
+    plots = data.get("plots") or []
+    if not isinstance(plots, list) or not all(isinstance(p, str) for p in plots):
+        raise ConfigError(f"plots={plots!r} in {path}: must be a list of summary column names")
+    names = [c[0] for c in summary]
+    for p in plots:
+        if p not in names:
+            raise ConfigError(f"plots: {p!r} is not a summary column; columns: {names}")
+    return Recipe(tuple(stages), summary, run.get("out_dir"), run.get("name"), tuple(plots))
 
 
 def stage_key(cfg: Config, command: str, upstream: Sequence[str]) -> str:
@@ -125,11 +176,40 @@ def _resolve_refs(overrides: Sequence[str], value_of: Callable[[str], str]) -> l
     return [_STAGE_REF.sub(lambda m: value_of(m.group(1)), o) for o in overrides]
 
 
+def describe_stage(command: str, cfg: Config) -> str:
+    """What a stage does, for the summary: ``train opd (entropy_sample)``, ``decode speculative/fixed``,
+    ``decode diffusion/threshold``, ``bench train``, ``eval``."""
+    if command == "train":
+        sel = dict(cfg.objective.args).get("selection")
+        rule = sel.get("rule") if isinstance(sel, Mapping) else None
+        return f"train {cfg.objective.name}" + (f" ({rule})" if rule and rule != "all" else "")
+    if command == "decode":
+        d = cfg.decode
+        return f"decode {d.method}" + (f"/{d.policy}" if d.policy else "")
+    if command == "bench":
+        return f"bench {cfg.bench.name}"
+    return command
+
+
+def stage_outputs(run_dir: Path) -> list[str]:
+    """File names of a stage's results in ``run_dir``: tables, JSON summaries and plots."""
+    names = [n for n in ("results.md", "results.json", "summary.json", "eval.json") if (run_dir / n).is_file()]
+    return names + sorted(p.name for p in run_dir.glob("*.png"))
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="stage", desc="recipe", position=0, leave=True,
+                dynamic_ncols=True)
+
+
 def run_recipe(path: str | Path, overrides: Sequence[str] = (), *, handlers: Optional[dict[str, Callable]] = None,
                out_dir: Optional[str | Path] = None) -> dict:
     """Run the recipe at ``path``; ``overrides`` apply to every stage. ``handlers`` maps a command to a
     ``(cfg, run_dir) -> dict`` function (default: the CLI's). Every stage is loaded and validated before any runs.
-    Returns ``{stage name: result}`` and writes ``results.json``/``results.md`` into the recipe run directory."""
+    Returns ``{stage name: result}``, writes ``results.json``/``results.md`` (and the recipe's ``plots``) into the
+    recipe run directory and prints the summary table with the paths of every stage's results and plots."""
     from jaxtok.cli import get_handler
 
     recipe = read_recipe(path)
@@ -142,43 +222,103 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = (), *, handlers: Opt
     dirs: dict[str, Path] = {}
     keys: dict[str, str] = {}
     results: dict[str, dict] = {}
+    info: dict[str, dict] = {}
     first_cfg = None
-    for st in recipe.stages:
-        symbolic = load_config(st.config, _resolve_refs(st.overrides, lambda n: f"<stage:{n}>") + list(overrides))
-        key = stage_key(symbolic, st.command, [keys[n] for n in st.upstream])
-        run_dir = (Path(symbolic.run.cache_dir) / f"{st.name}-{key}").resolve()
-        cfg = load_config(st.config, _resolve_refs(st.overrides, lambda n: str(dirs[n])) + list(overrides))
-        first_cfg = first_cfg or cfg
-        dirs[st.name], keys[st.name] = run_dir, key
-        done = run_dir / "DONE"
-        if done.exists():
-            results[st.name] = json.loads(done.read_text())
-            print(f"[recipe] {st.name}: cached ({run_dir})")
-            continue
-        check_paths(cfg)
-        print(f"[recipe] {st.name}: {st.command} {st.config.name} -> {run_dir}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        result = handlers[st.command](cfg, run_dir) or {}
-        result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        tmp = run_dir / "DONE.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(done)  # DONE appears only complete
-        results[st.name] = result
+    n = len(recipe.stages)
+    bar = None
+    t_start = time.perf_counter()
+    try:
+        for i, st in enumerate(recipe.stages):
+            symbolic = load_config(st.config, _resolve_refs(st.overrides, lambda n: f"<stage:{n}>") + list(overrides))
+            key = stage_key(symbolic, st.command, [keys[n] for n in st.upstream])
+            run_dir = (Path(symbolic.run.cache_dir) / f"{st.name}-{key}").resolve()
+            cfg = load_config(st.config, _resolve_refs(st.overrides, lambda n: str(dirs[n])) + list(overrides))
+            if first_cfg is None:
+                first_cfg = cfg
+                bar = _progress(n, bool(cfg.run.progress))
+            dirs[st.name], keys[st.name] = run_dir, key
+            info[st.name] = {"recipe/what": describe_stage(st.command, cfg), "recipe/dir": str(run_dir)}
+            bar.set_description(f"recipe [{st.name}]")
+            done = run_dir / "DONE"
+            if done.exists():
+                results[st.name] = json.loads(done.read_text())
+                info[st.name]["recipe/time_s"] = "cached"
+                bar.write(f"[recipe {i + 1}/{n}] {st.name}: cached ({run_dir})")
+                bar.update(1)
+                continue
+            check_paths(cfg)
+            bar.write(f"[recipe {i + 1}/{n}] {st.name}: {st.command} {st.config.name} -> {run_dir}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            t0 = time.perf_counter()
+            result = handlers[st.command](cfg, run_dir) or {}
+            info[st.name]["recipe/time_s"] = time.perf_counter() - t0
+            result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+            tmp = run_dir / "DONE.tmp"
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(done)  # DONE appears only complete
+            results[st.name] = result
+            bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    total_s = time.perf_counter() - t_start
     rec_dir = Path(out_dir or recipe.out_dir or first_cfg.run.out_dir) / (recipe.name or Path(path).stem)
-    rows = summary_rows(results, recipe.summary)
-    write_results(rec_dir, {"stages": results, "dirs": {k: str(v) for k, v in dirs.items()}, "keys": keys}, rows,
-                  title=f"recipe {Path(path).name}")
+    rows = summary_rows(results, recipe.summary, info)
+    plots = summary_plots(rows, recipe.plots)
+    written = write_results(rec_dir, {"stages": results, "dirs": {k: str(v) for k, v in dirs.items()}, "keys": keys,
+                                      "summary": rows, "wall_s": total_s}, rows, plots=plots,
+                            title=f"recipe {Path(path).name}")
     print(markdown_table(rows), end="")
-    print(f"recipe results: {rec_dir}")
+    ran = sum(isinstance(v.get("recipe/time_s"), float) for v in info.values())
+    print(f"recipe {Path(path).name}: {ran} of {n} stages run ({n - ran} reused) in {total_s:.1f} s")
+    for name, d in dirs.items():
+        outs = stage_outputs(d)
+        print(f"  {name}: {d}" + (f"  [{', '.join(outs)}]" if outs else ""))
+    print(f"recipe results: {rec_dir}  [{', '.join(sorted(Path(v).name for v in written.values()))}]")
     return results
 
 
-def summary_rows(results: dict[str, dict], keys: Sequence[str] = ()) -> list[dict]:
-    """One row per stage: its name and the result values named by ``keys`` (default: all of them)."""
+def _cell(sources: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> Any:
+    """The value of the first of ``keys`` present (and not None) in the first of ``sources`` that has it."""
+    for k in keys:
+        for src in sources:
+            if src.get(k) is not None:
+                return src[k]
+    return None
+
+
+def summary_rows(results: Mapping[str, Mapping[str, Any]], columns: Sequence[Union[str, Column]] = (),
+                 info: Optional[Mapping[str, Mapping[str, Any]]] = None) -> list[dict]:
+    """One row per stage: ``stage`` and one cell per column (default: every result key of the stage).
+
+    A column is a result key or ``(name, keys)``: the first of ``keys`` the stage's result (or its recipe ``info``:
+    ``recipe/what``, ``recipe/time_s``, ``recipe/dir``) holds fills the cell, so train stages' ``eval/exact_match``
+    and decode stages' ``exact_match`` share a column. Columns no stage fills are left out."""
+    cols = [(c, (c,)) if isinstance(c, str) else (c[0], tuple(c[1])) for c in columns]
     rows = []
     for name, res in results.items():
-        row = {"stage": name}
-        row.update({k: res[k] for k in (keys or list(res)) if k in res})
+        row: dict = {"stage": name}
+        if not cols:
+            row.update(res)
+        else:
+            sources = (res, (info or {}).get(name, {}))
+            row.update({col: v for col, keys in cols if (v := _cell(sources, keys)) is not None})
         rows.append(row)
+    if cols:  # one column order for every row; empty cells stay empty
+        used = ["stage"] + [c for c, _ in cols if any(c in r for r in rows)]
+        rows = [{c: r.get(c, "") for c in used} for r in rows]
     return rows
+
+
+def summary_plots(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict:
+    """Bar-chart specs (:func:`jaxtok.metrics.draw_spec`) of the numeric cells of ``columns`` over the stages;
+    a column with no number in any row is skipped."""
+    plots = {}
+    for col in columns:
+        pts = [(r["stage"], float(r[col])) for r in rows
+               if isinstance(r.get(col), (int, float)) and not isinstance(r.get(col), bool)]
+        if pts:
+            plots[col.replace("/", "_")] = {"x": [p[0] for p in pts], "y": [p[1] for p in pts], "kind": "bar",
+                                            "xlabel": "stage", "ylabel": col, "title": col}
+    return plots
