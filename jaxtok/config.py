@@ -469,11 +469,15 @@ def rollout_topk(cfg: Config, meta) -> int:
 
 
 def _check_rollout(cfg: Config, meta) -> None:
-    """Rollout objectives: group size divides the batch, the frozen models they name are configured, reward
-    names are registered, group advantages are not split over micro-batches."""
+    """Rollout and trajectory objectives: group size (trajectory: pairs per trajectory) divides the batch, the
+    frozen models they name are configured, reward names are registered, group advantages are not split over
+    micro-batches, top-K statistics come from a collector that stores them."""
     ro = cfg.rollout
-    if meta.get("data") != "rollout":
+    if meta.get("data") not in ("rollout", "trajectory"):
         return
+    if meta.get("data") == "trajectory" and ro.branches:
+        raise ConfigError(f"rollout.branches={ro.branches}: APPO branching is for rollout objectives, not "
+                          f"objective {cfg.objective.name!r} (data='trajectory')")
     check_micro_batches(cfg, meta)
     rollout_topk(cfg, meta)
     if cfg.data.batch_size % ro.rows_per_prompt:

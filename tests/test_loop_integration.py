@@ -242,3 +242,103 @@ def test_cppo_topk_divergence_runs_on_stored_rollout_topk(tmp_path):
                 rollout={"branches": 2, "num_generations": 2})
     with pytest.raises(ConfigError, match="default collector only"):
         validate_names(appo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. TAD: teacher trajectories on privileged prompts (data="trajectory")
+
+
+def test_trajectory_pairs_hand_case():
+    """Per-row commit ranks; δ = 0 reveals nothing new (no near tokens), δ ≥ S gives the final response, and the
+    near count is the number of tokens committed at steps i..i+δ-1."""
+    from jaxtok.train.trajectory import row_step_ranks, trajectory_pairs
+
+    M = 3
+    final = np.array([[20, 21, 22, 23], [30, 31, 32, 33]])
+    commit = np.array([[5, 2, 9, 2], [0, 1, -1, 4]])  # row 0: steps {2, 5, 9}; row 1: {0, 1, 4}, one never
+    ranks, lengths = row_step_ranks(commit)
+    np.testing.assert_array_equal(ranks, [[1, 0, 2, 0], [0, 1, -1, 2]])
+    np.testing.assert_array_equal(lengths, [3, 3])
+    steps = np.array([2, 0])
+    x_t, same = trajectory_pairs(final, ranks, lengths, steps, 0, M)
+    np.testing.assert_array_equal(x_t, same)
+    np.testing.assert_array_equal(x_t, [[20, 21, M, 23], [M, M, M, M]])
+    _, full = trajectory_pairs(final, ranks, lengths, steps, 99, M)
+    np.testing.assert_array_equal(full, [[20, 21, 22, 23], [30, 31, M, 33]])
+    x_t, x_tg = trajectory_pairs(final, ranks, lengths, steps, 2, M)
+    near = (x_t == M) & (x_tg != M)
+    np.testing.assert_array_equal(near.sum(1), [1, 2])  # row 0: rank 2 only (S = 3); row 1: ranks 0 and 1
+
+
+class _AlwaysRight:
+    """The arith task with every completion judged correct, so a random teacher's trajectories are kept."""
+
+    def __init__(self, task):
+        self._task = task
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def reward(self, completion, example):
+        return 1.0
+
+
+@pytest.fixture(scope="module")
+def diffusion_teacher_dir(tmp_path_factory, tok):
+    from jaxtok.models.hf import save_checkpoint
+
+    path = tmp_path_factory.mktemp("dteacher")
+    model = Decoder(presets.get("tiny_diffusion", vocab_size=tok.get_vocab_size(), **TINY), rngs=nnx.Rngs(5))
+    save_checkpoint(model, str(path))
+    save_tokenizer(tok, path / "tokenizer.json")
+    return path
+
+
+def test_trajectory_collector_builds_tad_pairs(tok, diffusion_teacher_dir):
+    """The collector's batch is the tad objective's layout: plain and privileged prompts followed by the same x_t,
+    x_target revealing a superset of x_t, pairs only on kept trajectories; the TAD loss on it is finite with near
+    and distant tokens present, and a rejected (incorrect) trajectory contributes no token."""
+    from jaxtok.data import prompt_dataset
+    from jaxtok.tasks import make_task
+    from jaxtok.tasks.tokenizer import decode
+    from jaxtok.train.loop import load_model
+    from jaxtok.train.objectives.tad import TADArgs, tad_loss
+    from jaxtok.train.trajectory import PRIVILEGED_TEMPLATE, collect_trajectories
+
+    teacher, _ = load_model(diffusion_teacher_dir)
+    task = make_task("arith", {"digits": 1})
+    prompts = next(iter(prompt_dataset(task, "train", tok, prompt_len=12, batch_size=2, num_examples=8)[0]))
+    settings = from_dict({"rollout": {"num_generations": 3, "max_new_tokens": 6, "temperature": 0.7}}).rollout
+    args = TADArgs(delta=2)
+    ro = collect_trajectories(None, prompts, task=_AlwaysRight(task), tokenizer=tok, settings=settings,
+                              rng=jax.random.key(0), teacher=teacher, args=args, seq_len=24)
+    b = ro.batch
+    M = teacher.cfg.mask_token_id
+    assert b["tokens"].shape == (6, 18) and b["x_target"].shape == (6, 6) and b["teacher_tokens"].shape[1] == 60
+    np.testing.assert_array_equal(b["tokens"][:, -6:], b["teacher_tokens"][:, -6:])
+    x_t = b["tokens"][:, -6:]
+    assert np.all((x_t == M) | (x_t == b["x_target"]))  # x_target reveals a superset of x_t
+    ex = task.example("train", int(prompts["index"][0]))
+    priv = decode(tok, b["teacher_tokens"][0][b["teacher_valid"][0]][:-6])
+    assert priv.endswith(PRIVILEGED_TEMPLATE.format(target=ex.target, prompt=ex.prompt))
+    assert b["response_valid"].any()
+    loss, _, aux = tad_loss(teacher, b, jax.random.key(0), args, teacher=teacher)
+    assert np.isfinite(float(loss)) and float(aux["near"][0]) + float(aux["distant"][0]) > 0
+    wrong = collect_trajectories(None, prompts, task=task, tokenizer=tok, settings=settings, rng=jax.random.key(0),
+                                 teacher=teacher, args=args, seq_len=24)
+    assert not wrong.batch["response_valid"].any() and wrong.info["rollout/exact_match"] == 0.0
+
+
+def test_tad_trains_in_the_loop(tmp_path, diffusion_teacher_dir):
+    """``jaxtok train`` with objective tad: trajectories are recorded, the steps run, the eval is diffusion
+    decoding."""
+    from jaxtok.train.loop import train
+
+    cfg = _cfg("tad", {"delta": 2, "chunk_size": 64}, steps=2, model={"preset": "tiny_diffusion"},
+               rollout={"teacher_init_from": str(diffusion_teacher_dir), "num_generations": 2,
+                        "temperature": 0.7})
+    validate_names(cfg)
+    summary = train(cfg, tmp_path / "run", final_eval=True)
+    steps = _records(tmp_path / "run")
+    assert len(steps) == 2 and all(np.isfinite(r["loss"]) and "rollout/exact_match" in r for r in steps)
+    assert "eval/mean_nfe" in summary

@@ -16,9 +16,10 @@ Objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count, aux)
 meta says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions, valid, loss_mask}`` of the task.
 ``data="rollout"``: every ``rollout.inner_epochs`` steps, prompts of the task are completed by the current policy and
 scored (:mod:`jaxtok.train.rollout`; APPO tree rollouts with ``rollout.branches``); ``data="documents"``: SFT rows
-handed to the objective's own ``collect`` (REFINE). ``models=("teacher", "reference")`` names the frozen models the
-step passes (``rollout.teacher_init_from``; ``rollout.reference`` = ``init`` for the initial policy or a run
-directory); ``collect=fn(policy, batch, *, task, tokenizer, settings, rng, mesh, teacher, prepare, args)`` replaces
+handed to the objective's own ``collect`` (REFINE); ``data="trajectory"``: the frozen teacher's diffusion
+trajectories on privileged prompts, cut into ``(x_t, x_target)`` pairs (:mod:`jaxtok.train.trajectory`, TAD).
+``models=("teacher", "reference")`` names the frozen models the step passes (``rollout.teacher_init_from``;
+``rollout.reference`` = ``init`` for the initial policy or a run directory); ``collect=fn(policy, batch, *, task, tokenizer, settings, rng, mesh, teacher, prepare, args)`` replaces
 the default collector. ``batch_step=True``: the objective reads ``batch["step"] [B]``, the optimizer step being
 taken (filled in by the train step, :func:`jaxtok.train.step.make_train_step`; TRACE's λ schedule).
 ``wrap_model=fn(decoder, args, rngs)`` builds the trained model around the decoder (LenVM's value head); the
@@ -283,6 +284,7 @@ def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
     return finalize_metrics(pairs)
 
 
+DATA_KINDS = ("sft", "rollout", "documents", "trajectory")  # what the loop feeds objectives (entry meta ``data``)
 DIFFUSION_OBJECTIVES = ("mdlm", "bd3lm", "cj_grpo", "tad")  # objectives that train masked-diffusion LMs
 
 
@@ -423,12 +425,22 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     del model  # the train state owns the (placed, donated) parameters from here on
 
     data_kind = entry.meta.get("data", "sft")
-    rollouts = data_kind in ("rollout", "documents")
+    if data_kind not in DATA_KINDS:
+        from jaxtok.registry import ConfigError
+
+        raise ConfigError(f"objective {cfg.objective.name!r} eats data={data_kind!r}; the loop produces {DATA_KINDS}")
+    rollouts = data_kind != "sft"
     collect = branching.collect_appo if cfg.rollout.branches else rollout_lib.collect
     if "collect" in entry.meta:  # the objective's own collector gets its parsed arguments
         from jaxtok.registry import OBJECTIVES
 
         collect = functools.partial(entry.meta["collect"], args=OBJECTIVES.parse_args(
+            cfg.objective.name, cfg.objective.args, "objective.args"))
+    if data_kind == "trajectory":  # TAD: teacher trajectories with the privileged prompt
+        from jaxtok.registry import OBJECTIVES
+        from jaxtok.train.trajectory import collect_trajectories
+
+        collect = functools.partial(collect_trajectories, seq_len=cfg.data.seq_len, args=OBJECTIVES.parse_args(
             cfg.objective.name, cfg.objective.args, "objective.args"))
     topk = rollout_topk(cfg, entry.meta) if data_kind == "rollout" else 0
     if topk:  # top-K behaviour statistics for the objective (CPPO's top-K TV/KL)
@@ -440,7 +452,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
 
         host_adv = functools.partial(host_adv, args=OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args,
                                                                           "objective.args"))
-    if data_kind == "rollout":
+    if data_kind in ("rollout", "trajectory"):
         ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len,
                                      batch_size=cfg.data.batch_size // cfg.rollout.rows_per_prompt,
                                      num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True,

@@ -43,13 +43,15 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class TADArgs:
     """``ce_weight`` λ_ce, ``kl_weight`` λ_kl, ``temperature`` τ of the KL (repo defaults 1, 1, 1); ``mask_id``
-    (None: the model config's ``mask_token_id``); ``chunk_size`` tokens per float32 chunk."""
+    (None: the model config's ``mask_token_id``); ``chunk_size`` tokens per float32 chunk; ``delta`` δ, the step
+    offset of ``x_target`` used by the loop's trajectory collector (LLaDA script 8, Dream 6)."""
 
     ce_weight: float = 1.0
     kl_weight: float = 1.0
     temperature: float = 1.0
     mask_id: Optional[int] = None
     chunk_size: int = 512
+    delta: int = 8
 
     def __post_init__(self):
         if self.ce_weight < 0 or self.kl_weight < 0:
@@ -58,6 +60,8 @@ class TADArgs:
             raise ConfigError(f"temperature={self.temperature!r}: must be > 0")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size={self.chunk_size!r}: must be >= 1")
+        if self.delta < 0:
+            raise ConfigError(f"delta={self.delta!r}: must be >= 0")
 
 
 def trajectory_pair(trajectory: np.ndarray, step: int, delta: int) -> tuple[np.ndarray, np.ndarray]:
