@@ -58,6 +58,12 @@ def test_run_flops_counts_rollouts_updates_and_reference():
                          reference_forward=False) == [0.0, 5.0, 8.0]
 
 
+def test_first_last_quarter_reads_fresh_rollout_steps():
+    recs = [{"step": s, "rollout/exact_match": v} for s, v in enumerate([0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6], 1)]
+    assert R.first_last_quarter(recs, "rollout/exact_match", 2) == (0.0, 0.6)
+    assert R.first_last_quarter([], "rollout/exact_match", 2) == (None, None)
+
+
 def test_position_coverage_and_mean_sd():
     np.testing.assert_allclose(R.position_coverage([1, 2, 4, 4], 5), [1.0, 0.75, 0.5, 0.5, 0.0])
     assert R.mean_sd([1.0, None, 3.0]) == (2.0, 1.0)

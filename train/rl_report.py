@@ -38,7 +38,7 @@ import numpy as np
 from jaxtok.registry import BENCHES, ConfigError
 
 __all__ = ["RLCompareArgs", "eval_curve", "reuse_steps", "clip_by_position", "cppo_rejections", "run_flops",
-           "flops_curve", "position_coverage", "mean_sd", "rl_compare_bench"]
+           "flops_curve", "position_coverage", "first_last_quarter", "mean_sd", "rl_compare_bench"]
 
 EVAL_KEY = "eval/exact_match"
 
@@ -280,7 +280,7 @@ def rl_compare_bench(cfg, run_dir: str | Path, args: RLCompareArgs) -> dict:
                      "clip_by_position": clip_by_position(records, vcfg.rollout.inner_epochs),
                      "cppo": cppo_rejections(records, vcfg.rollout.inner_epochs),
                      "clip_frac": _mean_over_reuse(records, "clip_frac", vcfg.rollout.inner_epochs),
-                     "rollout_reward_last": _last(records, "rollout/reward_mean"),
+                     "rollout_em": first_last_quarter(records, "rollout/exact_match", vcfg.rollout.inner_epochs),
                      "decision_frac": _mean_over_reuse(records, "decision_frac", None),
                      "kept_rows": _mean_over_reuse(records, "kept_rows", None)})
 
@@ -309,9 +309,16 @@ def rl_compare_bench(cfg, run_dir: str | Path, args: RLCompareArgs) -> dict:
             "best_variant": max(table, key=lambda r: r["final"] or -1)["variant"]}
 
 
-def _last(records, key):
-    vals = [r[key] for r in records if key in r]
-    return float(vals[-1]) if vals else None
+def first_last_quarter(records: Sequence[Mapping], key: str, inner_epochs: int) -> tuple[Optional[float], ...]:
+    """Means of a per-rollout-batch metric ``key`` over the first and the last quarter of the rollout batches (the
+    logged steps that sample a fresh batch; all logged steps when none of those is logged)."""
+    by_step = _train_records(records, key)
+    fresh = [s for s in sorted(by_step) if (s - 1) % inner_epochs == 0] or sorted(by_step)
+    if not fresh:
+        return None, None
+    vals = [float(by_step[s][key]) for s in fresh]
+    k = max(len(vals) // 4, 1)
+    return float(np.mean(vals[:k])), float(np.mean(vals[-k:]))
 
 
 def _mean_over_reuse(records, key, inner_epochs: Optional[int]):
@@ -341,7 +348,8 @@ def _tabulate(args: RLCompareArgs, runs: list, start_acc: float):
         row = {"variant": variant, "seeds": len(mine), "steps": mine[0]["steps"], "final": final, "final_sd": final_sd,
                "gain_pp": None if gain is None else 100 * gain, "train_tflops": flops / 1e12,
                "gain_pp_per_tflop": None if gain is None else 100 * gain / (flops / 1e12),
-               "clip_frac": clip, "rollout_reward_last": mean_sd([r["rollout_reward_last"] for r in mine])[0],
+               "clip_frac": clip, "rollout_em_first_q": mean_sd([r["rollout_em"][0] for r in mine])[0],
+               "rollout_em_last_q": mean_sd([r["rollout_em"][1] for r in mine])[0],
                "wall_s": mean_sd([r["wall_s"] for r in mine])[0]}
         dec = mean_sd([r["decision_frac"] for r in mine])[0]
         if dec is not None:
