@@ -137,6 +137,7 @@ def test_bench_tables_plots_and_publishes_from_run_metrics(tmp_path, monkeypatch
     assert res["accuracy_curves"]["grpo"]["step"] == [0, 2, 4] and res["accuracy_curves"]["grpo"]["mean"][0] == 0.1
     shown = res["clip_positions"]
     assert shown and shown[0] == 0 and max(shown) < 20 and min(res["position_coverage"]) >= 0.25
+    assert len(res["example_completion"]) == len(shown) and res["example_completion"][0]
     assert res["clip_by_position"]["grpo"][1] == pytest.approx(0.01)  # reuse steps only: 0.01 * pos, not halved
     assert res["cppo"]["cppo"]["budget_share"] == pytest.approx(1 / 3)
     assert out["best_variant"] == "grpo"

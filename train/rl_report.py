@@ -231,16 +231,25 @@ def _start_accuracy(args: RLCompareArgs, cfg, run_dir: Path) -> float:
     return float(evaluate(cfg, run_dir / "start_eval")[EVAL_KEY])
 
 
-def _reference_lengths(cfg) -> list[int]:
-    """Token lengths of the reference completions (SFT loss tokens) of the held-out split."""
+def _reference_completions(cfg) -> tuple[list[int], list[str]]:
+    """Token lengths of the reference completions (SFT loss tokens) of the held-out split, and the first one's tokens
+    as text (labels the positions of the clip table)."""
     from jaxtok.data import make_task_from_config, sft_dataset
+    from jaxtok.tasks.tokenizer import decode
     from jaxtok.train.loop import load_tokenizer_for
 
     tok = load_tokenizer_for(cfg)
     ds, _ = sft_dataset(make_task_from_config(cfg.data), "eval", tok, seq_len=cfg.data.seq_len,
                         batch_size=cfg.data.batch_size, num_examples=max(cfg.data.num_eval, cfg.data.batch_size),
                         seed=0, shuffle=False, num_epochs=1, overlong=cfg.data.overlong)
-    return [int(n) for batch in ds for n in np.asarray(batch["loss_mask"]).sum(axis=1)]
+    lengths, example = [], []
+    for batch in ds:
+        mask = np.asarray(batch["loss_mask"])
+        lengths += [int(n) for n in mask.sum(axis=1)]
+        if not example:
+            example = [decode(tok, [int(i)], stop_at_eos=False) or "<eos>"
+                       for i in np.asarray(batch["tokens"])[0][mask[0]]]
+    return lengths, example
 
 
 @BENCHES.register("rl_compare", RLCompareArgs)
@@ -286,7 +295,8 @@ def rl_compare_bench(cfg, run_dir: str | Path, args: RLCompareArgs) -> dict:
 
     any_cfg = next(iter(configs.values()))
     T = any_cfg.data.prompt_len + any_cfg.rollout.max_new_tokens
-    coverage = position_coverage(_reference_lengths(any_cfg), T)
+    lengths, example = _reference_completions(any_cfg)
+    coverage = position_coverage(lengths, T)
     shown = [t for t in range(T) if coverage[t] >= args.min_coverage]
     table, clip_curves, acc_curves, flop_curves, cppo = _tabulate(args, runs, start_acc)
     for v, c in clip_curves.items():
@@ -296,6 +306,7 @@ def rl_compare_bench(cfg, run_dir: str | Path, args: RLCompareArgs) -> dict:
                "common": list(args.common), "table": table, "accuracy_curves": acc_curves,
                "flops_curves": flop_curves, "clip_positions": shown,
                "position_coverage": [float(coverage[t]) for t in shown], "clip_by_position": clip_curves,
+               "example_completion": [example[t] if t < len(example) else "" for t in shown],
                "cppo": cppo, "runs": [_plain_run(r) for r in runs], "command": args.command}
     plots = _plots(acc_curves, clip_curves, shown, flop_curves, start_acc, args.reference)
     title = f"RL comparison from {cfg.model.init_from} (held-out greedy exact match; seeds {list(args.seeds)})"
@@ -420,8 +431,10 @@ def _markdown(results: dict, table: list, title: str) -> str:
         rows = [{"variant": v, **{f"t={t + 1}": c[i] for i, t in enumerate(pos)}}
                 for v, c in results["clip_by_position"].items()]
         cover = {"variant": "(coverage)", **{f"t={t + 1}": x for t, x in zip(pos, results["position_coverage"])}}
-        lines += ["Clip (CPPO: mask-rejection) rate by response position, steps that reuse a rollout batch:", "",
-                  markdown_table([*rows, cover]), ""]
+        ex = {"variant": "(example)", **{f"t={t + 1}": f"`{x}`" for t, x in zip(pos, results["example_completion"])}}
+        lines += ["Clip (CPPO: mask-rejection) rate by response position, steps that reuse a rollout batch "
+                  "(coverage: share of reference completions reaching the position; example: one reference "
+                  "completion):", "", markdown_table([*rows, cover, ex]), ""]
     if results["cppo"]:
         lines += ["CPPO rejections (fractions of response tokens; budget share = prefix-budget / all rejections):",
                   "", markdown_table([{"variant": v, **x} for v, x in results["cppo"].items()]), ""]
