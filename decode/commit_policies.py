@@ -478,10 +478,12 @@ def bacd(info: StepInfo, args: BACDArgs, state, spec: LoopSpec, heads=None) -> D
 @dataclasses.dataclass(frozen=True)
 class Learn2PDArgs(SamplerArgs):
     """``threshold`` on the filter's sigmoid (reference 0.9); ``eot``: End-of-Text Prediction truncation. Needs
-    ``heads={"filter": FilterHead(block_size=block_len)}`` (``jaxtok.models.heads``)."""
+    ``heads={"filter": FilterHead(block_size=block_len)}`` (``jaxtok.models.heads``); ``head_path``: a trained filter
+    (``python -m jaxtok.decode.train_commit_heads``) that ``jaxtok decode`` loads."""
 
     threshold: float = 0.9
     eot: bool = True
+    head_path: Optional[str] = None
 
 
 def block_features(values: jax.Array, lo: jax.Array, width: int):
@@ -535,11 +537,13 @@ class TraceLockArgs(SamplerArgs):
     """``threshold`` on the controller's dynamic-threshold probability (reference 0.99); ``max_accept`` cap on
     threshold commits per step (4); ``window`` positions from the first mask the controller sees (128). Needs
     ``heads={"controller": TraceController(in_features=hidden_size + 1)}``; features are the backbone's hidden state
-    and the proposal's confidence at every generated position, state ids LOCKED (1) / GEN (2) / EOT (3)."""
+    and the proposal's confidence at every generated position, state ids LOCKED (1) / GEN (2) / EOT (3);
+    ``head_path``: a trained controller (``python -m jaxtok.decode.train_commit_heads``) that ``jaxtok decode`` loads."""
 
     threshold: float = 0.99
     max_accept: int = 4
     window: int = 128
+    head_path: Optional[str] = None
 
 
 def tracelock_inputs(info: StepInfo, window: int):

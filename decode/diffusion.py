@@ -520,6 +520,8 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
     from jaxtok.data import prompt_dataset
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
+    if not heads and COMMIT_POLICIES.entry(policy, "policy").meta.get("heads"):
+        policy_args, heads = policy_args_and_heads(policy, policy_args)  # from policy_args.head_path
     sp = SpecialTokens.of(tok)
     n = num_examples or cfg.data.num_eval
     bsz = cfg.decode.batch_size
@@ -569,17 +571,36 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
     return metrics, samples
 
 
+def policy_args_and_heads(policy: str, policy_args=None):
+    """``(policy args dataclass, heads or None)``: for a policy with learned heads (``learn2pd``, ``tracelock``) the
+    heads are loaded from ``policy_args.head_path`` (a directory written by ``python -m
+    jaxtok.decode.train_commit_heads``)."""
+    args = policy_args_of(policy, policy_args)
+    needed = COMMIT_POLICIES.entry(policy, "decode.policy").meta.get("heads")
+    if not needed:
+        return args, None
+    head_path = getattr(args, "head_path", None)
+    if not head_path:
+        raise ConfigError(f"decode.policy={policy!r} needs learned heads {list(needed)}: set "
+                          f"decode.policy_args.head_path=<dir from python -m jaxtok.decode.train_commit_heads>")
+    from .train_commit_heads import load_commit_heads
+
+    heads = load_commit_heads(head_path)
+    missing = [h for h in needed if h not in heads]
+    if missing:
+        raise ConfigError(f"decode.policy_args.head_path={head_path!r} holds heads {sorted(heads)}; policy "
+                          f"{policy!r} needs {list(needed)}")
+    return args, heads
+
+
 def run_diffusion_decode(cfg, model, tok, task, run_dir) -> dict:
     """``jaxtok decode`` with ``decode.method=diffusion``: held-out exact match, NFE and throughput of
     ``decode.policy`` (default ``llada``) with ``decode.policy_args``; writes ``results.json``/``results.md``."""
     from jaxtok.metrics import write_results
 
     policy = cfg.decode.policy or "llada"
-    if COMMIT_POLICIES.entry(policy, "decode.policy").meta.get("heads"):
-        raise ConfigError(f"decode.policy={policy!r} needs learned heads "
-                          f"{list(COMMIT_POLICIES.entry(policy).meta['heads'])}; call diffusion_generate(heads=...)")
-    args = policy_args_of(policy, dict(cfg.decode.policy_args))
-    metrics, samples = evaluate_policy(cfg, model, tok, task, policy=policy, policy_args=args)
+    args, heads = policy_args_and_heads(policy, dict(cfg.decode.policy_args))
+    metrics, samples = evaluate_policy(cfg, model, tok, task, policy=policy, policy_args=args, heads=heads)
     results = dict(metrics, method="diffusion", policy_args=dataclasses.asdict(args),
                    gen_len=cfg.decode.max_new_tokens)
     write_results(run_dir, results, samples, title=f"diffusion decode, {policy} (exact match "
@@ -630,8 +651,8 @@ def diffusion_bench(cfg, run_dir, args: DiffusionBenchArgs) -> dict:
     for run in args.runs:
         if set(run) - {"label", "policy", "args"} or "policy" not in run:
             raise ConfigError(f"bench.args.runs: entry {run!r} needs 'policy' and may have 'label', 'args'")
-        pa = policy_args_of(run["policy"], dict(run.get("args") or {}))
-        m, _ = evaluate_policy(cfg, model, tok, task, policy=run["policy"], policy_args=pa,
+        pa, heads = policy_args_and_heads(run["policy"], dict(run.get("args") or {}))
+        m, _ = evaluate_policy(cfg, model, tok, task, policy=run["policy"], policy_args=pa, heads=heads,
                                num_examples=args.num_examples)
         table.append({"run": run.get("label", run["policy"]), **{k: v for k, v in m.items() if k != "policy"}})
     base = table[0]

@@ -1,0 +1,213 @@
+"""Learned commit policies' training (decode/train_commit_heads.py, decode_methods.md §B16 Learn2PD, §B17
+TraceLock) and plan conditioning (decode/plan_conditioning.py, §B22): labels and block starts on hand-made
+trajectories, the replay reproducing the sampler's steps, losses (weights, empty selection), a few optimiser steps
+reducing the loss on toys, saved heads loading through ``policy_args.head_path`` and plugging into
+``diffusion_generate`` with loops ending within their caps, and the plan-conditioned prompt layout."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtok.decode import commit_policies as cp
+from jaxtok.decode import train_commit_heads as tch
+from jaxtok.decode.diffusion import diffusion_generate, policy_args_and_heads
+from jaxtok.models import Decoder, presets
+from jaxtok.models.heads import FilterHead, TraceController
+from jaxtok.registry import ConfigError
+
+V, MASK, K, N = 61, 3, 4, 8
+PROMPT = np.array([[0, 1, 11, 12], [1, 13, 14, 15]], np.int32)
+PVALID = np.array([[False, True, True, True], [True, True, True, True]])
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    cfg = presets.get("tiny_diffusion", vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=8)
+    return Decoder(cfg, rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def traced(decoder):
+    out = tch.record_trajectories(decoder, PROMPT, PVALID, gen_len=N, block_len=K, stop_tokens=(2,))
+    tokens, cs = np.asarray(out.tokens), np.asarray(out.commit_step)
+    rep = tch.replay_trajectory(decoder, PROMPT, PVALID, tokens, cs, int(out.num_steps), return_hidden=True)
+    return out, tokens, cs, rep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels, masks and blocks by hand
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_labels_on_a_hand_made_trajectory():
+    # one row, 3 positions, 3 steps; final tokens [5, 6, 7]; commits: pos 0 at step 2, pos 1 at 0, pos 2 at 1
+    tokens = np.array([[5, 6, 7]])
+    cs = np.array([[2, 0, 1]])
+    x0 = np.array([[[5, 6, 9]],   # step 0
+                   [[8, 6, 7]],   # step 1
+                   [[5, 9, 7]]])  # step 2 (pos 1 already committed at 0: its later proposals do not count)
+    final = tch.commit_labels(x0, tokens, cs, "final")
+    np.testing.assert_array_equal(final[:, 0], [[1, 1, 0], [0, 1, 1], [1, 0, 1]])
+    stable = tch.commit_labels(x0, tokens, cs, "stable")
+    # pos 0: right at 0, wrong at 1, right at 2 (commit) -> stable only from step 2
+    # pos 1: committed at 0 with the right token -> stable at 0 (later steps are after the commit)
+    # pos 2: wrong at 0, right at 1 (commit) -> stable from step 1
+    np.testing.assert_array_equal(stable[:, 0], [[0, 1, 0], [0, 1, 1], [1, 1, 1]])
+    with pytest.raises(ValueError, match="label kind"):
+        tch.commit_labels(x0, tokens, cs, "future")
+
+
+def test_masked_at_steps_and_block_starts_by_hand():
+    cs = np.array([[0, 1, 3, 2, -1]])  # position 4 never committed
+    masked = tch.masked_at_steps(cs, 4)
+    np.testing.assert_array_equal(masked[:, 0].astype(int), [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1],
+                                                             [0, 0, 1, 0, 1]])
+    # blocks of 2: [0,2) until both are decoded (step 2), then the block starting at the first mask (2)
+    np.testing.assert_array_equal(tch.block_starts(masked, 2)[:, 0], [0, 0, 2, 2])
+    # a block whose first positions were decoded early starts at the first masked position, not at a multiple
+    cs2 = np.array([[0, 1, 2, 4, 3, 5]])
+    m2 = tch.masked_at_steps(cs2, 6)
+    m2[2, 0, 2] = False  # position 2 decoded out of order before step 2 -> block 1 starts at 3
+    np.testing.assert_array_equal(tch.block_starts(m2, 2)[:3, 0], [0, 0, 3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Replay = the sampler's steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_replay_reproduces_the_sampler(traced):
+    out, tokens, cs, rep = traced
+    S = int(out.num_steps)
+    assert S == N and np.all(cs >= 0)  # llada, one token per step, stop_early off: every position, N steps
+    for b in range(2):
+        for i in range(N):
+            s = cs[b, i]
+            assert rep["x0"][s, b, i] == tokens[b, i]  # committed token = the replayed proposal of its step
+            assert rep["masked"][s, b, i] and not rep["masked"][min(s + 1, S - 1), b, i] or s == S - 1
+            # LLaDA commits the most confident eligible position: replayed confidences agree
+            lo = (s // K) * K
+            elig = rep["masked"][s, b, lo:lo + K]
+            assert rep["conf"][s, b, i] >= rep["conf"][s, b, lo:lo + K][elig].max() - 1e-6
+    lo = tch.block_starts(rep["masked"], K)
+    np.testing.assert_array_equal(lo, np.broadcast_to((np.arange(S) // K * K)[:, None], (S, 2)))
+    assert rep["hidden"].shape == (S, 2, N, 16)
+
+
+def test_examples_match_the_decode_features(traced):
+    out, tokens, cs, rep = traced
+    labels = tch.commit_labels(rep["x0"], tokens, cs)
+    lo = tch.block_starts(rep["masked"], K)
+    ex = tch.learn2pd_examples(rep, labels, lo, K)
+    live = rep["masked"].any(-1).reshape(-1)
+    assert ex["feats"].shape == (live.sum(), K)
+    # (step 1, row 0): block [0, 4) with the position committed at step 0 shown as confidence 1
+    j = 1 * 2 + 0
+    first = int(np.flatnonzero(cs[0] == 0)[0])
+    assert ex["feats"][j, first] == 1.0 and ex["weight"][j, first] == 0.0
+    others = [i for i in range(K) if i != first]
+    np.testing.assert_allclose(ex["feats"][j, others], rep["conf"][1, 0, others], rtol=1e-6)
+    np.testing.assert_array_equal(ex["label"][j], labels[1, 0, :K])
+    tl = tch.tracelock_examples(rep, labels, window=128, stop_tokens=(2,))
+    assert tl["feats"].shape == (live.sum(), N, 17) and tl["states"].shape == (live.sum(), N)
+    np.testing.assert_array_equal(tl["weight"] > 0, rep["masked"].reshape(-1, N)[live])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses and training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _filter_toy(m=512, seed=0):
+    rng = np.random.default_rng(seed)
+    feats = rng.uniform(0, 1, (m, K)).astype(np.float32)
+    return {"feats": feats, "valid": np.ones((m, K), bool), "label": (feats > 0.6).astype(np.float32),
+            "weight": (rng.uniform(size=(m, K)) < 0.7).astype(np.float32)}
+
+
+def test_filter_loss_weights_and_empty_selection():
+    head = FilterHead(K, hidden=8, rngs=nnx.Rngs(0))
+    d = {k: jnp.asarray(v) for k, v in _filter_toy(16).items()}
+    loss = tch.filter_loss(head, **d)
+    logits = head(d["feats"], d["valid"])
+    by_hand = jnp.sum(d["weight"] * (jax.nn.softplus(logits) - d["label"] * logits)) / jnp.sum(d["weight"])
+    np.testing.assert_allclose(loss, by_hand, rtol=1e-5)
+    assert float(tch.filter_loss(head, **dict(d, weight=jnp.zeros_like(d["weight"])))) == 0.0
+
+
+def test_a_few_steps_reduce_the_filter_loss():
+    data = _filter_toy()
+    head = FilterHead(K, hidden=16, rngs=nnx.Rngs(0))
+    losses = tch.fit(head, tch.filter_loss, data, steps=60, lr=1e-2, batch_size=128)
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_a_few_steps_reduce_the_controller_loss():
+    rng = np.random.default_rng(0)
+    m, t, f = 128, 6, 3
+    feats = rng.normal(size=(m, t, f)).astype(np.float32)
+    data = {"feats": feats, "states": np.full((m, t), 2, np.int32), "valid": np.ones((m, t), bool),
+            "label": (feats[..., 0] > 0).astype(np.float32), "weight": np.ones((m, t), np.float32)}
+    head = TraceController(f, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
+    losses = tch.fit(head, tch.controller_loss, data, steps=60, lr=1e-2, batch_size=64,
+                     augment=lambda b, r: tch.random_crop(b, r, 0.5))
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+    empty = {k: jnp.asarray(v) for k, v in dict(data, weight=np.zeros((m, t), np.float32)).items()}
+    assert np.isfinite(float(tch.controller_loss(head, **empty)))
+
+
+def test_random_crop_keeps_a_prefix_of_each_window():
+    valid = np.array([[False, True, True, True, True, False]] * 50)
+    batch = {"valid": valid, "weight": valid.astype(np.float32)}
+    out = tch.random_crop(batch, np.random.default_rng(0), 0.25)
+    kept = out["valid"].sum(-1)
+    assert kept.min() >= 1 and kept.max() <= 4 and len(set(kept.tolist())) > 1
+    assert not np.any(out["valid"] & ~valid) and np.all(out["valid"][:, 1])  # a prefix of the window
+    np.testing.assert_array_equal(out["weight"] > 0, out["valid"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saved heads in the sampler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_trained_heads_load_and_decode_within_caps(decoder, traced, tmp_path):
+    out, tokens, cs, rep = traced
+    labels = tch.commit_labels(rep["x0"], tokens, cs)
+    data_l = tch.learn2pd_examples(rep, labels, tch.block_starts(rep["masked"], K), K)
+    data_t = tch.tracelock_examples(rep, labels, 128, (2,))
+    for kind, data, path in (("learn2pd", data_l, tmp_path / "l2pd"), ("tracelock", data_t, tmp_path / "tl")):
+        head, ctor, losses = tch.train_head(kind, data, steps=5, block_len=K, hidden=8, d_model=16, num_layers=1)
+        name = {"learn2pd": "learn2pd_filter", "tracelock": "tracelock_controller"}[kind]
+        tch.save_commit_head(head, path, name, **ctor)
+        assert tch.policy_of_heads(path) == kind
+        args, heads = policy_args_and_heads(kind, {"block_len": K, "threshold": 0.5, "head_path": str(path)})
+        probe = tch.head_probs(kind, head, data)
+        np.testing.assert_allclose(tch.head_probs(kind, next(iter(heads.values())), data), probe, atol=1e-6)
+        res = diffusion_generate(decoder, PROMPT, PVALID, gen_len=N, policy=kind, policy_args=args, heads=heads,
+                                 stop_tokens=(2,))
+        nb = math.ceil(N / K) + 1
+        assert bool(jnp.all(res.done)) and int(res.num_steps) <= max(N, nb * N) + nb
+        cstep = np.asarray(res.commit_step)
+        assert np.all((cstep >= 0) & (cstep < int(res.num_steps)))
+        assert np.all(np.asarray(res.nfe) <= int(res.num_steps))
+
+
+def test_policy_args_head_path_errors(tmp_path):
+    with pytest.raises(ConfigError, match="head_path"):
+        policy_args_and_heads("learn2pd", {"block_len": K})
+    with pytest.raises(FileNotFoundError, match="head.json"):
+        policy_args_and_heads("tracelock", {"head_path": str(tmp_path / "nothing")})
+    with pytest.raises(ConfigError, match="head_path"):
+        policy_args_and_heads("llada", {"head_path": str(tmp_path)})  # not a field of a head-less policy
+    head = FilterHead(K, hidden=8, rngs=nnx.Rngs(0))
+    tch.save_commit_head(head, tmp_path / "f", "learn2pd_filter", block_size=K, hidden=8)
+    with pytest.raises(ConfigError, match="needs"):
+        policy_args_and_heads("tracelock", {"head_path": str(tmp_path / "f")})
+    args, heads = policy_args_and_heads("llada", {"block_len": K})
+    assert heads is None and isinstance(args, cp.LLaDAArgs)
