@@ -32,6 +32,7 @@ from jaxtok.registry import DRAFT_POLICIES, ConfigError
 from jaxtok.tasks import build_tokenizer, load_tokenizer
 from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
+from . import constrained  # noqa: F401  (registers decode.policy 'lave', a host loop)
 from .generate import generate
 from .speculative import (
     DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate,
@@ -184,6 +185,8 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
         raise ConfigError(f"decode.method={cfg.decode.method!r}: available {list(AVAILABLE_METHODS)}")
     mesh = mesh_lib.mesh_from_config(cfg.mesh)
     model, tok = _model_and_tokenizer(cfg, mesh)
+    if cfg.decode.method == "diffusion" and cfg.decode.policy == "lave":  # LAVE (decode/constrained.py)
+        return constrained.run_lave_decode(cfg, model, tok, make_task_from_config(cfg.data), run_dir)
     if cfg.decode.method == "diffusion":
         from .diffusion import run_diffusion_decode
 
