@@ -266,6 +266,23 @@ def _is_on(value, neutral) -> bool:
     return v is None or bool(np.any(v != neutral))
 
 
+def sampling_params(b: int, temperature, top_k, top_p, min_p) -> dict:
+    """Per-row sampling parameters (``[b]`` arrays) for :func:`jaxtok.sampling.process_logits`; a
+    filter left at its neutral value (top_k 0, top_p 1, min_p 0) is omitted, so it costs nothing in the loop."""
+
+    def per_row(x, dtype):
+        return jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
+
+    params = {"temperature": per_row(temperature, jnp.float32)}
+    if _is_on(top_k, 0):
+        params["top_k"] = per_row(top_k, jnp.int32)
+    if _is_on(top_p, 1.0):
+        params["top_p"] = per_row(top_p, jnp.float32)
+    if _is_on(min_p, 0.0):
+        params["min_p"] = per_row(min_p, jnp.float32)
+    return params
+
+
 def generate(
     model: nnx.Module,
     prompt,
@@ -309,17 +326,7 @@ def generate(
     _validate(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
               return_topk, mesh)
     b = prompt.shape[0]
-
-    def per_row(x, dtype):
-        return jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
-
-    params = {"temperature": per_row(temperature, jnp.float32)}
-    if _is_on(top_k, 0):
-        params["top_k"] = per_row(top_k, jnp.int32)
-    if _is_on(top_p, 1.0):
-        params["top_p"] = per_row(top_p, jnp.float32)
-    if _is_on(min_p, 0.0):
-        params["min_p"] = per_row(min_p, jnp.float32)
+    params = sampling_params(b, temperature, top_k, top_p, min_p)
 
     prompt = jnp.where(jnp.asarray(prompt_valid, bool), jnp.asarray(prompt, jnp.int32), pad_id)
     prompt_valid = jnp.asarray(prompt_valid, bool)

@@ -47,7 +47,7 @@ from jaxtok import sampling
 from jaxtok.models import KVCache
 
 from .draft_policies import DraftPolicy, EADArgs, Fixed, draft_stats, ead_switch, top1_prob
-from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _is_on, _validate
+from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _validate, sampling_params
 
 _TRACES = [0]  # incremented each time a jitted body of this module is traced
 
@@ -586,20 +586,6 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sampling_params(b, temperature, top_k, top_p, min_p) -> dict:
-    def per_row(x, dtype):
-        return jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
-
-    params = {"temperature": per_row(temperature, jnp.float32)}
-    if _is_on(top_k, 0):
-        params["top_k"] = per_row(top_k, jnp.int32)
-    if _is_on(top_p, 1.0):
-        params["top_p"] = per_row(top_p, jnp.float32)
-    if _is_on(min_p, 0.0):
-        params["min_p"] = per_row(min_p, jnp.float32)
-    return params
-
-
 def _check_length(name: str, cfg, p: int, n: int, g: int) -> None:
     need = p + n + g + 1
     if need > cfg.max_position_embeddings:
@@ -676,7 +662,7 @@ def speculative_generate(
     for d in (drafter.drafters if isinstance(drafter, RoutedDrafter) else (drafter,)):
         if isinstance(d, (ModelDrafter, DeerDrafter)):
             _check_length("drafter", _cfg_of(d.graphdef, d.state), p, int(max_new_tokens), int(draft_len))
-    params = _sampling_params(b, temperature, top_k, top_p, min_p)
+    params = sampling_params(b, temperature, top_k, top_p, min_p)
     prompt_valid = jnp.asarray(prompt_valid, bool)
     prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
     graphdef, state = nnx.split(target)
@@ -846,7 +832,7 @@ def ead_generate(
     b, p = prompt.shape
     for name, m in (("small", small), ("large", large)):
         _check_length(name, m.cfg, p, int(max_new_tokens), 0)
-    params = _sampling_params(b, temperature, top_k, top_p, min_p)
+    params = sampling_params(b, temperature, top_k, top_p, min_p)
     prompt_valid = jnp.asarray(prompt_valid, bool)
     prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
     sg, ss = nnx.split(small)
