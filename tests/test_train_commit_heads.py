@@ -211,3 +211,39 @@ def test_policy_args_head_path_errors(tmp_path):
         policy_args_and_heads("tracelock", {"head_path": str(tmp_path / "f")})
     args, heads = policy_args_and_heads("llada", {"block_len": K})
     assert heads is None and isinstance(args, cp.LLaDAArgs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan conditioning (§B22)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_compose_prompt_layouts():
+    from jaxtok.decode.plan_conditioning import compose_prompt
+
+    prompt = np.array([[0, 1, 20, 21], [1, 22, 23, 24]])
+    pv = prompt != 0
+    plan = np.array([[30, 31, 2], [32, 0, 0]])
+    plan_valid = np.array([[True, True, False], [True, False, False]])
+    toks, valid = compose_prompt(prompt, pv, plan, plan_valid, placement="after", pad_id=0)
+    np.testing.assert_array_equal(toks, [[0, 0, 1, 20, 21, 30, 31], [0, 0, 1, 22, 23, 24, 32]])
+    np.testing.assert_array_equal(valid, toks != 0)
+    toks, valid = compose_prompt(prompt, pv, plan, plan_valid, placement="before", bos_id=1, sep_ids=(9,), pad_id=0)
+    # <bos> plan sep prompt, left-padded to P + k + |sep| = 8
+    np.testing.assert_array_equal(toks, [[0, 0, 1, 30, 31, 9, 20, 21], [0, 0, 1, 32, 9, 22, 23, 24]])
+    assert valid.sum() == 6 + 6
+    with pytest.raises(ValueError, match="placement"):
+        compose_prompt(prompt, pv, plan, plan_valid, placement="middle")
+
+
+def test_ar_plan_is_a_terminator_free_prefix():
+    from jaxtok.decode.plan_conditioning import ar_plan
+
+    cfg = presets.get("tiny_draft", vocab_size=V)
+    planner = Decoder(cfg, rngs=nnx.Rngs(3))
+    plan, valid, fwd = ar_plan(planner, PROMPT, PVALID, plan_tokens=5, stop_tokens=(2, 7, 8))
+    assert plan.shape == valid.shape == (2, 5) and fwd >= 1
+    assert not np.any(np.isin(plan, (2, 7, 8)) & valid)
+    assert np.all(valid[:, 1:] <= valid[:, :-1])  # a prefix
+    with pytest.raises(ValueError, match="plan_tokens"):
+        ar_plan(planner, PROMPT, PVALID, plan_tokens=0, stop_tokens=(2,))
