@@ -93,3 +93,61 @@ def test_bench_trace_writes_a_profile(tmp_path):
                    "bench.args.steps=1", "bench.args.warmup=0", "bench.args.calibration_size=64", "bench.trace=true"])
     assert rc == 0
     assert list((tmp_path / "bench_train" / "trace").rglob("*.xplane.pb"))
+
+
+def test_train_step_bench_presets_labels_and_selected_memory(tmp_path):
+    """Objective families per preset with their labels; TIP 50 % keeps half the tokens, and with a vocabulary large
+    enough for the loss path to matter, the selected-positions path compiles to less scratch memory than OPD on
+    every token."""
+    objectives = ("[{name: opd, label: all, args: {selection: {rule: all}, quadrant_stats: false}},"
+                  " {name: opd, label: sel, args: {selection: {rule: entropy_sample, rho: 0.5},"
+                  " quadrant_stats: false}}]")
+    rc = cli.main(["bench", str(ROOT / "configs" / "bench" / "train_step.yaml"), f"run.out_dir={tmp_path}",
+                   "bench.args.presets=[tiny_draft]", "bench.args.batch_sizes=[4]", "bench.args.seq_len=16",
+                   "bench.args.steps=1", "bench.args.warmup=0", "bench.args.calibration_size=64",
+                   "bench.args.vocab_size=8192", f"bench.args.objectives={objectives}"])
+    assert rc == 0
+    res = json.loads((tmp_path / "bench_train_step" / "results.json").read_text())
+    assert res["presets"] == ["tiny_draft"] and res["vocab_size"] == 8192
+    rows = {r["objective"]: r for r in res["rows"]}
+    assert set(rows) == {"all", "sel"} and all(r["preset"] == "tiny_draft" for r in rows.values())
+    assert rows["all"]["selected_frac"] == 1.0 and rows["sel"]["selected_frac"] == pytest.approx(0.5, abs=0.05)
+    assert rows["all"]["logits_f32_mb"] == pytest.approx(4 * 16 * 8192 * 4 / 2**20)
+    for r in rows.values():
+        assert 0 < r["temp_mb"] <= r["peak_mb"]
+    assert rows["sel"]["temp_mb"] < rows["all"]["temp_mb"]
+
+
+def test_sweep_variant_file_shared_overrides_memory_and_initial_eval(tmp_path):
+    """A variant's ``config=`` file replaces the base, shared overrides apply to it, the curve starts at the initial
+    eval (step 0), logged metrics and the median step time are tabulated, and the step's memory is compiled."""
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "model: {preset: tiny_draft}\n"
+        "data: {task: arith, task_args: {digits: 1}, seq_len: 24, prompt_len: 10, batch_size: 8, num_eval: 8}\n"
+        "optimizer: {schedule: constant}\n"
+        "train: {steps: 50, log_every: 1, eval_batches: 1}\n"
+        "decode: {max_new_tokens: 8, batch_size: 8}\n"
+        f"run: {{out_dir: {tmp_path / 'runs'}, progress: false}}\n")
+    (tmp_path / "other.yaml").write_text("base: base.yaml\ntrain: {eval_every: 1}\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "bench:\n  name: sweep\n  args:\n"
+        f"    config: {base}\n"
+        f"    variants: {{b: [config={tmp_path / 'other.yaml'}]}}\n"
+        "    overrides: [train.steps=3]\n"
+        "    train_metrics: [grad_norm]\n    memory: true\n    initial_eval: true\n"
+        f"run: {{out_dir: {tmp_path}, name: sw}}\n")
+    assert cli.main(["bench", str(sweep)]) == 0
+    res = json.loads((tmp_path / "sw" / "results.json").read_text())
+    (row,) = res["table"]
+    assert list(res["mean_curves"]["b"]) == ["0", "1", "2", "3"]  # initial, eval_every=1 of other.yaml, steps=3
+    assert res["mean_curves"]["b"]["0"] == res["initial eval/exact_match"]
+    assert row["grad_norm"] > 0 and row["step_s"] > 0 and 0 < row["temp_mb"] <= row["peak_mb"]
+
+
+def test_sweep_config_entry_belongs_to_a_variant():
+    from jaxtok.train.bench import SweepArgs
+
+    with pytest.raises(ValueError, match="config=<path> belongs to a variant"):
+        SweepArgs(config="a.yaml", variants={"x": []}, overrides=("config=b.yaml",))
