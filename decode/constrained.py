@@ -131,6 +131,7 @@ class CharGrammar:
         self._step: dict = {}
         self._allowed: dict = {}
         self._min: dict = {}
+        self._within: dict = {}
         self._earley = None
 
     # -- LR driver over stacks (tuples of state ids) --------------------------------------------------------------
@@ -201,6 +202,19 @@ class CharGrammar:
             if self.is_accepting(config):
                 out[list(self.stop_ids)] = True
             self._allowed[config] = out
+        return out
+
+    def allowed_within(self, config, remaining: int) -> np.ndarray:
+        """``[V]`` bool: :meth:`allowed` tokens after which the sentence can still end within ``remaining`` positions
+        (this token included; a terminator needs none after it)."""
+        key = (config, int(remaining))
+        out = self._within.get(key)
+        if out is None:
+            out = self.allowed(config).copy() if remaining >= 1 else np.zeros(len(self.vocab), bool)
+            for v in np.nonzero(out)[0]:
+                if int(v) not in self.stop_ids and self.min_completion(self.step(config, int(v))) > remaining - 1:
+                    out[v] = False
+            self._within[key] = out
         return out
 
     def min_completion(self, config) -> float:
@@ -463,14 +477,9 @@ def ar_token_mask(grammar: CharGrammar, prefix_ids: Sequence[int], remaining: Op
     config = grammar.state_of(prefix_ids)
     if config is END:
         raise ValueError("prefix_ids: the sentence already ended (a terminator is in the prefix)")
-    mask = grammar.allowed(config).copy()
-    if remaining is not None:
-        if remaining < 1:
-            return np.zeros_like(mask)
-        for v in np.nonzero(mask)[0]:
-            if int(v) not in grammar.stop_ids and grammar.min_completion(grammar.step(config, int(v))) > remaining - 1:
-                mask[v] = False
-    return mask
+    if remaining is None:
+        return grammar.allowed(config).copy()
+    return grammar.allowed_within(config, remaining).copy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,11 +560,7 @@ def constrained_generate(model, prompt, prompt_valid, grammar: Optional[CharGram
                 continue
             row = lp[r].astype(np.float64)
             if grammar is not None:
-                allowed = grammar.allowed(configs[r]).copy()
-                for v in np.nonzero(allowed)[0]:
-                    if int(v) not in grammar.stop_ids and grammar.min_completion(
-                            grammar.step(configs[r], int(v))) > n - 1 - t:
-                        allowed[v] = False
+                allowed = grammar.allowed_within(configs[r], n - t)
                 if not allowed.any():
                     raise RuntimeError(f"row {r}: no grammar token fits at step {t} (min_completion was a lower "
                                        f"bound); raise max_new_tokens")
@@ -620,7 +625,8 @@ class LaveResult:
 
     ``tokens [B, N]`` (after the first terminator: ``pad_id``); ``valid [B, N]`` up to and including the first
     terminator; ``lengths [B]``; ``done [B]``; ``nfe [B]`` forwards each row took part in; ``commit_step [B, N]``;
-    ``verifies / rejections / recoveries [B]``: lookahead checks run, proposals rejected, witness fallbacks."""
+    ``verifies / rejections / recoveries [B]``: lookahead checks run, proposals rejected, witness fallbacks;
+    ``forward_s`` / ``host_s``: seconds in the jitted forwards (compilation included) / in the host loop."""
 
     tokens: np.ndarray
     valid: np.ndarray
@@ -631,6 +637,8 @@ class LaveResult:
     verifies: np.ndarray
     rejections: np.ndarray
     recoveries: np.ndarray
+    forward_s: float = 0.0
+    host_s: float = 0.0
 
 
 def lave_generate(model, prompt, prompt_valid, grammar: Optional[CharGrammar], *, gen_len: int,
@@ -685,11 +693,14 @@ def lave_generate(model, prompt, prompt_valid, grammar: Optional[CharGrammar], *
     graphdef, state = nnx.split(model)
     kw = dict(prompt_len=p, attention=attention, block_size=block_size, shift=shift, mask_id=mask_id)
     vkw = dict(mask_id=mask_id, top_k=args.top_k_per_mask, top_n=args.top_n_beams, random_n=args.random_n_beams)
+    forward_s, t_start = 0.0, time.perf_counter()
 
     for step in range(n * 2 + n_blocks):  # every step commits >= 1 token per live row: ends within n steps
         if done.all():
             break
+        t0 = time.perf_counter()
         logp = np.asarray(_diffusion_logp(graphdef, state, jnp.asarray(x), full_valid, **kw))  # [B, N, V]
+        forward_s += time.perf_counter() - t0
         for r in range(b):
             if done[r]:
                 continue
@@ -762,7 +773,8 @@ def lave_generate(model, prompt, prompt_valid, grammar: Optional[CharGrammar], *
         valid[r, :end] = True
         lengths[r] = end
     return LaveResult(tokens=tokens, valid=valid, lengths=lengths, done=done, nfe=nfe, commit_step=commit_step,
-                      verifies=verifies, rejections=rejections, recoveries=recoveries)
+                      verifies=verifies, rejections=rejections, recoveries=recoveries, forward_s=forward_s,
+                      host_s=time.perf_counter() - t_start - forward_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -790,7 +802,7 @@ def run_lave_decode(cfg, model, tok, task, run_dir) -> dict:
     temperature = 0.0 if cfg.decode.method == "greedy" else float(cfg.decode.temperature)
     key = jax.random.key(cfg.train.seed)
     hits = fmt = gram = total = nfe = n_tok = ver = rej = rec = 0
-    samples, wall = [], 0.0
+    samples, wall, fwd_s, host_s = [], 0.0, 0.0, 0.0
     for i, batch in enumerate(ds):
         t0 = time.perf_counter()
         out = lave_generate(model, batch["prompt"], batch["prompt_valid"], grammar,
@@ -798,6 +810,7 @@ def run_lave_decode(cfg, model, tok, task, run_dir) -> dict:
                             rng=jax.random.fold_in(key, i), stop_tokens=stops, pad_id=sp.pad,
                             attention=cfg.model.attention, block_size=cfg.model.block_size)
         wall += time.perf_counter() - t0
+        fwd_s, host_s = fwd_s + out.forward_s, host_s + out.host_s
         rows = batch["prompt"].shape[0]
         nfe += int(out.nfe.sum())
         n_tok += int(out.valid.sum())
@@ -817,15 +830,60 @@ def run_lave_decode(cfg, model, tok, task, run_dir) -> dict:
     results = {"method": "diffusion", "policy": "lave", "constrained": args.constrained, "grammar": args.grammar,
                "exact_match": hits / t, "format_ok": fmt / t, "grammar_ok": gram / t, "mean_nfe": nfe / t,
                "mean_length": n_tok / t, "verifies_per_row": ver / t, "rejections_per_row": rej / t,
-               "recoveries_per_row": rec / t, "wall_s": wall, "num_examples": total,
+               "recoveries_per_row": rec / t, "wall_s": wall, "forward_s": fwd_s, "host_s": host_s,
+               "num_examples": total,
                "gen_len": cfg.decode.max_new_tokens, "policy_args": dataclasses.asdict(args),
-               "note": "host loop: wall_s includes the first batch's compilation"}
+               "note": "host loop: wall_s = whole calls; forward_s = jitted forwards (first compilation included); "
+                       "host_s = proposals, parser and lookahead"}
     write_results(run_dir, results, samples, title=f"LAVE decode (constrained={args.constrained}; exact match "
                                                    f"{results['exact_match']:.3f}, format_ok {results['format_ok']:.3f})")
     print(json.dumps(results, indent=2, default=str))
     return results
 
 
+def compare_ar(run_dir: str, *, temperature: float = 0.0, num_examples: Optional[int] = None, seed: int = 0) -> dict:
+    """Held-out exact match / ``format_ok`` / ``grammar_ok`` of an AR run (its own ``config.yaml`` task and decode
+    length) with :func:`constrained_generate` under the task grammar and without it (the same host loop).
+    ``python -c "from jaxtok.decode.constrained import compare_ar; print(compare_ar('runs/zoo/student', temperature=1.0))"``."""
+    from jaxtok.config import load_config
+    from jaxtok.data import make_task_from_config, prompt_dataset
+    from jaxtok.models.hf import load_checkpoint
+    from jaxtok.tasks import load_tokenizer
+    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+
+    from .diffusion import stop_ids_of
+
+    cfg = load_config(f"{run_dir}/config.yaml")
+    model, _ = load_checkpoint(run_dir)
+    tok = load_tokenizer(run_dir)
+    task = make_task_from_config(cfg.data)
+    sp = SpecialTokens.of(tok)
+    grammar = grammar_for("task", task, tok, stop_ids_of(tok))
+    n = num_examples or cfg.data.num_eval
+    out = {}
+    for label, g in (("unconstrained", None), ("constrained", grammar)):  # the first run compiles
+        ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
+                               num_examples=n, overlong=cfg.data.overlong)
+        hits = fmt = gram = total = 0
+        t0 = time.perf_counter()
+        for i, batch in enumerate(ds):
+            res = constrained_generate(model, batch["prompt"], batch["prompt_valid"], g,
+                                       max_new_tokens=cfg.decode.max_new_tokens, temperature=temperature,
+                                       rng=jax.random.fold_in(jax.random.key(seed), i), pad_id=sp.pad,
+                                       stop_tokens=grammar.stop_ids)
+            tokens = np.asarray(res.tokens)
+            for r in range(tokens.shape[0]):
+                ex = task.example("eval", int(batch["index"][r]))
+                text = decode(tok, tokens[r])
+                hits += task.reward(text, ex) >= 1.0
+                fmt += bool(task.format_ok(text))
+                gram += grammar.parses(grammar.text_of(tokens[r]))
+                total += 1
+        out[label] = {"exact_match": hits / total, "format_ok": fmt / total, "grammar_ok": gram / total,
+                      "num_examples": total, "wall_s": time.perf_counter() - t0}
+    return {"run": run_dir, "temperature": temperature, **out}
+
+
 __all__ = ["END", "JSON_GRAMMAR", "CharGrammar", "LaveArgs", "LaveResult", "ar_token_mask", "completable",
-           "constrained_generate", "grammar_for", "lave_generate", "lookahead_verify", "run_lave_decode",
+           "compare_ar", "constrained_generate", "grammar_for", "lave_generate", "lookahead_verify", "run_lave_decode",
            "task_grammar_source", "vocab_of"]
