@@ -835,8 +835,9 @@ def run_lave_decode(cfg, model, tok, task, run_dir) -> dict:
                "gen_len": cfg.decode.max_new_tokens, "policy_args": dataclasses.asdict(args),
                "note": "host loop: wall_s = whole calls; forward_s = jitted forwards (first compilation included); "
                        "host_s = proposals, parser and lookahead"}
-    write_results(run_dir, results, samples, title=f"LAVE decode (constrained={args.constrained}; exact match "
-                                                   f"{results['exact_match']:.3f}, format_ok {results['format_ok']:.3f})")
+    title = (f"LAVE decode (constrained={args.constrained}; exact match {results['exact_match']:.3f}, format_ok "
+             f"{results['format_ok']:.3f})")
+    write_results(run_dir, results, samples, title=title)
     print(json.dumps(results, indent=2, default=str))
     return results
 
@@ -844,7 +845,7 @@ def run_lave_decode(cfg, model, tok, task, run_dir) -> dict:
 def compare_ar(run_dir: str, *, temperature: float = 0.0, num_examples: Optional[int] = None, seed: int = 0) -> dict:
     """Held-out exact match / ``format_ok`` / ``grammar_ok`` of an AR run (its own ``config.yaml`` task and decode
     length) with :func:`constrained_generate` under the task grammar and without it (the same host loop).
-    ``python -c "from jaxtok.decode.constrained import compare_ar; print(compare_ar('runs/zoo/student', temperature=1.0))"``."""
+    Example: ``python -c "from jaxtok.decode.constrained import compare_ar as c; print(c('runs/zoo/student'))"``."""
     from jaxtok.config import load_config
     from jaxtok.data import make_task_from_config, prompt_dataset
     from jaxtok.models.hf import load_checkpoint
