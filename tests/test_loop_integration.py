@@ -1,6 +1,7 @@
 """The training loop drives every registered objective kind end to end (train/loop.py): TRACE's step field, LenVM's
 wrapped model through checkpoints, diffusion evaluation, whole-group advantages under micro-batching, CPPO's
-top-K rollout statistics, and a clear refusal of objectives whose data kind the loop cannot produce."""
+top-K rollout statistics, TAD's teacher trajectories. The short training runs are marked ``slow`` (each compiles
+a sampler, a scorer and a train step: ~30-80 s on the shared 2-core box)."""
 
 import dataclasses
 import json
@@ -58,6 +59,7 @@ def _records(run_dir):
 # 1. TRACE: the λ schedule follows the optimizer step
 
 
+@pytest.mark.slow
 def test_trace_lambda_decays_over_loop_steps(tmp_path, teacher_dir):
     """λ_k = 0.5 for k < hold=1, then linear to 0 over decay=2 steps: the logged λ of steps k = 0..3 is
     0.5, 0.5, 0.25, 0 (without the step field every step would log args.step's λ = 0.5)."""
@@ -88,6 +90,7 @@ def _assert_same_params(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_lenvm_trains_checkpoints_and_resumes_the_value_head_model(tmp_path, teacher_dir, tok):
     """A LenVM run trains the value head (it moves from its fresh, seed-determined init), saves it with the backbone,
     an interrupted run resumes to bitwise the same parameters, and ``init_from`` that run rebuilds the saved
@@ -129,6 +132,7 @@ def test_lenvm_trains_checkpoints_and_resumes_the_value_head_model(tmp_path, tea
 # 3. Diffusion objectives are evaluated by diffusion decoding
 
 
+@pytest.mark.slow
 def test_mdlm_run_is_evaluated_by_diffusion_decoding(tmp_path, monkeypatch):
     """A masked-diffusion run's evals decode with ``evaluate_policy`` (policy ``llada`` by default, the objective's
     bidirectional attention although ``model.attention`` is left ``causal``) and report the held-out diffusion loss;
@@ -190,6 +194,7 @@ def _pg_cfg(micro_batches, **args):
                 data={"batch_size": 16})  # micro-batches of 8 rows over the 8 simulated data shards
 
 
+@pytest.mark.slow
 def test_policy_gradient_micro_batches_use_whole_group_advantages(tmp_path):
     """GRPO with 2 micro-batches (rows interleaved, so each holds half of every group) logs the same loss,
     gradient norm and advantages as one full batch: advantages come from whole groups on the host."""
@@ -223,6 +228,7 @@ def test_in_loss_group_advantages_refuse_micro_batches(tmp_path, teacher_dir):
 # 5. CPPO's top-K divergence reads the rollout's top-K statistics
 
 
+@pytest.mark.slow
 def test_cppo_topk_divergence_runs_on_stored_rollout_topk(tmp_path):
     """CPPO with ``topk_tv`` asks for top-K rollout statistics (K = 20 by default): the loop stores them, the first
     inner epoch sees divergence 0 (same forward as the old log-probs), the second a positive one."""
@@ -294,6 +300,7 @@ def diffusion_teacher_dir(tmp_path_factory, tok):
     return path
 
 
+@pytest.mark.slow
 def test_trajectory_collector_builds_tad_pairs(tok, diffusion_teacher_dir):
     """The collector's batch is the tad objective's layout: plain and privileged prompts followed by the same x_t,
     x_target revealing a superset of x_t, pairs only on kept trajectories; the TAD loss on it is finite with near
@@ -329,6 +336,7 @@ def test_trajectory_collector_builds_tad_pairs(tok, diffusion_teacher_dir):
     assert not wrong.batch["response_valid"].any() and wrong.info["rollout/exact_match"] == 0.0
 
 
+@pytest.mark.slow
 def test_tad_trains_in_the_loop(tmp_path, diffusion_teacher_dir):
     """``jaxtok train`` with objective tad: trajectories are recorded, the steps run, the eval is diffusion
     decoding."""
