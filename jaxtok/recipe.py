@@ -13,9 +13,9 @@ A summary column is a result key (also the column's name) or a one-entry mapping
 ``{column: [key, key, ...]}``: the first key a stage's result has fills the cell, so rows of train stages
 (``eval/exact_match``) and decode stages (``exact_match``) line up in one column. Besides its result, every
 stage offers ``recipe/what`` (command and method, e.g. ``decode speculative/fixed``), ``recipe/time_s`` (seconds
-this run spent on it; ``cached`` when reused) and ``recipe/dir`` (its run directory). ``plots: [column, ...]``
-draws one bar chart per named summary column over the stages that have a number there (``<column>.png`` in the
-recipe run directory).
+this run spent on it; ``cached`` when reused), ``recipe/cpu_s`` (CPU seconds of this process on it, all threads)
+and ``recipe/dir`` (its run directory). ``plots: [column, ...]`` draws one bar chart per named summary column
+over the stages that have a number there (``<column>.png`` in the recipe run directory).
 
 Config paths are relative to the recipe file. ``${stage:NAME}`` inside an override is replaced by the run
 directory of the earlier stage NAME. Overrides given on the command line apply to every stage.
@@ -226,7 +226,7 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = (), *, handlers: Opt
     first_cfg = None
     n = len(recipe.stages)
     bar = None
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     try:
         for i, st in enumerate(recipe.stages):
             symbolic = load_config(st.config, _resolve_refs(st.overrides, lambda n: f"<stage:{n}>") + list(overrides))
@@ -250,9 +250,10 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = (), *, handlers: Opt
             bar.write(f"[recipe {i + 1}/{n}] {st.name}: {st.command} {st.config.name} -> {run_dir}")
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = handlers[st.command](cfg, run_dir) or {}
             info[st.name]["recipe/time_s"] = time.perf_counter() - t0
+            info[st.name]["recipe/cpu_s"] = time.process_time() - c0  # this process, all threads
             result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
             tmp = run_dir / "DONE.tmp"
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -267,7 +268,8 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = (), *, handlers: Opt
     rows = summary_rows(results, recipe.summary, info)
     plots = summary_plots(rows, recipe.plots)
     written = write_results(rec_dir, {"stages": results, "dirs": {k: str(v) for k, v in dirs.items()}, "keys": keys,
-                                      "summary": rows, "wall_s": total_s}, rows, plots=plots,
+                                      "summary": rows, "info": info, "wall_s": total_s,
+                                      "cpu_s": time.process_time() - c_start}, rows, plots=plots,
                             title=f"recipe {Path(path).name}")
     print(markdown_table(rows), end="")
     ran = sum(isinstance(v.get("recipe/time_s"), float) for v in info.values())
@@ -293,8 +295,8 @@ def summary_rows(results: Mapping[str, Mapping[str, Any]], columns: Sequence[Uni
     """One row per stage: ``stage`` and one cell per column (default: every result key of the stage).
 
     A column is a result key or ``(name, keys)``: the first of ``keys`` the stage's result (or its recipe ``info``:
-    ``recipe/what``, ``recipe/time_s``, ``recipe/dir``) holds fills the cell, so train stages' ``eval/exact_match``
-    and decode stages' ``exact_match`` share a column. Columns no stage fills are left out."""
+    ``recipe/what``, ``recipe/time_s``, ``recipe/cpu_s``, ``recipe/dir``) holds fills the cell, so train stages'
+    ``eval/exact_match`` and decode stages' ``exact_match`` share a column. Columns no stage fills are left out."""
     cols = [(c, (c,)) if isinstance(c, str) else (c[0], tuple(c[1])) for c in columns]
     rows = []
     for name, res in results.items():
