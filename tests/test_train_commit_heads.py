@@ -182,7 +182,7 @@ def test_trained_heads_load_and_decode_within_caps(decoder, traced, tmp_path):
     data_l = tch.learn2pd_examples(rep, labels, tch.block_starts(rep["masked"], K), K)
     data_t = tch.tracelock_examples(rep, labels, 128, (2,))
     for kind, data, path in (("learn2pd", data_l, tmp_path / "l2pd"), ("tracelock", data_t, tmp_path / "tl")):
-        head, ctor, losses = tch.train_head(kind, data, steps=5, block_len=K, hidden=8, d_model=16, num_layers=1)
+        head, ctor, losses = tch.train_head(kind, data, steps=3, block_len=K, hidden=8, d_model=16, num_layers=1)
         name = {"learn2pd": "learn2pd_filter", "tracelock": "tracelock_controller"}[kind]
         tch.save_commit_head(head, path, name, **ctor)
         assert tch.policy_of_heads(path) == kind
