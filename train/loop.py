@@ -19,8 +19,9 @@ scored (:mod:`jaxtok.train.rollout`; APPO tree rollouts with ``rollout.branches`
 handed to the objective's own ``collect`` (REFINE); ``data="trajectory"``: the frozen teacher's diffusion
 trajectories on privileged prompts, cut into ``(x_t, x_target)`` pairs (:mod:`jaxtok.train.trajectory`, TAD).
 ``models=("teacher", "reference")`` names the frozen models the step passes (``rollout.teacher_init_from``;
-``rollout.reference`` = ``init`` for the initial policy or a run directory); ``collect=fn(policy, batch, *, task, tokenizer, settings, rng, mesh, teacher, prepare, args)`` replaces
-the default collector. ``batch_step=True``: the objective reads ``batch["step"] [B]``, the optimizer step being
+``rollout.reference`` = ``init`` for the initial policy or a run directory);
+``collect=fn(policy, batch, *, task, tokenizer, settings, rng, mesh, teacher, prepare, args)`` replaces the default
+collector. ``batch_step=True``: the objective reads ``batch["step"] [B]``, the optimizer step being
 taken (filled in by the train step, :func:`jaxtok.train.step.make_train_step`; TRACE's λ schedule).
 ``wrap_model=fn(decoder, args, rngs)`` builds the trained model around the decoder (LenVM's value head); the
 checkpoint meta names the wrapper (``wrap_model``/``wrap_args``) so resume, ``init_from`` and :func:`load_model`
