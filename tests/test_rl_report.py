@@ -45,6 +45,8 @@ def test_cppo_rejections_budget_share_and_halves():
     assert out["token_reject_frac"] == pytest.approx(0.4 / 3)
     assert out["budget_share_first_half"] == pytest.approx(0.75)  # step 2
     assert out["budget_share_second_half"] == pytest.approx(0.1 / 0.4)  # steps 4, 6
+    assert out["budget_reject_frac_first_half"] == pytest.approx(0.3)
+    assert out["budget_reject_frac_second_half"] == pytest.approx(0.05)
     assert R.cppo_rejections([{"step": 2, "clip_frac": 0.1}], 2) is None
 
 

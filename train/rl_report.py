@@ -113,7 +113,8 @@ def clip_by_position(records: Sequence[Mapping], inner_epochs: int) -> Optional[
 def cppo_rejections(records: Sequence[Mapping], inner_epochs: int) -> Optional[dict]:
     """CPPO rejections over the steps that reuse a rollout batch: token-threshold and prefix-budget fractions of
     tokens (means over steps) and the budget share ``Σ budget / Σ (token + budget)``, overall and for the first and
-    second half of those steps (the paper: budget rejections concentrate early). None for non-CPPO runs."""
+    second half of those steps, with the budget fraction per half (the paper: budget rejections concentrate early).
+    None for non-CPPO runs."""
     by_step = _train_records(records, "cppo_budget_reject_frac")
     steps = reuse_steps(sorted(by_step), inner_epochs)
     if not steps:
@@ -128,8 +129,10 @@ def cppo_rejections(records: Sequence[Mapping], inner_epochs: int) -> Optional[d
 
     half = len(steps) // 2
     out = part(steps)
-    out["budget_share_first_half"] = part(steps[:half])["budget_share"] if half else out["budget_share"]
-    out["budget_share_second_half"] = part(steps[half:])["budget_share"]
+    first, second = (part(steps[:half]) if half else out), part(steps[half:])
+    for name, p in (("first_half", first), ("second_half", second)):
+        out[f"budget_reject_frac_{name}"] = p["budget_reject_frac"]
+        out[f"budget_share_{name}"] = p["budget_share"]
     return out
 
 
@@ -388,8 +391,8 @@ def _plots(acc_curves, clip_curves, shown, flop_curves, start_acc, reference):
             ax.plot(c["step"], m, "o-", ms=3, label=v)
             ax.fill_between(c["step"], m - s, m + s, alpha=0.15)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("held-out exact match")
-        ax.legend(fontsize=7)
+        ax.set_ylabel("held-out exact match (mean ± sd over seeds)")
+        ax.legend(fontsize=6, ncol=2, loc="lower left")
         ax.grid(alpha=0.3)
 
     def clip(ax):
