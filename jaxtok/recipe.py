@@ -31,6 +31,7 @@ checkpoint). The recipe's own run directory gets ``results.json`` and ``results.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -266,7 +267,7 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = (), *, handlers: Opt
     total_s = time.perf_counter() - t_start
     rec_dir = Path(out_dir or recipe.out_dir or first_cfg.run.out_dir) / (recipe.name or Path(path).stem)
     rows = summary_rows(results, recipe.summary, info)
-    plots = summary_plots(rows, recipe.plots)
+    plots = {name: functools.partial(_draw_barh, spec) for name, spec in summary_plots(rows, recipe.plots).items()}
     written = write_results(rec_dir, {"stages": results, "dirs": {k: str(v) for k, v in dirs.items()}, "keys": keys,
                                       "summary": rows, "info": info, "wall_s": total_s,
                                       "cpu_s": time.process_time() - c_start}, rows, plots=plots,
@@ -324,3 +325,18 @@ def summary_plots(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> 
             plots[col.replace("/", "_")] = {"x": [p[0] for p in pts], "y": [p[1] for p in pts], "kind": "bar",
                                             "xlabel": "stage", "ylabel": col, "title": col}
     return plots
+
+
+def _draw_barh(spec: Mapping[str, Any], ax) -> None:
+    """A :func:`summary_plots` spec as horizontal bars (stage names stay readable), first stage on top."""
+    ys = range(len(spec["x"]))
+    ax.barh(list(ys), spec["y"])
+    ax.set_yticks(list(ys), [str(x) for x in spec["x"]])
+    ax.invert_yaxis()
+    for y, v in zip(ys, spec["y"]):
+        label = f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+        ax.annotate(label, (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_xlabel(spec["ylabel"])
+    ax.set_title(spec["title"])
+    ax.margins(x=0.15)
+    ax.grid(alpha=0.3, axis="x")
