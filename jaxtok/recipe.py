@@ -68,7 +68,6 @@ class Stage:
 
 # A summary column: its name and the result keys that may fill it, first present wins.
 Column = tuple[str, tuple[str, ...]]
-ColumnSpec = Union[str, Mapping[str, Union[str, Sequence[str]]]]
 
 
 @dataclasses.dataclass(frozen=True)
