@@ -329,6 +329,10 @@ def test_trajectory_collector_builds_tad_pairs(tok, diffusion_teacher_dir):
     priv = decode(tok, b["teacher_tokens"][0][b["teacher_valid"][0]][:-6])
     assert priv.endswith(PRIVILEGED_TEMPLATE.format(target=ex.target, prompt=ex.prompt))
     assert b["response_valid"].any()
+    plain = collect_trajectories(None, prompts, task=_AlwaysRight(task), tokenizer=tok, settings=settings,
+                                 rng=jax.random.key(0), teacher=teacher, seq_len=24,
+                                 args=TADArgs(delta=2, privileged_template="{prompt}"))
+    np.testing.assert_array_equal(plain.batch["teacher_tokens"], plain.batch["tokens"])  # no privilege
     loss, _, aux = tad_loss(teacher, b, jax.random.key(0), args, teacher=teacher)
     assert np.isfinite(float(loss)) and float(aux["near"][0]) + float(aux["distant"][0]) > 0
     wrong = collect_trajectories(None, prompts, task=task, tokenizer=tok, settings=settings, rng=jax.random.key(0),

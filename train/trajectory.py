@@ -3,8 +3,8 @@
 One collection turns a left-padded prompt batch ``{prompt [G, P], prompt_valid [G, P], index [G]}`` into ``B = G·n``
 training pairs (``n = rollout.num_generations`` steps sampled per recorded trajectory):
 
-1. every prompt gets its *privileged* form (:data:`PRIVILEGED_TEMPLATE`: the reference solution, then the prompt),
-   left-padded to ``P' = P + len(prefix) + seq_len`` (the target fits ``data.seq_len``);
+1. every prompt gets its *privileged* form (``args.privileged_template``, default the reference solution then the
+   prompt), left-padded to ``P' = P + len(template text) + seq_len`` (the target fits ``data.seq_len``);
 2. the frozen teacher decodes the privileged prompts with :func:`jaxtok.decode.diffusion.diffusion_generate`:
    LLaDA low-confidence remasking, semi-autoregressive blocks of ``min(32, N)``, one token per step
    (``steps = N = rollout.max_new_tokens``), Gumbel proposals at ``rollout.temperature`` — the recording settings
@@ -19,7 +19,9 @@ Batch keys (the ``tad`` objective's layout): ``tokens``/``valid``/``positions [B
 ``teacher_tokens``/``teacher_valid``/``teacher_positions [B, P'+N]`` = privileged prompt + the same ``x_t``;
 ``x_target [B, N]``; ``response_valid [B, N]`` (the final response up to and including its terminator, on correct
 trajectories). Simplification: the same privileged prompt records and scores (TAD scores with a shorter
-"Reference Answer" system prompt than it records with).
+"Reference Answer" system prompt than it records with). A model never trained on privileged prompts may not follow
+one (the tiny zoo diffusion LM answers the default template with an immediate ``<eos>``: no trajectory is kept);
+``privileged_template: "{prompt}"`` records with the plain prompt (self-distillation of the temporal targets only).
 """
 
 from __future__ import annotations
@@ -33,26 +35,29 @@ from flax import nnx
 
 from jaxtok.registry import ConfigError
 
-PRIVILEGED_TEMPLATE = "reference answer:{target}\n{prompt}"  # characters of the synthetic tasks' tokenizer
+PRIVILEGED_TEMPLATE = "reference answer:{target}\n{prompt}"  # TADArgs' default (synthetic tokenizer characters)
 RECORD_POLICY = "llada"
 RECORD_BLOCK_LEN = 32
 
 
-def privileged_prompt_len(prompt_len: int, seq_len: int) -> int:
-    """Static width ``P'`` of privileged prompts: the plain prompt, the template's text and a target that fits
-    ``seq_len``."""
-    return prompt_len + len(PRIVILEGED_TEMPLATE.format(target="", prompt="")) + seq_len
+def privileged_prompt_len(prompt_len: int, seq_len: int, template: str = PRIVILEGED_TEMPLATE) -> int:
+    """Static width ``P'`` of privileged prompts: the plain prompt, the template's own text and, when the template
+    shows the target or answer, ``seq_len`` more (a target fits ``seq_len``)."""
+    fixed = len(template.format(target="", prompt="", answer=""))
+    return prompt_len + fixed + (seq_len if ("{target}" in template or "{answer}" in template) else 0)
 
 
-def privileged_prompts(task, split: str, tokenizer, index: np.ndarray, prompt_len: int) -> dict:
-    """``{prompt [G, P'], prompt_valid [G, P']}``: :data:`PRIVILEGED_TEMPLATE` of each row's example (its reference
-    solution ``target``), left-padded like :func:`jaxtok.data.encode_prompt` (over-long is an error)."""
+def privileged_prompts(task, split: str, tokenizer, index: np.ndarray, prompt_len: int,
+                       template: str = PRIVILEGED_TEMPLATE) -> dict:
+    """``{prompt [G, P'], prompt_valid [G, P']}``: ``template`` filled with each row's example (``prompt``,
+    reference solution ``target``, ``answer``), left-padded like :func:`jaxtok.data.encode_prompt` (over-long is
+    an error)."""
     from jaxtok.data import encode_prompt
 
     rows = []
     for i in np.asarray(index):
         ex = task.example(split, int(i))
-        text = PRIVILEGED_TEMPLATE.format(target=ex.target, prompt=ex.prompt)
+        text = template.format(target=ex.target, prompt=ex.prompt, answer=ex.answer)
         rows.append(encode_prompt(tokenizer, dataclasses.replace(ex, prompt=text), prompt_len, "error",
                                   index=int(i)))
     return {k: np.stack([r[k] for r in rows]) for k in ("prompt", "prompt_valid")}
@@ -119,7 +124,9 @@ def collect_trajectories(model: nnx.Module, prompts: dict, *, task, tokenizer, s
     G, P = np.asarray(prompts["prompt"]).shape
     n = settings.num_generations
     N = settings.max_new_tokens
-    priv = privileged_prompts(task, "train", tokenizer, prompts["index"], privileged_prompt_len(P, seq_len))
+    template = args.privileged_template
+    priv = privileged_prompts(task, "train", tokenizer, prompts["index"], privileged_prompt_len(P, seq_len, template),
+                              template)
     k_dec, k_step = jax.random.split(rng)
     res = diffusion_generate(teacher, priv["prompt"], priv["prompt_valid"], gen_len=N, policy=RECORD_POLICY,
                              policy_args={"block_len": min(RECORD_BLOCK_LEN, N)}, steps=N,

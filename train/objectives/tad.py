@@ -44,7 +44,9 @@ _F32 = jnp.float32
 class TADArgs:
     """``ce_weight`` λ_ce, ``kl_weight`` λ_kl, ``temperature`` τ of the KL (repo defaults 1, 1, 1); ``mask_id``
     (None: the model config's ``mask_token_id``); ``chunk_size`` tokens per float32 chunk; ``delta`` δ, the step
-    offset of ``x_target`` used by the loop's trajectory collector (LLaDA script 8, Dream 6)."""
+    offset of ``x_target`` used by the loop's trajectory collector (LLaDA script 8, Dream 6);
+    ``privileged_template``: the teacher's prompt text from the example's ``{prompt}``, ``{target}`` (worked
+    solution) and ``{answer}`` (``"{prompt}"``: no privilege, plain self-distillation)."""
 
     ce_weight: float = 1.0
     kl_weight: float = 1.0
@@ -52,6 +54,7 @@ class TADArgs:
     mask_id: Optional[int] = None
     chunk_size: int = 512
     delta: int = 8
+    privileged_template: str = "reference answer:{target}\n{prompt}"
 
     def __post_init__(self):
         if self.ce_weight < 0 or self.kl_weight < 0:
@@ -62,6 +65,8 @@ class TADArgs:
             raise ConfigError(f"chunk_size={self.chunk_size!r}: must be >= 1")
         if self.delta < 0:
             raise ConfigError(f"delta={self.delta!r}: must be >= 0")
+        if "{prompt}" not in self.privileged_template:
+            raise ConfigError(f"privileged_template={self.privileged_template!r}: must contain {{prompt}}")
 
 
 def trajectory_pair(trajectory: np.ndarray, step: int, delta: int) -> tuple[np.ndarray, np.ndarray]:
