@@ -70,15 +70,19 @@ def peak_flops(calibration_size: int = 1024) -> tuple[float, str]:
     value, kind = device_table_value(PEAK_FLOPS)
     if value is not None:
         return value, f"table ({kind}, dense bf16)"
-    n = calibration_size
+    return matmul_rate(calibration_size), f"measured f32 {calibration_size}x{calibration_size} matmul on {kind}"
+
+
+def matmul_rate(n: int, reps: int = 10) -> float:
+    """FLOP/s of a jitted float32 ``[n, n] @ [n, n]`` on the default device (2·n³ FLOPs per product)."""
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
-    reps, t0 = 10, time.perf_counter()
+    t0 = time.perf_counter()
     for _ in range(reps):
         out = mm(a)
     out.block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t0), f"measured f32 {n}x{n} matmul on {kind}"
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def _batch(B: int, T: int, vocab: int, seed: int) -> dict:
@@ -142,7 +146,8 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
     the full count, so a cheaper selected-logits path shows as a higher MFU-equivalent rate, not a different
     denominator. Only the jitted train step is timed (rollout generation is the decode bench's business).
     ``logits_f32_mb`` is the size of one float32 ``[B, T, V]`` array, the scale of what the loss path would hold
-    without chunking or selection."""
+    without chunking or selection. On a shared CPU the matmul rate moves with the load, so each row also reports
+    ``mfu_local``: achieved / a calibration measured just before that row's timed steps."""
     from jaxtok.train.step import frozen_states, init_train_state, make_train_step
 
     vocab = args.vocab_size or cfg.model.vocab_size or 64
@@ -151,6 +156,7 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
         return presets.get(name, vocab_size=vocab, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
 
     peak, peak_src = peak_flops(args.calibration_size)
+    measured = peak_src.startswith("measured")
     rows, params = [], {}
     for preset_name in args.presets or (cfg.model.preset,):
         model_cfg = preset(preset_name)
@@ -179,6 +185,7 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
                 for _ in range(args.warmup):
                     state, m = step(state, batch, *extra)
                 jax.block_until_ready(state)
+                local = matmul_rate(args.calibration_size) if measured else None  # the load just before timing
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     state, m = step(state, batch, *extra)
@@ -188,7 +195,8 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
                 achieved = tok_s * step_fpt
                 rows.append({"preset": preset_name, "objective": _label(spec), "batch": B, "seq_len": args.seq_len,
                              "step_ms": dt * 1e3, "tokens_per_s": tok_s, "flops_per_token": step_fpt,
-                             "achieved_tflops": achieved / 1e12, "mfu": achieved / peak, "compile_s": compile_s,
+                             "achieved_tflops": achieved / 1e12, "mfu": achieved / peak,
+                             "mfu_local": achieved / local if local else None, "compile_s": compile_s,
                              **mem, "logits_f32_mb": B * args.seq_len * vocab * 4 / 2**20,
                              "selected_frac": float(m["selected_frac"]) if "selected_frac" in m else None,
                              "loss": float(m["loss"])})
