@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -500,11 +500,14 @@ def save_checkpoint(model: Decoder, path: str, *, meta: Optional[dict] = None) -
 
 
 def load_checkpoint_with_meta(
-    path: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None
+    path: str, *, step: Optional[int] = None, mesh: Optional[Mesh] = None,
+    build: Optional[Callable[[ModelConfig, dict], nnx.Module]] = None,
 ) -> tuple[Decoder, dict]:
     """The model saved by :func:`save_checkpoint` or a training run, and the checkpoint's metadata (step, model
     config, ...): ``path`` is a run directory or its checkpoint directory (default: latest step); parameters placed
-    on ``mesh`` (``jaxtok.mesh.param_shardings``) when given."""
+    on ``mesh`` (``jaxtok.mesh.param_shardings``) when given. ``build(model_config, meta)`` makes the module whose
+    parameters the checkpoint holds (default: a :class:`Decoder`; a training loop passes one that re-applies the
+    wrapper it trained, e.g. a value head)."""
     from jaxtok import checkpoint as ckpt_lib
     from jaxtok.mesh import param_shardings
 
@@ -521,7 +524,8 @@ def load_checkpoint_with_meta(
         if "model_config" not in meta:
             raise ckpt_lib.CheckpointError(f"checkpoint {directory}: meta has no model_config")
         cfg = _config_from_dict(meta["model_config"])
-        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        build = build or (lambda model_cfg, _meta: Decoder(model_cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: build(cfg, meta))
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
         target = ckpt_lib.abstract_of(params)
         if mesh is not None:

@@ -62,12 +62,6 @@ WRAP_ARGS_META = "wrap_args"  # checkpoint meta: that objective's arguments (the
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory of a run directory (or ``path`` itself when it already is one)."""
-    path = Path(path)
-    return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() or not path.exists() else path
-
-
 def model_config_to_dict(cfg: ModelConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -95,13 +89,16 @@ def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None) -> tu
     every parameter, head included, is restored."""
     from jaxtok.models.hf import load_checkpoint_with_meta
 
-    directory = checkpoint_dir(path)
-    if directory.is_dir():
-        with ckpt_lib.Checkpointer(directory, async_save=False) as ck:
-            wrapped = ck.latest_step() is not None and ck.read_meta(step).get(WRAP_META)
-        if wrapped:
-            return _load_wrapped(directory, mesh=mesh, step=step)
-    return load_checkpoint_with_meta(str(path), mesh=mesh, step=step)
+    return load_checkpoint_with_meta(str(path), mesh=mesh, step=step, build=_saved_module)
+
+
+def _saved_module(model_cfg: ModelConfig, meta: dict) -> nnx.Module:
+    """The module a checkpoint's parameters belong to: the decoder, wrapped again when meta names a wrapper."""
+    decoder = Decoder(model_cfg, rngs=nnx.Rngs(0))
+    if not meta.get(WRAP_META):
+        return decoder
+    wrap, args = _wrapper_of(meta[WRAP_META], meta.get(WRAP_ARGS_META))
+    return wrap(decoder, args, nnx.Rngs(0))
 
 
 def _wrapper_of(name: str, args_mapping) -> tuple[Callable, Any]:
@@ -113,25 +110,6 @@ def _wrapper_of(name: str, args_mapping) -> tuple[Callable, Any]:
     if "wrap_model" not in entry.meta:
         raise ConfigError(f"objective {name!r} has no wrap_model in its registry meta")
     return entry.meta["wrap_model"], OBJECTIVES.parse_args(name, args_mapping, f"{name} args")
-
-
-def _load_wrapped(directory: Path, *, mesh=None, step: Optional[int] = None) -> tuple[Decoder, dict]:
-    from jaxtok.mesh import param_shardings
-    from jaxtok.models.hf import _config_from_dict
-
-    with ckpt_lib.Checkpointer(directory, async_save=False) as ck:
-        meta = ck.read_meta(step)
-        wrap, args = _wrapper_of(meta[WRAP_META], meta.get(WRAP_ARGS_META))
-        model_cfg = _config_from_dict(meta["model_config"])
-        abstract = nnx.eval_shape(lambda: wrap(Decoder(model_cfg, rngs=nnx.Rngs(0)), args, nnx.Rngs(0)))
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        target = ckpt_lib.abstract_of(params)
-        if mesh is not None:
-            target = jax.tree.map(
-                lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
-                param_shardings(params, mesh), target, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-        out = ck.restore(meta["step"], params=target, data=False)
-    return nnx.merge(graphdef, out["params"], rest), meta
 
 
 def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
