@@ -23,7 +23,8 @@ its drafters), and the batched variant ``AR forwards / (target forwards + Σ dra
 the rounds where the slowest row of the batch holds the others.
 
 SpecDec++ and SpecKV heads are trained in the bench from acceptance data logged on train-split prompts
-(:mod:`jaxtok.decode.train_heads`) unless a method's ``args.head_path`` names a saved head.
+(:mod:`jaxtok.decode.train_heads`) and saved under ``<run dir>/heads``, unless a method's ``args.head_path`` or
+``bench.args.heads_from`` names saved heads.
 
 EAD (lossy, §A4): exact match against the share of tokens produced by the large model for each threshold of
 ``bench.args.ead_thresholds``, with the draft alone (share 0) and the target alone (share 1) as end points.
@@ -79,7 +80,8 @@ class SpecBenchArgs:
     ``data.num_eval``). ``repeats``: timed passes per method (the fastest counts; the CPU is shared). Heads:
     ``head_batches`` train-split prompt batches logged, ``head_steps`` Adam steps. ``cost_repeats``: timed calls
     per forward-cost measurement. EAD: ``ead_thresholds`` (entropy in bits) with ``ead_args`` (window,
-    min_dwell, chunk, start)."""
+    min_dwell, chunk, start). Trained heads are saved to ``<run dir>/heads/{specdecpp,speckv}``; ``heads_from``: a
+    directory laid out so (e.g. an earlier bench run's ``heads``) to load them instead of training."""
 
     deer: Optional[str] = "runs/zoo/diffusion"
     methods: tuple = DEFAULT_METHODS
@@ -90,6 +92,7 @@ class SpecBenchArgs:
     cost_repeats: int = 20
     ead_thresholds: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     ead_args: dict = dataclasses.field(default_factory=lambda: {"window": 5, "min_dwell": 5, "chunk": 8})
+    heads_from: Optional[str] = None
 
     def __post_init__(self):
         if self.repeats < 1 or self.cost_repeats < 1 or self.head_batches < 1 or self.head_steps < 1:
@@ -306,9 +309,10 @@ def report_markdown(results: dict, command: Optional[str] = None) -> str:
     out += ["", "## EAD (lossy): exact match vs share of large-model tokens", "",
             markdown_table(results["ead"], list(EAD_COLUMNS))]
     if results.get("heads"):
-        out += ["Heads trained in the bench: " + "; ".join(
-            f"{k}: {v['examples']} records, loss {v['first_loss']:.3f} -> {v['last_loss']:.3f}, mean label "
-            f"{v['label_mean']:.3f}" for k, v in results["heads"].items()) + ".", ""]
+        out += ["Heads: " + "; ".join(
+            f"{k}: loaded from `{v['loaded_from']}`" if "loaded_from" in v else
+            f"{k}: trained in the bench on {v['examples']} logged records, loss {v['first_loss']:.3f} -> "
+            f"{v['last_loss']:.3f}, mean label {v['label_mean']:.3f}" for k, v in results["heads"].items()) + ".", ""]
     if results.get("verdict"):
         out += ["## Adaptive policies vs the best fixed γ", ""] + [f"- {line}" for line in results["verdict"]] + [""]
     return "\n".join(out)
@@ -454,6 +458,10 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
     for kind in ("specdecpp", "speckv"):
         if kind not in needs:
             continue
+        saved = Path(args.heads_from) / kind if args.heads_from else None
+        if saved is not None and (saved / "head.json").is_file():
+            heads[kind], head_info[kind] = th.load_head(saved), {"loaded_from": str(saved)}
+            continue
         if head_batches is None:
             head_batches = _prompt_batches(task, "train", tok, cfg, args.head_batches * bs)[0]
         cand = next(((m.get("args") or {}).get("candidates", (2, 4, 6, 8)) for m in methods
@@ -461,6 +469,8 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
         heads[kind], head_info[kind] = train_head(kind, target, draft, head_batches, max_new_tokens=n_new,
                                                   steps=args.head_steps, seed=cfg.train.seed, stop_tokens=stop,
                                                   candidates=cand)
+        ctor = {"hidden_size": draft.cfg.hidden_size, "depth": 3} if kind == "specdecpp" else {"hidden": 16}
+        th.save_head(heads[kind], Path(run_dir) / "heads" / kind, kind, **ctor)
 
     drafters = {"draft": ModelDrafter.of(draft), "ngram": NgramDrafter(vocab_size=target.cfg.vocab_size, max_ngram=3)}
     if deer is not None:

@@ -58,6 +58,7 @@ def test_speculative_bench_structure_and_exactness(tmp_path):
     assert set(res["forward_ms"]) == {"target_step", "target_verify", "draft_step", "deer_forward"}
     assert res["c"]["draft"] == pytest.approx(res["forward_ms"]["draft_step"] / res["forward_ms"]["target_step"])
     assert set(res["heads"]) == {"specdecpp"} and all(h["examples"] > 0 for h in res["heads"].values())
+    assert (run / "heads" / "specdecpp" / "head.json").is_file()  # saved for bench.args.heads_from
     ar = res["ar"]
     assert ar["tokens_per_s"] == pytest.approx(ar["generated_tokens"] / ar["wall_s"])
     assert [r["method"] for r in res["rows"]] == ["f2", "sdpp", "taps", "ng"]
