@@ -73,6 +73,7 @@ def test_speculative_bench_structure_and_exactness(tmp_path):
         assert 0.0 <= r["acceptance_rate"] <= 1.0
     ng = res["rows"][-1]
     assert ng["c"] == 0.0 and ng["draft_forwards"] == 0  # prompt lookup costs no forward
+    assert ng["row_cost_model_speedup"] == pytest.approx(ng["tokens_per_target_forward"])
     taps = res["rows"][2]
     assert len(taps["route_counts"]) == 2 and sum(taps["route_counts"]) >= taps["rounds"]  # (+ padded rows)
     ead = res["ead"]
