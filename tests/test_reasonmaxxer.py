@@ -152,7 +152,7 @@ def test_sign_one_sgd_step(policy):
 
 def test_registration_and_errors(policy):
     entry = OBJECTIVES.entry("reasonmaxxer")
-    assert entry.meta == {"data": "rollout", "models": ("reference",)}
+    assert entry.meta == {"data": "rollout", "models": ("reference",), "group_advantages": True}
     with pytest.raises(ConfigError, match="decision_objective"):
         OBJECTIVES.parse_args("reasonmaxxer", {"decision_objective": "delta_hinge"}, "a")
     with pytest.raises(ConfigError, match="reference"):
