@@ -245,15 +245,21 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
 
 def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
     """Token-weighted SFT loss / token accuracy / exact match on ``train.eval_batches`` held-out batches."""
-    from jaxtok.data import sft_dataset
     from jaxtok.train.objectives.sft import SFTArgs, sft_metrics
-    from jaxtok.train.step import finalize_metrics, make_eval_step, split_model
 
     args = SFTArgs(**{k: v for k, v in dict(cfg.objective.args).items() if k in ("chunk_size",)})
+    return _held_out_metrics(model, functools.partial(sft_metrics, args=args), task, tok, cfg, mesh)
+
+
+def _held_out_metrics(model, metrics_fn, task, tok, cfg, mesh) -> dict:
+    """``metrics_fn(model, batch)`` summed over ``train.eval_batches`` held-out SFT batches (token-weighted)."""
+    from jaxtok.data import sft_dataset
+    from jaxtok.train.step import finalize_metrics, make_eval_step, split_model
+
     ds, _ = sft_dataset(task, "eval", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                         num_examples=max(cfg.data.num_eval, cfg.data.batch_size), seed=0, shuffle=False,
                         num_epochs=1, overlong=cfg.data.overlong)
-    eval_step = make_eval_step(model, functools.partial(sft_metrics, args=args), mesh=mesh)
+    eval_step = make_eval_step(model, metrics_fn, mesh=mesh)
     _, params, rest = split_model(model)
     pairs = []
     for i, batch in enumerate(ds):
@@ -317,8 +323,7 @@ def objective_eval(model, task, tok, cfg, *, mesh=None) -> dict:
     """The objective's own loss and aux metrics on ``train.eval_batches`` held-out SFT batches (fixed noise key
     ``train.seed``, so evals of one run are comparable): e.g. the masked-diffusion NELBO per token and masked
     accuracy of ``mdlm``/``bd3lm``."""
-    from jaxtok.data import sft_dataset
-    from jaxtok.train.step import aux_parts, finalize_metrics, make_eval_step, split_model
+    from jaxtok.train.step import aux_parts
 
     loss_fn = build_objective(cfg)
 
@@ -326,17 +331,7 @@ def objective_eval(model, task, tok, cfg, *, mesh=None) -> dict:
         loss_sum, count, aux = loss_fn(m, batch, jax.random.key(cfg.train.seed))
         return {"loss": (loss_sum, count), **aux_parts(aux, count)}
 
-    ds, _ = sft_dataset(task, "eval", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                        num_examples=max(cfg.data.num_eval, cfg.data.batch_size), seed=0, shuffle=False,
-                        num_epochs=1, overlong=cfg.data.overlong)
-    eval_step = make_eval_step(model, metrics_fn, mesh=mesh)
-    _, params, rest = split_model(model)
-    pairs = []
-    for i, batch in enumerate(ds):
-        if i >= cfg.train.eval_batches:
-            break
-        pairs.append(jax.device_get(eval_step(params, rest, mesh_lib.put_batch(batch, mesh))))
-    return finalize_metrics(pairs)
+    return _held_out_metrics(model, metrics_fn, task, tok, cfg, mesh)
 
 
 def _evaluate_model(model, task, tok, cfg, mesh) -> dict:
