@@ -45,6 +45,7 @@ trained policy and writes ``DIR/results.{json,md}`` and ``DIR/accuracy_vs_nfe.pn
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import types
 from pathlib import Path
@@ -59,7 +60,9 @@ from flax import nnx
 from jaxtok.models.heads import FilterHead, TraceController
 
 from . import commit_policies as cp
-from .diffusion import DEFAULT_MASK_ID, diffusion_generate, fixed_block_end, trajectory_state
+from .diffusion import (
+    DEFAULT_MASK_ID, diffusion_generate, draw_accuracy_vs_nfe, fixed_block_end, trajectory_state,
+)
 from .train_heads import save_head
 
 HEAD_KINDS = {"learn2pd_filter": ("filter", FilterHead), "tracelock_controller": ("controller", TraceController)}
@@ -508,17 +511,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             table.append({"run": run["label"], **{k: v for k, v in m.items() if k not in ("policy", "compile_s")}})
             print(json.dumps(table[-1]))
 
-        def draw(ax):
-            for row in table:
-                ax.scatter(row["mean_nfe"], row["exact_match"])
-                ax.annotate(row["run"], (row["mean_nfe"], row["exact_match"]), fontsize=7)
-            ax.set_xlabel("mean NFE per row")
-            ax.set_ylabel("exact match")
-
         results = {"kind": a.kind, "init_from": cfg.model.init_from, "train": report, "rows": table,
                    "device": jax.devices()[0].device_kind}
         write_results(a.out, results, table, title=f"{a.kind}: accuracy vs NFE ({a.eval} held-out prompts)",
-                      plots={"accuracy_vs_nfe": draw})
+                      plots={"accuracy_vs_nfe": functools.partial(draw_accuracy_vs_nfe, table)})
         report["rows"] = table
     return report
 

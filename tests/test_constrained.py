@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-pytest.importorskip("lark")
+import lark  # noqa: E402,F401  (the test extra installs it; a missing lark must fail, not skip)
 
 from jaxtok.config import load_config, validate_names  # noqa: E402
 from jaxtok.decode import generate  # noqa: E402
