@@ -245,7 +245,7 @@ def _score_jit(graphdef, state, batch, *, mask_id, num_steps):
 
 
 @OBJECTIVES.register("cj_grpo", CJGRPOArgs, data="rollout", models=("reference",), collect=collect_cj_grpo,
-                     group_advantages=True)
+                     group_advantages=True, eval="diffusion")
 def cj_grpo_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: CJGRPOArgs = CJGRPOArgs(), *,
                  reference: Optional[nnx.Module] = None):
     """CJ-GRPO loss on a diffusion rollout batch (module docstring). ``reference`` is needed when

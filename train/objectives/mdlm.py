@@ -196,7 +196,7 @@ def _scored(model: nnx.Module, inputs, positions, valid, targets, scored, *, att
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@OBJECTIVES.register("mdlm", MDLMArgs)
+@OBJECTIVES.register("mdlm", MDLMArgs, eval="diffusion")
 def mdlm_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: MDLMArgs = MDLMArgs()):
     """Masked-diffusion loss ``(Σ_masked CE/t, |loss region|, aux)`` (module docstring).
 
@@ -216,7 +216,7 @@ def mdlm_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: MDLMArgs = M
     return jnp.sum(nll / t), count, aux
 
 
-@OBJECTIVES.register("bd3lm", BD3LMArgs)
+@OBJECTIVES.register("bd3lm", BD3LMArgs, eval="diffusion")
 def bd3lm_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: BD3LMArgs = BD3LMArgs()):
     """Block-diffusion loss ``(Σ_b Σ_{masked in b} CE/t_b, |loss region|, aux)`` (module docstring): every row is
     copied once per block b (clean blocks < b, block b noised at its own ``t_b``, later blocks invalid) and run under

@@ -110,7 +110,7 @@ def _response_logits(model, tokens, valid, positions, length):
     return model(tokens, positions=positions, valid=valid, attention="bidirectional", logits_at=at).logits
 
 
-@OBJECTIVES.register("tad", TADArgs, data="trajectory", models=("teacher",))
+@OBJECTIVES.register("tad", TADArgs, data="trajectory", models=("teacher",), eval="diffusion")
 def tad_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: TADArgs = TADArgs(), *,
              teacher: Optional[nnx.Module] = None):
     """TAD objective on a batch of recorded ``(x_t, x_target)`` pairs (module docstring). ``(loss, 1, aux)``."""
