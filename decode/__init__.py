@@ -4,21 +4,25 @@
 - :func:`speculative_generate` / :func:`ead_generate` — lossless speculative decoding with pluggable drafters
   (:class:`ModelDrafter`, :class:`NgramDrafter`, :class:`DeerDrafter`, :class:`RoutedDrafter` for TAPS) and
   draft-length policies (:mod:`jaxtok.decode.draft_policies`); EAD's lossy small/large switching;
+- :mod:`jaxtok.decode.length_control` — LenVM length control: a logit guide for :func:`generate` (tilt, target
+  length, budget) and the prompt-boundary length readout;
 - :func:`diffusion_generate` — masked-diffusion sampling with pluggable commit policies
   (:mod:`jaxtok.decode.commit_policies`), returning per-row NFE and the commit trajectory.
 
-Importing this package registers every draft-length and commit policy (``DRAFT_POLICIES``, ``COMMIT_POLICIES``).
+Importing this package registers every draft-length and commit policy and logit guide (``DRAFT_POLICIES``,
+``COMMIT_POLICIES``, ``LOGIT_GUIDES``).
 """
 
-from . import commit_policies, draft_policies  # noqa: F401  (registration)
+from . import commit_policies, draft_policies, length_control  # noqa: F401  (registration)
 from .diffusion import DiffusionResult, diffusion_generate, run_diffusion_decode, trajectory_state
 from .generate import generate
+from .length_control import LengthGuide, predict_length
 from .run import run_decode
 from .speculative import (
     DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate,
 )
 
 __all__ = [
-    "DeerDrafter", "DiffusionResult", "ModelDrafter", "NgramDrafter", "RoutedDrafter", "diffusion_generate",
-    "ead_generate", "generate", "run_decode", "run_diffusion_decode", "speculative_generate", "trajectory_state",
+    "DeerDrafter", "DiffusionResult", "LengthGuide", "ModelDrafter", "NgramDrafter", "RoutedDrafter", "diffusion_generate",
+    "ead_generate", "generate", "predict_length", "run_decode", "run_diffusion_decode", "speculative_generate", "trajectory_state",
 ]

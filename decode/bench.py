@@ -142,4 +142,5 @@ def decode_bench(cfg, run_dir: str | Path, args: DecodeBenchArgs) -> dict:
                                                             ax.set_xlabel("batch size"), ax.set_ylabel("tokens/s"),
                                                             ax.set_xscale("log", base=2))})
     return {"decode_tokens_per_s": rows[-1]["decode_tokens_per_s"], "peak_source": peak_src}
-from . import spec_bench  # noqa: F401
+from . import spec_bench  # noqa: F401,E402
+from . import length_bench  # noqa: F401,E402

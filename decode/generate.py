@@ -131,19 +131,20 @@ def _record(state: _State, logits: jax.Array, key: jax.Array, params: dict, stop
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "stop_tokens", "pad_id", "return_entropy", "return_topk", "mesh"),
+    static_argnames=("graphdef", "max_new_tokens", "stop_tokens", "pad_id", "return_entropy", "return_topk", "mesh",
+                     "guide_spec"),
 )
-def _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, *, max_new_tokens, stop_tokens, pad_id,
-                  return_entropy, return_topk, mesh):
+def _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, guide_arrays, *, max_new_tokens,
+                  stop_tokens, pad_id, return_entropy, return_topk, mesh, guide_spec):
     _TRACES[0] += 1
     rules = axis_rules(mesh) if mesh is not None else contextlib.nullcontext()
     with rules:
         return _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, max_new_tokens, stop_tokens,
-                              pad_id, return_entropy, return_topk)
+                              pad_id, return_entropy, return_topk, guide_spec, guide_arrays)
 
 
 def _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, n, stop_tokens, pad_id,
-                   return_entropy, return_topk) -> GenerateResult:
+                   return_entropy, return_topk, guide_spec=None, guide_arrays=None) -> GenerateResult:
     model = nnx.merge(graphdef, model_state)
     cfg = model.cfg
     b, p = prompt.shape
@@ -169,18 +170,29 @@ def _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, n, 
         topk_probs=zeros((return_topk,), jnp.float32, return_topk > 0),
         topk_ids=zeros((return_topk,), jnp.int32, return_topk > 0),
     )
-    state = _record(state, out.logits[:, 0], jax.random.fold_in(rng, 0), params, stop, pad_id)
 
-    def cond(s: _State):
+    def record(s: _State, g, logits):
+        """Sample token ``s.step`` from ``logits [B, V]``, through the guide when there is one."""
+        if guide_spec is not None:
+            logits, g = guide_spec.adjust(guide_arrays, g, logits, s.step, s.done)
+        s = _record(s, logits, jax.random.fold_in(rng, s.step), params, stop, pad_id)
+        return s, (guide_spec.advance(g, s.last) if guide_spec is not None else g)
+
+    g0 = guide_spec.init(guide_arrays, prompt, prompt_valid, n) if guide_spec is not None else None
+    state, g0 = record(state, g0, out.logits[:, 0])
+
+    def cond(carry):
+        s, _ = carry
         return (s.step < n) & ~jnp.all(s.done)
 
-    def body(s: _State):
+    def body(carry):
+        s, g = carry
         step_model = nnx.merge(graphdef, model_state)
         o = step_model(s.last[:, None], valid=~s.done[:, None], cache=s.cache)
         s = dataclasses.replace(s, cache=_constrain_cache(o.cache), num_forwards=s.num_forwards + 1)
-        return _record(s, o.logits[:, 0], jax.random.fold_in(rng, s.step), params, stop, pad_id)
+        return record(s, g, o.logits[:, 0])
 
-    state = jax.lax.while_loop(cond, body, state)
+    state, _ = jax.lax.while_loop(cond, body, (state, g0))
     return GenerateResult(
         tokens=state.tokens,
         logprobs=state.logprobs,
@@ -299,6 +311,7 @@ def generate(
     return_topk: int = 0,
     mesh: Optional[Mesh] = None,
     pad_id: int = DEFAULT_PAD_ID,
+    guide=None,
 ) -> GenerateResult:
     """Autoregressive generation from a left-padded prompt batch in one jitted call.
 
@@ -316,6 +329,8 @@ def generate(
       mesh: when given, the batch is sharded over its ``batch`` axes (``data``, ``fsdp``) and the weights as their
         ``logical_axes`` declare; the result equals the unsharded one.
       pad_id: id written after a row is done.
+      guide: a logit guide re-weighting each step's logits before sampling, e.g. LenVM length control
+        (:class:`jaxtok.decode.length_control.LengthGuide`); ``guide.spec`` is static, ``guide.arrays`` traced.
 
     Returns:
       :class:`GenerateResult`.
@@ -330,10 +345,18 @@ def generate(
 
     prompt = jnp.where(jnp.asarray(prompt_valid, bool), jnp.asarray(prompt, jnp.int32), pad_id)
     prompt_valid = jnp.asarray(prompt_valid, bool)
+    guide_arrays = None
+    if guide is not None:
+        guide.check(b, model.cfg.vocab_size)
+        guide_arrays = guide.for_batch(b)
     graphdef, model_state = nnx.split(model)
     if mesh is not None:
         model_state = place(model_state, param_shardings(model_state, mesh))
         prompt, prompt_valid, params = place((prompt, prompt_valid, params), batch_sharding(mesh))
-    return _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, max_new_tokens=int(max_new_tokens),
-                         stop_tokens=stop_tokens, pad_id=int(pad_id), return_entropy=bool(return_entropy),
-                         return_topk=int(return_topk), mesh=mesh)
+        if guide_arrays is not None:
+            guide_arrays = {**guide_arrays, "model": place(guide_arrays["model"],
+                                                          param_shardings(guide_arrays["model"], mesh))}
+    return _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, guide_arrays,
+                         max_new_tokens=int(max_new_tokens), stop_tokens=stop_tokens, pad_id=int(pad_id),
+                         return_entropy=bool(return_entropy), return_topk=int(return_topk), mesh=mesh,
+                         guide_spec=None if guide is None else guide.spec)

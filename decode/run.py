@@ -5,7 +5,8 @@ untimed to compile, ``compile_s`` — and the method's own metrics) and ``result
 the run directory, and prints a table. Methods (one builder each in :data:`METHODS`, same signature, so a new
 method is one entry):
 
-- ``greedy`` / ``sample``: autoregressive, :func:`jaxtok.decode.generate`;
+- ``greedy`` / ``sample``: autoregressive, :func:`jaxtok.decode.generate`; ``decode.policy: lenvm`` steers the
+  completion length with a trained LenVM (:mod:`jaxtok.decode.length_control`);
 - ``speculative``: :func:`jaxtok.decode.speculative.speculative_generate` with the target ``model.init_from`` and
   the drafter ``decode.draft_init_from`` (an AR run -> model drafter; a masked-diffusion run -> DEER; unset ->
   n-gram prompt lookup), draft cap ``decode.draft_len`` and the draft-length policy ``decode.policy``.
@@ -28,7 +29,7 @@ import numpy as np
 from jaxtok import mesh as mesh_lib
 from jaxtok.data import make_task_from_config, prompt_dataset
 from jaxtok.metrics import write_results
-from jaxtok.registry import DRAFT_POLICIES, ConfigError
+from jaxtok.registry import DRAFT_POLICIES, LOGIT_GUIDES, ConfigError
 from jaxtok.tasks import build_tokenizer, load_tokenizer
 from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
@@ -74,12 +75,27 @@ def _sampling(cfg, temperature):
 
 
 def _build_ar(cfg, model, mesh) -> Callable:
-    temperature = 0.0 if cfg.decode.method == "greedy" else cfg.decode.temperature
+    """AR decoding; ``decode.policy`` names a logit guide (``lenvm``: length control, which also reports the
+    mean completion length and, with a target, the mean |length − target| and the share over it)."""
+    d = cfg.decode
+    temperature = 0.0 if d.method == "greedy" else d.temperature
+    guide, args = None, None
+    if d.policy is not None:
+        entry = LOGIT_GUIDES.entry(d.policy, "decode.policy")
+        args = LOGIT_GUIDES.parse_args(d.policy, d.policy_args, "decode.policy_args")
+        guide = entry.fn(args, mesh=mesh)
 
     def step(prompt, valid, key, sp, b):
-        out = generate(model, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh,
+        out = generate(model, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh, guide=guide,
                        **_sampling(cfg, temperature))
-        return out.tokens, out.valid, {"target_forwards": int(out.num_forwards)}
+        stats = {"target_forwards": int(out.num_forwards)}
+        if guide is not None:
+            lengths = np.asarray(out.lengths)[:b]
+            stats["rows"] = b
+            if getattr(args, "mode", "tilt") != "tilt":
+                stats["length_abs_err"] = float(np.sum(np.abs(lengths - args.target_length)))
+                stats["over_target"] = int(np.sum(lengths > args.target_length))
+        return out.tokens, out.valid, stats
 
     return step
 
@@ -163,12 +179,18 @@ def _summary(method_stats: dict, n_tok: int) -> dict:
         out["route_counts"] = s.pop("route_counts").tolist()
     if "large_tokens" in s:
         out["large_share"] = s["large_tokens"] / max(n_tok, 1)
+    if "rows" in s:  # length control
+        rows = max(s.pop("rows"), 1)
+        out["mean_length"] = n_tok / rows
+        if "length_abs_err" in s:
+            out["length_abs_err"] = s.pop("length_abs_err") / rows
+            out["over_target_share"] = s.pop("over_target") / rows
     return {**{k: int(v) for k, v in s.items()}, **out}
 
 
 def _table(results: dict) -> str:
     cols = ["method", "policy", "exact_match", "tokens_per_s", "tokens_per_target_forward", "mean_accepted_length",
-            "large_share"]
+            "large_share", "mean_length", "length_abs_err", "over_target_share"]
     cols = [c for c in cols if c in results]
 
     def fmt(v):
@@ -230,6 +252,9 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
     results = {"method": cfg.decode.method, "exact_match": hits / max(total, 1), "num_examples": total,
                "generated_tokens": n_tok, "tokens_per_s": n_tok / max(wall, 1e-9), "wall_s": wall,
                "compile_s": compile_s}
+    if cfg.decode.method in ("greedy", "sample") and cfg.decode.policy:
+        results["policy"] = cfg.decode.policy
+        results["policy_args"] = dict(cfg.decode.policy_args)
     if cfg.decode.method == "speculative":
         results["policy"] = cfg.decode.policy or "fixed"
         results["draft_len"] = cfg.decode.draft_len

@@ -23,7 +23,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jaxtok.registry import COMMIT_POLICIES, DRAFT_POLICIES, OBJECTIVES, REWARDS, TASKS, ConfigError, Registry
+from jaxtok.registry import (
+    COMMIT_POLICIES, DRAFT_POLICIES, LOGIT_GUIDES, OBJECTIVES, REWARDS, TASKS, ConfigError, Registry,
+)
 
 __all__ = [
     "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "OptimizerSection", "ObjectiveSection",
@@ -218,6 +220,7 @@ class DecodeSection(_Section):
     top_p: float = _f(1.0, gt=0.0, max=1.0, doc="nucleus: keep the smallest set with mass >= top_p; 1 = off")
     min_p: float = _f(0.0, min=0.0, max=1.0, doc="drop tokens with p < min_p * p_max; 0 = off")
     policy: Optional[str] = _f(None, doc="speculative: a DRAFT_POLICIES name; diffusion: a COMMIT_POLICIES name; "
+                                         "greedy/sample: a LOGIT_GUIDES name (lenvm: length control); "
                                          "None = the method's default")
     policy_args: Dict[str, Any] = _f({}, doc="the policy's arguments (checked against its dataclass)")
     draft_init_from: Optional[str] = _f(None, doc="speculative: run directory of the draft model")
@@ -430,11 +433,9 @@ def validate_names(cfg: Config) -> None:
         presets = importlib.import_module("jaxtok.models.presets")
         if cfg.model.preset not in presets.PRESETS:
             raise ConfigError(f"model.preset={cfg.model.preset!r}: allowed {presets.names()}")
-    policies = {"speculative": DRAFT_POLICIES, "diffusion": COMMIT_POLICIES}.get(cfg.decode.method)
+    policies = {"speculative": DRAFT_POLICIES, "diffusion": COMMIT_POLICIES, "greedy": LOGIT_GUIDES,
+                "sample": LOGIT_GUIDES}[cfg.decode.method]
     if cfg.decode.policy is not None:
-        if policies is None:
-            raise ConfigError(f"decode.policy={cfg.decode.policy!r}: only used with decode.method "
-                              f"'speculative' or 'diffusion', got decode.method={cfg.decode.method!r}")
         check_name(policies, "decode.policy", cfg.decode.policy, cfg.decode.policy_args, "decode.policy_args")
 
 

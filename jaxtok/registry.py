@@ -163,5 +163,6 @@ TASKS = Registry("task")  # data.task (jaxtok.tasks)
 SELECTIONS = Registry("selection rule")  # token-selection rules (jaxtok.select)
 DRAFT_POLICIES = Registry("draft-length policy")  # decode.policy with decode.method=speculative
 COMMIT_POLICIES = Registry("commit policy")  # decode.policy with decode.method=diffusion
+LOGIT_GUIDES = Registry("logit guide")  # decode.policy with decode.method=greedy|sample (LenVM length control)
 REWARDS = Registry("reward")  # rollout.rewards keys (jaxtok.train.rewards)
 BENCHES = Registry("benchmark")  # bench.name (jaxtok.bench registers into it)

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxtok.mesh import DEFAULT_RULES, logical_to_spec
 from jaxtok.models.transformer import Decoder, ModelConfig, RopeScaling
+from jaxtok.models.value import build_module
 
 # HF class name -> jaxtok architecture, and back
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -506,8 +507,8 @@ def load_checkpoint_with_meta(
     """The model saved by :func:`save_checkpoint` or a training run, and the checkpoint's metadata (step, model
     config, ...): ``path`` is a run directory or its checkpoint directory (default: latest step); parameters placed
     on ``mesh`` (``jaxtok.mesh.param_shardings``) when given. ``build(model_config, meta)`` makes the module whose
-    parameters the checkpoint holds (default: a :class:`Decoder`; a training loop passes one that re-applies the
-    wrapper it trained, e.g. a value head)."""
+    parameters the checkpoint holds (default :func:`jaxtok.models.value.build_module`: the class named by meta
+    ``module``, e.g. a :class:`~jaxtok.models.value.LengthValueModel`, else a :class:`Decoder`)."""
     from jaxtok import checkpoint as ckpt_lib
     from jaxtok.mesh import param_shardings
 
@@ -524,7 +525,7 @@ def load_checkpoint_with_meta(
         if "model_config" not in meta:
             raise ckpt_lib.CheckpointError(f"checkpoint {directory}: meta has no model_config")
         cfg = _config_from_dict(meta["model_config"])
-        build = build or (lambda model_cfg, _meta: Decoder(model_cfg, rngs=nnx.Rngs(0)))
+        build = build or build_module
         abstract = nnx.eval_shape(lambda: build(cfg, meta))
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
         target = ckpt_lib.abstract_of(params)

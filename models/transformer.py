@@ -28,8 +28,8 @@ from flax import nnx
 from jaxtok.mesh import constrain
 from jaxtok.models.cache import KVCache
 
-Attention = Literal["causal", "bidirectional", "block_causal"]
-ATTENTION_KINDS = ("causal", "bidirectional", "block_causal")
+Attention = Literal["causal", "bidirectional", "block_causal", "siblings"]
+ATTENTION_KINDS = ("causal", "bidirectional", "block_causal", "siblings")
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
 
@@ -156,18 +156,28 @@ def attention_mask(
     k_pos: jax.Array,
     k_live: jax.Array,
     block_size: Optional[int] = None,
+    q_slot: Optional[jax.Array] = None,
+    k_slot: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Boolean ``[B, T, S]`` mask: which key each query may attend to.
 
     ``causal``: k_pos <= q_pos. ``bidirectional``: every live key. ``block_causal``: key block <= query block with
-    block = position // block_size (bidirectional inside a block, causal across blocks). All kinds also require a
-    live key (written, not padding) and a valid query.
+    block = position // block_size (bidirectional inside a block, causal across blocks). ``siblings``: causal, but
+    a key at the query's own position is seen only from its own slot (``q_slot [B, T]``, ``k_slot [B, S]``): several
+    alternative tokens written at one position are scored in one forward, each seeing the prefix and itself, not
+    each other (a depth-one token tree; LenVM's candidate values). All kinds also require a live key (written, not
+    padding) and a valid query.
     """
     live = k_live[:, None, :] & q_valid[:, :, None]  # [B, T, S]
     if kind == "bidirectional":
         return live
     if kind == "causal":
         return live & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if kind == "siblings":
+        if q_slot is None or k_slot is None:
+            raise ValueError("attention='siblings' needs q_slot and k_slot")
+        own = k_slot[:, None, :] == q_slot[:, :, None]
+        return live & ((k_pos[:, None, :] < q_pos[:, :, None]) | own)
     if kind == "block_causal":
         if not block_size or block_size <= 0:
             raise ValueError(f"attention='block_causal' needs a positive block_size, got {block_size!r}")
@@ -347,7 +357,8 @@ class Decoder(nnx.Module):
           positions: ``[B, T]`` RoPE positions; default ``cumsum(valid) - 1`` after the cache's last position, so
             left padding needs no special care.
           valid: ``[B, T]`` bool, False for padding (padding keys are never attended).
-          attention: ``causal`` | ``bidirectional`` | ``block_causal`` (with ``block_size``).
+          attention: ``causal`` | ``bidirectional`` | ``block_causal`` (with ``block_size``) | ``siblings`` (tokens
+            sharing a position are alternatives: each sees the prefix and itself, see :func:`attention_mask`).
           cache: a :class:`KVCache`; the T tokens are written at each row's offset ``cache.lengths`` and attend to
             the row's live entries. The returned cache has ``lengths + T``.
           logits_at: ``[B, K]`` int32 indices into the T axis; logits are computed only there (gather, then
@@ -381,9 +392,12 @@ class Decoder(nnx.Module):
             k_pos = cache.positions  # [B, S]
             slot = jnp.arange(cache.capacity)[None, :]
             k_live = (slot < (cache.lengths + T)[:, None]) & (k_pos >= 0)
+            q_slot = cache.lengths[:, None] + jnp.arange(T)[None, :]  # [B, T]
+            k_slot = jnp.broadcast_to(slot, k_pos.shape)  # [B, S]
         else:
             k_pos, k_live = positions, valid
-        mask = attention_mask(attention, positions, valid, k_pos, k_live, block_size)  # [B, T, S]
+            q_slot = k_slot = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
+        mask = attention_mask(attention, positions, valid, k_pos, k_live, block_size, q_slot, k_slot)  # [B, T, S]
 
         x = jnp.take(self.embed_vd[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, T, D]
         x = constrain(x, ("batch", "length", "act_embed"))

@@ -129,8 +129,10 @@ def test_unknown_method_names_and_args():
         validate_names(load_config(SFT, ["model.preset=huge"]))
     with pytest.raises(ConfigError, match=r"data\.path=None: required"):
         validate_names(load_config(SFT, ["data.task=jsonl"]))
-    with pytest.raises(ConfigError, match=r"decode\.policy='x': only used with.*'greedy'"):
-        validate_names(load_config(SFT, ["decode.policy=x"]))
+    with pytest.raises(ConfigError, match=r"decode\.policy='x': not a known logit guide.*lenvm"):
+        validate_names(load_config(SFT, ["decode.policy=x"]))  # greedy: a logit guide
+    with pytest.raises(ConfigError, match=r"decode\.policy_args: mode='exact'"):
+        validate_names(load_config(SFT, ["decode.policy=lenvm", "decode.policy_args.mode=exact"]))
 
 
 def test_decode_policy_checked_against_registry(monkeypatch):

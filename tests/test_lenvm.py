@@ -71,13 +71,16 @@ def test_gae_limits():
 
 @pytest.fixture(scope="module")
 def lvm():
+    """Value models in γ 0.9 (the objective tests) and γ 0.8 (the toy), one backbone."""
     dec = Decoder(presets.get("tiny_draft", vocab_size=V), rngs=nnx.Rngs(0))
-    model = L.with_value_head(dec, L.LenVMArgs(), nnx.Rngs(1))
+    model = L.with_value_head(dec, L.LenVMArgs(gamma=0.9), nnx.Rngs(1))
     np.testing.assert_allclose(model(jnp.ones((1, 3), jnp.int32)).logits, dec(jnp.ones((1, 3), jnp.int32)).logits)
-    return model
+    assert model.gamma == 0.9
+    return {0.9: model, 0.8: L.with_value_head(dec, L.LenVMArgs(gamma=0.8), nnx.Rngs(1))}
 
 
 def test_objective_value_and_count(lvm):
+    lvm = lvm[0.9]
     b = _toy_batch()
     for args in (L.LenVMArgs(gamma=0.9), L.LenVMArgs(gamma=0.9, loss="bce")):
         loss_sum, count, aux = jax.jit(lambda x, a=args: L.lenvm_loss(lvm, x, None, a))(b)
@@ -95,6 +98,8 @@ def test_objective_value_and_count(lvm):
         assert float(aux["finished_rows"][0]) == 2
     with pytest.raises(ConfigError, match="value head"):
         L.lenvm_loss(Decoder(presets.get("tiny_draft", vocab_size=V), rngs=nnx.Rngs(0)), b, None)
+    with pytest.raises(ConfigError, match="gamma"):
+        L.lenvm_loss(lvm, b, None, L.LenVMArgs(gamma=0.8))
 
 
 def test_constant_length_toy_converges(lvm):
@@ -108,7 +113,7 @@ def test_constant_length_toy_converges(lvm):
     batch = {"tokens": tokens.astype(np.int32), "loss_mask": loss_mask, "valid": np.ones_like(loss_mask),
              "positions": np.tile(np.arange(P + N, dtype=np.int32), (B, 1))}
     args = L.LenVMArgs(gamma=0.8)
-    graphdef, params, rest = nnx.split(lvm, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(lvm[0.8], nnx.Param, ...)
     opt = optax.adam(1e-2)
 
     def loss(p):
@@ -127,7 +132,7 @@ def test_constant_length_toy_converges(lvm):
         return p
 
     trained = nnx.merge(graphdef, train(params), rest)
-    n_pred = np.asarray(L.remaining_length(trained, batch["tokens"], gamma=0.8, positions=batch["positions"]))
+    n_pred = np.asarray(trained.remaining_length(batch["tokens"], positions=batch["positions"]))
     np.testing.assert_allclose(n_pred[:, P - 1:], np.tile(np.arange(N, -1, -1), (B, 1)), atol=0.3)
 
 

@@ -253,6 +253,16 @@ def test_overlong_shaping_hand_computed(model):
         PG.PolicyGradientArgs(overlong_buffer=8, overlong_max_length=4)
 
 
+def test_adv_eps_zero_is_exact():
+    """ε = 0 is allowed (zero-variance groups give advantage 0, not NaN); a negative ε is refused."""
+    args = PG.PolicyGradientArgs(adv_eps=0.0)
+    adv = PG.sequence_advantages(np.array([1.0, 1.0, 0.0, 1.0]), np.array([0, 0, 1, 1]), args.estimator,
+                                 eps=args.adv_eps)
+    np.testing.assert_allclose(adv, [0.0, 0.0, -0.5 / math.sqrt(0.5), 0.5 / math.sqrt(0.5)], rtol=1e-6)
+    with pytest.raises(ConfigError, match="adv_eps"):
+        PG.PolicyGradientArgs(adv_eps=-1e-6)
+
+
 def test_kl_term_zero_when_reference_is_policy(model):
     batch = rollout_batch(model, [1, 0, 0, 1], old_noise=0.1)
     same_all = _with_reference(model, batch, model)

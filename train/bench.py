@@ -375,9 +375,9 @@ def sweep_bench(cfg, run_dir: str | Path, args: SweepArgs) -> dict:
 
 def run_bench(cfg, run_dir: str | Path) -> dict:
     """Run the benchmark named ``bench.name`` (``train``/``sweep`` here, ``decode`` in :mod:`jaxtok.decode.bench`,
-    ``diffusion`` in :mod:`jaxtok.decode.diffusion`, ``speculative`` in :mod:`jaxtok.decode.spec_bench`, ``rl_compare``
-    in :mod:`jaxtok.train.rl_report`)."""
-    import jaxtok.decode.bench  # noqa: F401  (registers "decode")
+    ``diffusion`` in :mod:`jaxtok.decode.diffusion`, ``speculative`` in :mod:`jaxtok.decode.spec_bench`,
+    ``length_control`` in :mod:`jaxtok.decode.length_bench`, ``rl_compare`` in :mod:`jaxtok.train.rl_report`)."""
+    import jaxtok.decode.bench  # noqa: F401  (registers "decode", "speculative", "length_control")
     import jaxtok.decode.diffusion  # noqa: F401  (registers "diffusion")
     import jaxtok.train.rl_report  # noqa: F401  (registers "rl_compare")
 

@@ -24,7 +24,8 @@ trajectories on privileged prompts, cut into ``(x_t, x_target)`` pairs (:mod:`ja
 collector. ``batch_step=True``: the objective reads ``batch["step"] [B]``, the optimizer step being
 taken (filled in by the train step, :func:`jaxtok.train.step.make_train_step`; TRACE's λ schedule).
 ``wrap_model=fn(decoder, args, rngs)`` builds the trained model around the decoder (LenVM's value head); the
-checkpoint meta names the wrapper (``wrap_model``/``wrap_args``) so resume, ``init_from`` and :func:`load_model`
+checkpoint meta names the wrapper (``wrap_model``/``wrap_args``) and the module class (``module``, read by
+:func:`jaxtok.models.value.build_module`) so resume, ``init_from``, :func:`load_model` and the decoders
 rebuild the same model. ``group_advantages=fn(batch, args)``: with ``train.micro_batches > 1`` the loop merges
 its whole-batch ``advantages``/``row_keep`` into each rollout batch before the step splits it (``True``: the
 objective normalises groups itself, and micro-batching is refused, :func:`jaxtok.config.check_micro_batches`).
@@ -84,21 +85,11 @@ def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None) -> tu
     """A :class:`Decoder` with the parameters of the checkpoint at ``path`` (a run directory or its checkpoint
     directory; default: latest step), placed on ``mesh`` when given. Returns ``(model, meta)``.
 
-    A checkpoint of a wrapped training model (meta ``wrap_model``: the objective whose entry meta ``wrap_model``
-    built it, ``wrap_args`` its arguments; e.g. LenVM's value-head model) is rebuilt through the same wrapper, so
-    every parameter, head included, is restored."""
+    A checkpoint of a wrapped training model is rebuilt as the module its meta names (``module``, e.g. LenVM's
+    :class:`~jaxtok.models.value.LengthValueModel`), so every parameter, head included, is restored."""
     from jaxtok.models.hf import load_checkpoint_with_meta
 
-    return load_checkpoint_with_meta(str(path), mesh=mesh, step=step, build=_saved_module)
-
-
-def _saved_module(model_cfg: ModelConfig, meta: dict) -> nnx.Module:
-    """The module a checkpoint's parameters belong to: the decoder, wrapped again when meta names a wrapper."""
-    decoder = Decoder(model_cfg, rngs=nnx.Rngs(0))
-    if not meta.get(WRAP_META):
-        return decoder
-    wrap, args = _wrapper_of(meta[WRAP_META], meta.get(WRAP_ARGS_META))
-    return wrap(decoder, args, nnx.Rngs(0))
+    return load_checkpoint_with_meta(str(path), mesh=mesh, step=step)
 
 
 def _wrapper_of(name: str, args_mapping) -> tuple[Callable, Any]:
@@ -152,8 +143,9 @@ def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
 
     :func:`build_model`, then the objective's entry meta ``wrap_model(decoder, args, rngs)`` (LenVM's value head)
     with ``nnx.Rngs(train.seed)``. ``model.init_from`` a wrapped run (a LenVM run continued) restores the wrapped
-    model as saved, head included, instead of wrapping again. ``wrap_meta`` (``{wrap_model, wrap_args}`` or
-    ``{}``) goes into every checkpoint, so a resume, ``init_from`` and :func:`load_model` rebuild the same model."""
+    model as saved, head included, instead of wrapping again. ``wrap_meta`` (``{wrap_model, wrap_args}`` plus the
+    module's ``checkpoint_meta()``, or ``{}``) goes into every checkpoint, so a resume, ``init_from`` and
+    :func:`load_model` rebuild the same model."""
     from jaxtok.registry import ConfigError
 
     wrap_meta: dict = {}
@@ -174,6 +166,8 @@ def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
             wrap, args = _wrapper_of(cfg.objective.name, args_map)
             model = wrap(model, args, nnx.Rngs(cfg.train.seed))
             wrap_meta = {WRAP_META: cfg.objective.name, WRAP_ARGS_META: args_map}
+    if hasattr(model, "checkpoint_meta"):  # the module class and options load_model rebuilds (models.value)
+        wrap_meta.update(model.checkpoint_meta())
     return model, wrap_meta
 
 

@@ -2,9 +2,10 @@
 
 Per-token reward ``r = −(1 − γ)`` until EOS; with ``n_t`` tokens left (the EOS position has ``n = 0``) the
 discounted return is ``V_t = Σ_{k<n_t} γ^k r = −(1 − γ^{n_t}) ∈ (−1, 0]`` — bounded and monotone in ``n_t``, with
-the inverse ``n = ln(1 + V) / ln γ`` (:func:`value_to_length`, the readout decoders use for length control).
+the inverse ``n = ln(1 + V) / ln γ`` (:func:`value_to_length`, the readout decoders use for length control:
+:mod:`jaxtok.decode.length_control`).
 
-Model: :class:`LengthValueModel` — the decoder with a linear :class:`jaxtok.models.heads.ValueHead` on its last
+Model: :class:`jaxtok.models.value.LengthValueModel` (values in the objective's ``gamma``) — the decoder with a linear :class:`jaxtok.models.heads.ValueHead` on its last
 hidden state, ``pred_t = −sigmoid(W h_t + b)``. Valued positions: the last prompt token and every completion token up
 to and including EOS (:func:`lenvm_targets`). Targets: ``λ = 1`` (default) is the Monte-Carlo / closed form
 ``−(1 − γ^n)``; ``λ < 1`` uses GAE on the detached predictions (:func:`gae_targets`): ``δ_t = r + γ v_{t+1} − v_t``,
@@ -22,7 +23,6 @@ must be a :class:`LengthValueModel` (entry meta ``wrap_model``: ``with_value_hea
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import jax
@@ -30,13 +30,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtok.models import Decoder, ModelConfig
-from jaxtok.models.heads import ValueHead
+from jaxtok.models import Decoder
+from jaxtok.models.value import LengthValueModel, length_to_value, value_to_length
 from jaxtok.registry import OBJECTIVES, ConfigError
 from jaxtok.train.objectives.policy_gradient import require_keys
 
 __all__ = ["LenVMArgs", "LengthValueModel", "with_value_head", "length_to_value", "value_to_length",
-           "lenvm_targets", "gae_targets", "lenvm_loss_terms", "lenvm_loss", "remaining_length"]
+           "lenvm_targets", "gae_targets", "lenvm_loss_terms", "lenvm_loss"]
 
 _F32 = jnp.float32
 LENVM_LOSSES = ("huber", "bce")
@@ -66,54 +66,10 @@ class LenVMArgs:
             raise ConfigError(f"huber_delta={self.huber_delta!r} must be > 0")
 
 
-class LengthValueModel(Decoder):
-    """A :class:`Decoder` with a value head (``value_head``: hidden ``[B, T, D]`` -> raw ``[B, T]``). It is still a
-    decoder (sampling, scoring, checkpoints of the backbone work as before)."""
-
-    def __init__(self, cfg: ModelConfig, *, value_hidden: Optional[int] = None, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        self.value_head = ValueHead(cfg.hidden_size, value_hidden, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-
-    @classmethod
-    def from_decoder(cls, decoder: Decoder, *, rngs: nnx.Rngs, value_hidden: Optional[int] = None):
-        """A LengthValueModel whose backbone is a copy of ``decoder``'s weights and whose head is fresh."""
-        model = cls(decoder.cfg, value_hidden=value_hidden, rngs=rngs)
-        nnx.update(model, nnx.state(decoder))
-        return model
-
-    def raw_values(self, tokens, *, positions=None, valid=None) -> jax.Array:
-        """Raw head outputs ``[B, T]`` float32 (``pred = −sigmoid(raw)``)."""
-        out = self(tokens, positions=positions, valid=valid, return_logits=False, return_hidden=True)
-        return self.value_head(out.hidden)
-
-    def values(self, tokens, *, positions=None, valid=None) -> jax.Array:
-        """Predicted ``V_t = −sigmoid(raw) ∈ (−1, 0)`` ``[B, T]``."""
-        return -jax.nn.sigmoid(self.raw_values(tokens, positions=positions, valid=valid))
-
-
 def with_value_head(decoder: Decoder, args: LenVMArgs, rngs: nnx.Rngs) -> LengthValueModel:
-    """The training model of the ``lenvm`` objective built from the loop's decoder (entry meta ``wrap_model``)."""
-    return LengthValueModel.from_decoder(decoder, rngs=rngs, value_hidden=args.value_hidden)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# value <-> length
-
-
-def length_to_value(n, gamma: float):
-    """``V = −(1 − γ^n) = expm1(n ln γ)`` (float32)."""
-    return jnp.expm1(jnp.asarray(n, _F32) * math.log(gamma))
-
-
-def value_to_length(value, gamma: float):
-    """Remaining tokens ``n = ln(1 + V) / ln γ`` for ``V ∈ (−1, 0]`` (clamped to ``[−1 + 1e-7, 0]``; ``n ≥ 0``)."""
-    v = jnp.clip(jnp.asarray(value, _F32), -1.0 + 1e-7, 0.0)
-    return jnp.log1p(v) / math.log(gamma)
-
-
-def remaining_length(model: LengthValueModel, tokens, *, gamma: float, positions=None, valid=None):
-    """Decoder readout: predicted remaining tokens until EOS after each position ``[B, T]`` float32."""
-    return value_to_length(model.values(tokens, positions=positions, valid=valid), gamma)
+    """The training model of the ``lenvm`` objective built from the loop's decoder (entry meta ``wrap_model``): the
+    decoder's weights, a fresh value head, values in the discount ``args.gamma``."""
+    return LengthValueModel.from_decoder(decoder, rngs=rngs, gamma=args.gamma, value_hidden=args.value_hidden)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,6 +148,9 @@ def lenvm_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: LenVMArgs =
     if not hasattr(model, "value_head"):
         raise ConfigError("objective 'lenvm' trains a model with a value head (LengthValueModel); build it with "
                           "jaxtok.train.objectives.lenvm.with_value_head (entry meta 'wrap_model')")
+    if getattr(model, "gamma", args.gamma) != args.gamma:
+        raise ConfigError(f"objective.args.gamma={args.gamma} differs from the value model's gamma={model.gamma} (its "
+                          f"readout would convert values with the wrong discount); keep the gamma it was built with")
     raw = model.raw_values(batch["tokens"], positions=batch.get("positions"), valid=batch.get("valid"))  # [B, T]
     target, mask, remaining = lenvm_targets(batch["loss_mask"], batch["tokens"], args.gamma, args.eos_id)
     if args.lam < 1.0:

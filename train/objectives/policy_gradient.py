@@ -97,8 +97,8 @@ class PolicyGradientArgs(P.PolicyLossConfig):
                               f"(={self.overlong_max_length!r}) ≥ overlong_buffer; set it to rollout.max_new_tokens")
         if self.entropy_coef < 0:
             raise ConfigError(f"entropy_coef={self.entropy_coef!r} must be ≥ 0")
-        if self.adv_eps <= 0:  # jaxtok.policy.group_advantages divides 0 by (0 + eps) in zero-variance groups
-            raise ConfigError(f"adv_eps={self.adv_eps!r} must be > 0")
+        if self.adv_eps < 0:  # 0 is allowed: zero-variance groups get advantage exactly 0 (jaxtok.policy)
+            raise ConfigError(f"adv_eps={self.adv_eps!r} must be >= 0")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size={self.chunk_size!r} must be ≥ 1")
 
