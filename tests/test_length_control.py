@@ -152,3 +152,35 @@ def test_bad_input(models, tmp_path):
     with pytest.raises(ValueError, match="target: shape"):
         generate(policy, prompt, valid, max_new_tokens=2, rng=jax.random.key(0),
                  guide=LengthGuide.of(vm, mode="target", target=np.array([3, 4])))
+
+
+def test_length_control_bench_smoke(tmp_path):
+    """`jaxtok bench configs/bench/length_control.yaml` end to end on random tiny models: every arm is a row,
+    the prediction block and the plots are written, and the s = 0 tilt arm reproduces the top-K arm."""
+    import json
+    from pathlib import Path
+
+    from jaxtok import cli
+    from jaxtok.models import save_checkpoint
+
+    cfg = presets.get("tiny_draft", vocab_size=64)  # the task tokenizer's vocabulary fits in 64
+    save_checkpoint(Decoder(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "policy"))
+    lvm = LengthValueModel(cfg, gamma=0.8, rngs=nnx.Rngs(1))
+    save_checkpoint(lvm, str(tmp_path / "vm"), meta=lvm.checkpoint_meta())
+    root = Path(__file__).resolve().parents[1]
+    rc = cli.main(["bench", str(root / "configs" / "bench" / "length_control.yaml"), f"run.out_dir={tmp_path}",
+                   f"model.init_from={tmp_path / 'policy'}", "model.preset=tiny_draft",
+                   f"bench.args.value_init_from={tmp_path / 'vm'}", "bench.args.num_prompts=4",
+                   "bench.args.batch_size=4", "bench.args.max_new_tokens=4", "bench.args.candidates=3",
+                   "bench.args.targets=[3]", "bench.args.target_scales=[1.0]", "bench.args.tilt_scales=[0.0]",
+                   "bench.args.budgets=[2]", "bench.args.budget_scales=[1.0]"])
+    assert rc == 0
+    out = tmp_path / "bench_length_control"
+    res = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in res["rows"]] == ["policy", "top-K", "top-K @ 3", "target 3 s=1", "tilt 0",
+                                               "truncate @ 2", "budget 2 s=1"]
+    assert res["prediction"]["mae"] >= 0 and (out / "length_error.png").is_file()
+    assert all(r["mean_length"] <= 2 for r in res["rows"] if r["max_new_tokens"] == 2)
+    rows = {r["arm"]: r for r in res["rows"]}
+    for key in ("exact_match", "mean_length", "finished_share"):
+        assert rows["tilt 0"][key] == rows["top-K"][key]
