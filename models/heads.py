@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtok.models.transformer import check_token_ids
+from jaxtok.models.transformer import check_token_ids, dense
 
 PAD_LOGIT = -1e9  # finite: BCE-with-logits stays finite where a loss weight of 0 masks it
 _ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh}
@@ -58,7 +58,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
-        return jnp.einsum("...i,io->...o", x, self.kernel[...].astype(jnp.float32)) + self.bias[...].astype(jnp.float32)
+        return dense(x, self.kernel[...].astype(jnp.float32)) + self.bias[...].astype(jnp.float32)
 
 
 class MLPHead(nnx.Module):
