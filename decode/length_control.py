@@ -14,7 +14,8 @@ emitted at step ``t`` (0-based) is ``L_c = t + 1 + n_c``. The policy's logits ar
 - ``target`` (exact length matching, LIFEBench-style): ``logit_c − s·|L_c − L*|`` for a per-row target ``L*``.
 - ``budget`` (finish within a token budget): ``logit_c − s·max(0, L_c − L*)``; only overruns are penalised.
 
-``s = 0`` leaves the top-K-restricted policy unchanged (tested). The bonus is added to the raw logits, before the
+``s = 0`` leaves the top-K-restricted policy unchanged (tested); the log-probs :func:`jaxtok.decode.generate`
+returns are those of the guided distribution. The bonus is added to the raw logits, before the
 temperature and the other filters of :func:`jaxtok.decode.generate`. [INFERRED] The exact re-weighting of the
 reference (served in an SGLang fork) is not public; these are our formulations, in tokens so ``s`` reads as
 log-odds per token. Cost: one value-model forward of ``1 + K`` tokens per step (the previous token and the K
@@ -116,6 +117,7 @@ class _Spec:
     graphdef: nnx.GraphDef
     mode: str
     candidates: int
+    vocab_size: int
 
     def init(self, arrays: dict, prompt, prompt_valid, max_new_tokens: int) -> dict:
         """Carry: the value model's cache holding the prompt minus its last token, which is ``pending`` (fed with
@@ -171,10 +173,13 @@ class LengthGuide:
             raise ValueError(f"candidates={candidates!r}: allowed 1..{value_model.cfg.vocab_size}")
         graphdef, state = nnx.split(value_model)
         arrays = {"model": state, "scale": jnp.asarray(scale, jnp.float32), "target": jnp.asarray(target, jnp.float32)}
-        return cls(_Spec(graphdef, mode, int(candidates)), arrays)
+        return cls(_Spec(graphdef, mode, int(candidates), int(value_model.cfg.vocab_size)), arrays)
 
     def check(self, batch: int, vocab_size: int) -> None:
         """Per-row arrays must be scalars or ``[batch]``; the value model must share the policy's vocabulary."""
+        if self.spec.vocab_size != vocab_size:
+            raise ValueError(f"length guide: the value model's vocabulary ({self.spec.vocab_size}) differs from the "
+                             f"policy's ({vocab_size}); train the LenVM from the policy's tokenizer")
         for name in ("scale", "target"):
             shape = self.arrays[name].shape
             if shape not in ((), (batch,)):

@@ -10,3 +10,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps each executable's code into its own memory
+    regions; one process compiling the whole suite's ~thousands of programs reaches the kernel's
+    ``vm.max_map_count`` (65530) and the next compile segfaults. Modules do not share compiled programs."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -149,6 +149,9 @@ def test_bad_input(models, tmp_path):
     with pytest.raises(ConfigError, match="target_length"):
         LengthGuideArgs(mode="target", target_length=0)
     prompt, valid = _prompts()
+    other = LengthValueModel(presets.get("tiny_draft", vocab_size=V + 4), gamma=0.8, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(policy, prompt, valid, max_new_tokens=2, rng=jax.random.key(0), guide=LengthGuide.of(other))
     with pytest.raises(ValueError, match="target: shape"):
         generate(policy, prompt, valid, max_new_tokens=2, rng=jax.random.key(0),
                  guide=LengthGuide.of(vm, mode="target", target=np.array([3, 4])))
