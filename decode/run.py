@@ -114,9 +114,9 @@ def _spec_stats(out, b: int) -> dict:
         "rounds": int(np.sum(np.asarray(out.rounds)[:b])), "accepted": int(np.sum(np.asarray(out.accepted)[:b])),
         "drafted": int(np.sum(np.asarray(out.drafted)[:b])),
         "row_forwards": int(np.sum(np.asarray(out.rounds)[:b] + 1)),
-        "accepted_by_position": np.asarray(out.accepted_by_position).astype(np.int64),
-        "drafted_by_position": np.asarray(out.drafted_by_position).astype(np.int64),
-        "route_counts": np.asarray(out.route_counts).astype(np.int64),
+        "accepted_by_position": np.asarray(out.accepted_by_position)[:b].sum(0).astype(np.int64),
+        "drafted_by_position": np.asarray(out.drafted_by_position)[:b].sum(0).astype(np.int64),
+        "route_counts": np.asarray(out.route_counts)[:b].sum(0).astype(np.int64),
     }
 
 

@@ -405,9 +405,10 @@ class SpeculativeResult:
       forwards (prefill included; n-gram drafts cost none);
       rounds ``[B]`` verification rounds per row; accepted ``[B]`` accepted drafts per row; drafted ``[B]``
       proposed (valid) drafts per row;
-      accepted_by_position / drafted_by_position ``[γmax]``: over rows and rounds, how often draft j was
+      accepted_by_position / drafted_by_position ``[B, γmax]``: per row, over its rounds, how often draft j was
       accepted / proposed;
-      route_counts ``[K]`` rounds routed to each drafter (TAPS; ``[1]`` otherwise).
+      route_counts ``[B, K]`` rounds of each row routed to each drafter (TAPS; ``K = 1`` otherwise).
+    Per-row statistics let callers that pad a short last batch count only its real rows (``rows=``).
     """
 
     tokens: jax.Array
@@ -435,9 +436,9 @@ class SpeculativeResult:
 
     @property
     def acceptance_rate_by_position(self) -> np.ndarray:
-        """``[γmax]`` P(draft j accepted | proposed); NaN where never proposed."""
-        d = np.asarray(self.drafted_by_position, np.float64)
-        return np.where(d > 0, np.asarray(self.accepted_by_position) / np.maximum(d, 1), np.nan)
+        """``[γmax]`` P(draft j accepted | proposed) over all rows; NaN where never proposed."""
+        d = np.asarray(self.drafted_by_position, np.float64).sum(0)
+        return np.where(d > 0, np.asarray(self.accepted_by_position).sum(0) / np.maximum(d, 1), np.nan)
 
     def metrics(self) -> dict:
         """Host-side summary of the call (JSON-ready)."""
@@ -449,7 +450,7 @@ class SpeculativeResult:
             "acceptance_rate": float(np.sum(self.accepted) / max(np.sum(self.drafted), 1)),
             "acceptance_rate_by_position": [None if np.isnan(x) else float(x)
                                             for x in self.acceptance_rate_by_position],
-            "route_counts": np.asarray(self.route_counts).tolist(),
+            "route_counts": np.asarray(self.route_counts).sum(0).tolist(),
         }
 
 
@@ -504,9 +505,9 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
         "finished": done | (count >= n_new), "cache": out.cache, "dstate": dstate, "pstate": policy.init(b, g),
         "target_forwards": jnp.int32(1), "draft_forwards": draft_prefill,
         "rounds": jnp.zeros((b,), jnp.int32), "accepted": jnp.zeros((b,), jnp.int32),
-        "drafted": jnp.zeros((b,), jnp.int32), "acc_pos": jnp.zeros((g,), jnp.int32),
-        "draft_pos": jnp.zeros((g,), jnp.int32),
-        "routes": jnp.zeros((len(drafter.drafters) if isinstance(drafter, RoutedDrafter) else 1,), jnp.int32),
+        "drafted": jnp.zeros((b,), jnp.int32), "acc_pos": jnp.zeros((b, g), jnp.int32),
+        "draft_pos": jnp.zeros((b, g), jnp.int32),
+        "routes": jnp.zeros((b, len(drafter.drafters) if isinstance(drafter, RoutedDrafter) else 1), jnp.int32),
     }
 
     def cond(st):
@@ -565,9 +566,8 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
             "target_forwards": st["target_forwards"] + 1, "draft_forwards": st["draft_forwards"] + d.forwards,
             "rounds": st["rounds"] + live, "accepted": st["accepted"] + jnp.where(live, nacc, 0),
             "drafted": st["drafted"] + jnp.sum(dvalid, axis=1),
-            "acc_pos": st["acc_pos"] + jnp.sum(acc_mask, axis=0), "draft_pos": st["draft_pos"] + jnp.sum(dvalid, 0),
-            "routes": st["routes"] + jnp.sum(jax.nn.one_hot(d.choice, st["routes"].shape[0], dtype=jnp.int32)
-                                             * live[:, None], axis=0),
+            "acc_pos": st["acc_pos"] + acc_mask, "draft_pos": st["draft_pos"] + dvalid,
+            "routes": st["routes"] + jax.nn.one_hot(d.choice, st["routes"].shape[1], dtype=jnp.int32) * live[:, None],
         }
 
     st = jax.lax.while_loop(cond, body, state)
