@@ -21,7 +21,9 @@ Config paths are relative to the recipe file. ``${stage:NAME}`` inside an overri
 directory of the earlier stage NAME. Overrides given on the command line apply to every stage.
 
 Caching: a stage's key hashes its command, its resolved config (with ``${stage:...}`` references left symbolic and
-the output locations ``run.out_dir/name/cache_dir/progress`` left out) and the keys of the stages it references,
+the output locations ``run.out_dir/name/cache_dir/progress`` left out), the text of every YAML file the config
+names in its values (a sweep's or comparison's variant configs, with their ``base:`` chains) and the keys of the
+stages it references,
 so a change upstream reruns everything downstream and moving the cache does not. Outputs live in
 ``<run.cache_dir>/<name>-<key>/``; a ``DONE`` marker there (holding the stage's result) means the stage is reused
 ("cached"). A stage interrupted before ``DONE`` runs again in the same directory (training resumes from its last
@@ -164,11 +166,39 @@ def read_recipe(path: str | Path) -> Recipe:
     return Recipe(tuple(stages), summary, run.get("out_dir"), run.get("name"), tuple(plots))
 
 
+def _named_config_files(value: Any, seen: Optional[dict] = None) -> dict:
+    """``{path: sha256 of its text}`` for every existing YAML file a config names in a string value (``path.yaml``
+    or ``key=path.yaml``, e.g. a sweep's ``bench.args.config`` or a variant's ``config=...`` override), with the
+    ``base:`` chains and the files those files name, so editing any of them changes a stage's key."""
+    seen = {} if seen is None else seen
+    if isinstance(value, Mapping):
+        for v in value.values():
+            _named_config_files(v, seen)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _named_config_files(v, seen)
+    elif isinstance(value, str):
+        path = Path(value.split("=", 1)[-1].strip())
+        if path.suffix in (".yaml", ".yml") and path.is_file() and str(path) not in seen:
+            text = path.read_text()
+            seen[str(path)] = hashlib.sha256(text.encode()).hexdigest()
+            try:
+                named = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return seen  # hashed; loading it will report the error
+            if isinstance(named, Mapping) and isinstance(named.get("base"), str):
+                _named_config_files(str(path.parent / named["base"]), seen)
+            _named_config_files(named, seen)
+    return seen
+
+
 def stage_key(cfg: Config, command: str, upstream: Sequence[str]) -> str:
-    """Content hash of a stage: command, resolved config minus output locations, upstream stage keys."""
+    """Content hash of a stage: command, resolved config minus output locations, upstream stage keys, and the text
+    of every config file the config names (:func:`_named_config_files`)."""
     d = to_dict(cfg)
     d["run"] = {k: v for k, v in d["run"].items() if k not in _OUTPUT_KEYS}
-    blob = json.dumps({"command": command, "config": d, "upstream": list(upstream)}, sort_keys=True)
+    blob = json.dumps({"command": command, "config": d, "upstream": list(upstream),
+                       "files": _named_config_files(d)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

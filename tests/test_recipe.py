@@ -172,3 +172,22 @@ def test_quickstart_recipe_stages_validate():
     assert opd.objective.name == "opd" and opd.objective.args["selection"]["rule"] == "entropy_sample"
     assert opd.model.init_from == "/runs/student" and opd.rollout.teacher_init_from == "/runs/teacher"
     assert {c[0] for c in r.summary} >= {"exact_match", "tokens_per_s", "mean_nfe", "accepted_len"}
+
+
+def test_stage_key_follows_the_config_files_a_stage_names(tmp_path, monkeypatch):
+    """Editing a config that a sweep names (or that config's base) changes the stage key; an unrelated file does
+    not; the key does not depend on file modification times."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text("train: {steps: 3}\n")
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\noptimizer: {lr: 0.1}\n")
+    stage = write(tmp_path / "stage.yaml", "bench: {name: sweep, args: {config: variant.yaml, "
+                                           "variants: {a: [config=variant.yaml]}}}\n")
+    cfg = load_config(stage)
+    key = recipe.stage_key(cfg, "bench", [])
+    (tmp_path / "other.yaml").write_text("train: {steps: 4}\n")
+    assert recipe.stage_key(cfg, "bench", []) == key
+    (tmp_path / "base.yaml").write_text("train: {steps: 5}\n")
+    key_base = recipe.stage_key(cfg, "bench", [])
+    assert key_base != key
+    (tmp_path / "variant.yaml").write_text("base: base.yaml\noptimizer: {lr: 0.2}\n")
+    assert recipe.stage_key(cfg, "bench", []) not in (key, key_base)
