@@ -184,8 +184,6 @@ class LengthGuide:
             shape = self.arrays[name].shape
             if shape not in ((), (batch,)):
                 raise ValueError(f"length guide {name}: shape {shape}, expected a scalar or [{batch}]")
-        if self.spec.candidates > vocab_size:
-            raise ValueError(f"length guide candidates={self.spec.candidates} exceeds the vocabulary {vocab_size}")
 
     def for_batch(self, batch: int) -> dict:
         """``arrays`` with ``scale``/``target`` broadcast to ``[batch]``."""
