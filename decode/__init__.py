@@ -23,6 +23,7 @@ from .speculative import (
 )
 
 __all__ = [
-    "DeerDrafter", "DiffusionResult", "LengthGuide", "ModelDrafter", "NgramDrafter", "RoutedDrafter", "diffusion_generate",
-    "ead_generate", "generate", "predict_length", "run_decode", "run_diffusion_decode", "speculative_generate", "trajectory_state",
+    "DeerDrafter", "DiffusionResult", "LengthGuide", "ModelDrafter", "NgramDrafter", "RoutedDrafter",
+    "diffusion_generate", "ead_generate", "generate", "predict_length", "run_decode", "run_diffusion_decode",
+    "speculative_generate", "trajectory_state",
 ]

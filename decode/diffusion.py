@@ -517,7 +517,7 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
     ``format_ok``, ``mean_nfe`` (forwards per row), ``tokens_per_nfe`` (valid generated tokens per forward),
     ``mean_length``, ``wall_s``, ``tokens_per_s``, ``compile_s``, ``num_examples``.
     """
-    from jaxtok.data import prompt_dataset
+    from jaxtok.data import pad_prompt_batch, prompt_dataset
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
     if not heads and COMMIT_POLICIES.entry(policy, "policy").meta.get("heads"):
@@ -533,11 +533,7 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
               stop_tokens=stop_ids_of(tok), pad_id=sp.pad, attention=cfg.model.attention,
               block_size=cfg.model.block_size, heads=heads)
 
-    def padded(batch):
-        rows = batch["prompt"].shape[0]
-        extra = bsz - rows
-        return (np.concatenate([batch["prompt"], np.repeat(batch["prompt"][:1], extra, 0)]),
-                np.concatenate([batch["prompt_valid"], np.repeat(batch["prompt_valid"][:1], extra, 0)]))
+    padded = functools.partial(pad_prompt_batch, size=bsz)
 
     key = jax.random.key(cfg.train.seed)
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxtok.data import make_task_from_config, prompt_dataset
+from jaxtok.data import make_task_from_config, pad_prompt_batch, prompt_dataset
 from jaxtok.metrics import write_results
 from jaxtok.models.hf import load_checkpoint_with_meta
 from jaxtok.models.value import LengthValueModel
@@ -33,7 +33,7 @@ from jaxtok.tasks import build_tokenizer, load_tokenizer
 from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
 from .generate import generate
-from .length_control import LengthGuide, predict_length
+from .length_control import LengthGuide, length_error_sums, predict_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +66,8 @@ def _batches(cfg, tok, args):
     out = []
     for batch in ds:
         b = batch["prompt"].shape[0]
-        prompt, valid = batch["prompt"], batch["prompt_valid"]
-        if b < args.batch_size:
-            extra = args.batch_size - b
-            prompt = np.concatenate([prompt, np.repeat(prompt[:1], extra, 0)])
-            valid = np.concatenate([valid, np.repeat(valid[:1], extra, 0)])
-        out.append((prompt, valid, b, [task.example("eval", int(i)) for i in batch["index"][:b]]))
+        out.append((*pad_prompt_batch(batch, args.batch_size), b,
+                    [task.example("eval", int(i)) for i in batch["index"][:b]]))
     return task, out
 
 
@@ -99,9 +95,10 @@ def _arm(policy, batches, task, tok, sp, args, *, max_new, top_k=0, guide=None, 
     row = {"exact_match": float(np.mean(correct)), "mean_length": float(lengths.mean()),
            "finished_share": float(done.mean()), "tokens_per_s": float(lengths.sum() / max(wall, 1e-9))}
     if target is not None:
-        row.update(length_abs_err=float(np.mean(np.abs(lengths - target))),
-                   exact_length_share=float(np.mean(lengths == target)),
-                   over_share=float(np.mean(lengths > target)))
+        sums = length_error_sums(lengths, target)
+        n = len(lengths)
+        row.update(length_abs_err=sums["length_abs_err"] / n, exact_length_share=sums["exact_length"] / n,
+                   over_share=sums["over_target"] / n)
     return {"row": row, "lengths": lengths, "done": done}
 
 

@@ -39,7 +39,7 @@ from jaxtok.models.value import LengthValueModel, value_to_length
 from jaxtok.registry import LOGIT_GUIDES, ConfigError
 
 __all__ = ["LENGTH_MODES", "LengthGuide", "LengthGuideArgs", "length_bonus", "guided_logits", "predict_length",
-           "length_guide"]
+           "length_error_sums", "length_guide"]
 
 LENGTH_MODES = ("tilt", "target", "budget")
 _NEG = -1e30  # finite "minus infinity" for dropped tokens (a row of only dropped tokens stays finite)
@@ -98,6 +98,14 @@ def guided_logits(logits, cand_ids, bonus):
     return jax.vmap(lambda row, ids, vals: row.at[ids].set(vals))(out, cand_ids, picked)
 
 
+def length_error_sums(lengths, target: int) -> dict:
+    """Host-side sums over rows of a length-controlled decode (divide by the row count for shares): ``length_abs_err``
+    Σ|length − target|, ``exact_length`` #(length == target), ``over_target`` #(length > target)."""
+    lengths = np.asarray(lengths)
+    return {"length_abs_err": float(np.sum(np.abs(lengths - target))), "exact_length": int(np.sum(lengths == target)),
+            "over_target": int(np.sum(lengths > target))}
+
+
 def predict_length(value_model: LengthValueModel, prompt, prompt_valid) -> jax.Array:
     """Prompt-boundary readout ``[B]`` float32: predicted completion length (tokens, EOS included) from the value at
     each row's last prompt token (column ``P - 1`` of a left-padded batch)."""
@@ -141,8 +149,7 @@ class _Spec:
         valid = jnp.broadcast_to(~done[:, None], (b, 1 + k))
         out = vm(tokens, positions=positions, valid=valid, cache=carry["cache"], attention="siblings",
                  return_logits=False, return_hidden=True)
-        values = -jax.nn.sigmoid(vm.value_head(out.hidden[:, 1:]))  # [B, K]
-        n = value_to_length(values, vm.gamma)
+        n = value_to_length(vm.values_of_hidden(out.hidden[:, 1:]), vm.gamma)  # [B, K] tokens left after each
         bonus = length_bonus(n, step, self.mode, arrays["scale"], arrays["target"])
         cache = out.cache.rollback(out.cache.lengths - k)  # keep the pending token, drop the candidates
         return guided_logits(logits, cand, bonus), {"cache": cache, "pending": carry["pending"]}
@@ -164,7 +171,8 @@ class LengthGuide:
     def of(cls, value_model: LengthValueModel, *, mode: str = "tilt", scale=1.0, target=0,
            candidates: int = 8) -> "LengthGuide":
         if not isinstance(value_model, LengthValueModel):
-            raise ValueError(f"length guidance needs a LengthValueModel (a LenVM run), got {type(value_model).__name__}")
+            raise ValueError(f"length guidance needs a LengthValueModel (a LenVM run), got "
+                             f"{type(value_model).__name__}")
         if mode not in LENGTH_MODES:
             raise ValueError(f"mode={mode!r}: allowed {LENGTH_MODES}")
         if mode in ("target", "budget") and np.any(np.asarray(target) < 1):

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from jaxtok import mesh as mesh_lib
-from jaxtok.data import make_task_from_config, prompt_dataset
+from jaxtok.data import make_task_from_config, pad_prompt_batch, prompt_dataset
 from jaxtok.metrics import write_results
 from jaxtok.registry import DRAFT_POLICIES, LOGIT_GUIDES, ConfigError
 from jaxtok.tasks import build_tokenizer, load_tokenizer
@@ -35,6 +35,7 @@ from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
 from . import constrained  # noqa: F401  (registers decode.policy 'lave', a host loop)
 from .generate import generate
+from .length_control import length_error_sums
 from .speculative import (
     DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate,
 )
@@ -90,11 +91,9 @@ def _build_ar(cfg, model, mesh) -> Callable:
                        **_sampling(cfg, temperature))
         stats = {"target_forwards": int(out.num_forwards)}
         if guide is not None:
-            lengths = np.asarray(out.lengths)[:b]
             stats["rows"] = b
-            if getattr(args, "mode", "tilt") != "tilt":
-                stats["length_abs_err"] = float(np.sum(np.abs(lengths - args.target_length)))
-                stats["over_target"] = int(np.sum(lengths > args.target_length))
+            if getattr(args, "mode", None) in ("target", "budget"):  # a length target to score against
+                stats.update(length_error_sums(np.asarray(out.lengths)[:b], args.target_length))
         return out.tokens, out.valid, stats
 
     return step
@@ -184,13 +183,14 @@ def _summary(method_stats: dict, n_tok: int) -> dict:
         out["mean_length"] = n_tok / rows
         if "length_abs_err" in s:
             out["length_abs_err"] = s.pop("length_abs_err") / rows
+            out["exact_length_share"] = s.pop("exact_length") / rows
             out["over_target_share"] = s.pop("over_target") / rows
     return {**{k: int(v) for k, v in s.items()}, **out}
 
 
 def _table(results: dict) -> str:
     cols = ["method", "policy", "exact_match", "tokens_per_s", "tokens_per_target_forward", "mean_accepted_length",
-            "large_share", "mean_length", "length_abs_err", "over_target_share"]
+            "large_share", "mean_length", "length_abs_err", "exact_length_share", "over_target_share"]
     cols = [c for c in cols if c in results]
 
     def fmt(v):
@@ -224,11 +224,7 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
     key = jax.random.key(cfg.train.seed)
     for batch in ds:
         B = batch["prompt"].shape[0]
-        prompt, valid = batch["prompt"], batch["prompt_valid"]
-        if B < cfg.decode.batch_size:  # one static shape: pad the last batch with copies of its first row
-            extra = cfg.decode.batch_size - B
-            prompt = np.concatenate([prompt, np.repeat(prompt[:1], extra, 0)])
-            valid = np.concatenate([valid, np.repeat(valid[:1], extra, 0)])
+        prompt, valid = pad_prompt_batch(batch, cfg.decode.batch_size)  # one static shape
         key, sub = jax.random.split(key)
         if compile_s is None:  # compile (and warm up) outside the timed region
             t0 = time.perf_counter()

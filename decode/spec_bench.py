@@ -379,20 +379,15 @@ def _plots(rows: list[dict], ead: list[dict]) -> dict:
 
 def _prompt_batches(task, split: str, tok, cfg, n: int) -> tuple[list, list]:
     """``([(prompt, valid)] padded to decode.batch_size, [(indices, real rows)])`` of ``n`` prompts of ``split``."""
-    from jaxtok.data import prompt_dataset
+    from jaxtok.data import pad_prompt_batch, prompt_dataset
 
     bs = cfg.decode.batch_size
     ds, _ = prompt_dataset(task, split, tok, prompt_len=cfg.data.prompt_len, batch_size=bs, num_examples=n,
                            overlong=cfg.data.overlong)
     batches, meta = [], []
     for batch in ds:
-        prompt, valid = np.asarray(batch["prompt"]), np.asarray(batch["prompt_valid"])
-        b = prompt.shape[0]
-        if b < bs:  # one static shape: pad with copies of the first row
-            prompt = np.concatenate([prompt, np.repeat(prompt[:1], bs - b, 0)])
-            valid = np.concatenate([valid, np.repeat(valid[:1], bs - b, 0)])
-        batches.append((prompt, valid))
-        meta.append((np.asarray(batch["index"]), b))
+        batches.append(pad_prompt_batch(batch, bs))  # one static shape
+        meta.append((np.asarray(batch["index"]), batch["prompt"].shape[0]))
     return batches, meta
 
 

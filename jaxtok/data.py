@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
@@ -288,6 +288,18 @@ def sft_dataset(task, split: str, tok, *, seq_len: int, batch_size: int, num_exa
         return encode_sft(tok, task.example(split, int(i)), seq_len, overlong, index=int(i), counter=counter)
 
     return _pipeline(enc, num_examples, seed, shuffle, num_epochs, batch_size, True, worker_count), counter
+
+
+def pad_prompt_batch(batch: Mapping[str, Any], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(prompt [size, P], prompt_valid [size, P])`` of a :func:`prompt_dataset` batch, a short (last) batch padded
+    with copies of its first row, so a jitted decoder sees one static shape; callers score only the first
+    ``batch["prompt"].shape[0]`` rows."""
+    prompt, valid = np.asarray(batch["prompt"]), np.asarray(batch["prompt_valid"])
+    extra = size - prompt.shape[0]
+    if extra < 0:
+        raise ValueError(f"batch of {prompt.shape[0]} rows is larger than the padded size {size}")
+    return (np.concatenate([prompt, np.repeat(prompt[:1], extra, 0)]),
+            np.concatenate([valid, np.repeat(valid[:1], extra, 0)]))
 
 
 def prompt_dataset(task, split: str, tok, *, prompt_len: int, batch_size: int, num_examples: int,

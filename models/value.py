@@ -1,7 +1,7 @@
 """Length Value Model (LenVM, train_methods.md §11): a decoder with a value head whose output is the discounted
-return of a constant per-token reward ``r = −(1 − γ)`` until EOS, ``V_t = −(1 − γ^{n_t}) ∈ (−1, 0]`` with ``n_t``
-the tokens left after position t (the EOS position has ``n = 0``). The value is monotone in ``n`` and inverts to
-``n = ln(1 + V) / ln γ`` (:func:`value_to_length`), the readout decoders use for length control
+return of a constant per-token reward ``r = −(1 − γ)`` until EOS, ``V_t = −(1 − γ^{n_t}) ∈ (−1, 0]`` with
+``n_t`` the tokens left after position t (the EOS position has ``n = 0``). The value is monotone in ``n`` and
+inverts to ``n = ln(1 + V) / ln γ`` (:func:`value_to_length`), the readout decoders use for length control
 (:mod:`jaxtok.decode.length_control`).
 
 The model lives here (not with its objective in ``train/objectives/lenvm.py``) so decoders can load and query it;
@@ -69,6 +69,11 @@ class LengthValueModel(Decoder):
         """Raw head outputs ``[B, T]`` float32 (``pred = −sigmoid(raw)``)."""
         out = self(tokens, positions=positions, valid=valid, return_logits=False, return_hidden=True)
         return self.value_head(out.hidden)
+
+    def values_of_hidden(self, hidden) -> jax.Array:
+        """Predicted ``V = −sigmoid(head(h)) ∈ (−1, 0)`` for hidden states ``[..., D]`` -> ``[...]`` float32 (for
+        callers that ran the backbone themselves, e.g. through a KV cache)."""
+        return -jax.nn.sigmoid(self.value_head(hidden))
 
     def values(self, tokens, *, positions=None, valid=None) -> jax.Array:
         """Predicted ``V_t = −sigmoid(raw) ∈ (−1, 0)`` ``[B, T]``."""

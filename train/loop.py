@@ -210,7 +210,7 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
     Returns ``exact_match`` (task reward == 1), ``format_ok`` and ``num_examples``. The last batch is padded to the
     decode batch size with copies of its first row (ignored), so every call has one static shape.
     """
-    from jaxtok.data import prompt_dataset
+    from jaxtok.data import pad_prompt_batch, prompt_dataset
     from jaxtok.decode.generate import generate
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
     from jaxtok.train.rollout import fetch
@@ -223,8 +223,7 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
     hits, fmt, total = 0.0, 0.0, 0
     for batch in ds:
         rows = batch["prompt"].shape[0]
-        prompt = np.concatenate([batch["prompt"], np.repeat(batch["prompt"][:1], B - rows, 0)])
-        valid = np.concatenate([batch["prompt_valid"], np.repeat(batch["prompt_valid"][:1], B - rows, 0)])
+        prompt, valid = pad_prompt_batch(batch, B)
         out = generate(model, prompt, valid, max_new_tokens=cfg.decode.max_new_tokens, temperature=0.0,
                        rng=jax.random.key(0), stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh)
         tokens = fetch(out.tokens)

@@ -5,11 +5,12 @@ discounted return is ``V_t = Σ_{k<n_t} γ^k r = −(1 − γ^{n_t}) ∈ (−1, 
 the inverse ``n = ln(1 + V) / ln γ`` (:func:`value_to_length`, the readout decoders use for length control:
 :mod:`jaxtok.decode.length_control`).
 
-Model: :class:`jaxtok.models.value.LengthValueModel` (values in the objective's ``gamma``) — the decoder with a linear :class:`jaxtok.models.heads.ValueHead` on its last
-hidden state, ``pred_t = −sigmoid(W h_t + b)``. Valued positions: the last prompt token and every completion token up
-to and including EOS (:func:`lenvm_targets`). Targets: ``λ = 1`` (default) is the Monte-Carlo / closed form
-``−(1 − γ^n)``; ``λ < 1`` uses GAE on the detached predictions (:func:`gae_targets`): ``δ_t = r + γ v_{t+1} − v_t``,
-``A_t = δ_t + γλ A_{t+1}``, target ``v_t + A_t``, the EOS target exactly 0 and the recursion reset at EOS.
+Model: :class:`jaxtok.models.value.LengthValueModel` (values in the objective's ``gamma``) — the decoder with a
+linear :class:`jaxtok.models.heads.ValueHead` on its last hidden state, ``pred_t = −sigmoid(W h_t + b)``. Valued
+positions: the last prompt token and every completion token up to and including EOS (:func:`lenvm_targets`).
+Targets: ``λ = 1`` (default) is the Monte-Carlo / closed form ``−(1 − γ^n)``; ``λ < 1`` uses GAE on the detached
+predictions (:func:`gae_targets`): ``δ_t = r + γ v_{t+1} − v_t``, ``A_t = δ_t + γλ A_{t+1}``, target ``v_t + A_t``,
+the EOS target exactly 0 and the recursion reset at EOS.
 Loss: Huber (δ = 1) between ``pred`` and the target, or ``bce`` (``BCE_with_logits(raw, 1 − γ^n)``), token-mean
 over valued positions as ``(sum, count)``.
 
