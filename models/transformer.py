@@ -190,9 +190,9 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
     ``n_in`` axes of ``w`` as ONE 2-D matmul ``[M, K] @ [K, N]`` (leading axes and the in/out axes flattened).
 
     Same values as ``jnp.einsum("btd,dhn->bthn", ...)``, but its gradient dots contract a single axis: the einsum's
-    weight gradient contracts two axes (b, t) and XLA:CPU lowers that 1.8× slower than the matmul itself
-    (``vjp`` of ``btd,df->btf`` at 1024×512×1536: 17.2 ms einsum vs 9.4 ms flattened; whole ``small`` model
-    forward+backward 1058 → 709 ms; docs/performance.md). On TPU/GPU the reshapes are layout no-ops."""
+    weight gradient contracts two axes (b, t), which XLA:CPU lowers far slower than a 2-D matmul (whole ``small``
+    model forward+backward 1204 → 830 ms, ``scripts/dense_vs_einsum.py``; docs/results/dense_vs_einsum.json). On
+    TPU/GPU the reshapes are layout no-ops."""
     lead, inner = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
     if w.shape[:n_in] != inner:
         raise ValueError(f"dense: x's trailing axes {inner} do not match w's leading axes {w.shape[:n_in]}")

@@ -6,12 +6,13 @@ projections computed two ways: ``dense`` (one 2-D matmul per projection, what th
 axes). Rates are against a float32 1024x1024 matmul measured in the same run, FLOPs counted as the ``train``
 bench counts them (:func:`jaxtok.models.flops_per_token`, backward = 2x forward).
 
-    python scripts/dense_vs_einsum.py --preset small --batch 16 --seq 64
+    python scripts/dense_vs_einsum.py --preset small --batch 16 --seq 64 --json docs/results/dense_vs_einsum.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--json", default=None, help="also write the rows and settings to this results.json path")
     a = p.parse_args()
     cfg = presets.get(a.preset, vocab_size=64)
     eye = jnp.ones((1024, 1024), jnp.float32)
@@ -66,6 +68,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, f, g, rf, rg in rows:
         print(f"| {name} | {f:.1f} | {g:.1f} | {(g - f) / f:.2f} | {rf:.2f} | {rg:.2f} |")
+    if a.json:
+        keys = ("projections", "forward_ms", "fwd_bwd_ms", "forward_rate", "fwd_bwd_rate")
+        with open(a.json, "w") as fh:
+            json.dump({"preset": a.preset, "batch": a.batch, "seq": a.seq, "peak_flops": peak,
+                       "device": jax.devices()[0].device_kind, "rows": [dict(zip(keys, r)) for r in rows]}, fh,
+                      indent=2)
 
 
 if __name__ == "__main__":
