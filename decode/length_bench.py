@@ -107,6 +107,9 @@ def length_bench(cfg, run_dir: str | Path, args: LengthBenchArgs) -> dict:
     """LenVM length prediction and control arms (module docstring) for ``cfg.model.init_from``."""
     if not cfg.model.init_from:
         raise ConfigError("bench length_control needs model.init_from=<run dir of the policy the LenVM models>")
+    if not Path(args.value_init_from).exists():
+        raise ConfigError(f"bench.args.value_init_from={args.value_init_from!r}: no such run directory (train one: "
+                          f"jaxtok train configs/rl/lenvm.yaml)")
     policy, _ = load_checkpoint_with_meta(cfg.model.init_from)
     vm, _ = load_checkpoint_with_meta(args.value_init_from)
     if not isinstance(vm, LengthValueModel):

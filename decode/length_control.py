@@ -27,6 +27,7 @@ candidates), on top of the policy's forward.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -208,6 +209,9 @@ def length_guide(args: LengthGuideArgs, *, mesh=None) -> LengthGuide:
 
     if not args.value_init_from:
         raise ConfigError("decode.policy=lenvm needs decode.policy_args.value_init_from=<LenVM run directory>")
+    if not Path(args.value_init_from).exists():
+        raise ConfigError(f"decode.policy_args.value_init_from={args.value_init_from!r}: no such run directory "
+                          f"(train one: jaxtok train configs/rl/lenvm.yaml)")
     vm, _ = load_checkpoint_with_meta(args.value_init_from, mesh=mesh)
     if not isinstance(vm, LengthValueModel):
         raise ConfigError(f"decode.policy_args.value_init_from={args.value_init_from!r} is not a LenVM run (its "

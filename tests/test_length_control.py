@@ -130,6 +130,8 @@ def test_checkpoint_rebuilds_the_value_model(models, tmp_path):
     prompt, valid = _prompts()
     np.testing.assert_allclose(predict_length(back, prompt, valid), predict_length(vm, prompt, valid), rtol=1e-6)
     assert length_guide(LengthGuideArgs(value_init_from=str(tmp_path / "vm"))).spec.candidates == 8
+    with pytest.raises(ConfigError, match="value_init_from=.*no such run directory"):
+        length_guide(LengthGuideArgs(value_init_from=str(tmp_path / "missing")))
     save_checkpoint(policy, str(tmp_path / "policy"))
     with pytest.raises(ConfigError, match="not a LenVM run"):
         length_guide(LengthGuideArgs(value_init_from=str(tmp_path / "policy")))
