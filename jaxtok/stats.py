@@ -117,8 +117,19 @@ def divergence_from_log_probs(kind: str, lp_s: jax.Array, lp_t: jax.Array, beta:
         return _kl(lp_t, lp_s, clip)
     if beta == 1.0:
         return _kl(lp_s, lp_t, clip)
-    lm = jnp.logaddexp(lp_t + math.log(beta), lp_s + math.log1p(-beta))
+    lm = _mixture_log_probs(lp_s, lp_t, beta)
     return beta * _kl(lp_t, lm, clip) + (1.0 - beta) * _kl(lp_s, lm, clip)
+
+
+def _mixture_log_probs(lp_s: jax.Array, lp_t: jax.Array, beta: float) -> jax.Array:
+    """``log m = log(β p_T + (1−β) p_S)`` (JSD_β mixture, §1) ``[..., K]``; ``-inf`` with a zero (not NaN)
+    gradient where both distributions are 0 (``logaddexp(-inf, -inf)`` has a NaN derivative; the double
+    ``where`` keeps it out of the backward pass, as :func:`kl_terms` does for FKL/RKL)."""
+    both_zero = (lp_s == -jnp.inf) & (lp_t == -jnp.inf)
+    lp_s0 = jnp.where(both_zero, 0.0, lp_s)
+    lp_t0 = jnp.where(both_zero, 0.0, lp_t)
+    lm = jnp.logaddexp(lp_t0 + math.log(beta), lp_s0 + math.log1p(-beta))
+    return jnp.where(both_zero, -jnp.inf, lm)
 
 
 def _masked_logsumexp(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -151,6 +151,21 @@ def test_jsd_endpoints_and_limits():
     close(S.jsd(jnp.array([[0.0, -jnp.inf]]), jnp.array([[-jnp.inf, 0.0]]), 0.5), [LN2])
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_jsd_shared_zero_probability_token_has_finite_gradient(beta):
+    """A vocabulary id with probability 0 under both distributions (``-inf`` in both, e.g. a banned or padded id)
+    drops out of JSD_β: the value equals JSD on the other ids and the gradient is finite (and 0 at that id), as
+    for FKL/RKL. ``logaddexp(-inf, -inf)`` alone gives a NaN derivative."""
+    s, t = jnp.array([[0.3, 1.0, -jnp.inf]]), jnp.array([[0.5, -0.2, -jnp.inf]])
+    close(S.jsd(s, t, beta), S.jsd(s[:, :2], t[:, :2], beta))
+    for wrt in (0, 1):
+        g = jax.grad(lambda a, b: S.jsd(a, b, beta).sum(), argnums=wrt)(s, t)
+        g_ref = jax.grad(lambda a, b: S.jsd(a, b, beta).sum(), argnums=wrt)(s[:, :2], t[:, :2])
+        assert np.all(np.isfinite(np.asarray(g))), g
+        close(g[:, :2], g_ref)
+        assert float(g[0, 2]) == 0.0
+
+
 @pytest.mark.parametrize("mode", S.TOPK_MODES)
 def test_topk_with_k_equal_v_is_full(mode):
     s, t = _random_logits(3, (4, 8)), _random_logits(4, (4, 8))
