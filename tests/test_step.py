@@ -90,6 +90,25 @@ def test_empty_selection_gives_zero_loss_and_no_update():
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.parametrize("count", [0.2, 1.0, 5.0])
+def test_gradient_uses_the_reported_normaliser_for_any_positive_count(count):
+    """The step reports ``Σ sum / Σ count`` and must apply the gradient of that same quantity, also for counts
+    below 1 (fractional weights): with ``loss_sum = count · 3·scale`` the loss is ``3·scale`` whatever the count,
+    so one SGD step (lr 1) moves ``scale`` by exactly −3 (a ``1/max(count, 1)`` gradient scale moved it by −0.6 at
+    count 0.2)."""
+    model = _NextTokenOracle(4)
+
+    def loss_fn(m, batch, rng):
+        del batch, rng
+        return count * 3.0 * m.scale[...], jnp.asarray(count, jnp.float32), {}
+
+    opt = optax.sgd(1.0)
+    _, state = init_train_state(model, opt)
+    state, metrics = make_train_step(model, opt, loss_fn, donate=False)(state, {"x": jnp.zeros((1,))})
+    np.testing.assert_allclose(float(metrics["loss"]), 30.0, rtol=1e-6)
+    np.testing.assert_allclose(float(state.params["scale"].get_value()), 10.0 - 3.0, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ SFT objective
 
 

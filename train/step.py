@@ -119,8 +119,16 @@ def _sums(graphdef, loss_fn: LossFn, params, rest, batch, rng, frozen_graphdefs=
     return jnp.asarray(loss_sum, jnp.float32), (jnp.asarray(count, jnp.float32), aux_parts(aux, count))
 
 
+def _inverse_count(c):
+    """``1 / c`` for ``c > 0``, else 0: the one normaliser of the step, applied to the summed loss (reported) and to
+    the summed gradient (applied), so both are ``Σ sum / Σ count`` for any positive count, fractional ones included
+    (soft weights; a ``(loss, 1)`` objective averaged over micro-batches)."""
+    return jnp.where(c > 0, 1.0 / jnp.where(c > 0, c, 1.0), 0.0)
+
+
 def _ratio(s, c):
-    return jnp.where(c > 0, s / jnp.maximum(c, 1e-30), 0.0)
+    """``s / c`` for ``c > 0``, else 0 (the reported side of :func:`_inverse_count`)."""
+    return jnp.where(c > 0, s / jnp.where(c > 0, c, 1.0), 0.0)
 
 
 def make_train_step(
@@ -180,7 +188,7 @@ def make_train_step(
                 (ls0, (c0, a0)), g0 = zeros
                 (loss_sum, count, aux, grads), _ = jax.lax.scan(
                     body, (ls0, c0, a0, g0), (jnp.arange(micro_batches), micro))
-            scale = jnp.where(count > 0, 1.0 / jnp.maximum(count, 1.0), 0.0)
+            scale = _inverse_count(count)  # the loss reported below is loss_sum · scale too
             grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
