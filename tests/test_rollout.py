@@ -96,13 +96,27 @@ def test_math_verify_equivalence():
     assert rewards.math_verify(task, "no mark", ex) == 0.0
 
 
+R10 = "reasoning!"  # exactly 10 characters: the shortest substantive think
+
+
 @pytest.mark.parametrize("text, score", [
-    ("<think>x</think><answer>y</answer>", 1.0),  # 0.2 + 0.5 + 0.5·(0.4 + 0.3) + 0.1 = 1.15, capped at 1
-    ("<think>x", 0.05),  # 0.2 − 0.5·0.3; unbalanced tags: no +0.1
-    ("<think>x</think><answer></answer>", 0.65),  # empty answer: no answer credit; 0.2 + 0.5·(0.4 + 0.3) + 0.1
+    (f"<think>{R10}</think><answer>y</answer>", 1.0),  # 0.2 + 0.5 + 0.5·(0.4 + 0.3) + 0.1 = 1.15, capped at 1
+    ("<think>x</think><answer>y</answer>", 0.6),  # 1-char think is not substantive: 0.5 + 0.1
+    ("<think>reasoning</think><answer>y</answer>", 0.6),  # 9 characters: still not substantive
+    ("<think>          </think><answer>y</answer>", 0.6),  # blank think
+    ("<think>x", -0.15),  # −0.5·0.3, no lower clip; score ≤ 0: no balance bonus
+    (f"<think>{R10}", 0.05),  # 0.2 − 0.5·0.3; unbalanced tags: no +0.1
+    (f"<think>{R10}</think><answer></answer>", 0.5),  # empty answer: no answer credit, no flow bonus; 0.2 + 0.2 + 0.1
+    (f"<think>{R10}</think><answer>42", 0.4),  # unclosed answer: no answer credit; 0.2 + 0.5·0.4, unbalanced
+    ("<think>hm</think><answer> </answer><answer>42</answer>", 0.6),  # a later pair holds the answer: 0.5 + 0.1
+    ("<think>ok<answer>a long answer here</answer>", 0.35),  # think read up to <answer>: "ok"; 0.5 − 0.15
+    ("<answer>y</answer>", 0.6),
     ("plain", 0.0),
 ])
 def test_para_format_hand_computed(text, score):
+    """PARA-GRPO format reward on edge-case strings, weights of ParaVT ``format.py`` (spec §12, ``answer_suffix``
+    on, λ_anchor 0.5): substantive think ≥ 10 characters, credit only for a closed non-empty answer, flow bonus only
+    with one, later answer pairs inspected, an unclosed think cut at ``<answer>``, negative scores kept."""
     assert rewards.para_format_score(text) == pytest.approx(score)
 
 

@@ -9,7 +9,8 @@ host on decoded text, once per rollout batch, outside any jitted code.
 - ``math_verify``: symbolic/numeric equivalence of the extracted answer and the reference (HF ``math-verify``:
   ``1/2`` matches ``0.5`` and ``\\frac{1}{2}``), for free-form math answers.
 - ``para_format``: the PARA-GRPO structural-tag score for ``<think>…</think><answer>…</answer>`` completions
-  (train_methods.md §12, ``answer_suffix`` on, no tool terms), capped at 1.
+  (train_methods.md §12, ``answer_suffix`` on, no tool terms), capped at 1; it may be negative (an unclosed
+  ``<think>`` is penalised).
 """
 
 from __future__ import annotations
@@ -47,33 +48,51 @@ def math_verify(task, completion: str, example) -> float:
     return float(bool(gold) and bool(pred) and verify(gold, pred))
 
 
-_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_THINK_CLOSED = re.compile(r"<think>(.*?)</think>", re.S)
+_THINK_OPEN = re.compile(r"<think>(.*?)(?:<tool_|<answer>|<\|im_end\|>|$)", re.S)  # cut at the next section
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_TAG_PAIRS = ("think", "tool_call", "tool_code", "answer")
+SUBSTANTIVE_THINK_CHARS = 10  # ParaVT ``has_substantive_think(min_chars=10)``
+
+
+def substantive_think(text: str, min_chars: int = SUBSTANTIVE_THINK_CHARS) -> bool:
+    """PARA-GRPO (§12): the first closed ``<think>…</think>`` block, else an unclosed ``<think>`` read up to the next
+    ``<answer>`` / ``<tool_`` tag (or the end), holds at least ``min_chars`` characters once stripped of surrounding whitespace."""
+    match = _THINK_CLOSED.search(text) or _THINK_OPEN.search(text)
+    return match is not None and len(match.group(1).strip()) >= min_chars
+
+
+def nonempty_answer(text: str) -> bool:
+    """PARA-GRPO (§12): some closed ``<answer>…</answer>`` pair (any of them, not only the first) brackets
+    non-whitespace content; an unclosed or empty answer earns nothing."""
+    return any(body.strip() for body in _ANSWER.findall(text))
 
 
 def para_format_score(text: str, lambda_anchor: float = 0.5) -> float:
-    """PARA-GRPO format score (train_methods.md §12, tool terms omitted):
+    """PARA-GRPO targeted format score (train_methods.md §12, ``answer_suffix`` on; ParaVT ``format.py`` weights):
 
-    ``0.2·[substantive think] + [non-empty answer]·(0.3·[<answer>] + 0.2·[</answer>]) + λ_anchor·(0.4·[</think> ∧
-    think] + 0.3·[think → answer in order] − 0.3·[<think> unclosed]) + 0.1·[all tag pairs balanced ∧ score > 0]``,
-    clipped to ``[0, 1]``. Empty answer tags earn no answer credit.
+    ``R_fmt = 0.2·[think] + [answer]·(0.3·[<answer>] + 0.2·[</answer>])
+    + λ_anchor·(0.4·[</think> ∧ think] + 0.3·[</think> ∧ think ∧ answer ∧ </answer>] − 0.3·[<think> ∧ no </think>])
+    + 0.1·[score > 0 ∧ every tag pair balanced]``, capped at 1 from above only (an unclosed, empty think scores
+    ``−0.3·λ_anchor``).
+
+    ``[think]`` = :func:`substantive_think` (≥ 10 characters), ``[answer]`` = :func:`nonempty_answer`; the flow
+    bonus needs a non-empty answer (the reference checks the tags' presence, not their order); the balance check
+    counts ``think``, ``tool_call``, ``tool_code`` and ``answer`` tags. The tool term ``0.3·[think before a
+    parseable tool call]`` is omitted (no tool use in this library).
     """
-    think = _THINK.search(text)
-    think_open = text.split("<think>", 1)[1] if "<think>" in text else ""  # an unclosed think still counts
-    substantive = len((think.group(1) if think else think_open).strip()) > 0
-    answer = _ANSWER.search(text)
-    after_open = text.split("<answer>", 1)[1] if "<answer>" in text else ""  # an unclosed answer still counts
-    has_answer = len((answer.group(1) if answer else after_open).strip()) > 0
-    score = 0.2 * substantive
-    score += has_answer * (0.3 * ("<answer>" in text) + 0.2 * ("</answer>" in text))
-    closed = think is not None
-    flow = think is not None and answer is not None and think.end() <= answer.start()
-    unclosed = "<think>" in text and "</think>" not in text
-    score += lambda_anchor * (0.4 * (closed and substantive) + 0.3 * flow - 0.3 * unclosed)
-    balanced = all(text.count(f"<{t}>") == text.count(f"</{t}>") for t in ("think", "answer"))
-    if balanced and score > 0:
+    think = substantive_think(text)
+    answer = nonempty_answer(text)
+    score = 0.2 * think
+    if answer:
+        score += 0.3 * ("<answer>" in text) + 0.2 * ("</answer>" in text)
+    closed = "</think>" in text and think
+    anchor = 0.4 * closed + 0.3 * (closed and answer and "</answer>" in text) \
+        - 0.3 * ("<think>" in text and "</think>" not in text)
+    score += lambda_anchor * anchor
+    if score > 0 and all(text.count(f"<{t}>") == text.count(f"</{t}>") for t in _TAG_PAIRS):
         score += 0.1
-    return float(min(max(score, 0.0), 1.0))
+    return float(min(score, 1.0))
 
 
 @REWARDS.register("para_format")
