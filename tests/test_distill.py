@@ -584,3 +584,26 @@ def test_tad_objective_teacher_equal_student_gives_pure_ce():
     assert float(one) == 1.0 and float(aux["near"][0]) == 2 and float(aux["distant"][0]) == 4
     np.testing.assert_allclose(aux["kl"][0], 0.0, atol=1e-6)
     np.testing.assert_allclose(loss, aux["ce"][0], rtol=1e-6)
+
+
+def test_tad_targets_cover_the_terminator_fill():
+    """Near/distant targets cover every masked position of the fixed-length response, the terminator fill included
+    (the TAD repository trains all ``gen_length`` positions); ``response_valid`` (the collector's mask up to the
+    terminator, all False on a wrong trajectory) only selects rows. A mask cut at the terminator would train only
+    position 0 of row 0 here."""
+    from jaxtok.train.objectives import tad as TAD
+
+    cfg = presets.get("tiny_diffusion", vocab_size=V, num_layers=1)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    x_t, x_tg = TAD.trajectory_pair(TRAJ, 2, 1)  # masked in x_t: 0, 2, 4; revealed at the next step: 0
+    tokens = np.concatenate([np.full((2, 2), 12), np.stack([x_t, x_t])], 1).astype(np.int32)
+    valid = np.ones(tokens.shape, bool)
+    positions = np.tile(np.arange(tokens.shape[1], dtype=np.int32), (2, 1))
+    response_valid = np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], bool)  # row 0: terminator at 1; row 1: dropped
+    batch = {"tokens": tokens, "valid": valid, "positions": positions, "teacher_tokens": tokens,
+             "teacher_valid": valid, "teacher_positions": positions, "x_target": np.stack([x_tg, x_tg]),
+             "response_valid": response_valid}
+    np.testing.assert_array_equal(TAD.response_mask(batch, 5), [[True] * 5, [False] * 5])
+    _, _, aux = TAD.tad_loss(model, batch, None, teacher=Decoder(cfg, rngs=nnx.Rngs(1)))
+    assert float(aux["near"][0]) == 1 and float(aux["distant"][0]) == 2  # positions 0 | 2, 4 of row 0
+    assert float(aux["kl"][0]) > 0

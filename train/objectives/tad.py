@@ -12,8 +12,11 @@ privileged prompt by the diffusion sampler) gives training pairs ``x_t = x^(i)``
 
 The ``tad`` objective consumes batches of recorded pairs: ``tokens``/``valid``/``positions`` ``[B, T]`` = plain
 prompt (left-padded) + ``x_t``; ``teacher_tokens``/``teacher_valid``/``teacher_positions`` ``[B, T']`` = privileged
-prompt (left-padded) + the same ``x_t``; ``x_target [B, L]``; ``response_valid [B, L]`` (optional). The response
-is the last ``L`` columns of both inputs. Both models run bidirectionally; logits ``[..., i]`` predict token ``i``
+prompt (left-padded) + the same ``x_t``; ``x_target [B, L]``; ``response_valid [B, L]`` (optional, selects rows).
+The response is the last ``L`` columns of both inputs. Like the TAD repository, which trains every masked position
+of its fixed ``gen_length`` response, the near/distant sets cover all ``L`` positions of a kept row, the terminator
+and the fill after it included (:func:`response_mask`); ``response_valid`` only says which rows are kept (the
+trajectory collector marks the correct trajectories' responses up to their terminator). Both models run bidirectionally; logits ``[..., i]`` predict token ``i``
 (the Decoder applies the Dream shift itself).
 
 Normalisation: the two means are per call (the TAD repo's per-batch means), returned as ``(loss, 1)``, so with
@@ -35,7 +38,7 @@ from jaxtok.registry import OBJECTIVES, ConfigError
 from jaxtok.select import near_distant
 from jaxtok.stats import chunked_map
 
-__all__ = ["TADArgs", "trajectory_pair", "tad_loss_from_logits", "tad_loss"]
+__all__ = ["TADArgs", "trajectory_pair", "tad_loss_from_logits", "response_mask", "tad_loss"]
 
 _F32 = jnp.float32
 
@@ -102,6 +105,17 @@ def tad_loss_from_logits(student_logits: jax.Array, teacher_logits: jax.Array, x
     return loss, {"ce": ce, "kl": kl, "near": n_near, "distant": n_far}
 
 
+def response_mask(batch: dict, length: int) -> jax.Array:
+    """Positions that take part in TAD's near/distant partition: every one of the ``length`` response positions of
+    a kept row (§5; the reference trains all masked positions of the fixed-length response, terminator fill
+    included). A row is kept when ``response_valid [B, L]`` marks any of its positions (all rows without the key).
+    ``[B, L]`` bool."""
+    if "response_valid" not in batch:
+        return jnp.ones((jnp.shape(batch["x_target"])[0], length), bool)
+    rows = jnp.any(jnp.asarray(batch["response_valid"], bool), axis=-1)  # [B]
+    return jnp.broadcast_to(rows[:, None], (rows.shape[0], length))
+
+
 def _response_logits(model, tokens, valid, positions, length):
     """Bidirectional logits at the last ``length`` columns only (``logits_at``). ``[B, L, V]``."""
     tokens = jnp.asarray(tokens)
@@ -126,7 +140,7 @@ def tad_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: TADArgs = TAD
     x_target = jnp.asarray(batch["x_target"])
     L = x_target.shape[1]
     x_t = jnp.asarray(batch["tokens"])[:, -L:]
-    valid = jnp.asarray(batch.get("response_valid", jnp.ones(x_target.shape, bool)), bool)
+    valid = response_mask(batch, L)  # [B, L]
     s = _response_logits(model, batch["tokens"], batch.get("valid"), batch.get("positions"), L)
     t = jax.lax.stop_gradient(_response_logits(teacher, batch["teacher_tokens"], batch.get("teacher_valid"),
                                                batch.get("teacher_positions"), L))
