@@ -81,28 +81,20 @@ def _check_overlong(overlong: str) -> None:
         raise ValueError(f"overlong={overlong!r}: allowed {OVERLONG}")
 
 
-_SPECIALS: dict[int, tuple[Any, SpecialTokens]] = {}
-
-
-def _specials(tok) -> SpecialTokens:
-    """``SpecialTokens.of(tok)``, memoised per tokenizer object (it holds a reference, so ids are not reused)."""
-    hit = _SPECIALS.get(id(tok))
-    if hit is None or hit[0] is not tok:
-        hit = _SPECIALS[id(tok)] = (tok, SpecialTokens.of(tok))
-    return hit[1]
+def prompt_ids(tok, example: Example) -> list[int]:
+    """Token ids of the prompt: a list of chat messages rendered with the tokenizer's chat template (with the
+    generation prompt, and the ``tokenizer.chat_template_kwargs``), or plain text after ``bos`` where the
+    tokenizer adds one."""
+    if isinstance(example.prompt, str):
+        return tok.encode_prompt(example.prompt)
+    return tok.apply_chat_template(example.prompt, add_generation_prompt=True)
 
 
 def sft_ids(tok, example: Example) -> tuple[list[int], int]:
-    """Token ids of ``<bos> prompt target <eos>`` and the length of the ``<bos> prompt`` part."""
-    sp = _specials(tok)
-    prompt = ([sp.bos] if sp.bos is not None else []) + encode(tok, example.prompt)
-    return prompt + encode(tok, example.target) + [sp.eos], len(prompt)
-
-
-def prompt_ids(tok, example: Example) -> list[int]:
-    """Token ids of ``<bos> prompt``."""
-    sp = _specials(tok)
-    return ([sp.bos] if sp.bos is not None else []) + encode(tok, example.prompt)
+    """Token ids of ``prompt target <eos>`` and the length of the prompt part (the completion mask starts after
+    it; with chat messages, after the rendered generation prompt)."""
+    prompt = prompt_ids(tok, example)
+    return prompt + encode(tok, example.target) + [SpecialTokens.of(tok).eos], len(prompt)
 
 
 def _fits(length: int, limit: int, what: str, key: str, index: int, overlong: str,
@@ -132,7 +124,7 @@ def encode_sft(tok, example: Example, seq_len: int, overlong: str = "drop", *, i
     if not _fits(len(ids), seq_len, "example", "data.seq_len", index, overlong, counter):
         return None
     n = len(ids)
-    tokens = np.full((seq_len,), _specials(tok).pad, np.int32)
+    tokens = np.full((seq_len,), SpecialTokens.of(tok).pad, np.int32)
     tokens[:n] = ids
     valid = np.arange(seq_len) < n
     loss_mask = np.zeros((seq_len,), bool)
@@ -148,7 +140,7 @@ def encode_prompt(tok, example: Example, prompt_len: int, overlong: str = "drop"
     Over-long prompts: None with ``overlong="drop"`` (counted in ``counter``), :class:`OverlongError` with "error".
     """
     _check_overlong(overlong)
-    sp = _specials(tok)
+    sp = SpecialTokens.of(tok)
     ids = prompt_ids(tok, example)
     if not _fits(len(ids), prompt_len, "prompt", "data.prompt_len", index, overlong, counter):
         return None
@@ -161,6 +153,12 @@ def encode_prompt(tok, example: Example, prompt_len: int, overlong: str = "drop"
 # ----------------------------------------------------------------------------------------------------------------
 # Example sources
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_messages(value) -> bool:
+    """Whether a prompt field holds chat messages (a list of ``{"role": ..., "content": ...}`` mappings)."""
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +206,10 @@ class FileTask:
         r = self.records[index % len(self.records)]
         answer = str(r[self.answer_field])
         target = str(r[self.target_field]) if self.target_field else f">{answer}"
-        return Example(prompt=str(r[self.prompt_field]), target=target, answer=answer, meta=r)
+        prompt = r[self.prompt_field]
+        if not _is_messages(prompt):
+            prompt = str(prompt)
+        return Example(prompt=prompt, target=target, answer=answer, meta=r)
 
     def extract_answer(self, completion: str) -> Optional[str]:
         return extract_after_mark(completion) if ">" in completion else completion.strip() or None

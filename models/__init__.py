@@ -14,10 +14,11 @@ from jaxtok.models.transformer import (
     check_token_ids,
 )
 from jaxtok.models.value import LengthValueModel
+from jaxtok.tasks.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = [
     "ATTENTION_KINDS", "Decoder", "DecoderOutput", "FlopsPerToken", "KVCache", "LengthValueModel", "ModelConfig",
-    "RopeScaling",
-    "check_token_ids", "convert", "heads", "flops_per_token", "load_checkpoint", "load_hf", "num_params", "presets",
+    "RopeScaling", "TextTokenizer",
+    "check_token_ids", "convert", "heads", "flops_per_token", "load_checkpoint", "load_hf", "load_tokenizer", "num_params", "presets",
     "save_checkpoint", "save_hf", "value",
 ]

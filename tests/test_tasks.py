@@ -72,14 +72,30 @@ def test_save_load_round_trip(tmp_path):
         load_tokenizer(tmp_path / "missing")
 
 
-def test_special_tokens_read_by_string_from_another_tokenizer(tmp_path):
-    """A non-synthetic tokenizer.json loads the same way; special ids are found by their token strings."""
-    vocab = {"hello": 0, "[PAD]": 1, "<s>": 2, "</s>": 3, "[UNK]": 4}
+def test_special_tokens_come_from_config_files_never_from_names(tmp_path):
+    """A non-synthetic tokenizer.json needs its config: `<s>`/`</s>` are not guessed as bos/eos; the config names
+    them, generation_config.json adds stop ids, and overrides replace both."""
+    import json
+
+    vocab = {"hello": 0, "[PAD]": 1, "<s>": 2, "</s>": 3, "[UNK]": 4, "<end>": 5}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<end>", "bos_token": None,
+                                                                "pad_token": {"content": "[PAD]"}}))
     sp = SpecialTokens.of(load_tokenizer(tmp_path))
-    assert (sp.pad, sp.bos, sp.eos, sp.mask, sp.rainbow_pads) == (1, 2, 3, None, ())
+    assert (sp.pad, sp.bos, sp.eos, sp.eos_ids, sp.mask, sp.rainbow_pads) == (1, None, 5, (5,), None, ())
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 5]}))
+    assert load_tokenizer(tmp_path).eos_ids == (5, 3)
+    over = load_tokenizer(tmp_path, {"eos": ["</s>"], "bos": "<s>", "pad": 0})
+    assert (over.eos_ids, over.bos_id, over.pad_id) == ((3,), 2, 0)
+    with pytest.raises(ValueError, match="tokenizer.eos='<nope>'"):
+        load_tokenizer(tmp_path, {"eos": "<nope>"})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<missing>"}))
+    with pytest.raises(ValueError, match="eos_token='<missing>': not a token"):
+        load_tokenizer(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------- all tasks
