@@ -848,14 +848,14 @@ def compare_ar(run_dir: str, *, temperature: float = 0.0, num_examples: Optional
     Example: ``python -c "from jaxtok.decode.constrained import compare_ar as c; print(c('runs/zoo/student'))"``."""
     from jaxtok.config import load_config
     from jaxtok.data import make_task_from_config, prompt_dataset
-    from jaxtok.models.hf import load_checkpoint
+    from jaxtok.models.hf import load_any
     from jaxtok.tasks import load_tokenizer
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
     from .diffusion import stop_ids_of
 
     cfg = load_config(f"{run_dir}/config.yaml")
-    model, _ = load_checkpoint(run_dir)
+    model, _ = load_any(run_dir, key="run_dir")
     tok = load_tokenizer(run_dir)
     task = make_task_from_config(cfg.data)
     sp = SpecialTokens.of(tok)

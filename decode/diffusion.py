@@ -645,12 +645,12 @@ def diffusion_bench(cfg, run_dir, args: DiffusionBenchArgs) -> dict:
     ``accuracy_vs_nfe.png``."""
     from jaxtok.data import make_task_from_config
     from jaxtok.metrics import write_results
-    from jaxtok.models.hf import load_checkpoint
+    from jaxtok.models.hf import load_any
     from jaxtok.tasks import load_tokenizer
 
     if not cfg.model.init_from:
         raise ConfigError("bench 'diffusion' needs model.init_from=<run dir of a trained diffusion model>")
-    model, _ = load_checkpoint(cfg.model.init_from)
+    model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
     tok = load_tokenizer(cfg.model.init_from)
     task = make_task_from_config(cfg.data)
     table = []

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxtok.data import make_task_from_config, pad_prompt_batch, prompt_dataset
 from jaxtok.metrics import write_results
-from jaxtok.models.hf import load_checkpoint_with_meta
+from jaxtok.models.hf import load_any
 from jaxtok.models.value import LengthValueModel
 from jaxtok.registry import BENCHES, ConfigError
 from jaxtok.tasks import build_tokenizer, load_tokenizer
@@ -110,8 +110,8 @@ def length_bench(cfg, run_dir: str | Path, args: LengthBenchArgs) -> dict:
     if not Path(args.value_init_from).exists():
         raise ConfigError(f"bench.args.value_init_from={args.value_init_from!r}: no such run directory (train one: "
                           f"jaxtok train configs/rl/lenvm.yaml)")
-    policy, _ = load_checkpoint_with_meta(cfg.model.init_from)
-    vm, _ = load_checkpoint_with_meta(args.value_init_from)
+    policy, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype)
+    vm, _ = load_any(args.value_init_from, key="bench.args.value_init_from")
     if not isinstance(vm, LengthValueModel):
         raise ConfigError(f"bench.args.value_init_from={args.value_init_from!r} is not a LenVM run")
     src = Path(cfg.model.init_from)

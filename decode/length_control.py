@@ -205,14 +205,14 @@ class LengthGuide:
 @LOGIT_GUIDES.register("lenvm", LengthGuideArgs)
 def length_guide(args: LengthGuideArgs, *, mesh=None) -> LengthGuide:
     """The guide of ``decode.policy: lenvm``: loads ``args.value_init_from`` (a LenVM run directory)."""
-    from jaxtok.models.hf import load_checkpoint_with_meta
+    from jaxtok.models.hf import load_any
 
     if not args.value_init_from:
         raise ConfigError("decode.policy=lenvm needs decode.policy_args.value_init_from=<LenVM run directory>")
     if not Path(args.value_init_from).exists():
         raise ConfigError(f"decode.policy_args.value_init_from={args.value_init_from!r}: no such run directory "
                           f"(train one: jaxtok train configs/rl/lenvm.yaml)")
-    vm, _ = load_checkpoint_with_meta(args.value_init_from, mesh=mesh)
+    vm, _ = load_any(args.value_init_from, key="decode.policy_args.value_init_from", mesh=mesh)
     if not isinstance(vm, LengthValueModel):
         raise ConfigError(f"decode.policy_args.value_init_from={args.value_init_from!r} is not a LenVM run (its "
                           f"checkpoint holds a {type(vm).__name__}); train one with configs/rl/lenvm.yaml")

@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     from jaxtok.config import load_config
     from jaxtok.data import make_task_from_config
     from jaxtok.metrics import write_results
-    from jaxtok.models.hf import load_checkpoint
+    from jaxtok.models.hf import load_any
     from jaxtok.tasks import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -167,8 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     planner_path = a.planner or cfg.decode.draft_init_from
     if not cfg.model.init_from or not planner_path:
         raise SystemExit("set model.init_from=<diffusion run> and --planner / decode.draft_init_from=<AR run>")
-    model, _ = load_checkpoint(cfg.model.init_from)
-    planner, _ = load_checkpoint(planner_path)
+    model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
+    planner, _ = load_any(planner_path, key="--planner / decode.draft_init_from", dtype=cfg.model.dtype)
     tok = load_tokenizer(cfg.model.init_from)
     task = make_task_from_config(cfg.data)
     ks = a.plan_tokens if a.plan_tokens is not None else [0, cfg.decode.draft_len]

@@ -41,22 +41,23 @@ from .speculative import (
 )
 
 
-def _load_model(path: str, mesh):
-    from jaxtok.models.hf import load_checkpoint
+def _load_model(path: str, mesh, key: str, dtype: str = "float32", diffusion: bool = False):
+    """The model at ``path`` (a jaxtok run directory or an HF directory; config key ``key`` in errors)."""
+    from jaxtok.models.hf import load_any
 
-    model, _ = load_checkpoint(path, mesh=mesh)
+    model, _ = load_any(path, key=key, mesh=mesh, dtype=dtype, diffusion=diffusion)
     return model
 
 
 def _model_and_tokenizer(cfg, mesh):
     """Weights from ``model.init_from`` (a jaxtok run/checkpoint) or ``model.hf_path``, and their tokenizer."""
-    from jaxtok.models.hf import load_hf
-
     if cfg.model.init_from:
-        model = _load_model(cfg.model.init_from, mesh)
+        model = _load_model(cfg.model.init_from, mesh, "model.init_from", cfg.model.dtype,
+                            diffusion=cfg.decode.method == "diffusion")
         src = Path(cfg.model.init_from)
     elif cfg.model.hf_path:
-        model, _ = load_hf(cfg.model.hf_path, cfg.model.dtype, mesh=mesh)
+        model = _load_model(cfg.model.hf_path, mesh, "model.hf_path", cfg.model.dtype,
+                            diffusion=cfg.decode.method == "diffusion")
         src = Path(cfg.model.hf_path)
     else:
         raise ConfigError("decode needs trained weights: set model.init_from=<run dir> or model.hf_path=<HF dir>")
@@ -99,10 +100,10 @@ def _build_ar(cfg, model, mesh) -> Callable:
     return step
 
 
-def _drafter_from(path, mesh, vocab_size: int, max_ngram: int = 3):
+def _drafter_from(path, mesh, vocab_size: int, max_ngram: int = 3, key: str = "decode.draft_init_from"):
     if path is None:
         return NgramDrafter(vocab_size=vocab_size, max_ngram=max_ngram)
-    m = _load_model(path, mesh)
+    m = _load_model(path, mesh, key)
     return DeerDrafter.of(m) if m.cfg.is_diffusion else ModelDrafter.of(m)
 
 
@@ -128,7 +129,7 @@ def _build_speculative(cfg, model, mesh) -> Callable:
     if entry.meta.get("loop") == "ead":
         if d.draft_init_from is None:
             raise ConfigError("decode.policy='ead' needs decode.draft_init_from=<small model run dir>")
-        small = _load_model(d.draft_init_from, mesh)
+        small = _load_model(d.draft_init_from, mesh, "decode.draft_init_from")
 
         def ead_step(prompt, valid, key, sp, b):
             out = ead_generate(small, model, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad, args=args,
@@ -140,7 +141,9 @@ def _build_speculative(cfg, model, mesh) -> Callable:
         return ead_step
     if entry.meta.get("routed"):
         paths = ([d.draft_init_from] if d.draft_init_from else []) + list(args.drafters)
-        drafters = [_drafter_from(p, mesh, vocab) for p in paths]
+        keys = (["decode.draft_init_from"] if d.draft_init_from else []) + [
+            f"decode.policy_args.drafters[{i}]" for i in range(len(args.drafters))]
+        drafters = [_drafter_from(p, mesh, vocab, key=k) for p, k in zip(paths, keys)]
         if args.ngram:
             drafters.append(NgramDrafter(vocab_size=vocab, max_ngram=args.max_ngram))
         if len(drafters) < 2:

@@ -395,7 +395,7 @@ def _prompt_batches(task, split: str, tok, cfg, n: int) -> tuple[list, list]:
 def speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs) -> dict:
     """AR vs every speculative method and EAD on the same held-out prompts (module docstring): loads the target
     ``model.init_from``, the drafter ``decode.draft_init_from`` and (when a method uses it) DEER ``args.deer``."""
-    from jaxtok.models.hf import load_checkpoint
+    from jaxtok.models.hf import load_any
     from jaxtok.tasks import build_tokenizer, load_tokenizer
 
     if not cfg.model.init_from or not cfg.decode.draft_init_from:
@@ -404,9 +404,9 @@ def speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs) -> dict:
     uses_deer = any("deer" in _drafter_names(m) for m in args.methods)
     if uses_deer and not args.deer:
         raise ConfigError("bench.args.methods use drafter 'deer': set bench.args.deer=<diffusion run dir>")
-    target, _ = load_checkpoint(cfg.model.init_from)
-    draft, _ = load_checkpoint(cfg.decode.draft_init_from)
-    deer = load_checkpoint(args.deer)[0] if uses_deer else None
+    target, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype)
+    draft, _ = load_any(cfg.decode.draft_init_from, key="decode.draft_init_from", dtype=cfg.model.dtype)
+    deer = load_any(args.deer, key="bench.args.deer", dtype=cfg.model.dtype, diffusion=True)[0] if uses_deer else None
     src = Path(cfg.model.init_from)
     tok = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_tokenizer()
     return run_speculative_bench(cfg, run_dir, args, target=target, draft=draft, deer=deer, tok=tok)

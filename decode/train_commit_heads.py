@@ -449,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from jaxtok.config import load_config
     from jaxtok.data import make_task_from_config, prompt_dataset
     from jaxtok.metrics import write_results
-    from jaxtok.models.hf import load_checkpoint
+    from jaxtok.models.hf import load_any
     from jaxtok.tasks import load_tokenizer
     from jaxtok.tasks.tokenizer import SpecialTokens
 
@@ -471,7 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = load_config(a.config, a.overrides)
     if not cfg.model.init_from:
         raise SystemExit("set model.init_from=<run dir of a trained diffusion LM>")
-    model, _ = load_checkpoint(cfg.model.init_from)
+    model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
     tok = load_tokenizer(cfg.model.init_from)
     sp = SpecialTokens.of(tok)
     task = make_task_from_config(cfg.data)

@@ -202,7 +202,7 @@ def load_head(path: str | Path) -> MLPHead:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from jaxtok.config import load_config
     from jaxtok.data import make_task_from_config, prompt_dataset
-    from jaxtok.models.hf import load_checkpoint
+    from jaxtok.models.hf import load_any
     from jaxtok.tasks import build_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -213,8 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--batches", type=int, default=4, help="prompt batches of decode.batch_size to log")
     a = ap.parse_args(argv)
     cfg = load_config(a.config)
-    target, _ = load_checkpoint(cfg.model.init_from)
-    drafter, _ = load_checkpoint(cfg.decode.draft_init_from)
+    target, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype)
+    drafter, _ = load_any(cfg.decode.draft_init_from, key="decode.draft_init_from", dtype=cfg.model.dtype)
     task = make_task_from_config(cfg.data)
     ds, _ = prompt_dataset(task, "train", build_tokenizer(), prompt_len=cfg.data.prompt_len,
                            batch_size=cfg.decode.batch_size, num_examples=a.batches * cfg.decode.batch_size)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from jaxtok.config import Config, ConfigError, check_paths, load_config, to_yaml, validate_names
+from jaxtok.model_source import check_model_paths
 
 EXIT_OK, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 2
 
@@ -107,6 +108,7 @@ def prepare(command: str, config_path: str | Path, overrides: Sequence[str]) -> 
     cfg = load_config(config_path, overrides)
     validate_names(cfg)
     check_paths(cfg)
+    check_model_paths(cfg)  # each model directory: a jaxtok run or a supported HF checkpoint
     handler = get_handler(command)
     run_dir = run_dir_for(cfg, config_path)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,17 @@ Layouts: torch ``nn.Linear`` stores ``[out, in]``; jaxtok names tensors by their
 Each tensor is described once (:class:`TensorSpec`: stored shape, split view, permutation) and the same
 description serves loading and saving.
 
-Masked-diffusion checkpoints with Llama/Qwen2 weights load with ``diffusion=True``: LLaDA (Llama weights,
-bidirectional attention, a mask token) and Dream (Qwen2 weights whose logit at position i predicts token i+1,
-``shift_logits``; :class:`~jaxtok.models.Decoder` re-aligns them so every sampler sees position-aligned logits).
-The attention kind is chosen per call (``attention="bidirectional"``).
+Masked-diffusion checkpoints: the native ``LLaDAModelLM`` (GSAI-ML LLaDA: ``model_type: llada``, OLMo-style
+config keys ``d_model``/``n_heads``/``mlp_hidden_size``/..., tensors ``model.transformer.wte``,
+``model.transformer.blocks.N.{q,k,v}_proj``/``attn_out``/``ff_proj`` (gate)/``up_proj``/``ff_out`` (down)/
+``attn_norm``/``ff_norm``, ``model.transformer.ln_f``, ``model.transformer.ff_out`` (LM head)) and ``DreamModel``
+(Dream-org Dream: ``model_type: Dream``, Qwen2 config and tensor names) load as diffusion LMs with the mask token
+of their config.json; Dream's logit at position i predicts token i+1 (``shift_logits``), which
+:class:`~jaxtok.models.Decoder` re-aligns so every sampler sees position-aligned logits. Llama/Qwen2 weights load as
+a diffusion LM with ``diffusion=True``. The attention kind is chosen per call (``attention="bidirectional"``).
+
+:func:`load_any` loads whatever a config names as a model (a jaxtok run directory or an HF directory) and turns a
+bad path or an unsupported checkpoint into a :class:`~jaxtok.registry.ConfigError` naming the config key.
 """
 
 from __future__ import annotations
@@ -34,13 +41,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxtok.mesh import DEFAULT_RULES, logical_to_spec
+from jaxtok.model_source import HF_FORMATS, hf_format
+from jaxtok.registry import ConfigError
 from jaxtok.models.transformer import Decoder, ModelConfig, RopeScaling
 from jaxtok.models.value import build_module
+from jaxtok.tasks.tokenizer import copy_tokenizer_files
 
-# HF class name -> jaxtok architecture, and back
+# HF class name -> jaxtok architecture, and back (the causal-LM classes save_hf writes)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _HF_CLASS = {v: k for k, v in ARCHITECTURES.items()}
 _MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# every readable HF format (jaxtok.model_source.HF_FORMATS) -> the decoder architecture it maps to
+_FORMAT_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llada": "llama", "dream": "qwen2"}
+_FORMAT_CLASS = {v: k for k, v in HF_FORMATS.items()}
 _DTYPES = ("float32", "bfloat16", "float16")
 # default mask token of the public masked-diffusion checkpoints, quoted in the error when none is given
 _KNOWN_MASK_IDS = "LLaDA-8B uses 126336, Dream-7B uses 151666"
@@ -61,17 +74,9 @@ def _unsupported(what: str, path: str) -> ValueError:
 
 
 def hf_architecture(hf: dict, path: str = "config.json") -> str:
-    """The jaxtok architecture (``llama``/``qwen2``/``qwen3``) of an HF config dict; a clear error otherwise."""
-    names = hf.get("architectures") or []
-    supported = ", ".join(ARCHITECTURES)
-    if names:
-        if names[0] not in ARCHITECTURES:
-            raise ValueError(f"{path}: unsupported architecture {names[0]!r}; supported: {supported}")
-        return ARCHITECTURES[names[0]]
-    model_type = hf.get("model_type")
-    if model_type not in _MODEL_TYPE:
-        raise ValueError(f"{path}: unsupported model_type {model_type!r} (no 'architectures'); supported: {supported}")
-    return _MODEL_TYPE[model_type]
+    """The jaxtok decoder architecture (``llama``/``qwen2``/``qwen3``) of an HF config dict (LLaDA maps to
+    ``llama``, Dream to ``qwen2``); ValueError naming the architecture and the supported ones otherwise."""
+    return _FORMAT_ARCH[hf_format(hf, path)]
 
 
 def _rope_from_hf(hf: dict, path: str) -> tuple[float, Optional[RopeScaling]]:
@@ -94,21 +99,8 @@ def _rope_from_hf(hf: dict, path: str) -> tuple[float, Optional[RopeScaling]]:
     raise _unsupported(f"rope type {kind!r} (allowed: default, linear, llama3)", path)
 
 
-def config_from_hf(
-    hf: dict,
-    *,
-    dtype: str = "float32",
-    param_dtype: Optional[str] = None,
-    diffusion: bool = False,
-    mask_token_id: Optional[int] = None,
-    shift_logits: Optional[bool] = None,
-    path: str = "config.json",
-) -> ModelConfig:
-    """Map an HF ``config.json`` dict to a :class:`ModelConfig` (see :func:`load_hf` for the diffusion flags)."""
-    arch = hf_architecture(hf, path)
-    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
-        if value is not None and value not in _DTYPES:
-            raise ValueError(f"{name}={value!r}: allowed {_DTYPES}")
+def _causal_dims(hf: dict, arch: str, path: str) -> dict:
+    """ModelConfig fields of a Llama/Qwen2/Qwen3/Dream ``config.json`` (transformers key names)."""
     if hf.get("hidden_act", "silu") != "silu":
         raise _unsupported(f"hidden_act={hf['hidden_act']!r} (only 'silu')", path)
     if hf.get("mlp_bias"):
@@ -117,21 +109,9 @@ def config_from_hf(
         raise _unsupported("attention_bias=true (it adds an o_proj bias)", path)
     if hf.get("use_sliding_window"):
         raise _unsupported("use_sliding_window=true", path)
-    if not diffusion and (mask_token_id is not None or shift_logits is not None):
-        raise ValueError(
-            f"mask_token_id={mask_token_id!r}, shift_logits={shift_logits!r}: only meaningful with diffusion=True"
-        )
-    if diffusion:
-        mask_token_id = mask_token_id if mask_token_id is not None else hf.get("mask_token_id")
-        if mask_token_id is None:
-            raise ValueError(
-                f"diffusion=True needs mask_token_id (argument, or 'mask_token_id' in {path}); {_KNOWN_MASK_IDS}"
-            )
-        if shift_logits is None:  # Dream (Qwen2 weights) shifts, LLaDA (Llama weights) does not
-            shift_logits = bool(hf.get("shift_logits", arch == "qwen2"))
     theta, scaling = _rope_from_hf(hf, path)
     heads = int(hf["num_attention_heads"])
-    return ModelConfig(
+    return dict(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
         intermediate_size=int(hf["intermediate_size"]),
@@ -146,6 +126,96 @@ def config_from_hf(
         qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+    )
+
+
+# LLaDA's config keys (OLMo ModelConfig) with the defaults LLaDAConfig fills in when config.json omits them; the
+# keys jaxtok's decoder needs at a fixed value, and those it reads
+_LLADA_DEFAULTS = dict(d_model=768, n_heads=12, n_kv_heads=None, n_layers=12, mlp_ratio=4, mlp_hidden_size=None,
+                       activation_type="swiglu", block_type="sequential", block_group_size=1, alibi=False,
+                       rope=False, multi_query_attention=None, attention_layer_norm=False, input_emb_norm=False,
+                       layer_norm_type="default", layer_norm_with_affine=True, rms_norm_eps=1e-5,
+                       max_sequence_length=1024, rope_theta=10000.0, include_qkv_bias=False, include_bias=False,
+                       bias_for_layer_norm=None, scale_logits=False, vocab_size=50257, embedding_size=50304,
+                       weight_tying=True, clip_qkv=None)
+_LLADA_REQUIRED = dict(activation_type="silu", block_type="llama", block_group_size=1, alibi=False, rope=True,
+                       attention_layer_norm=False, input_emb_norm=False, layer_norm_type="rms",
+                       layer_norm_with_affine=True, include_qkv_bias=False, include_bias=False, scale_logits=False,
+                       clip_qkv=None)
+
+
+def _llada_dims(hf: dict, path: str) -> dict:
+    """ModelConfig fields of a LLaDA ``config.json`` (``LLaDAModelLM``: OLMo key names, Llama block, SwiGLU MLP
+    ``ff_out(silu(ff_proj(x)) * up_proj(x))``, RMSNorm, RoPE, no biases)."""
+    c = {k: hf.get(k, d) for k, d in _LLADA_DEFAULTS.items()}
+    if c["bias_for_layer_norm"] is None:
+        c["bias_for_layer_norm"] = c["include_bias"]
+    for key, want in {**_LLADA_REQUIRED, "bias_for_layer_norm": False}.items():
+        if c[key] != want and not (want is False and not c[key]):
+            raise _unsupported(f"LLaDA {key}={c[key]!r} (jaxtok's decoder needs {want!r})", path)
+    heads, d = int(c["n_heads"]), int(c["d_model"])
+    if d % heads:
+        raise ValueError(f"{path}: d_model={d} is not a multiple of n_heads={heads}")
+    kv = c["n_kv_heads"]
+    mqa = c["multi_query_attention"]
+    if kv is None:
+        kv = 1 if mqa else heads
+    elif mqa is not None and int(kv) != (1 if mqa else heads):
+        raise ValueError(f"{path}: n_kv_heads={kv} contradicts multi_query_attention={mqa}")
+    if hf.get("rope_scaling"):
+        raise _unsupported(f"LLaDA rope_scaling={hf['rope_scaling']!r}", path)
+    return dict(
+        vocab_size=int(c["embedding_size"] or c["vocab_size"]),  # the embedding (and logit) rows
+        hidden_size=d,
+        intermediate_size=int(c["mlp_hidden_size"] or c["mlp_ratio"] * d),
+        num_layers=int(c["n_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(kv),
+        head_dim=d // heads,
+        rope_theta=float(c["rope_theta"]),
+        rope_scaling=None,
+        rms_norm_eps=float(c["rms_norm_eps"]),
+        tie_embeddings=bool(c["weight_tying"]),
+        qkv_bias=False,
+        qk_norm=False,
+        max_position_embeddings=int(c["max_sequence_length"]),
+    )
+
+
+def config_from_hf(
+    hf: dict,
+    *,
+    dtype: str = "float32",
+    param_dtype: Optional[str] = None,
+    diffusion: bool = False,
+    mask_token_id: Optional[int] = None,
+    shift_logits: Optional[bool] = None,
+    path: str = "config.json",
+) -> ModelConfig:
+    """Map an HF ``config.json`` dict to a :class:`ModelConfig` (see :func:`load_hf` for the diffusion flags).
+
+    LLaDA (``LLaDAModelLM``) and Dream (``DreamModel``) configs are always masked-diffusion models."""
+    fmt = hf_format(hf, path)
+    arch = _FORMAT_ARCH[fmt]
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is not None and value not in _DTYPES:
+            raise ValueError(f"{name}={value!r}: allowed {_DTYPES}")
+    dims = _llada_dims(hf, path) if fmt == "llada" else _causal_dims(hf, arch, path)
+    diffusion = diffusion or fmt in ("llada", "dream")
+    if not diffusion and (mask_token_id is not None or shift_logits is not None):
+        raise ValueError(
+            f"mask_token_id={mask_token_id!r}, shift_logits={shift_logits!r}: only meaningful with diffusion=True"
+        )
+    if diffusion:
+        mask_token_id = mask_token_id if mask_token_id is not None else hf.get("mask_token_id")
+        if mask_token_id is None:
+            raise ValueError(
+                f"diffusion=True needs mask_token_id (argument, or 'mask_token_id' in {path}); {_KNOWN_MASK_IDS}"
+            )
+        if shift_logits is None:  # Dream (Qwen2 weights) shifts, LLaDA (Llama weights) does not
+            shift_logits = bool(hf.get("shift_logits", arch == "qwen2"))
+    return ModelConfig(
+        **dims,
         architecture=arch,
         mask_token_id=None if mask_token_id is None else int(mask_token_id),
         shift_logits=bool(shift_logits),
@@ -239,40 +309,59 @@ class TensorSpec:
         return np.ascontiguousarray(np.asarray(ours).transpose(np.argsort(self.perm)).reshape(self.stored))
 
 
-def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    """Every parameter of ``Decoder(cfg)`` with its HF tensor (LlamaForCausalLM/Qwen2/Qwen3 naming)."""
+def _hf_names(fmt: str) -> dict:
+    """Tensor names of an HF format: global names and per-layer templates (``{i}`` = layer index)."""
+    if fmt == "llada":  # LLaDAModelLM.model (LLaDAModel).transformer, LLaDALlamaBlock
+        b = "model.transformer.blocks.{i}."
+        return dict(embed="model.transformer.wte.weight", norm="model.transformer.ln_f.weight",
+                    head="model.transformer.ff_out.weight", attn_norm=b + "attn_norm.weight",
+                    mlp_norm=b + "ff_norm.weight", q=b + "q_proj.", k=b + "k_proj.", v=b + "v_proj.",
+                    o=b + "attn_out.weight", gate=b + "ff_proj.weight", up=b + "up_proj.weight",
+                    down=b + "ff_out.weight", q_norm=None, k_norm=None)
+    p, a = "model.layers.{i}.", "model.layers.{i}.self_attn."  # Llama/Qwen2/Qwen3 and Dream
+    return dict(embed="model.embed_tokens.weight", norm="model.norm.weight", head="lm_head.weight",
+                attn_norm=p + "input_layernorm.weight", mlp_norm=p + "post_attention_layernorm.weight",
+                q=a + "q_proj.", k=a + "k_proj.", v=a + "v_proj.", o=a + "o_proj.weight",
+                gate=p + "mlp.gate_proj.weight", up=p + "mlp.up_proj.weight", down=p + "mlp.down_proj.weight",
+                q_norm=a + "q_norm.weight", k_norm=a + "k_norm.weight")
+
+
+def tensor_specs(cfg: ModelConfig, fmt: Optional[str] = None) -> list[TensorSpec]:
+    """Every parameter of ``Decoder(cfg)`` with its HF tensor in format ``fmt`` (default ``cfg.architecture``:
+    LlamaForCausalLM/Qwen2/Qwen3 naming, which Dream shares; ``llada``: LLaDAModelLM naming)."""
     V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     H, K, N = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    n = _hf_names(fmt or cfg.architecture)
     same = lambda shape: dict(stored=shape, view=shape, perm=tuple(range(len(shape))))  # noqa: E731
     transposed = lambda o, i: dict(stored=(o, i), view=(o, i), perm=(1, 0))  # noqa: E731
-    specs = [TensorSpec(("embed_vd",), "model.embed_tokens.weight", **same((V, D))),
-             TensorSpec(("final_norm", "weight"), "model.norm.weight", **same((D,)))]
+    specs = [TensorSpec(("embed_vd",), n["embed"], **same((V, D))),
+             TensorSpec(("final_norm", "weight"), n["norm"], **same((D,)))]
     if not cfg.tie_embeddings:
-        specs.append(TensorSpec(("lm_head_dv",), "lm_head.weight", **transposed(V, D)))
+        specs.append(TensorSpec(("lm_head_dv",), n["head"], **transposed(V, D)))
     for i in range(cfg.num_layers):
-        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         L = ("layers", i)
+        at = lambda key: n[key].format(i=i)  # noqa: E731
         specs += [
-            TensorSpec(L + ("attn_norm", "weight"), p + "input_layernorm.weight", **same((D,))),
-            TensorSpec(L + ("mlp_norm", "weight"), p + "post_attention_layernorm.weight", **same((D,))),
-            TensorSpec(L + ("attn", "q_weight_dhn"), a + "q_proj.weight", (H * N, D), (H, N, D), (2, 0, 1)),
-            TensorSpec(L + ("attn", "k_weight_dkn"), a + "k_proj.weight", (K * N, D), (K, N, D), (2, 0, 1)),
-            TensorSpec(L + ("attn", "v_weight_dkn"), a + "v_proj.weight", (K * N, D), (K, N, D), (2, 0, 1)),
-            TensorSpec(L + ("attn", "o_weight_hnd"), a + "o_proj.weight", (D, H * N), (D, H, N), (1, 2, 0)),
-            TensorSpec(L + ("mlp", "gate_weight_df"), p + "mlp.gate_proj.weight", **transposed(F, D)),
-            TensorSpec(L + ("mlp", "up_weight_df"), p + "mlp.up_proj.weight", **transposed(F, D)),
-            TensorSpec(L + ("mlp", "down_weight_fd"), p + "mlp.down_proj.weight", **transposed(D, F)),
+            TensorSpec(L + ("attn_norm", "weight"), at("attn_norm"), **same((D,))),
+            TensorSpec(L + ("mlp_norm", "weight"), at("mlp_norm"), **same((D,))),
+            TensorSpec(L + ("attn", "q_weight_dhn"), at("q") + "weight", (H * N, D), (H, N, D), (2, 0, 1)),
+            TensorSpec(L + ("attn", "k_weight_dkn"), at("k") + "weight", (K * N, D), (K, N, D), (2, 0, 1)),
+            TensorSpec(L + ("attn", "v_weight_dkn"), at("v") + "weight", (K * N, D), (K, N, D), (2, 0, 1)),
+            TensorSpec(L + ("attn", "o_weight_hnd"), at("o"), (D, H * N), (D, H, N), (1, 2, 0)),
+            TensorSpec(L + ("mlp", "gate_weight_df"), at("gate"), **transposed(F, D)),
+            TensorSpec(L + ("mlp", "up_weight_df"), at("up"), **transposed(F, D)),
+            TensorSpec(L + ("mlp", "down_weight_fd"), at("down"), **transposed(D, F)),
         ]
         if cfg.qkv_bias:
             specs += [
-                TensorSpec(L + ("attn", "q_bias_hn"), a + "q_proj.bias", (H * N,), (H, N), (0, 1)),
-                TensorSpec(L + ("attn", "k_bias_kn"), a + "k_proj.bias", (K * N,), (K, N), (0, 1)),
-                TensorSpec(L + ("attn", "v_bias_kn"), a + "v_proj.bias", (K * N,), (K, N), (0, 1)),
+                TensorSpec(L + ("attn", "q_bias_hn"), at("q") + "bias", (H * N,), (H, N), (0, 1)),
+                TensorSpec(L + ("attn", "k_bias_kn"), at("k") + "bias", (K * N,), (K, N), (0, 1)),
+                TensorSpec(L + ("attn", "v_bias_kn"), at("v") + "bias", (K * N,), (K, N), (0, 1)),
             ]
         if cfg.qk_norm:
             specs += [
-                TensorSpec(L + ("attn", "q_norm", "weight"), a + "q_norm.weight", **same((N,))),
-                TensorSpec(L + ("attn", "k_norm", "weight"), a + "k_norm.weight", **same((N,))),
+                TensorSpec(L + ("attn", "q_norm", "weight"), at("q_norm"), **same((N,))),
+                TensorSpec(L + ("attn", "k_norm", "weight"), at("k_norm"), **same((N,))),
             ]
     return specs
 
@@ -377,11 +466,15 @@ def build_decoder(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def hf_views(cfg: ModelConfig, tensors: dict[str, np.ndarray], where: str = "") -> dict[tuple, np.ndarray]:
-    """Lazy views, in jaxtok's layout, of the HF ``tensors`` for every parameter of ``Decoder(cfg)``; errors name a
-    missing tensor, a shape mismatch, or tensors the decoder would silently ignore."""
+def hf_views(
+    cfg: ModelConfig, tensors: dict[str, np.ndarray], where: str = "", fmt: Optional[str] = None
+) -> dict[tuple, np.ndarray]:
+    """Lazy views, in jaxtok's layout, of the HF ``tensors`` (format ``fmt``, see :func:`tensor_specs`) for every
+    parameter of ``Decoder(cfg)``; errors name a missing tensor, a shape mismatch, or tensors the decoder would
+    silently ignore."""
     views = {}
-    for spec in tensor_specs(cfg):
+    specs = tensor_specs(cfg, fmt)
+    for spec in specs:
         if spec.hf_name not in tensors:
             raise ValueError(f"{where}: tensor {spec.hf_name!r} is missing from the checkpoint")
         stored = tensors[spec.hf_name]
@@ -390,8 +483,8 @@ def hf_views(cfg: ModelConfig, tensors: dict[str, np.ndarray], where: str = "") 
                 f"{where}: tensor {spec.hf_name!r} has shape {tuple(stored.shape)}, config.json implies {spec.stored}"
             )
         views[spec.path] = spec.to_ours(stored)
-    used = {s.hf_name for s in tensor_specs(cfg)}
-    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied checkpoints store a copy
+    used = {s.hf_name for s in specs}
+    ignored = {_hf_names(fmt or cfg.architecture)["head"]} if cfg.tie_embeddings else set()  # a tied copy
     extra = sorted(n for n in tensors if n not in used | ignored and not n.endswith("rotary_emb.inv_freq"))
     if extra:
         raise ValueError(
@@ -412,23 +505,26 @@ def load_hf(
     mesh: Optional[Mesh] = None,
     rules=None,
 ) -> tuple[Decoder, ModelConfig]:
-    """Load a local HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` directory.
+    """Load a local HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``LLaDAModelLM`` /
+    ``DreamModel`` directory.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
       dtype: compute dtype (``float32``/``bfloat16``/``float16``); ``param_dtype`` defaults to it.
-      diffusion: load the weights as a masked-diffusion LM (LLaDA from Llama weights, Dream from Qwen2 weights).
-        ``mask_token_id`` defaults to config.json's ``mask_token_id``; ``shift_logits`` (Dream's convention: logit i
-        predicts token i+1) defaults to config.json's ``shift_logits``, else True for qwen2 and False otherwise.
+      diffusion: load the weights as a masked-diffusion LM (LLaDA from Llama weights, Dream from Qwen2 weights);
+        always on for ``LLaDAModelLM`` and ``DreamModel`` checkpoints. ``mask_token_id`` defaults to config.json's
+        ``mask_token_id``; ``shift_logits`` (Dream's convention: logit i predicts token i+1) defaults to
+        config.json's ``shift_logits``, else True for qwen2/Dream and False otherwise.
       mesh: place each parameter straight onto ``NamedSharding(mesh, logical_to_spec(logical_axes))``
         (``rules`` overrides :data:`jaxtok.mesh.DEFAULT_RULES`).
 
     Returns ``(model, cfg)``.
     """
     hf = read_hf_config(path)
+    where = os.path.join(path, "config.json")
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, diffusion=diffusion, mask_token_id=mask_token_id,
-                         shift_logits=shift_logits, path=os.path.join(path, "config.json"))
-    views = hf_views(cfg, _open_checkpoint(path), where=path)
+                         shift_logits=shift_logits, path=where)
+    views = hf_views(cfg, _open_checkpoint(path), where=path, fmt=hf_format(hf, where))
     return build_decoder(cfg, views, mesh=mesh, rules=rules), cfg
 
 
@@ -545,6 +641,46 @@ def load_checkpoint(
     return model, model.cfg
 
 
+def load_any(
+    path,
+    *,
+    key: str,
+    mesh: Optional[Mesh] = None,
+    dtype: str = "float32",
+    param_dtype: Optional[str] = None,
+    diffusion: bool = False,
+    step: Optional[int] = None,
+    build: Optional[Callable[[ModelConfig, dict], nnx.Module]] = None,
+    rules=None,
+) -> tuple[nnx.Module, dict]:
+    """The model at ``path``, which config key ``key`` names: a jaxtok run directory (or its checkpoint
+    directory; ``step``, ``build`` as in :func:`load_checkpoint_with_meta`) or an HF directory (``dtype``,
+    ``param_dtype``, ``diffusion`` as in :func:`load_hf`; LLaDA/Dream load as diffusion LMs by themselves).
+    Parameters are placed on ``mesh`` when given. Returns ``(model, meta)``: the checkpoint's metadata, or for an
+    HF directory ``{"source", "hf_architecture", "model_config"}``.
+
+    A missing path, a directory of neither kind, an unsupported architecture or config feature, missing or
+    mis-shaped tensors and an unreadable checkpoint raise :class:`~jaxtok.registry.ConfigError`
+    ``key=path: ...``; the directory kind and config.json are checked before any weight is read."""
+    from jaxtok import checkpoint as ckpt_lib
+    from jaxtok.model_source import check_model_source
+
+    path = str(path)
+    kind = check_model_source(path, key)
+    try:
+        if kind == "jaxtok":
+            return load_checkpoint_with_meta(path, step=step, mesh=mesh, build=build)
+        where = os.path.join(path, "config.json")
+        hf = read_hf_config(path)
+        config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, diffusion=diffusion, path=where)  # before tensors
+        model, cfg = load_hf(path, dtype, param_dtype=param_dtype, diffusion=diffusion, mesh=mesh, rules=rules)
+    except (ValueError, FileNotFoundError, ckpt_lib.CheckpointError) as e:
+        raise ConfigError(f"{key}={path!r}: {e}") from None
+    meta = {"source": os.path.abspath(path), "hf_architecture": _FORMAT_CLASS[hf_format(hf, where)],
+            "model_config": dataclasses.asdict(cfg)}
+    return model, meta
+
+
 def _architecture_arg(value: Optional[str]) -> Optional[str]:
     """``--architecture`` as a jaxtok architecture; accepts ``qwen3`` or ``Qwen3ForCausalLM``."""
     if not value:
@@ -571,7 +707,8 @@ def convert(
     ``architecture`` must match it) and write ``dst/checkpoints/0``, a run directory that ``model.init_from``
     accepts. ``to-hf``: load the jaxtok checkpoint (run directory or checkpoint directory) ``src`` and write an HF
     directory, as ``architecture`` when given. ``dtype`` is the stored dtype (default: float32 for to-jax, the
-    model's for to-hf). ``tokenizer.json`` is copied along when ``src`` has one.
+    model's for to-hf). The tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ``generation_config.json``,
+    the chat template) are copied along verbatim, so ``AutoTokenizer`` loads the same values on either side.
     """
     arch = _architecture_arg(architecture)
     if direction == "to-jax":
@@ -586,9 +723,7 @@ def convert(
         save_hf(model, dst, dtype=dtype, architecture=cfg.architecture)
     else:
         raise ValueError(f"convert direction={direction!r}: allowed 'to-jax', 'to-hf'")
-    tokenizer = os.path.join(src, "tokenizer.json")
-    if os.path.exists(tokenizer):  # train/loop.py finds an init_from run's tokenizer there
-        shutil.copy(tokenizer, os.path.join(dst, "tokenizer.json"))
+    copy_tokenizer_files(src, dst)  # tokenizer.json, its config, generation config, chat template: verbatim
     return cfg
 
 

@@ -91,6 +91,28 @@ def test_missing_input_path_exits_2_before_run_dir(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_model_paths_exit_2_naming_the_key(tmp_path, capsys):
+    """A model path that is neither a jaxtok run nor an HF directory, or an HF directory of an unsupported
+    architecture, stops the command with exit code 2 and one line naming the key, before the run directory."""
+    import json
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "runs"
+    rc = cli.main(["train", str(SFT), f"run.out_dir={out}", f"rollout.teacher_init_from={tmp_path / 'empty'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "rollout.teacher_init_from=" in err and "neither a jaxtok run directory" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    mistral = tmp_path / "mistral"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "hf" / "llama", mistral)
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    rc = cli.main(["decode", str(SFT), f"run.out_dir={out}", f"decode.draft_init_from={mistral}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "decode.draft_init_from=" in err and "unsupported architecture 'MistralForCausalLM'" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
 def test_missing_handler_module_gives_a_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(cli.HANDLER_PATHS, "bench", ("jaxtok.no_such_module", "run_bench"))
     assert cli.main(["bench", str(SFT), f"run.out_dir={tmp_path}"]) == 1

@@ -447,3 +447,42 @@ def test_every_parameter_has_one_hf_tensor():
         assert len({s.hf_name for s in specs}) == len(specs)
         shapes = {tuple(p): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
         assert all(s.shape == shapes[s.path] for s in specs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# any model path accepts an HF directory (load_any)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_teacher_given_as_an_hf_folder_in_an_opd_config():
+    """rollout.teacher_init_from = an HF directory: the OPD loop's frozen teacher is that checkpoint (same logits as
+    load_hf), no conversion needed; a run directory still loads as before."""
+    from jaxtok.config import from_dict
+    from jaxtok.train.loop import build_frozen_models
+
+    path = os.path.join(FIXTURES, "llama")
+    cfg = from_dict({"model": {"preset": "tiny_student"}, "objective": {"name": "opd"},
+                     "rollout": {"teacher_init_from": path}})
+    teacher = build_frozen_models(cfg, ("teacher",), vocab_size=128)["teacher"]
+    g = goldens("llama")
+    assert max_err(forward(teacher, g["tokens"]), g["logits_full"], np.ones_like(g["valid"])) < F32_TOL
+
+
+def test_load_any_errors_name_the_key(tmp_path):
+    from jaxtok.models.hf import load_any, save_checkpoint
+    from jaxtok.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=r"rollout.teacher_init_from='.*nowhere': no such directory"):
+        load_any(str(tmp_path / "nowhere"), key="rollout.teacher_init_from")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"decode.draft_init_from=.*neither a jaxtok run directory"):
+        load_any(str(tmp_path / "empty"), key="decode.draft_init_from")
+    path = _copy_fixture("llama", tmp_path)
+    _edit_config(path, architectures=["MistralForCausalLM"])
+    with pytest.raises(ConfigError, match=r"model.init_from=.*unsupported architecture 'MistralForCausalLM'.*"
+                                          r"LLaDAModelLM, DreamModel"):
+        load_any(str(path), key="model.init_from")
+    model, _ = load_hf(os.path.join(FIXTURES, "qwen3"))
+    save_checkpoint(model, str(tmp_path / "run"))
+    loaded, meta = load_any(str(tmp_path / "run"), key="model.init_from")
+    assert loaded.cfg == model.cfg and "model_config" in meta

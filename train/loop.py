@@ -81,15 +81,17 @@ def load_tokenizer_for(cfg) -> Any:
     return build_tokenizer()
 
 
-def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None) -> tuple[Decoder, dict]:
-    """A :class:`Decoder` with the parameters of the checkpoint at ``path`` (a run directory or its checkpoint
-    directory; default: latest step), placed on ``mesh`` when given. Returns ``(model, meta)``.
+def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None, key: str = "model.init_from",
+               dtype: str = "float32", param_dtype: Optional[str] = None) -> tuple[Decoder, dict]:
+    """A :class:`Decoder` with the parameters at ``path`` (config key ``key``): a run directory or its checkpoint
+    directory (default: latest step) or an HF directory (loaded in ``dtype``), placed on ``mesh`` when given.
+    Returns ``(model, meta)``; a bad path or unsupported checkpoint is a ConfigError naming ``key``.
 
     A checkpoint of a wrapped training model is rebuilt as the module its meta names (``module``, e.g. LenVM's
     :class:`~jaxtok.models.value.LengthValueModel`), so every parameter, head included, is restored."""
-    from jaxtok.models.hf import load_checkpoint_with_meta
+    from jaxtok.models.hf import load_any
 
-    return load_checkpoint_with_meta(str(path), mesh=mesh, step=step)
+    return load_any(path, key=key, mesh=mesh, step=step, dtype=dtype, param_dtype=param_dtype)
 
 
 def _wrapper_of(name: str, args_mapping) -> tuple[Callable, Any]:
@@ -107,12 +109,11 @@ def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
     """The model of ``cfg.model``: ``init_from`` a run, an HF checkpoint, or a preset with the tokenizer's vocab."""
     sec = cfg.model
     if sec.init_from:
-        model, _ = load_model(sec.init_from, mesh=mesh)
+        model, _ = load_model(sec.init_from, mesh=mesh, dtype=sec.dtype, param_dtype=sec.param_dtype)
         return model
     if sec.hf_path:
-        from jaxtok.models.hf import load_hf
-
-        model, _ = load_hf(sec.hf_path, sec.dtype, param_dtype=sec.param_dtype, mesh=mesh)
+        model, _ = load_model(sec.hf_path, mesh=mesh, key="model.hf_path", dtype=sec.dtype,
+                              param_dtype=sec.param_dtype)
         return model
     model_cfg = presets.get(sec.preset, vocab_size=sec.vocab_size or vocab_size, dtype=sec.dtype,
                             param_dtype=sec.param_dtype, **dict(sec.overrides))
@@ -150,7 +151,8 @@ def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
 
     wrap_meta: dict = {}
     if cfg.model.init_from:
-        model, src = load_model(cfg.model.init_from, mesh=mesh)
+        model, src = load_model(cfg.model.init_from, mesh=mesh, dtype=cfg.model.dtype,
+                                param_dtype=cfg.model.param_dtype)
         if src.get(WRAP_META):
             wrap_meta = {WRAP_META: src[WRAP_META], WRAP_ARGS_META: src.get(WRAP_ARGS_META) or {}}
     else:
@@ -180,13 +182,14 @@ def build_frozen_models(cfg, names, vocab_size: int, mesh=None) -> dict:
         if name == "teacher":
             if not cfg.rollout.teacher_init_from:
                 raise ValueError(f"objective {cfg.objective.name!r} needs rollout.teacher_init_from")
-            out["teacher"], _ = load_model(cfg.rollout.teacher_init_from, mesh=mesh)
+            out["teacher"], _ = load_model(cfg.rollout.teacher_init_from, mesh=mesh, key="rollout.teacher_init_from",
+                                           dtype=cfg.model.dtype)
         elif name == "reference":
             ref = cfg.rollout.reference
             if ref == "init":
                 out["reference"] = mesh_lib.shard_model(build_model(cfg, vocab_size, mesh=mesh), mesh)
             elif ref != "none":
-                out["reference"], _ = load_model(ref, mesh=mesh)
+                out["reference"], _ = load_model(ref, mesh=mesh, key="rollout.reference", dtype=cfg.model.dtype)
         else:
             raise ValueError(f"objective {cfg.objective.name!r} asks for an unknown frozen model {name!r}; "
                              f"known: teacher, reference")
