@@ -24,11 +24,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxtok.registry import (
-    COMMIT_POLICIES, DRAFT_POLICIES, LOGIT_GUIDES, OBJECTIVES, REWARDS, TASKS, ConfigError, Registry,
+    COMMIT_POLICIES, DRAFT_POLICIES, LOGIT_GUIDES, OBJECTIVES, REWARDS, TASKS, ConfigError, Registry, peer_hint,
 )
 
 __all__ = [
-    "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "OptimizerSection", "ObjectiveSection",
+    "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "TokenizerSection", "OptimizerSection",
+    "ObjectiveSection",
     "TrainSection", "RolloutSection", "DecodeSection", "RunSection", "BenchSection", "load_config", "from_dict", "to_yaml", "to_dict",
     "validate_names", "check_paths", "build_optimizer", "describe", "reference_yaml",
 ]
@@ -123,6 +124,33 @@ class DataSection(_Section):
     worker_count: int = _f(0, min=0, doc="grain worker processes (0 = in-process)")
     overlong: str = _f("drop", choices=("drop", "error"),
                        doc="over-long examples: dropped with a counted warning, or an error (never truncated)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSection(_Section):
+    """Where the tokenizer comes from and explicit overrides of what its files say (special tokens are read from
+    ``tokenizer_config.json`` / ``generation_config.json``, never guessed from token names)."""
+
+    _key: ClassVar[str] = "tokenizer"
+    path: Optional[str] = _f(None, doc="directory with tokenizer.json (default: model.init_from's, else "
+                                       "model.hf_path's, else the synthetic character tokenizer)")
+    bos: Optional[Any] = _f(None, doc="override the begin-of-sequence token (a token string or an id)")
+    eos: Optional[Any] = _f(None, doc="override the end-of-sequence tokens: a token string, an id or a list "
+                                      "(every one ends generation; the first ends SFT targets)")
+    pad: Optional[Any] = _f(None, doc="override the padding token (a token string or an id)")
+    chat_template: Optional[str] = _f(None, doc="override the chat template: a .jinja file or the template text")
+    chat_template_kwargs: Dict[str, Any] = _f({}, doc="extra variables for the chat template, e.g. "
+                                                      "{enable_thinking: false} for Qwen3")
+
+    def check(self) -> None:
+        for key in ("bos", "pad"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+                raise ConfigError(f"tokenizer.{key}={value!r}: a token string or an id")
+        eos = self.eos
+        items = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if eos is not None and (not items or any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in items)):
+            raise ConfigError(f"tokenizer.eos={eos!r}: a token string, an id, or a non-empty list of them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +289,7 @@ class Config:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
+    tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
     optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
     objective: ObjectiveSection = dataclasses.field(default_factory=ObjectiveSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
@@ -323,8 +352,8 @@ def _omegaconf_error(e: OmegaConfBaseException, raw: Any) -> ConfigError:
         hint = msg.split("Did you mean", 1)[1].strip(" :?") if "Did you mean" in msg else ""
         allowed = sorted(f.name for f in dataclasses.fields(node))
         where = head or "the top level"
-        return ConfigError(f"{key}{value}: unknown key" + (f" (did you mean {hint}?)" if hint else "")
-                           + f"; allowed keys of {where}: {allowed}")
+        hint = peer_hint(key) or (f" (did you mean {hint}?)" if hint else "")
+        return ConfigError(f"{key}{value}: unknown key{hint}; allowed keys of {where}: {allowed}")
     return ConfigError(f"{key}{value}: {msg}")
 
 

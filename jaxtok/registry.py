@@ -17,6 +17,55 @@ class ConfigError(ValueError):
     """A configuration problem found before any compute: names the key, the bad value and the allowed ones."""
 
 
+# Setting names users bring from TRL (GRPOConfig, GKDConfig), verl (actor/rollout/algorithm) and Tunix (GRPOConfig)
+# -> where jaxtok keeps the same setting, and how its default or meaning differs. An unknown key with one of these
+# names is answered with the pointer (a did-you-mean), never silently renamed: the semantics are not always equal.
+PEER_NAMES: dict[str, str] = {
+    "beta": "objective.args.kl_coef, the KL coefficient of policy_gradient (default 0 = off, as TRL's beta=0; verl "
+            "kl_loss_coef); in objective opd, objective.args.beta is the JSD mixture weight",
+    "kl_loss_coef": "objective.args.kl_coef",
+    "kl_ctl": "objective.args.kl_coef (a fixed coefficient; no adaptive KL controller)",
+    "epsilon": "objective.args.eps_low (TRL's epsilon; also sets the upper clip unless eps_high is given: "
+               "objective.args.eps_high)",
+    "epsilon_low": "objective.args.eps_low",
+    "epsilon_high": "objective.args.eps_high (DAPO clip-higher; loss_mode dapo defaults to 0.28)",
+    "clip_ratio": "objective.args.eps_low and objective.args.eps_high (verl clip_ratio)",
+    "clip_ratio_low": "objective.args.eps_low",
+    "clip_ratio_high": "objective.args.eps_high",
+    "clip_ratio_c": "objective.args.dual_clip_c (dual clip is ON by default here, c = 3 as verl; TRL has none: "
+                    "set dual_clip_c: null to match TRL)",
+    "num_iterations": "rollout.inner_epochs (optimizer steps per rollout batch, PPO's mu)",
+    "ppo_epochs": "rollout.inner_epochs",
+    "num_generations": "rollout.num_generations",
+    "num_samples": "rollout.num_generations",
+    "max_completion_length": "rollout.max_new_tokens",
+    "max_response_length": "rollout.max_new_tokens",
+    "max_tokens_to_generate": "rollout.max_new_tokens",
+    "max_prompt_length": "data.prompt_len",
+    "kl_loss_type": "objective.args.kl_estimator (k1 | k2 | k3 | k3+; verl's low_var_kl is k3)",
+    "low_var_kl": "objective.args.kl_estimator: k3 (verl's low_var_kl is the k3 estimator)",
+    "loss_type": "objective.args.loss_mode (grpo | dr_grpo | dapo | ...) and objective.args.aggregation; TRL's bnpo "
+                 "is aggregation: token-mean",
+    "bnpo": "objective.args.aggregation: token-mean (TRL's loss_type bnpo)",
+    "loss_agg_mode": "objective.args.aggregation (verl's names: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+                     "seq-mean-token-sum-norm)",
+    "scale_rewards": "objective.args.advantage_estimator (grpo: std-scaled; dr_grpo: not scaled)",
+    "lmbda": "rollout.off_policy_fraction = 1 - lmbda (TRL GKD's lmbda is the on-policy fraction; jaxtok's key "
+             "counts the off-policy share)",
+    "learning_rate": "optimizer.lr",
+    "max_steps": "train.steps",
+    "gradient_accumulation_steps": "train.micro_batches",
+    "per_device_train_batch_size": "data.batch_size (the global batch, in rows)",
+    "train_batch_size": "data.batch_size (the global batch, in rows)",
+}
+
+
+def peer_hint(key: str) -> str:
+    """`` (TRL/verl/Tunix name: ...)`` when the last part of dotted ``key`` is a peer's setting name, else ''."""
+    name = key.rsplit(".", 1)[-1]
+    return f" ({name!r} is a TRL/verl/Tunix name; in jaxtok: {PEER_NAMES[name]})" if name in PEER_NAMES else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One registered callable, the dataclass of its arguments (``None``: it takes none) and free-form ``meta``
@@ -87,7 +136,7 @@ def build_dataclass(cls: type, mapping: Mapping[str, Any], key: str) -> Any:
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         bad = unknown[0]
-        raise ConfigError(f"{key}.{bad}={mapping[bad]!r}: unknown key; allowed keys: {sorted(fields)}")
+        raise ConfigError(f"{key}.{bad}={mapping[bad]!r}: unknown key{peer_hint(bad)}; allowed keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in mapping.items():

@@ -1,6 +1,7 @@
 """Config schema: base includes, dotted overrides, error messages (key, value, allowed), registries, optimizer."""
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -237,3 +238,26 @@ def test_optimizer_clipping_and_constant_lr():
         opt = build_optimizer(cfg.optimizer, 10)
         updates, _ = opt.update(grads, opt.init(params), params)
         assert jnp.allclose(updates["w"], expected), (clip, updates["w"])
+
+
+def test_peer_setting_names_point_at_existing_keys():
+    """TRL/verl/Tunix names (beta, epsilon_high, num_iterations, max_completion_length, lmbda, ...) are answered with
+    the jaxtok key; every key a hint names exists, so the table cannot rot."""
+    import re
+
+    import jaxtok.train.objectives  # noqa: F401  (registration)
+    from jaxtok.registry import OBJECTIVES, PEER_NAMES, ConfigError
+
+    sections = {f.name: {g.name for g in dataclasses.fields(f.type if isinstance(f.type, type) else
+                                                           typing.get_type_hints(Config)[f.name])}
+                for f in dataclasses.fields(Config)}
+    args = {f.name for name in ("policy_gradient", "opd") for f in
+            dataclasses.fields(OBJECTIVES.entry(name).config_cls)}
+    for peer, text in PEER_NAMES.items():
+        for sec, key in re.findall(r"\b(objective\.args|rollout|data|optimizer|train)\.([a-z_0-9]+)", text):
+            assert key in (args if sec == "objective.args" else sections[sec]), (peer, sec, key)
+    with pytest.raises(ConfigError, match=r"rollout.max_completion_length=64: unknown key \('max_completion_length' "
+                                          r"is a TRL/verl/Tunix name; in jaxtok: rollout.max_new_tokens\)"):
+        load_config(SFT, ["rollout.max_completion_length=64"])
+    with pytest.raises(ConfigError, match=r"objective.args.epsilon_high=.*in jaxtok: objective.args.eps_high"):
+        validate_names(load_config(ROOT / "configs" / "rl" / "grpo.yaml", ["objective.args.epsilon_high=0.28"]))
