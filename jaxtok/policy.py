@@ -30,7 +30,7 @@ __all__ = [
     "cppo_adaptive_delta_b", "cppo_mask", "discounted_reverse_cumsum", "future_kl", "appo_future_factor",
     "masked_zscore", "branching_score", "contiguous_group_ids", "group_advantages", "dr_grpo_advantages",
     "rloo_advantages", "batch_advantages", "ADV_ESTIMATORS", "outcome_advantages",
-    "broadcast_advantages", "aggregate", "kl_penalty",
+    "broadcast_advantages", "aggregate", "kl_penalty", "sampler_mismatch",
     "zero_variance_group_mask", "overlong_reward_penalty", "policy_loss",
 ]
 
@@ -481,7 +481,9 @@ def aggregate(loss, mask, mode: str = "token-mean", norm_length: Optional[float]
     * ``seq-mean-token-mean``: ``(Σ_b Σ_t m L / Σ_t m, B')``.
     * ``seq-mean-token-sum``: ``(Σ_b Σ_t m L, B')``.
     * ``seq-mean-token-sum-norm`` (Dr.GRPO): ``(Σ_b Σ_t m L / L_max, B')`` with the constant
-      ``L_max = norm_length`` (default: the padded length ``T``, which is what verl uses).
+      ``L_max = norm_length``: the generation budget (``rollout.max_new_tokens``; the policy-gradient objective
+      passes it per sequence, ``[B]``). Default the padded length ``T`` — the response width when ``loss`` holds
+      response columns only (verl), but not for prompt + response rows, where it would grow with the prompt.
 
     ``B'`` = sequences with at least one valid token. The 1/B' choice follows the Dr.GRPO paper (batch-size
     independent); verl's ``seq-mean-token-sum-norm`` omits the 1/B, i.e. returns ``sum`` alone. Because counts
@@ -500,9 +502,11 @@ def aggregate(loss, mask, mode: str = "token-mean", norm_length: Optional[float]
     if mode == "seq-mean-token-sum":
         return jnp.sum(per_seq), rows
     length = float(jnp.shape(loss)[-1]) if norm_length is None else norm_length
-    if not isinstance(length, jax.Array) and length <= 0:
-        raise ConfigError(f"norm_length={norm_length!r} must be > 0")
-    return jnp.sum(per_seq) / length, rows
+    if not isinstance(length, jax.Array) and jnp.ndim(length) == 0:  # a host constant: checked here
+        if float(length) <= 0:
+            raise ConfigError(f"norm_length={norm_length!r} must be > 0")
+        return jnp.sum(per_seq) / float(length), rows
+    return jnp.sum(safe_divide(per_seq, length)), rows  # L_max as an array: scalar or per sequence [B]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,6 +531,17 @@ def kl_penalty(logp, ref_logp, estimator: str = "k3"):
     if estimator == "k3":
         return k3
     return k2 + jax.lax.stop_gradient(k3 - k2)
+
+
+def sampler_mismatch(logp, sampler_logp, mask) -> dict:
+    """Rollout-engine / trainer mismatch on the sampled tokens (the numerical gap APPO's ``Δ`` and CTPO's rollout
+    correction see, §6.4, §9): ``abs_logp_diff = mean |lp − lp_μ|`` and ``kl = mean k3`` with ``d = lp − lp_μ``,
+    ``k3 = e^d − d − 1`` (≥ 0, unbiased for ``KL(μ‖π)`` under tokens sampled from the sampler μ). ``logp`` is the
+    trainer's log-prob of each token, ``sampler_logp`` the sampler's, both ``[B, T]``; means over ``mask``
+    (0 for an empty mask). Sampler filters (top-k/top-p) make the two distributions differ by design."""
+    m = _f32(mask)
+    d = jnp.where(m > 0, jnp.clip(_f32(logp) - _f32(sampler_logp), -LOG_RATIO_CLIP, LOG_RATIO_CLIP), 0.0)
+    return {"abs_logp_diff": masked_mean(jnp.abs(d), m), "kl": masked_mean(jnp.expm1(d) - d, m)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,7 +600,7 @@ class PolicyLossConfig:
     eps_high: Optional[float] = None
     dual_clip_c: Optional[float] = 3.0  # None disables dual-clip
     aggregation: Optional[str] = None
-    norm_length: Optional[float] = None  # L_max for seq-mean-token-sum-norm; None -> padded T
+    norm_length: Optional[float] = None  # L_max for seq-mean-token-sum-norm; None -> policy_loss's, else padded T
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     # CTPO (§6.4)
@@ -680,7 +695,7 @@ def _diagnostics(ratio, clipped, dual, m, logp, old_logp, entropy, num_buckets):
 
 
 def policy_loss(loss_mode: str, logp, old_logp, advantages, mask, cfg: Optional[PolicyLossConfig] = None,
-                ref_logp=None, *, entropy=None, divergence=None, valid=None, delta_b=None):
+                ref_logp=None, *, entropy=None, divergence=None, valid=None, delta_b=None, norm_length=None):
     """Policy-gradient loss for ``loss_mode`` in :data:`LOSS_MODES` (spec §6, §9). Returns ``(loss_sum, count,
     diagnostics)``; the loss is ``loss_sum / count`` (:func:`safe_divide`).
 
@@ -697,7 +712,8 @@ def policy_loss(loss_mode: str, logp, old_logp, advantages, mask, cfg: Optional[
     * ``appo``: ``Ã = A(1 + b f)`` with the future-KL factor (§9), PPO dual-clip on ``Ã``, sequences with more
       than one dual-clipped token dropped from the mask.
 
-    ``advantages`` is ``[B, T]`` or ``[B]`` (broadcast). With ``cfg.kl_coef > 0`` the loss adds
+    ``advantages`` is ``[B, T]`` or ``[B]`` (broadcast). ``norm_length`` (scalar or ``[B]``) overrides
+    ``cfg.norm_length``, Dr.GRPO's ``L_max`` (:func:`aggregate`). With ``cfg.kl_coef > 0`` the loss adds
     ``kl_coef · agg(kl_penalty(logp, ref_logp))`` with the same aggregation (hence the same count).
     Diagnostics: clip fraction overall and per valid-position bucket (with the counts, for accumulation),
     ratio mean/min/max, ``approx_kl = mean(lp_old − lp)``, entropy when given, and mode-specific entries."""
@@ -757,13 +773,14 @@ def policy_loss(loss_mode: str, logp, old_logp, advantages, mask, cfg: Optional[
             m = jnp.where(n_dual > 1, 0.0, m)
         extra["appo_future_factor_mean"] = masked_mean(f, m)
 
-    loss_sum, count = aggregate(loss, m, cfg.aggregation, cfg.norm_length)
+    norm_length = cfg.norm_length if norm_length is None else norm_length
+    loss_sum, count = aggregate(loss, m, cfg.aggregation, norm_length)
     diag = _diagnostics(ratio, clipped, dual, m, lp, old_logp, entropy, cfg.num_position_buckets)
     diag["pg_loss"] = safe_divide(loss_sum, count)
     if cfg.kl_coef > 0:
         if ref_logp is None:
             raise ConfigError(f"kl_coef={cfg.kl_coef} needs ref_logp (reference log-probs), got None")
-        kl_sum, _ = aggregate(kl_penalty(lp, ref_logp, cfg.kl_estimator), m, cfg.aggregation, cfg.norm_length)
+        kl_sum, _ = aggregate(kl_penalty(lp, ref_logp, cfg.kl_estimator), m, cfg.aggregation, norm_length)
         loss_sum = loss_sum + cfg.kl_coef * kl_sum
         diag["kl_loss"] = safe_divide(kl_sum, count)
     diag.update(extra)

@@ -307,8 +307,29 @@ def test_aggregation_modes_ragged_hand_case():
         got = P.aggregate(L, mask, mode)
         np.testing.assert_allclose(got, (s, c), rtol=1e-6, err_msg=mode)
     np.testing.assert_allclose(P.aggregate(L, mask, "seq-mean-token-sum-norm", norm_length=8), (17 / 8, 2.0))
+    # L_max per sequence (the rollout's generation budget [B]) and as a traced scalar
+    np.testing.assert_allclose(P.aggregate(L, mask, "seq-mean-token-sum-norm", norm_length=_arr([2, 4, 8])),
+                               (6 / 2 + 11 / 4, 2.0), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda n: P.aggregate(L, mask, "seq-mean-token-sum-norm", norm_length=n))(
+        jnp.float32(8)), (17 / 8, 2.0), rtol=1e-6)
+    with pytest.raises(ConfigError, match="norm_length"):
+        P.aggregate(L, mask, "seq-mean-token-sum-norm", norm_length=0)
     with pytest.raises(ConfigError, match="'token-sum'"):
         P.aggregate(L, mask, "token-sum")
+
+
+def test_sampler_mismatch_hand_case():
+    """Sampler/trainer mismatch on sampled tokens: mean |Δ| and the k3 estimate of KL(μ‖π), over the mask."""
+    lp = _arr([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+    mu = _arr([[-1.0, -1.5, -9.0], [-0.5, -1.0, 0.0]])
+    mask = jnp.array([[1, 1, 0], [0, 1, 0]], bool)
+    out = P.sampler_mismatch(lp, mu, mask)
+    d = np.array([0.0, -0.5, 0.5])
+    np.testing.assert_allclose(out["abs_logp_diff"], np.abs(d).mean(), rtol=1e-6)
+    np.testing.assert_allclose(out["kl"], np.mean(np.expm1(d) - d), rtol=1e-6)
+    same = P.sampler_mismatch(lp, lp, mask)
+    assert float(same["abs_logp_diff"]) == 0.0 and float(same["kl"]) == 0.0
+    assert float(P.sampler_mismatch(lp, mu, jnp.zeros_like(mask))["kl"]) == 0.0
 
 
 def test_microbatch_accumulation_equals_full_batch():

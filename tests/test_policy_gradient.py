@@ -34,8 +34,9 @@ def model():
 def rollout_batch(model, rewards, *, comp_lens=None, prompt_len=3, comp_len=4, temperature=1.3, group_size=2,
                   seed=0, old_noise=0.0):
     """A rollout batch by the contract: left-padded prompts (row b has b % 2 pad slots), ragged completions
-    padded after their end; old log-probs/entropy recomputed by the rollout's scorer (``+ old_noise``·N(0,1) to
-    emulate a later inner epoch)."""
+    padded after their end, generation budget ``max_new_tokens = comp_len``, ``accuracy = rewards``; old
+    log-probs/entropy recomputed by the rollout's scorer (``+ old_noise``·N(0,1) to emulate a later inner
+    epoch)."""
     rng = np.random.default_rng(seed)
     B = len(rewards)
     T = prompt_len + comp_len
@@ -53,7 +54,9 @@ def rollout_batch(model, rewards, *, comp_lens=None, prompt_len=3, comp_len=4, t
     old, ent = score_tokens(model, batch, temp)
     old = np.where(loss_mask, old + old_noise * rng.standard_normal(old.shape), 0.0).astype(np.float32)
     batch.update(old_logprobs=old, entropy=ent, rewards=np.asarray(rewards, np.float32),
-                 group_ids=(np.arange(B) // group_size).astype(np.int32), temperature=temp)
+                 group_ids=(np.arange(B) // group_size).astype(np.int32), temperature=temp,
+                 max_new_tokens=np.full(B, comp_len, np.int32),
+                 accuracy=np.asarray(rewards, np.float32))
     return batch
 
 
@@ -111,6 +114,8 @@ VARIANTS = {  # every forward-only variant the tests read, compiled once per mod
                      ctpo_c_dual=math.log(C)),
     "grpo_token_mean": dict(loss_mode="grpo", aggregation="token-mean", dual_clip_c=C),
     "appo": dict(loss_mode="appo"), "appo_b0": dict(loss_mode="appo", appo_b=0.0, appo_drop_multi_dual_clip=False),
+    "dr_grpo_norm2": dict(loss_mode="dr_grpo", norm_length=2.0),
+    "dapo_overlong": dict(loss_mode="dapo", overlong_buffer=2, overlong_max_length=4),
 }
 KL_VARIANTS = {"grpo": dict(loss_mode="grpo"),
                **{e: dict(loss_mode="grpo", kl_coef=0.5, kl_estimator=e) for e in ("k1", "k2", "k3", "k3+")}}
@@ -172,9 +177,35 @@ def test_aggregation_counts_and_grpo_value(model):
     assert float(out[1]) == 4
     adv = np.array([1.0, -1 / 1.0, 0.0, 0.0]) * 0.5 / (math.sqrt(0.5) + 1e-6)
     assert _value(out) == pytest.approx(-adv.mean(), abs=1e-5)
-    # dr_grpo: Σ_t / T per row (T = padded 7), mean over rows, no std
-    np.testing.assert_allclose(_value(dr), -(0.5 * 4 - 0.5 * 3) / 7 / 4, atol=1e-6)
+    # dr_grpo: Σ_t / L_max per row (L_max = the generation budget 4, not the padded 7), mean over rows, no std
+    np.testing.assert_allclose(_value(dr), -(0.5 * 4 - 0.5 * 3) / 4 / 4, atol=1e-6)
     assert PG.PolicyGradientArgs(loss_mode="dr_grpo").estimator == "dr_grpo"
+
+
+def test_dr_grpo_normaliser_is_the_generation_budget_not_the_prompt_width(model):
+    """Dr.GRPO divides each sequence's token sum by the constant L_max = rollout.max_new_tokens (§6.2): the same
+    completions behind prompts of width 3 or 7 give the same loss (at ratio 1: −Σ_t m A / 4 per row, mean over
+    rows), so the effective learning rate does not move with ``data.prompt_len``; ``norm_length`` overrides."""
+    expect = -(0.5 * 4 - 0.5 * 3) / 4 / 4
+    batch = rollout_batch(model, [1, 0, 0, 0], comp_lens=[4, 3, 2, 4])
+    out = _all(model, batch)
+    np.testing.assert_allclose(_value(out["dr_grpo"]), expect, atol=1e-6)
+    np.testing.assert_allclose(_value(out["dr_grpo_norm2"]), 2 * expect, atol=1e-6)
+    left = lambda x: np.concatenate([np.zeros((x.shape[0], 4), x.dtype), x], 1)  # noqa: E731  4 more pad columns
+    wide = {k: left(v) if np.ndim(v) == 2 else v for k, v in batch.items()}  # prompt width 3 -> 7, same tokens
+    np.testing.assert_allclose(_value(_loss(model, wide, loss_mode="dr_grpo")), expect, atol=1e-6)
+
+
+def test_dapo_dynamic_sampling_filters_on_accuracy_not_on_the_shaped_reward(model):
+    """DAPO drops groups whose accuracy is all equal (``filter_groups.metric = acc``), even when the overlong
+    penalty makes their shaped rewards differ: group 0 is right twice (lengths 2 and 4, shaped rewards 1 and 0) and
+    is dropped; group 1 (right / wrong) is kept. Without ``accuracy`` the unshaped rewards decide."""
+    batch = rollout_batch(model, [1, 1, 1, 0], comp_lens=[2, 4, 3, 3])  # accuracy = rewards = [1, 1, 1, 0]
+    out = _all(model, batch)["dapo_overlong"]
+    assert float(out[1]) == 6 and _aux(out, "kept_rows") == pytest.approx(0.5)  # group 1's 3 + 3 tokens
+    args = PG.PolicyGradientArgs(**VARIANTS["dapo_overlong"])
+    for b in (batch, {k: v for k, v in batch.items() if k != "accuracy"}):
+        np.testing.assert_array_equal(PG.host_advantages(b, args)["row_keep"], [False, False, True, True])
 
 
 def test_loss_modes_reduce_to_each_other_on_one_token_completions(model):

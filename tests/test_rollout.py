@@ -73,6 +73,12 @@ def test_collect_old_logprobs_match_the_sampler(tok, policy):
               for c, e in zip(ro.completions, ro.examples)]
     np.testing.assert_allclose(b["rewards"], expect)
     assert ro.info["rollout/length_mean"] == pytest.approx(np.asarray(out.valid).sum(1).mean())
+    # what the objectives read besides the rewards: the verifier's accuracy (DAPO's filter) and the budget (Dr.GRPO)
+    np.testing.assert_array_equal(b["accuracy"], [rewards.exact_match(task, c, e)
+                                                  for c, e in zip(ro.completions, ro.examples)])
+    np.testing.assert_array_equal(b["max_new_tokens"], [6] * 6)
+    # sampler vs trainer on the sampled tokens, logged every step: 0 up to float error without filters
+    assert 0.0 <= ro.info["rollout/sampler_abs_logp_diff"] < 2e-5 and 0.0 <= ro.info["rollout/sampler_kl"] < 1e-8
     before = rollout._score_jit._cache_size()
     rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=settings, rng=jax.random.key(8),
                     chunk_size=5)
@@ -217,6 +223,8 @@ def test_loop_rollout_path_end_to_end(tmp_path, tok):
     assert steps[0]["max_logratio"] < 1e-4  # first inner epoch: recomputed old log-probs == current policy
     assert steps[1]["max_logratio"] > steps[0]["max_logratio"]  # second epoch: the policy has moved
     assert all("rollout/reward_mean" in r for r in steps)
+    assert all(0.0 <= r["rollout/sampler_abs_logp_diff"] < 1e-4 and 0.0 <= r["rollout/sampler_kl"] < 1e-6
+               for r in steps)  # sampler/trainer mismatch on the policy's own tokens, every step
 
 
 def test_interrupted_rollout_run_resumes_to_the_same_parameters(tmp_path, tok):

@@ -125,12 +125,30 @@ def fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def accuracy(task, completions, examples) -> np.ndarray:
+    """``1`` where the task's verifier accepts the completion's answer (``task.reward >= 1``), else 0. ``[B]``
+    float32."""
+    return np.array([task.reward(c, e) >= 1.0 for c, e in zip(completions, examples)], np.float32)
+
+
+def sampler_trainer_mismatch(old_logprobs: np.ndarray, sampler_logprobs: np.ndarray, mask: np.ndarray) -> dict:
+    """How far the sampler's per-token log-probs are from the trainer's recomputation of the same tokens
+    (:func:`jaxtok.policy.sampler_mismatch`, over ``mask``, the policy's own completion tokens), as rollout info:
+    ``rollout/sampler_abs_logp_diff`` = mean ``|lp_train − lp_sampler|`` and ``rollout/sampler_kl`` = mean k3
+    estimate of ``KL(sampler ‖ trainer)``. Both are 0 up to float error when the rollout samples without top-k/top-p
+    filters (the invariant ``tests/test_logprob_consistency.py`` checks); filters make them positive by design."""
+    from jaxtok.policy import sampler_mismatch
+
+    out = sampler_mismatch(jnp.asarray(old_logprobs), jnp.asarray(sampler_logprobs), jnp.asarray(mask))
+    return {"rollout/sampler_abs_logp_diff": float(out["abs_logp_diff"]), "rollout/sampler_kl": float(out["kl"])}
+
+
 def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh):
     from jaxtok.decode.generate import generate
 
     out = generate(model, prompt, prompt_valid, max_new_tokens=settings.max_new_tokens,
                    temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, rng=rng,
-                   stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh)
+                   stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh)
     return fetch(out.tokens), fetch(out.valid), fetch(out.logprobs)
 
 
@@ -141,9 +159,15 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
 
     Batch keys: ``tokens, positions, valid, loss_mask [B, T]``, ``old_logprobs, entropy [B, T]`` float32,
     ``sampler_logprobs [B, T]`` (the sampler's own log-probs, with its filters: APPO's rollout-engine log-prob),
-    ``rewards [B]`` float32, ``group_ids [B]`` int32, ``temperature [B]`` float32, ``on_policy [B]`` bool
+    ``rewards [B]`` float32, ``accuracy [B]`` float32 (1 where the task's verifier accepts the answer: what DAPO's
+    dynamic sampling compares), ``max_new_tokens [B]`` int32 (the generation budget ``rollout.max_new_tokens``:
+    Dr.GRPO's ``L_max``), ``group_ids [B]`` int32, ``temperature [B]`` float32, ``on_policy [B]`` bool
     (False for rows the teacher completed), with ``topk = K > 0`` ``topk_ids [B, T, K]`` int32 and
     ``topk_logprobs [B, T, K]`` float32 (:func:`score_rollout`), plus whatever ``prepare`` returns.
+
+    ``info`` (logged with every step's metrics): ``rollout/reward_mean``, ``rollout/exact_match``,
+    ``rollout/length_mean``, ``rollout/entropy_mean`` and the sampler/trainer mismatch on the policy's own sampled
+    tokens (:func:`sampler_trainer_mismatch`).
     """
     sp = SpecialTokens.of(tokenizer)
     n = settings.num_generations
@@ -174,6 +198,8 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
     examples = examples_of(task, "train", rows)
     completions = [decode(tokenizer, completion[b][completion_valid[b]]) for b in range(G * n)]
     batch.update(rewards=score(task, completions, examples, settings.rewards),
+                 accuracy=accuracy(task, completions, examples),
+                 max_new_tokens=np.full((G * n,), settings.max_new_tokens, np.int32),
                  group_ids=(np.arange(G * n) // n).astype(np.int32), temperature=temperature, on_policy=on_policy)
     if prepare is not None:
         extra = prepare(batch, completions, examples, task, tokenizer)
@@ -183,7 +209,9 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
         batch.update(extra)
     lengths = completion_valid.sum(axis=1)
     info = {"rollout/reward_mean": float(batch["rewards"].mean()),
-            "rollout/exact_match": float(np.mean([task.reward(c, e) >= 1.0 for c, e in zip(completions, examples)])),
+            "rollout/exact_match": float(batch["accuracy"].mean()),
             "rollout/length_mean": float(lengths.mean()),
             "rollout/entropy_mean": float(batch["entropy"].sum() / max(batch["loss_mask"].sum(), 1))}
+    info.update(sampler_trainer_mismatch(batch["old_logprobs"], batch["sampler_logprobs"],
+                                         batch["loss_mask"] & on_policy[:, None]))
     return Rollout(batch=batch, completions=completions, examples=examples, info=info)

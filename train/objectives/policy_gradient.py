@@ -10,15 +10,18 @@ its inputs:
 2. optional DAPO overlong shaping of the rewards (:func:`jaxtok.policy.overlong_reward_penalty`);
 3. sequence advantages from ``rewards``/``group_ids`` (:func:`jaxtok.policy.outcome_advantages`) unless the batch
    carries precomputed ``advantages`` (``[B]`` or token-level ``[B, T]``, e.g. APPO procedure-level advantages);
-4. optional DAPO dynamic sampling: rows of zero-variance groups are masked out (static shapes: no refill);
+4. optional DAPO dynamic sampling: rows of groups whose accuracy (``batch["accuracy"]``, the task verifier; the
+   unshaped rewards without it) is all equal are masked out (static shapes: no refill);
 5. :func:`jaxtok.policy.policy_loss` (plus ``kl_coef · agg(k)`` against the frozen ``reference`` when set) minus
    ``entropy_coef · agg(H)``.
 
 (sum, count) and the train step: the step minimises ``Σ loss_sum / Σ count`` over micro-batches. ``count`` is the
 aggregation's own denominator (:func:`jaxtok.policy.aggregate`): tokens for ``token-mean``; sequences with at least
 one loss token (``B'``) for ``seq-mean-token-mean``, ``seq-mean-token-sum`` and ``seq-mean-token-sum-norm`` (whose
-per-sequence sum is divided by the constant ``norm_length``, default the padded length ``T``; the 1/B' follows the
-Dr.GRPO paper, verl omits it). Summing pairs over micro-batches and dividing once therefore reproduces the
+per-sequence sum is divided by the constant ``L_max``: ``norm_length`` when set, else the rollout's generation
+budget ``batch["max_new_tokens"]`` — never the prompt + completion width, which would tie the learning rate to
+``data.prompt_len`` — and the padded length ``T`` only for a batch without that key; the 1/B' follows the Dr.GRPO
+paper, verl omits it). Summing pairs over micro-batches and dividing once therefore reproduces the
 full-batch loss exactly, whatever the mode.
 
 Groups and micro-batches: advantages and the dynamic-sampling mask are computed over the rows of the batch the
@@ -42,11 +45,13 @@ from jaxtok.registry import OBJECTIVES, ConfigError
 from jaxtok.stats import chunked_map
 
 __all__ = ["PolicyGradientArgs", "policy_gradient_loss", "rollout_token_stats", "dense_group_ids",
-           "sequence_advantages", "dynamic_sampling_mask", "shape_overlong_rewards", "host_advantages",
-           "require_keys"]
+           "sequence_advantages", "dynamic_sampling_mask", "filter_metric", "norm_length_of",
+           "shape_overlong_rewards", "host_advantages", "require_keys"]
 
 _F32 = jnp.float32
 ROLLOUT_KEYS = ("tokens", "positions", "valid", "loss_mask", "old_logprobs", "rewards", "group_ids", "temperature")
+# optional keys: "accuracy" [B] (dynamic sampling), "max_new_tokens" [B] (Dr.GRPO's L_max), "advantages",
+# "row_keep", "topk_ids"/"topk_logprobs" (CPPO top-K)
 _MODE_ESTIMATOR = {"dr_grpo": "dr_grpo"}  # loss_mode -> default advantage estimator (else "grpo", Bessel std)
 _DYNAMIC_SAMPLING = ("dapo", "cppo")  # modes that drop zero-variance groups by default (DAPO; CPPO "mask_std_0")
 
@@ -59,8 +64,11 @@ class PolicyGradientArgs(P.PolicyLossConfig):
     - ``loss_mode``: one of :data:`jaxtok.policy.LOSS_MODES`.
     - ``advantage_estimator``: one of :data:`jaxtok.policy.ADV_ESTIMATORS`; None -> ``dr_grpo`` for
       ``loss_mode=dr_grpo``, else ``grpo`` (Bessel std, verl). ``adv_eps``: the ε in ``(r − mean)/(std + ε)``.
-    - ``dynamic_sampling``: drop (mask) rows of groups whose rewards are all equal (max − min ≤
-      ``dynamic_sampling_atol``); None -> on for ``dapo`` and ``cppo``.
+    - ``dynamic_sampling``: drop (mask) rows of groups whose accuracy is all equal (max − min ≤
+      ``dynamic_sampling_atol``): DAPO filters on the verifier's accuracy (``filter_groups.metric = acc``),
+      ``batch["accuracy"]``, not on the length-shaped reward; a batch without it filters on the unshaped
+      ``rewards``. None -> on for ``dapo`` and ``cppo``.
+    - ``norm_length``: Dr.GRPO's ``L_max``; None -> the rollout's ``max_new_tokens [B]`` (module docstring).
     - ``overlong_buffer`` > 0 turns on DAPO's soft overlong punishment with ``overlong_max_length`` (the rollout's
       ``max_new_tokens``) and ``overlong_penalty_factor``; completion length = Σ loss_mask of the row.
     - ``entropy_coef``: entropy bonus ``− coef · agg(H_t)`` (current policy, at the rollout temperature).
@@ -176,7 +184,8 @@ def sequence_advantages(rewards, group_ids, estimator: str = "grpo", *, eps: flo
 
 
 def dynamic_sampling_mask(rewards, group_ids, atol: float = 0.0):
-    """DAPO dynamic sampling as a row mask ``[B]`` bool: False for rows of groups whose rewards are all equal."""
+    """DAPO dynamic sampling as a row mask ``[B]`` bool: False for rows of groups whose values (the accuracy, see
+    :func:`filter_metric`) are all equal."""
     g = dense_group_ids(group_ids)
     return P.zero_variance_group_mask(rewards, g, g.shape[0], atol=atol)
 
@@ -192,13 +201,29 @@ def shape_overlong_rewards(rewards, lengths, max_length: int, buffer_length: int
     return (np.asarray(rewards, np.float32) + np.asarray(pen)).astype(np.float32)
 
 
+def filter_metric(batch: dict):
+    """What DAPO dynamic sampling compares within a group (§6.2): the verifier's ``accuracy [B]`` (DAPO
+    ``filter_groups.metric = acc``), else the unshaped ``rewards [B]`` — never the overlong-shaped reward, whose
+    length penalty would keep groups that are all right or all wrong. ``[B]`` float32."""
+    return jnp.asarray(batch["accuracy"] if "accuracy" in batch else batch["rewards"], _F32)
+
+
+def norm_length_of(batch: dict, args: PolicyGradientArgs):
+    """Dr.GRPO's ``L_max`` (§6.2, ``seq-mean-token-sum-norm``): ``args.norm_length`` when set, else the rollout's
+    generation budget ``batch["max_new_tokens"] [B]`` (``rollout.max_new_tokens``), else None (the padded
+    length, :func:`jaxtok.policy.aggregate`)."""
+    if args.norm_length is not None or "max_new_tokens" not in batch:
+        return args.norm_length
+    return jnp.asarray(batch["max_new_tokens"], _F32)  # [B]
+
+
 def host_advantages(batch: dict, args: PolicyGradientArgs) -> dict:
     """Whole-batch ``advantages [B]`` and ``row_keep [B]`` (dynamic sampling) computed on the host rollout batch,
     for runs that split it into micro-batches (module docstring). Applies the same overlong shaping and estimator
     as the objective; merge the result into the batch before it is split."""
     rewards = _shaped_rewards(jnp.asarray(batch["rewards"]), jnp.asarray(batch["loss_mask"]), args)
     adv = sequence_advantages(rewards, batch["group_ids"], args.estimator, eps=args.adv_eps)
-    keep = (dynamic_sampling_mask(rewards, batch["group_ids"], args.dynamic_sampling_atol)
+    keep = (dynamic_sampling_mask(filter_metric(batch), batch["group_ids"], args.dynamic_sampling_atol)
             if args.drop_zero_variance else jnp.ones(adv.shape, bool))
     return {"advantages": np.asarray(adv, np.float32), "row_keep": np.asarray(keep, bool)}
 
@@ -288,7 +313,7 @@ def policy_gradient_loss(model: nnx.Module, batch: dict, rng: jax.Array,
     if "row_keep" in batch:
         keep = jnp.asarray(batch["row_keep"], bool)
     elif args.drop_zero_variance:
-        keep = dynamic_sampling_mask(rewards, batch["group_ids"], args.dynamic_sampling_atol)
+        keep = dynamic_sampling_mask(filter_metric(batch), batch["group_ids"], args.dynamic_sampling_atol)
     else:
         keep = jnp.ones((B,), bool)
     mask = mask * keep[:, None].astype(_F32)
@@ -300,12 +325,13 @@ def policy_gradient_loss(model: nnx.Module, batch: dict, rng: jax.Array,
     divergence = delta_b = None
     if args.loss_mode == "cppo":
         divergence, delta_b = _cppo_inputs(cfg, stats, batch, mask)
+    norm_length = norm_length_of(batch, cfg)
     loss_sum, count, diag = P.policy_loss(args.loss_mode, stats["logp"], batch["old_logprobs"], adv, mask, cfg,
                                           ref_logp, entropy=stats["entropy"], divergence=divergence,
-                                          delta_b=delta_b)
+                                          delta_b=delta_b, norm_length=norm_length)
     aux = _aux(diag, count, cfg)
     if args.entropy_coef > 0:
-        ent_sum, _ = P.aggregate(stats["entropy"], mask, cfg.aggregation, cfg.norm_length)
+        ent_sum, _ = P.aggregate(stats["entropy"], mask, cfg.aggregation, norm_length)
         loss_sum = loss_sum - args.entropy_coef * ent_sum
         aux["entropy_loss"] = (-ent_sum, count)
     ones = jnp.full((), B, _F32)
