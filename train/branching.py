@@ -3,7 +3,9 @@
 
 Per prompt: ``n = rollout.num_generations`` initial rollouts, then ``b = rollout.branches`` branch rollouts.
 A branch copies its parent's prompt and response up to and including the branch token ``idx`` and lets the
-current policy continue; the copied prefix is not trained (loss mask 0), the continuation is.
+current policy continue. Branch rows only supply the reward contrast behind the initial rows' procedure-level
+advantages: they carry zero loss weight (loss mask and advantages 0, prefix and continuation alike), as in the
+reference code and the spec's unit test (§9), so the loss and its count are those of the initial rows alone.
 
 Branch points: ``BS_t = Z(H_t)·Z(Ω_t)`` within each initial rollout (:func:`jaxtok.policy.branching_score`,
 ``Ω`` from the recomputed-vs-sampler log-ratio); candidates need ``Z(H) > 0, Z(Ω) > 0, BS > 0``; the global
@@ -11,9 +13,8 @@ top-``b`` candidates of a prompt are taken, then the best remaining tokens by sc
 in turn. In this library the sampler and the trainer are the same program, so ``Ω`` is ≈ 1 and the score is
 driven by entropy, as the spec observes for the reference code.
 
-Advantages (population z-score within each (prompt, kind) group, ε = 1e-6): a branch row's continuation tokens
-get ``A_branch``; an initial row's token ``t`` gets ``A_init`` plus the mean ``A_branch`` of its branches whose
-branch point is at or after ``t``. The optional reward scale ``M_t`` of the reference code is omitted: with an
+Advantages (population z-score within each (prompt, kind) group, ε = 1e-6): an initial row's token ``t`` gets
+``A_init`` plus the mean ``A_branch`` of its branches whose branch point is at or after ``t``. The optional reward scale ``M_t`` of the reference code is omitted: with an
 outcome reward it only matters when the branch point is the last token (§9 observation).
 
 Every response, initial or branch (prefix + continuation), is capped at ``rollout.max_new_tokens`` tokens, so the
@@ -65,9 +66,10 @@ def _zscore(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 
 def appo_advantages(rewards_init: np.ndarray, rewards_branch: np.ndarray, parent: np.ndarray, idx: np.ndarray,
-                    n: int, num_branches: int, mask_init: np.ndarray, mask_branch: np.ndarray):
-    """APPO procedure-level token advantages (§9): ``(adv_init [G·n, N], adv_branch [G·b, N])`` over the
-    completion columns; zero outside the masks."""
+                    n: int, num_branches: int, mask_init: np.ndarray):
+    """APPO procedure-level advantages (§9): ``(adv_init [G·n, N], a_branch [G·b])``, the initial rows' token
+    advantages over the completion columns (zero outside ``mask_init``) and the branch rows' group z-scores that
+    enter them (branch rows themselves are not trained)."""
     G = len(rewards_init) // n
     a_init = np.concatenate([_zscore(rewards_init[g * n:(g + 1) * n]) for g in range(G)])
     a_br = np.concatenate([_zscore(rewards_branch[g * num_branches:(g + 1) * num_branches]) for g in range(G)]) \
@@ -82,8 +84,7 @@ def appo_advantages(rewards_init: np.ndarray, rewards_branch: np.ndarray, parent
         aux_cnt[p, covered] += 1
     aux = np.where(aux_cnt > 0, aux_sum / np.maximum(aux_cnt, 1), 0.0)
     adv_init = (a_init[:, None] + aux) * mask_init
-    adv_branch = a_br[:, None] * mask_branch
-    return adv_init.astype(np.float32), adv_branch.astype(np.float32)
+    return adv_init.astype(np.float32), a_br.astype(np.float32)
 
 
 def _left_pad(rows: list[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +100,10 @@ def _left_pad(rows: list[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarr
 def collect_appo(model, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None, teacher=None,
                  prepare=None, chunk_size: int = 1024) -> rollout_lib.Rollout:
     """An APPO tree rollout batch: ``G·n`` initial rows then ``G·b`` branch rows, with ``advantages [rows, T]``
-    (procedure-level, see the module docstring), ``is_branch [rows]`` and ``group_ids`` (initial group ``g``,
-    branch group ``G + g``), plus every key of :func:`jaxtok.train.rollout.collect`."""
+    (procedure-level on the initial rows, 0 on branch rows, see the module docstring), ``is_branch [rows]`` and
+    ``group_ids`` (initial group ``g``, branch group ``G + g``), plus every key of
+    :func:`jaxtok.train.rollout.collect`. Branch rows have ``loss_mask`` 0 (no loss weight) and, not being scored,
+    ``old_logprobs``/``entropy`` 0; their ``sampler_logprobs`` mark the continuation they sampled."""
     if prepare is not None:
         raise ValueError("rollout.branches > 0 does not support an objective's prepare hook")
     sp = SpecialTokens.of(tokenizer)
@@ -127,38 +130,42 @@ def collect_appo(model, prompts: dict, *, task, tokenizer, settings, rng: jax.Ar
     # branch rows in the [P + N] layout: prompt | parent prefix | continuation
     comp = np.full((len(parent), N), sp.pad, np.int32)
     comp_valid = np.zeros((len(parent), N), bool)
-    train_mask = np.zeros((len(parent), N), bool)
     sampler_lp = np.zeros((len(parent), N), np.float32)
     for b, (p, i) in enumerate(zip(parent, idx)):
         k = int(cont_valid[b].sum())
         comp[b, :i + 1] = b0["tokens"][p, P:P + i + 1]
         comp[b, i + 1:i + 1 + k] = cont[b, :k]
         comp_valid[b, :i + 1 + k] = True
-        train_mask[b, i + 1:i + 1 + k] = True
         sampler_lp[b, i + 1:i + 1 + k] = cont_lp[b, :k]
     branch = rollout_lib.assemble(b0["tokens"][parent, :P], b0["valid"][parent, :P], comp, comp_valid)
-    branch["loss_mask"][:, P:] = train_mask
-    temperature = np.full(len(parent), settings.temperature, np.float32)
-    branch["old_logprobs"], branch["entropy"] = rollout_lib.score_tokens(model, branch, temperature, mesh=mesh,
-                                                                         chunk_size=chunk_size)
+    branch["loss_mask"][:] = False  # reward contrast only: zero loss weight (§9)
+    zeros = np.zeros(branch["tokens"].shape, np.float32)  # [G·b, P + N]
+    branch["old_logprobs"], branch["entropy"] = zeros, zeros.copy()  # untrained rows need no scoring forward
     examples = [init.examples[p] for p in parent]
     completions = [decode(tokenizer, comp[b][comp_valid[b]]) for b in range(len(parent))]
     from jaxtok.train.rewards import score as reward_score
 
     branch_rewards = reward_score(task, completions, examples, settings.rewards)
-    adv_init, adv_branch = appo_advantages(b0["rewards"], branch_rewards, parent, idx, n, nb, comp_mask, train_mask)
+    adv_init, a_branch = appo_advantages(b0["rewards"], branch_rewards, parent, idx, n, nb, comp_mask)
 
     G = len(prompts["prompt"])
     pad_cols = np.zeros((len(parent), P), np.float32)
     branch.update(sampler_logprobs=np.concatenate([pad_cols, sampler_lp], 1), rewards=branch_rewards,
-                  group_ids=(G + np.arange(len(parent)) // nb).astype(np.int32), temperature=temperature,
+                  accuracy=rollout_lib.accuracy(task, completions, examples),
+                  max_new_tokens=np.full(len(parent), settings.max_new_tokens, np.int32),
+                  group_ids=(G + np.arange(len(parent)) // nb).astype(np.int32),
+                  temperature=np.full(len(parent), settings.temperature, np.float32),
                   on_policy=np.ones(len(parent), bool))
+    missing = set(b0) - set(branch)
+    if missing:
+        raise ValueError(f"APPO branch rows lack rollout keys {sorted(missing)}")
     batch = {k: np.concatenate([b0[k], branch[k]]) for k in branch}
     batch["advantages"] = np.concatenate([np.concatenate([np.zeros((len(adv_init), P), np.float32), adv_init], 1),
-                                          np.concatenate([pad_cols, adv_branch], 1)])
+                                          np.zeros(branch["tokens"].shape, np.float32)])
     batch["is_branch"] = np.concatenate([np.zeros(len(adv_init), bool), np.ones(len(parent), bool)])
     info = dict(init.info)
     info.update({"rollout/branch_reward_mean": float(branch_rewards.mean()),
-                 "rollout/branch_point_mean": float(np.mean(idx))})
+                 "rollout/branch_point_mean": float(np.mean(idx)),
+                 "rollout/branch_adv_abs_mean": float(np.abs(a_branch).mean()) if len(a_branch) else 0.0})
     return rollout_lib.Rollout(batch=batch, completions=init.completions + completions,
                                examples=init.examples + examples, info=info)
