@@ -72,6 +72,7 @@ def test_collect_and_loss_on_a_tiny_model():
     assert b["ro_tokens"].shape == (6, T + 2) and b["ro_advantages"].shape == (6,)
     np.testing.assert_allclose(b["ro_advantages"].reshape(2, 3).sum(1), 0.0, atol=1e-4)  # GRPO per document
     assert np.all(b["ro_old_logprobs"][:, :T] == 0) and np.all(b["ro_old_logprobs"][:, T:] < 0)
+    assert 0.0 <= ro.info["rollout/sampler_abs_logp_diff"] < 1e-4  # sampler and trainer agree (no filters)
 
     @nnx.jit
     def loss_and_grads(m, batch):  # one compiled call (eager op-by-op dispatch took ~40 s)

@@ -14,8 +14,9 @@ in turn. In this library the sampler and the trainer are the same program, so ``
 driven by entropy, as the spec observes for the reference code.
 
 Advantages (population z-score within each (prompt, kind) group, ε = 1e-6): an initial row's token ``t`` gets
-``A_init`` plus the mean ``A_branch`` of its branches whose branch point is at or after ``t``. The optional reward scale ``M_t`` of the reference code is omitted: with an
-outcome reward it only matters when the branch point is the last token (§9 observation).
+``A_init`` plus the mean ``A_branch`` of its branches whose branch point is at or after ``t``. The optional reward
+scale ``M_t`` of the reference code is omitted: with an outcome reward it only matters when the branch point is the
+last token (§9 observation).
 
 Every response, initial or branch (prefix + continuation), is capped at ``rollout.max_new_tokens`` tokens, so the
 batch keeps one static ``[rows, P + N]`` layout; branch continuations are sampled with the same static cap and

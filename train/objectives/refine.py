@@ -131,10 +131,11 @@ def collect_refine(model, docs: dict, *, task, tokenizer, settings, rng: jax.Arr
                    prepare=None, args: RefineArgs = RefineArgs()):
     """A REFINE batch from SFT rows ``docs``: the documents plus ``ro_*`` rollout rows (``R = B·n_chunks``):
     ``ro_tokens, ro_positions, ro_valid [R, T+k]``, ``ro_loss_mask`` (the ``k`` rollout tokens),
-    ``ro_old_logprobs``, ``ro_rewards [R]``, ``ro_advantages [R]`` (GRPO over each document's rollouts)."""
+    ``ro_old_logprobs``, ``ro_rewards [R]``, ``ro_advantages [R]`` (GRPO over each document's rollouts). Info adds
+    the sampler/trainer log-prob mismatch on the rollout tokens (:func:`jaxtok.train.rollout.sampler_trainer_mismatch`)."""
     from jaxtok.decode.generate import generate
     from jaxtok.tasks.tokenizer import SpecialTokens
-    from jaxtok.train.rollout import Rollout, fetch, score_tokens
+    from jaxtok.train.rollout import Rollout, fetch, sampler_trainer_mismatch, score_tokens
 
     del task, teacher, prepare
     sp = SpecialTokens.of(tokenizer)
@@ -182,6 +183,7 @@ def collect_refine(model, docs: dict, *, task, tokenizer, settings, rng: jax.Arr
                  ro_temperature=temperature)
     info = {"rollout/reward_mean": float(rewards.mean()), "rollout/token_match": float((roll == gt).mean()),
             "rollout/start_mean": float(starts.mean())}
+    info.update(sampler_trainer_mismatch(ro["old_logprobs"][:, T:], fetch(out.logprobs), ro["loss_mask"][:, T:]))
     return Rollout(batch=batch, completions=[], examples=[], info=info)
 
 
