@@ -500,11 +500,11 @@ def diffusion_generate(
 
 
 def stop_ids_of(tok) -> tuple[int, ...]:
-    """Terminators of a tokenizer: ``<eos>`` and its Rainbow pads (B20)."""
+    """Terminators of a tokenizer: its end-of-sequence ids and its Rainbow pads (B20)."""
     from jaxtok.tasks.tokenizer import SpecialTokens
 
     sp = SpecialTokens.of(tok)
-    return (sp.eos,) + tuple(sp.rainbow_pads)
+    return tuple(sp.eos_ids) + tuple(sp.rainbow_pads)
 
 
 def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, heads=None,
@@ -646,12 +646,12 @@ def diffusion_bench(cfg, run_dir, args: DiffusionBenchArgs) -> dict:
     from jaxtok.data import make_task_from_config
     from jaxtok.metrics import write_results
     from jaxtok.models.hf import load_any
-    from jaxtok.tasks import load_tokenizer
+    from jaxtok.tasks.tokenizer import load_tokenizer_for
 
     if not cfg.model.init_from:
         raise ConfigError("bench 'diffusion' needs model.init_from=<run dir of a trained diffusion model>")
     model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
-    tok = load_tokenizer(cfg.model.init_from)
+    tok = load_tokenizer_for(cfg)
     task = make_task_from_config(cfg.data)
     table = []
     for run in args.runs:

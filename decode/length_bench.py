@@ -29,7 +29,7 @@ from jaxtok.metrics import write_results
 from jaxtok.models.hf import load_any
 from jaxtok.models.value import LengthValueModel
 from jaxtok.registry import BENCHES, ConfigError
-from jaxtok.tasks import build_tokenizer, load_tokenizer
+from jaxtok.tasks.tokenizer import load_tokenizer_for
 from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
 from .generate import generate
@@ -79,7 +79,7 @@ def _arm(policy, batches, task, tok, sp, args, *, max_new, top_k=0, guide=None, 
 
         def call():
             return generate(policy, prompt, valid, max_new_tokens=max_new, temperature=args.temperature, top_k=top_k,
-                            rng=jax.random.fold_in(key, i), stop_tokens=(sp.eos,), pad_id=sp.pad, guide=guide)
+                            rng=jax.random.fold_in(key, i), stop_tokens=sp.eos_ids, pad_id=sp.pad, guide=guide)
 
         if not compiled:  # compile outside the timed region
             jax.block_until_ready(call().tokens)
@@ -114,8 +114,7 @@ def length_bench(cfg, run_dir: str | Path, args: LengthBenchArgs) -> dict:
     vm, _ = load_any(args.value_init_from, key="bench.args.value_init_from")
     if not isinstance(vm, LengthValueModel):
         raise ConfigError(f"bench.args.value_init_from={args.value_init_from!r} is not a LenVM run")
-    src = Path(cfg.model.init_from)
-    tok = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_tokenizer()
+    tok = load_tokenizer_for(cfg)
     sp = SpecialTokens.of(tok)
     task, batches = _batches(cfg, tok, args)
     K, N = args.candidates, args.max_new_tokens

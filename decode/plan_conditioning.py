@@ -151,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     from jaxtok.data import make_task_from_config
     from jaxtok.metrics import write_results
     from jaxtok.models.hf import load_any
-    from jaxtok.tasks import load_tokenizer
+    from jaxtok.tasks.tokenizer import load_tokenizer_for
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="a diffusion decode config (model.init_from = the diffusion LM)")
@@ -169,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         raise SystemExit("set model.init_from=<diffusion run> and --planner / decode.draft_init_from=<AR run>")
     model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
     planner, _ = load_any(planner_path, key="--planner / decode.draft_init_from", dtype=cfg.model.dtype)
-    tok = load_tokenizer(cfg.model.init_from)
+    tok = load_tokenizer_for(cfg)
     task = make_task_from_config(cfg.data)
     ks = a.plan_tokens if a.plan_tokens is not None else [0, cfg.decode.draft_len]
     table = []

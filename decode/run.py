@@ -30,8 +30,7 @@ from jaxtok import mesh as mesh_lib
 from jaxtok.data import make_task_from_config, pad_prompt_batch, prompt_dataset
 from jaxtok.metrics import write_results
 from jaxtok.registry import DRAFT_POLICIES, LOGIT_GUIDES, ConfigError
-from jaxtok.tasks import build_tokenizer, load_tokenizer
-from jaxtok.tasks.tokenizer import SpecialTokens, decode
+from jaxtok.tasks.tokenizer import SpecialTokens, decode, load_tokenizer_for
 
 from . import constrained  # noqa: F401  (registers decode.policy 'lave', a host loop)
 from .generate import generate
@@ -54,15 +53,12 @@ def _model_and_tokenizer(cfg, mesh):
     if cfg.model.init_from:
         model = _load_model(cfg.model.init_from, mesh, "model.init_from", cfg.model.dtype,
                             diffusion=cfg.decode.method == "diffusion")
-        src = Path(cfg.model.init_from)
     elif cfg.model.hf_path:
         model = _load_model(cfg.model.hf_path, mesh, "model.hf_path", cfg.model.dtype,
                             diffusion=cfg.decode.method == "diffusion")
-        src = Path(cfg.model.hf_path)
     else:
         raise ConfigError("decode needs trained weights: set model.init_from=<run dir> or model.hf_path=<HF dir>")
-    tok = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_tokenizer()
-    return model, tok
+    return model, load_tokenizer_for(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,7 +84,7 @@ def _build_ar(cfg, model, mesh) -> Callable:
         guide = entry.fn(args, mesh=mesh)
 
     def step(prompt, valid, key, sp, b):
-        out = generate(model, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh, guide=guide,
+        out = generate(model, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh, guide=guide,
                        **_sampling(cfg, temperature))
         stats = {"target_forwards": int(out.num_forwards)}
         if guide is not None:
@@ -132,7 +128,7 @@ def _build_speculative(cfg, model, mesh) -> Callable:
         small = _load_model(d.draft_init_from, mesh, "decode.draft_init_from")
 
         def ead_step(prompt, valid, key, sp, b):
-            out = ead_generate(small, model, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad, args=args,
+            out = ead_generate(small, model, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, args=args,
                                **_sampling(cfg, d.temperature))
             return out.tokens, out.valid, {"large_tokens": int(np.sum(np.asarray(out.from_large)[:b])),
                                            "small_forwards": int(out.small_forwards),
@@ -156,7 +152,7 @@ def _build_speculative(cfg, model, mesh) -> Callable:
     policy = entry.fn(args, hidden_size=hidden.hidden_size if hidden is not None else None)
 
     def spec_step(prompt, valid, key, sp, b):
-        out = speculative_generate(model, drafter, prompt, valid, rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad,
+        out = speculative_generate(model, drafter, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad,
                                    draft_len=d.draft_len, policy=policy, **_sampling(cfg, d.temperature))
         return out.tokens, out.valid, _spec_stats(out, b)
 

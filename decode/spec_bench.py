@@ -396,7 +396,7 @@ def speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs) -> dict:
     """AR vs every speculative method and EAD on the same held-out prompts (module docstring): loads the target
     ``model.init_from``, the drafter ``decode.draft_init_from`` and (when a method uses it) DEER ``args.deer``."""
     from jaxtok.models.hf import load_any
-    from jaxtok.tasks import build_tokenizer, load_tokenizer
+    from jaxtok.tasks.tokenizer import load_tokenizer_for
 
     if not cfg.model.init_from or not cfg.decode.draft_init_from:
         raise ConfigError("bench 'speculative' needs model.init_from=<target run dir> and "
@@ -407,8 +407,7 @@ def speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs) -> dict:
     target, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype)
     draft, _ = load_any(cfg.decode.draft_init_from, key="decode.draft_init_from", dtype=cfg.model.dtype)
     deer = load_any(args.deer, key="bench.args.deer", dtype=cfg.model.dtype, diffusion=True)[0] if uses_deer else None
-    src = Path(cfg.model.init_from)
-    tok = load_tokenizer(src) if (src / "tokenizer.json").is_file() else build_tokenizer()
+    tok = load_tokenizer_for(cfg)
     return run_speculative_bench(cfg, run_dir, args, target=target, draft=draft, deer=deer, tok=tok)
 
 
@@ -432,7 +431,7 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
     if uses_deer and deer is None:
         raise ConfigError("bench.args.methods use drafter 'deer' but no DEER model was given")
     sp = SpecialTokens.of(tok)
-    stop = (sp.eos,)
+    stop = sp.eos_ids
     task = make_task_from_config(cfg.data)
     n_eval = args.num_examples or cfg.data.num_eval
     batches, meta = _prompt_batches(task, "eval", tok, cfg, n_eval)

@@ -450,7 +450,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from jaxtok.data import make_task_from_config, prompt_dataset
     from jaxtok.metrics import write_results
     from jaxtok.models.hf import load_any
-    from jaxtok.tasks import load_tokenizer
+    from jaxtok.tasks.tokenizer import load_tokenizer_for
     from jaxtok.tasks.tokenizer import SpecialTokens
 
     from .diffusion import evaluate_policy, policy_args_of, stop_ids_of
@@ -472,7 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not cfg.model.init_from:
         raise SystemExit("set model.init_from=<run dir of a trained diffusion LM>")
     model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
-    tok = load_tokenizer(cfg.model.init_from)
+    tok = load_tokenizer_for(cfg)
     sp = SpecialTokens.of(tok)
     task = make_task_from_config(cfg.data)
     pa = dict(cfg.decode.policy_args)

@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from jaxtok.config import load_config
     from jaxtok.data import make_task_from_config, prompt_dataset
     from jaxtok.models.hf import load_any
-    from jaxtok.tasks import build_tokenizer
+    from jaxtok.tasks.tokenizer import load_tokenizer_for
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kind", choices=("specdecpp", "speckv"))
@@ -216,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     target, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype)
     drafter, _ = load_any(cfg.decode.draft_init_from, key="decode.draft_init_from", dtype=cfg.model.dtype)
     task = make_task_from_config(cfg.data)
-    ds, _ = prompt_dataset(task, "train", build_tokenizer(), prompt_len=cfg.data.prompt_len,
+    ds, _ = prompt_dataset(task, "train", load_tokenizer_for(cfg), prompt_len=cfg.data.prompt_len,
                            batch_size=cfg.decode.batch_size, num_examples=a.batches * cfg.decode.batch_size)
     key = jax.random.key(cfg.train.seed)
     records: dict = {}
