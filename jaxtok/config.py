@@ -17,7 +17,7 @@ import dataclasses
 import importlib
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -106,15 +106,32 @@ class MeshSection(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class DataSection(_Section):
-    """Training/eval data: a synthetic task from jaxtok.tasks, or a local JSONL/Parquet prompt file."""
+    """Training/eval data: a registered task from jaxtok.tasks (synthetic, reasoning_gym), or local data files."""
 
     _key: ClassVar[str] = "data"
-    task: str = _f("arith", doc="a registered task name (TASKS), or 'jsonl' / 'parquet' with data.path")
+    task: str = _f("arith", doc="a registered task name (TASKS: arith, countdown, sort, reasoning_gym, ...), or "
+                                "'files' with data.train_files / data.eval_files ('jsonl' / 'parquet' also take "
+                                "the older single-file data.path)")
     task_args: Dict[str, Any] = _f({}, doc="arguments of the task (its dataclass), e.g. {digits: 2, steps: 1}")
-    path: Optional[str] = _f(None, doc="file for task=jsonl|parquet")
-    prompt_field: str = _f("prompt", doc="jsonl/parquet: the prompt column")
-    answer_field: str = _f("answer", doc="jsonl/parquet: the reference answer column (reward, exact match)")
-    target_field: Optional[str] = _f(None, doc="jsonl/parquet: full response for SFT (default: the answer)")
+    path: Optional[str] = _f(None, doc="task=jsonl|parquet: one file, read as data.train_files=[path]")
+    train_files: List[str] = _f([], doc="task=files: training data, .jsonl / .parquet files or directories saved "
+                                        "by datasets' save_to_disk (glob patterns allowed)")
+    eval_files: List[str] = _f([], doc="file tasks: held-out eval data (each example evaluated once, at most "
+                                       "data.num_eval); none and eval_fraction=0: no held-out eval (training "
+                                       "skips it with a warning, `jaxtok eval` refuses)")
+    eval_fraction: float = _f(0.0, min=0.0, max=0.5, doc="file tasks without eval_files: hold out this share of "
+                                                         "the train examples, by a hash of the prompt")
+    prompt_field: str = _f("prompt", doc="file tasks: the prompt field (text, or a list of {role, content} "
+                                         "messages rendered by the chat template)")
+    messages_field: Optional[str] = _f(None, doc="file tasks: a field of {role, content} chat messages to use as "
+                                                 "the prompt instead of prompt_field (a trailing assistant "
+                                                 "message is the SFT target when target_field is unset)")
+    answer_field: str = _f("answer", doc="file tasks: the reference answer field (rewards, eval)")
+    target_field: Optional[str] = _f(None, doc="file tasks: the full response for SFT (default: the trailing "
+                                               "assistant message, else the answer, as written)")
+    answer_regex: Optional[str] = _f(None, doc="file tasks: the answer is the last match of this regex (group 1 "
+                                               "if it has groups), which is also the format format_ok checks; "
+                                               "default: the whole stripped completion, no format")
     seq_len: int = _f(128, min=2, doc="SFT sequence length (prompt + response), tokens")
     prompt_len: int = _f(64, min=1, doc="left-padded prompt length for rollouts and eval, tokens")
     batch_size: int = _f(32, min=1, doc="global batch size (rows)")
@@ -123,7 +140,30 @@ class DataSection(_Section):
     seed: int = _f(0, doc="seed of the synthetic task generator and the shuffle")
     worker_count: int = _f(0, min=0, doc="grain worker processes (0 = in-process)")
     overlong: str = _f("drop", choices=("drop", "error"),
-                       doc="over-long examples: dropped with a counted warning, or an error (never truncated)")
+                       doc="over-long examples: dropped with a counted warning, or an error (never truncated); "
+                           "held-out generation eval scores a dropped prompt 0 and counts it (eval/overlong_prompts)")
+
+    def check(self) -> None:
+        import re
+
+        files = self.task in ("files", "jsonl", "parquet")
+        given = [k for k in ("path", "train_files", "eval_files", "eval_fraction") if getattr(self, k)]
+        if not files and given:
+            raise ConfigError(f"data.{given[0]}: file data needs data.task='files' (data.task={self.task!r} is a "
+                              f"registered task with its own data)")
+        if self.path and (self.train_files or self.eval_files):
+            raise ConfigError(f"data.path={self.path!r}: the older single-file form; with data.train_files / "
+                              f"data.eval_files leave data.path unset")
+        if self.path and self.task == "files":
+            raise ConfigError(f"data.path={self.path!r}: with data.task='files' use data.train_files=[...]")
+        if self.eval_files and self.eval_fraction:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction}: hold-out is for runs without "
+                              f"data.eval_files; set one of them")
+        if self.answer_regex is not None:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as e:
+                raise ConfigError(f"data.answer_regex={self.answer_regex!r}: not a valid regex ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,9 +490,16 @@ def validate_names(cfg: Config) -> None:
     ``data.task``/``data.task_args``, ``objective.name``/``objective.args``, ``model.preset``,
     ``decode.policy``/``decode.policy_args``. Imports the registering packages lazily."""
     import_registering_modules()
-    if cfg.data.task in ("jsonl", "parquet"):
-        if not cfg.data.path:
-            raise ConfigError(f"data.path=None: required with data.task={cfg.data.task!r}")
+    if cfg.data.task in ("files", "jsonl", "parquet"):
+        if not (cfg.data.path or cfg.data.train_files or cfg.data.eval_files):
+            if cfg.data.task == "files":
+                raise ConfigError("data.train_files=[]: data.task='files' needs data.train_files and/or "
+                                  "data.eval_files")
+            raise ConfigError(f"data.path=None: required with data.task={cfg.data.task!r} (or data.train_files / "
+                              f"data.eval_files)")
+        if "format" in cfg.rollout.rewards and cfg.data.answer_regex is None:
+            raise ConfigError("rollout.rewards.format: file datasets have an answer format only with "
+                              "data.answer_regex (the pattern format_ok checks); set it or drop the format reward")
     else:
         check_name(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
     check_name(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args, "objective.args")
@@ -533,6 +580,10 @@ def check_paths(cfg: Config) -> None:
     for key, value in paths.items():
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{key}={value!r}: no such file or directory")
+    from jaxtok.data import expand_paths
+
+    expand_paths(cfg.data.train_files, "data.train_files")  # glob patterns must match; files must exist
+    expand_paths(cfg.data.eval_files, "data.eval_files")
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -11,6 +11,7 @@ import pytest
 from jaxtok.config import DataSection
 from jaxtok.data import (DropCounter, FileTask, OverlongError, encode_prompt, encode_sft, examples_of, from_config,
                          prompt_dataset, sft_dataset)
+from jaxtok.registry import ConfigError
 from jaxtok.tasks import Example, build_tokenizer, make_task
 from jaxtok.tasks.tokenizer import decode, encode
 
@@ -157,14 +158,15 @@ def test_jsonl_field_mapping(tmp_path):
     task = FileTask.load(str(p), "jsonl", prompt_field="q", answer_field="a")
     assert len(task) == 5
     ex = task.example("train", 2)
-    assert (ex.prompt, ex.answer, ex.target) == ("2+1=", "3", ">3")
-    assert task.reward(">3", ex) == 1.0 and task.reward(">4", ex) == 0.0 and task.reward("3", ex) == 1.0
+    # file data keep no synthetic-task format: the target is the answer as written, the answer the whole completion
+    assert (ex.prompt, ex.answer, ex.target) == ("2+1=", "3", "3")
+    assert task.reward(" 3\n", ex) == 1.0 and task.reward(">3", ex) == 0.0 and task.reward("4", ex) == 0.0
     with_target = FileTask.load(str(p), "jsonl", prompt_field="q", answer_field="a", target_field="sol")
     row = encode_sft(TOK, with_target.example("train", 2), 16)
     assert decode(TOK, row["tokens"][row["loss_mask"]], stop_at_eos=False) == "2+1=3>3"
-    with pytest.raises(KeyError, match="'question'"):
+    with pytest.raises(ConfigError, match="'question'"):
         FileTask.load(str(p), "jsonl", prompt_field="question", answer_field="a")
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(ConfigError, match="data.train_files: .*missing.jsonl"):
         FileTask.load(str(tmp_path / "missing.jsonl"), "jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "1=", "a": 1}\n{oops\n')
@@ -183,7 +185,8 @@ def test_parquet_needs_pyarrow_or_reads(tmp_path):
             FileTask.load(str(p), "parquet")
     else:
         pq.write_table(pa.table({"prompt": ["1+1="], "answer": ["2"]}), str(p))
-        assert FileTask.load(str(p), "parquet").example("eval", 0).answer == "2"
+        assert FileTask.load(str(p), "parquet").example("train", 0).answer == "2"
+        assert FileTask.from_files(eval_files=[str(p)]).example("eval", 0).answer == "2"  # format by extension
 
 
 def test_from_config_synthetic_and_jsonl(tmp_path):
@@ -200,9 +203,11 @@ def test_from_config_synthetic_and_jsonl(tmp_path):
     p = tmp_path / "d.jsonl"
     _write_jsonl(p, [{"question": f"{i}+{i}=", "ans": 2 * i} for i in range(6)])
     section = dataclasses.replace(section, task="jsonl", path=str(p), prompt_field="question", answer_field="ans")
-    task, ds, _ = from_config(section, TOK, "eval", kind="prompt")
+    task, ds, _ = from_config(section, TOK, "train", kind="prompt")  # data.path is the train split
     first = next(iter(ds))
-    assert decode(TOK, first["prompt"][0][first["prompt_valid"][0]]) == "0+0="
+    assert sorted(decode(TOK, r[v]) for r, v in zip(first["prompt"], first["prompt_valid"])) < ["5"]
+    with pytest.raises(ConfigError, match="data.eval_files is empty"):  # no eval file: no eval split
+        from_config(section, TOK, "eval", kind="prompt")
     with pytest.raises(ValueError, match="split='test'"):
         from_config(section, TOK, "test")
 

@@ -207,36 +207,60 @@ def _progress(total: int, initial: int, enabled: bool):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def eval_scores(task, texts, examples, rewards) -> dict:
+    """Sums over completions: ``exact_match`` (the task's verifier gives 1), ``reward`` (the configured weighted
+    rewards, ``rollout.rewards``, as the RL rollout scores them), ``reward/<name>`` per reward, and ``format_ok``
+    when the task has an answer format (``task.has_format``, default True; file datasets without
+    ``data.answer_regex`` have none)."""
+    from jaxtok.train.rewards import score
+
+    parts = {name: float(np.sum(score(task, texts, examples, {name: 1.0}))) for name in rewards}
+    out = {"exact_match": float(sum(task.reward(t, ex) >= 1.0 for t, ex in zip(texts, examples))),
+           "reward": sum(float(w) * parts[name] for name, w in rewards.items())}
+    if len(rewards) > 1:
+        out.update({f"reward/{name}": v for name, v in parts.items()})
+    if getattr(task, "has_format", True):
+        out["format_ok"] = float(sum(bool(task.format_ok(t)) for t in texts))
+    return out
+
+
 def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: Optional[int] = None) -> dict:
     """Held-out accuracy of greedy completions (decode_methods.md §0.1 via :func:`jaxtok.decode.generate.generate`).
 
-    Returns ``exact_match`` (task reward == 1), ``format_ok`` and ``num_examples``. The last batch is padded to the
-    decode batch size with copies of its first row (ignored), so every call has one static shape.
+    Every eval example is counted once: ``num_examples`` (default ``data.num_eval``) capped at the eval split's size
+    (a small eval file is not wrapped). Returns :func:`eval_scores` means (``exact_match``, ``reward`` with the
+    configured ``rollout.rewards``, ``format_ok`` when the task has a format) over all of them, ``num_examples``,
+    and ``overlong_prompts``: prompts longer than ``data.prompt_len`` are not generated for, score 0, stay in the
+    denominator, and are counted and warned about. The last batch is padded to the decode batch size with copies
+    of its first row (ignored), so every call has one static shape.
     """
-    from jaxtok.data import pad_prompt_batch, prompt_dataset
+    from jaxtok.data import capped, pad_prompt_batch, prompt_dataset
     from jaxtok.decode.generate import generate
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
     from jaxtok.train.rollout import fetch
 
-    n = num_examples or cfg.data.num_eval
+    n = capped(task, "eval", num_examples or cfg.data.num_eval)
     B = cfg.decode.batch_size
     sp = SpecialTokens.of(tok)
-    ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=B, num_examples=n,
-                           overlong=cfg.data.overlong)
-    hits, fmt, total = 0.0, 0.0, 0
+    ds, dropped = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=B, num_examples=n,
+                                 overlong=cfg.data.overlong)
+    sums: dict = {}
     for batch in ds:
         rows = batch["prompt"].shape[0]
         prompt, valid = pad_prompt_batch(batch, B)
         out = generate(model, prompt, valid, max_new_tokens=cfg.decode.max_new_tokens, temperature=0.0,
-                       rng=jax.random.key(0), stop_tokens=(sp.eos,), pad_id=sp.pad, mesh=mesh)
+                       rng=jax.random.key(0), stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh)
         tokens = fetch(out.tokens)
-        for r in range(rows):
-            example = task.example("eval", int(batch["index"][r]))
-            text = decode(tok, tokens[r])
-            hits += task.reward(text, example) >= 1.0
-            fmt += bool(task.format_ok(text))
-            total += 1
-    return {"exact_match": hits / max(total, 1), "format_ok": fmt / max(total, 1), "num_examples": total}
+        examples = [task.example("eval", int(batch["index"][r])) for r in range(rows)]
+        texts = [decode(tok, tokens[r]) for r in range(rows)]
+        for k, v in eval_scores(task, texts, examples, cfg.rollout.rewards).items():
+            sums[k] = sums.get(k, 0.0) + v
+    if dropped.count:
+        log.warning("held-out eval: %d of %d prompts exceed data.prompt_len=%d; each scores 0 and counts in the "
+                    "denominator (eval/overlong_prompts)", dropped.count, n, cfg.data.prompt_len)
+    if not sums:  # every prompt over-long (overlong=drop): the keys still appear, at 0
+        sums = eval_scores(task, [], [], cfg.rollout.rewards)
+    return {**{k: v / max(n, 1) for k, v in sums.items()}, "num_examples": n, "overlong_prompts": dropped.count}
 
 
 def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
@@ -249,18 +273,20 @@ def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
 
 def _held_out_metrics(model, metrics_fn, task, tok, cfg, mesh) -> dict:
     """``metrics_fn(model, batch)`` summed over ``train.eval_batches`` held-out SFT batches (token-weighted)."""
-    from jaxtok.data import sft_dataset
+    from jaxtok.data import pad_sft_batch, sft_dataset, split_size
     from jaxtok.train.step import finalize_metrics, make_eval_step, split_model
 
+    finite = split_size(task, "eval") is not None  # a file: each example once, the short last batch padded
     ds, _ = sft_dataset(task, "eval", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                        num_examples=max(cfg.data.num_eval, cfg.data.batch_size), seed=0, shuffle=False,
-                        num_epochs=1, overlong=cfg.data.overlong)
+                        num_examples=cfg.data.num_eval if finite else max(cfg.data.num_eval, cfg.data.batch_size),
+                        seed=0, shuffle=False, num_epochs=1, overlong=cfg.data.overlong, drop_remainder=not finite)
     eval_step = make_eval_step(model, metrics_fn, mesh=mesh)
     _, params, rest = split_model(model)
     pairs = []
     for i, batch in enumerate(ds):
         if i >= cfg.train.eval_batches:
             break
+        batch = pad_sft_batch(batch, cfg.data.batch_size)  # padding rows carry no loss_mask tokens
         pairs.append(jax.device_get(eval_step(params, rest, mesh_lib.put_batch(batch, mesh))))
     return finalize_metrics(pairs)
 
@@ -332,7 +358,13 @@ def objective_eval(model, task, tok, cfg, *, mesh=None) -> dict:
 def _evaluate_model(model, task, tok, cfg, mesh) -> dict:
     """``eval/*`` metrics: AR models get the teacher-forced SFT metrics and greedy generation accuracy; diffusion
     runs (:func:`is_diffusion_run`) get the objective's held-out loss (SFT-data objectives) and diffusion-decoding
-    accuracy and NFE."""
+    accuracy and NFE. A file task without eval data (no ``data.eval_files``, ``data.eval_fraction=0``) has no
+    held-out eval: a warning, and no ``eval/*`` metrics (``jaxtok eval`` refuses instead, :func:`evaluate`)."""
+    from jaxtok.data import NO_EVAL, has_split
+
+    if not has_split(task, "eval"):
+        log.warning("skipping held-out eval: %s", NO_EVAL)
+        return {}
     if is_diffusion_run(cfg):
         out = {}
         if objective_entry(cfg).meta.get("data", "sft") == "sft":
@@ -513,9 +545,13 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 def evaluate(cfg, run_dir: str | Path) -> dict:
     """Held-out evaluation of the model in ``run_dir`` (or ``model.init_from`` / an untrained preset when the run
-    directory has no checkpoint); writes ``eval.json`` and returns the metrics."""
-    from jaxtok.data import make_task_from_config
+    directory has no checkpoint); writes ``eval.json`` and returns the metrics. A file task without eval data is a
+    ConfigError (nothing held out to evaluate), raised before any model is loaded."""
+    from jaxtok.data import NO_EVAL, has_split, make_task_from_config
+    from jaxtok.registry import ConfigError
 
+    if not has_split(make_task_from_config(cfg.data), "eval"):
+        raise ConfigError(f"jaxtok eval: {NO_EVAL}")
     mesh_lib.initialize_distributed(cfg.mesh)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
