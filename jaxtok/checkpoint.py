@@ -13,13 +13,20 @@ Safety:
   before any data is read, and an unreadable or truncated checkpoint raises :class:`CheckpointError` naming the
   directory and the problem;
 - async saves run in the background; :meth:`Checkpointer.wait` / :meth:`Checkpointer.close` (also the context
-  manager exit) block until they are committed.
+  manager exit) block until they are committed;
+- a save that cannot be written (full disk, read-only or vanished directory: an ``OSError``, whether raised at once
+  or by the background save) is one :class:`CheckpointWriteError` naming the step, the directory, the reason and the
+  last committed step, which stays intact;
+- :meth:`Checkpointer.restore_good` (resume) falls back past damaged newer steps to the newest good one and moves
+  the damaged ones aside into ``<directory>-damaged/`` (kept for inspection, out of the way of new saves).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +40,25 @@ ITEMS = ("params", "train", "data", "meta")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or not matching the model/optimizer."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (e.g. no space left on device); earlier committed checkpoints are intact."""
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError in ``e``'s cause/context chain (orbax re-raises background failures wrapped), else None; an
+    error whose text says the disk is full counts as ENOSPC."""
+    seen = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        if "No space left on device" in str(cur):
+            return OSError(errno.ENOSPC, "No space left on device")
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def flatten(tree) -> tuple[dict[str, Any], Any]:
@@ -104,15 +130,37 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 2, async_save: bool = True):
         self.directory = Path(directory).absolute()
         _remove_interrupted_saves(self.directory)
+        self._max_to_keep, self._async = max_to_keep, async_save
+        self._pending: Optional[int] = None  # step of the save in flight
+        self._failed = False  # a write error was reported: close() does not report it again
+        self._mngr = self._manager()
+
+    def _manager(self) -> "ocp.CheckpointManager":
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=self._max_to_keep,
             create=True,
             cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=self._async,
         )
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def _write_error(self, e: BaseException, step: Optional[int]) -> Optional[CheckpointWriteError]:
+        """``e`` as a :class:`CheckpointWriteError` when it is an OS-level write failure, else None."""
+        ose = _os_error(e)
+        if ose is None:
+            return None
+        self._failed = True
+        reason = ose.strerror or str(ose)
+        if ose.errno is not None:
+            reason += f" [{errno.errorcode.get(ose.errno, ose.errno)}]"
+        good = sorted(int(p.name) for p in self.directory.glob("*") if p.name.isdigit() and p.is_dir()) \
+            if self.directory.is_dir() else []
+        kept = (f"the last good checkpoint, step {good[-1]}, is intact" if good
+                else "no earlier checkpoint exists")
+        what = f"step {step}" if step is not None else "a checkpoint"
+        return CheckpointWriteError(f"could not write checkpoint {what} to {self.directory}: {reason}; {kept}")
 
     # ----------------------------------------------------------------------------------------------- queries
     def steps(self) -> list[int]:
@@ -137,15 +185,41 @@ class Checkpointer:
         items["meta"] = ocp.args.JsonSave(_jsonable(dict(meta or {}, step=int(step), fingerprints=sums)))
         if data is not None:
             items["data"] = ocp.args.JsonSave(_jsonable(data))
-        return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+        try:
+            started = self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - orbax raises the previous background save's failure here too
+            err = self._write_error(e, self._pending if self._pending is not None else int(step))
+            if err is None:
+                raise
+            raise err from None
+        self._pending = int(step)
+        return started
 
     def wait(self) -> None:
-        """Block until pending async saves are committed."""
-        self._mngr.wait_until_finished()
+        """Block until pending async saves are committed (:class:`CheckpointWriteError` if one failed to write)."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            err = self._write_error(e, self._pending)
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            self._pending = None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Wait for pending saves and release the manager. After a reported write error, nothing is raised again."""
+        try:
+            self.wait()
+        except Exception:
+            if not self._failed:
+                raise
+        finally:
+            try:
+                self._mngr.close()
+            except Exception:
+                if not self._failed:
+                    raise
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -170,6 +244,43 @@ class Checkpointer:
             return json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {self.directory / str(step)}: unreadable meta item ({e})") from None
+
+    def restore_good(self, *, params, train=None, data: bool = True) -> tuple[dict, list[tuple[int, str]]]:
+        """Restore the newest committed step that passes :meth:`restore`'s checks, trying older steps when newer ones
+        are damaged. Returns ``(result, skipped)`` with ``skipped = [(step, reason)]`` for the damaged newer steps,
+        which are moved to ``<directory>-damaged/<step>`` so new saves of those steps are possible. Raises
+        :class:`CheckpointError` naming every step's problem when none is good."""
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
+            try:
+                out = self.restore(step, params=params, train=train, data=data)
+            except CheckpointError as e:
+                skipped.append((step, str(e)))
+                continue
+            if skipped:
+                self._move_aside([s for s, _ in skipped])
+            return out, skipped
+        if not skipped:
+            raise CheckpointError(f"no committed checkpoint in {self.directory}")
+        reasons = "; ".join(f"step {s}: {r}" for s, r in skipped[:3])
+        raise CheckpointError(f"no usable checkpoint in {self.directory} ({reasons})")
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Move damaged step directories out of the manager's directory (process 0; every process reloads)."""
+        self._mngr.close()
+        if jax.process_index() == 0:
+            dest = self.directory.parent / f"{self.directory.name}-damaged"
+            dest.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = dest / str(step)
+                if target.exists():
+                    target = dest / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxtok checkpoint: damaged steps moved aside")
+        self._mngr = self._manager()
 
     def restore(self, step: Optional[int] = None, *, params, train=None, data: bool = True) -> dict:
         """Restore ``step`` (default: latest) into the structure, shapes, dtypes and shardings of the templates.

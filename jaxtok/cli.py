@@ -13,22 +13,47 @@ bench       ``jaxtok.train.bench.run_bench``
 ==========  =====================================
 
 ``jaxtok run RECIPE`` runs a multi-stage recipe (:mod:`jaxtok.recipe`); ``jaxtok convert {to-jax,to-hf} SRC DST``
-converts between HF and jaxtok checkpoints (``jaxtok.models.hf.convert_main``); ``jaxtok validate CONFIG``
-checks a config and prints it resolved.
+converts between HF and jaxtok checkpoints (``jaxtok.models.hf.convert_main``); ``jaxtok validate CONFIG|RECIPE``
+checks a config and prints it resolved (a recipe: every stage's config with its overrides); ``jaxtok list [KIND]``
+prints the registered objectives, policies, presets, tasks, benchmarks and rewards with their arguments;
+``jaxtok --version``.
+
+Exit codes: 0 done; 2 a user error (bad config, override, file, run directory in use or holding another run,
+unusable checkpoint), one line naming the key or file, never a traceback (``--debug`` or ``JAXTOK_DEBUG=1`` shows
+it); 1 the environment failed the run (a checkpoint or output that cannot be written, e.g. a full disk: the last
+good checkpoint stays intact and the same command resumes once there is room) or a command is not available;
+130 interrupted (Ctrl-C): the run directory keeps its last good checkpoint and the same command resumes.
+
+``jaxtok train`` into a run directory (:mod:`jaxtok.rundir`): the directory is locked (``train.lock``) for the
+run; resuming compares the stored ``config.yaml`` with the new config and refuses any difference outside
+``jaxtok.rundir.RESUMABLE_KEYS``; ``run.resume=false`` into a directory holding a run needs
+``run.overwrite=true``; a finished run is not trained again and its ``config.yaml``/``summary.json`` are kept.
+Other commands pointed at a training run's directory write their resolved config as ``config.<command>.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import errno
 import importlib
+import logging
+import os
+import re
 import sys
+import textwrap
+import traceback
+import typing
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from jaxtok import rundir
 from jaxtok.config import Config, ConfigError, check_paths, load_config, to_yaml, validate_names
 from jaxtok.model_source import check_model_paths
 
-EXIT_OK, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_UNAVAILABLE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_FAILED = 1  # the environment failed the run (a checkpoint or output that cannot be written)
 
 # command -> (module, function) of its handler, imported only when the command runs.
 HANDLER_PATHS = {
@@ -45,7 +70,21 @@ _HELP = {
     "eval": "held-out evaluation of a run directory or model.init_from",
     "decode": "decode held-out prompts with a trained model; writes samples, accuracy and tokens/s",
     "bench": "run a benchmark (bench.name); writes results.json, a markdown table and plots",
-    "validate": "check a config (keys, types, ranges, method names) and print it resolved",
+    "validate": "check a config (keys, types, ranges, method names) and print it resolved; a recipe: every stage",
+}
+
+# jaxtok list KIND -> (registry name in jaxtok.registry, modules that register into it, what it names)
+LIST_KINDS = {
+    "objectives": ("OBJECTIVES", ("jaxtok.train.objectives",), "objective.name"),
+    "policies": ("COMMIT_POLICIES", ("jaxtok.decode",), "decode.policy with decode.method=diffusion"),
+    "guides": ("LOGIT_GUIDES", ("jaxtok.decode",), "decode.policy with decode.method=greedy|sample"),
+    "draft-policies": ("DRAFT_POLICIES", ("jaxtok.decode",), "decode.policy with decode.method=speculative"),
+    "presets": (None, ("jaxtok.models.presets",), "model.preset"),
+    "tasks": ("TASKS", ("jaxtok.tasks",), "data.task"),
+    "benches": ("BENCHES", ("jaxtok.train.bench", "jaxtok.decode.bench", "jaxtok.decode.diffusion",
+                            "jaxtok.train.rl_report"), "bench.name"),
+    "rewards": ("REWARDS", ("jaxtok.train.rewards",), "rollout.rewards keys"),
+    "selections": ("SELECTIONS", ("jaxtok.select",), "objective.args.selection.rule"),
 }
 
 
@@ -70,10 +109,28 @@ def get_handler(command: str) -> Callable:
     return fn
 
 
+def version() -> str:
+    """The installed package version (``jaxtok.__version__`` when not installed)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        return dist_version("jaxtok")
+    except (ImportError, PackageNotFoundError):
+        import jaxtok
+
+        return jaxtok.__version__
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxtok", description="Token-level post-training and decoding in JAX/Flax NNX, driven by config files.",
-        epilog="Run 'jaxtok COMMAND --help' for a command's arguments.")
+        epilog="Run 'jaxtok COMMAND --help' for a command's arguments. Exit codes: 0 ok, 2 bad input (one line "
+               "naming the key or file), 1 the environment failed the run (e.g. a full disk), 130 interrupted.")
+    p.add_argument("--version", action="version", version=f"jaxtok {version()}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also JAXTOK_DEBUG=1)")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="level of jaxtok's log messages on stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in _HELP.items():
         sp = sub.add_parser(name, help=text, description=text)
@@ -94,6 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--mask-token-id", dest="mask_token_id", type=int, default=None,
                     help="to-jax --diffusion: the mask token (default: from config.json)")
     sp.add_argument("--architecture", default=None, help="llama | qwen2 | qwen3 (to-hf: the class to write)")
+    text = "list registered names with a one-line description and their arguments"
+    sp = sub.add_parser("list", help=text, description=text)
+    sp.add_argument("kind", nargs="?", choices=list(LIST_KINDS), metavar="KIND",
+                    help=f"one of {', '.join(LIST_KINDS)} (default: all)")
     return p
 
 
@@ -102,17 +163,55 @@ def run_dir_for(cfg: Config, config_path: str | Path) -> Path:
     return Path(cfg.run.out_dir) / (cfg.run.name or Path(config_path).stem)
 
 
+def _not_a_recipe(config_path: str | Path, command: str) -> None:
+    from jaxtok.recipe import is_recipe_file
+
+    if is_recipe_file(config_path):
+        raise ConfigError(f"{str(config_path)!r} is a recipe (it has 'stages'), not a config: run it with "
+                          f"'jaxtok run {config_path}'" + (" or check it with 'jaxtok validate'" if command else ""))
+
+
 def prepare(command: str, config_path: str | Path, overrides: Sequence[str]) -> tuple[Config, Path, Callable]:
-    """Load and fully check the config, resolve the handler, then create the run directory with ``config.yaml``.
-    Raises ConfigError or HandlerUnavailable before anything is written."""
+    """Load and fully check the config, resolve the handler, check the run directory (``train``: lock, changed
+    config, ``run.resume=false``, finished run; :mod:`jaxtok.rundir`), then write the resolved config.
+    Raises ConfigError or HandlerUnavailable before anything is written.
+
+    ``train`` (single-process runs) leaves the run directory locked: the caller releases it with
+    ``jaxtok.rundir.release(run_dir)`` (``main`` does)."""
+    _not_a_recipe(config_path, command)
     cfg = load_config(config_path, overrides)
     validate_names(cfg)
     check_paths(cfg)
     check_model_paths(cfg)  # each model directory: a jaxtok run or a supported HF checkpoint
     handler = get_handler(command)
     run_dir = run_dir_for(cfg, config_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} (run.out_dir/run.name) is a file, not a directory")
+    name = "config.yaml"
+    if command == "train":
+        locked = not cfg.mesh.distributed  # multi-host: process 0 locks inside train()
+        if locked:
+            rundir.acquire(run_dir)
+        try:
+            rundir.check_resume(cfg, run_dir)  # a different run in this directory is refused, naming the keys
+            rundir.check_fresh_start(cfg, run_dir)  # resume=false: refused, or run.overwrite=true clears it
+            if rundir.finished(run_dir, cfg.train.steps) and cfg.run.resume:
+                name = None  # nothing will run: the stored config.yaml and summary.json stay as they are
+        except BaseException:
+            if locked:
+                rundir.release(run_dir)
+            raise
+    elif rundir.committed_steps(run_dir):
+        name = f"config.{command}.yaml"  # a training run's directory: its config.yaml describes the training
+    if name is not None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / name).write_text(to_yaml(cfg))
+        except OSError as e:
+            if command == "train" and not cfg.mesh.distributed:
+                rundir.release(run_dir)
+            raise ConfigError(f"run directory {str(run_dir)!r} (run.out_dir/run.name) cannot be written: "
+                              f"{e.strerror or e}") from None
     return cfg, run_dir, handler
 
 
@@ -127,10 +226,150 @@ def _convert(args) -> int:
         raise ConfigError(str(e)) from None
 
 
+def list_entries(kind: str) -> list[tuple[str, str, list[str]]]:
+    """``[(name, one-line description, ["field: type = default", ...])]`` of the registry ``kind`` names
+    (:data:`LIST_KINDS`); presets describe their shape."""
+    from jaxtok import registry
+    from jaxtok.config import import_registering_modules
+
+    reg_name, modules, _ = LIST_KINDS[kind]
+    import_registering_modules(modules)
+    if reg_name is None:  # model presets: ModelConfig instances
+        from jaxtok.models import presets
+
+        rows = []
+        for name in presets.names():
+            c = presets.PRESETS[name]
+            rows.append((name, f"{c.architecture}: {c.num_layers} layers, hidden {c.hidden_size}, mlp "
+                               f"{c.intermediate_size}, {c.num_heads} heads / {c.num_kv_heads} kv, vocab "
+                               f"{c.vocab_size}", []))
+        return rows
+    reg = getattr(registry, reg_name)
+    rows = []
+    for name in reg.names():
+        entry = reg.entry(name)
+        made = typing.get_type_hints(entry.fn).get("return") if callable(entry.fn) else None
+        text = (_first_doc_line(entry.fn) or _first_doc_line(entry.config_cls)
+                or (_first_doc_line(made) if isinstance(made, type) else "")  # a factory: what it makes
+                or _first_doc_line(sys.modules.get(getattr(entry.fn, "__module__", ""))))  # its module
+        rows.append((name, text, _fields(entry.config_cls)))
+    return rows
+
+
+def _first_doc_line(obj) -> str:
+    doc = getattr(obj, "__doc__", None) if obj is not None else None
+    if not doc or (isinstance(obj, type) and dataclasses.is_dataclass(obj) and doc.startswith(obj.__name__ + "(")):
+        return ""  # no docstring (a dataclass's generated signature is not a description)
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    end = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.\s+(?=[A-Z(`])", text)
+    text = text[:end.start() + 1] if end else text  # the first sentence
+    return text if len(text) <= 120 else text[:117].rstrip() + "..."
+
+
+def _fields(cls) -> list[str]:
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return []
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f" = {_short_repr(f.default)}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f" = {_short_repr(f.default_factory())}"
+        else:
+            default = " (required)"
+        tp = hints.get(f.name, f.type)
+        tp = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+        out.append(f"{f.name}: {tp}{default}")
+    return out
+
+
+def _short_repr(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _list(kind: Optional[str]) -> int:
+    for k in ([kind] if kind else list(LIST_KINDS)):
+        _, _, where = LIST_KINDS[k]
+        print(f"{k} ({where}):")
+        for name, text, fields in list_entries(k):
+            print(f"  {name}" + (f" - {text}" if text else ""))
+            if fields:
+                print(textwrap.fill(", ".join(fields), width=118, initial_indent="      args: ",
+                                    subsequent_indent="            ", break_on_hyphens=False))
+        if not kind:
+            print()
+    return EXIT_OK
+
+
+def _validate(config: str, overrides: Sequence[str]) -> int:
+    from jaxtok.recipe import is_recipe_file, validate_recipe
+
+    if is_recipe_file(config):
+        stages = validate_recipe(config, overrides)
+        for st, _ in stages:
+            print(f"stage {st.name}: {st.command} {st.config} {' '.join(st.overrides)}".rstrip() + ": ok")
+        print(f"recipe {config}: {len(stages)} stages valid")
+        return EXIT_OK
+    cfg = load_config(config, overrides)
+    validate_names(cfg)
+    print(to_yaml(cfg), end="")
+    return EXIT_OK
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (looked up per record, so captured/redirected stderr works)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """jaxtok's log messages (resume, fallback past damaged checkpoints, stale locks, finished runs) on stderr as
+    ``jaxtok: message`` lines at ``level``; installed once."""
+    logger = logging.getLogger("jaxtok")
+    logger.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("jaxtok: %(message)s"))
+        logger.addHandler(handler)
+
+
+def _interrupted_message(command: str, run_dir: Optional[Path]) -> str:
+    if command == "train" and run_dir is not None:
+        steps = rundir.committed_steps(run_dir)
+        kept = f"its last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was written yet"
+        return f"jaxtok: interrupted; run directory {run_dir}: {kept}; run the same command again to resume"
+    return f"jaxtok: interrupted ({command})"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``jaxtok`` console script; returns the exit code (2: bad config or arguments)."""
+    """Entry point of the ``jaxtok`` console script; returns the exit code (0 ok, 2 bad input, 1 the environment
+    failed the run or a command is unavailable, 130 interrupted)."""
     args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("JAXTOK_DEBUG", "") not in ("", "0")
+    configure_logging(args.log_level)
+    run_dir: Optional[Path] = None
+    locked = False
+
+    def fail(code: int, message: str) -> int:
+        if debug:
+            traceback.print_exc()
+        print(message, file=sys.stderr)
+        return code
+
     try:
+        if args.command == "list":
+            return _list(args.kind)
         if args.command == "convert":
             return _convert(args)
         if args.command == "run":
@@ -139,20 +378,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_recipe(args.config, args.overrides)
             return EXIT_OK
         if args.command == "validate":
-            cfg = load_config(args.config, args.overrides)
-            validate_names(cfg)
-            print(to_yaml(cfg), end="")
-            return EXIT_OK
+            return _validate(args.config, args.overrides)
         cfg, run_dir, handler = prepare(args.command, args.config, args.overrides)
+        locked = args.command == "train" and not cfg.mesh.distributed
         handler(cfg, run_dir)
         print(f"run directory: {run_dir}")
         return EXIT_OK
+    except BrokenPipeError:  # output piped into head & co.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return fail(EXIT_INTERRUPTED, _interrupted_message(args.command, run_dir))
     except ConfigError as e:
-        print(f"jaxtok: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        prefix = "jaxtok: " if isinstance(e, rundir.RunDirLocked) else "jaxtok: config error: "
+        return fail(EXIT_CONFIG, f"{prefix}{_one_line(e)}")
     except HandlerUnavailable as e:
-        print(f"jaxtok: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return fail(EXIT_UNAVAILABLE, f"jaxtok: {e}")
+    except Exception as e:  # noqa: BLE001 - only the kinds below are handled; anything else is a bug: re-raised
+        ckpt = sys.modules.get("jaxtok.checkpoint")
+        if ckpt is not None and isinstance(e, ckpt.CheckpointWriteError):
+            return fail(EXIT_FAILED, f"jaxtok: error: {_one_line(e)}")
+        if ckpt is not None and isinstance(e, ckpt.CheckpointError):
+            return fail(EXIT_CONFIG, f"jaxtok: checkpoint error: {_one_line(e)}")
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            where = f" ({e.filename})" if e.filename else ""
+            return fail(EXIT_FAILED, f"jaxtok: error: cannot write{where}: {e.strerror}; the run directory keeps "
+                                     f"its last good checkpoint")
+        raise
+    finally:
+        if locked and run_dir is not None:
+            rundir.release(run_dir)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

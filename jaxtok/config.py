@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -271,8 +272,8 @@ class RolloutSection(_Section):
 
     def check(self) -> None:
         for name, w in self.rewards.items():
-            if not isinstance(w, (int, float)):
-                raise ConfigError(f"rollout.rewards.{name}={w!r}: weights are numbers")
+            if not isinstance(w, (int, float)) or _non_finite(w):
+                raise ConfigError(f"rollout.rewards.{name}={w!r}: weights are finite numbers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +309,9 @@ class RunSection(_Section):
     out_dir: str = _f("runs", doc="parent of run directories")
     name: Optional[str] = _f(None, doc="run directory name; default: the config file's stem")
     resume: bool = _f(True, doc="resume from the run directory's last good checkpoint")
+    overwrite: bool = _f(False, doc="with resume=false: replace the run directory's earlier outputs (checkpoints, "
+                                    "metrics, summary); without it, training into a directory holding a run is "
+                                    "refused")
     cache_dir: str = _f(".cache/jaxtok", doc="recipe stage cache: <cache_dir>/<stage>-<key>/")
     progress: bool = _f(True, doc="show progress bars (steps, tokens/s, ETA)")
 
@@ -353,17 +357,33 @@ class Config:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The parsed YAML of ``path``; a missing file, a directory, unreadable or non-UTF-8 bytes and invalid YAML
+    are ConfigErrors naming the file (``what`` says which kind of file it is)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a directory, not a YAML file")
+    if not path.exists():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def read_yaml_with_bases(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a YAML file, merging the files named by its ``base`` key first (recursively, relative paths)."""
     path = Path(path).resolve()
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
     if path in _seen:
         raise ConfigError(f"config include cycle: {' -> '.join(map(str, _seen + (path,)))}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml_file(path, "config file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("base", None) or []
@@ -411,12 +431,45 @@ def _section_class(dotted: str):
 def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     """Build and validate a :class:`Config` from a plain mapping plus dotted overrides."""
     raw = None
+    for name, value in data.items():  # a section given a scalar or list, e.g. ``optimizer: 3``
+        section = _section_class(name)
+        if section is not None and value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{name}={value!r}: {name} is a section; give a mapping of its keys, one of "
+                              f"{sorted(f.name for f in dataclasses.fields(section))}")
+    for ov in overrides:  # a value that is not YAML (``a.b=[1,``) is named, not a parser traceback
+        key = ov.split("=", 1)[0].strip()
+        try:
+            value = OmegaConf.select(OmegaConf.from_dotlist([ov]), key)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {ov!r}: the value is not valid YAML ({problem})") from None
+        except OmegaConfBaseException:
+            continue  # reported below with the key
+        section = _section_class(key) if key else None
+        if section is not None and key and value is not None and not OmegaConf.is_dict(value):
+            raise ConfigError(f"override {ov!r}: {key} is a section, not a value; set its keys ({key}.KEY=value), "
+                              f"one of {sorted(f.name for f in dataclasses.fields(section))}")
     try:
         given = [OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides))]
         raw = OmegaConf.merge(*given)
         merged = OmegaConf.merge(OmegaConf.structured(Config), *given)
         cfg = OmegaConf.to_object(merged)  # builds the frozen dataclasses, whose __post_init__ checks ranges
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, TypeError) as e:  # TypeError: a container merged into a scalar or back
+        if getattr(e, "full_key", None):
+            raise _omegaconf_error(e, raw) from None
+        for ov in overrides:  # an error without a key: find the override that causes it
+            key = ov.split("=", 1)[0].strip()
+            try:
+                OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist([ov]))
+            except (OmegaConfBaseException, TypeError) as e1:
+                if _section_class(key) is not None:
+                    fields = sorted(f.name for f in dataclasses.fields(_section_class(key)))
+                    raise ConfigError(f"override {ov!r}: {key} is a section, not a value; set its keys "
+                                      f"({key}.KEY=value), one of {fields}") from None
+                msg = _omegaconf_error(e1, None) if isinstance(e1, OmegaConfBaseException) else e1
+                raise ConfigError(f"override {ov!r}: {msg}") from None
+        if isinstance(e, TypeError):
+            raise ConfigError(f"config: {e}") from None
         raise _omegaconf_error(e, raw) from None
     return cfg
 
@@ -426,6 +479,11 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.subkey=value")
+        key = ov.split("=", 1)[0].strip()
+        if not key:
+            raise ConfigError(f"override {ov!r}: the key before '=' is empty; write key.subkey=value")
+        if any(not part for part in key.split(".")):
+            raise ConfigError(f"override {ov!r}: key {key!r} has an empty part; write key.subkey=value")
     return from_dict(read_yaml_with_bases(path), overrides)
 
 
@@ -447,6 +505,8 @@ def _check_fields(section: Any, prefix: str) -> None:
         meta = f.metadata
         if value is None:
             continue
+        if _non_finite(value) and not _non_finite(_default_of(f)):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"{key}={value!r}: allowed values {list(meta['choices'])}")
         if meta.get("min") is not None and value < meta["min"]:
@@ -455,6 +515,17 @@ def _check_fields(section: Any, prefix: str) -> None:
             raise ConfigError(f"{key}={value!r}: must be <= {meta['max']}")
         if meta.get("gt") is not None and value <= meta["gt"]:
             raise ConfigError(f"{key}={value!r}: must be > {meta['gt']}")
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` is a float NaN or +-inf (bools and ints are finite)."""
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 _REGISTERING_MODULES = ("jaxtok.tasks", "jaxtok.train.objectives", "jaxtok.train.rewards", "jaxtok.decode")

@@ -43,7 +43,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from jaxtok.config import Config, ConfigError, check_paths, load_config, to_dict, to_yaml, validate_names
+from jaxtok.config import (
+    Config, ConfigError, check_paths, load_config, read_yaml_file, to_dict, to_yaml, validate_names,
+)
 from jaxtok.metrics import markdown_table, write_results
 
 STAGE_COMMANDS = ("train", "eval", "decode", "bench")
@@ -113,12 +115,7 @@ def read_recipe(path: str | Path) -> Recipe:
     """Parse and check a recipe file: known keys, unique stage names, known commands, existing configs, and
     ``${stage:NAME}`` references to earlier stages only. Raises ConfigError."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml_file(path, "recipe") or {}
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise ConfigError(f"{path}: a recipe needs a non-empty 'stages' list")
     unknown = sorted(set(data) - set(RECIPE_KEYS))
@@ -164,6 +161,30 @@ def read_recipe(path: str | Path) -> Recipe:
         if p not in names:
             raise ConfigError(f"plots: {p!r} is not a summary column; columns: {names}")
     return Recipe(tuple(stages), summary, run.get("out_dir"), run.get("name"), tuple(plots))
+
+
+def is_recipe_file(path: str | Path) -> bool:
+    """Whether ``path`` is a readable YAML mapping with a ``stages`` key (a recipe rather than a config)."""
+    try:
+        data = read_yaml_file(path)
+    except ConfigError:
+        return False
+    return isinstance(data, Mapping) and "stages" in data
+
+
+def validate_recipe(path: str | Path, overrides: Sequence[str] = ()) -> list[tuple[Stage, Config]]:
+    """Read the recipe and load and check every stage's config with its overrides (and ``overrides``), with
+    ``${stage:NAME}`` references standing for directories earlier stages create (input paths are not checked).
+    Returns ``[(stage, cfg)]``; a bad stage raises ConfigError naming the stage."""
+    out = []
+    for st in read_recipe(path).stages:
+        try:
+            cfg = load_config(st.config, _resolve_refs(st.overrides, lambda n: f"<stage:{n}>") + list(overrides))
+            validate_names(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"stage {st.name!r} ({st.command} {st.config.name}): {e}") from None
+        out.append((st, cfg))
+    return out
 
 
 def _named_config_files(value: Any, seen: Optional[dict] = None) -> dict:
@@ -244,9 +265,7 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = (), *, handlers: Opt
 
     recipe = read_recipe(path)
     handlers = dict(handlers or {})
-    for st in recipe.stages:  # names, arguments and handlers of every stage checked before anything runs
-        cfg = load_config(st.config, _resolve_refs(st.overrides, lambda n: f"<stage:{n}>") + list(overrides))
-        validate_names(cfg)
+    for st, _ in validate_recipe(path, overrides):  # every stage and its handler checked before anything runs
         if st.command not in handlers:
             handlers[st.command] = get_handler(st.command)
     dirs: dict[str, Path] = {}

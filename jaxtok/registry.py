@@ -8,6 +8,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Callable, Mapping, Optional
@@ -140,16 +141,36 @@ def build_dataclass(cls: type, mapping: Mapping[str, Any], key: str) -> Any:
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in mapping.items():
-        values[name] = _coerce(hints.get(name, Any), value, f"{key}.{name}")
+        values[name] = _coerce(hints.get(name, Any), value, f"{key}.{name}", finite=_finite_default(fields[name]))
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def _coerce(tp, value, key):
+def _finite_default(f: dataclasses.Field) -> bool:
+    """False when the field's default holds a NaN or infinity (then non-finite values are meaningful for it)."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return True
+
+    def finite(x):
+        if isinstance(x, float):
+            return math.isfinite(x)
+        if isinstance(x, (list, tuple)):
+            return all(finite(v) for v in x)
+        return True
+
+    return finite(default)
+
+
+def _coerce(tp, value, key, finite: bool = True):
     """``value`` checked against the type hint ``tp`` (bool/int/float/str, Optional/Union, Literal, list/tuple of
-    those); ints are accepted for floats and lists for tuples. Other types pass through."""
+    those); ints are accepted for floats and lists for tuples; with ``finite`` a float NaN or infinity is refused.
+    Other types pass through."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -162,7 +183,7 @@ def _coerce(tp, value, key):
         errors = []
         for a in args:
             try:
-                return _coerce(a, value, key)
+                return _coerce(a, value, key, finite)
             except ConfigError as e:
                 errors.append(str(e).split(": ", 1)[-1])
         raise ConfigError(f"{key}={value!r}: {' or '.join(errors)}")
@@ -182,6 +203,8 @@ def _coerce(tp, value, key):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        if finite and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -194,10 +217,10 @@ def _coerce(tp, value, key):
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}={value!r}: expected {len(args)} items")
-            items = [_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+            items = [_coerce(a, v, f"{key}[{i}]", finite) for i, (a, v) in enumerate(zip(args, value))]
         else:
             elem = args[0] if args else Any
-            items = [_coerce(elem, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            items = [_coerce(elem, v, f"{key}[{i}]", finite) for i, v in enumerate(value)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
