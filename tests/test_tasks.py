@@ -279,3 +279,25 @@ def test_sort_letters():
     assert all(len(c) == 1 and c.islower() for c in items)
     assert ex.answer == ",".join(sorted(items))
     assert task.format_ok(">a,b,z") and not task.format_ok(">a,1") and not task.format_ok(">ab,c")
+
+
+# --------------------------------------------------------------------------------------------------- arith_samples
+
+
+def test_arith_samples_train_from_file_eval_from_arith(tmp_path):
+    import json
+
+    path = tmp_path / "s.jsonl"
+    recs = [{"prompt": "12+7=", "target": "12+7=19>19", "answer": "19", "correct": True},
+            {"prompt": "3-5=", "target": "3-5=-1>-1", "answer": "-2", "correct": False}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    task = make_task("arith_samples", {"digits": 2, "samples": str(path)})
+    ex = task.example("train", 3)  # index wraps around the records
+    assert (ex.prompt, ex.target, ex.answer) == ("3-5=", "3-5=-1>-1", "-2")
+    assert task.reward(ex.target, ex) == 0.0  # the record keeps the true answer, so a wrong sample scores 0
+    plain = ArithTask(ArithArgs(digits=2))
+    assert task.example("eval", 5) == plain.example("eval", 5)  # held-out split = the arith task's
+    kept = make_task("arith_samples", {"digits": 2, "samples": str(path), "only_correct": True})
+    assert kept.example("train", 1).prompt == "12+7="
+    with pytest.raises((ConfigError, ValueError)):
+        make_task("arith_samples", {"digits": 2})

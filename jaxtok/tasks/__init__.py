@@ -1,7 +1,7 @@
 """Synthetic verifiable tasks (registered in ``jaxtok.registry.TASKS``) and the tokenizer they share."""
 
 from jaxtok.registry import TASKS
-from jaxtok.tasks import arith, countdown, sorting  # noqa: F401  (registration)
+from jaxtok.tasks import arith, countdown, sampled, sorting  # noqa: F401  (registration)
 from jaxtok.tasks import reasoning_gym  # noqa: F401  (registration; the package is imported lazily)
 from jaxtok.tasks.base import Example, Task, scratchpad_steps, split_of
 from jaxtok.tasks.tokenizer import SpecialTokens, build_tokenizer, load_tokenizer, save_tokenizer
