@@ -182,6 +182,10 @@ class TokenizerSection(_Section):
     chat_template: Optional[str] = _f(None, doc="override the chat template: a .jinja file or the template text")
     chat_template_kwargs: Dict[str, Any] = _f({}, doc="extra variables for the chat template, e.g. "
                                                       "{enable_thinking: false} for Qwen3")
+    use_chat_template: bool = _f(False, doc="render text prompts with the chat template as one user turn (after "
+                                            "system_prompt) plus the generation prompt; message-list prompts "
+                                            "always use it")
+    system_prompt: Optional[str] = _f(None, doc="with use_chat_template: a system turn before each text prompt")
 
     def check(self) -> None:
         for key in ("bos", "pad"):

@@ -93,6 +93,9 @@ def test_chat_prompts_in_the_data_path_and_completion_mask(qwen3_dir):
     ids, n_prompt = sft_ids(tok, ex)
     assert n_prompt == len(want) and ids[n_prompt:] == tok.encode("5") + [151645]
     assert "role" not in decode(tok, ids, stop_at_eos=False)
+    chat = load_tokenizer(qwen3_dir, template_kwargs={"enable_thinking": False}, use_chat_template=True,
+                          system_prompt="You are terse.")  # text prompts (e.g. a JSONL question) as a user turn
+    assert prompt_ids(chat, Example(prompt="What is 2+3? ", target="5", answer="5")) == want
 
 
 def _constant_model(vocab_size: int, emit: int) -> Decoder:

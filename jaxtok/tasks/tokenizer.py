@@ -97,7 +97,8 @@ class TextTokenizer:
 
     def __init__(self, hf: Tokenizer, config: Optional[Mapping] = None, generation_config: Optional[Mapping] = None,
                  chat_template: Optional[str] = None, *, source: Optional[Path] = None, where: str = "tokenizer",
-                 overrides: Optional[Mapping] = None, template_kwargs: Optional[Mapping] = None):
+                 overrides: Optional[Mapping] = None, template_kwargs: Optional[Mapping] = None,
+                 use_chat_template: bool = False, system_prompt: Optional[str] = None):
         self.hf = hf
         self.config = dict(config or {})
         self.generation_config = dict(generation_config or {})
@@ -105,6 +106,8 @@ class TextTokenizer:
         self.source = source
         self.overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
         self.template_kwargs = dict(template_kwargs or {})  # defaults for every chat rendering (tokenizer section)
+        self.use_chat_template = bool(use_chat_template)  # text prompts go through the chat template as a user turn
+        self.system_prompt = system_prompt
         self.specials = self._resolve(where)
 
     def __getattr__(self, name):  # token_to_id, id_to_token, get_vocab_size, get_vocab, ...
@@ -203,7 +206,12 @@ class TextTokenizer:
         return enc.ids
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Ids of a plain-text prompt: ``bos`` where the tokenizer adds one (:attr:`add_bos`), then the text."""
+        """Ids of a text prompt: with :attr:`use_chat_template`, the chat template applied to ``[system?, user:
+        text]`` with the generation prompt; else ``bos`` where the tokenizer adds one (:attr:`add_bos`), then the
+        text."""
+        if self.use_chat_template:
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            return self.apply_chat_template(system + [{"role": "user", "content": text}], add_generation_prompt=True)
         return ([self.specials.bos] if self.add_bos else []) + self.encode(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -346,12 +354,13 @@ def _chat_template_of(directory: Path, config: Mapping) -> Optional[str]:
 
 
 def load_tokenizer(path: str | Path, overrides: Optional[Mapping] = None,
-                   template_kwargs: Optional[Mapping] = None) -> TextTokenizer:
+                   template_kwargs: Optional[Mapping] = None, **prompting) -> TextTokenizer:
     """The tokenizer of an HF checkpoint or jaxtok run directory (or a ``tokenizer.json`` path inside one).
 
     Special tokens come from ``tokenizer_config.json`` / ``generation_config.json`` beside ``tokenizer.json``
     (``special_tokens_map.json`` fills a token the config lacks); ``overrides`` (``bos``/``eos``/``pad`` as token
-    strings or ids, ``eos`` may be a list; ``chat_template``) replace them. A bare ``tokenizer.json`` is accepted
+    strings or ids, ``eos`` may be a list; ``chat_template``) replace them; ``template_kwargs`` and ``prompting``
+    (``use_chat_template``, ``system_prompt``) set how prompts are rendered. A bare ``tokenizer.json`` is accepted
     only for the synthetic character vocabulary or with an ``eos`` override."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
@@ -373,12 +382,13 @@ def load_tokenizer(path: str | Path, overrides: Optional[Mapping] = None,
             raise ValueError(f"{directory}: no tokenizer_config.json / generation_config.json naming the "
                              f"end-of-sequence token; add them beside tokenizer.json or set tokenizer.eos")
         return TextTokenizer(build_tokenizer().hf, _SYNTHETIC_CONFIG, overrides=overrides, where=str(directory),
-                             template_kwargs=template_kwargs)
+                             template_kwargs=template_kwargs, **prompting)
     template = overrides.get("chat_template")
     if template is not None and Path(str(template)).is_file():
         template = Path(str(template)).read_text(encoding="utf-8")
     return TextTokenizer(hf, config, gen, template if template is not None else _chat_template_of(directory, config),
-                         source=directory, where=str(directory), overrides=overrides, template_kwargs=template_kwargs)
+                         source=directory, where=str(directory), overrides=overrides, template_kwargs=template_kwargs,
+                         **prompting)
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
@@ -418,12 +428,13 @@ def load_tokenizer_for(cfg) -> TextTokenizer:
     elif cfg.model.hf_path:
         candidates = [Path(cfg.model.hf_path)]
     kwargs = {} if sec is None else dict(sec.chat_template_kwargs)
+    prompting = {} if sec is None else {"use_chat_template": sec.use_chat_template, "system_prompt": sec.system_prompt}
     for cand in candidates:
         if (cand / "tokenizer.json").is_file() or (cand.suffix == ".json" and cand.is_file()):
-            return load_tokenizer(cand, overrides, kwargs)
+            return load_tokenizer(cand, overrides, kwargs, **prompting)
     tok = build_tokenizer()
-    if kwargs or any(v is not None for v in overrides.values()):
-        return TextTokenizer(tok.hf, tok.config, overrides=overrides, template_kwargs=kwargs)
+    if kwargs or any(prompting.values()) or any(v is not None for v in overrides.values()):
+        return TextTokenizer(tok.hf, tok.config, overrides=overrides, template_kwargs=kwargs, **prompting)
     return tok
 
 
