@@ -39,12 +39,30 @@ jitted one-token step over the KV cache, the mask applied on the host).
 Grammars: :func:`task_grammar_source` (the synthetic tasks' completion formats: ``arith``, ``countdown``, ``sort``,
 sized by the task's arguments) and :data:`JSON_GRAMMAR` (a small JSON for toy vocabularies; the task tokenizer has
 no braces or quotes). ``jaxtok decode configs/diffusion/lave.yaml`` runs LAVE through ``decode.policy=lave``.
+
+**Real vocabularies (AR).** :class:`CharGrammar` walks the *strings* of token ids, which for a byte-level BPE
+vocabulary are ``Ġapples``-style byte maps, and visits every token per parser configuration in Python: it serves
+character tokenizers only. For real tokenizers (Qwen3, Llama-3, any ``tokenizer.json``) :class:`TokenGrammar`
+compiles the grammar (JSON, a JSON schema, or llguidance's Lark dialect) with the **llguidance** engine (the
+``grammar`` extra), chosen by measurement over xgrammar and outlines-core on the Qwen3 vocabulary
+(docs/results/grammar_engines.md, ``scripts/grammar_engines.py``). :func:`grammar_generate` (and
+:func:`constrained_generate` given a TokenGrammar) applies its token bitmask inside :func:`jaxtok.decode.generate`:
+a :class:`GrammarGuide` whose ordered ``io_callback`` advances each row's matcher with the accepted token and returns
+the next bitmask ``[B, V/32]``; forbidden tokens get ``-inf`` on device; terminators are allowed only when the text
+is a complete sentence.
+
+**LAVE keeps its own lookahead.** LAVE's verification fills *masked positions anywhere in the row* with beams of
+parser configurations (deduplicated by configuration, scored, back-pointed) and prunes with ``min_completion`` (the
+fewest tokens that finish a sentence); the engines expose left-to-right matchers (consume / rollback / mask), with
+no hashable configuration and no shortest-completion bound, so they cannot serve that search. LAVE therefore runs
+its own lookahead over the same grammar through :class:`CharGrammar` (character-level vocabularies).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import re
 import time
@@ -54,6 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from jaxtok.models import KVCache
 from jaxtok.registry import COMMIT_POLICIES, ConfigError
@@ -526,16 +545,20 @@ def _propose(logp_row: np.ndarray, gumbel: Optional[np.ndarray], temperature: fl
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def constrained_generate(model, prompt, prompt_valid, grammar: Optional[CharGrammar], *, max_new_tokens: int,
+def constrained_generate(model, prompt, prompt_valid, grammar, *, max_new_tokens: int,
                          temperature: float = 0.0, rng: Optional[jax.Array] = None, pad_id: int = 0,
                          stop_tokens: Optional[Sequence[int]] = None):
     """Autoregressive generation where each step's logits are masked by :func:`ar_token_mask` (grammar next tokens,
     finishable within the tokens left), so every row ends in a sentence (a terminator, or a complete sentence at
     ``max_new_tokens``). A host loop around a jitted prefill and a jitted one-token step over the KV cache (1 NFE
-    per step). ``grammar`` None: plain generation (same loop). Returns
+    per step). ``grammar`` None: plain generation (same loop); a :class:`TokenGrammar` (real BPE vocabularies):
+    :func:`grammar_generate` (the engine's bitmask inside jitted generate). Returns
     :class:`jaxtok.decode.generate.GenerateResult` (``logprobs`` under the masked, tempered distribution)."""
     from .generate import GenerateResult
 
+    if isinstance(grammar, TokenGrammar):  # real vocabularies: the llguidance engine inside jitted generate
+        return grammar_generate(model, prompt, prompt_valid, grammar, max_new_tokens=max_new_tokens,
+                                temperature=temperature, rng=rng, pad_id=pad_id, stop_tokens=stop_tokens)
     prompt = np.asarray(prompt, np.int32)
     prompt_valid = np.asarray(prompt_valid, bool)
     b, n = prompt.shape[0], int(max_new_tokens)
@@ -581,6 +604,340 @@ def constrained_generate(model, prompt, prompt_valid, grammar: Optional[CharGram
     return GenerateResult(tokens=jnp.asarray(tokens, jnp.int32), logprobs=jnp.asarray(lps), valid=jnp.asarray(valid),
                           done=jnp.asarray(done), lengths=jnp.asarray(valid.sum(1), jnp.int32),
                           num_forwards=jnp.asarray(forwards, jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token-level grammar engine (llguidance) for AR generation on real vocabularies
+# ----------------------------------------------------------------------------------------------------------------
+
+_LLTOKENIZERS: dict = {}  # (id(tokenizers.Tokenizer), vocab_size, stop_ids) -> (the tokenizer, its LLTokenizer)
+
+
+def _llguidance():
+    """The ``llguidance`` module, or an ImportError naming the extra that installs it."""
+    try:
+        import llguidance
+    except ImportError as e:
+        raise ImportError("token-level grammar masks need llguidance: pip install 'jaxtok[grammar]'") from e
+    return llguidance
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """Number of int32 words of a token bitmask over ``vocab_size`` logits (bit j of word w = token 32 w + j)."""
+    return (int(vocab_size) + 31) // 32
+
+
+def unpack_bitmask(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token bitmask ``[..., W]`` int32 -> ``[..., V]`` bool (host side)."""
+    bitmask = np.ascontiguousarray(bitmask, np.int32)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=-1, bitorder="little")  # [..., 32 W]
+    return bits[..., :vocab_size].astype(bool)
+
+
+def set_token_bits(bitmask_row: np.ndarray, ids: Sequence[int], value: bool) -> None:
+    """Set (``value`` True) or clear the bits of token ``ids`` in one ``[W]`` int32 bitmask row, in place."""
+    words = bitmask_row.view(np.uint32)
+    for t in ids:
+        w, b = divmod(int(t), 32)
+        if value:
+            words[w] |= np.uint32(1 << b)
+        else:
+            words[w] &= ~np.uint32(1 << b)
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Logits ``[B, V]`` with every token whose bit is 0 in ``bitmask [B, W]`` (int32) set to ``-inf`` (on device;
+    the arithmetic shift keeps bit k of a negative word at position k)."""
+    b, v = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    allowed = bits.reshape(b, -1)[:, :v].astype(bool)  # [B, V]
+    return jnp.where(allowed, logits, jnp.asarray(-jnp.inf, logits.dtype))
+
+
+def _engine_tokenizer(hf, vocab_size: int, stop_ids: tuple):
+    """llguidance's view of a ``tokenizers.Tokenizer`` (its ``tokenizer.json``; ~2 s for a 150k vocabulary, so
+    cached per tokenizer object, logit count and terminators)."""
+    llg = _llguidance()
+    key = (id(hf), vocab_size, stop_ids)
+    hit = _LLTOKENIZERS.get(key)
+    if hit is None or hit[0] is not hf:
+        hit = (hf, llg.LLTokenizer(hf.to_str(), n_vocab=vocab_size, eos_token=list(stop_ids)))
+        _LLTOKENIZERS[key] = hit
+    return hit[1]
+
+
+class TokenGrammar:
+    """A grammar over a real tokenizer vocabulary (byte-level BPE such as Qwen3 / Llama-3, or any ``tokenizer.json``),
+    compiled by the llguidance engine: its matcher walks token *bytes* (``Ġapples`` is `` apples``), keeps special
+    tokens out of the text, and fills a ``[W]`` int32 bitmask of the next allowed tokens in tens of microseconds on a
+    150k vocabulary (docs/results/grammar_engines.md: measured against xgrammar and outlines-core).
+
+    The terminators ``stop_ids`` (default the tokenizer's ``eos_ids``) are allowed exactly when the text so far is a
+    complete sentence (:meth:`fill` enforces it on top of the engine). Ids at or past the tokenizer's size (the
+    model's padding logits) are never allowed.
+
+    Args:
+      grammar: an llguidance grammar (use :meth:`json`, :meth:`from_json_schema` or :meth:`from_lark`).
+      tok: a :class:`jaxtok.tasks.tokenizer.TextTokenizer` (``.hf``, ``.eos_ids``) or a ``tokenizers.Tokenizer``.
+      vocab_size: the model's logit count V (default the tokenizer's size); must be >= the tokenizer's size.
+      stop_ids: terminators (default ``tok.eos_ids``).
+    """
+
+    def __init__(self, grammar: str, tok, *, vocab_size: Optional[int] = None,
+                 stop_ids: Optional[Sequence[int]] = None, name: str = "grammar"):
+        llg = _llguidance()
+        hf = getattr(tok, "hf", tok)
+        n_tok = hf.get_vocab_size()
+        self.vocab_size = int(vocab_size if vocab_size is not None else n_tok)
+        if self.vocab_size < n_tok:
+            raise ValueError(f"vocab_size={self.vocab_size} is smaller than the tokenizer's {n_tok} tokens")
+        stops = stop_ids if stop_ids is not None else getattr(tok, "eos_ids", None)
+        if not stops:
+            raise ValueError("stop_ids: the grammar needs at least one terminator (the tokenizer names no eos_ids)")
+        self.stop_ids = tuple(int(t) for t in stops)
+        for t in self.stop_ids:
+            if not 0 <= t < n_tok:
+                raise ValueError(f"stop_ids: {t} is outside the tokenizer's vocabulary [0, {n_tok})")
+        self.words = bitmask_words(self.vocab_size)
+        self.lltok = _engine_tokenizer(hf, self.vocab_size, self.stop_ids)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.lltok)
+        if is_error:
+            raise ConfigError(f"{name}: invalid grammar: {messages[0] if messages else 'unknown error'}")
+        self.grammar, self.name = grammar, name
+        self._llg = llg
+
+    @classmethod
+    def from_json_schema(cls, tok, schema, *, whitespace_flexible: bool = True, **kw) -> "TokenGrammar":
+        """JSON text valid under ``schema`` (a dict or its JSON string). ``whitespace_flexible`` False: no
+        whitespace between JSON tokens (separators ``,`` and ``:``)."""
+        llg = _llguidance()
+        try:
+            g = llg.LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_flexible": whitespace_flexible})
+        except ValueError as e:
+            raise ConfigError(f"json schema: {e}") from e
+        return cls(g, tok, name="json_schema", **kw)
+
+    @classmethod
+    def json(cls, tok, *, whitespace_flexible: bool = True, **kw) -> "TokenGrammar":
+        """Any JSON value (the schema ``{}``)."""
+        return cls.from_json_schema(tok, {}, whitespace_flexible=whitespace_flexible, **kw)
+
+    @classmethod
+    def from_lark(cls, tok, source: str, **kw) -> "TokenGrammar":
+        """A grammar in llguidance's Lark dialect (multi-character terminals and regexes allowed; ``%json {...}``
+        embeds a JSON schema)."""
+        return cls(_llguidance().LLMatcher.grammar_from_lark(source), tok, name="lark", **kw)
+
+    def __repr__(self):
+        return f"TokenGrammar({self.name}, vocab_size={self.vocab_size}, stop_ids={self.stop_ids})"
+
+    # -- matchers -------------------------------------------------------------------------------------------------
+
+    def matcher(self):
+        """A fresh llguidance matcher at the start of the grammar."""
+        m = self._llg.LLMatcher(self.lltok, self.grammar, log_level=0)
+        if m.is_error():
+            raise ConfigError(f"{self.name}: {m.get_error()}")
+        return m
+
+    def fill(self, matchers: Sequence, bitmask: np.ndarray, rows: Optional[Sequence[int]] = None,
+             executor=None) -> None:
+        """Write the next-token bitmask of ``matchers[k]`` into ``bitmask[rows[k]]`` (``bitmask [B, W]`` int32,
+        C-contiguous), in parallel over rows; the terminators' bits are then set iff that matcher accepts."""
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        rows = list(range(len(matchers))) if rows is None else list(rows)
+        if not rows:
+            return
+        executor = executor or self._executor()
+        fill_next_token_bitmask_par(executor, list(zip(matchers, rows)), bitmask)
+        for m, r in zip(matchers, rows):
+            set_token_bits(bitmask[r], self.stop_ids, False)
+            if m.is_accepting():
+                set_token_bits(bitmask[r], self.stop_ids, True)
+
+    def _executor(self):
+        if getattr(self, "_exec", None) is None:
+            self._exec = self._llg.LLExecutor()
+        return self._exec
+
+    def allowed(self, matcher) -> np.ndarray:
+        """``[V]`` bool: the tokens the grammar allows after ``matcher``'s text (terminators iff it is complete)."""
+        bm = np.zeros((1, self.words), np.int32)
+        self.fill([matcher], bm)
+        return unpack_bitmask(bm[0], self.vocab_size)
+
+    def state_of(self, ids: Sequence[int]):
+        """A matcher advanced over ``ids`` (no terminator among them); ValueError naming the first rejected token."""
+        m = self.matcher()
+        for k, t in enumerate(ids):
+            t = int(t)
+            if t in self.stop_ids:
+                raise ValueError(f"ids[{k}]={t}: a terminator inside the prefix (the sentence already ended)")
+            if not m.consume_token(t):
+                raise ValueError(f"ids[{k}]={t}: not allowed by the grammar after the tokens before it")
+        return m
+
+    def ar_token_mask(self, prefix_ids: Sequence[int]) -> np.ndarray:
+        """``[V]`` bool: the tokens AR generation may emit after ``prefix_ids`` (the engine's next tokens; the
+        terminators once the text is a sentence)."""
+        return self.allowed(self.state_of(prefix_ids))
+
+    def accepts(self, ids: Sequence[int]) -> bool:
+        """The tokens up to the first terminator (all of them if none) form a complete sentence."""
+        m = self.matcher()
+        for t in ids:
+            t = int(t)
+            if t in self.stop_ids:
+                break
+            if not m.consume_token(t):
+                return False
+        return bool(m.is_accepting())
+
+
+class _MaskSession:
+    """Host state of one :func:`grammar_generate` call: one matcher per row, advanced with each accepted token.
+    ``error`` records the first row the engine could not continue (the row is then ended with a terminator and the
+    call raises)."""
+
+    def __init__(self, grammar: TokenGrammar, batch: int):
+        self.grammar = grammar
+        self.matchers = [grammar.matcher() for _ in range(batch)]
+        self.bitmask = np.zeros((batch, grammar.words), np.int32)
+        self.executor = grammar._llg.LLExecutor()
+        self.error: Optional[str] = None
+        self.calls = 0
+
+    def _fail(self, r: int, step: int, why: str) -> None:
+        if self.error is None:
+            self.error = f"row {r}, step {step}: {why}"
+
+    def __call__(self, step: int, last: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """``last [B]`` (the tokens chosen at ``step - 1``), ``done [B]`` -> the bitmask ``[B, W]`` of ``step``."""
+        self.calls += 1
+        g, bm = self.grammar, self.bitmask
+        bm[:] = -1  # finished rows: everything (their token is discarded), never an all -inf row
+        live = [r for r in range(len(self.matchers)) if not done[r]]
+        if step > 0:
+            for r in live:
+                m = self.matchers[r]
+                if not m.is_error() and not m.consume_token(int(last[r])):
+                    self._fail(r, step, f"token {int(last[r])} rejected by the engine ({m.get_error()[:200]})")
+        ok = [r for r in live if not self.matchers[r].is_error()]
+        g.fill([self.matchers[r] for r in ok], bm, ok, self.executor)
+        for r in live:
+            if self.matchers[r].is_error() or not bm[r].any():  # no word with a bit set: no allowed token
+                if not self.matchers[r].is_error():
+                    self._fail(r, step, "the grammar allows no next token")
+                bm[r] = 0
+                set_token_bits(bm[r], g.stop_ids[:1], True)  # end the row; the call raises afterwards
+        return bm.copy()
+
+
+_SESSIONS: dict = {}
+_SESSION_IDS = itertools.count(1)
+
+
+def _mask_callback(session, step, last, done):
+    """io_callback target: the registered session's bitmask for ``step``."""
+    return _SESSIONS[int(session)](int(step), np.asarray(last), np.asarray(done))
+
+
+@dataclasses.dataclass(frozen=True)
+class _GrammarSpec:
+    """Static half of a :class:`GrammarGuide` (hashable: equal for every grammar of one vocabulary size, so a new
+    grammar or session reuses the compiled :func:`jaxtok.decode.generate`)."""
+
+    vocab_size: int
+    words: int
+
+    def init(self, arrays: dict, prompt, prompt_valid, max_new_tokens: int) -> dict:
+        """Carry: ``last [B]``, the tokens chosen at the previous step (unused at step 0)."""
+        return {"last": jnp.zeros((prompt.shape[0],), jnp.int32)}
+
+    def adjust(self, arrays: dict, carry: dict, logits, step, done):
+        """Masked logits ``[B, V]`` for token ``step``: one ordered host callback advances the rows' matchers with
+        ``carry['last']`` and returns their bitmasks ``[B, W]``."""
+        bitmask = io_callback(
+            _mask_callback, jax.ShapeDtypeStruct((logits.shape[0], self.words), jnp.int32),
+            arrays["session"], step, carry["last"], done, ordered=True)
+        return apply_token_bitmask(logits, bitmask), carry
+
+    def advance(self, carry: dict, token) -> dict:
+        return {"last": token.astype(jnp.int32)}
+
+
+class GrammarGuide:
+    """A logit guide for :func:`jaxtok.decode.generate` (``guide=``) applying a :class:`TokenGrammar`'s bitmask at
+    every step. :meth:`for_batch` opens a host session (one matcher per row); :meth:`close` ends it and raises if the
+    engine failed. :func:`grammar_generate` does both around one call."""
+
+    def __init__(self, grammar: TokenGrammar):
+        self.grammar = grammar
+        self.spec = _GrammarSpec(grammar.vocab_size, grammar.words)
+        self.session_id: Optional[int] = None
+
+    def check(self, batch: int, vocab_size: int) -> None:
+        if vocab_size != self.grammar.vocab_size:
+            raise ValueError(f"grammar guide: the grammar masks {self.grammar.vocab_size} logits, the model has "
+                             f"{vocab_size}; build it with vocab_size=model.cfg.vocab_size")
+
+    def for_batch(self, batch: int) -> dict:
+        self.close(check=False)
+        self.session_id = next(_SESSION_IDS)
+        _SESSIONS[self.session_id] = _MaskSession(self.grammar, batch)
+        return {"session": jnp.asarray(self.session_id, jnp.int32)}
+
+    @property
+    def session(self) -> Optional[_MaskSession]:
+        return _SESSIONS.get(self.session_id)
+
+    def close(self, check: bool = True) -> None:
+        """Drop the session (after the generation's arrays are ready); ``check``: raise its engine error."""
+        session = _SESSIONS.pop(self.session_id, None) if self.session_id is not None else None
+        self.session_id = None
+        if check and session is not None and session.error:
+            raise RuntimeError(f"grammar {self.grammar.name}: {session.error}")
+
+
+def grammar_generate(model, prompt, prompt_valid, grammar: TokenGrammar, *, max_new_tokens: int,
+                     temperature=0.0, rng: Optional[jax.Array] = None, pad_id: int = 0,
+                     stop_tokens: Optional[Sequence[int]] = None, **kwargs):
+    """AR generation under a :class:`TokenGrammar` (llguidance) with :func:`jaxtok.decode.generate`: the jitted
+    prefill + ``while_loop`` unchanged, the grammar as a logit guide. At every step one ordered
+    ``jax.experimental.io_callback`` sends the previous step's tokens ``[B]`` to the host, which advances each row's
+    matcher with its accepted token and fills the next bitmask ``[B, W]`` (int32, V/32 words); on device the
+    forbidden tokens get ``-inf`` before temperature / top-k / top-p / min-p and sampling. The terminators are
+    allowed only when the row's text is a complete sentence, so a row that stops (``done``) parses; a row that
+    reaches ``max_new_tokens`` first is unfinished (``done`` False: the engine has no shortest-completion bound,
+    unlike :class:`CharGrammar`'s ``allowed_within``).
+
+    Why a callback and not a host loop: sampling and filters stay on device in the one compiled loop and only ``B``
+    ids and ``B x V/32`` words cross per step (a host loop moves ``B x V`` float logits and samples on the host);
+    ``io_callback`` (ordered), not ``pure_callback``, because advancing the matchers is a side effect that must run
+    exactly once per step, in order. ``kwargs``: :func:`generate`'s sampling options (``top_k``, ``top_p``,
+    ``min_p``, ``return_entropy``, ``return_topk``). Returns :class:`GenerateResult`; raises RuntimeError if the
+    engine rejected a row's token or had no next token (that row was ended early)."""
+    from .generate import generate
+
+    if not isinstance(grammar, TokenGrammar):
+        raise TypeError(f"grammar: expected a TokenGrammar, got {type(grammar).__name__}")
+    if kwargs.get("mesh") is not None:
+        raise ValueError("grammar_generate: mesh is not supported (the grammar session is a single-host callback)")
+    stops = grammar.stop_ids if stop_tokens is None else tuple(int(t) for t in stop_tokens)
+    if set(stops) != set(grammar.stop_ids):
+        raise ValueError(f"stop_tokens {tuple(stops)} differ from the grammar's terminators {grammar.stop_ids}")
+    guide = GrammarGuide(grammar)
+    try:
+        out = generate(model, prompt, prompt_valid, max_new_tokens=max_new_tokens, temperature=temperature,
+                       stop_tokens=stops, rng=rng if rng is not None else jax.random.key(0), pad_id=pad_id,
+                       guide=guide, **kwargs)
+        jax.block_until_ready(out)
+    except BaseException:
+        guide.close(check=False)
+        raise
+    guide.close()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -885,6 +1242,7 @@ def compare_ar(run_dir: str, *, temperature: float = 0.0, num_examples: Optional
     return {"run": run_dir, "temperature": temperature, **out}
 
 
-__all__ = ["END", "JSON_GRAMMAR", "CharGrammar", "LaveArgs", "LaveResult", "ar_token_mask", "completable",
-           "compare_ar", "constrained_generate", "grammar_for", "lave_generate", "lookahead_verify", "run_lave_decode",
-           "task_grammar_source", "vocab_of"]
+__all__ = ["END", "JSON_GRAMMAR", "CharGrammar", "GrammarGuide", "LaveArgs", "LaveResult", "TokenGrammar",
+           "apply_token_bitmask", "ar_token_mask", "bitmask_words", "completable", "compare_ar", "constrained_generate",
+           "grammar_for", "grammar_generate", "lave_generate", "lookahead_verify", "run_lave_decode", "set_token_bits",
+           "task_grammar_source", "unpack_bitmask", "vocab_of"]
