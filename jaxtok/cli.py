@@ -344,6 +344,15 @@ def configure_logging(level: str = "INFO") -> None:
         logger.addHandler(handler)
 
 
+def _quiet_closed_loop(unraisable) -> None:
+    """``sys.unraisablehook`` that drops the ``RuntimeError: Event loop is closed`` orbax's reader threads leave
+    behind after a damaged checkpoint was refused (the refusal itself is reported); anything else is printed."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _interrupted_message(command: str, run_dir: Optional[Path]) -> str:
     if command == "train" and run_dir is not None:
         steps = rundir.committed_steps(run_dir)
@@ -358,6 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     debug = args.debug or os.environ.get("JAXTOK_DEBUG", "") not in ("", "0")
     configure_logging(args.log_level)
+    if not debug and sys.unraisablehook is sys.__unraisablehook__:  # not when a test runner installed its own
+        sys.unraisablehook = _quiet_closed_loop
     run_dir: Optional[Path] = None
     locked = False
 

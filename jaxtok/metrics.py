@@ -20,6 +20,9 @@ class MetricsWriter:
     Values become Python floats (numpy/JAX scalars included; ints stay ints, strings pass through), so the file
     never holds arrays. Each record is written and closed at once: a killed run loses at most the line being
     written. ``enabled=False`` (e.g. on processes other than 0) makes ``write`` a no-op.
+
+    A resumed training appends ``{"event": "resume", "from_step": k}``: records of steps after ``k`` written before
+    it were redone (or lost with a damaged checkpoint); :func:`current_records` keeps the current ones.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, filename: str = "metrics.jsonl"):
@@ -153,6 +156,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def current_records(records: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """``records`` (of a ``metrics.jsonl``) without those a later resume superseded: a ``{"event": "resume",
+    "from_step": k}`` record drops the earlier records of steps after ``k`` (they were redone). Event records
+    are kept."""
+    out: list[dict] = []
+    for r in records:
+        if r.get("event") == "resume":
+            k = int(r.get("from_step", 0))
+            out = [x for x in out if "event" in x or int(x.get("step", 0)) <= k]
+        out.append(dict(r))
+    return out
 
 
 def device_table_value(table: Mapping[str, float]) -> tuple[Optional[float], str]:

@@ -1,6 +1,7 @@
 """jaxtok.checkpoint: exact round trip (sharded), interrupted saves never replace the last good checkpoint,
 corrupt or mismatched checkpoints are refused with a clear message."""
 
+import errno
 import glob
 import json
 import os
@@ -174,3 +175,103 @@ def test_missing_checkpoint_is_refused(tmp_path):
             ck.restore(params={})
         with pytest.raises(C.CheckpointError, match="step 7 not found"):
             ck.read_meta(7)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Faults of a training run, through the CLI and the real loop (train/loop.py): Ctrl-C, resume marker, finished run,
+# a damaged newest checkpoint, a full disk at a save.
+
+TINY_RUN = """
+model: {preset: tiny_draft}
+data: {task: arith, task_args: {digits: 1}, seq_len: 16, prompt_len: 8, batch_size: 8, num_train: 64, num_eval: 8}
+optimizer: {lr: 1.0e-2, schedule: constant}
+train: {steps: 4, checkpoint_every: 2, log_every: 1, eval_batches: 1}
+decode: {max_new_tokens: 4, batch_size: 8}
+run: {progress: false, name: r}
+"""
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_training_faults_through_the_cli(tmp_path, monkeypatch, capsys):
+    from jaxtok import cli
+    from jaxtok.train import loop
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_RUN)
+    run = tmp_path / "r"
+
+    def train(*overrides):
+        rc = cli.main(["train", str(config), f"run.out_dir={tmp_path}", *overrides])
+        return rc, capsys.readouterr().err
+
+    # Ctrl-C in step 4 (step 3 logged, not checkpointed): one line, exit 130, the step-2 checkpoint committed, the
+    # lock released
+    def interrupt(step, metrics):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.HANDLERS, "train", lambda cfg, d: loop.train(cfg, d, on_step=interrupt))
+    rc, err = train()
+    assert rc == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "interrupted" in err and "step 2" in err
+    assert C.Checkpointer(run / "checkpoints").steps() == [2] and not (run / "train.lock").exists()
+    monkeypatch.delitem(cli.HANDLERS, "train")
+
+    # resumed: metrics.jsonl marks where the redone steps start
+    rc, err = train()
+    assert rc == 0, err
+    recs = _records(run)
+    marks = [r for r in recs if r.get("event") == "resume"]
+    assert marks == [{"step": 2, "time": marks[0]["time"], "event": "resume", "from_step": 2}]
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == [1, 2, 3, 3, 4] and recs.index(marks[0]) == 3  # step 3 redone after the marker
+    summary = (run / "summary.json").read_text()
+    assert json.loads(summary)["resumed_from"] == 2 and "eval/exact_match" in json.loads(summary)
+    evals = sum("eval/exact_match" in r for r in recs)
+
+    # finished: nothing trained, evaluated or rewritten
+    metrics = (run / "metrics.jsonl").read_text()
+    rc, err = train()
+    assert rc == 0 and "already finished at step 4" in err
+    assert (run / "metrics.jsonl").read_text() == metrics and (run / "summary.json").read_text() == summary
+    assert sum("eval/exact_match" in r for r in _records(run)) == evals == 1
+
+    # the newest checkpoint damaged: resume falls back to step 2, says so, and moves step 4 aside
+    for f in glob.glob(str(run / "checkpoints" / "4" / "params" / "**" / "d" / "*"), recursive=True):
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+    rc, err = train("train.steps=6")
+    assert rc == 0, err
+    assert "checkpoint step 4 is damaged" in err and "resumed" in err and "from step 2" in err
+    assert _records(run)[-1]["step"] == 6
+    assert [r for r in _records(run) if r.get("event") == "resume"][-1]["damaged_from_step"] == 4
+    assert (run / "checkpoints-damaged" / "4").is_dir()
+    assert C.Checkpointer(run / "checkpoints").steps() == [4, 6]
+
+    # a full disk at a save: one line, exit 1, the last good checkpoint intact
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C.ocp.CheckpointManager, "save", no_space)
+    rc, err = train("train.steps=10")
+    last = err.strip().splitlines()[-1]  # after the "resumed ... from step 6" log line
+    assert rc == 1 and last.startswith("jaxtok: error:") and "Traceback" not in err, err
+    assert "No space left on device [ENOSPC]" in last and "step 8" in last and "step 6, is intact" in last
+    monkeypatch.undo()
+    assert C.Checkpointer(run / "checkpoints").steps() == [4, 6] and not (run / "train.lock").exists()
+
+
+def test_fresh_start_over_a_run_needs_overwrite(tmp_path):
+    from jaxtok.config import from_dict
+    from jaxtok.registry import ConfigError
+    from jaxtok.train.loop import train
+
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    cfg = from_dict({"run": {"resume": False}, "train": {"steps": 3}, "optimizer": {"warmup_steps": 1}})
+    with pytest.raises(ConfigError, match="run.overwrite=true"):
+        train(cfg, tmp_path)
+    assert (tmp_path / "checkpoints" / "3").is_dir() and not (tmp_path / "train.lock").exists()

@@ -255,3 +255,46 @@ def test_write_results_json_markdown_and_plots(tmp_path):
         write_results(tmp_path, {}, [], {"bad": {"x": [1, 2], "y": {"s": [1, 2, 3]}}})
     with pytest.raises(ValueError, match=r"plot 'bad': unknown key 'colour'"):
         write_results(tmp_path, {}, [], {"bad": {"y": [1], "colour": "red"}})
+
+
+# ------------------------------------------------------------------------------------------------- discoverability
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("jaxtok 0.")
+
+
+def test_list_names_descriptions_and_arguments(capsys):
+    assert cli.main(["list", "objectives"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("objectives (objective.name):")
+    assert "  sft - SFT loss" in out and "chunk_size: int = 1024" in out and "  policy_gradient - " in out
+    assert cli.main(["list", "presets"]) == 0
+    assert "  tiny_student - qwen3: 2 layers" in capsys.readouterr().out
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("objectives", "policies", "draft-policies", "presets", "tasks", "benches", "rewards"):
+        assert f"\n{kind} (" in "\n" + out, kind
+    assert "  threshold - " in out and "  fixed - " in out and "  exact_match - " in out and "  train - " in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["list", "nope"])
+    assert e.value.code == 2
+
+
+def test_validate_accepts_a_recipe(capsys):
+    recipe_file = ROOT / "configs" / "quickstart.yaml"
+    assert cli.main(["validate", str(recipe_file)]) == 0
+    out = capsys.readouterr().out
+    assert "stage teacher: train" in out and "stage diffusion_llada: decode" in out
+    assert out.strip().endswith("9 stages valid")
+
+
+def test_current_records_drop_steps_redone_after_a_resume():
+    from jaxtok.metrics import current_records
+
+    recs = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5},
+            {"step": 2, "event": "resume", "from_step": 2}, {"step": 3, "loss": 1.4}, {"step": 4, "loss": 1.0}]
+    assert [(r["step"], r.get("loss")) for r in current_records(recs)] == [
+        (1, 3.0), (2, 2.0), (2, None), (3, 1.4), (4, 1.0)]
