@@ -40,9 +40,10 @@ Grammars: :func:`task_grammar_source` (the synthetic tasks' completion formats: 
 sized by the task's arguments) and :data:`JSON_GRAMMAR` (a small JSON for toy vocabularies; the task tokenizer has
 no braces or quotes). ``jaxtok decode configs/diffusion/lave.yaml`` runs LAVE through ``decode.policy=lave``.
 
-**Real vocabularies (AR).** :class:`CharGrammar` walks the *strings* of token ids, which for a byte-level BPE
-vocabulary are ``Ġapples``-style byte maps, and visits every token per parser configuration in Python: it serves
-character tokenizers only. For real tokenizers (Qwen3, Llama-3, any ``tokenizer.json``) :class:`TokenGrammar`
+**Real vocabularies (AR).** :class:`CharGrammar` walks the text of every token per parser configuration in Python
+(:func:`vocab_of` maps byte-level BPE strings such as ``Ġapples`` back to `` apples``; tokens that are not whole
+UTF-8 characters are left out): exact, but sized for character tokenizers, not 150k-token vocabularies. For real
+tokenizers (Qwen3, Llama-3, any ``tokenizer.json``) :class:`TokenGrammar`
 compiles the grammar (JSON, a JSON schema, or llguidance's Lark dialect) with the **llguidance** engine (the
 ``grammar`` extra), chosen by measurement over xgrammar and outlines-core on the Qwen3 vocabulary
 (docs/results/grammar_engines.md, ``scripts/grammar_engines.py``). :func:`grammar_generate` (and
@@ -55,7 +56,8 @@ is a complete sentence.
 parser configurations (deduplicated by configuration, scored, back-pointed) and prunes with ``min_completion`` (the
 fewest tokens that finish a sentence); the engines expose left-to-right matchers (consume / rollback / mask), with
 no hashable configuration and no shortest-completion bound, so they cannot serve that search. LAVE therefore runs
-its own lookahead over the same grammar through :class:`CharGrammar` (character-level vocabularies).
+its own lookahead over the same grammar through :class:`CharGrammar` (character-level vocabularies; on a BPE
+vocabulary it is correct but slow).
 """
 
 from __future__ import annotations
@@ -380,10 +382,38 @@ CH: /[a-z0-9 ]/
 """ + _NUMBERS
 
 
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
 def vocab_of(tok) -> list[Optional[str]]:
-    """``vocab[i]``: the text of token i of a ``tokenizers.Tokenizer``, None for its special tokens."""
-    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    return [None if i in special else tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    """``vocab[i]``: the text of token i of a tokenizer (``tokenizers.Tokenizer`` or one wrapping it as ``.hf``),
+    None for its special tokens. Byte-level BPE vocabularies (Qwen, Llama-3: ``Ġapples``) are mapped back to text
+    (`` apples``); a token whose bytes are not whole UTF-8 characters is None too (the character grammar never emits
+    it: sound, not complete — real vocabularies are :class:`TokenGrammar`'s job)."""
+    hf = getattr(tok, "hf", tok)
+    added = hf.get_added_tokens_decoder()  # {id: AddedToken}: their content is text as written
+    special = {i for i, t in added.items() if t.special}
+    byte_level = type(getattr(hf, "decoder", None)).__name__ == "ByteLevel"
+    table = _byte_level_table() if byte_level else None
+    out: list[Optional[str]] = []
+    for i in range(hf.get_vocab_size()):
+        s = None if i in special else hf.id_to_token(i)
+        if s is not None and table is not None and i not in added:
+            try:
+                s = bytes(table[c] for c in s).decode("utf-8")
+            except (KeyError, UnicodeDecodeError):
+                s = None
+        out.append(s)
+    return out
 
 
 def grammar_for(name: str, task, tok, stop_ids: Sequence[int]) -> CharGrammar:

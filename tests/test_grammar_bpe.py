@@ -173,3 +173,15 @@ def test_errors(tok, model, json_grammar):
         C.TokenGrammar.from_lark(tok, "start: undefined_rule", vocab_size=V)
     with pytest.raises(ValueError, match="smaller"):
         C.TokenGrammar.json(tok, vocab_size=100)
+
+
+def test_char_grammar_reads_byte_level_tokens_as_text(tok, json_grammar):
+    """LAVE's character grammar on the same vocabulary: ``vocab_of`` maps ``Ġapples`` to `` apples`` (specials and
+    partial UTF-8 tokens None), and the toy JSON grammar agrees with the engine on strings inside its subset."""
+    vocab = C.vocab_of(tok)
+    assert vocab[tok.token_to_id("Ġapples")] == " apples" and vocab[tok.token_to_id("<|im_start|>")] is None
+    assert vocab[tok.token_to_id("<think>")] == "<think>"  # a non-special added token is text as written
+    char = C.CharGrammar(C.JSON_GRAMMAR, vocab, tok.eos_ids)
+    for text, ok in (('{"a b":[1,"x y"]}', True), ("[true,null,-12]", True), ('{"a":1', False), ("[1,]", False)):
+        ids = tok.encode(text)
+        assert char.accepts(char.text_of(ids)) == ok == json_grammar.accepts(ids), text
