@@ -8,9 +8,14 @@ Run directory::
     <run_dir>/checkpoints/<step>/ params, optimizer state, data-iterator state, RNG, meta (model config)
     <run_dir>/summary.json        the dict returned by :func:`train`
 
-A run directory that already holds a checkpoint is resumed from its last good one (``run.resume``); a finished run
-(last checkpoint at ``train.steps``) is not trained again, which is what lets recipe stages and the model zoo be
-cached. ``model.init_from`` points at an earlier run directory: its parameters and tokenizer seed this run.
+A run directory that already holds a checkpoint is resumed from its last good one (``run.resume``; damaged newer
+steps are moved to ``checkpoints-damaged/`` with a warning, and ``metrics.jsonl`` gets an ``{"event": "resume",
+"from_step": k}`` record, so records of steps after ``k`` written before it were redone); a finished run (last
+checkpoint at ``train.steps`` and ``summary.json`` written) is not trained, evaluated or rewritten again, which is
+what lets recipe stages and the model zoo be cached. While training, ``train.lock`` in the run directory keeps a
+second training out (:mod:`jaxtok.rundir`); ``run.resume=false`` into a directory holding a run needs
+``run.overwrite=true``. ``model.init_from`` points at an earlier run directory: its parameters and tokenizer seed
+this run.
 
 Objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count, aux)`` from ``OBJECTIVES``; the entry's
 meta says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions, valid, loss_mask}`` of the task.
@@ -386,8 +391,26 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final metrics (also ``summary.json``).
 
     ``on_step(step, metrics)`` is called on the host after every step (metrics as device arrays);
-    ``final_eval=False`` skips the held-out evaluation after the last step.
+    ``final_eval=False`` skips the held-out evaluation after the last step. Holds the run directory's lock
+    (process 0) while it runs; a finished run returns its stored summary (``resumed_from`` = its last step).
     """
+    from jaxtok import rundir
+
+    mesh_lib.initialize_distributed(cfg.mesh)
+    run_dir = Path(run_dir)
+    with rundir.run_lock(run_dir, enabled=jax.process_index() == 0):
+        if jax.process_index() == 0:
+            rundir.check_fresh_start(cfg, run_dir)  # resume=false: refused, or run.overwrite=true clears the outputs
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxtok train: run directory checked")
+        return _train(cfg, run_dir, on_step=on_step, final_eval=final_eval)
+
+
+def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]] = None,
+           final_eval: bool = True) -> dict:
+    """:func:`train` inside the run directory's lock."""
     from jaxtok.config import build_optimizer, check_micro_batches, rollout_topk
     from jaxtok.data import make_task_from_config, prompt_dataset, sft_dataset
     from jaxtok.tasks import save_tokenizer
@@ -465,16 +488,41 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
                                   worker_count=cfg.data.worker_count)
     it = iter(ds)
     ck = ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, max_to_keep=cfg.train.keep_checkpoints)
-    start = 0
+    start, damaged = 0, []
     if cfg.run.resume and ck.latest_step() is not None:
         train_part = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
-        out = ck.restore(params=ckpt_lib.abstract_of(state.params), train=ckpt_lib.abstract_of(train_part))
+        try:  # the newest good checkpoint: damaged newer steps are moved aside
+            out, damaged = ck.restore_good(params=ckpt_lib.abstract_of(state.params),
+                                           train=ckpt_lib.abstract_of(train_part))
+        except ckpt_lib.CheckpointError as e:
+            ck.close()
+            from jaxtok.registry import ConfigError
+
+            raise ConfigError(f"cannot resume {run_dir}: {e}; use run.resume=false run.overwrite=true to start "
+                              f"over") from None
         state = dataclasses.replace(state, params=out["params"], **out["train"])
         if out["data"] is not None:
             it.set_state(out["data"])
         start = int(out["step"])
-        log.info("resumed %s at step %d", run_dir, start)
+        for bad, why in damaged:
+            log.warning("checkpoint step %d is damaged, moved to %s-damaged/: %s", bad, ck.directory, why)
+        log.log(logging.WARNING if damaged else logging.INFO, "resumed %s from step %d%s", run_dir, start,
+                ", the last good checkpoint" if damaged else "")
+    if start > cfg.train.steps:
+        ck.close()
+        from jaxtok.registry import ConfigError
+
+        raise ConfigError(f"train.steps={cfg.train.steps}: run directory {str(run_dir)!r} is already at step {start}")
+    stored = _stored_summary(run_dir) if start == cfg.train.steps else None
+    if stored is not None:  # a finished run: nothing is trained, evaluated or rewritten
+        ck.close()
+        log.warning("run %s is already finished at step %d (summary.json); nothing to do", run_dir, start)
+        return {**stored, "resumed_from": start, "already_finished": True}
     metrics_out = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
+    if metrics_out.enabled and metrics_out.path.is_file() and metrics_out.path.stat().st_size:
+        # records of steps after ``start`` written before this line were redone (or lost with a damaged checkpoint)
+        metrics_out.write(start, {"event": "resume", "from_step": start,
+                                  **({"damaged_from_step": max(s for s, _ in damaged)} if damaged else {})})
     meta = {"model_config": model_config_to_dict(model_cfg), "objective": cfg.objective.name, **wrap_meta}
 
     def save(step: int) -> None:
@@ -534,6 +582,15 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _stored_summary(run_dir: Path) -> Optional[dict]:
+    """The run directory's ``summary.json`` (None when missing or unreadable)."""
+    try:
+        stored = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
