@@ -514,8 +514,9 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
     Settings from ``cfg``: ``decode.max_new_tokens`` (= gen_len), ``decode.temperature``, ``decode.batch_size``,
     ``model.attention``/``model.block_size``, ``train.seed``. The first batch is decoded once untimed (compilation);
     ``wall_s`` covers the timed pass over all batches. Returns ``(metrics, sample rows)``: ``exact_match``,
-    ``format_ok``, ``mean_nfe`` (forwards per row), ``tokens_per_nfe`` (valid generated tokens per forward),
-    ``mean_length``, ``wall_s``, ``tokens_per_s``, ``compile_s``, ``num_examples``.
+    ``format_ok`` (tasks with an answer format), ``mean_nfe`` (forwards per decoded row), ``tokens_per_nfe`` (valid
+    generated tokens per forward), ``mean_length``, ``wall_s``, ``tokens_per_s``, ``compile_s``, ``num_examples``
+    (over-long prompts included: they score 0) and ``overlong_prompts``.
     """
     from jaxtok.data import pad_prompt_batch, prompt_dataset
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
@@ -525,8 +526,8 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
     sp = SpecialTokens.of(tok)
     n = num_examples or cfg.data.num_eval
     bsz = cfg.decode.batch_size
-    ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=bsz, num_examples=n,
-                           overlong=cfg.data.overlong)
+    ds, dropped = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=bsz, num_examples=n,
+                                 overlong=cfg.data.overlong)
     batches = list(ds)
     temperature = 0.0 if cfg.decode.method == "greedy" else float(cfg.decode.temperature)
     kw = dict(gen_len=cfg.decode.max_new_tokens, policy=policy, policy_args=policy_args, temperature=temperature,
@@ -560,10 +561,13 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
             if len(samples) < 16:
                 samples.append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": bool(ok),
                                 "nfe": int(out.nfe[r])})
-    metrics = {"policy": policy, "exact_match": hits / max(total, 1), "format_ok": fmt / max(total, 1),
-               "mean_nfe": nfe / max(total, 1), "tokens_per_nfe": n_tok / max(nfe, 1),
-               "mean_length": n_tok / max(total, 1), "wall_s": wall, "tokens_per_s": n_tok / max(wall, 1e-9),
-               "compile_s": compile_s, "num_examples": total}
+    decoded, total = total, total + dropped.count  # over-long prompts score 0 and stay in the denominator
+    metrics = {"policy": policy, "exact_match": hits / max(total, 1),
+               "mean_nfe": nfe / max(decoded, 1), "tokens_per_nfe": n_tok / max(nfe, 1),
+               "mean_length": n_tok / max(decoded, 1), "wall_s": wall, "tokens_per_s": n_tok / max(wall, 1e-9),
+               "compile_s": compile_s, "num_examples": total, "overlong_prompts": dropped.count}
+    if getattr(task, "has_format", True):  # file data without data.answer_regex has no answer format to check
+        metrics["format_ok"] = fmt / max(total, 1)
     return metrics, samples
 
 

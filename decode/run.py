@@ -215,8 +215,9 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
     step = METHODS[cfg.decode.method](cfg, model, mesh)
     task = make_task_from_config(cfg.data)
     sp = SpecialTokens.of(tok)
-    ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
-                           num_examples=cfg.data.num_eval, overlong=cfg.data.overlong)
+    ds, dropped = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len,
+                                 batch_size=cfg.decode.batch_size, num_examples=cfg.data.num_eval,
+                                 overlong=cfg.data.overlong)
     rows, hits, total, n_tok, wall = [], 0.0, 0, 0, 0.0
     stats: dict = {}
     compile_s = None
@@ -244,7 +245,9 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
             total += 1
             if len(rows) < 16:
                 rows.append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": bool(ok)})
+    total += dropped.count  # over-long prompts are not decoded; they score 0 and stay in the denominator
     results = {"method": cfg.decode.method, "exact_match": hits / max(total, 1), "num_examples": total,
+               "overlong_prompts": dropped.count,
                "generated_tokens": n_tok, "tokens_per_s": n_tok / max(wall, 1e-9), "wall_s": wall,
                "compile_s": compile_s}
     if cfg.decode.method in ("greedy", "sample") and cfg.decode.policy:

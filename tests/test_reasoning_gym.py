@@ -41,6 +41,8 @@ def test_scorer_rewards_the_reference_answer():
     # the generator's own score: gsm_symbolic gives a wrong number 0.01, exact_match counts only a score of 1
     assert task.reward("<answer>-12345</answer>", ex) < 1.0 and task.reward(ex.answer, ex) == 0.0
     assert score(task, ["<answer>-12345</answer>"], [ex], {"exact_match": 1.0}).tolist() == [0.0]
+    partial = task.reward("<answer>-12345</answer>", ex)  # task_score keeps the generator's partial credit
+    assert score(task, ["<answer>-12345</answer>"], [ex], {"task_score": 1.0}).tolist() == [pytest.approx(partial)]
     assert task.format_ok(ex.target) and not task.format_ok(ex.answer)
     assert score(task, [ex.target, "no tag"], [ex, ex], {"exact_match": 1.0, "format": 0.5}).tolist() == [1.5, 0.0]
     plain = make_task("reasoning_gym", {"name": "gsm_symbolic", "size": 4, "eval_size": 2, "seed": 1, "chat": False,

@@ -5,6 +5,7 @@ A reward is ``fn(task, completion: str, example) -> float`` registered in :data:
 host on decoded text, once per rollout batch, outside any jitted code.
 
 - ``exact_match``: the task's own verifier (``task.reward``: extracted answer == reference), 1 or 0.
+- ``task_score``: the task's own score as it is (``task.reward``), e.g. reasoning-gym's partial credit in [0, 1].
 - ``format``: 1 when the completion follows the task's answer format (``task.format_ok``), else 0.
 - ``math_verify``: symbolic/numeric equivalence of the extracted answer and the reference (HF ``math-verify``:
   ``1/2`` matches ``0.5`` and ``\\frac{1}{2}``), for free-form math answers.
@@ -27,6 +28,12 @@ from jaxtok.registry import REWARDS
 def exact_match(task, completion: str, example) -> float:
     """1 if the task's verifier accepts the completion's answer, else 0."""
     return float(task.reward(completion, example) >= 1.0)
+
+
+@REWARDS.register("task_score")
+def task_score(task, completion: str, example) -> float:
+    """The task's own score of the completion (``task.reward``), partial credit kept (reasoning-gym scorers)."""
+    return float(task.reward(completion, example))
 
 
 @REWARDS.register("format")
