@@ -333,15 +333,24 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level: str = "INFO") -> None:
+def configure_logging(level: str = "INFO") -> Callable[[], None]:
     """jaxtok's log messages (resume, fallback past damaged checkpoints, stale locks, finished runs) on stderr as
-    ``jaxtok: message`` lines at ``level``; installed once."""
+    ``jaxtok: message`` lines at ``level``, not passed on to the root logger (absl configures one, which would
+    print each message twice). Returns the function that restores the previous set-up (``main`` calls it)."""
     logger = logging.getLogger("jaxtok")
+    before = (logger.level, logger.propagate)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("jaxtok: %(message)s"))
+    logger.addHandler(handler)
     logger.setLevel(level)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("jaxtok: %(message)s"))
-        logger.addHandler(handler)
+    logger.propagate = False
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+    return restore
 
 
 def _quiet_closed_loop(unraisable) -> None:
@@ -366,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed the run or a command is unavailable, 130 interrupted)."""
     args = _parser().parse_args(argv)
     debug = args.debug or os.environ.get("JAXTOK_DEBUG", "") not in ("", "0")
-    configure_logging(args.log_level)
+    restore_logging = configure_logging(args.log_level)
     if not debug and sys.unraisablehook is sys.__unraisablehook__:  # not when a test runner installed its own
         sys.unraisablehook = _quiet_closed_loop
     run_dir: Optional[Path] = None
@@ -420,6 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if locked and run_dir is not None:
             rundir.release(run_dir)
+        restore_logging()
 
 
 def _one_line(e: BaseException) -> str:
