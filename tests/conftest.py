@@ -25,3 +25,19 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory):
+    """The real Qwen3 tokenizer directory (tests/real_tokenizers.py), built once per session (~4 s)."""
+    import real_tokenizers
+
+    return real_tokenizers.build_qwen3(tmp_path_factory.mktemp("qwen3_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def llama3_dir(tmp_path_factory):
+    """The real Llama-3 Instruct tokenizer directory, built once per session (~4 s)."""
+    import real_tokenizers
+
+    return real_tokenizers.build_llama3(tmp_path_factory.mktemp("llama3_tokenizer"))

@@ -29,8 +29,8 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(rt.build_qwen3(tmp_path_factory.mktemp("qwen3")))
+def tok(qwen3_dir):
+    return load_tokenizer(qwen3_dir)
 
 
 @pytest.fixture(scope="module")

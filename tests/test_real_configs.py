@@ -34,9 +34,9 @@ def _tiny_qwen3(path: Path, tok_dir: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, qwen3_dir, llama3_dir):
     root = tmp_path_factory.mktemp("real")
-    qwen_tok, llama_tok = rt.build_qwen3(root / "qwen_tok"), rt.build_llama3(root / "llama_tok")
+    qwen_tok, llama_tok = qwen3_dir, llama3_dir
     hf = root / "hf"
     _tiny_qwen3(hf / "Qwen3-0.6B", qwen_tok, 0)
     _tiny_qwen3(hf / "Qwen3-1.7B", qwen_tok, 1)

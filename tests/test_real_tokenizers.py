@@ -25,16 +25,6 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
         {"role": "assistant", "content": "<think>\nadd\n</think>\n\n5"}, {"role": "user", "content": "And 4+4?"}]
 
 
-@pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-    return rt.build_qwen3(tmp_path_factory.mktemp("qwen3"))
-
-
-@pytest.fixture(scope="module")
-def llama3_dir(tmp_path_factory):
-    return rt.build_llama3(tmp_path_factory.mktemp("llama3"))
-
-
 def test_special_tokens_from_the_checkpoint_files(qwen3_dir, llama3_dir):
     q = load_tokenizer(qwen3_dir)
     assert (q.bos_id, q.eos_ids, q.pad_id, q.add_bos) == (None, (151645, 151643), 151643, False)
