@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxtok.registry import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -108,18 +110,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None, a
     degrees = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, d in degrees.items():
         if d == 0 or d < -1:
-            raise ValueError(f"mesh.{name}={d}: a degree is a positive integer or -1 (fill)")
+            raise ConfigError(f"mesh.{name}={d}: a degree is a positive integer or -1 (fill)")
     fill = [k for k, d in degrees.items() if d == -1]
     if len(fill) > 1:
-        raise ValueError(f"mesh: only one axis may be -1 (fill), got {fill}")
+        raise ConfigError(f"mesh: only one axis may be -1 (fill), got {fill}")
     fixed = math.prod(d for d in degrees.values() if d != -1)
     if n % fixed:
-        raise ValueError(f"mesh: data={data} fsdp={fsdp} tensor={tensor} (product of fixed degrees {fixed}) does "
+        raise ConfigError(f"mesh: data={data} fsdp={fsdp} tensor={tensor} (product of fixed degrees {fixed}) does "
                          f"not divide the {n} available devices")
     if fill:
         degrees[fill[0]] = n // fixed
     elif fixed != n:
-        raise ValueError(f"mesh: data={data} x fsdp={fsdp} x tensor={tensor} = {fixed} != {n} available devices "
+        raise ConfigError(f"mesh: data={data} x fsdp={fsdp} x tensor={tensor} = {fixed} != {n} available devices "
                          f"(set one degree to -1 to fill)")
     kinds = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
     if axis_type not in kinds:

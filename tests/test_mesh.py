@@ -29,7 +29,9 @@ def test_make_mesh_fill_and_axis_types():
     (dict(data=0), "mesh.data=0"),
 ])
 def test_make_mesh_errors(kw, match):
-    with pytest.raises(ValueError, match=match):
+    from jaxtok.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=match):  # a user's mesh settings: exit 2 with the message
         M.make_mesh(**kw)
 
 
