@@ -51,9 +51,22 @@ def _f32(x):
     return jnp.asarray(x, _F32)
 
 
+# values users bring from TRL / verl for these options, answered with jaxtok's equivalent (never silently mapped)
+PEER_VALUES = {
+    ("kl_estimator", "low_var_kl"): "verl's low_var_kl is k3 (clamped there; here k3 is unclamped)",
+    ("kl_estimator", "kl"): "verl's kl is k1", ("kl_estimator", "abs"): "not available; k1, k2, k3 or k3+",
+    ("kl_estimator", "mse"): "verl's mse is k2",
+    ("loss_mode", "bnpo"): "TRL's bnpo is loss_mode grpo with aggregation: token-mean",
+    ("loss_mode", "vanilla"): "verl's vanilla policy loss is loss_mode ppo",
+    ("aggregation", "token_mean"): "token-mean (dashes)",
+}
+
+
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not allowed; allowed: {list(allowed)}")
+        hint = PEER_VALUES.get((name, value))
+        raise ConfigError(f"{name}={value!r} is not allowed" + (f" ({hint})" if hint else "")
+                          + f"; allowed: {list(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

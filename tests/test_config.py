@@ -261,3 +261,13 @@ def test_peer_setting_names_point_at_existing_keys():
         load_config(SFT, ["rollout.max_completion_length=64"])
     with pytest.raises(ConfigError, match=r"objective.args.epsilon_high=.*in jaxtok: objective.args.eps_high"):
         validate_names(load_config(ROOT / "configs" / "rl" / "grpo.yaml", ["objective.args.epsilon_high=0.28"]))
+
+
+def test_peer_values_are_answered_with_the_jaxtok_value():
+    import jaxtok.train.objectives  # noqa: F401  (registration)
+    from jaxtok.registry import OBJECTIVES, ConfigError
+
+    for args, match in (({"kl_estimator": "low_var_kl"}, "low_var_kl is k3"),
+                        ({"loss_mode": "bnpo"}, "aggregation: token-mean")):
+        with pytest.raises(ConfigError, match=match):
+            OBJECTIVES.parse_args("policy_gradient", args, "objective.args")
