@@ -68,7 +68,8 @@ import itertools
 import json
 import re
 import time
-from typing import Literal, Optional, Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from jaxtok.models import KVCache
-from jaxtok.registry import COMMIT_POLICIES, ConfigError
+from jaxtok.registry import COMMIT_POLICIES, LOGIT_GUIDES, ConfigError
 
 from .commit_policies import SamplerArgs
 
@@ -902,6 +903,8 @@ class GrammarGuide:
     every step. :meth:`for_batch` opens a host session (one matcher per row); :meth:`close` ends it and raises if the
     engine failed. :func:`grammar_generate` does both around one call."""
 
+    host_session = True  # advances host-side matchers through an ordered callback: one device, no mesh
+
     def __init__(self, grammar: TokenGrammar):
         self.grammar = grammar
         self.spec = _GrammarSpec(grammar.vocab_size, grammar.words)
@@ -928,6 +931,49 @@ class GrammarGuide:
         self.session_id = None
         if check and session is not None and session.error:
             raise RuntimeError(f"grammar {self.grammar.name}: {session.error}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrammarGuideArgs:
+    """``decode.policy: grammar`` (AR, ``decode.method`` greedy or sample): constrain completions with llguidance.
+
+    ``kind``: ``json`` (any JSON value), ``json_schema`` (``schema``: a mapping, or a path to a .json file) or
+    ``lark`` (``lark``: llguidance's Lark dialect, inline or a path to a file). ``whitespace_flexible``: JSON may
+    hold whitespace between tokens."""
+
+    kind: Literal["json", "json_schema", "lark"] = "json"
+    schema: Optional[Any] = None
+    lark: Optional[str] = None
+    whitespace_flexible: bool = True
+
+    def __post_init__(self):
+        if self.kind == "json_schema" and self.schema is None:
+            raise ValueError("kind='json_schema' needs schema (a mapping or a .json file)")
+        if self.kind == "lark" and not self.lark:
+            raise ValueError("kind='lark' needs lark (the grammar text or a file)")
+
+
+def _text_or_file(value: str) -> str:
+    """``value`` itself, or the contents of the file it names."""
+    path = Path(value)
+    return path.read_text(encoding="utf-8") if len(value) < 4096 and path.is_file() else value
+
+
+@LOGIT_GUIDES.register("grammar", GrammarGuideArgs)
+def grammar_guide(args: GrammarGuideArgs, *, tokenizer, vocab_size: int, mesh=None, **_) -> "GrammarGuide":
+    """The guide of ``decode.policy: grammar``: a :class:`TokenGrammar` over the run's tokenizer and the model's
+    ``vocab_size`` logits (terminators: the tokenizer's ``eos_ids``)."""
+    del mesh  # the grammar session is a host callback: `jaxtok decode` runs it on one device
+    kw = dict(vocab_size=vocab_size, whitespace_flexible=args.whitespace_flexible)
+    if args.kind == "json":
+        grammar = TokenGrammar.json(tokenizer, **kw)
+    elif args.kind == "json_schema":
+        schema = args.schema
+        schema = json.loads(_text_or_file(schema)) if isinstance(schema, str) else dict(schema)
+        grammar = TokenGrammar.from_json_schema(tokenizer, schema, **kw)
+    else:
+        grammar = TokenGrammar.from_lark(tokenizer, _text_or_file(args.lark), vocab_size=vocab_size)
+    return GrammarGuide(grammar)
 
 
 def grammar_generate(model, prompt, prompt_valid, grammar: TokenGrammar, *, max_new_tokens: int,

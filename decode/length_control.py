@@ -203,7 +203,7 @@ class LengthGuide:
 
 
 @LOGIT_GUIDES.register("lenvm", LengthGuideArgs)
-def length_guide(args: LengthGuideArgs, *, mesh=None) -> LengthGuide:
+def length_guide(args: LengthGuideArgs, *, mesh=None, **_) -> LengthGuide:
     """The guide of ``decode.policy: lenvm``: loads ``args.value_init_from`` (a LenVM run directory)."""
     from jaxtok.models.hf import load_any
 

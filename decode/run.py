@@ -25,6 +25,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxtok import mesh as mesh_lib
 from jaxtok.data import make_task_from_config, pad_prompt_batch, prompt_dataset
@@ -72,16 +73,20 @@ def _sampling(cfg, temperature):
     return dict(max_new_tokens=d.max_new_tokens, temperature=temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p)
 
 
-def _build_ar(cfg, model, mesh) -> Callable:
+def _build_ar(cfg, model, mesh, tok) -> Callable:
     """AR decoding; ``decode.policy`` names a logit guide (``lenvm``: length control, which also reports the
-    mean completion length and, with a target, the mean |length − target| and the share over it)."""
+    mean completion length and, with a target, the mean |length − target| and the share over it; ``grammar``: a
+    token-level grammar mask, which also reports the rows that stopped inside the grammar)."""
     d = cfg.decode
     temperature = 0.0 if d.method == "greedy" else d.temperature
     guide, args = None, None
     if d.policy is not None:
         entry = LOGIT_GUIDES.entry(d.policy, "decode.policy")
         args = LOGIT_GUIDES.parse_args(d.policy, d.policy_args, "decode.policy_args")
-        guide = entry.fn(args, mesh=mesh)
+        guide = entry.fn(args, mesh=mesh, tokenizer=tok, vocab_size=model.cfg.vocab_size)
+        if getattr(guide, "host_session", False):  # grammar matchers on the host: decode on one device
+            graphdef, state = nnx.split(model)
+            model, mesh = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0])), None
 
     def step(prompt, valid, key, sp, b):
         out = generate(model, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh, guide=guide,
@@ -89,6 +94,10 @@ def _build_ar(cfg, model, mesh) -> Callable:
         stats = {"target_forwards": int(out.num_forwards)}
         if guide is not None:
             stats["rows"] = b
+            if hasattr(guide, "close"):  # a host-side session (grammar): surface the engine's error
+                jax.block_until_ready(out.tokens)
+                guide.close()
+                stats["grammar_stopped"] = int(np.asarray(out.done)[:b].sum())
             if getattr(args, "mode", None) in ("target", "budget"):  # a length target to score against
                 stats.update(length_error_sums(np.asarray(out.lengths)[:b], args.target_length))
         return out.tokens, out.valid, stats
@@ -116,7 +125,7 @@ def _spec_stats(out, b: int) -> dict:
     }
 
 
-def _build_speculative(cfg, model, mesh) -> Callable:
+def _build_speculative(cfg, model, mesh, tok) -> Callable:
     d = cfg.decode
     name = d.policy or "fixed"
     entry = DRAFT_POLICIES.entry(name, "decode.policy")
@@ -177,9 +186,11 @@ def _summary(method_stats: dict, n_tok: int) -> dict:
         out["route_counts"] = s.pop("route_counts").tolist()
     if "large_tokens" in s:
         out["large_share"] = s["large_tokens"] / max(n_tok, 1)
-    if "rows" in s:  # length control
+    if "rows" in s:  # a logit guide (length control, grammar)
         rows = max(s.pop("rows"), 1)
         out["mean_length"] = n_tok / rows
+        if "grammar_stopped" in s:  # rows that reached a terminator inside the grammar (their text parses)
+            out["grammar_stopped_share"] = s.pop("grammar_stopped") / rows
         if "length_abs_err" in s:
             out["length_abs_err"] = s.pop("length_abs_err") / rows
             out["exact_length_share"] = s.pop("exact_length") / rows
@@ -212,7 +223,7 @@ def run_decode(cfg, run_dir: str | Path) -> dict:
         from .diffusion import run_diffusion_decode
 
         return run_diffusion_decode(cfg, model, tok, make_task_from_config(cfg.data), run_dir)
-    step = METHODS[cfg.decode.method](cfg, model, mesh)
+    step = METHODS[cfg.decode.method](cfg, model, mesh, tok)
     task = make_task_from_config(cfg.data)
     sp = SpecialTokens.of(tok)
     ds, dropped = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len,

@@ -101,3 +101,13 @@ def test_diffusion_decode_of_dream_and_llada_folders(world, config, path):
     results = _run(world, "decode", config, f"model.hf_path={path}", "decode.max_new_tokens=8",
                    "decode.policy_args.block_len=8", "decode.batch_size=2")
     assert results["num_examples"] == 2
+
+
+
+def test_json_schema_grammar_decode_on_the_real_vocabulary(world):
+    """`decode.policy: grammar` through the CLI (its correctness per token is tests/test_grammar_bpe.py's)."""
+    pytest.importorskip("llguidance")
+    results = _run(world, "decode", "qwen3_json_answer.yaml", "model.hf_path=hf/Qwen3-0.6B",
+                   "decode.max_new_tokens=12", "decode.batch_size=2")
+    assert results["num_examples"] == 2 and results["policy"] == "grammar"
+    assert 0.0 <= results["grammar_stopped_share"] <= 1.0
