@@ -635,7 +635,13 @@ def _check_rollout(cfg: Config, meta) -> None:
     if cfg.data.batch_size % ro.rows_per_prompt:
         raise ConfigError(f"rollout.num_generations={ro.num_generations} + rollout.branches={ro.branches}: must "
                           f"divide data.batch_size={cfg.data.batch_size} (rows = prompts x completions)")
-    if "teacher" in meta.get("models", ()) and not ro.teacher_init_from:
+    own = meta.get("self_teacher")  # the teacher is the student's synced copy (TRACE's teacher: self)
+    own = bool(own and own(OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")))
+    if own and ro.teacher_init_from:
+        raise ConfigError(f"rollout.teacher_init_from={ro.teacher_init_from!r}: objective {cfg.objective.name!r} "
+                          f"distils from the student's own synced copy (teacher: self); unset it, or set "
+                          f"objective.args.teacher=external")
+    if "teacher" in meta.get("models", ()) and not own and not ro.teacher_init_from:
         raise ConfigError(f"rollout.teacher_init_from=None: objective {cfg.objective.name!r} needs a teacher run "
                           f"directory")
     for name in ro.rewards:

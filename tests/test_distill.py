@@ -502,15 +502,19 @@ def test_shred_limits_counts_and_skip_tokens(student):
 # configs
 
 
-@pytest.mark.parametrize("name", ["opd", "tip_entropy50", "tip_soft_or50", "tip_q3", "trace", "shred"])
+@pytest.mark.parametrize("name", ["opd", "tip_entropy50", "tip_soft_or50", "tip_q3", "trace", "trace_external",
+                                  "shred"])
 def test_configs_validate(name):
     from jaxtok.config import load_config, validate_names
 
     cfg = load_config(REPO / "configs" / "distill" / f"{name}.yaml")
     validate_names(cfg)
     entry = OBJECTIVES.entry(cfg.objective.name)
-    OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
-    if "teacher" in entry.meta.get("models", ()):
+    args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
+    own = entry.meta.get("self_teacher")
+    if own and own(args):  # TRACE's self-teacher: a synced copy of the student, no teacher run
+        assert not cfg.rollout.teacher_init_from
+    elif "teacher" in entry.meta.get("models", ()):
         assert cfg.rollout.teacher_init_from
     if "reference" in entry.meta.get("models", ()):
         assert cfg.rollout.reference != "none"

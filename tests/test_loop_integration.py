@@ -60,13 +60,15 @@ def _records(run_dir):
 
 
 @pytest.mark.slow
-def test_trace_lambda_decays_over_loop_steps(tmp_path, teacher_dir):
+@pytest.mark.parametrize("teacher", ["self", "external"])
+def test_trace_lambda_decays_over_loop_steps(tmp_path, teacher_dir, teacher):
     """λ_k = 0.5 for k < hold=1, then linear to 0 over decay=2 steps: the logged λ of steps k = 0..3 is
-    0.5, 0.5, 0.25, 0 (without the step field every step would log args.step's λ = 0.5)."""
+    0.5, 0.5, 0.25, 0 (without the step field every step would log args.step's λ = 0.5), with the paper's
+    self-teacher (the student's synced copy) and with the external frozen teacher run."""
     from jaxtok.train.loop import train
 
-    cfg = _cfg("trace", {"kl_weight": 0.5, "hold_steps": 1, "decay_steps": 2, "chunk_size": 64},
-               rollout={"teacher_init_from": str(teacher_dir)})
+    cfg = _cfg("trace", {"kl_weight": 0.5, "hold_steps": 1, "decay_steps": 2, "chunk_size": 64, "teacher": teacher},
+               rollout={"teacher_init_from": str(teacher_dir)} if teacher == "external" else None)
     validate_names(cfg)
     train(cfg, tmp_path / "run", final_eval=False)
     lams = [r["kl_lambda"] for r in _records(tmp_path / "run")]

@@ -24,7 +24,9 @@ scored (:mod:`jaxtok.train.rollout`; APPO tree rollouts with ``rollout.branches`
 handed to the objective's own ``collect`` (REFINE); ``data="trajectory"``: the frozen teacher's diffusion
 trajectories on privileged prompts, cut into ``(x_t, x_target)`` pairs (:mod:`jaxtok.train.trajectory`, TAD).
 ``models=("teacher", "reference")`` names the frozen models the step passes (``rollout.teacher_init_from``;
-``rollout.reference`` = ``init`` for the initial policy or a run directory);
+``rollout.reference`` = ``init`` for the initial policy or a run directory); ``self_teacher=fn(args) -> (N, end) |
+None``: the ``teacher`` is instead a copy of the student synced every ``N`` steps and dropped from step ``end`` on
+(:mod:`jaxtok.train.self_teacher`, TRACE); ``prepare_args=True``: the ``prepare`` hook gets ``args=``;
 ``collect=fn(policy, batch, *, task, tokenizer, settings, rng, mesh, teacher, prepare, args)`` replaces the default
 collector. ``batch_step=True``: the objective reads ``batch["step"] [B]``, the optimizer step being
 taken (filled in by the train step, :func:`jaxtok.train.step.make_train_step`; TRACE's λ schedule).
@@ -416,6 +418,7 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     from jaxtok.tasks import save_tokenizer
     from jaxtok.train import branching
     from jaxtok.train import rollout as rollout_lib
+    from jaxtok.train.self_teacher import SelfTeacher
     from jaxtok.train.step import frozen_states, init_train_state, make_train_step
 
     mesh_lib.initialize_distributed(cfg.mesh)
@@ -440,10 +443,14 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     entry = objective_entry(cfg)
     check_micro_batches(cfg, entry.meta)
     loss_fn = build_objective(cfg)
-    frozen = build_frozen_models(cfg, entry.meta.get("models", ()), tok.get_vocab_size(), mesh=mesh)
+    self_teacher = SelfTeacher.of(cfg, entry)  # TRACE: the teacher is the student's copy, synced every N steps
+    names = [n for n in entry.meta.get("models", ()) if not (self_teacher and n == "teacher")]
+    frozen = build_frozen_models(cfg, names, tok.get_vocab_size(), mesh=mesh)
     graphdef, state = init_train_state(model, optimizer, seed=cfg.train.seed, mesh=mesh)
-    step_fn = make_train_step(model, optimizer, loss_fn, mesh=mesh, micro_batches=cfg.train.micro_batches,
-                              frozen=frozen or None, batch_step=bool(entry.meta.get("batch_step")))
+    make_step = functools.partial(make_train_step, model, optimizer, loss_fn, mesh=mesh,
+                                  micro_batches=cfg.train.micro_batches, batch_step=bool(entry.meta.get("batch_step")))
+    step_fn = (make_step(frozen=frozen or None) if self_teacher is None
+               else self_teacher.build_steps(make_step, frozen, graphdef, state))
     frozen_args = (frozen_states(frozen),) if frozen else ()
     model_cfg = model.cfg
     del model  # the train state owns the (placed, donated) parameters from here on
@@ -466,6 +473,12 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
 
         collect = functools.partial(collect_trajectories, seq_len=cfg.data.seq_len, args=OBJECTIVES.parse_args(
             cfg.objective.name, cfg.objective.args, "objective.args"))
+    prepare = entry.meta.get("prepare")
+    if prepare is not None and entry.meta.get("prepare_args"):  # the hook reads the objective's arguments
+        from jaxtok.registry import OBJECTIVES
+
+        prepare = functools.partial(prepare, args=OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args,
+                                                                        "objective.args"))
     topk = rollout_topk(cfg, entry.meta) if data_kind == "rollout" else 0
     if topk:  # top-K behaviour statistics for the objective (CPPO's top-K TV/KL)
         collect = functools.partial(collect, topk=topk)
@@ -490,7 +503,8 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     ck = ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, max_to_keep=cfg.train.keep_checkpoints)
     start, damaged = 0, []
     if cfg.run.resume and ck.latest_step() is not None:
-        train_part = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+        train_part = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
+                      **(self_teacher.checkpoint_item(0, state) if self_teacher else {})}
         try:  # the newest good checkpoint: damaged newer steps are moved aside
             out, damaged = ck.restore_good(params=ckpt_lib.abstract_of(state.params),
                                            train=ckpt_lib.abstract_of(train_part))
@@ -500,7 +514,8 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
 
             raise ConfigError(f"cannot resume {run_dir}: {e}; use run.resume=false run.overwrite=true to start "
                               f"over") from None
-        state = dataclasses.replace(state, params=out["params"], **out["train"])
+        state = dataclasses.replace(state, params=out["params"], **(
+            self_teacher.restored(out["train"], int(out["step"])) if self_teacher else out["train"]))
         if out["data"] is not None:
             it.set_state(out["data"])
         start = int(out["step"])
@@ -527,7 +542,8 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
 
     def save(step: int) -> None:
         ck.save(step, params=state.params, data=it.get_state(), meta=meta,
-                train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng})
+                train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
+                       **(self_teacher.checkpoint_item(step, state) if self_teacher else {})})
 
     total = cfg.train.steps
     bar = _progress(total, start, cfg.run.progress and jax.process_index() == 0)
@@ -543,14 +559,17 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
                 policy = nnx.merge(graphdef, state.params, state.rest)
                 ro = collect(policy, next(it), task=task, tokenizer=tok, settings=cfg.rollout,
                                          rng=jax.random.fold_in(jax.random.key(cfg.train.seed), step), mesh=mesh,
-                                         teacher=frozen.get("teacher"), prepare=entry.meta.get("prepare"))
+                                         teacher=frozen.get("teacher"), prepare=prepare)
                 del policy
                 batch, rollout_info = ro.batch, ro.info
                 if host_adv is not None:  # keys the collector set itself (APPO's token advantages) are kept
                     batch = {**host_adv(batch), **batch}
                 placed = mesh_lib.put_batch(batch, mesh)
             tokens_since += int(np.sum(batch["valid"]))
-            state, metrics = step_fn(state, placed, *frozen_args)
+            if self_teacher is None:
+                state, metrics = step_fn(state, placed, *frozen_args)
+            else:  # re-copied from the student at sync steps, not passed once λ = 0 (train/self_teacher.py)
+                state, metrics = self_teacher.step(step - 1, state, placed, frozen_args, step_fn)
             if on_step is not None:
                 on_step(step, metrics)
             if step % cfg.train.log_every == 0 or step == total:

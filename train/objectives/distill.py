@@ -26,12 +26,16 @@ Granularity: the rule sees the rows of one call. The train step calls the object
 selection is per micro-batch (the TIP repo); ``selection.granularity: batch`` means the same thing with
 ``train.micro_batches = 1`` (whole-batch selection), which the config should then use.
 
-``trace`` (rollout data, frozen ``teacher``, ``prepare`` = :func:`trace_annotate`): GRPO on all tokens with the span
+``trace`` (rollout data, ``teacher``, ``prepare`` = :func:`trace_annotate`): GRPO on all tokens with the span
 tokens' GRPO weight ``1 − λ_k/w0``, plus ``λ_k`` times forward KL on key spans of correct rollouts and reverse KL on
 error spans of incorrect rollouts, per-vocabulary terms clipped at 0.05, spans capped at 25 % of each row. The step
 ``k`` comes from the batch field ``step`` (``[B]`` int32, the number of optimizer updates done before this one; the
 entry's meta ``batch_step=True`` asks the loop for it) when present, else from ``args.step`` (a constant: tests and
-fixed-λ runs).
+fixed-λ runs). The teacher is, as in the paper, the student itself (``teacher: self``): a copy of its parameters
+synced every ``teacher_sync_every`` steps while λ > 0 and dropped once λ = 0 (:mod:`jaxtok.train.self_teacher`,
+entry meta ``self_teacher``), conditioned on the privileged prompt (``privileged_template``: the prompt plus the
+annotator's diagnostic label, or the reference) and scoring the same completion tokens; ``teacher: external`` is a
+frozen ``rollout.teacher_init_from`` model instead.
 
 ``shred`` (SFT data of the forget set, frozen ``reference`` = the original model θ0, ``rollout.reference: init``):
 forward KL from the demoted top-K target of θ0 to the student on every response token after ``skip_tokens``.
@@ -57,8 +61,9 @@ from jaxtok.train.objectives.policy_gradient import require_keys, rollout_token_
 
 __all__ = [
     "OPD_LOSSES", "SAMPLED_WEIGHTS", "OPDArgs", "opd_token_loss", "reward_weights", "selection_weights", "opd_loss",
-    "TraceArgs", "SPAN_NONE", "SPAN_KEY", "SPAN_ERROR", "trace_lambda", "trace_annotate", "annotate_completion",
-    "trace_loss", "ShredArgs", "shred_targets", "shred_token_kl", "shred_loss",
+    "TraceArgs", "SPAN_NONE", "SPAN_KEY", "SPAN_ERROR", "TRACE_DIAGNOSES", "trace_lambda", "trace_kl_end",
+    "trace_teacher_sync", "trace_annotate", "annotate_completion", "diagnose_completion", "privileged_width",
+    "trace_privileged_inputs", "trace_loss", "ShredArgs", "shred_targets", "shred_token_kl", "shred_loss",
 ]
 
 _F32 = jnp.float32
@@ -321,6 +326,12 @@ def opd_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: OPDArgs = OPD
 
 SPAN_NONE, SPAN_KEY, SPAN_ERROR = 0, 1, 2
 _KL_OR_NONE = ("forward_kl", "reverse_kl", "none")
+TRACE_TEACHERS = ("self", "external")
+TRACE_TEMPLATE = "diagnosis:{label}\n{prompt}"  # the paper's form: prompt + the annotator's type label c
+TRACE_TEMPLATE_FIELDS = ("prompt", "label", "target", "answer")
+# coarse diagnostic labels c of the rule-based annotator (:func:`diagnose_completion`); synthetic-tokenizer characters
+TRACE_DIAGNOSES = ("correct", "no answer", "extra step", "missing step", "answer error", "wrong operation",
+                   "copy error", "wrong operand", "sign error", "carry error", "arithmetic error", "step error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +345,14 @@ class TraceArgs:
       branch. ``token_clip``: per-vocabulary term clip (0.05); ``coverage_cap``: span tokens per row (0.25).
     - GRPO: ``eps_low``/``eps_high`` (DAPO clip-higher 0.2/0.28), ``dual_clip_c``, ``aggregation`` (a
       :data:`jaxtok.policy.AGG_MODES` name), ``advantage_estimator``/``adv_eps`` (:func:`sequence_advantages`).
+    - ``teacher``: ``self`` (the paper: the student's own parameters, copied into the teacher every
+      ``teacher_sync_every`` steps (10) while λ > 0; no teacher once λ = 0) or ``external`` (the frozen
+      ``rollout.teacher_init_from`` model: the earlier, non-paper variant).
+    - ``privileged_template``: the teacher's prompt text, filled with the example's ``{prompt}``, the annotator's
+      diagnostic label ``{label}`` (:data:`TRACE_DIAGNOSES`; never the span text or its location), or the
+      reference ``{target}`` / ``{answer}`` (the paper's "reference" option); ``"{prompt}"`` = no privileged
+      context (the teacher sees the student's own input). ``privileged_len``: the teacher prompt width in tokens
+      (None: the prompt width plus what the template can add).
     """
 
     kl_weight: float = 0.5
@@ -351,8 +370,18 @@ class TraceArgs:
     advantage_estimator: str = "grpo"
     adv_eps: float = 1e-6
     chunk_size: int = 512
+    teacher: str = "self"
+    teacher_sync_every: int = 10
+    privileged_template: str = TRACE_TEMPLATE
+    privileged_len: Optional[int] = None
 
     def __post_init__(self):
+        _choice("teacher", self.teacher, TRACE_TEACHERS)
+        if self.teacher_sync_every < 1:
+            raise ConfigError(f"teacher_sync_every={self.teacher_sync_every!r}: must be >= 1")
+        _check_template(self.privileged_template)
+        if self.privileged_len is not None and self.privileged_len < 1:
+            raise ConfigError(f"privileged_len={self.privileged_len!r}: must be >= 1 (or null: automatic)")
         _choice("key_divergence", self.key_divergence, _KL_OR_NONE)
         _choice("error_divergence", self.error_divergence, _KL_OR_NONE)
         _choice("aggregation", self.aggregation, P.AGG_MODES)
@@ -372,6 +401,32 @@ class TraceArgs:
             raise ConfigError(f"chunk_size={self.chunk_size!r}: must be >= 1")
 
 
+def _check_template(template: str) -> None:
+    """``privileged_template`` must contain ``{prompt}`` and name only :data:`TRACE_TEMPLATE_FIELDS`."""
+    import string
+
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ConfigError(f"privileged_template={template!r}: {e}") from None
+    bad = names - set(TRACE_TEMPLATE_FIELDS)
+    if "prompt" not in names or bad:
+        raise ConfigError(f"privileged_template={template!r}: must contain {{prompt}} and only the fields "
+                          f"{list(TRACE_TEMPLATE_FIELDS)} (got {sorted(names)})")
+
+
+def trace_kl_end(args: "TraceArgs") -> int:
+    """The first step ``k`` from which ``λ_k = 0`` for good (§3: 40 by default; 0 when ``kl_weight = 0``): from
+    there on the teacher is neither synced nor run."""
+    return 0 if args.kl_weight == 0 else args.hold_steps + args.decay_steps
+
+
+def trace_teacher_sync(args: "TraceArgs") -> Optional[tuple[int, int]]:
+    """Entry meta ``self_teacher``: ``(sync period N, first step without teacher)`` for the paper's self-teacher
+    (``teacher: self``), None for the external frozen teacher (:mod:`jaxtok.train.self_teacher`)."""
+    return (args.teacher_sync_every, trace_kl_end(args)) if args.teacher == "self" else None
+
+
 def trace_lambda(step, kl_weight: float = 0.5, hold_steps: int = 10, decay_steps: int = 30) -> jax.Array:
     """TRACE KL weight (§3): ``w0`` for ``k < hold``, ``w0·(1 − (k−hold)/decay)`` for ``hold ≤ k < hold+decay``,
     0 after. ``step`` may be traced. f32 scalar (or the shape of ``step``)."""
@@ -381,11 +436,31 @@ def trace_lambda(step, kl_weight: float = 0.5, hold_steps: int = 10, decay_steps
     return jnp.asarray(kl_weight, _F32) * jnp.where(k >= hold_steps + decay_steps, 0.0, lam)
 
 
+def _teacher_hidden(teacher, batch) -> jax.Array:
+    """The teacher's final hidden states aligned with the student's shifted columns ``[B, T-1, D']``.
+
+    The teacher reads ``[privileged prompt (P', left-padded) ; completion (N)]`` (``teacher_tokens`` /
+    ``teacher_positions`` / ``teacher_valid [B, T' = P'+N]``, :func:`trace_privileged_inputs`; absent: the
+    student's own input) and the student ``[prompt (P) ; completion (N)]`` with ``P' ≥ P``: both end with the same
+    ``N`` completion columns, so student column ``t`` and teacher column ``t + T' − T`` score the same token under
+    the same prefix ``y_<t``; the last ``T−1`` shifted teacher columns are kept (prompt columns carry no loss)."""
+    if "teacher_tokens" not in batch:
+        return _hidden(teacher, batch)
+    T, T2 = jnp.shape(batch["tokens"])[1], jnp.shape(batch["teacher_tokens"])[1]
+    if T2 < T:
+        raise ValueError(f"teacher_tokens width {T2} < tokens width {T}: the privileged prompt must not be "
+                         f"narrower than the student's")
+    out = teacher(batch["teacher_tokens"], positions=batch["teacher_positions"], valid=batch["teacher_valid"],
+                  return_logits=False, return_hidden=True)
+    return out.hidden[:, T2 - T:-1]  # [B, T-1, D']
+
+
 def _span_kl(model, teacher, batch, args: TraceArgs):
-    """Clipped ``fkl``/``rkl`` of the student to the teacher ``[B, T]`` (aligned with tokens, column 0 is 0)."""
+    """Clipped ``fkl``/``rkl`` of the student to the teacher ``[B, T]`` (aligned with tokens, column 0 is 0); the
+    teacher scores the same completion under its privileged prompt (:func:`_teacher_hidden`)."""
     y, _, tau = _shifted(batch)
     hs = _hidden(model, batch)  # [B, T-1, D]
-    ht = jax.lax.stop_gradient(_hidden(teacher, batch))
+    ht = jax.lax.stop_gradient(_teacher_hidden(teacher, batch))
     s_head, t_head = _head(model), _head(teacher)
 
     def one(c):
@@ -401,8 +476,12 @@ def _span_kl(model, teacher, batch, args: TraceArgs):
 def _trace_stats(model, teacher, batch, lam, args: TraceArgs):
     """``logp [B, T]`` of the sampled tokens by :func:`policy_gradient.rollout_token_stats` (the GRPO path, so
     λ = 0 is exactly GRPO) and the span KLs, computed under ``lax.cond(λ > 0)``: once λ reaches 0 the teacher
-    and the KL forward are skipped (§3). While λ > 0 the student runs twice (GRPO log-probs, KL)."""
+    and the KL forward are skipped (§3). While λ > 0 the student runs twice (GRPO log-probs, KL). ``teacher=None``
+    (the self-teacher after λ reached 0: the loop no longer passes it) has no KL branch at all."""
     st = rollout_token_stats(model, batch, chunk_size=args.chunk_size)
+    if teacher is None:
+        zeros = jnp.zeros(jnp.shape(batch["tokens"]), _F32)
+        return {"logp": st["logp"], "entropy": st["entropy"], "fkl": zeros, "rkl": zeros}
     s_graph, s_state = nnx.split(model)
     t_graph, t_state = nnx.split(teacher)
     shape = jnp.shape(batch["tokens"])
@@ -461,23 +540,135 @@ def annotate_completion(completion: str, target: str, correct: bool) -> list[tup
     return []
 
 
+def _step_error_type(step: str, ref: Optional[str]) -> str:
+    """Coarse type (:data:`TRACE_DIAGNOSES`) of a departing scratchpad step ``a∘b=r`` against the solution's
+    ``a'∘'b'=r'`` at the same index: ``wrong operation`` (∘ ≠ ∘'), ``copy error`` (the carried value a ≠ a'),
+    ``wrong operand`` (b ≠ b'), else on the result: ``sign error`` (r = −r'), ``carry error`` (|r − r'| a power of
+    ten ≥ 10), ``arithmetic error``; ``step error`` when either step is not of that form."""
+    import re
+
+    form = r"(-?\d+)([+\-*/])(-?\d+)=(-?\d+)"  # re caches the compiled pattern
+    m, r = re.fullmatch(form, step), re.fullmatch(form, ref) if ref is not None else None
+    if m is None or r is None:
+        return "step error"
+    (a, op, b, res), (a2, op2, b2, res2) = m.groups(), r.groups()
+    if op != op2:
+        return "wrong operation"
+    if a != a2:
+        return "copy error"
+    if b != b2:
+        return "wrong operand"
+    x, y = int(res), int(res2)
+    if x == y:
+        return "step error"
+    if x == -y:
+        return "sign error"
+    d = str(abs(x - y))
+    return "carry error" if len(d) > 1 and d == "1" + "0" * (len(d) - 1) else "arithmetic error"
+
+
+def diagnose_completion(completion: str, target: str, correct: bool) -> str:
+    """The annotator's coarse diagnostic label ``c`` of one completion (§3; rule-based stand-in for the annotator
+    model, same step comparison as :func:`annotate_completion`): ``correct``; for incorrect completions the type
+    of the first departing step (:func:`_step_error_type`), ``extra step`` (beyond the solution's steps),
+    ``no answer`` (every step matches, no ``>answer``), ``missing step`` (fewer steps, wrong answer) or
+    ``answer error``. A type only: never the span text or its location."""
+    if correct:
+        return "correct"
+    steps, answer = _step_chars(completion)
+    ref_steps, _ = _step_chars(target)
+    for i, (s, e) in enumerate(steps):
+        if i >= len(ref_steps):
+            return "extra step"
+        ref = target[ref_steps[i][0]:ref_steps[i][1]]
+        if completion[s:e] != ref:
+            return _step_error_type(completion[s:e], ref)
+    if answer is None:
+        return "no answer"
+    return "missing step" if len(steps) < len(ref_steps) else "answer error"
+
+
+def _privileged_example(example, label: str, template: str):
+    """``example`` with its prompt replaced by ``template`` filled in (§3 teacher context): plain-text prompts
+    become the filled template; chat prompts get it in their last user message (``{prompt}`` = its content)."""
+    def fill(text):
+        return template.format(prompt=text, label=label, target=example.target, answer=example.answer)
+
+    if isinstance(example.prompt, str):
+        return dataclasses.replace(example, prompt=fill(example.prompt))
+    msgs = [dict(m) for m in example.prompt]
+    users = [i for i, m in enumerate(msgs) if m.get("role") == "user"] or [len(msgs) - 1]
+    msgs[users[-1]]["content"] = fill(msgs[users[-1]]["content"])
+    return dataclasses.replace(example, prompt=msgs)
+
+
+def privileged_width(prompt_len: int, completion_len: int, tokenizer, template: str = TRACE_TEMPLATE) -> int:
+    """Static width ``P'`` (tokens) of the teacher's privileged prompts: the student's prompt width ``P``, the
+    template's own text, the longest diagnostic label when it shows ``{label}``, and the completion width ``N`` per
+    ``{target}``/``{answer}`` (a reference longer than the completion budget needs ``privileged_len``)."""
+    from jaxtok.tasks.tokenizer import encode
+
+    extra = len(encode(tokenizer, template.format(prompt="", label="", target="", answer="")))
+    if "{label}" in template:
+        extra += max(len(encode(tokenizer, c)) for c in TRACE_DIAGNOSES)
+    extra += completion_len * (template.count("{target}") + template.count("{answer}"))
+    return prompt_len + extra
+
+
+def trace_privileged_inputs(batch: dict, examples: list, labels: list, tokenizer,
+                            args: "TraceArgs" = None) -> dict:
+    """The self-teacher's input (§3): ``teacher_tokens``, ``teacher_positions``, ``teacher_valid [B, P'+N]`` =
+    the privileged prompt (``args.privileged_template`` filled with the example and its diagnostic label
+    ``labels[b]``, left-padded to ``P'``) followed by the same ``N`` completion columns as ``tokens`` (from the
+    first ``loss_mask`` column on), positions counting valid tokens as in the rollout. ``P' = args.privileged_len``
+    or :func:`privileged_width`, at least ``P``, so :func:`_teacher_hidden` aligns the completion columns. The
+    template ``"{prompt}"`` without ``privileged_len`` returns ``{}``: the teacher reads the student's own input."""
+    from jaxtok.data import prompt_ids
+    from jaxtok.tasks.tokenizer import SpecialTokens
+
+    args = args if args is not None else TraceArgs()
+    tokens, loss_mask = np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"], bool)
+    B, T = tokens.shape
+    cols = np.nonzero(loss_mask.any(axis=0))[0]
+    P = int(cols[0]) if cols.size else T  # the prompt width (completions start at the same column in every row)
+    if args.privileged_template == "{prompt}" and args.privileged_len in (None, P):
+        return {}
+    width = max(P, args.privileged_len or privileged_width(P, T - P, tokenizer, args.privileged_template))
+    prompt = np.full((B, width), SpecialTokens.of(tokenizer).pad, np.int32)  # [B, P'] left-padded
+    prompt_valid = np.zeros((B, width), bool)
+    for b, (ex, label) in enumerate(zip(examples, labels)):
+        ids = prompt_ids(tokenizer, _privileged_example(ex, label, args.privileged_template))
+        if len(ids) > width:
+            raise ConfigError(f"objective.args.privileged_len={width}: the privileged prompt of row {b} has "
+                              f"{len(ids)} tokens; raise privileged_len")
+        prompt[b, width - len(ids):] = ids
+        prompt_valid[b, width - len(ids):] = True
+    valid = np.concatenate([prompt_valid, loss_mask[:, P:]], axis=1)  # [B, P'+N]
+    return {"teacher_tokens": np.concatenate([prompt, tokens[:, P:]], axis=1).astype(np.int32),
+            "teacher_positions": np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32),
+            "teacher_valid": valid}
+
+
 def _piece_lengths(tokenizer, ids) -> list[int]:
     """Characters each token contributes to the decoded text (0 for special tokens)."""
     return [len(tokenizer.decode([int(i)], skip_special_tokens=True)) for i in ids]
 
 
-def trace_annotate(batch: dict, texts: list, examples: list, task, tokenizer) -> dict:
-    """TRACE ``prepare`` hook: ``spans [B, T]`` int8 (:data:`SPAN_KEY` on key spans of correct rollouts,
-    :data:`SPAN_ERROR` on the first departing step of incorrect ones, 0 elsewhere), from the decoded completions
-    and the tasks' verified ``example.target`` (:func:`annotate_completion`). Character spans map to the
-    completion tokens (``loss_mask`` columns, in order) that cover them; text stops at the first end-of-sequence
-    token, like :func:`jaxtok.tasks.tokenizer.decode`."""
+def trace_annotate(batch: dict, texts: list, examples: list, task, tokenizer, args: "TraceArgs" = None) -> dict:
+    """TRACE ``prepare`` hook (the loop passes the objective's ``args``, entry meta ``prepare_args``): ``spans
+    [B, T]`` int8 (:data:`SPAN_KEY` on key spans of correct rollouts, :data:`SPAN_ERROR` on the first departing
+    step of incorrect ones, 0 elsewhere), from the decoded completions and the tasks' verified ``example.target``
+    (:func:`annotate_completion`), plus the teacher's privileged input built from each row's diagnostic label
+    (:func:`diagnose_completion`, :func:`trace_privileged_inputs`). Character spans map to the completion tokens
+    (``loss_mask`` columns, in order) that cover them; text stops at the first end-of-sequence token, like
+    :func:`jaxtok.tasks.tokenizer.decode`."""
     from jaxtok.tasks.tokenizer import SpecialTokens
 
     eos = SpecialTokens.of(tokenizer).eos
     tokens, loss_mask = np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"], bool)
     spans = np.zeros(tokens.shape, np.int8)
     cache: dict[int, int] = {}
+    labels = []
     for b, (text, ex) in enumerate(zip(texts, examples)):
         cols = np.nonzero(loss_mask[b])[0]
         ids = tokens[b, cols]
@@ -489,15 +680,16 @@ def trace_annotate(batch: dict, texts: list, examples: list, task, tokenizer) ->
         ends = np.cumsum([cache[int(i)] for i in ids])
         starts = ends - np.asarray([cache[int(i)] for i in ids])
         correct = task.reward(text, ex) >= 1.0
+        labels.append(diagnose_completion(text, ex.target, correct))
         for s, e, code in annotate_completion(text, ex.target, correct):
             hit = (starts < e) & (ends > s) & (ends > starts)
             spans[b, cols[hit]] = code
-    return {"spans": spans}
+    return {"spans": spans, **trace_privileged_inputs(batch, examples, labels, tokenizer, args)}
 
 
 
 @OBJECTIVES.register("trace", TraceArgs, data="rollout", models=("teacher",), prepare=trace_annotate,
-                     batch_step=True, group_advantages=True)
+                     prepare_args=True, self_teacher=trace_teacher_sync, batch_step=True, group_advantages=True)
 def trace_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: TraceArgs = TraceArgs(), *,
                teacher: Optional[nnx.Module] = None):
     """TRACE (§3): ``L = agg(w_t · ℓ^GRPO_t) + λ_k · Σ_y L_span(y)`` in the aggregation's units, where
@@ -505,15 +697,23 @@ def trace_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: TraceArgs =
     (``token-mean``); ``w_t = 1 − λ_k/w0`` on routed span tokens, 1 elsewhere. ``batch["spans"] [B, T]`` int8
     (:data:`SPAN_KEY` / :data:`SPAN_ERROR`, from :func:`trace_annotate`) is capped at ``coverage_cap`` per row.
 
+    ``teacher``: the self-teacher (the student's synced copy, ``teacher: self``) or the external frozen model; it
+    reads ``teacher_tokens``/``teacher_positions``/``teacher_valid`` (the privileged prompt + the same completion)
+    when the batch has them. ``teacher=None`` with ``teacher: self`` is the run after λ reached 0, where the loop
+    drops the teacher: λ is 0 and the loss is GRPO exactly.
+
     Aux: ``pg_loss``, ``span_kl`` (per span token), ``kl_lambda``, ``key_frac``/``error_frac`` (span tokens per
     loss token), ``clip_frac``, ``reward_mean``."""
-    if teacher is None:
-        raise ConfigError("objective 'trace' needs the frozen teacher model (rollout.teacher_init_from)")
+    if teacher is None and args.teacher == "external":
+        raise ConfigError("objective 'trace' with teacher: external needs the frozen teacher model "
+                          "(rollout.teacher_init_from)")
     require_keys(batch, ("tokens", "positions", "valid", "loss_mask", "old_logprobs", "rewards", "group_ids",
                          "temperature", "spans"), "trace")
     del rng
     step = jnp.asarray(batch["step"]).reshape(-1)[0] if "step" in batch else args.step
     lam = trace_lambda(step, args.kl_weight, args.hold_steps, args.decay_steps)
+    if teacher is None:  # self-teacher dropped (λ_k = 0 for every k ≥ trace_kl_end): pure GRPO
+        lam = jnp.zeros_like(lam)
     st = _trace_stats(model, teacher, batch, lam, args)
     mask = jnp.asarray(batch["loss_mask"], _F32)  # [B, T]
     spans = jnp.asarray(batch["spans"])
