@@ -272,6 +272,15 @@ def _validate(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, t
                              f"mesh (axes {axes})")
 
 
+def check_positions(cfg, prompt_len: int, max_new_tokens: int, name: str = "model") -> None:
+    """Raise a ValueError when a ``[B, prompt_len]`` prompt plus ``max_new_tokens`` generated tokens need more
+    positions than ``cfg.max_position_embeddings`` (the bound speculative decoding and EAD check too)."""
+    need = prompt_len + max_new_tokens
+    if need > cfg.max_position_embeddings:
+        raise ValueError(f"prompt: length {prompt_len} + max_new_tokens {max_new_tokens} = {need} positions exceed "
+                         f"the {name}'s max_position_embeddings={cfg.max_position_embeddings}")
+
+
 def _is_on(value, neutral) -> bool:
     """A filter is compiled in when any entry differs from its neutral value (or when the value is traced)."""
     v = _host(value)
@@ -340,7 +349,8 @@ def generate(
     stop_tokens = tuple(int(t) for t in stop_tokens)
     _validate(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
               return_topk, mesh)
-    b = prompt.shape[0]
+    b, p = prompt.shape
+    check_positions(model.cfg, p, int(max_new_tokens))
     params = sampling_params(b, temperature, top_k, top_p, min_p)
 
     prompt = jnp.where(jnp.asarray(prompt_valid, bool), jnp.asarray(prompt, jnp.int32), pad_id)

@@ -171,3 +171,13 @@ def test_bad_inputs_raise_clear_errors(model):
         generate(model, prompt, valid, max_new_tokens=2, stop_tokens=(V,), rng=jax.random.key(0))
     with pytest.raises(ValueError, match="divisible"):
         generate(model, prompt, valid, max_new_tokens=2, rng=jax.random.key(0), mesh=make_mesh(data=8))
+
+
+def test_prompt_plus_new_tokens_beyond_max_positions_is_named(model):
+    """The audit's finding: ``generate`` ran past ``max_position_embeddings`` silently (speculative decoding and EAD
+    already refused); the error names the prompt length, the new tokens and the model's limit."""
+    prompt, valid = left_pad(ROWS, 6)
+    limit = model.cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"length 6 \+ max_new_tokens {limit - 5} = {limit + 1} positions exceed "
+                                         rf"the model's max_position_embeddings={limit}"):
+        generate(model, prompt, valid, max_new_tokens=limit - 5, rng=jax.random.key(0))
