@@ -3,7 +3,8 @@ metrics, checkpoints, resume.
 
 Run directory::
 
-    <run_dir>/tokenizer.json      the tokenizer (later stages and ``init_from`` reuse it)
+    <run_dir>/tokenizer.json      the tokenizer, with its tokenizer_config.json / generation_config.json / chat
+                                  template when it has them (later stages and ``init_from`` reuse them)
     <run_dir>/metrics.jsonl       one JSON object per logged step / eval
     <run_dir>/checkpoints/<step>/ params, optimizer state, data-iterator state, RNG, meta (model config)
     <run_dir>/summary.json        the dict returned by :func:`train`
@@ -75,17 +76,11 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def load_tokenizer_for(cfg) -> Any:
-    """The run's tokenizer: ``init_from``'s, an HF checkpoint's, or the synthetic tasks' character tokenizer."""
-    from jaxtok.tasks import build_tokenizer, load_tokenizer
+    """The run's tokenizer (:func:`jaxtok.tasks.tokenizer.load_tokenizer_for`): ``tokenizer.path``, ``init_from``'s,
+    an HF checkpoint's, or the synthetic tasks' character tokenizer, with the ``tokenizer`` section's overrides."""
+    from jaxtok.tasks.tokenizer import load_tokenizer_for as load
 
-    if cfg.model.init_from:
-        src = Path(cfg.model.init_from)
-        for cand in (src / TOKENIZER_FILE, src.parent / TOKENIZER_FILE):
-            if cand.is_file():
-                return load_tokenizer(cand)
-    if cfg.model.hf_path:
-        return load_tokenizer(cfg.model.hf_path)
-    return build_tokenizer()
+    return load(cfg)
 
 
 def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None, key: str = "model.init_from",
@@ -426,7 +421,7 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer_for(cfg)
     if jax.process_index() == 0:
-        save_tokenizer(tok, run_dir / TOKENIZER_FILE)
+        save_tokenizer(tok, run_dir)  # tokenizer.json + its config, generation config and chat template
     task = make_task_from_config(cfg.data)
     mesh = mesh_lib.mesh_from_config(cfg.mesh)
     rows = cfg.data.batch_size // cfg.train.micro_batches
@@ -635,11 +630,9 @@ def evaluate(cfg, run_dir: str | Path) -> dict:
     tok = load_tokenizer_for(cfg)
     if _has_checkpoint(run_dir):
         model, _ = load_model(run_dir, mesh=mesh)
-        src = run_dir / TOKENIZER_FILE
-        if src.is_file():
-            from jaxtok.tasks import load_tokenizer
-
-            tok = load_tokenizer(src)
+        if (run_dir / TOKENIZER_FILE).is_file():
+            tok = load_tokenizer_for(dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer,
+                                                                                            path=str(run_dir))))
     else:
         model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
         model = mesh_lib.shard_model(model, mesh)
