@@ -9,13 +9,15 @@ The speculative loop calls, per round and per row (all arrays ``[B]``, no host r
 
 - ``round_gamma(state, gamma_max)`` -> the row's draft cap γ_b for this round (chosen before drafting);
 - ``round_init(batch)`` -> a per-round carry; then after each drafted token ``d_j`` (j = 0, 1, ...):
-  ``after(carry, j, logits_j, hidden_j)`` -> (continue drafting after ``d_j``, carry), where ``logits_j [B, V]``
-  are the drafter's raw logits that produced ``d_j`` and ``hidden_j [B, D]`` its last hidden state at the input
-  position of that forward (only drafters with hidden states provide it; ``needs_hidden`` policies require it);
+  ``after(carry, j, logits_j, hidden_j, token_prob_j)`` -> (continue drafting after ``d_j``, carry), where
+  ``logits_j [B, V]`` are the drafter's raw logits that produced ``d_j``, ``hidden_j [B, D]`` its last hidden state
+  at the input position of that forward (only drafters with hidden states provide it; ``needs_hidden`` policies
+  require it) and ``token_prob_j [B]`` = ``q_j(d_j)``, the probability of the sampled draft under the draft
+  distribution ``q_j = S(logits_j)`` (computed only for ``needs_token_prob`` policies, else None);
 - ``update(state, gamma, drafted, accepted, stats, live)`` -> the state for the next round.
 
 Registered: ``fixed`` (γ = ``decode.draft_len``), ``heuristic`` (+2 after a fully accepted round, −1 otherwise),
-``confidence`` (stop after a draft token whose top-1 probability is below a threshold), ``specdecpp`` (SpecDec++
+``confidence`` (stop after a draft token whose own probability ``q(d_j)`` is below a threshold, as HF), ``specdecpp`` (SpecDec++
 acceptance head, stop when P(any rejection) > h) and ``speckv`` (SpecKV: an MLP over the previous round's draft
 entropy/confidence picks γ ∈ {2, 4, 6, 8}).
 """
@@ -65,6 +67,7 @@ class DraftPolicy:
     """Base: draft up to γmax tokens every round and keep no state (the ``fixed`` policy)."""
 
     needs_hidden = False
+    needs_token_prob = False  # whether ``after`` reads ``token_prob`` (the drafter then computes q_j(d_j))
 
     def init(self, batch: int, gamma_max: int) -> Any:
         return ()
@@ -75,7 +78,8 @@ class DraftPolicy:
     def round_init(self, batch: int) -> Any:
         return ()
 
-    def after(self, carry, j: int | jax.Array, logits: jax.Array, hidden: Optional[jax.Array]):
+    def after(self, carry, j: int | jax.Array, logits: jax.Array, hidden: Optional[jax.Array],
+              token_prob: Optional[jax.Array] = None):
         return jnp.ones(logits.shape[:1], bool), carry
 
     def update(self, state, gamma, drafted, accepted, stats: DraftStats, live):
@@ -143,8 +147,9 @@ def heuristic_update(gamma: jax.Array, accepted: jax.Array, args: HeuristicArgs,
 
 @dataclasses.dataclass(frozen=True)
 class ConfidenceArgs:
-    """HF's ``assistant_confidence_threshold``: stop drafting after a token whose draft top-1 probability is
-    below ``threshold`` (that token is still proposed). ``min_len`` tokens are always drafted."""
+    """HF's ``assistant_confidence_threshold``: stop drafting after a token whose probability under the draft
+    distribution, ``q(d_j)``, is below ``threshold`` (that token is still proposed). ``min_len`` tokens are always
+    drafted."""
 
     threshold: float = 0.4
     min_len: int = 1
@@ -159,17 +164,25 @@ class ConfidenceArgs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Confidence(DraftPolicy):
-    """Confidence stop (§A1.3): continue after ``d_j`` iff ``max softmax(logits_j) >= threshold`` or
-    ``j + 1 < min_len``."""
+    """Confidence stop (§A1.3, HF ``ConfidenceCriteria``): continue after ``d_j`` iff ``q_j(d_j) >= threshold`` or
+    ``j + 1 < min_len``, with ``q_j = S(logits_j)`` the draft distribution ``d_j`` was sampled from (HF reads the
+    processed scores at the sampled token; greedy rows: the untempered softmax at the argmax = the top-1
+    probability). Stopping on the sampled token keeps verification lossless: whether ``d_{j+1}`` is drafted depends
+    only on ``d_{<=j}``."""
 
     args: ConfidenceArgs = dataclasses.field(default_factory=ConfidenceArgs, metadata=dict(static=True))
+    needs_token_prob = True
 
-    def after(self, carry, j, logits, hidden):
-        return confidence_continue(top1_prob(logits), j, self.args), carry
+    def after(self, carry, j, logits, hidden, token_prob=None):
+        if token_prob is None:
+            raise ValueError("policy 'confidence' needs token_prob = q_j(d_j), the probability of the sampled draft "
+                             "token under the draft distribution")
+        return confidence_continue(token_prob, j, self.args), carry
 
 
 def confidence_continue(conf: jax.Array, j, args: ConfidenceArgs) -> jax.Array:
-    """``[B]`` bool: keep drafting after draft index ``j`` (0-based) with top-1 probability ``conf``."""
+    """``[B]`` bool: keep drafting after draft index ``j`` (0-based) whose sampled token has probability ``conf``
+    under the draft distribution."""
     return (conf >= args.threshold) | (j + 1 < args.min_len)
 
 
@@ -220,7 +233,7 @@ class SpecDecPP(DraftPolicy):
         head = nnx.merge(self.head_graphdef, self.head_state)
         return jax.nn.softmax(head(hidden), axis=-1)[..., 1]
 
-    def after(self, carry, j, logits, hidden):
+    def after(self, carry, j, logits, hidden, token_prob=None):
         if hidden is None:
             raise ValueError("policy 'specdecpp' needs the drafter's hidden states: use an autoregressive model "
                              "drafter (decode.draft_init_from), not n-gram or DEER")

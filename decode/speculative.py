@@ -28,8 +28,9 @@ key and whose arrays are traced:
   on ``committed | <mask> x γmax`` (independent per-position marginals; no prefix cache: the full buffer is
   re-encoded each round);
 - :class:`RoutedDrafter` — TAPS (§A5): several drafters; each round every row takes the draft of the drafter
-  with the highest mean top-1 confidence over its proposed tokens (all drafters run; their caches stay valid
-  through the re-feed scheme).
+  whose FIRST draft step is the most confident (top-1 probability of ``q_1``, known before any token is sampled, so
+  the chosen draft is still distributed as that drafter's q and verification stays lossless); all drafters run
+  and their caches stay valid through the re-feed scheme.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ def _probs(logits, params) -> jax.Array:
                                                   p.get("min_p")), axis=-1)
 
 
+def _token_prob(logits, tokens, params) -> jax.Array:
+    """``q(d) = S(logits)[d]``: the probability of the sampled drafts ``tokens [B, ...]`` under the draft
+    distribution of ``logits [B, ..., V]`` (greedy rows: the untempered softmax), float32 ``[B, ...]``."""
+    return jnp.take_along_axis(_probs(logits, params), tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Drafters
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,10 +142,11 @@ class Draft:
     choice: jax.Array
 
 
-def policy_mask(policy: DraftPolicy, logits: jax.Array, gamma: jax.Array, valid: Optional[jax.Array] = None
-                ) -> jax.Array:
+def policy_mask(policy: DraftPolicy, logits: jax.Array, gamma: jax.Array, valid: Optional[jax.Array] = None,
+                token_prob: Optional[jax.Array] = None) -> jax.Array:
     """Apply a draft-length policy to drafts proposed all at once (n-gram, DEER): ``[B, γ]`` leading-True mask
-    ``active_j = active_{j-1} & continue_{j-1} & (j < gamma_b) & valid_j``."""
+    ``active_j = active_{j-1} & continue_{j-1} & (j < gamma_b) & valid_j``. ``token_prob [B, γ]``: ``q_j(d_j)``, the
+    probability of each draft under its draft distribution (needed by ``needs_token_prob`` policies)."""
     b, g = logits.shape[:2]
     carry = policy.round_init(b)
     active = gamma > 0
@@ -147,7 +155,7 @@ def policy_mask(policy: DraftPolicy, logits: jax.Array, gamma: jax.Array, valid:
         if valid is not None:
             active = active & valid[:, j]
         out.append(active)
-        cont, carry = policy.after(carry, j, logits[:, j], None)
+        cont, carry = policy.after(carry, j, logits[:, j], None, None if token_prob is None else token_prob[:, j])
         active = active & cont & (j + 1 < gamma)
     return jnp.stack(out, axis=1)
 
@@ -210,8 +218,9 @@ class ModelDrafter(Drafter):
         def body(c):
             j = c["j"]
             tok = _sample(jax.random.fold_in(ctx.key, j), c["logits"], ctx.params)  # [B]
+            tprob = _token_prob(c["logits"], tok, ctx.params) if policy.needs_token_prob else None  # q_j(d_j) [B]
             tok = jnp.where(c["active"], tok, ctx.pad_id)
-            cont, pcarry = policy.after(c["pcarry"], j, c["logits"], c["hidden"])
+            cont, pcarry = policy.after(c["pcarry"], j, c["logits"], c["hidden"], tprob)
             nxt = c["active"] & cont & (j + 1 < ctx.gamma)
 
             def fwd(_):
@@ -267,7 +276,8 @@ class NgramDrafter(Drafter):
         tokens, valid = ngram_lookup(ctx.seq, ctx.seq_valid, ctx.n, ctx.gamma_max, self.max_ngram, self.min_ngram,
                                      ctx.pad_id)
         logits = jnp.where(jax.nn.one_hot(tokens, self.vocab_size, dtype=bool), 0.0, -jnp.inf)  # [B, γ, V]
-        valid = policy_mask(policy, logits, ctx.gamma, valid & ctx.live[:, None])
+        tprob = jnp.ones(tokens.shape, jnp.float32) if policy.needs_token_prob else None  # q = one-hot: q(d) = 1
+        valid = policy_mask(policy, logits, ctx.gamma, valid & ctx.live[:, None], tprob)
         tokens = jnp.where(valid, tokens, ctx.pad_id)
         b = tokens.shape[0]
         return Draft(tokens, logits, valid, jnp.int32(0), state, jnp.zeros((b,), jnp.int32))
@@ -336,7 +346,8 @@ class DeerDrafter(Drafter):
         at = ctx.n[:, None] + jnp.arange(g)[None, :]  # [B, γ]
         logits = model(tokens, valid=valid & ctx.live[:, None], attention="bidirectional", logits_at=at).logits
         drafts = _sample(ctx.key, logits, ctx.params)  # [B, γ]
-        dvalid = policy_mask(policy, logits, ctx.gamma, jnp.broadcast_to(ctx.live[:, None], (b, g)))
+        tprob = _token_prob(logits, drafts, ctx.params) if policy.needs_token_prob else None  # [B, γ]
+        dvalid = policy_mask(policy, logits, ctx.gamma, jnp.broadcast_to(ctx.live[:, None], (b, g)), tprob)
         return Draft(jnp.where(dvalid, drafts, ctx.pad_id), logits, dvalid, jnp.int32(1), state,
                      jnp.zeros((b,), jnp.int32))
 
@@ -344,9 +355,14 @@ class DeerDrafter(Drafter):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RoutedDrafter(Drafter):
-    """TAPS confidence routing (§A5): every drafter drafts; row b takes the drafter with the highest mean top-1
-    probability over its valid drafts (a drafter with no valid draft scores -1). Its ``choice [B]`` is reported.
-    Deviation from the paper's granularity (first step only): the complete drafts are scored."""
+    """TAPS confidence routing (§A5, the paper's granularity): every drafter drafts; row b takes the drafter whose
+    first draft step has the highest top-1 probability (:func:`routing_confidence`; a drafter without a first draft
+    scores -1). Its ``choice [B]`` is reported.
+
+    Lossless at T > 0: the score depends only on the committed prefix (the first step's logits), never on the
+    tokens a drafter sampled, so the chosen draft has exactly that drafter's distribution q, the one verification
+    uses. Scoring whole drafts (the earlier mean over all drafts) selects drafts by their own sampled tokens and
+    biases the output whenever a drafter's later logits depend on its samples (AR drafters)."""
 
     drafters: tuple
 
@@ -381,11 +397,10 @@ class RoutedDrafter(Drafter):
 
 
 def routing_confidence(logits: jax.Array, valid: jax.Array) -> jax.Array:
-    """TAPS routing score ``[B]``: mean top-1 probability of raw draft logits ``[B, γ, V]`` over valid drafts;
-    -1 where there is none."""
-    conf = top1_prob(logits)
-    cnt = jnp.sum(valid, axis=1)
-    return jnp.where(cnt > 0, jnp.sum(jnp.where(valid, conf, 0.0), axis=1) / jnp.maximum(cnt, 1), -1.0)
+    """TAPS routing score ``[B]`` (§A5): top-1 probability of the FIRST draft step's raw logits ``logits[:, 0]``
+    (``[B, γ, V]`` given), -1 where the first draft is not valid. Uses nothing a drafter sampled: ``logits[:, 0]`` and
+    ``valid[:, 0]`` are functions of the committed prefix only (later steps are not: they condition on drafts)."""
+    return jnp.where(valid[:, 0], top1_prob(logits[:, 0]), -1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

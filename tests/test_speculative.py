@@ -180,6 +180,22 @@ def test_greedy_equals_ar_and_sampling_is_lossless(models, greedy_ref, greedy_ru
         assert np.sum(np.asarray(s.accepted)) > 0 and np.sum(np.asarray(s.accepted)) < np.sum(np.asarray(s.drafted))
 
 
+def test_taps_with_two_ar_drafters_is_lossless_at_positive_temperature(models, target_joint):
+    """TAPS (§A5) routing between two AR model drafters (different seeds), whose later draft logits depend on the
+    tokens they sampled: the emitted tokens must still follow the target's law (χ² on the joint of the first three
+    outputs, 4096 rows in one call). Routing on the mean confidence of the whole draft (the old rule) selected drafts
+    by their own samples and failed this test (p ≈ 1e-15); routing on the first step's confidence passes."""
+    drafters = tuple(ModelDrafter.of(Decoder(_cfg(16), rngs=nnx.Rngs(seed))) for seed in (5, 6))
+    prompt = np.tile(np.array([[0] + SAMPLE_PROMPT], np.int32), (2 * ROWS, 1))
+    valid = prompt > -1
+    valid[:, 0] = False
+    s = _run(models, RoutedDrafter(drafters), dp.build_policy("fixed"), TEMP, rng=1, prompt=prompt, valid=valid)
+    routes = np.asarray(s.route_counts).sum(0)
+    assert np.all(routes > 0.2 * routes.sum())  # both drafters win a good share of rounds
+    toks = np.where(np.asarray(s.valid), np.asarray(s.tokens), V)[:, :3]
+    assert _chi2_pvalue(toks, target_joint) > 1e-3
+
+
 def test_identical_drafter_accepts_everything(models):
     """§A1.5 prop 3: q == p (the target drafts for itself) ⇒ every draft is accepted: one round of γ+1 = 4 tokens
     after the prefill's token (N = 4 keeps the first 3)."""
@@ -248,6 +264,49 @@ def test_confidence_rule():
     np.testing.assert_array_equal(dp.confidence_continue(conf, 1, args), [False, True, True])
     logits = jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]]))
     np.testing.assert_allclose(dp.top1_prob(logits), [0.7, 0.3], rtol=1e-6)
+
+
+def test_confidence_policy_stops_on_the_sampled_tokens_probability(models):
+    """HF's confidence stop reads q(d_j), the probability of the SAMPLED draft token, not the drafter's top-1
+    probability: a drafter whose top-1 is 0.9 but which sampled a 0.05 token stops there (the old top-1 rule drafted
+    on). End to end in the model drafter's loop, every round's draft count is replayed from q(d) of its tokens."""
+    policy = dp.build_policy("confidence", {"threshold": 0.5})
+    carry = policy.round_init(2)
+    logits = jnp.log(jnp.array([[0.9, 0.05, 0.03, 0.02], [0.9, 0.05, 0.03, 0.02]]))
+    cont, _ = policy.after(carry, 0, logits, None, token_prob=jnp.array([0.9, 0.05]))  # row 1 sampled token 1
+    np.testing.assert_array_equal(cont, [True, False])  # the old top-1 rule continued both rows
+    with pytest.raises(ValueError, match="token_prob"):
+        policy.after(carry, 0, logits, None)
+    # end to end in the model drafter's loop: the drafter is the target (every draft accepted, so the stop rule alone
+    # sets each round's length); replay the rounds on the emitted tokens with q(d) from a full forward
+    target = models[0]
+    rows, n = 256, 8
+    prompt = np.tile(np.array([[0] + SAMPLE_PROMPT], np.int32), (rows, 1))
+    out = speculative_generate(target, ModelDrafter.of(target), prompt, prompt > 0, max_new_tokens=n, draft_len=G,
+                               policy=policy, temperature=1.0, stop_tokens=(), rng=jax.random.key(5))
+    toks = np.asarray(out.tokens)
+    assert np.all(np.asarray(out.accepted) == np.asarray(out.drafted))
+    seq = np.concatenate([prompt, toks], 1)
+    probs = np.asarray(jax.nn.softmax(target(jnp.asarray(seq), valid=jnp.asarray(seq > -1).at[:, 0].set(False))
+                                      .logits, -1))
+    qd = np.take_along_axis(probs[:, 4:4 + n - 1], toks[:, 1:, None], -1)[..., 0]  # q(token i), i = 1..n-1
+    checked = 0
+    for r in range(rows):
+        i, drafted, known = 1, 0, True
+        while i < n:  # a round drafting from token i emits k drafts + 1 token
+            low = np.nonzero(qd[r, i - 1:min(i - 1 + G, n - 1)] < 0.5)[0]
+            if low.size:
+                k = int(low[0]) + 1
+            elif i - 1 + G <= n - 1:
+                k = G
+            else:
+                known = False  # the last round's drafts run past the emitted tokens
+                break
+            drafted, i = drafted + k, i + k + 1
+        if known:
+            assert int(out.drafted[r]) == drafted, r
+            checked += 1
+    assert checked > rows // 4
 
 
 def test_specdecpp_rule():
@@ -338,14 +397,15 @@ def test_policy_mask_and_routing_confidence():
 
     @jax.jit  # one compile instead of one per eager op
     def pieces(logits, valid):
-        return (policy_mask(conf, logits, jnp.array([3])),
+        tprob = jnp.take_along_axis(jax.nn.softmax(logits), jnp.zeros((1, 3, 1), jnp.int32), -1)[..., 0]  # d = 0
+        return (policy_mask(conf, logits, jnp.array([3]), token_prob=tprob),
                 policy_mask(dp.build_policy("fixed"), logits, jnp.array([2])),
                 routing_confidence(jnp.concatenate([logits, logits]), valid))
 
     by_conf, by_fixed, route = pieces(logits, valid)
-    np.testing.assert_array_equal(by_conf, [[True, True, False]])
+    np.testing.assert_array_equal(by_conf, [[True, True, False]])  # q(d) = 0.9, 0.3 < 0.5: stop after d_1
     np.testing.assert_array_equal(by_fixed, [[True, True, False]])
-    np.testing.assert_allclose(route, [0.6, -1.0], rtol=1e-5)
+    np.testing.assert_allclose(route, [0.9, -1.0], rtol=1e-5)  # the first step's top-1, not the mean over drafts
 
 
 # ----------------------------------------------------------------------------------------------------------------
