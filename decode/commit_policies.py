@@ -677,27 +677,41 @@ def _entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)
 
 
-@register("infogain", InfoGainArgs, lookahead=True)
-def infogain(info: StepInfo, args: InfoGainArgs, state, spec: LoopSpec, heads=None) -> Decision:
-    """Info-Gain sampler (§B15): candidate 0 commits the most confident eligible position, candidates c >= 1 the
-    argmax of ``conf / position_temperature + Gumbel``, each with its proposal ``x0``; one batched lookahead forward
-    scores ``J = −H(current at the position) − mean H(next logits over the remaining masks)``; the best candidate is
-    committed. Bypass: rows whose eligible positions all have top probability >= ``threshold`` commit the whole
-    block. Differences from the reference: the proposals are the step's ``x0`` for every candidate (diversity from
-    positions only, as the reference at T = 0), and the chosen candidate's lookahead logits are not reused, so a
-    step costs two forwards (``Decision.nfe``)."""
-    n = spec.gen_len
-    maxp = jnp.exp(jnp.max(jax.nn.log_softmax(info.logits.astype(jnp.float32), -1), -1))  # [B, N]
-    has = jnp.any(info.eligible, -1)
-    bypass = has & jnp.all(jnp.where(info.eligible, maxp >= args.threshold, True), -1)  # [B]
+def infogain_candidates(info: StepInfo, args: InfoGainArgs, spec: LoopSpec):
+    """Info-Gain's candidate actions (§B15): ``(pos [B, C], tok [B, C])``. Candidate 0 is the most confident eligible
+    position with the step's proposal ``x0``; candidate c >= 1 takes the argmax of ``conf / position_temperature +
+    Gumbel`` and, at T > 0, a FRESH draw ``tok_c ~ softmax(logits[pos_c] / T)`` (the reference's per-candidate
+    ``sample_tokens``), so candidates at one position propose distinct tokens; at T = 0 every candidate proposes
+    the argmax (diversity from positions only, as the reference)."""
+    n, c = spec.gen_len, args.candidates
     scores = jnp.where(info.eligible, info.conf, -jnp.inf)
     first = jnp.argmax(scores, -1)[:, None]  # [B, 1]
-    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3), (args.candidates - 1, n),
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3), (c - 1, n),
                                               minval=1e-20, maxval=1.0))(info.keys)  # [B, C-1, N]
     noisy = info.conf[:, None] / args.position_temperature - jnp.log(-jnp.log(u))
     rest = jnp.argmax(jnp.where(info.eligible[:, None], noisy, -jnp.inf), -1)  # [B, C-1]
     pos = jnp.concatenate([first, rest], axis=1).astype(jnp.int32)  # [B, C]
-    tok = jnp.take_along_axis(info.x0, pos, axis=1)
+    tok = jnp.take_along_axis(info.x0, pos, axis=1)  # [B, C]
+    if spec.temperature > 0 and c > 1:
+        lg = jnp.take_along_axis(info.logits, rest[..., None], axis=1).astype(jnp.float32)  # [B, C-1, V]
+        fresh = jax.vmap(lambda k, l: gumbel_argmax(jax.random.fold_in(k, 6), l / spec.temperature))(info.keys, lg)
+        tok = tok.at[:, 1:].set(fresh.astype(tok.dtype))
+    return pos, tok
+
+
+@register("infogain", InfoGainArgs, lookahead=True)
+def infogain(info: StepInfo, args: InfoGainArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Info-Gain sampler (§B15): candidate actions from :func:`infogain_candidates` (candidate 0: the most confident
+    eligible position with its proposal ``x0``; c >= 1: Gumbel-perturbed positions with fresh token draws at T > 0);
+    one batched lookahead forward scores ``J = −H(current at the position) − mean H(next logits over the remaining
+    masks)``; the best candidate's token is committed at its position. Bypass: rows whose eligible positions all
+    have top probability >= ``threshold`` commit the whole block with ``x0``. Difference from the reference: the
+    chosen candidate's lookahead logits are not reused, so a step costs two forwards (``Decision.nfe``)."""
+    n = spec.gen_len
+    maxp = jnp.exp(jnp.max(jax.nn.log_softmax(info.logits.astype(jnp.float32), -1), -1))  # [B, N]
+    has = jnp.any(info.eligible, -1)
+    bypass = has & jnp.all(jnp.where(info.eligible, maxp >= args.threshold, True), -1)  # [B]
+    pos, tok = infogain_candidates(info, args, spec)  # [B, C]
     need = has & ~bypass
     nxt = jax.lax.cond(jnp.any(need), lambda: heads["lookahead"](pos, tok),
                        lambda: jnp.zeros(pos.shape + info.logits.shape[1:], jnp.float32))  # [B, C, N, V]
@@ -706,10 +720,13 @@ def infogain(info: StepInfo, args: InfoGainArgs, state, spec: LoopSpec, heads=No
     h_next = jnp.sum(jnp.where(remaining, _entropy(nxt), 0.0), -1) / jnp.maximum(jnp.sum(remaining, -1), 1)
     cost = jnp.take_along_axis(_entropy(info.logits), pos, axis=1)  # [B, C]
     j = -h_next - (cost if args.objective == "info_gain" else 0.0)
-    best = jnp.take_along_axis(pos, jnp.argmax(j, -1)[:, None], axis=1)  # [B, 1]
+    pick_c = jnp.argmax(j, -1)[:, None]  # [B, 1]
+    best = jnp.take_along_axis(pos, pick_c, axis=1)  # [B, 1]
+    best_tok = jnp.take_along_axis(tok, pick_c, axis=1)  # [B, 1]
     pick = (jnp.arange(n)[None, :] == best) & info.eligible
     commit = jnp.where(bypass[:, None], info.eligible, pick)
-    return Decision(commit, info.x0, state, nfe=need.astype(jnp.int32))
+    x0 = jnp.where(pick & ~bypass[:, None], best_tok, info.x0)
+    return Decision(commit, x0, state, nfe=need.astype(jnp.int32))
 
 
 __all__ = [
@@ -717,4 +734,5 @@ __all__ = [
     "factor_commit", "logit_gap", "adablock_end", "ass_schedule", "eos_scaled", "row_uniform", "block_features",
     "scatter_block", "LLaDAArgs", "ThresholdArgs", "FactorArgs", "ProphetArgs", "AdaBlockArgs", "EOSERArgs",
     "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs", "TraceLockArgs", "S2D2Args",
+    "infogain_candidates",
 ]

@@ -231,6 +231,37 @@ def test_infogain_limits():
     assert fill.nfe.tolist() == [2, 2] and np.ptp(np.asarray(fill.commit_step).reshape(2, 2, 4), -1).max() == 0
 
 
+def test_infogain_candidates_draw_distinct_tokens_at_positive_temperature():
+    """Info-Gain (§B15): candidate c >= 1 samples its own token (``sample_tokens(logits, T)`` per candidate) at
+    T > 0; the old code gave every candidate the step's single proposal ``x0``. One eligible position, 64 candidates
+    per row: the fresh draws follow softmax(logits / T) (χ²) and differ from each other; at T = 0 all are the
+    argmax."""
+    b, n, c = 64, 4, 64
+    probs = np.array([0.4, 0.3, 0.2, 0.1])
+    logits = np.full((b, n, V), -30.0, np.float32)
+    logits[:, :, 20:24] = np.log(probs)
+    eligible = np.zeros((b, n), bool)
+    eligible[:, 1] = True
+    x0 = np.full((b, n), 20, np.int32)
+    info = cp.StepInfo(logits=jnp.asarray(logits), x0=jnp.asarray(x0), conf=jnp.full((b, n), 0.4),
+                       eligible=jnp.asarray(eligible), masked=jnp.asarray(eligible), is_stop=jnp.zeros((b, n), bool),
+                       lo=jnp.zeros(b, jnp.int32), hi=jnp.full(b, n, jnp.int32), block_step=jnp.zeros(b, jnp.int32),
+                       block_masks=jnp.ones(b, jnp.int32), step=jnp.int32(0), keys=jax.random.split(jax.random.key(0), b))
+    args = cp.InfoGainArgs(candidates=c)
+    spec = cp.LoopSpec(gen_len=n, block_len=n, steps=n, steps_per_block=n, stop_ids=(2,), mask_id=MASK,
+                       temperature=1.0)
+    pos, tok = cp.infogain_candidates(info, args, spec)
+    assert (np.asarray(pos) == 1).all()
+    tok = np.asarray(tok)
+    np.testing.assert_array_equal(tok[:, 0], 20)  # candidate 0 keeps the step's proposal
+    assert all(len(set(row[1:])) >= 3 for row in tok)  # distinct proposals among the candidates of every row
+    counts = np.bincount(tok[:, 1:].ravel() - 20, minlength=4)[:4]
+    expected = probs * tok[:, 1:].size
+    assert counts.sum() == tok[:, 1:].size and np.sum((counts - expected) ** 2 / expected) < 16.3  # 3 dof, p=0.001
+    _, greedy = cp.infogain_candidates(info, args, dataclasses.replace(spec, temperature=0.0))
+    np.testing.assert_array_equal(greedy, 20)
+
+
 def test_tracelock_limits():
     model = Scripted(np.random.default_rng(4).normal(0.0, 3.0, (8, V)), 3)
     ctrl = TraceController(17, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
