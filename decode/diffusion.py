@@ -29,7 +29,8 @@ Caches (``SamplerArgs.cache``, §B10):
   window — ``prefix``: from the block start to the end (``[B, N]``), ``dual``: the block (``[B, block_len]``) — over
   the cache, whose slots for the window's own columns are hidden (positions -1) and whose other keys are stale
   until the next refresh. Same NFE, less compute per step; outputs drift from ``none`` (measured, not asserted). On a
-  block-causal model both are exact (stale keys are never visible to the block).
+  block-causal model both are exact: the window is widened to whole position blocks (:func:`window_columns`), so a
+  prompt ending inside a position block has its tail recomputed with the block, and no stale key is visible to it.
 - ``block``: the exact block KV cache of a block-causal model: positions before the previous block live in the
   cache, each step runs a ``[B, 2·block]`` window (previous block, current block) and rolls the cache back, and a
   row entering its next block keeps the previous block's (now final) keys. The first step's prefill counts as one
@@ -135,6 +136,21 @@ def fixed_block_end(start: jax.Array, plen: jax.Array, block_len: int, n: int, a
     return jnp.minimum(end, n).astype(jnp.int32)
 
 
+def window_columns(start: jax.Array, end: jax.Array, pad: jax.Array, block_size: Optional[int], length: int):
+    """Columns ``[c0, c1)`` (``[B]`` each) a Fast-dLLM cache window (§B10) recomputes for the window ``[start, end)``.
+
+    Bidirectional models: the window itself. Block-causal models (``block_size`` given; position = column − ``pad``):
+    widened to whole position blocks, ``c0 = pad + (start − pad) // bs · bs`` and ``c1 = pad + ⌈(end − pad) / bs⌉ · bs``
+    (≤ ``length``). Every key a block query can see then is either recomputed or final in the cache (earlier position
+    blocks never attend to later ones), so the cached window equals the full forward exactly — also when the prompt
+    ends inside a position block. Widens each side by at most ``bs − 1`` columns."""
+    if block_size is None:
+        return start, end
+    c0 = pad + ((start - pad) // block_size) * block_size
+    c1 = jnp.minimum(pad + -(-(end - pad) // block_size) * block_size, length)
+    return c0.astype(jnp.int32), c1.astype(jnp.int32)
+
+
 def _row_keys(rng: jax.Array, step: jax.Array, b: int) -> jax.Array:
     k = jax.random.fold_in(rng, step)
     return jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(b))
@@ -226,6 +242,8 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
 
     approx = args.cache in ("prefix", "dual")
     width = n if (args.cache == "prefix" or block_rule is not None) else min(spec.block_len, n)
+    if approx and aligned:  # room for the rest of the position blocks the window touches (prompt tail included)
+        width += 2 * (bs - 1)
 
     def refresh(x):
         """Fast-dLLM cache refresh: a full forward writing every position's keys (and this step's logits)."""
@@ -236,19 +254,22 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
 
     def approx_window(x, cache, lo, hi):
         """Logits of the window from the block start (prefix: to the end; dual: the block) over the refreshed
-        cache, whose slots for the window's own columns are hidden (positions -1)."""
+        cache, whose slots for the window's own columns are hidden (positions -1). On a block-causal model the window
+        is widened to whole position blocks (:func:`window_columns`): the prompt's tail (a prompt ending inside a
+        position block) and any other column sharing a position block with the active block attend to it, so their
+        keys change as it is decoded and must be recomputed, not read stale from the cache."""
         model = nnx.merge(graphdef, model_state)
-        c0 = p + lo  # [B] first window column
+        end = jnp.broadcast_to(length if args.cache == "prefix" else p + hi, (b,))
+        c0, end = window_columns(p + lo, end, pad, bs if aligned else None, length)  # [B], [B]
         cols = c0[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]  # [B, W]
-        end = length if args.cache == "prefix" else p + hi
-        wvalid = cols < jnp.broadcast_to(end, (b,))[:, None]
+        wvalid = cols < end[:, None]
         slot = jnp.arange(cache.capacity)[None, :]
-        hide = (slot >= c0[:, None]) & (slot < jnp.broadcast_to(end, (b,))[:, None])
+        hide = (slot >= c0[:, None]) & (slot < end[:, None])
         view = dataclasses.replace(cache, positions=jnp.where(hide, -1, cache.positions))
         safe = jnp.clip(cols, 0, length - 1)
         out = model(jnp.take_along_axis(x, safe, axis=1), positions=jnp.take_along_axis(positions, safe, axis=1),
                     valid=wvalid, attention=attention, block_size=block_size, cache=view)
-        off = jnp.clip(idx - lo[:, None], 0, width - 1)
+        off = jnp.clip(p + idx - c0[:, None], 0, width - 1)
         return jnp.take_along_axis(out.logits, off[..., None], axis=1)  # [B, N, V]; exact in the window
 
     def lookahead(x, pos, tok):

@@ -341,18 +341,29 @@ def test_rows_are_batch_invariant(decoder):
 
 
 def test_caches_equal_the_full_forward_on_a_block_causal_model(decoder):
-    prompt = np.array([[0, 0, 1, 11, 21, 12, 25], [1, 12, 22, 13, 14, 21, 25], [0, 0, 0, 0, 0, 1, 25]])
-    valid = prompt != 0
-    valid[1, 0] = True
-    out = {c: diffusion_generate(decoder, prompt, valid, gen_len=10, policy="threshold", attention="block_causal",
-                                 block_size=4, temperature=1.0, rng=jax.random.key(3), stop_tokens=(2,),
-                                 policy_args={"cache": c, "stop_early": False})
-           for c in ("none", "block", "dual")}
-    for c in ("block", "dual"):  # block-causal: no stale key is ever visible to the block
-        np.testing.assert_array_equal(out[c].tokens, out["none"].tokens)
-        np.testing.assert_array_equal(out[c].commit_step, out["none"].commit_step)
-    np.testing.assert_array_equal(out["block"].nfe, out["none"].nfe + 1)  # + the prefix prefill
-    np.testing.assert_array_equal(out["dual"].nfe, out["none"].nfe)
+    """On a block-causal model every cache equals the full forward token for token. Two batches of one shape: mixed
+    prompt lengths (rows start blocks at different steps) and every prompt ending inside a position block (5 tokens,
+    block 4: the prompt's last token shares a position block with the first generated ones, and rows share their
+    block starts, so the Fast-dLLM caches are reused between refreshes). The old prefix/dual window left that
+    prompt tail's keys stale (4 of these 64 rows differed)."""
+    rng = np.random.default_rng(0)
+    b, p = 64, 7
+    toks = rng.integers(11, V, (b, p))
+    outs = {}
+    for name, lens in (("mixed", rng.integers(1, p + 1, b)), ("mid_block", np.full(b, 5))):
+        valid = np.arange(p)[None, :] >= (p - lens)[:, None]
+        outs[name] = {c: diffusion_generate(decoder, np.where(valid, toks, 0), valid, gen_len=10, policy="threshold",
+                                            attention="block_causal", block_size=4, temperature=1.0,
+                                            rng=jax.random.key(3), stop_tokens=(2,),
+                                            policy_args={"cache": c, "stop_early": False, "threshold": 0.5})
+                      for c in ("none", "block", "dual", "prefix")}
+    for out in outs.values():
+        for c in ("block", "dual", "prefix"):  # block-causal: no stale key is ever visible to the block
+            np.testing.assert_array_equal(out[c].tokens, out["none"].tokens, err_msg=c)
+            np.testing.assert_array_equal(out[c].commit_step, out["none"].commit_step, err_msg=c)
+        np.testing.assert_array_equal(out["block"].nfe, out["none"].nfe + 1)  # + the prefix prefill
+        np.testing.assert_array_equal(out["dual"].nfe, out["none"].nfe)
+        np.testing.assert_array_equal(out["prefix"].nfe, out["none"].nfe)
 
 
 def test_bad_input_is_named(decoder):
