@@ -583,15 +583,43 @@ def tracelock(info: StepInfo, args: TraceLockArgs, state, spec: LoopSpec, heads=
 # ----------------------------------------------------------------------------------------------------------------
 
 
+S2D2_SPAN_BINS, S2D2_PROGRESS_BINS, S2D2_ENTROPY_BINS = 4, 2, 2  # bandit context bins [INFERRED]
+S2D2_CONTEXTS = S2D2_SPAN_BINS * S2D2_PROGRESS_BINS * S2D2_ENTROPY_BINS
+
+
 @dataclasses.dataclass(frozen=True)
 class S2D2Args(SamplerArgs):
-    """``min_span``: verify when the first masked span of the block is at least this long (routing
-    ``mask_span_length``; 1 = always); ``kappa``: ratio tempering ``min(1, (q/p)^κ)`` (1 = lossless);
-    ``threshold`` τ_c of the ``low_confidence_dynamic`` fallback (SDAR config 0.85)."""
+    """S2D2 (§B13). ``kappa``: ratio tempering ``min(1, (q/p)^κ)`` (1 = lossless); ``threshold`` τ_c of the
+    ``low_confidence_dynamic`` fallback (SDAR config 0.85) and of ``N_hi``. ``router`` (when to run the verifier):
+
+    - ``mask_span_length``: verify iff the first masked span of the block has at least ``min_span`` positions
+      (1 = always);
+    - ``score_threshold``: verify iff ``score >= score_threshold`` (τ_score), ``score = E[K] − cost`` (``score_mode``
+      ``static``) or ``E[K] − cost · N_hi`` (``dynamic``), ``E[K] = Σ_k Π_{i≤k} α_i`` over the span;
+    - ``score_hysteresis``: on/off per row; on stays on unless ``score < tau_off``, off turns on iff
+      ``score > tau_on`` (Fast-dLLM-v2 config: τ_on 1, τ_off −5, dynamic, c 1);
+    - ``contextual_bandit_ucb``: arms {skip, verify} per context bin (span length, block progress, span entropy),
+      reward = tokens committed / cost (``verify_cost`` if verify else 1), UCB ``mean + ucb_beta·sqrt(ln t / n)``.
+
+    ``alpha`` (acceptance estimate per span position from the draft logits): ``soft_entropy_negexp``
+    ``α = exp(−alpha_beta · H / log V)`` (β = 1) or ``hard_margin_threshold`` ``α = 1[top1 − top2 prob > margin]``
+    (0.05)."""
 
     min_span: int = 1
     kappa: float = 1.0
     threshold: float = 0.85
+    router: Literal["mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb"] = \
+        "mask_span_length"
+    alpha: Literal["soft_entropy_negexp", "hard_margin_threshold"] = "soft_entropy_negexp"
+    alpha_beta: float = 1.0
+    margin: float = 0.05
+    score_mode: Literal["static", "dynamic"] = "static"
+    cost: float = 1.0
+    score_threshold: float = 0.0
+    tau_on: float = 1.0
+    tau_off: float = -5.0
+    ucb_beta: float = 1.0
+    verify_cost: float = 2.0
 
 
 def _tempered_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
@@ -599,33 +627,111 @@ def _tempered_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
     return jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
 
 
-@register("s2d2", S2D2Args, scheduled=True, verifier=True)
+def s2d2_alpha(logits: jax.Array, args: S2D2Args) -> jax.Array:
+    """S2D2's per-position acceptance estimate α ``[..., ]`` from raw draft logits ``[..., V]`` (§B13 α estimators):
+    ``soft_entropy_negexp`` ``exp(−β·H/log V)``, ``hard_margin_threshold`` ``1[p_top1 − p_top2 > margin]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if args.alpha == "hard_margin_threshold":
+        top2 = jnp.exp(jax.lax.top_k(logp, 2)[0])
+        return (top2[..., 0] - top2[..., 1] > args.margin).astype(jnp.float32)
+    h = -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)
+    return jnp.exp(-args.alpha_beta * h / jnp.log(float(logits.shape[-1])))
+
+
+def s2d2_expected_accepts(alpha: jax.Array, in_span: jax.Array) -> jax.Array:
+    """``E[K] = Σ_{k=1}^{|span|} Π_{i≤k} α_i`` (§B13 score): ``alpha``, ``in_span`` ``[B, K]`` (leading True) -> ``[B]``."""
+    return jnp.sum(jnp.where(in_span, jnp.cumprod(jnp.where(in_span, alpha, 1.0), axis=-1), 0.0), axis=-1)
+
+
+def s2d2_score(expected: jax.Array, n_hi: jax.Array, args: S2D2Args) -> jax.Array:
+    """Router score ``[B]``: ``E[K] − c`` (``difference_static``) or ``E[K] − c·N_hi`` (``difference_dynamic``)."""
+    if args.score_mode == "dynamic":
+        return expected - args.cost * n_hi.astype(jnp.float32)
+    return expected - args.cost
+
+
+def s2d2_hysteresis(on: jax.Array, score: jax.Array, tau_on: float, tau_off: float) -> jax.Array:
+    """``score_hysteresis`` (§B13): a row that verifies keeps verifying unless ``score < τ_off``; a row that does not
+    starts iff ``score > τ_on``. Returns the new on/off ``[B]`` (= verify this step)."""
+    return jnp.where(on, score >= tau_off, score > tau_on)
+
+
+def s2d2_context(run: jax.Array, block_len: int, progress: jax.Array, entropy: jax.Array) -> jax.Array:
+    """Bandit context bin ``[B]`` int32 [INFERRED bin edges; the spec names the features only]: span length
+    ``run`` in ``S2D2_SPAN_BINS`` equal bins of ``1..block_len``, block progress (decoded share of the block's masks,
+    ``[0, 1]``) and mean normalized span entropy (``[0, 1]``) in ``S2D2_PROGRESS_BINS`` / ``S2D2_ENTROPY_BINS``."""
+    sb = jnp.clip((run - 1) * S2D2_SPAN_BINS // max(block_len, 1), 0, S2D2_SPAN_BINS - 1)
+    pb = jnp.clip(jnp.floor(progress * S2D2_PROGRESS_BINS), 0, S2D2_PROGRESS_BINS - 1).astype(jnp.int32)
+    eb = jnp.clip(jnp.floor(entropy * S2D2_ENTROPY_BINS), 0, S2D2_ENTROPY_BINS - 1).astype(jnp.int32)
+    return ((sb * S2D2_PROGRESS_BINS + pb) * S2D2_ENTROPY_BINS + eb).astype(jnp.int32)
+
+
+def s2d2_ucb_choose(counts: jax.Array, rewards: jax.Array, t: jax.Array, beta: float) -> jax.Array:
+    """UCB over arms {0 = skip, 1 = verify} of one context per row: ``counts``, ``rewards`` ``[B, 2]`` (sums), ``t [B]``
+    decisions so far. ``mean_a + β·sqrt(ln(t + 1) / n_a)``, an untried arm first (skip before verify) [INFERRED tie
+    and exploration order]. Returns ``verify [B]`` bool."""
+    mean = rewards / jnp.maximum(counts, 1.0)
+    bonus = beta * jnp.sqrt(jnp.log(t[:, None] + 1.0) / jnp.maximum(counts, 1.0))
+    ucb = jnp.where(counts > 0, mean + bonus, jnp.inf)
+    return jnp.argmax(ucb, axis=-1) == 1
+
+
+def _s2d2_state(b: int, n: int) -> dict:
+    """Per-row router carry: hysteresis ``on [B]``; bandit ``counts/rewards [B, contexts, 2]`` and ``t [B]``."""
+    return {"on": jnp.zeros((b,), bool), "counts": jnp.zeros((b, S2D2_CONTEXTS, 2), jnp.float32),
+            "rewards": jnp.zeros((b, S2D2_CONTEXTS, 2), jnp.float32), "t": jnp.zeros((b,), jnp.float32)}
+
+
+@register("s2d2", S2D2Args, scheduled=True, verifier=True, init_state=_s2d2_state)
 def s2d2(info: StepInfo, args: S2D2Args, state, spec: LoopSpec, heads=None) -> Decision:
     """S2D2 (§B13): the block's drafts ``x0 ~ p`` (diffusion mode) on the first contiguous masked span are verified
-    by the same model in AR mode (``q``, one batched forward): draft j is accepted with probability
-    ``min(1, (q_j(d_j)/p_j(d_j))^κ)`` while all earlier ones were; at the first rejection the token is resampled
-    from ``normalize(max(0, q − p))`` (A1). With κ = 1 and T > 0 every verified position is distributed as ``q``.
-    If fewer than the scheduled ``k`` tokens were committed, the rest come from the ``low_confidence_dynamic``
-    rule (all eligible with confidence > τ_c if at least k of them, else the top-k)."""
+    by the same model in AR mode (``q``, one batched forward of K = block_len sequence copies) when the ``router``
+    says so (:class:`S2D2Args`): draft j is accepted with probability ``min(1, (q_j(d_j)/p_j(d_j))^κ)`` while all
+    earlier ones were; at the first rejection the token is resampled from ``normalize(max(0, q − p))`` (A1). With
+    κ = 1 and T > 0 every verified position is distributed as ``q``. If fewer than the scheduled ``k`` tokens were
+    committed, the rest come from the ``low_confidence_dynamic`` rule (all eligible with confidence > τ_c if at
+    least k of them, else the top-k). NFE: the verifier's K sequence copies count K forwards (``Decision.nfe``)."""
     n, kb = spec.gen_len, spec.block_len
     idx = jnp.arange(n)[None, :]
     start = first_true_index(info.eligible)  # [B]
     rel = idx - start[:, None]
-    run = count_leading_true(jnp.take_along_axis(info.eligible, jnp.clip(start[:, None] + jnp.arange(kb)[None, :],
-                                                                          0, n - 1), axis=1)
+    cols = jnp.clip(start[:, None] + jnp.arange(kb)[None, :], 0, n - 1)  # [B, K]
+    run = count_leading_true(jnp.take_along_axis(info.eligible, cols, axis=1)
                              & (start[:, None] + jnp.arange(kb)[None, :] < n))  # [B] span length
-    verify = (run >= args.min_span) & (run > 0)
+    in_span = jnp.arange(kb)[None, :] < run[:, None]  # [B, K]
+
+    # router (§B13 routing policies)
+    new_state = state
+    if args.router == "mask_span_length":
+        verify = run >= args.min_span
+    else:
+        span_logits = jnp.take_along_axis(info.logits, cols[..., None], axis=1)  # [B, K, V]
+        alpha = s2d2_alpha(span_logits, args)  # [B, K]
+        n_hi = jnp.sum(info.eligible & (info.conf > args.threshold), axis=-1)
+        score = s2d2_score(s2d2_expected_accepts(alpha, in_span), n_hi, args)  # [B]
+        if args.router == "score_threshold":
+            verify = score >= args.score_threshold
+        elif args.router == "score_hysteresis":
+            verify = s2d2_hysteresis(state["on"], score, args.tau_on, args.tau_off)
+            new_state = dict(state, on=jnp.where(run > 0, verify, state["on"]))
+        else:  # contextual_bandit_ucb
+            ent = _entropy(span_logits) / jnp.log(float(info.logits.shape[-1]))  # [B, K] normalized
+            mean_ent = jnp.sum(jnp.where(in_span, ent, 0.0), -1) / jnp.maximum(run, 1)
+            progress = 1.0 - jnp.sum(info.eligible, -1) / jnp.maximum(info.block_masks, 1)
+            ctx = s2d2_context(run, kb, progress, mean_ent)  # [B]
+            pick = lambda a: jnp.take_along_axis(a, ctx[:, None, None], axis=1)[:, 0]  # noqa: E731  [B, 2]
+            verify = s2d2_ucb_choose(pick(state["counts"]), pick(state["rewards"]), state["t"], args.ucb_beta)
+    verify = verify & (run > 0)
+
     logp = _tempered_log_probs(info.logits, spec.temperature)  # draft distribution p (what x0 was drawn from)
     q_logits = jax.lax.cond(jnp.any(verify), lambda: heads["verify"](info.x0, start),
                             lambda: jnp.zeros((info.x0.shape[0], kb) + info.logits.shape[-1:], jnp.float32))
     logq = _tempered_log_probs(q_logits, spec.temperature)  # [B, K, V]
-    cols = jnp.clip(start[:, None] + jnp.arange(kb)[None, :], 0, n - 1)  # [B, K]
     d = jnp.take_along_axis(info.x0, cols, axis=1)  # [B, K] drafts on the span
     logp_k = jnp.take_along_axis(logp, cols[..., None], axis=1)  # [B, K, V]
     lp_d = jnp.take_along_axis(logp_k, d[..., None], -1)[..., 0]
     lq_d = jnp.take_along_axis(logq, d[..., None], -1)[..., 0]
     u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 4), (kb,)))(info.keys)
-    in_span = jnp.arange(kb)[None, :] < run[:, None]
     accept = in_span & (jnp.log(jnp.maximum(u, 1e-30)) < args.kappa * (lq_d - lp_d))
     n_acc = count_leading_true(accept)  # [B]
     rejected = verify & (n_acc < run)
@@ -645,7 +751,14 @@ def s2d2(info: StepInfo, args: S2D2Args, state, spec: LoopSpec, heads=None) -> D
     dyn = jnp.where((jnp.sum(hi_conf, -1) >= short)[:, None], hi_conf, topk_mask(info.conf, short, rest))
     commit = commit | (dyn & (short > 0)[:, None])
     commit = commit | (top1(info.conf, info.eligible) & ~jnp.any(commit, -1, keepdims=True))
-    return Decision(commit, x0, state, nfe=verify.astype(jnp.int32))
+    if args.router == "contextual_bandit_ucb":  # reward = tokens committed / cost of the chosen arm
+        arm = verify.astype(jnp.int32)
+        reward = jnp.sum(commit & info.eligible, -1) / jnp.where(verify, args.verify_cost, 1.0)
+        hit = (jax.nn.one_hot(ctx, S2D2_CONTEXTS)[..., None] * jax.nn.one_hot(arm, 2)[:, None, :]) \
+            * (run > 0)[:, None, None]  # [B, contexts, 2]
+        new_state = dict(state, counts=state["counts"] + hit, rewards=state["rewards"] + hit * reward[:, None, None],
+                         t=state["t"] + (run > 0))
+    return Decision(commit, x0, new_state, nfe=verify.astype(jnp.int32) * kb)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -734,5 +847,6 @@ __all__ = [
     "factor_commit", "logit_gap", "adablock_end", "ass_schedule", "eos_scaled", "row_uniform", "block_features",
     "scatter_block", "LLaDAArgs", "ThresholdArgs", "FactorArgs", "ProphetArgs", "AdaBlockArgs", "EOSERArgs",
     "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs", "TraceLockArgs", "S2D2Args",
-    "infogain_candidates",
+    "infogain_candidates", "s2d2_alpha", "s2d2_expected_accepts", "s2d2_score", "s2d2_hysteresis", "s2d2_context",
+    "s2d2_ucb_choose",
 ]

@@ -304,6 +304,55 @@ def test_s2d2_preserves_the_verifier_distribution():
     assert r.nfe.tolist() == [2] * rows  # draft forward + verify forward
 
 
+def test_s2d2_router_rules_by_hand():
+    """S2D2 routers (§B13): E[K] = Σ_k Π_{i≤k} α_i over the span, static/dynamic scores, hysteresis, the bandit's UCB
+    and the α estimators."""
+    args = cp.S2D2Args(router="score_threshold", cost=1.0)
+    alpha = jnp.array([[0.5, 0.5, 1.0], [1.0, 1.0, 1.0]])
+    in_span = jnp.array([[True, True, False], [True, True, True]])
+    ek = cp.s2d2_expected_accepts(alpha, in_span)
+    np.testing.assert_allclose(ek, [0.75, 3.0])
+    np.testing.assert_allclose(cp.s2d2_score(ek, jnp.array([2, 1]), args), [-0.25, 2.0])
+    np.testing.assert_allclose(cp.s2d2_score(ek, jnp.array([2, 1]), dataclasses.replace(args, score_mode="dynamic")),
+                               [-1.25, 2.0])
+    on = jnp.array([True, True, False, False])
+    np.testing.assert_array_equal(cp.s2d2_hysteresis(on, jnp.array([-6.0, -1.0, 0.5, 2.0]), 1.0, -5.0),
+                                  [False, True, False, True])
+    # UCB: an untried arm first (skip before verify), then the larger mean + bonus
+    np.testing.assert_array_equal(cp.s2d2_ucb_choose(jnp.array([[0.0, 0.0], [3.0, 0.0], [5.0, 5.0], [5.0, 5.0]]),
+                                                     jnp.array([[0.0, 0.0], [3.0, 0.0], [5.0, 10.0], [10.0, 5.0]]),
+                                                     jnp.array([0.0, 3.0, 10.0, 10.0]), 1.0),
+                                  [False, True, True, False])
+    flat, sharp = jnp.zeros((1, V)), jnp.zeros((1, V)).at[0, 5].set(50.0)
+    np.testing.assert_allclose(cp.s2d2_alpha(jnp.concatenate([flat, sharp]), args), [np.exp(-1.0), 1.0], atol=1e-4)
+    hard = dataclasses.replace(args, alpha="hard_margin_threshold")
+    np.testing.assert_array_equal(cp.s2d2_alpha(jnp.concatenate([flat, sharp]), hard), [0.0, 1.0])
+    ctx = cp.s2d2_context(jnp.array([1, 4, 4]), 4, jnp.array([0.0, 0.9, 0.2]), jnp.array([0.9, 0.1, 0.6]))
+    np.testing.assert_array_equal(ctx, [1, 14, 13])  # (span bin · 2 + progress bin) · 2 + entropy bin
+
+
+@pytest.mark.parametrize("router", ["score_threshold", "score_hysteresis", "contextual_bandit_ucb"])
+def test_s2d2_routers_decode_and_count_the_verifier_copies(router):
+    """Every router decodes every position once; the verifier's K sequence copies count K forwards: NFE = steps +
+    K · verified steps. score_threshold with τ = -inf always verifies (= the span router with min_span 1) and with
+    τ = +inf never does (NFE = steps)."""
+    model = TwoMode(np.random.default_rng(0).normal(0.0, 3.0, (8, V)), np.random.default_rng(1).normal(0.0, 3.0, (8, V)),
+                    3)
+    kw = dict(block_len=4, temperature=1.0, rng=jax.random.key(2))
+    args = {"stop_early": False, "router": router}
+    r = run(model, "s2d2", 8, policy_args=args, **kw)
+    assert bool(r.done.all()) and not bool((r.tokens == MASK).any()) and (np.asarray(r.commit_step) >= 0).all()
+    steps = np.asarray(r.commit_step).max(1) + 1  # steps each row was live
+    extra = np.asarray(r.nfe) - steps
+    assert (extra >= 0).all() and (extra % 4 == 0).all()  # K = 4 copies per verified step
+    if router == "score_threshold":
+        always = run(model, "s2d2", 8, policy_args=dict(args, score_threshold=-1e9), **kw)
+        same(always, run(model, "s2d2", 8, policy_args={"stop_early": False}, **kw))
+        np.testing.assert_array_equal(always.nfe, 5 * (np.asarray(always.commit_step).max(1) + 1))  # 1 + 4 copies
+        never = run(model, "s2d2", 8, policy_args=dict(args, score_threshold=1e9), **kw)
+        np.testing.assert_array_equal(never.nfe, np.asarray(never.commit_step).max(1) + 1)
+
+
 def test_ass_takes_log2_steps():
     model = Scripted(np.random.default_rng(7).normal(0.0, 3.0, (8, V)), 3)
     r = run(model, "ass", 8, block_len=8, policy_args={"stop_early": False})
@@ -323,7 +372,7 @@ def test_every_policy_commits_each_masked_position_once_in_block_order(policy):
     cs = np.asarray(r.commit_step)
     assert bool(r.done.all()) and not bool((r.tokens == MASK).any())
     assert (cs >= 0).all() and (cs < int(r.num_steps)).all()
-    lookahead = 2 if policy in ("infogain", "s2d2") else 1  # forwards per step
+    lookahead = {"infogain": 2, "s2d2": 1 + 4}.get(policy, 1)  # forwards per step (S2D2: + K = 4 verifier copies)
     assert (np.asarray(r.nfe) <= lookahead * int(r.num_steps)).all() and int(r.num_steps) <= 12 + 4
     if policy not in ("ete", "adablock"):  # the others never commit past their fixed block
         blocks = cs.reshape(2, 3, 4)
