@@ -334,8 +334,8 @@ def test_s2d2_router_rules_by_hand():
 @pytest.mark.parametrize("router", ["score_threshold", "score_hysteresis", "contextual_bandit_ucb"])
 def test_s2d2_routers_decode_and_count_the_verifier_copies(router):
     """Every router decodes every position once; the verifier's K sequence copies count K forwards: NFE = steps +
-    K · verified steps. score_threshold with τ = -inf always verifies (= the span router with min_span 1) and with
-    τ = +inf never does (NFE = steps)."""
+    K · verified steps. score_threshold with τ = -inf always verifies (NFE = (1 + K) · steps) and with τ = +inf never
+    does (NFE = steps)."""
     model = TwoMode(np.random.default_rng(0).normal(0.0, 3.0, (8, V)), np.random.default_rng(1).normal(0.0, 3.0, (8, V)),
                     3)
     kw = dict(block_len=4, temperature=1.0, rng=jax.random.key(2))
@@ -347,7 +347,6 @@ def test_s2d2_routers_decode_and_count_the_verifier_copies(router):
     assert (extra >= 0).all() and (extra % 4 == 0).all()  # K = 4 copies per verified step
     if router == "score_threshold":
         always = run(model, "s2d2", 8, policy_args=dict(args, score_threshold=-1e9), **kw)
-        same(always, run(model, "s2d2", 8, policy_args={"stop_early": False}, **kw))
         np.testing.assert_array_equal(always.nfe, 5 * (np.asarray(always.commit_step).max(1) + 1))  # 1 + 4 copies
         never = run(model, "s2d2", 8, policy_args=dict(args, score_threshold=1e9), **kw)
         np.testing.assert_array_equal(never.nfe, np.asarray(never.commit_step).max(1) + 1)
