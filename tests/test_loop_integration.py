@@ -237,7 +237,9 @@ def test_cppo_topk_divergence_runs_on_stored_rollout_topk(tmp_path):
     from jaxtok.config import rollout_topk
     from jaxtok.train.loop import objective_entry, train
 
-    cfg = _cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "topk_tv", "chunk_size": 64},
+    # dynamic sampling off: it filters on the verifier's accuracy, all 0 for this untrained model's completions
+    cfg = _cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "topk_tv", "chunk_size": 64,
+                                   "dynamic_sampling": False},
                rollout={"rewards": {"_test_length": 1.0}, "inner_epochs": 2}, steps=2, train={"eval_every": 0})
     validate_names(cfg)
     assert rollout_topk(cfg, objective_entry(cfg).meta) == 20
