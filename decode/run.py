@@ -94,7 +94,7 @@ def _build_ar(cfg, model, mesh, tok) -> Callable:
         stats = {"target_forwards": int(out.num_forwards)}
         if guide is not None:
             stats["rows"] = b
-            if hasattr(guide, "close"):  # a host-side session (grammar): surface the engine's error
+            if getattr(guide, "host_session", False):  # grammar matchers on the host: surface the engine's error
                 jax.block_until_ready(out.tokens)
                 guide.close()
                 stats["grammar_stopped"] = int(np.asarray(out.done)[:b].sum())

@@ -329,8 +329,8 @@ class _StderrHandler(logging.StreamHandler):
         return sys.stderr
 
     @stream.setter
-    def stream(self, value):
-        pass
+    def stream(self, value):  # StreamHandler.__init__ / setStream assign it; the live sys.stderr always wins
+        del value
 
 
 def configure_logging(level: str = "INFO") -> Callable[[], None]:

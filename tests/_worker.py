@@ -110,5 +110,21 @@ def main(argv):
         raise SystemExit(f"unknown mode {mode!r}")
 
 
+def interrupted_then_resumed(cfg, run_dir, at_step: int) -> dict:
+    """Train ``cfg`` into ``run_dir``, interrupted (KeyboardInterrupt) right after step ``at_step``, then train again
+    in the same directory; returns the resumed run's summary (``resumed_from`` = the last checkpoint kept)."""
+    import pytest
+
+    from jaxtok.train.loop import train
+
+    def die(step, metrics):
+        if step == at_step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run_dir, on_step=die, final_eval=False)
+    return train(cfg, run_dir, final_eval=False)
+
+
 if __name__ == "__main__":
     main(sys.argv)

@@ -41,3 +41,4 @@ def llama3_dir(tmp_path_factory):
     import real_tokenizers
 
     return real_tokenizers.build_llama3(tmp_path_factory.mktemp("llama3_tokenizer"))
+

@@ -15,6 +15,7 @@ from jaxtok.config import from_dict, validate_names
 from jaxtok.models import Decoder, presets
 from jaxtok.registry import ConfigError
 from jaxtok.tasks import build_tokenizer, save_tokenizer
+from _worker import interrupted_then_resumed
 
 TINY = {"num_layers": 1}  # one-layer tiny models: compiles dominate these tests
 
@@ -115,13 +116,7 @@ def test_lenvm_trains_checkpoints_and_resumes_the_value_head_model(tmp_path, tea
     head = lambda m: np.asarray(m.value_head.mlp.out.kernel[...])  # noqa: E731
     assert np.abs(head(trained) - head(fresh)).max() > 0
 
-    def die(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", on_step=die, final_eval=False)
-    assert train(cfg, tmp_path / "resumed", final_eval=False)["resumed_from"] == 2
+    assert interrupted_then_resumed(cfg, tmp_path / "resumed", 3)["resumed_from"] == 2
     _assert_same_params(trained, load_model(tmp_path / "resumed")[0])
 
     cont = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(tmp_path / "straight")))

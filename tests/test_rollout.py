@@ -18,6 +18,7 @@ from jaxtok.tasks import build_tokenizer, make_task
 
 from jaxtok.train import rewards, rollout
 from jaxtok.train.step import frozen_states, init_train_state, make_train_step
+from _worker import interrupted_then_resumed
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +243,7 @@ def test_interrupted_rollout_run_resumes_to_the_same_parameters(tmp_path, tok):
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=2))
     train(cfg, tmp_path / "straight", final_eval=False)
 
-    def die(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", on_step=die, final_eval=False)
-    summary = train(cfg, tmp_path / "resumed", final_eval=False)
+    summary = interrupted_then_resumed(cfg, tmp_path / "resumed", 3)
     assert summary["resumed_from"] == 2
     a, _ = load_model(tmp_path / "straight")
     b, _ = load_model(tmp_path / "resumed")

@@ -18,6 +18,7 @@ from jaxtok.train.objectives import distill as D
 from jaxtok.train.self_teacher import TEACHER, SelfTeacher
 
 from _worker import tiny_batch, tiny_model_config, tiny_optimizer
+from _worker import interrupted_then_resumed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,13 +361,7 @@ def test_loop_resume_between_syncs_matches_the_uninterrupted_run(tmp_path):
 
     train(cfg, tmp_path / "straight", final_eval=False)
 
-    def die(step, metrics):
-        if step == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", on_step=die, final_eval=False)
-    summary = train(cfg, tmp_path / "resumed", final_eval=False)
+    summary = interrupted_then_resumed(cfg, tmp_path / "resumed", 4)
     assert summary["resumed_from"] == 3
     a, b = records(tmp_path / "straight"), records(tmp_path / "resumed")
     # logged step s took k = s − 1: λ_k = 0.5 for k < 3, then 0.5, 0.25 and 0 from k = 5 (no teacher)

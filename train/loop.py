@@ -57,6 +57,7 @@ from jaxtok import checkpoint as ckpt_lib
 from jaxtok import mesh as mesh_lib
 from jaxtok.metrics import MetricsWriter
 from jaxtok.models import Decoder, ModelConfig, presets
+from jaxtok.tasks.tokenizer import load_tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ WRAP_ARGS_META = "wrap_args"  # checkpoint meta: that objective's arguments (the
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def load_tokenizer_for(cfg) -> Any:
-    """The run's tokenizer (:func:`jaxtok.tasks.tokenizer.load_tokenizer_for`): ``tokenizer.path``, ``init_from``'s,
-    an HF checkpoint's, or the synthetic tasks' character tokenizer, with the ``tokenizer`` section's overrides."""
-    from jaxtok.tasks.tokenizer import load_tokenizer_for as load
-
-    return load(cfg)
 
 
 def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None, key: str = "model.init_from",
@@ -627,12 +620,12 @@ def evaluate(cfg, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_lib.mesh_from_config(cfg.mesh)
+    trained = _has_checkpoint(run_dir)
+    if trained and (run_dir / TOKENIZER_FILE).is_file():  # the run's own tokenizer files
+        cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(run_dir)))
     tok = load_tokenizer_for(cfg)
-    if _has_checkpoint(run_dir):
+    if trained:
         model, _ = load_model(run_dir, mesh=mesh)
-        if (run_dir / TOKENIZER_FILE).is_file():
-            tok = load_tokenizer_for(dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer,
-                                                                                            path=str(run_dir))))
     else:
         model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
         model = mesh_lib.shard_model(model, mesh)

@@ -109,6 +109,7 @@ class TextTokenizer:
         self.use_chat_template = bool(use_chat_template)  # text prompts go through the chat template as a user turn
         self.system_prompt = system_prompt
         self.specials = self._resolve(where)
+        self.add_bos = self._adds_bos()
 
     def __getattr__(self, name):  # token_to_id, id_to_token, get_vocab_size, get_vocab, ...
         if name == "hf":
@@ -180,10 +181,10 @@ class TextTokenizer:
     def pad_id(self) -> int:
         return self.specials.pad
 
-    @property
-    def add_bos(self) -> bool:
-        """Whether plain-text prompts start with ``bos``: ``add_bos_token`` of the config, else what the tokenizer's
-        own post-processor does (Llama-3's adds ``<|begin_of_text|>``, Qwen's adds nothing)."""
+    def _adds_bos(self) -> bool:
+        """Whether plain-text prompts start with ``bos`` (:attr:`add_bos`, decided once): ``add_bos_token`` of the
+        config, else what the tokenizer's own post-processor does (Llama-3's adds ``<|begin_of_text|>``, Qwen's
+        adds nothing)."""
         if self.specials.bos is None:
             return False
         if "add_bos_token" in self.config:
@@ -378,10 +379,11 @@ def load_tokenizer(path: str | Path, overrides: Optional[Mapping] = None,
     overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
     has_eos = _token_string(config.get("eos_token")) or gen.get("eos_token_id") is not None or "eos" in overrides
     if not has_eos:
-        if hf.get_vocab() != build_tokenizer().get_vocab():
+        synthetic = build_tokenizer()
+        if hf.get_vocab() != synthetic.get_vocab():
             raise ValueError(f"{directory}: no tokenizer_config.json / generation_config.json naming the "
                              f"end-of-sequence token; add them beside tokenizer.json or set tokenizer.eos")
-        return TextTokenizer(build_tokenizer().hf, _SYNTHETIC_CONFIG, overrides=overrides, where=str(directory),
+        return TextTokenizer(synthetic.hf, _SYNTHETIC_CONFIG, overrides=overrides, where=str(directory),
                              template_kwargs=template_kwargs, **prompting)
     template = overrides.get("chat_template")
     if template is not None and Path(str(template)).is_file():
