@@ -3,6 +3,10 @@
 Parameters and activations name their dimensions with *logical* axes (``"vocab"``, ``"embed"``, ``"heads"``,
 ``"batch"``, ...). One rules table maps logical axes to the mesh axes ``data``, ``fsdp``, ``tensor``; changing the
 parallelism layout means changing the table, never the model code.
+
+Mixture-of-experts models add the mesh axis ``expert`` (``make_mesh(..., expert=n)``; absent when n = 1, so dense
+meshes keep their three axes): the stacked expert weights' logical ``expert`` axis is split over it, and the batch
+is split over it too (data parallel outside the expert layers).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtok.registry import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+EXPERT_MESH_AXES = ("data", "fsdp", "expert", "tensor")  # make_mesh(..., expert > 1)
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 DEFAULT_RULES: tuple[tuple[str, object], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("kv_length", None),
     ("vocab", "tensor"),
@@ -39,6 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("expert", "expert"),
 )
 
 _ACTIVE: contextvars.ContextVar[Optional[tuple[Mesh, tuple]]] = contextvars.ContextVar("jaxtok_mesh", default=None)
@@ -99,8 +105,10 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None, axis_type: str = "auto") -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over all (global) devices; one degree may be -1 = fill the rest.
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, expert: int = 1, devices=None,
+              axis_type: str = "auto") -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over all (global) devices; one degree may be -1 = fill the rest. With
+    ``expert`` > 1 the mesh is ``(data, fsdp, expert, tensor)`` (expert parallelism for MoE models).
 
     ``axis_types`` is always passed: ``auto`` (GSPMD propagates shardings from the declared params/batches and the
     :func:`constrain` hints) or ``explicit`` (sharding in types).
@@ -108,6 +116,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None, a
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     degrees = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    if expert != 1:
+        degrees["expert"] = expert
     for name, d in degrees.items():
         if d == 0 or d < -1:
             raise ConfigError(f"mesh.{name}={d}: a degree is a positive integer or -1 (fill)")
@@ -115,24 +125,26 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None, a
     if len(fill) > 1:
         raise ConfigError(f"mesh: only one axis may be -1 (fill), got {fill}")
     fixed = math.prod(d for d in degrees.values() if d != -1)
+    ep = f" expert={expert}" if "expert" in degrees else ""
     if n % fixed:
-        raise ConfigError(f"mesh: data={data} fsdp={fsdp} tensor={tensor} (product of fixed degrees {fixed}) does "
+        raise ConfigError(f"mesh: data={data} fsdp={fsdp} tensor={tensor}{ep} (product of fixed degrees {fixed}) does "
                          f"not divide the {n} available devices")
     if fill:
         degrees[fill[0]] = n // fixed
     elif fixed != n:
-        raise ConfigError(f"mesh: data={data} x fsdp={fsdp} x tensor={tensor} = {fixed} != {n} available devices "
-                         f"(set one degree to -1 to fill)")
+        raise ConfigError(f"mesh: data={data} x fsdp={fsdp} x tensor={tensor}{ep.replace(' ', ' x ')} = {fixed} != {n} "
+                         f"available devices (set one degree to -1 to fill)")
     kinds = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
     if axis_type not in kinds:
         raise ValueError(f"axis_type={axis_type!r}: allowed {sorted(kinds)}")
-    shape = tuple(degrees[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(kinds[axis_type],) * 3, devices=devices)
+    axes = EXPERT_MESH_AXES if "expert" in degrees else MESH_AXES
+    shape = tuple(degrees[a] for a in axes)
+    return jax.make_mesh(shape, axes, axis_types=(kinds[axis_type],) * len(axes), devices=devices)
 
 
 def mesh_from_config(section) -> Mesh:
-    """The mesh of a config ``MeshSection`` (``data``, ``fsdp``, ``tensor``)."""
-    return make_mesh(section.data, section.fsdp, section.tensor)
+    """The mesh of a config ``MeshSection`` (``data``, ``fsdp``, ``tensor``, and ``expert`` if it has one)."""
+    return make_mesh(section.data, section.fsdp, section.tensor, expert=getattr(section, "expert", 1))
 
 
 def _is_variable(x) -> bool:

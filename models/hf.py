@@ -1,5 +1,6 @@
-"""Hugging Face interop: load and save ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM``
-directories (``config.json`` + safetensors, single file or sharded with ``model.safetensors.index.json``).
+"""Hugging Face interop: load and save ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` and the
+mixture-of-experts ``Qwen3MoeForCausalLM`` and ``MixtralForCausalLM`` directories (``config.json`` + safetensors,
+single file or sharded with ``model.safetensors.index.json``).
 
 Loading builds the :class:`~jaxtok.models.Decoder` abstractly (``nnx.eval_shape``) and fills every parameter straight
 from the memory-mapped safetensors files. With a ``mesh`` each tensor is created by
@@ -9,7 +10,10 @@ from the memory-mapped safetensors files. With a ``mesh`` each tensor is created
 Layouts: torch ``nn.Linear`` stores ``[out, in]``; jaxtok names tensors by their einsum letters, e.g.
 ``q_proj.weight [H*N, D]`` -> ``q_weight_dhn [D, H, N]`` and ``o_proj.weight [D, H*N]`` -> ``o_weight_hnd [H, N, D]``.
 Each tensor is described once (:class:`TensorSpec`: stored shape, split view, permutation) and the same
-description serves loading and saving.
+description serves loading and saving. MoE experts are stored per expert on the Hub and by ``save_pretrained``
+(``mlp.experts.{e}.gate_proj.weight [F, D]``; Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2``) and stacked in
+jaxtok (``gate_weight_edf [E, D, F]``): :class:`ExpertSpec` describes one stacked parameter, and a sharded load
+reads only the experts (and slices) of each device.
 
 Masked-diffusion checkpoints: the native ``LLaDAModelLM`` (GSAI-ML LLaDA: ``model_type: llada``, OLMo-style
 config keys ``d_model``/``n_heads``/``mlp_hidden_size``/..., tensors ``model.transformer.wte``,
@@ -47,11 +51,14 @@ from jaxtok.models.value import build_module
 from jaxtok.tasks.tokenizer import copy_tokenizer_files
 
 # HF class name -> jaxtok architecture, and back (the causal-LM classes save_hf writes)
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
 _HF_CLASS = {v: k for k, v in ARCHITECTURES.items()}
-_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
 # every readable HF format (jaxtok.model_source.HF_FORMATS) -> the decoder architecture it maps to
-_FORMAT_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llada": "llama", "dream": "qwen2"}
+_FORMAT_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llada": "llama", "dream": "qwen2",
+                "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+_QK_NORM = ("qwen3", "qwen3_moe")  # the HF families with (and always with) per-head q/k RMSNorm
 _FORMAT_CLASS = {v: k for k, v in HF_FORMATS.items()}
 _DTYPES = ("float32", "bfloat16", "float16")
 # default mask token of the public masked-diffusion checkpoints, quoted in the error when none is given
@@ -99,18 +106,34 @@ def _rope_from_hf(hf: dict, path: str) -> tuple[float, Optional[RopeScaling]]:
 
 
 def _causal_dims(hf: dict, arch: str, path: str) -> dict:
-    """ModelConfig fields of a Llama/Qwen2/Qwen3/Dream ``config.json`` (transformers key names)."""
+    """ModelConfig fields of a Llama/Qwen2/Qwen3/Dream/Qwen3-MoE/Mixtral ``config.json`` (transformers key names)."""
     if hf.get("hidden_act", "silu") != "silu":
         raise _unsupported(f"hidden_act={hf['hidden_act']!r} (only 'silu')", path)
     if hf.get("mlp_bias"):
         raise _unsupported("mlp_bias=true", path)
-    if arch in ("llama", "qwen3") and hf.get("attention_bias"):
+    if arch != "qwen2" and hf.get("attention_bias"):
         raise _unsupported("attention_bias=true (it adds an o_proj bias)", path)
     if hf.get("use_sliding_window"):
         raise _unsupported("use_sliding_window=true", path)
+    if arch == "mixtral" and hf.get("sliding_window") is not None:
+        raise _unsupported(f"sliding_window={hf['sliding_window']!r} (only null)", path)
+    if hf.get("router_jitter_noise"):
+        raise _unsupported(f"router_jitter_noise={hf['router_jitter_noise']!r} (only 0)", path)
     theta, scaling = _rope_from_hf(hf, path)
     heads = int(hf["num_attention_heads"])
+    moe = {}
+    if arch in ("qwen3_moe", "mixtral"):
+        moe = dict(
+            num_experts=int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
+            num_experts_per_tok=int(hf["num_experts_per_tok"]),
+            moe_intermediate_size=int(hf["moe_intermediate_size"] if arch == "qwen3_moe" else hf["intermediate_size"]),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if arch == "qwen3_moe" else True,
+            decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1) if arch == "qwen3_moe" else 1,
+            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()) if arch == "qwen3_moe" else (),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        )
     return dict(
+        **moe,
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
         intermediate_size=int(hf["intermediate_size"]),
@@ -123,7 +146,7 @@ def _causal_dims(hf: dict, arch: str, path: str) -> dict:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in _QK_NORM,
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
     )
 
@@ -230,10 +253,16 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     """
     if cfg.architecture not in _HF_CLASS:
         raise ValueError(f"ModelConfig.architecture={cfg.architecture!r}: allowed {tuple(_HF_CLASS)}")
-    if cfg.qk_norm != (cfg.architecture == "qwen3"):
+    if cfg.qk_norm != (cfg.architecture in _QK_NORM):
         raise ValueError(
             f"ModelConfig(architecture={cfg.architecture!r}, qk_norm={cfg.qk_norm}) has no HF equivalent: "
-            "only Qwen3ForCausalLM has (and always has) q/k norm"
+            "only Qwen3ForCausalLM and Qwen3MoeForCausalLM have (and always have) q/k norm"
+        )
+    if cfg.architecture == "mixtral" and (not cfg.norm_topk_prob or cfg.mlp_only_layers or cfg.decoder_sparse_step != 1
+                                          or cfg.intermediate_size != cfg.moe_intermediate_size):
+        raise ValueError(
+            "ModelConfig(architecture='mixtral') has no HF equivalent unless norm_topk_prob=True, every layer is "
+            "sparse (mlp_only_layers=(), decoder_sparse_step=1) and intermediate_size == moe_intermediate_size"
         )
     if cfg.qkv_bias and cfg.architecture != "qwen2":  # (qwen2 without biases: save_hf writes zero biases)
         raise ValueError(
@@ -269,12 +298,20 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if cfg.architecture in ("llama", "qwen3"):
+    if cfg.architecture != "qwen2":
         out["attention_bias"] = False
     if cfg.architecture == "llama":
         out["mlp_bias"] = False
+    elif cfg.architecture == "mixtral":
+        out.update(sliding_window=None, num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                   router_aux_loss_coef=cfg.router_aux_loss_coef, router_jitter_noise=0.0)
     else:
         out.update(use_sliding_window=False, sliding_window=None)
+    if cfg.architecture == "qwen3_moe":
+        out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                   moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                   decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
+                   router_aux_loss_coef=cfg.router_aux_loss_coef)
     if cfg.mask_token_id is not None:
         out.update(mask_token_id=cfg.mask_token_id, shift_logits=cfg.shift_logits)
     return out
@@ -308,6 +345,47 @@ class TensorSpec:
         return np.ascontiguousarray(np.asarray(ours).transpose(np.argsort(self.perm)).reshape(self.stored))
 
 
+class _ExpertStack:
+    """Lazy ``[E, ...]`` stack of per-expert views: indexing reads only the selected experts' slices."""
+
+    def __init__(self, views: list):
+        self.views = views
+        self.shape = (len(views),) + tuple(views[0].shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        first, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
+        sel = range(len(self.views))[first]
+        if isinstance(sel, int):
+            return np.asarray(self.views[sel][rest])
+        return np.stack([np.asarray(self.views[e][rest]) for e in sel])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+    """One stacked expert parameter ``[E, *per_expert]``: the E HF tensors ``hf_names`` (one per expert), each
+    laid out as ``expert`` (a :class:`TensorSpec`, whose ``hf_name`` is the first expert's)."""
+
+    path: tuple
+    hf_names: tuple
+    expert: TensorSpec
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.hf_names),) + self.expert.shape
+
+    def to_ours(self, stored: list) -> _ExpertStack:
+        return _ExpertStack([self.expert.to_ours(t) for t in stored])
+
+    def to_hf(self, ours: np.ndarray) -> list:
+        return [self.expert.to_hf(ours[e]) for e in range(len(self.hf_names))]
+
+
 def _hf_names(fmt: str) -> dict:
     """Tensor names of an HF format: global names and per-layer templates (``{i}`` = layer index)."""
     if fmt == "llada":  # LLaDAModelLM.model (LLaDAModel).transformer, LLaDALlamaBlock
@@ -318,16 +396,22 @@ def _hf_names(fmt: str) -> dict:
                     o=b + "attn_out.weight", gate=b + "ff_proj.weight", up=b + "up_proj.weight",
                     down=b + "ff_out.weight", q_norm=None, k_norm=None)
     p, a = "model.layers.{i}.", "model.layers.{i}.self_attn."  # Llama/Qwen2/Qwen3 and Dream
+    # sparse layers: Qwen3-MoE's router and per-expert names; Mixtral's block_sparse_moe.gate/experts.{e}.w1/w3/w2
+    moe = "block_sparse_moe." if fmt == "mixtral" else "mlp."
+    proj = ("w1", "w3", "w2") if fmt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     return dict(embed="model.embed_tokens.weight", norm="model.norm.weight", head="lm_head.weight",
                 attn_norm=p + "input_layernorm.weight", mlp_norm=p + "post_attention_layernorm.weight",
                 q=a + "q_proj.", k=a + "k_proj.", v=a + "v_proj.", o=a + "o_proj.weight",
                 gate=p + "mlp.gate_proj.weight", up=p + "mlp.up_proj.weight", down=p + "mlp.down_proj.weight",
-                q_norm=a + "q_norm.weight", k_norm=a + "k_norm.weight")
+                q_norm=a + "q_norm.weight", k_norm=a + "k_norm.weight", router=p + moe + "gate.weight",
+                **{f"expert_{key}": p + moe + "experts.{e}." + name + ".weight"
+                   for key, name in zip(("gate", "up", "down"), proj)})
 
 
-def tensor_specs(cfg: ModelConfig, fmt: Optional[str] = None) -> list[TensorSpec]:
+def tensor_specs(cfg: ModelConfig, fmt: Optional[str] = None) -> list:
     """Every parameter of ``Decoder(cfg)`` with its HF tensor in format ``fmt`` (default ``cfg.architecture``:
-    LlamaForCausalLM/Qwen2/Qwen3 naming, which Dream shares; ``llada``: LLaDAModelLM naming)."""
+    LlamaForCausalLM/Qwen2/Qwen3 naming, which Dream shares; ``llada``: LLaDAModelLM naming; ``qwen3_moe``,
+    ``mixtral``). :class:`TensorSpec` per tensor, :class:`ExpertSpec` per stacked expert parameter."""
     V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     H, K, N = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     n = _hf_names(fmt or cfg.architecture)
@@ -347,10 +431,26 @@ def tensor_specs(cfg: ModelConfig, fmt: Optional[str] = None) -> list[TensorSpec
             TensorSpec(L + ("attn", "k_weight_dkn"), at("k") + "weight", (K * N, D), (K, N, D), (2, 0, 1)),
             TensorSpec(L + ("attn", "v_weight_dkn"), at("v") + "weight", (K * N, D), (K, N, D), (2, 0, 1)),
             TensorSpec(L + ("attn", "o_weight_hnd"), at("o"), (D, H * N), (D, H, N), (1, 2, 0)),
-            TensorSpec(L + ("mlp", "gate_weight_df"), at("gate"), **transposed(F, D)),
-            TensorSpec(L + ("mlp", "up_weight_df"), at("up"), **transposed(F, D)),
-            TensorSpec(L + ("mlp", "down_weight_fd"), at("down"), **transposed(D, F)),
         ]
+        if cfg.is_sparse_layer(i):
+            E, Fm = cfg.num_experts, cfg.moe_intermediate_size
+
+            def experts(name, key, o, i_):
+                names = tuple(n[key].format(i=i, e=e) for e in range(E))
+                return ExpertSpec(L + ("mlp", name), names, TensorSpec(L + ("mlp", name), names[0], **transposed(o, i_)))
+
+            specs += [
+                TensorSpec(L + ("mlp", "router_weight_de"), at("router"), **transposed(E, D)),
+                experts("gate_weight_edf", "expert_gate", Fm, D),
+                experts("up_weight_edf", "expert_up", Fm, D),
+                experts("down_weight_efd", "expert_down", D, Fm),
+            ]
+        else:
+            specs += [
+                TensorSpec(L + ("mlp", "gate_weight_df"), at("gate"), **transposed(F, D)),
+                TensorSpec(L + ("mlp", "up_weight_df"), at("up"), **transposed(F, D)),
+                TensorSpec(L + ("mlp", "down_weight_fd"), at("down"), **transposed(D, F)),
+            ]
         if cfg.qkv_bias:
             specs += [
                 TensorSpec(L + ("attn", "q_bias_hn"), at("q") + "bias", (H * N,), (H, N), (0, 1)),
@@ -473,16 +573,24 @@ def hf_views(
     silently ignore."""
     views = {}
     specs = tensor_specs(cfg, fmt)
-    for spec in specs:
-        if spec.hf_name not in tensors:
-            raise ValueError(f"{where}: tensor {spec.hf_name!r} is missing from the checkpoint")
-        stored = tensors[spec.hf_name]
-        if tuple(stored.shape) != spec.stored:
+
+    def stored(name: str, want: tuple) -> np.ndarray:
+        if name not in tensors:
+            raise ValueError(f"{where}: tensor {name!r} is missing from the checkpoint")
+        if tuple(tensors[name].shape) != want:
             raise ValueError(
-                f"{where}: tensor {spec.hf_name!r} has shape {tuple(stored.shape)}, config.json implies {spec.stored}"
+                f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, config.json implies {want}"
             )
-        views[spec.path] = spec.to_ours(stored)
-    used = {s.hf_name for s in specs}
+        return tensors[name]
+
+    used = set()
+    for spec in specs:
+        if isinstance(spec, ExpertSpec):
+            views[spec.path] = spec.to_ours([stored(name, spec.expert.stored) for name in spec.hf_names])
+            used.update(spec.hf_names)
+        else:
+            views[spec.path] = spec.to_ours(stored(spec.hf_name, spec.stored))
+            used.add(spec.hf_name)
     ignored = {_hf_names(fmt or cfg.architecture)["head"]} if cfg.tie_embeddings else set()  # a tied copy
     extra = sorted(n for n in tensors if n not in used | ignored and not n.endswith("rotary_emb.inv_freq"))
     if extra:
@@ -505,7 +613,7 @@ def load_hf(
     rules=None,
 ) -> tuple[Decoder, ModelConfig]:
     """Load a local HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``LLaDAModelLM`` /
-    ``DreamModel`` directory.
+    ``DreamModel`` / ``Qwen3MoeForCausalLM`` / ``MixtralForCausalLM`` directory.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
@@ -534,7 +642,11 @@ def hf_tensors(model: Decoder, cfg: ModelConfig, dtype: str) -> dict[str, np.nda
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out = {}
     for spec in tensor_specs(cfg):
-        out[spec.hf_name] = spec.to_hf(np.asarray(jax.device_get(params[spec.path].get_value())).astype(np_dtype))
+        value = np.asarray(jax.device_get(params[spec.path].get_value())).astype(np_dtype)
+        if isinstance(spec, ExpertSpec):
+            out.update(zip(spec.hf_names, spec.to_hf(value)))
+        else:
+            out[spec.hf_name] = spec.to_hf(value)
     if cfg.architecture == "qwen2" and not cfg.qkv_bias:
         for i in range(cfg.num_layers):
             for proj, width in (("q", cfg.num_heads), ("k", cfg.num_kv_heads), ("v", cfg.num_kv_heads)):
@@ -546,7 +658,7 @@ def save_hf(model: Decoder, path: str, *, dtype: Optional[str] = None, architect
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
     ``dtype`` (default: the model's ``param_dtype``) is the stored dtype; ``architecture`` (``llama``/``qwen2``/
-    ``qwen3`` or the HF class name) overrides ``model.cfg.architecture``, e.g. for a preset. Diffusion models keep
+    ``qwen3``/``qwen3_moe``/``mixtral`` or the HF class name) overrides ``model.cfg.architecture``, e.g. for a preset. Diffusion models keep
     ``mask_token_id`` and ``shift_logits`` in config.json, so :func:`load_hf` with ``diffusion=True`` reads them back.
     Single-process: every parameter is gathered to this host.
     """

@@ -1,5 +1,6 @@
 """Model presets: the tiny zoo shapes trained on the synthetic tasks, and real shapes (no weights) so shardings,
-memory and FLOPs can be computed for Qwen3, Qwen2.5 and Llama-3.2.
+memory and FLOPs can be computed for Qwen3, Qwen2.5, Llama-3.2 and the mixture-of-experts Qwen3-30B-A3B and
+Mixtral-8x7B (``tiny_moe`` is a tiny Qwen3-MoE for tests).
 
 Real shapes follow the published HF ``config.json`` files of those checkpoints.
 """
@@ -32,6 +33,20 @@ def _llama32(d, f, layers, heads, kv):
                        rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=131072, architecture="llama")
 
 
+def _qwen3_moe(d, f, moe_f, layers, heads, kv, experts, k, vocab=151936):
+    return dataclasses.replace(_qwen3(d, f, layers, heads, kv, False, vocab), architecture="qwen3_moe",
+                               num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=moe_f,
+                               norm_topk_prob=True, router_aux_loss_coef=0.001)
+
+
+def _mixtral(d, f, layers, heads, kv, experts, k):
+    return ModelConfig(vocab_size=32000, hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv, head_dim=d // heads, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
+                       tie_embeddings=False, max_position_embeddings=32768, architecture="mixtral",
+                       num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=f, norm_topk_prob=True,
+                       router_aux_loss_coef=0.02)
+
+
 def _tiny(d, f, layers, heads, kv, **kw):
     return ModelConfig(vocab_size=64, hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads,
                        num_kv_heads=kv, head_dim=d // heads, rope_theta=10000.0, rms_norm_eps=1e-6,
@@ -46,6 +61,9 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny_diffusion": _tiny(128, 384, 3, 4, 2, mask_token_id=3),
     # ~25M parameters (~100 MB in float32): the CPU benchmarks' model that does not fit in the caches
     "small": _tiny(512, 1536, 8, 8, 4),
+    # a tiny Qwen3-MoE: 8 experts of width 32, top-2, 2 layers (tests, MoE speculative-decoding experiments)
+    "tiny_moe": dataclasses.replace(_tiny(64, 128, 2, 4, 2), architecture="qwen3_moe", num_experts=8,
+                                    num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     # real shapes
     "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8, True),
     "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, 8, True),
@@ -57,6 +75,8 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4, False, vocab=152064),
     "llama-3.2-1b": _llama32(2048, 8192, 16, 32, 8),
     "llama-3.2-3b": _llama32(3072, 8192, 28, 24, 8),
+    "qwen3-30b-a3b": _qwen3_moe(2048, 6144, 768, 48, 32, 4, 128, 8),
+    "mixtral-8x7b": _mixtral(4096, 14336, 32, 32, 8, 8, 2),
 }
 
 

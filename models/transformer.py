@@ -1,4 +1,5 @@
-"""One decoder family in Flax NNX covering Llama-3, Qwen2/2.5 and Qwen3 shapes.
+"""One decoder family in Flax NNX covering Llama-3, Qwen2/2.5, Qwen3 shapes and their MoE variants (Qwen3-MoE,
+Mixtral: :mod:`jaxtok.models.moe`).
 
 RMSNorm, RoPE (default, ``linear`` and ``llama3`` scaling), grouped-query attention, SwiGLU MLP, optional q/k/v bias
 (Qwen2), optional per-head q/k RMSNorm (Qwen3), tied or untied embeddings, explicit ``head_dim``.
@@ -27,10 +28,12 @@ from flax import nnx
 
 from jaxtok.mesh import constrain
 from jaxtok.models.cache import KVCache
+from jaxtok.models.moe import SparseMoE
 
 Attention = Literal["causal", "bidirectional", "block_causal", "siblings"]
 ATTENTION_KINDS = ("causal", "bidirectional", "block_causal", "siblings")
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
 
 
@@ -51,6 +54,13 @@ class ModelConfig:
 
     ``mask_token_id`` marks a masked-diffusion LM; ``shift_logits`` is Dream's convention (the logit at i predicts
     token i+1), undone in :meth:`Decoder.__call__` so every sampler sees position-aligned logits.
+
+    Mixture of experts (:mod:`jaxtok.models.moe`; architectures ``qwen3_moe``/``mixtral``, HF key names):
+    ``num_experts`` > 0 routes each token of a sparse layer to ``num_experts_per_tok`` of ``num_experts`` SwiGLU
+    experts of width ``moe_intermediate_size``, combine weights renormalised when ``norm_topk_prob`` (always for
+    Mixtral). Layer i is sparse unless ``i in mlp_only_layers`` or ``(i + 1) % decoder_sparse_step``; dense layers
+    keep the ``intermediate_size`` MLP. ``router_aux_loss_coef`` weighs the load-balancing loss
+    (:func:`jaxtok.models.moe.with_router_aux_loss`). ``num_experts=0`` is the dense decoder.
     """
 
     vocab_size: int
@@ -67,11 +77,18 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     max_position_embeddings: int = 2048
-    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
+    architecture: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
     mask_token_id: Optional[int] = None
     shift_logits: bool = False
     dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay float32
     param_dtype: str = "float32"
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+    router_aux_loss_coef: float = 0.001
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -88,6 +105,22 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed float32, bfloat16, float16")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"ModelConfig.mask_token_id={self.mask_token_id} outside [0, {self.vocab_size})")
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if (self.num_experts > 0) != (self.architecture in MOE_ARCHITECTURES):
+            raise ValueError(f"ModelConfig(architecture={self.architecture!r}, num_experts={self.num_experts}): "
+                             f"architectures {MOE_ARCHITECTURES} and only they have experts (num_experts > 0)")
+        if self.num_experts > 0:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok}: allowed "
+                                 f"1..num_experts={self.num_experts}")
+            if self.moe_intermediate_size <= 0 or self.decoder_sparse_step < 1:
+                raise ValueError(f"ModelConfig.moe_intermediate_size={self.moe_intermediate_size}, decoder_sparse_step="
+                                 f"{self.decoder_sparse_step}: must be positive")
+
+    def is_sparse_layer(self, i: int) -> bool:
+        """Whether layer ``i`` is a mixture-of-experts layer (HF Qwen3-MoE's rule; every layer for Mixtral)."""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
 
     @property
     def is_diffusion(self) -> bool:
@@ -318,19 +351,22 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block; ``sparse``: a :class:`~jaxtok.models.moe.SparseMoE` instead of the MLP."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sparse: bool = False):
         pd = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = SparseMoE(cfg, rngs=rngs) if sparse else MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, mask, cache, layer):
         attn_out, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer)
         x = x + attn_out.astype(x.dtype)
-        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        if isinstance(self.mlp, SparseMoE):  # valid queries see at least their own key
+            x = x + self.mlp(self.mlp_norm(x), jnp.any(mask, axis=-1)).astype(x.dtype)
+        else:
+            x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
         return constrain(x, ("batch", "length", "act_embed")), cache
 
 
@@ -341,7 +377,7 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
         self.embed_vd = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 1.0)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, rngs=rngs, sparse=cfg.is_sparse_layer(i)) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head_dv = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, cfg.hidden_size**-0.5)

@@ -1,0 +1,191 @@
+"""Sparse Mixture-of-Experts feed-forward (Qwen3-MoE / Mixtral), its token dispatch and the router's auxiliary
+load-balancing loss.
+
+Router: ``logits = x · W_r [D, E]`` (float32), ``p = softmax(logits)`` over all E experts, the top-k experts by
+``p``. Combine weights: Qwen3-MoE uses the top-k probabilities as they are, or renormalised to sum to 1 when
+``norm_topk_prob`` (Qwen3-30B-A3B sets it); Mixtral always renormalises, which equals a softmax over the top-k
+logits (HF ``MixtralTopKRouter``; a Mixtral :class:`~jaxtok.models.ModelConfig` has ``norm_topk_prob=True``).
+Each expert is a SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of width ``moe_intermediate_size``; the output is
+``Σ_k w_k · expert_{i_k}(x)``. Neither family has a shared expert (Qwen2-MoE's is not implemented).
+
+Expert weights are stacked, ``gate/up [E, D, F]`` and ``down [E, F, D]``, with the logical axis ``expert`` first
+(``jaxtok.mesh`` maps it to the ``expert`` mesh axis, so experts are split across it).
+
+Dispatch is **dropless** (no capacity factor, no token is ever dropped, so a token's output never depends on the
+other tokens of the batch and cached decoding equals the full forward): the ``N·k`` (token, expert) assignments are
+sorted by expert (static shape ``[N·k]``), and each expert's contiguous group of rows is multiplied by its own
+weights with one grouped matmul, ``jax.lax.ragged_dot(rows [N·k, D], W [E, D, F], group_sizes [E])``. The
+results are unsorted, weighted and summed over k. FLOPs are ``k/E`` of running every expert on every token. Under a
+mesh the weights keep their ``expert`` sharding and GSPMD partitions the grouped matmul (no hand-written
+all-to-all; the tokens stay data-parallel).
+
+Load-balancing loss (Switch Transformer eq. 4-6, HF ``load_balancing_loss_func``): with ``f_e`` the fraction of
+(token, top-k slot) assignments sent to expert e and ``P_e`` the mean router probability of e, both averaged over
+the valid tokens of every MoE layer of one forward, ``aux = E · Σ_e f_e · P_e`` (1·k when perfectly balanced, as in
+HF). HF adds ``router_aux_loss_coef · aux`` to the LM loss; here the coefficient is
+``ModelConfig.router_aux_loss_coef`` (same key as HF's config.json; 0.001 for Qwen3-MoE, 0.02 for Mixtral) and an
+objective adds it with :func:`with_router_aux_loss`, which wraps any ``loss_fn(model, batch, rng)``. Layers report
+their router statistics to a :func:`collect_router_stats` context (like :func:`jaxtok.mesh.constrain`'s rules: a
+Python side channel read inside the same trace, nothing stored on the model), so the forward stays a pure function
+and jit/closures behave as for dense models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtok.mesh import constrain
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def route(logits: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``logits [N, E]`` -> ``(probs [N, E] float32, weights [N, k] float32, experts [N, k] int32)``: softmax over
+    all experts, top-k by probability (descending), renormalised over the k when ``norm_topk_prob``."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, experts.astype(jnp.int32)
+
+
+def grouped_swiglu(x: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """Dropless expert MLPs: ``x [N, D]``, ``experts [N, k]`` -> ``[N, k, D]``, row (n, j) being expert
+    ``experts[n, j]``'s SwiGLU of token n. Assignments are sorted by expert and run as grouped matmuls
+    (``jax.lax.ragged_dot``, one group per expert, group sizes counted under jit)."""
+    N, k = experts.shape
+    E = gate.shape[0]
+    flat = experts.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+    rows = jnp.take(x, order // k, axis=0)  # [N*k, D]
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E]
+    g = jax.lax.ragged_dot(rows, gate, sizes)  # [N*k, F]
+    u = jax.lax.ragged_dot(rows, up, sizes)
+    out = jax.lax.ragged_dot(jax.nn.silu(g) * u, down, sizes)  # [N*k, D]
+    return jnp.take(out, jnp.argsort(order), axis=0).reshape(N, k, -1)  # back to (token, slot) order
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RouterStats:
+    """One MoE layer's router statistics over the valid tokens of one forward: ``counts [E]`` top-k assignments
+    per expert, ``probs [E]`` summed router probabilities, ``rows []`` valid tokens (float32 sums)."""
+
+    counts: jax.Array
+    probs: jax.Array
+    rows: jax.Array
+
+
+def router_stats(probs: jax.Array, experts: jax.Array, valid: Optional[jax.Array]) -> RouterStats:
+    """Statistics of ``probs [N, E]`` and ``experts [N, k]`` over tokens where ``valid [N]`` (all if None)."""
+    E = probs.shape[-1]
+    w = jnp.ones(probs.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    counts = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32) * w[:, None, None], axis=(0, 1))
+    return RouterStats(counts=counts, probs=jnp.sum(probs * w[:, None], axis=0), rows=jnp.sum(w))
+
+
+def load_balancing_loss(stats: list[RouterStats]) -> jax.Array:
+    """HF ``load_balancing_loss_func`` over the given layers: ``E · Σ_e (Σ_l counts / Σ_l rows) · (Σ_l probs /
+    Σ_l rows)``; 0 without layers or valid tokens."""
+    if not stats:
+        return jnp.zeros((), jnp.float32)
+    counts = sum(s.counts for s in stats)
+    probs = sum(s.probs for s in stats)
+    rows = sum(s.rows for s in stats)
+    inv = jnp.where(rows > 0, 1.0 / jnp.where(rows > 0, rows, 1.0), 0.0)
+    return counts.shape[0] * jnp.sum(counts * inv * probs * inv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Collecting router statistics during a forward
+# --------------------------------------------------------------------------------------------------------------
+
+_COLLECTOR: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("jaxtok_router_stats", default=None)
+
+
+@contextlib.contextmanager
+def collect_router_stats() -> Iterator[list]:
+    """Inside the block, every :class:`SparseMoE` call appends ``(module, RouterStats)`` to the yielded list.
+    Use it inside the function being traced (the stats are that trace's arrays)."""
+    out: list = []
+    token = _COLLECTOR.set(out)
+    try:
+        yield out
+    finally:
+        _COLLECTOR.reset(token)
+
+
+def moe_modules(model: nnx.Module) -> list["SparseMoE"]:
+    """The :class:`SparseMoE` submodules of ``model`` (any wrapper around a Decoder)."""
+    return [m for _, m in model.iter_modules() if isinstance(m, SparseMoE)]
+
+
+def with_router_aux_loss(loss_fn: Callable, coef: Optional[float] = None) -> Callable:
+    """Wrap ``loss_fn(model, batch, rng, **frozen) -> (loss_sum, count, aux)`` so the loss becomes
+    ``loss + coef · aux_loss`` (``coef`` default ``model.cfg.router_aux_loss_coef``), ``aux_loss`` being
+    :func:`load_balancing_loss` over the routers of ``model`` in every forward ``loss_fn`` runs (frozen models,
+    e.g. an MoE teacher, are not counted). The added term is ``coef · aux_loss · count`` in the sum, so the
+    step's ``Σ sum / Σ count`` reports ``CE + coef · aux_loss`` as HF's ``MoeCausalLMOutputWithPast.loss`` does;
+    ``aux["router_aux_loss"]`` reports ``aux_loss``. A model without MoE layers is returned unchanged."""
+
+    def wrapped(model, batch, rng, **kw):
+        with collect_router_stats() as seen:
+            loss_sum, count, aux = loss_fn(model, batch, rng, **kw)
+        mine = {id(m) for m in moe_modules(model)}
+        stats = [s for owner, s in seen if id(owner) in mine]
+        if not stats:
+            return loss_sum, count, aux
+        c = model.cfg.router_aux_loss_coef if coef is None else coef
+        lb = load_balancing_loss(stats)
+        count32 = jnp.asarray(count, jnp.float32)
+        return loss_sum + c * lb * count32, count, {**aux, "router_aux_loss": lb * count32}
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SparseMoE(nnx.Module):
+    """Top-k routed SwiGLU experts (see the module docstring). Parameters: ``router_weight_de [D, E]``,
+    ``gate_weight_edf``/``up_weight_edf [E, D, F]``, ``down_weight_efd [E, F, D]``."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        from jaxtok.models.transformer import _param
+
+        D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        pd = jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.router_weight_de = _param(rngs, (D, E), ("embed", None), pd, D**-0.5)
+        self.gate_weight_edf = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pd, D**-0.5)
+        self.up_weight_edf = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pd, D**-0.5)
+        self.down_weight_efd = _param(rngs, (E, F, D), ("expert", "mlp", "embed"), pd, F**-0.5)
+
+    def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+        """``x [B, T, D]``, ``valid [B, T]`` (tokens counted by the load-balancing statistics) -> ``[B, T, D]``."""
+        dt = self.dtype
+        B, T, D = x.shape
+        flat = x.astype(dt).reshape(B * T, D)
+        logits = jnp.dot(flat, self.router_weight_de[...].astype(dt), preferred_element_type=jnp.float32)
+        probs, weights, experts = route(logits, self.top_k, self.norm_topk_prob)  # [N, E], [N, k], [N, k]
+        collector = _COLLECTOR.get()
+        if collector is not None:
+            collector.append((self, router_stats(probs, experts, None if valid is None else valid.reshape(-1))))
+        per_slot = grouped_swiglu(flat, experts, self.gate_weight_edf[...].astype(dt),
+                                  self.up_weight_edf[...].astype(dt), self.down_weight_efd[...].astype(dt))
+        out = jnp.einsum("nkd,nk->nd", per_slot, weights.astype(dt))
+        return constrain(out.reshape(B, T, D), ("batch", "length", "act_embed"))

@@ -1,0 +1,345 @@
+"""Mixture-of-experts decoder (models/moe.py): routing and dispatch against hand/dense references, float32 logit and
+aux-loss parity with transformers' Qwen3MoeForCausalLM and MixtralForCausalLM (unsharded and on a data x expert x
+tensor mesh), save_hf round trip, presets/FLOPs/parameter counts, SFT train steps with the aux loss, and cached
+greedy decoding.
+
+The HF models are random tiny ones built here with torch + transformers (test extra), shared by module fixtures.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxtok.decode import generate
+from jaxtok.mesh import axis_rules, make_mesh
+from jaxtok.models import Decoder, ModelConfig, flops, presets
+from jaxtok.models import moe
+from jaxtok.models.hf import config_from_hf, config_to_hf, load_hf, save_hf, tensor_specs
+from jaxtok.train.objectives.sft import sft_loss
+from jaxtok.train.step import init_train_state, make_train_step
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+F32_TOL = 1e-4  # as tests/test_hf.py
+
+_spec = importlib.util.spec_from_file_location(
+    "make_hf_fixtures", os.path.join(ROOT, "..", "scripts", "make_hf_fixtures.py"))
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+
+COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64,
+              max_position_embeddings=128, num_experts_per_tok=2)
+FAMILIES = {
+    # norm_topk_prob off, a dense layer in the middle (mlp_only_layers), tied embeddings
+    "qwen3_moe": dict(cls="Qwen3MoeForCausalLM", num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                      num_experts=8, norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
+    # Qwen3-30B-A3B's routing: renormalised top-k
+    "qwen3_moe_norm": dict(cls="Qwen3MoeForCausalLM", num_hidden_layers=2, intermediate_size=48,
+                           moe_intermediate_size=16, num_experts=8, norm_topk_prob=True),
+    "mixtral": dict(cls="MixtralForCausalLM", num_hidden_layers=2, intermediate_size=16, num_local_experts=4),
+}
+PADS = (2, 0, 5, 1)
+
+
+def build_hf(family, seed=0):
+    """A random float32 transformers model with O(1) logits (every weight a seeded normal, as make_hf_fixtures)."""
+    import torch
+    import transformers
+
+    spec = {**COMMON, **FAMILIES[family]}
+    cls = getattr(transformers, spec.pop("cls"))
+    torch.manual_seed(seed)
+    model = cls(cls.config_class(**spec)).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else noise * p.shape[-1] ** -0.5)
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def hf_aux_loss(hf, tokens, valid, positions):
+    import torch
+
+    with torch.no_grad():
+        out = hf(input_ids=torch.as_tensor(tokens.astype(np.int64)),
+                 attention_mask=torch.as_tensor(valid.astype(np.int64)),
+                 position_ids=torch.as_tensor(positions.astype(np.int64)), use_cache=False, output_router_logits=True)
+    return float(out.aux_loss)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """family -> (directory, reference padded logits, reference aux loss, batch)."""
+    out = {}
+    for i, family in enumerate(FAMILIES):
+        hf = build_hf(family, seed=3 + i)
+        path = str(tmp_path_factory.mktemp(family))
+        hf.save_pretrained(path)
+        tokens, valid, positions = fx.random_batch(64, seed=i, pads=PADS)
+        out[family] = (path, fx.hf_logits(hf, tokens, valid, positions), hf_aux_loss(hf, tokens, valid, positions),
+                       (tokens, valid, positions))
+    return out
+
+
+@nnx.jit
+def _forward(model, tokens, valid):
+    return model(tokens, valid=valid).logits
+
+
+def max_err(ours, ref, valid):
+    return float(np.abs(np.asarray(ours) - ref)[valid].max())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# routing and dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_route_normalisation_hand_case():
+    logits = jnp.log(jnp.array([[0.1, 0.5, 0.15, 0.25]]))
+    probs, w, e = moe.route(logits, 2, norm_topk_prob=False)
+    np.testing.assert_allclose(probs, [[0.1, 0.5, 0.15, 0.25]], rtol=1e-6)
+    np.testing.assert_array_equal(e, [[1, 3]])
+    np.testing.assert_allclose(w, [[0.5, 0.25]], rtol=1e-6)  # Qwen3-MoE default: raw top-k probabilities
+    _, w, _ = moe.route(logits, 2, norm_topk_prob=True)
+    np.testing.assert_allclose(w, [[2 / 3, 1 / 3]], rtol=1e-6)  # renormalised = Mixtral's softmax over the top-k
+    np.testing.assert_allclose(w, jax.nn.softmax(logits[:, [1, 3]]), rtol=1e-6)
+
+
+def test_grouped_dispatch_equals_every_expert_on_every_token():
+    rng = np.random.default_rng(0)
+    N, D, F, E, K = 13, 8, 6, 5, 2
+    x = rng.standard_normal((N, D), np.float32)
+    gate, up = rng.standard_normal((E, D, F), np.float32), rng.standard_normal((E, D, F), np.float32)
+    down = rng.standard_normal((E, F, D), np.float32)
+    experts = np.argsort(rng.standard_normal((N, E)), axis=1)[:, :K].astype(np.int32)  # distinct per token
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    dense = np.einsum("nef,efd->ned", silu(np.einsum("nd,edf->nef", x, gate)) * np.einsum(
+        "nd,edf->nef", x, up), down)  # [N, E, D]: every expert on every token
+    want = np.take_along_axis(dense, experts[:, :, None], axis=1)  # [N, K, D]
+    got = jax.jit(moe.grouped_swiglu)(x, experts, gate, up, down)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_config_validation_and_dense_default():
+    cfg = presets.get("tiny_moe")
+    assert cfg.is_sparse_layer(0) and cfg.is_sparse_layer(1)
+    assert not presets.get("tiny_student").is_sparse_layer(0)
+    mixed = dataclasses.replace(cfg, num_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])
+    assert [mixed.is_sparse_layer(i) for i in range(4)] == [False, True, False, False]
+    assert mixed.mlp_only_layers == (3,)  # a list (JSON) becomes a hashable tuple
+    with pytest.raises(ValueError, match="num_experts_per_tok=9"):
+        dataclasses.replace(cfg, num_experts_per_tok=9)
+    with pytest.raises(ValueError, match="only they have experts"):
+        dataclasses.replace(cfg, architecture="qwen3")
+    with pytest.raises(ValueError, match="only they have experts"):
+        dataclasses.replace(cfg, num_experts=0)
+    m = nnx.eval_shape(lambda: Decoder(mixed, rngs=nnx.Rngs(0)))
+    assert isinstance(m.layers[1].mlp, moe.SparseMoE) and not isinstance(m.layers[0].mlp, moe.SparseMoE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HF parity, aux loss, sharding, round trip
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hf_parity_float32_and_aux_loss(family, hf_dirs):
+    path, ref, ref_aux, (tokens, valid, _) = hf_dirs[family]
+    model, cfg = load_hf(path)
+    assert cfg.architecture == family.replace("_norm", "") and cfg.num_experts == (4 if family == "mixtral" else 8)
+    assert cfg.norm_topk_prob == (family != "qwen3_moe")
+    err = max_err(_forward(model, tokens, valid), ref, valid)
+    print(f"{family}: max |dlogit| unsharded {err:.2e}")
+    assert err < F32_TOL
+
+    @nnx.jit
+    def aux(model, tokens, valid):
+        with moe.collect_router_stats() as seen:
+            model(tokens, valid=valid)
+        return moe.load_balancing_loss([s for _, s in seen]), len(seen)
+
+    ours, layers = aux(model, tokens, valid)
+    assert layers == sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers))
+    np.testing.assert_allclose(float(ours), ref_aux, rtol=1e-5)
+
+
+def test_sharded_parity_with_experts_split(hf_dirs):
+    mesh = make_mesh(2, 1, 2, expert=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
+    for family in ("qwen3_moe", "mixtral"):
+        path, ref, _, (tokens, valid, _) = hf_dirs[family]
+        model, cfg = load_hf(path, mesh=mesh)
+        mlp = model.layers[0].mlp
+        for w in (mlp.gate_weight_edf, mlp.up_weight_edf):
+            assert w[...].sharding.is_equivalent_to(NamedSharding(mesh, P("expert", None, "tensor")), 3)
+        assert mlp.down_weight_efd[...].sharding.is_equivalent_to(NamedSharding(mesh, P("expert", "tensor", None)), 3)
+        # each device holds E/2 experts
+        assert mlp.gate_weight_edf[...].addressable_shards[0].data.shape[0] == cfg.num_experts // 2
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def fwd(state, tokens, valid):
+            return nnx.merge(graphdef, state)(tokens, valid=valid).logits
+
+        with axis_rules(mesh):
+            logits = fwd(state, tokens, valid)
+        err = max_err(logits, ref, valid)
+        print(f"{family}: max |dlogit| sharded (data 2 x expert 2 x tensor 2) {err:.2e}")
+        assert err < F32_TOL
+
+
+class _RecordingView:
+    def __init__(self, array, reads):
+        self.array, self.reads, self.shape = array, reads, array.shape
+
+    def __getitem__(self, idx):
+        out = self.array[idx]
+        self.reads.append(out.shape)
+        return out
+
+
+def test_sharded_load_reads_only_each_devices_experts(hf_dirs):
+    from jaxtok.models.hf import _open_checkpoint, build_decoder, hf_views
+
+    path = hf_dirs["mixtral"][0]
+    _, cfg = load_hf(path)
+    views = hf_views(cfg, _open_checkpoint(path))
+    reads = {}
+    for p, stack in views.items():
+        if p[-1].endswith(("_edf", "_efd")):
+            stack.views = [_RecordingView(v, reads.setdefault(p, [])) for v in stack.views]
+    build_decoder(cfg, views, mesh=make_mesh(2, 1, 2, expert=2))
+    E, F, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    gate, down = reads[("layers", 0, "mlp", "gate_weight_edf")], reads[("layers", 1, "mlp", "down_weight_efd")]
+    # each of the 8 devices reads its E/2 experts' F/2 columns, never a whole expert
+    assert set(gate) == {(D, F // 2)} and set(down) == {(F // 2, D)} and len(gate) == 8 * E // 2
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_save_hf_round_trip(family, hf_dirs, tmp_path):
+    from safetensors.numpy import load_file
+
+    path, ref, _, (tokens, valid, positions) = hf_dirs[family]
+    model, cfg = load_hf(path)
+    save_hf(model, str(tmp_path))
+    original, saved = load_file(os.path.join(path, "model.safetensors")), load_file(tmp_path / "model.safetensors")
+    assert set(saved) == set(original) - {"lm_head.weight"} if cfg.tie_embeddings else set(saved) == set(original)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(value, original[name], err_msg=name)
+    hf = fx.hf_logits(_hf_from_pretrained(str(tmp_path)), tokens, valid, positions)
+    np.testing.assert_allclose(hf[valid], ref[valid], rtol=0, atol=1e-6)
+    again, cfg2 = load_hf(str(tmp_path))
+    assert cfg2 == cfg
+    written = json.load(open(tmp_path / "config.json"))
+    assert written["architectures"] == [FAMILIES[family]["cls"]]
+
+
+def _hf_from_pretrained(path):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# presets, parameter and FLOP counts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_presets_parameter_counts_and_active_flops():
+    q = presets.get("qwen3-30b-a3b")
+    # published: Qwen3-30B-A3B 30.5B total / 3.3B activated; Mixtral-8x7B 46.7B / 12.9B
+    assert round(flops.num_params(q) / 1e9, 1) == 30.5 and round(flops.num_params(q, active=True) / 1e9, 1) == 3.4
+    m = presets.get("mixtral-8x7b")
+    assert round(flops.num_params(m) / 1e9, 1) == 46.7 and round(flops.num_params(m, active=True) / 1e9, 1) == 12.9
+    for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
+        cfg = presets.get(name)
+        assert config_from_hf(config_to_hf(cfg, "bfloat16")) == cfg
+    # FLOPs count the router and k experts only: a dense model whose MLP is the k active experts, plus the router
+    E, K, Fm, D, L = q.num_experts, q.num_experts_per_tok, q.moe_intermediate_size, q.hidden_size, q.num_layers
+    dense_equiv = dataclasses.replace(q, architecture="qwen3", num_experts=0, intermediate_size=K * Fm)
+    got, want = flops.flops_per_token(q, 4096), flops.flops_per_token(dense_equiv, 4096)
+    assert got.attention == want.attention and got.dense == want.dense + L * 2 * D * E
+    # exact against the module's parameters on a shrunken copy (with a dense layer)
+    small = dataclasses.replace(q, num_layers=3, vocab_size=64, num_experts=4, num_experts_per_tok=2,
+                                mlp_only_layers=(1,))
+    abstract = nnx.eval_shape(lambda: Decoder(small, rngs=nnx.Rngs(0)))
+    count = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    assert flops.num_params(small) == count
+    specs = tensor_specs(small)
+    assert {s.path for s in specs} == {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training and decoding through the existing step and generate
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+    return Decoder(presets.get("tiny_moe", vocab_size=32), rngs=nnx.Rngs(0))
+
+
+def _sft_batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, size=(4, 12)).astype(np.int32)
+    loss_mask = np.zeros_like(tokens, bool)
+    loss_mask[:, 6:] = True
+    return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(loss_mask)}
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_sft_train_steps_with_aux_loss(tiny_moe, sharded):
+    mesh = make_mesh(2, 1, 2, expert=2) if sharded else None
+    opt = optax.adam(3e-3)
+    loss_fn = moe.with_router_aux_loss(sft_loss)
+    graphdef, state = init_train_state(tiny_moe, opt, mesh=mesh)
+    router0 = np.asarray(state.params["layers"][0]["mlp"]["router_weight_de"].get_value())
+    step = make_train_step(tiny_moe, opt, loss_fn, mesh=mesh, donate=False)
+    batch = _sft_batch()
+    losses = []
+    for _ in range(2):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        assert np.isfinite(losses[-1])
+    lb = float(metrics["router_aux_loss"])
+    assert 1.0 <= lb <= tiny_moe.cfg.num_experts  # k=2 assignments: aux = E·Σ f·P >= 1 (balanced), <= E
+    plain, _, _ = sft_loss(nnx.merge(graphdef, state.params, state.rest), batch, None)
+    assert losses[1] < losses[0]
+    # the reported loss is CE + coef·aux (evaluated before the update, so compare the first step's parts)
+    _, state0 = init_train_state(tiny_moe, opt)
+    ce0, n0, _ = sft_loss(tiny_moe, batch, None)
+    lb0 = float(jax.jit(lambda: loss_fn(tiny_moe, batch, None))()[2]["router_aux_loss"]) / float(n0)
+    np.testing.assert_allclose(losses[0], float(ce0 / n0) + tiny_moe.cfg.router_aux_loss_coef * lb0, rtol=1e-5)
+    assert not np.allclose(np.asarray(state.params["layers"][0]["mlp"]["router_weight_de"].get_value()), router0)
+    assert np.isfinite(float(plain))
+
+
+def test_greedy_generate_equals_full_forward_argmax(tiny_moe):
+    rows = [[5, 6, 7], [9, 10, 11, 12, 13], [4]]
+    width, n = 5, 5
+    prompt = np.zeros((3, width), np.int32)
+    valid = np.zeros((3, width), bool)
+    for i, r in enumerate(rows):
+        prompt[i, width - len(r):], valid[i, width - len(r):] = r, True
+    out = generate(tiny_moe, prompt, valid, max_new_tokens=n, stop_tokens=(), temperature=0.0, rng=jax.random.key(0))
+    fwd = jax.jit(lambda toks, at: jnp.argmax(tiny_moe(toks).logits[0, at]))
+    for i, row in enumerate(rows):
+        toks = np.zeros((1, len(row) + n), np.int32)
+        toks[0, :len(row)] = row
+        for t in range(len(row), len(row) + n):
+            toks[0, t] = int(fwd(jnp.asarray(toks), t - 1))
+        np.testing.assert_array_equal(np.asarray(out.tokens[i]), toks[0, len(row):])
