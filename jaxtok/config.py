@@ -32,7 +32,8 @@ __all__ = [
     "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "TokenizerSection", "OptimizerSection",
     "ObjectiveSection",
     "TrainSection", "RolloutSection", "DecodeSection", "RunSection", "BenchSection", "load_config", "from_dict", "to_yaml", "to_dict",
-    "validate_names", "check_paths", "build_optimizer", "describe", "reference_yaml",
+    "validate_names", "check_paths", "build_optimizer", "build_schedule", "learning_rate", "describe",
+    "reference_yaml",
 ]
 
 
@@ -318,6 +319,37 @@ class RunSection(_Section):
                                     "refused")
     cache_dir: str = _f(".cache/jaxtok", doc="recipe stage cache: <cache_dir>/<stage>-<key>/")
     progress: bool = _f(True, doc="show progress bars (steps, tokens/s, ETA)")
+    tensorboard: bool = _f(False, doc="train: also write the metrics as TensorBoard event files under "
+                                      "<run_dir>/tensorboard/ (needs tensorboardX: pip install 'jaxtok[tensorboard]')")
+    wandb: Dict[str, Any] = _f({}, doc="train: also log the metrics to Weights & Biases, e.g. {project: my-project} "
+                                       "(keys: project, entity, name, group, tags, notes, mode; needs wandb "
+                                       "installed); {} = off")
+    profile_steps: List[int] = _f([], doc="train: [first, last]: capture a jax.profiler trace of steps first..last "
+                                          "(1-based, inclusive) into <run_dir>/profile/ (TensorBoard/Perfetto); "
+                                          "[] = off")
+
+    WANDB_KEYS: ClassVar[tuple] = ("project", "entity", "name", "group", "tags", "notes", "mode")
+
+    def check(self) -> None:
+        if self.tensorboard and _find_spec("tensorboardX") is None:
+            raise ConfigError("run.tensorboard=true: the TensorBoard writer needs tensorboardX, which is not "
+                              "installed: pip install 'jaxtok[tensorboard]' (or set run.tensorboard=false)")
+        if self.wandb:
+            unknown = sorted(set(self.wandb) - set(self.WANDB_KEYS))
+            if unknown:
+                raise ConfigError(f"run.wandb.{unknown[0]}: unknown key; allowed keys of run.wandb: "
+                                  f"{list(self.WANDB_KEYS)}")
+            if not isinstance(self.wandb.get("project"), str) or not self.wandb["project"]:
+                raise ConfigError(f"run.wandb={dict(self.wandb)!r}: needs a project name, e.g. "
+                                  f"run.wandb.project=my-project ({{}} = off)")
+            if _find_spec("wandb") is None:
+                raise ConfigError("run.wandb: Weights & Biases logging needs the wandb package, which is not "
+                                  "installed: pip install wandb (or remove run.wandb)")
+        if self.profile_steps:
+            p = list(self.profile_steps)
+            if len(p) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in p) or not 1 <= p[0] <= p[1]:
+                raise ConfigError(f"run.profile_steps={p!r}: [first, last] steps to trace, 1 <= first <= last "
+                                  f"(or [] = off)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +383,9 @@ class Config:
         if opt.schedule != "constant" and opt.warmup_steps >= self.train.steps:
             raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps}: must be < train.steps={self.train.steps} "
                               f"with optimizer.schedule={opt.schedule!r}")
+        if self.run.profile_steps and self.run.profile_steps[0] > self.train.steps:
+            raise ConfigError(f"run.profile_steps={list(self.run.profile_steps)!r}: the window starts after the last "
+                              f"step (train.steps={self.train.steps}); no trace would be written")
         if self.data.batch_size % self.train.micro_batches:
             raise ConfigError(f"train.micro_batches={self.train.micro_batches}: must divide "
                               f"data.batch_size={self.data.batch_size}")
@@ -394,10 +429,31 @@ def read_yaml_with_bases(path: str | Path, _seen: tuple = ()) -> dict:
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"base={bases!r} in {path}: must be a file name or a list of file names")
-    merged = OmegaConf.create({})
+    merged: dict = {}
     for base in bases:
-        merged = OmegaConf.merge(merged, read_yaml_with_bases(path.parent / base, _seen + (path,)))
-    return OmegaConf.to_container(OmegaConf.merge(merged, OmegaConf.create(data)))
+        merged = _merge_layer(merged, read_yaml_with_bases(path.parent / base, _seen + (path,)))
+    return _merge_layer(merged, data)
+
+
+# (section, name key, its arguments key): arguments belong to the name they were written for
+NAMED_ARGS = (("objective", "name", "args"), ("decode", "policy", "policy_args"), ("data", "task", "task_args"),
+              ("bench", "name", "args"))
+
+
+def _merge_layer(below: dict, above: dict) -> dict:
+    """``above`` (an including file) merged over ``below`` (its merged bases). Where ``above`` names another
+    objective / decode policy / task / benchmark than ``below`` (:data:`NAMED_ARGS`; an unnamed one is the schema
+    default), ``below``'s arguments of the old name are dropped instead of merged: the new name starts from its own
+    defaults plus the arguments ``above`` gives."""
+    below = dict(below)
+    for section, name_key, args_key in NAMED_ARGS:
+        low, high = below.get(section), above.get(section)
+        if not isinstance(low, Mapping) or not isinstance(high, Mapping) or name_key not in high:
+            continue
+        default = _default_of({f.name: f for f in dataclasses.fields(_section_class(section))}[name_key])
+        if args_key in low and high[name_key] != low.get(name_key, default):
+            below[section] = {k: v for k, v in low.items() if k != args_key}
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(below), OmegaConf.create(above)))
 
 
 def _omegaconf_error(e: OmegaConfBaseException, raw: Any) -> ConfigError:
@@ -519,6 +575,20 @@ def _check_fields(section: Any, prefix: str) -> None:
             raise ConfigError(f"{key}={value!r}: must be <= {meta['max']}")
         if meta.get("gt") is not None and value <= meta["gt"]:
             raise ConfigError(f"{key}={value!r}: must be > {meta['gt']}")
+
+
+def _find_spec(name: str):
+    """``importlib.util.find_spec(name)`` (None when the package is not installed; a module placed in
+    ``sys.modules`` without a spec counts as installed)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return getattr(sys.modules[name], "__spec__", None) or True
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
 
 
 def _non_finite(value: Any) -> bool:
@@ -709,8 +779,10 @@ def reference_yaml() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(section: OptimizerSection, total_steps: int):
-    """The optax optimizer of ``section``: schedule, optional global-norm clipping, then the update rule."""
+def build_schedule(section: OptimizerSection, total_steps: int):
+    """The optax learning-rate schedule of ``section`` over ``total_steps``: ``schedule(count)`` is the rate of
+    the update taken after ``count`` earlier updates (the optimizer's step ``count + 1``, see
+    :func:`learning_rate`)."""
     import optax
 
     if section.schedule != "constant" and section.warmup_steps >= total_steps:
@@ -728,6 +800,22 @@ def build_optimizer(section: OptimizerSection, total_steps: int):
     if section.schedule != "warmup_cosine" and section.warmup_steps:
         sched = optax.join_schedules([optax.linear_schedule(0.0, lr, section.warmup_steps), sched],
                                      [section.warmup_steps])
+    return sched
+
+
+def learning_rate(schedule, step: int) -> float:
+    """The learning rate ``schedule`` (:func:`build_schedule`) gave optimizer step ``step`` (1-based: the update
+    that made the train state's step ``step``). optax's ``scale_by_learning_rate`` calls the schedule with the
+    count of earlier updates, so this is ``schedule(step - 1)``."""
+    return float(schedule(max(int(step) - 1, 0)))
+
+
+def build_optimizer(section: OptimizerSection, total_steps: int):
+    """The optax optimizer of ``section``: schedule (:func:`build_schedule`), optional global-norm clipping, then
+    the update rule."""
+    import optax
+
+    sched = build_schedule(section, total_steps)
     if section.name == "adamw":
         opt = optax.adamw(sched, section.b1, section.b2, section.eps, weight_decay=section.weight_decay)
     elif section.name == "adam":

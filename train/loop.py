@@ -5,9 +5,21 @@ Run directory::
 
     <run_dir>/tokenizer.json      the tokenizer, with its tokenizer_config.json / generation_config.json / chat
                                   template when it has them (later stages and ``init_from`` reuse them)
-    <run_dir>/metrics.jsonl       one JSON object per logged step / eval
+    <run_dir>/metrics.jsonl       one JSON object per logged step / eval: training rows carry the objective's
+                                  metrics, ``lr`` (the optimizer schedule's rate at that step), ``step_time_s``
+                                  and ``tokens_per_s`` (since the previous row, without the first, compiling step
+                                  and evaluations; the first row after it also has ``compile_s``), rollout rows
+                                  ``rollout/*`` (rewards, lengths, sampler mismatch)
+    <run_dir>/tensorboard/        with ``run.tensorboard``: the same scalars as TensorBoard event files
+                                  (:mod:`jaxtok.observe`; ``run.wandb`` sends them to Weights & Biases)
+    <run_dir>/profile/            with ``run.profile_steps: [first, last]``: a jax.profiler trace of those steps
     <run_dir>/checkpoints/<step>/ params, optimizer state, data-iterator state, RNG, meta (model config)
     <run_dir>/summary.json        the dict returned by :func:`train`
+
+Logging (``jaxtok`` logger; the CLI prints INFO and above, ``--log-level``): the phases ``build``, ``compile`` (the
+first step's time), ``train``, ``eval``, and one start-up summary (model and parameter count, mesh and devices,
+data, objective, steps, run directory, resumed step). The progress bar starts after the compiling step, so its
+rate and ETA exclude compilation; with ``run.progress=false`` each metrics row is also a log line with the ETA.
 
 A run directory that already holds a checkpoint is resumed from its last good one (``run.resume``; damaged newer
 steps are moved to ``checkpoints-damaged/`` with a warning, and ``metrics.jsonl`` gets an ``{"event": "resume",
@@ -41,6 +53,7 @@ objective normalises groups itself, and micro-batching is refused, :func:`jaxtok
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -55,7 +68,7 @@ from flax import nnx
 
 from jaxtok import checkpoint as ckpt_lib
 from jaxtok import mesh as mesh_lib
-from jaxtok.metrics import MetricsWriter
+from jaxtok.observe import ProfileWindow, fmt_count, fmt_duration, open_observer, startup_summary
 from jaxtok.models import Decoder, ModelConfig, presets
 from jaxtok.tasks.tokenizer import load_tokenizer_for
 
@@ -401,7 +414,7 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
 def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]] = None,
            final_eval: bool = True) -> dict:
     """:func:`train` inside the run directory's lock."""
-    from jaxtok.config import build_optimizer, check_micro_batches, rollout_topk
+    from jaxtok.config import build_optimizer, build_schedule, check_micro_batches, learning_rate, rollout_topk
     from jaxtok.data import make_task_from_config, prompt_dataset, sft_dataset
     from jaxtok.tasks import save_tokenizer
     from jaxtok.train import branching
@@ -409,6 +422,8 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     from jaxtok.train.self_teacher import SelfTeacher
     from jaxtok.train.step import frozen_states, init_train_state, make_train_step
 
+    t_build = time.perf_counter()
+    log.info("build: tokenizer, data, model, optimizer and objective %r", cfg.objective.name)
     mesh_lib.initialize_distributed(cfg.mesh)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -521,7 +536,11 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
         ck.close()
         log.warning("run %s is already finished at step %d (summary.json); nothing to do", run_dir, start)
         return {**stored, "resumed_from": start, "already_finished": True}
-    metrics_out = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
+    lead = jax.process_index() == 0
+    _log_startup(cfg, run_dir, state, mesh, model_cfg, start=start, damaged=bool(damaged),
+                 rollouts=data_kind == "rollout",
+                 build_s=time.perf_counter() - t_build)
+    metrics_out = open_observer(cfg, run_dir, enabled=lead)
     if metrics_out.enabled and metrics_out.path.is_file() and metrics_out.path.stat().st_size:
         # records of steps after ``start`` written before this line were redone (or lost with a damaged checkpoint)
         metrics_out.write(start, {"event": "resume", "from_step": start,
@@ -534,61 +553,209 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
                        **(self_teacher.checkpoint_item(step, state) if self_teacher else {})})
 
     total = cfg.train.steps
-    bar = _progress(total, start, cfg.run.progress and jax.process_index() == 0)
+    schedule = jax.jit(build_schedule(cfg.optimizer, total))  # the optimizer's own schedule: metrics.jsonl's lr
+    profile = ProfileWindow(cfg.run.profile_steps, run_dir, start=start, enabled=lead)
+    bar = None  # made after the first (compiling) step, so its rate and ETA exclude the compilation
+    timer = _StepTimer()
     last: dict = {}
-    tokens_since, t0 = 0, time.perf_counter()
     placed, rollout_info = None, {}
+    quiet_bar = contextlib.ExitStack()  # log lines above the progress bar while it is shown
     try:
+        quiet_bar.enter_context(_logging_around_bar())
         for step in range(start + 1, total + 1):
+            timer.begin_step()
+            profile.before_step(step)
+            if step == start + 1:
+                log.info("compile: the first step compiles the train step%s; its time is the compile time",
+                         " and the rollout sampler" if rollouts else "")
             if not rollouts:
                 batch = next(it)
                 placed = mesh_lib.put_batch(batch, mesh)
             elif placed is None or (step - 1) % cfg.rollout.inner_epochs == 0:
                 policy = nnx.merge(graphdef, state.params, state.rest)
                 ro = collect(policy, next(it), task=task, tokenizer=tok, settings=cfg.rollout,
-                                         rng=jax.random.fold_in(jax.random.key(cfg.train.seed), step), mesh=mesh,
-                                         teacher=frozen.get("teacher"), prepare=prepare)
+                             rng=jax.random.fold_in(jax.random.key(cfg.train.seed), step), mesh=mesh,
+                             teacher=frozen.get("teacher"), prepare=prepare)
                 del policy
                 batch, rollout_info = ro.batch, ro.info
                 if host_adv is not None:  # keys the collector set itself (APPO's token advantages) are kept
                     batch = {**host_adv(batch), **batch}
                 placed = mesh_lib.put_batch(batch, mesh)
-            tokens_since += int(np.sum(batch["valid"]))
+            timer.tokens += int(np.sum(batch["valid"]))
             if self_teacher is None:
                 state, metrics = step_fn(state, placed, *frozen_args)
             else:  # re-copied from the student at sync steps, not passed once λ = 0 (train/self_teacher.py)
                 state, metrics = self_teacher.step(step - 1, state, placed, frozen_args, step_fn)
+            timer.steps += 1
             if on_step is not None:
                 on_step(step, metrics)
+            profile.after_step(step, metrics)
+            if step == start + 1:  # the compiling step: timed alone, then left out of tokens/s and the ETA
+                jax.block_until_ready(metrics)
+                compile_s = timer.first_step_done()
+                log.info("compile: first step %d took %.1f s (compilation%s); train: steps %d..%d",
+                         step, compile_s, " and the first rollout" if rollouts else "", step + 1, total)
+                bar = _progress(total, step - 1, cfg.run.progress and lead)
             if step % cfg.train.log_every == 0 or step == total:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "step"}
-                dt = max(time.perf_counter() - t0, 1e-9)
-                host.update(tokens_per_s=tokens_since / dt, dropped_overlong=dropped.count, **rollout_info)
+                host.update(lr=learning_rate(schedule, step), **timer.window(), dropped_overlong=dropped.count,
+                            **rollout_info)
                 metrics_out.write(step, host)
-                bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
+                if lead:
+                    _show_progress(bar, host, step, total)
                 last = host
-                tokens_since, t0 = 0, time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-                ev = _evaluate_model(nnx.merge(graphdef, state.params, state.rest), task, tok, cfg, mesh)
-                metrics_out.write(step, ev)
+                with timer.paused():
+                    t_eval = time.perf_counter()
+                    log.info("eval: held-out evaluation at step %d", step)
+                    ev = _evaluate_model(nnx.merge(graphdef, state.params, state.rest), task, tok, cfg, mesh)
+                    metrics_out.write(step, ev)
+                    log.info("eval: step %d done in %.1f s: %s", step, time.perf_counter() - t_eval,
+                             _brief(ev))
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != total:
                 save(step)
             bar.update(1)
         if ck.latest_step() != total:
             save(total)
         ck.wait()
-    finally:
-        bar.close()
-        ck.close()
+        if bar is not None:
+            bar.close()
+        quiet_bar.close()
+        log.info("train: steps %d..%d done in %s", start + 1, total, fmt_duration(timer.elapsed()))
 
-    summary = {"step": total, "train/loss": last.get("loss"), "resumed_from": start or None}
-    if final_eval:
-        final_model = nnx.merge(graphdef, state.params, state.rest)
-        summary.update(_evaluate_model(final_model, task, tok, cfg, mesh))
-        metrics_out.write(total, {k: v for k, v in summary.items() if k.startswith("eval/")})
-    if jax.process_index() == 0:
+        summary = {"step": total, "train/loss": last.get("loss"), "resumed_from": start or None}
+        if final_eval:
+            t_eval = time.perf_counter()
+            log.info("eval: final held-out evaluation at step %d", total)
+            final_model = nnx.merge(graphdef, state.params, state.rest)
+            summary.update(_evaluate_model(final_model, task, tok, cfg, mesh))
+            ev = {k: v for k, v in summary.items() if k.startswith("eval/")}
+            metrics_out.write(total, ev)
+            log.info("eval: done in %.1f s: %s", time.perf_counter() - t_eval, _brief(ev))
+    finally:
+        profile.close()
+        if bar is not None:
+            bar.close()
+        quiet_bar.close()
+        ck.close()
+        metrics_out.close()
+    if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _StepTimer:
+    """Wall time and tokens of the training steps since the last metrics record, without the first (compiling)
+    step and paused evaluations: ``step_time_s`` and ``tokens_per_s`` of each record."""
+
+    def __init__(self):
+        self.t0 = self.t_start = time.perf_counter()
+        self.tokens = 0
+        self.steps = 0
+        self.compile_s: Optional[float] = None
+        self._step_t0 = self.t0
+        self._first_pending = False
+
+    def begin_step(self) -> None:
+        self._step_t0 = time.perf_counter()
+
+    def first_step_done(self) -> float:
+        """End of the compiling step: its time, and a new window from now."""
+        now = time.perf_counter()
+        self.compile_s = now - self._step_t0
+        self.t0, self.tokens, self.steps = now, 0, 0
+        self._first_pending = True
+        return self.compile_s
+
+    def window(self) -> dict:
+        """``step_time_s`` and ``tokens_per_s`` over the steps since the last call (a window holding only the
+        compiling first step: its time as ``step_time_s``, ``compile_s``, and ``tokens_per_s`` null); then a new
+        window. The first record after the compile also carries ``compile_s``."""
+        now = time.perf_counter()
+        out: dict = {}
+        if self._first_pending:
+            out["compile_s"] = self.compile_s
+            self._first_pending = False
+        if self.steps:
+            dt = max(now - self.t0, 1e-9)
+            out.update(step_time_s=dt / self.steps, tokens_per_s=self.tokens / dt)
+        else:
+            out.update(step_time_s=self.compile_s, tokens_per_s=None)
+        self.t0, self.tokens, self.steps = now, 0, 0
+        return out
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluations) is left out of the window."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+def _logging_around_bar():
+    """jaxtok's log lines printed above the progress bar instead of through it (tqdm's logging redirect)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger("jaxtok")])
+
+
+def _show_progress(bar, host: dict, step: int, total: int) -> None:
+    """The progress bar's postfix; without a bar (``run.progress=false``, other processes) an INFO line per
+    record with loss, lr, tokens/s and the ETA from the measured step time (compilation excluded)."""
+    tok_s = host.get("tokens_per_s")
+    if bar is not None and not bar.disable:
+        bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.2e}",
+                        **({"tok_s": f"{tok_s:.0f}"} if tok_s is not None else {}))
+        return
+    eta = fmt_duration(host["step_time_s"] * (total - step)) if tok_s is not None else "?"
+    log.info("step %d/%d: loss %.4f, lr %.3g, %s tokens/s, %.3f s/step, ETA %s", step, total, host["loss"],
+             host["lr"], f"{tok_s:.0f}" if tok_s is not None else "-", host["step_time_s"], eta)
+
+
+def _brief(ev: dict) -> str:
+    keys = [k for k in ("eval/exact_match", "eval/loss", "eval/accuracy", "eval/format_ok", "eval/mean_nfe")
+            if k in ev]
+    return ", ".join(f"{k[5:]} {ev[k]:.4g}" for k in keys) or "no held-out metrics"
+
+
+def _log_startup(cfg, run_dir: Path, state, mesh, model_cfg, *, start: int, damaged: bool, rollouts: bool,
+                 build_s: float) -> None:
+    """The one start-up summary: model and parameter count, mesh and devices, data, objective, steps, run
+    directory and what was resumed."""
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    source = (f"init_from {cfg.model.init_from}" if cfg.model.init_from else
+              f"hf_path {cfg.model.hf_path}" if cfg.model.hf_path else f"preset {cfg.model.preset}")
+    arch = getattr(model_cfg, "architecture", "")
+    devices = jax.devices()
+    d = cfg.data
+    shape = f"seq_len {d.seq_len}" if not rollouts else (
+        f"prompt_len {d.prompt_len}, {cfg.rollout.num_generations} completions/prompt of <= "
+        f"{cfg.rollout.max_new_tokens} tokens")
+    opt = cfg.optimizer
+    outputs = ["metrics.jsonl"] + (["tensorboard/"] if cfg.run.tensorboard else []) + (
+        [f"W&B project {cfg.run.wandb['project']}"] if cfg.run.wandb else []) + (
+        [f"profile/ (steps {cfg.run.profile_steps[0]}..{cfg.run.profile_steps[1]})"] if cfg.run.profile_steps else [])
+    rows = [
+        ("model", f"{source} ({arch}, {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}), "
+                  f"{fmt_count(n_params)} parameters, {cfg.model.dtype}"),
+        ("mesh", " x ".join(f"{k} {v}" for k, v in mesh.shape.items()) + f" on {len(devices)} "
+                 f"{devices[0].platform} device(s) ({devices[0].device_kind}), {jax.process_count()} process(es)"),
+        ("data", f"task {d.task}, batch {d.batch_size} ({cfg.train.micro_batches} micro-batch(es)), {shape}"),
+        ("objective", f"{cfg.objective.name}; optimizer {opt.name}, lr {opt.lr:g} ({opt.schedule}, warmup "
+                      f"{opt.warmup_steps})"),
+        ("steps", f"{start} -> {cfg.train.steps}; log every {cfg.train.log_every}, eval every "
+                  f"{cfg.train.eval_every or '-'}, checkpoint every {cfg.train.checkpoint_every or '-'}"),
+        ("run dir", f"{run_dir} ({', '.join(outputs)})"),
+        ("resumed", f"from step {start}" + (" (the last good checkpoint)" if damaged else "") if start
+         else "no: a fresh start"),
+    ]
+    if jax.process_index() == 0:
+        log.info(startup_summary(rows, f"build: done in {build_s:.1f} s; run {run_dir.name}:"))
 
 
 def _stored_summary(run_dir: Path) -> Optional[dict]:
