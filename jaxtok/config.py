@@ -440,6 +440,24 @@ NAMED_ARGS = (("objective", "name", "args"), ("decode", "policy", "policy_args")
               ("bench", "name", "args"))
 
 
+def _clear_named_args(data: dict, overrides: Sequence[str]) -> tuple[dict, list[str]]:
+    """Overrides ``objective.args={}`` (or ``=null``; likewise ``decode.policy_args``, ``data.task_args``,
+    ``bench.args``) clear the config file's arguments instead of merging into them (a merge cannot remove keys):
+    the way to override a name without keeping the old name's arguments. Returns the data without them and the
+    remaining overrides."""
+    rest = []
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        target = [(s, a) for s, _, a in NAMED_ARGS if key.strip() == f"{s}.{a}"]
+        if target and value.strip() in ("{}", "null", "~"):
+            section, args_key = target[0]
+            if isinstance(data.get(section), Mapping):
+                data = {**data, section: {k: v for k, v in data[section].items() if k != args_key}}
+            continue
+        rest.append(ov)
+    return data, rest
+
+
 def _merge_layer(below: dict, above: dict) -> dict:
     """``above`` (an including file) merged over ``below`` (its merged bases). Where ``above`` names another
     objective / decode policy / task / benchmark than ``below`` (:data:`NAMED_ARGS`; an unnamed one is the schema
@@ -491,6 +509,7 @@ def _section_class(dotted: str):
 def from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     """Build and validate a :class:`Config` from a plain mapping plus dotted overrides."""
     raw = None
+    data, overrides = _clear_named_args(data, overrides)
     for name, value in data.items():  # a section given a scalar or list, e.g. ``optimizer: 3``
         section = _section_class(name)
         if section is not None and value is not None and not isinstance(value, Mapping):
@@ -646,8 +665,8 @@ def validate_names(cfg: Config) -> None:
             raise ConfigError("rollout.rewards.format: file datasets have an answer format only with "
                               "data.answer_regex (the pattern format_ok checks); set it or drop the format reward")
     else:
-        check_name(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
-    check_name(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args, "objective.args")
+        _check_named(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
+    _check_named(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args, "objective.args")
     if cfg.objective.name in OBJECTIVES:
         _check_rollout(cfg, OBJECTIVES.entry(cfg.objective.name).meta)
     if cfg.model.hf_path is None and not import_registering_modules(("jaxtok.models.presets",)):
@@ -657,7 +676,20 @@ def validate_names(cfg: Config) -> None:
     policies = {"speculative": DRAFT_POLICIES, "diffusion": COMMIT_POLICIES, "greedy": LOGIT_GUIDES,
                 "sample": LOGIT_GUIDES}[cfg.decode.method]
     if cfg.decode.policy is not None:
-        check_name(policies, "decode.policy", cfg.decode.policy, cfg.decode.policy_args, "decode.policy_args")
+        _check_named(policies, "decode.policy", cfg.decode.policy, cfg.decode.policy_args, "decode.policy_args")
+
+
+def _check_named(registry: Registry, key: str, name: str, args: Any, args_key: str) -> Any:
+    """:func:`check_name`; arguments that do not fit get a hint: those written for another name are kept when only
+    the name is overridden on the command line (a base file's are dropped, :func:`_merge_layer`)."""
+    try:
+        return check_name(registry, key, name, args, args_key)
+    except ConfigError as e:
+        if not args or not str(e).startswith(args_key):
+            raise
+        raise ConfigError(f"{e}; if {args_key} were written for another {registry.kind} (an override of {key} "
+                          f"keeps the config file's), clear them with {args_key}={{}} and give those of {name!r} as "
+                          f"{args_key}.KEY=value") from None
 
 
 def check_micro_batches(cfg: Config, meta) -> None:
