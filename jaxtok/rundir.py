@@ -33,7 +33,8 @@ CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints-damaged"  # damaged checkpoints moved aside by a resume (jaxtok.checkpoint)
 LOCK_FILE = "train.lock"
 # Outputs that make a directory "hold a run"; run.overwrite=true removes exactly these.
-RUN_OUTPUTS = (CHECKPOINT_DIR, DAMAGED_DIR, "metrics.jsonl", "summary.json", "eval.json")
+RUN_OUTPUTS = (CHECKPOINT_DIR, DAMAGED_DIR, "metrics.jsonl", "summary.json", "eval.json",
+               "tensorboard", "profile", "wandb_run_id")  # the last three: jaxtok.observe's dashboards and traces
 
 # The config keys a resumed training may change (dotted; ``section.*`` = the whole section): the step budget, the
 # eval/log/checkpoint cadence, where outputs go, and the device mesh (checkpoints restore into any layout).

@@ -282,3 +282,15 @@ def test_summary_formatting():
     assert observe.fmt_duration(75.2) == "1:15" and observe.fmt_duration(3725) == "1:02:05"
     text = observe.startup_summary([("model", "x"), ("run dir", "y")], "title:")
     assert text == "title:\n  model    x\n  run dir  y"
+
+
+def test_overwrite_removes_the_dashboards_of_the_replaced_run(tmp_path):
+    from jaxtok import rundir
+
+    (tmp_path / observe.TENSORBOARD_DIR).mkdir()
+    (tmp_path / observe.PROFILE_DIR).mkdir()
+    (tmp_path / observe.WANDB_ID_FILE).write_text("abc\n")
+    assert set(rundir.holds_run(tmp_path)) == {observe.TENSORBOARD_DIR, observe.PROFILE_DIR, observe.WANDB_ID_FILE}
+    cfg = from_dict({"run": {"resume": False, "overwrite": True}})
+    rundir.check_fresh_start(cfg, tmp_path)  # a new run: new event files, a new W&B run id
+    assert list(tmp_path.iterdir()) == []
