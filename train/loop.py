@@ -797,7 +797,11 @@ def evaluate(cfg, run_dir: str | Path) -> dict:
         model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
         model = mesh_lib.shard_model(model, mesh)
     task = make_task_from_config(cfg.data)
+    t_eval = time.perf_counter()
+    log.info("eval: held-out evaluation of %s", run_dir if trained else "an untrained model (no checkpoint in the "
+                                                                        "run directory)")
     out = _evaluate_model(model, task, tok, cfg, mesh)
+    log.info("eval: done in %.1f s: %s", time.perf_counter() - t_eval, _brief(out))
     if jax.process_index() == 0:
         (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
     return out
