@@ -16,8 +16,10 @@ other tokens of the batch and cached decoding equals the full forward): the ``N�
 sorted by expert (static shape ``[N·k]``), and each expert's contiguous group of rows is multiplied by its own
 weights with one grouped matmul, ``jax.lax.ragged_dot(rows [N·k, D], W [E, D, F], group_sizes [E])``. The
 results are unsorted, weighted and summed over k. FLOPs are ``k/E`` of running every expert on every token. Under a
-mesh the weights keep their ``expert`` sharding and GSPMD partitions the grouped matmul (no hand-written
-all-to-all; the tokens stay data-parallel).
+mesh with an ``expert`` axis GSPMD partitions ``ragged_dot`` over its group (expert) dimension: the expert weights
+are never gathered, each device runs its own experts, the sorted token rows are all-gathered and the expert outputs
+all-reduced (read off the compiled HLO of a data 2 x expert 2 x tensor 2 forward). There is no hand-written
+all-to-all dispatch (a ``shard_map`` with ``ragged_all_to_all`` would move only the routed rows at pod scale).
 
 Load-balancing loss (Switch Transformer eq. 4-6, HF ``load_balancing_loss_func``): with ``f_e`` the fraction of
 (token, top-k slot) assignments sent to expert e and ``P_e`` the mean router probability of e, both averaged over
@@ -127,7 +129,7 @@ def collect_router_stats() -> Iterator[list]:
 
 def moe_modules(model: nnx.Module) -> list["SparseMoE"]:
     """The :class:`SparseMoE` submodules of ``model`` (any wrapper around a Decoder)."""
-    return [m for _, m in model.iter_modules() if isinstance(m, SparseMoE)]
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, SparseMoE)]
 
 
 def with_router_aux_loss(loss_fn: Callable, coef: Optional[float] = None) -> Callable:
