@@ -62,12 +62,14 @@ def scalars(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Scalars as TensorBoard event files in ``<run_dir>/tensorboard/`` (tensorboardX ``SummaryWriter``)."""
+    """Scalars as TensorBoard event files in ``<run_dir>/tensorboard/`` (tensorboardX ``SummaryWriter``).
+    ``purge_step=k`` (a run resumed from step ``k - 1``): TensorBoard drops the earlier files' events of steps
+    ``>= k``, which the resumed run redoes, so each step shows once."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, purge_step: Optional[int] = None):
         SummaryWriter = _import_summary_writer()
         self.logdir = Path(run_dir) / TENSORBOARD_DIR
-        self._writer = SummaryWriter(logdir=str(self.logdir), flush_secs=30)
+        self._writer = SummaryWriter(logdir=str(self.logdir), flush_secs=30, purge_step=purge_step)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
         for tag, x in scalars(values).items():
@@ -99,7 +101,8 @@ def _import_summary_writer():
 
 class WandbSink:
     """Scalars to a Weights & Biases run (``run.wandb``: project, entity, name, group, tags, notes, mode). The run
-    id is kept in ``<run_dir>/wandb_run_id`` so a resumed training continues the same W&B run."""
+    id is kept in ``<run_dir>/wandb_run_id`` so a resumed training continues the same W&B run (W&B keeps the
+    first record of a step: steps redone after a resume are not logged again)."""
 
     def __init__(self, run_dir: str | Path, settings: Mapping[str, Any], config: Optional[dict] = None):
         from jaxtok.config import ConfigError
@@ -168,12 +171,12 @@ class Observer:
         self.close()
 
 
-def open_observer(cfg, run_dir: str | Path, *, enabled: bool = True) -> Observer:
+def open_observer(cfg, run_dir: str | Path, *, enabled: bool = True, start: int = 0) -> Observer:
     """The :class:`Observer` of ``cfg.run``: ``metrics.jsonl`` plus TensorBoard (``run.tensorboard``) and W&B
-    (``run.wandb``) when switched on."""
+    (``run.wandb``) when switched on; ``start``: the step a resumed run continues from."""
     sinks: list = []
     if enabled and cfg.run.tensorboard:
-        sinks.append(TensorBoardSink(run_dir))
+        sinks.append(TensorBoardSink(run_dir, purge_step=start + 1 if start else None))
         log.info("TensorBoard event files: %s (tensorboard --logdir %s)", Path(run_dir) / TENSORBOARD_DIR,
                  Path(run_dir).parent)
     if enabled and cfg.run.wandb:

@@ -299,3 +299,25 @@ def test_overwrite_removes_the_dashboards_of_the_replaced_run(tmp_path):
     cfg = from_dict({"run": {"resume": False, "overwrite": True}})
     rundir.check_fresh_start(cfg, tmp_path)  # a new run: new event files, a new W&B run id
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorboard_of_a_resumed_run_purges_the_redone_steps(tmp_path):
+    from tensorboardX.proto import event_pb2
+
+    cfg = from_dict({"run": {"tensorboard": True}})
+    with observe.open_observer(cfg, tmp_path) as obs:
+        for step in (1, 2, 3):
+            obs.write(step, {"loss": float(step)})
+    with observe.open_observer(cfg, tmp_path, start=1) as obs:  # resumed from step 1: steps 2, 3 are redone
+        obs.write(2, {"loss": 20.0})
+    starts = []  # the file-version event that opens each writer's events (one file per writer and second)
+    for path in (tmp_path / observe.TENSORBOARD_DIR).glob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 16 + n
+            if event.file_version:
+                starts.append(event.step)
+    assert sorted(starts) == [0, 2]  # the resumed writer's: TensorBoard drops older events of steps >= 2
+    assert _tb_scalars(tmp_path / observe.TENSORBOARD_DIR)["train/loss"][-1] == (2, 20.0)

@@ -540,7 +540,7 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     _log_startup(cfg, run_dir, state, mesh, model_cfg, start=start, damaged=bool(damaged),
                  rollouts=data_kind == "rollout",
                  build_s=time.perf_counter() - t_build)
-    metrics_out = open_observer(cfg, run_dir, enabled=lead)
+    metrics_out = open_observer(cfg, run_dir, enabled=lead, start=start)
     if metrics_out.enabled and metrics_out.path.is_file() and metrics_out.path.stat().st_size:
         # records of steps after ``start`` written before this line were redone (or lost with a damaged checkpoint)
         metrics_out.write(start, {"event": "resume", "from_step": start,
