@@ -71,9 +71,10 @@ def grouped_swiglu(x: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Ar
     order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
     rows = jnp.take(x, order // k, axis=0)  # [N*k, D]
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E]
-    g = jax.lax.ragged_dot(rows, gate, sizes)  # [N*k, F]
-    u = jax.lax.ragged_dot(rows, up, sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(g) * u, down, sizes)  # [N*k, D]
+    dt = x.dtype
+    mm = lambda a, w: jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32).astype(dt)  # noqa: E731
+    g, u = mm(rows, gate), mm(rows, up)  # [N*k, F]; float32 accumulation, as the dense matmuls get on every backend
+    out = mm(jax.nn.silu(g) * u, down)  # [N*k, D]
     return jnp.take(out, jnp.argsort(order), axis=0).reshape(N, k, -1)  # back to (token, slot) order
 
 
@@ -134,20 +135,22 @@ def moe_modules(model: nnx.Module) -> list["SparseMoE"]:
 
 def with_router_aux_loss(loss_fn: Callable, coef: Optional[float] = None) -> Callable:
     """Wrap ``loss_fn(model, batch, rng, **frozen) -> (loss_sum, count, aux)`` so the loss becomes
-    ``loss + coef · aux_loss`` (``coef`` default ``model.cfg.router_aux_loss_coef``), ``aux_loss`` being
+    ``loss + coef · aux_loss`` (``coef`` default the model config's ``router_aux_loss_coef``), ``aux_loss`` being
     :func:`load_balancing_loss` over the routers of ``model`` in every forward ``loss_fn`` runs (frozen models,
     e.g. an MoE teacher, are not counted). The added term is ``coef · aux_loss · count`` in the sum, so the
     step's ``Σ sum / Σ count`` reports ``CE + coef · aux_loss`` as HF's ``MoeCausalLMOutputWithPast.loss`` does;
-    ``aux["router_aux_loss"]`` reports ``aux_loss``. A model without MoE layers is returned unchanged."""
+    ``aux["router_aux_loss"]`` reports ``aux_loss``. For a model without MoE layers (or any non-nnx model) the
+    result is ``loss_fn``'s unchanged, so wrapping every objective is safe."""
 
     def wrapped(model, batch, rng, **kw):
         with collect_router_stats() as seen:
             loss_sum, count, aux = loss_fn(model, batch, rng, **kw)
-        mine = {id(m) for m in moe_modules(model)}
-        stats = [s for owner, s in seen if id(owner) in mine]
+        mine = moe_modules(model) if isinstance(model, nnx.Module) else []
+        ids = {id(m) for m in mine}
+        stats = [s for owner, s in seen if id(owner) in ids]
         if not stats:
             return loss_sum, count, aux
-        c = model.cfg.router_aux_loss_coef if coef is None else coef
+        c = mine[0].router_aux_loss_coef if coef is None else coef
         lb = load_balancing_loss(stats)
         count32 = jnp.asarray(count, jnp.float32)
         return loss_sum + c * lb * count32, count, {**aux, "router_aux_loss": lb * count32}
@@ -172,6 +175,7 @@ class SparseMoE(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
+        self.router_aux_loss_coef = cfg.router_aux_loss_coef
         self.router_weight_de = _param(rngs, (D, E), ("embed", None), pd, D**-0.5)
         self.gate_weight_edf = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pd, D**-0.5)
         self.up_weight_edf = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pd, D**-0.5)

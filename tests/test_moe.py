@@ -170,6 +170,27 @@ def test_hf_parity_float32_and_aux_loss(family, hf_dirs):
     np.testing.assert_allclose(float(ours), ref_aux, rtol=1e-5)
 
 
+def test_bfloat16_load_close_to_float32_reference(hf_dirs):
+    path, ref, _, (tokens, valid, _) = hf_dirs["qwen3_moe"]
+    model, _ = load_hf(path, "bfloat16")
+    assert model.layers[0].mlp.gate_weight_edf[...].dtype == jnp.bfloat16
+    logits = nnx.jit(lambda m, t, v: m(t, valid=v).logits)(model, tokens, valid)
+    per_token = np.abs(np.asarray(logits) - ref).max(-1)[valid]
+    print(f"qwen3_moe: bfloat16 |dlogit| per token median {np.median(per_token):.3f} max {per_token.max():.3f}")
+    # top-k routing is discontinuous: bf16 rounding flips a near-tied expert choice (here 1 token of 24 in layer 0,
+    # whose changed hidden state later tokens attend to; HF's own bf16 forward happens to flip none), so
+    # tests/test_hf.py's 0.15 on every token does not hold. Typical tokens match it (median 0.026; HF bf16 0.031).
+    assert np.median(per_token) < 0.05 and np.mean(per_token < 0.15) > 0.8 and per_token.max() < 1.0
+
+
+def test_aux_loss_wrapper_leaves_dense_models_alone():
+    dense = nnx.eval_shape(lambda: Decoder(presets.get("tiny_draft"), rngs=nnx.Rngs(0)))
+    out = (jnp.float32(3.0), jnp.float32(2.0), {"a": jnp.float32(1.0)})
+    wrapped = moe.with_router_aux_loss(lambda model, batch, rng, **kw: out)
+    for model in (dense, object()):
+        assert all(a is b for a, b in zip(wrapped(model, {}, None), out))
+
+
 def test_sharded_parity_with_experts_split(hf_dirs):
     mesh = make_mesh(2, 1, 2, expert=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
