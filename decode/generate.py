@@ -98,10 +98,33 @@ def _constrain_cache(cache: KVCache) -> KVCache:
     )
 
 
-def _record(state: _State, logits: jax.Array, key: jax.Array, params: dict, stop: jax.Array, pad_id: int) -> _State:
-    """Sample token ``state.step`` of every live row from ``logits [B, V]`` and write it into the buffers."""
-    s = sampling.sample(key, logits, params["temperature"], params.get("top_k"), params.get("top_p"),
-                        params.get("min_p"))
+def _greedy_sample(logits: jax.Array, params: dict, full: bool) -> sampling.Sample:
+    """:func:`jaxtok.sampling.sample` for an all-greedy batch (every temperature <= 0, known on the host), without
+    its Gumbel noise: the ``[B, V]`` uniform draw (threefry) was the largest per-step cost outside the forward
+    (docs/performance.md). Same tokens (the argmax of the raw logits) and the same log-probs (those of the
+    untempered distribution with the filters applied). With no filter and no full distribution asked for
+    (``full``: entropy or top-K), the argmax token's log-prob is ``-log(sum(exp(logits - m)))`` with ``m`` the
+    logit at the argmax (= the max), the value ``jax.nn.log_softmax`` gives there (its ``shifted[tok]`` is exactly
+    0): two passes over ``[B, V]`` (argmax, sum of exp) and no second ``[B, V]`` array."""
+    logits = logits.astype(jnp.float32)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if full or len(params) > 1:
+        log_probs = jax.nn.log_softmax(sampling.process_logits(logits, 1.0, params.get("top_k"), params.get("top_p"),
+                                                               params.get("min_p")), axis=-1)
+        return sampling.Sample(tokens, sampling.token_log_probs(log_probs, tokens), log_probs)
+    top = sampling.token_log_probs(logits, tokens)[:, None]  # [B, 1], the max (a gather, not a third pass)
+    return sampling.Sample(tokens, -jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)), None)
+
+
+def _record(state: _State, logits: jax.Array, key: jax.Array, params: dict, stop: jax.Array, pad_id: int,
+            greedy: bool = False) -> _State:
+    """Sample token ``state.step`` of every live row from ``logits [B, V]`` and write it into the buffers
+    (``greedy``: every row is greedy, known at trace time; see :func:`_greedy_sample`)."""
+    if greedy:
+        s = _greedy_sample(logits, params, full=state.entropy is not None or state.topk_probs is not None)
+    else:
+        s = sampling.sample(key, logits, params["temperature"], params.get("top_k"), params.get("top_p"),
+                            params.get("min_p"))
     live = ~state.done  # [B]
     tok = jnp.where(live, s.tokens, pad_id)
     col = state.step
@@ -123,7 +146,8 @@ def _record(state: _State, logits: jax.Array, key: jax.Array, params: dict, stop
         tokens=put(state.tokens, tok, pad_id),
         logprobs=put(state.logprobs, s.logprobs, 0.0),
         valid=put(state.valid, live, False),
-        entropy=put(state.entropy, sampling.entropy_from_log_probs(s.log_probs), 0.0),
+        entropy=put(state.entropy, None if state.entropy is None else sampling.entropy_from_log_probs(s.log_probs),
+                    0.0),
         topk_probs=put(state.topk_probs, topk_probs, 0.0),
         topk_ids=put(state.topk_ids, topk_ids, pad_id),
     )
@@ -132,19 +156,19 @@ def _record(state: _State, logits: jax.Array, key: jax.Array, params: dict, stop
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "stop_tokens", "pad_id", "return_entropy", "return_topk", "mesh",
-                     "guide_spec"),
+                     "guide_spec", "greedy"),
 )
 def _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, guide_arrays, *, max_new_tokens,
-                  stop_tokens, pad_id, return_entropy, return_topk, mesh, guide_spec):
+                  stop_tokens, pad_id, return_entropy, return_topk, mesh, guide_spec, greedy=False):
     _TRACES[0] += 1
     rules = axis_rules(mesh) if mesh is not None else contextlib.nullcontext()
     with rules:
         return _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, max_new_tokens, stop_tokens,
-                              pad_id, return_entropy, return_topk, guide_spec, guide_arrays)
+                              pad_id, return_entropy, return_topk, guide_spec, guide_arrays, greedy)
 
 
 def _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, n, stop_tokens, pad_id,
-                   return_entropy, return_topk, guide_spec=None, guide_arrays=None) -> GenerateResult:
+                   return_entropy, return_topk, guide_spec=None, guide_arrays=None, greedy=False) -> GenerateResult:
     model = nnx.merge(graphdef, model_state)
     cfg = model.cfg
     b, p = prompt.shape
@@ -175,7 +199,7 @@ def _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, n, 
         """Sample token ``s.step`` from ``logits [B, V]``, through the guide when there is one."""
         if guide_spec is not None:
             logits, g = guide_spec.adjust(guide_arrays, g, logits, s.step, s.done)
-        s = _record(s, logits, jax.random.fold_in(rng, s.step), params, stop, pad_id)
+        s = _record(s, logits, None if greedy else jax.random.fold_in(rng, s.step), params, stop, pad_id, greedy)
         return s, (guide_spec.advance(g, s.last) if guide_spec is not None else g)
 
     g0 = guide_spec.init(guide_arrays, prompt, prompt_valid, n) if guide_spec is not None else None
@@ -287,6 +311,12 @@ def _is_on(value, neutral) -> bool:
     return v is None or bool(np.any(v != neutral))
 
 
+def _all_greedy(temperature) -> bool:
+    """True when every row's temperature is known on the host and <= 0 (then no Gumbel noise is drawn)."""
+    t = _host(temperature)
+    return t is not None and bool(np.all(t <= 0))
+
+
 def sampling_params(b: int, temperature, top_k, top_p, min_p) -> dict:
     """Per-row sampling parameters (``[b]`` arrays) for :func:`jaxtok.sampling.process_logits`; a
     filter left at its neutral value (top_k 0, top_p 1, min_p 0) is omitted, so it costs nothing in the loop."""
@@ -369,4 +399,4 @@ def generate(
     return _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, guide_arrays,
                          max_new_tokens=int(max_new_tokens), stop_tokens=stop_tokens, pad_id=int(pad_id),
                          return_entropy=bool(return_entropy), return_topk=int(return_topk), mesh=mesh,
-                         guide_spec=None if guide is None else guide.spec)
+                         guide_spec=None if guide is None else guide.spec, greedy=_all_greedy(temperature))

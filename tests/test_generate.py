@@ -128,13 +128,17 @@ def test_logprobs_entropy_topk_match_full_forward(model):
 
 
 def test_second_call_with_equal_shapes_does_not_retrace(model):
-    run(model, temperature=0.0)
+    run(model, temperature=0.5)
     before = gen_module.num_traces()
     out = run(model, temperature=0.8, rng=jax.random.key(1))  # new values, same shapes and switches
     assert gen_module.num_traces() == before
     assert out.tokens.shape == (3, N)
     run(model, temperature=0.8, max_new_tokens=1)  # a new shape compiles once more
     assert gen_module.num_traces() == before + 1
+    run(model, temperature=0.0)  # all rows greedy is a switch (no Gumbel noise drawn), compiled once
+    greedy = gen_module.num_traces()
+    run(model, temperature=0.0, rng=jax.random.key(2))
+    assert gen_module.num_traces() == greedy
 
 
 def test_sharded_equals_unsharded_greedy(model):
@@ -181,3 +185,17 @@ def test_prompt_plus_new_tokens_beyond_max_positions_is_named(model):
     with pytest.raises(ValueError, match=rf"length 6 \+ max_new_tokens {limit - 5} = {limit + 1} positions exceed "
                                          rf"the model's max_position_embeddings={limit}"):
         generate(model, prompt, valid, max_new_tokens=limit - 5, rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 5, "top_p": 0.9}])
+def test_all_greedy_fast_path_equals_greedy_rows_of_the_general_sampler(model, filters):
+    """An all-greedy batch skips the Gumbel draw (and, without filters, the [B, V] log-softmax); its tokens,
+    log-probs and entropies equal those of the greedy rows of a mixed batch, which takes the general path."""
+    fast = run(model, temperature=0.0, return_entropy=True, **filters)
+    mixed = run(model, temperature=np.array([0.0, 0.0, 0.7], np.float32), return_entropy=True, **filters)
+    lean = run(model, temperature=0.0, **filters)  # no entropy asked: the two-pass log-prob
+    np.testing.assert_array_equal(fast.tokens[:2], mixed.tokens[:2])
+    np.testing.assert_array_equal(lean.tokens, fast.tokens)
+    np.testing.assert_allclose(fast.logprobs[:2], mixed.logprobs[:2], atol=1e-6)
+    np.testing.assert_allclose(lean.logprobs, fast.logprobs, atol=1e-6)
+    np.testing.assert_allclose(fast.entropy[:2], mixed.entropy[:2], atol=1e-6)
