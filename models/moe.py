@@ -40,6 +40,7 @@ import dataclasses
 from typing import Callable, Iterator, Optional
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
@@ -113,15 +114,21 @@ def load_balancing_loss(stats: list[RouterStats]) -> jax.Array:
 # Collecting router statistics during a forward
 # --------------------------------------------------------------------------------------------------------------
 
-_COLLECTOR: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("jaxtok_router_stats", default=None)
+_COLLECTOR: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("jaxtok_router_stats", default=None)
+
+
+def _trace():
+    return jax.extend.core.get_opaque_trace_state(convention="nnx")
 
 
 @contextlib.contextmanager
 def collect_router_stats() -> Iterator[list]:
     """Inside the block, every :class:`SparseMoE` call appends ``(module, RouterStats)`` to the yielded list.
-    Use it inside the function being traced (the stats are that trace's arrays)."""
+    Use it inside the function being traced: only calls at the block's own trace level are collected (a forward
+    inside a nested transform, e.g. a ``lax.scan`` or ``jax.checkpoint`` body, is skipped: its arrays would be
+    tracers of a trace that has ended)."""
     out: list = []
-    token = _COLLECTOR.set(out)
+    token = _COLLECTOR.set((out, _trace()))
     try:
         yield out
     finally:
@@ -189,8 +196,8 @@ class SparseMoE(nnx.Module):
         logits = jnp.dot(flat, self.router_weight_de[...].astype(dt), preferred_element_type=jnp.float32)
         probs, weights, experts = route(logits, self.top_k, self.norm_topk_prob)  # [N, E], [N, k], [N, k]
         collector = _COLLECTOR.get()
-        if collector is not None:
-            collector.append((self, router_stats(probs, experts, None if valid is None else valid.reshape(-1))))
+        if collector is not None and collector[1] == _trace():
+            collector[0].append((self, router_stats(probs, experts, None if valid is None else valid.reshape(-1))))
         per_slot = grouped_swiglu(flat, experts, self.gate_weight_edf[...].astype(dt),
                                   self.up_weight_edf[...].astype(dt), self.down_weight_efd[...].astype(dt))
         out = jnp.einsum("nkd,nk->nd", per_slot, weights.astype(dt))

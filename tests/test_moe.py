@@ -191,6 +191,21 @@ def test_aux_loss_wrapper_leaves_dense_models_alone():
         assert all(a is b for a, b in zip(wrapped(model, {}, None), out))
 
 
+def test_router_stats_skip_nested_traces(tiny_moe):
+    """A forward inside an inner transform is not collected (its tracers would leak); one at the level is."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+
+    @jax.jit
+    def f(tokens):
+        with moe.collect_router_stats() as seen:
+            jax.lax.map(lambda t: tiny_moe(t[None]).logits, tokens)  # nested: skipped
+            n_nested = len(seen)
+            tiny_moe(tokens)
+        return n_nested, len(seen)
+
+    assert f(tokens) == (0, 2)
+
+
 def test_sharded_parity_with_experts_split(hf_dirs):
     mesh = make_mesh(2, 1, 2, expert=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
@@ -367,3 +382,27 @@ def test_greedy_generate_equals_full_forward_argmax(tiny_moe):
         for t in range(len(row), len(row) + n):
             toks[0, t] = int(fwd(jnp.asarray(toks), t - 1))
         np.testing.assert_array_equal(np.asarray(out.tokens[i]), toks[0, len(row):len(row) + n])
+
+
+@pytest.mark.slow
+def test_sft_run_through_the_train_loop_adds_the_aux_loss(tmp_path):
+    """``jaxtok train`` on a one-layer tiny_moe: the loop's objective carries the router aux loss (build_objective
+    wraps every objective) and the final eval decodes with the MoE model."""
+    from jaxtok.config import from_dict
+    from jaxtok.train import loop
+
+    cfg = from_dict({
+        "model": {"preset": "tiny_moe", "overrides": {"num_layers": 1}},
+        "data": {"task": "arith", "task_args": {"digits": 1}, "prompt_len": 12, "seq_len": 24, "batch_size": 8,
+                 "num_eval": 8},
+        "objective": {"name": "sft"},
+        "optimizer": {"lr": 1e-3, "schedule": "constant"},
+        "train": {"steps": 2, "log_every": 1, "eval_batches": 1},
+        "decode": {"max_new_tokens": 6, "batch_size": 8},
+        "run": {"progress": False},
+    })
+    summary = loop.train(cfg, tmp_path / "run")
+    records = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
+    assert all(1.0 <= r["router_aux_loss"] <= 8.0 for r in records)
+    assert 0.0 <= summary["eval/exact_match"] <= 1.0

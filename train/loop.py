@@ -139,12 +139,15 @@ def objective_entry(cfg):
 
 
 def build_objective(cfg) -> Callable:
-    """``loss_fn(model, batch, rng, **frozen)`` of the configured objective with its parsed arguments bound."""
+    """``loss_fn(model, batch, rng, **frozen)`` of the configured objective with its parsed arguments bound; for a
+    mixture-of-experts model it adds ``router_aux_loss_coef`` x the router load-balancing loss (a no-op for dense
+    models, :func:`jaxtok.models.moe.with_router_aux_loss`)."""
+    from jaxtok.models.moe import with_router_aux_loss
     from jaxtok.registry import OBJECTIVES
 
     fn = objective_entry(cfg).fn
     args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
-    return functools.partial(fn, args=args) if args is not None else fn
+    return with_router_aux_loss(functools.partial(fn, args=args) if args is not None else fn)
 
 
 def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
