@@ -12,6 +12,15 @@ accuracy curve, steps, wall time and training FLOPs (MaxText-style counts of ``j
 rollout = sampling + behaviour log-prob forwards, update = 3x forward per optimizer step, plus one teacher
 forward per step for OPD; SFT = 3x forward per step, plus one teacher forward per sampled record for
 SFT on teacher samples when --teacher is given).
+
+A run extended by a resume (``event: resume`` rows in ``metrics.jsonl``) counts its wall time per segment (the gap
+between the segments is not training). ``--at NAME=STEP`` reads an arm at an earlier eval step (e.g. the 150-step
+numbers of runs later extended to 250): the final accuracy, curve, wall time and FLOPs stop at that step. Step time
+(``step_s``): the mean wall seconds per optimizer step over the logged training intervals, leaving out the first
+interval of each segment (it holds the compilation) and the intervals that hold a held-out eval. ``--train-metric``
+averages logged training keys (e.g. ``selected_frac``, ``q1``..``q4``) over a run's logged steps, then over seeds;
+``--memory FILE`` adds a json's ``{arm: {temp_mb, peak_mb}}`` (the XLA memory analysis of the arm's compiled train
+step, ``jaxtok.train.bench.variant_step_memory``) to the arm.
 """
 
 from __future__ import annotations
@@ -26,11 +35,44 @@ import numpy as np
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def _records(run: Path, at: int | None = None) -> list[dict]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if at is not None:
+        recs = [r for r in recs if r.get("step", 0) <= at and r.get("event") != "resume"]
+    return recs
 
 
-def _flops(run: Path, teacher: str | None = None) -> float:
+def _segments(recs: list[dict]) -> list[list[dict]]:
+    """The logged rows split at ``event: resume`` rows (one segment per process that trained the run)."""
+    segs = [[]]
+    for r in recs:
+        if r.get("event") == "resume":
+            segs.append([])
+        elif "time" in r:
+            segs[-1].append(r)
+    return [s for s in segs if s]
+
+
+def _wall(recs: list[dict]) -> tuple[float | None, list[float]]:
+    walls = [s[-1]["time"] - s[0]["time"] for s in _segments(recs) if len(s) > 1]
+    return (float(sum(walls)) if walls else None), walls
+
+
+def _step_s(recs: list[dict]) -> float | None:
+    """Mean seconds per optimizer step over the logged training intervals, without each segment's first interval
+    (compilation) and without intervals that hold an eval row."""
+    secs, steps = 0.0, 0
+    for seg in _segments(recs):
+        train_rows = [(i, r) for i, r in enumerate(seg) if "loss" in r and "event" not in r]
+        for k, ((i0, a), (i1, b)) in enumerate(zip(train_rows, train_rows[1:])):
+            if k == 0 or any("eval/exact_match" in seg[j] for j in range(i0 + 1, i1)) or b["step"] <= a["step"]:
+                continue
+            secs += b["time"] - a["time"]
+            steps += b["step"] - a["step"]
+    return secs / steps if steps else None
+
+
+def _flops(run: Path, teacher: str | None = None, at: int | None = None) -> float:
     from jaxtok.config import load_config
     from jaxtok.models import flops_per_token, presets
     from jaxtok.tasks import load_tokenizer
@@ -47,7 +89,7 @@ def _flops(run: Path, teacher: str | None = None) -> float:
 
     init = cfg.model.init_from
     student_preset = load_config(Path(init) / "config.yaml").model.preset if init else cfg.model.preset
-    rows, steps = cfg.data.batch_size, cfg.train.steps
+    rows, steps = cfg.data.batch_size, (at if at is not None else cfg.train.steps)
     if cfg.objective.name == "sft":
         seq = cfg.data.seq_len
         total = 3.0 * steps * rows * seq * fwd(student_preset, seq)
@@ -65,17 +107,24 @@ def _flops(run: Path, teacher: str | None = None) -> float:
     return float(total)
 
 
-def arm_summary(runs: list[Path], start_acc: float, n_eval: int, teacher: str | None = None) -> dict:
-    finals, curves, walls = [], [], []
+def arm_summary(runs: list[Path], start_acc: float, n_eval: int, teacher: str | None = None, at: int | None = None,
+                train_metrics: tuple[str, ...] = ()) -> dict:
+    finals, curves, walls, segs, step_s = [], [], [], [], []
+    tm = {k: [] for k in train_metrics}
     steps = None
     for run in runs:
-        recs = _records(run)
+        recs = _records(run, at)
         ev = {r["step"]: r["eval/exact_match"] for r in recs if "eval/exact_match" in r}
         last = max(ev)
         finals.append(ev[last])
         curves.append({str(k): v for k, v in sorted(ev.items())})
-        times = [r["time"] for r in recs if "time" in r]
-        walls.append(times[-1] - times[0] if len(times) > 1 else None)
+        total, parts = _wall(recs)
+        walls.append(total)
+        segs.append(parts)
+        step_s.append(_step_s(recs))
+        for k in train_metrics:
+            vals = [r[k] for r in recs if k in r and "event" not in r]
+            tm[k].append(float(np.mean(vals)) if vals else None)
         steps = last
     m = float(np.mean(finals))
     if len(finals) >= 2:
@@ -86,8 +135,14 @@ def arm_summary(runs: list[Path], start_acc: float, n_eval: int, teacher: str | 
         how = f"binomial, one seed, {n_eval} held-out prompts"
     return {"start_acc": start_acc, "final_acc_mean": m, "final_acc_ci95": [m - half, m + half], "ci95_method": how,
             "final_acc_per_seed": finals, "gain_pp": 100 * (m - start_acc), "seeds": len(finals), "steps": steps,
-            "train_flops": _flops(runs[0], teacher), "wall_s_per_seed": walls, "curves": curves,
-            "run_dirs": [str(r) for r in runs]}
+            "train_flops": _flops(runs[0], teacher, at), "wall_s_per_seed": walls, "wall_s_segments": segs,
+            "step_s_per_seed": step_s, "step_s_mean": _mean([x for x in step_s if x is not None]),
+            "train_metrics": {k: {"per_seed": v, "mean": _mean([x for x in v if x is not None])} for k, v in tm.items()},
+            "curves": curves, "run_dirs": [str(r) for r in runs]}
+
+
+def _mean(xs) -> float | None:
+    return float(np.mean(xs)) if len(xs) else None
 
 
 def main(argv=None):
@@ -97,28 +152,44 @@ def main(argv=None):
     ap.add_argument("--teacher", default=None, help="teacher run directory: counts its sampling of SFT-sample data")
     ap.add_argument("--cmd", action="append", default=[], help="NAME=command (the command behind the arm)")
     ap.add_argument("--note", action="append", default=[], help="NAME=text (a note for the arm's row)")
-    ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    ap.add_argument("--at", action="append", default=[], help="NAME=STEP: read the arm's runs at that eval step")
+    ap.add_argument("--train-metric", action="append", default=[], help="a logged training key to average per arm")
+    ap.add_argument("--memory", default=None, help="json {arm: {temp_mb, peak_mb}} of each arm's compiled step")
+    ap.add_argument("--out", required=True, help="output path without extension (.json and .table.md are written)")
     a = ap.parse_args(argv)
     summ = json.loads((Path(a.start) / "summary.json").read_text())
     start_acc, n_eval = summ["eval/exact_match"], int(summ["eval/num_examples"])
     cmds = dict(c.split("=", 1) for c in a.cmd)
     notes = dict(c.split("=", 1) for c in a.note)
+    at = {k: int(v) for k, v in (c.split("=", 1) for c in a.at)}
+    memory = json.loads(Path(a.memory).read_text()) if a.memory else {}
     arms = {}
     for spec in a.arm:
         name, dirs = spec.split("=", 1)
-        arms[name] = arm_summary([Path(d) for d in dirs.split(",")], start_acc, n_eval, a.teacher)
+        arms[name] = arm_summary([Path(d) for d in dirs.split(",")], start_acc, n_eval, a.teacher, at.get(name),
+                                 tuple(a.train_metric))
         arms[name]["command"] = cmds.get(name)
         if name in notes:
             arms[name]["note"] = notes[name]
+        if name in memory:
+            arms[name]["step_memory_mb"] = memory[name]
     out = {"start_model": a.start, "start_acc": start_acc, "num_eval": n_eval, "arms": arms}
     Path(a.out + ".json").write_text(json.dumps(out, indent=2))
-    lines = ["| arm | seeds | steps | start | final (mean) | 95% interval | gain (pp) | train TFLOPs | wall s/seed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    tms = list(a.train_metric)
+    lines = ["| arm | seeds | steps | start | final (mean) | per seed | 95% interval | gain (pp) | train TFLOPs | "
+             "wall s/seed | step s | step temp / peak MiB |" + "".join(f" {k} |" for k in tms),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tms)]
+    fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
     for name, r in arms.items():
         w = [x for x in r["wall_s_per_seed"] if x is not None]
+        mem = r.get("step_memory_mb") or {}
+        mem_s = f"{mem['temp_mb']:.2f} / {mem['peak_mb']:.2f}" if mem.get("temp_mb") is not None else ""
         lines.append(f"| {name} | {r['seeds']} | {r['steps']} | {r['start_acc']:.3f} | {r['final_acc_mean']:.3f} | "
+                     + " / ".join(f"{x:.3f}" for x in r["final_acc_per_seed"]) + " | "
                      f"[{r['final_acc_ci95'][0]:.3f}, {r['final_acc_ci95'][1]:.3f}] | {r['gain_pp']:+.1f} | "
-                     f"{r['train_flops'] / 1e12:.3f} | {np.mean(w):.0f} |" if w else "")
+                     f"{r['train_flops'] / 1e12:.3f} | {fmt(np.mean(w) if w else None, '.0f')} | "
+                     f"{fmt(r['step_s_mean'], '.2f')} | {mem_s} |"
+                     + "".join(f" {fmt(r['train_metrics'][k]['mean'], '.3f')} |" for k in tms))
     lines.append("")
     for name, r in arms.items():
         lines.append(f"* `{name}`: `{r['command']}`" + (f" — {r['note']}" if r.get("note") else ""))
