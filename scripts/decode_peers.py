@@ -146,7 +146,7 @@ def build_model(vocab: int, seed: int):
     return Decoder(cfg, rngs=nnx.Rngs(seed))
 
 
-def jaxtok_runner(model, new: int, generate_file: str | None = None):
+def jaxtok_runner(model, new: int, generate_file: str | None = None, logprobs: bool | None = False):
     import jax
     import jax.numpy as jnp
 
@@ -162,11 +162,12 @@ def jaxtok_runner(model, new: int, generate_file: str | None = None):
         generate = mod.generate
 
     key = jax.random.key(0)
+    extra = {} if logprobs is None else {"return_logprobs": logprobs}
 
     def run(prompt: np.ndarray):
         t0 = time.perf_counter()
         res = generate(model, jnp.asarray(prompt), jnp.ones(prompt.shape, bool), max_new_tokens=new,
-                       temperature=0.0, stop_tokens=(STOP_ID,), pad_id=PAD_ID, rng=key)
+                       temperature=0.0, stop_tokens=(STOP_ID,), pad_id=PAD_ID, rng=key, **extra)
         toks, lengths = jax.device_get((res.tokens, res.lengths))
         dt = time.perf_counter() - t0
         return dt, [row[:n].tolist() for row, n in zip(toks, lengths)]
@@ -222,6 +223,10 @@ def hf_runner(model_dir: str, new: int, threads: int):
     return run, transformers.__version__, torch.__version__
 
 
+def peers_of(names: list) -> list:
+    return [n for n in names if n not in ("jaxtok", "before", "jaxtok_lp")]
+
+
 def agreement(a: list, b: list) -> float:
     """Fraction of positions (over the longer of each pair of rows) where the two token lists agree."""
     same = total = 0
@@ -250,6 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-len", type=int, default=4)
     ap.add_argument("--baseline-generate", default=None,
                     help="a decode/generate.py file of another revision, timed as 'before' in the same run")
+    ap.add_argument("--with-logprobs", action="store_true",
+                    help="also time jaxtok with per-token log-probs (generate's default), rows jaxtok_lp_b*")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -270,9 +277,13 @@ def main(argv=None) -> int:
     rng = np.random.RandomState(args.seed)
     prompts = {b: rng.randint(3, args.vocab, (b, args.prompt_len)).astype(np.int32) for b in batches}
 
+    # "jaxtok": tokens only, the work the peers do (Tunix's and HF's greedy defaults return no log-probs);
+    # "jaxtok_lp": generate's default, with per-token log-probs
     runners = {"jaxtok": jaxtok_runner(model, args.new_tokens)}
+    if args.with_logprobs:
+        runners["jaxtok_lp"] = jaxtok_runner(model, args.new_tokens, logprobs=True)
     if args.baseline_generate:
-        runners["before"] = jaxtok_runner(model, args.new_tokens, args.baseline_generate)
+        runners["before"] = jaxtok_runner(model, args.new_tokens, args.baseline_generate, logprobs=None)
     versions = {"jax": jax.__version__}
     tunix = None
     if args.tunix_python:
@@ -333,7 +344,7 @@ def main(argv=None) -> int:
                 "agree_with_jaxtok": agreement(tokens[(n, b)], tokens[("jaxtok", b)]),
             }
         for n in names[1:]:
-            if n == "before":
+            if n in ("before", "jaxtok_lp"):
                 continue
             if "before" in names:
                 ratios = np.array(times[(n, b)]) / np.array(times[("before", b)])
@@ -347,6 +358,11 @@ def main(argv=None) -> int:
                 "batch": b, "peer": n, "token_agreement": results["rows"][f"{n}_b{b}"]["agree_with_jaxtok"],
                 "settings": "see settings", "command": command,
             }
+        for n in peers_of(names) if "jaxtok_lp" in names else []:
+            ratios = np.array(times[(n, b)]) / np.array(times[("jaxtok_lp", b)])
+            results[f"ar_lp_vs_{n}_b{b}"] = {"ratio": float(np.median(ratios)),
+                                             "per_repeat": [float(x) for x in ratios],
+                                             "note": "jaxtok with per-token log-probs (generate's default)"}
         if "before" in names:
             ratios = np.array(times[("before", b)]) / np.array(times[("jaxtok", b)])
             results[f"after_vs_before_b{b}"] = {"ratio": float(np.median(ratios)),
@@ -374,7 +390,7 @@ def main(argv=None) -> int:
 
 
 def markdown(res: dict, names: list, batches: list) -> str:
-    peers = [n for n in names[1:] if n != "before"]
+    peers = [n for n in names[1:] if n not in ("before", "jaxtok_lp")]
     s = res["settings"]
     m = s["model"]
     lines = [
@@ -403,6 +419,11 @@ def markdown(res: dict, names: list, batches: list) -> str:
             f"| {b} | " + " | ".join(f"{r['tokens_per_s']:.0f} ({r['ms_per_step']:.1f})" for r in rows) + " | "
             + " | ".join(f"**{res[f'ar_vs_{n}_b{b}']['ratio']:.2f}**" for n in peers) + " | "
             + " | ".join(f"{res['rows'][f'{n}_b{b}']['agree_with_jaxtok']:.3f}" for n in names[1:]) + " |")
+    if "jaxtok_lp" in names:
+        lines += ["", "`jaxtok` generates tokens only (`return_logprobs=False`), the work Tunix's and HF's greedy "
+                  "defaults do; `jaxtok_lp` is `generate`'s default, which also returns each token's log-prob: "
+                  + ", ".join(f"batch {b}: jaxtok_lp / " + ", jaxtok_lp / ".join(
+                      f"{n} {res[f'ar_lp_vs_{n}_b{b}']['ratio']:.2f}" for n in peers) for b in batches) + "."]
     if "before" in names:
         lines += ["", "`before` = jaxtok's generate at an earlier revision, timed in the same run: "
                   + ", ".join(f"batch {b}: after/before {res[f'after_vs_before_b{b}']['ratio']:.2f}×, before/"
