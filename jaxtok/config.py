@@ -82,12 +82,15 @@ class ModelSection(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection(_Section):
-    """Device mesh: degrees of the ``data``, ``fsdp`` and ``tensor`` axes (-1 = fill with the remaining devices)."""
+    """Device mesh: degrees of the ``data``, ``fsdp`` and ``tensor`` axes (-1 = fill with the remaining devices).
+
+    ``expert`` > 1 adds the ``expert`` axis of mixture-of-experts models (batch and experts split over it)."""
 
     _key: ClassVar[str] = "mesh"
     data: int = _f(-1, min=-1, doc="data-parallel degree (-1 = fill)")
     fsdp: int = _f(1, min=-1, doc="parameter-sharding (FSDP) degree (-1 = fill)")
     tensor: int = _f(1, min=-1, doc="tensor-parallel degree (-1 = fill)")
+    expert: int = _f(1, min=1, doc="expert-parallel degree of MoE models (> 1 adds the mesh axis 'expert')")
     distributed: bool = _f(False, doc="call jax.distributed.initialize (multi-host)")
     coordinator_address: Optional[str] = _f(None, doc="host:port of process 0; default from the environment")
     num_processes: Optional[int] = _f(None, min=1, doc="number of processes; default from the environment")

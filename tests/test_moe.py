@@ -386,8 +386,9 @@ def test_greedy_generate_equals_full_forward_argmax(tiny_moe):
 
 @pytest.mark.slow
 def test_sft_run_through_the_train_loop_adds_the_aux_loss(tmp_path):
-    """``jaxtok train`` on a one-layer tiny_moe: the loop's objective carries the router aux loss (build_objective
-    wraps every objective) and the final eval decodes with the MoE model."""
+    """``jaxtok train`` on a one-layer tiny_moe on a data 2 x expert 2 x tensor 2 mesh (``mesh.expert``): the loop's
+    objective carries the router aux loss (build_objective wraps every objective) and the final eval decodes with
+    the MoE model."""
     from jaxtok.config import from_dict
     from jaxtok.train import loop
 
@@ -400,7 +401,11 @@ def test_sft_run_through_the_train_loop_adds_the_aux_loss(tmp_path):
         "train": {"steps": 2, "log_every": 1, "eval_batches": 1},
         "decode": {"max_new_tokens": 6, "batch_size": 8},
         "run": {"progress": False},
+        "mesh": {"data": 2, "fsdp": 1, "tensor": 2, "expert": 2},
     })
+    from jaxtok.mesh import mesh_from_config
+
+    assert dict(mesh_from_config(cfg.mesh).shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
     summary = loop.train(cfg, tmp_path / "run")
     records = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)

@@ -436,11 +436,11 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     task = make_task_from_config(cfg.data)
     mesh = mesh_lib.mesh_from_config(cfg.mesh)
     rows = cfg.data.batch_size // cfg.train.micro_batches
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape.get("expert", 1)
     if cfg.data.batch_size % cfg.train.micro_batches or rows % shards:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must split into train.micro_batches="
                          f"{cfg.train.micro_batches} micro-batches whose rows divide the {shards} batch shards "
-                         f"(mesh data x fsdp)")
+                         f"(mesh data x fsdp{' x expert' if 'expert' in mesh.shape else ''})")
 
     if is_diffusion_run(cfg) and (final_eval or cfg.train.eval_every):
         diffusion_eval_settings(cfg)  # a bad decode policy fails now, not after training
