@@ -23,10 +23,11 @@ all-to-all dispatch (a ``shard_map`` with ``ragged_all_to_all`` would move only 
 
 Load-balancing loss (Switch Transformer eq. 4-6, HF ``load_balancing_loss_func``): with ``f_e`` the fraction of
 (token, top-k slot) assignments sent to expert e and ``P_e`` the mean router probability of e, both averaged over
-the valid tokens of every MoE layer of one forward, ``aux = E · Σ_e f_e · P_e`` (1·k when perfectly balanced, as in
+the valid tokens of every MoE layer of one forward, ``aux = E · Σ_e f_e · P_e`` (k when perfectly balanced, as in
 HF). HF adds ``router_aux_loss_coef · aux`` to the LM loss; here the coefficient is
 ``ModelConfig.router_aux_loss_coef`` (same key as HF's config.json; 0.001 for Qwen3-MoE, 0.02 for Mixtral) and an
-objective adds it with :func:`with_router_aux_loss`, which wraps any ``loss_fn(model, batch, rng)``. Layers report
+objective adds it with :func:`with_router_aux_loss`, which wraps any ``loss_fn(model, batch, rng)`` (the train
+loop's ``build_objective`` wraps every objective; dense models pass through unchanged). Layers report
 their router statistics to a :func:`collect_router_stats` context (like :func:`jaxtok.mesh.constrain`'s rules: a
 Python side channel read inside the same trace, nothing stored on the model), so the forward stays a pure function
 and jit/closures behave as for dense models.
