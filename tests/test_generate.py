@@ -216,3 +216,16 @@ def test_two_level_argmax_and_logsumexp_equal_the_flat_ones(v):
     top = jnp.max(y, axis=-1, keepdims=True)
     np.testing.assert_allclose(gen_module._logsumexp_from(jnp.asarray(y), top),
                                jax.nn.logsumexp(y, axis=-1) - top[:, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_batch_one_matvec_head_of_a_tied_model_equals_the_batched_head():
+    """At batch 1 a tied-embedding Decoder's logits are computed as ``embed_vd · h`` in the loop; tokens and
+    log-probs equal those of the same row inside a batch of 2 (the model's own head)."""
+    tied = Decoder(presets.get("tiny_draft", vocab_size=V, tie_embeddings=True), rngs=nnx.Rngs(3))
+    assert gen_module._tied_decoder_head(tied)
+    prompt, valid = left_pad([ROWS[0], ROWS[0]], 6)
+    kw = dict(max_new_tokens=N, stop_tokens=(), rng=jax.random.key(0), temperature=0.0)
+    one = generate(tied, prompt[:1], valid[:1], **kw)
+    two = generate(tied, prompt, valid, **kw)
+    np.testing.assert_array_equal(one.tokens[0], two.tokens[0])
+    np.testing.assert_allclose(one.logprobs[0], two.logprobs[0], atol=1e-5)
