@@ -31,10 +31,11 @@ HF_FORMATS = {
     "DreamModel": "dream",  # Dream-org Dream (Qwen2 names, masked diffusion, shifted logits)
     "Qwen3MoeForCausalLM": "qwen3_moe",  # mixture of experts (jaxtok.models.moe)
     "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 # config.json "model_type" -> format, for configs without "architectures"
 HF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llada": "llada", "Dream": "dream",
-                  "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+                  "qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
 CHECKPOINT_DIR = "checkpoints"  # a run directory's checkpoint folder (train/loop.py)
 _ALLOWED = ("a jaxtok run directory (with checkpoints/<step>/) or an HF directory (config.json + "
             "model.safetensors) of " + ", ".join(HF_FORMATS))

@@ -5,8 +5,9 @@ Attention score and context matmuls are counted over the attended length, with c
 (the masked upper triangle is not useful work). Embedding lookups, norms and softmax are not counted.
 
 Mixture of experts: a sparse layer costs its router (``2 D E``) and only the ``k`` experts a token is routed to
-(``k · 2 · 3 D F_moe``), not all ``E``; :func:`num_params` counts all experts (``active=False``) or the
-parameters one token uses (``active=True``: the router and ``k`` experts per sparse layer).
+(``k · 2 · 3 D F_moe``), not all ``E``, plus a shared expert and its gate where the family has one (Qwen2-MoE);
+:func:`num_params` counts all experts (``active=False``) or the parameters one token uses (``active=True``: the
+router, ``k`` experts and the shared expert per sparse layer).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _mlp_params(cfg: ModelConfig, layer: int, active: bool) -> int:
     if not cfg.is_sparse_layer(layer):
         return 3 * D * cfg.intermediate_size
     experts = cfg.num_experts_per_tok if active else cfg.num_experts
-    return D * cfg.num_experts + experts * 3 * D * cfg.moe_intermediate_size  # router + experts
+    shared = 3 * D * cfg.shared_expert_intermediate_size + D if cfg.shared_expert_intermediate_size else 0
+    return D * cfg.num_experts + experts * 3 * D * cfg.moe_intermediate_size + shared  # router, experts, shared
 
 
 def num_params(cfg: ModelConfig, include_embedding: bool = True, active: bool = False) -> int:

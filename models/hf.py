@@ -1,5 +1,5 @@
 """Hugging Face interop: load and save ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` and the
-mixture-of-experts ``Qwen3MoeForCausalLM`` and ``MixtralForCausalLM`` directories (``config.json`` + safetensors,
+mixture-of-experts ``Qwen3MoeForCausalLM``, ``MixtralForCausalLM`` and ``Qwen2MoeForCausalLM`` directories (``config.json`` + safetensors,
 single file or sharded with ``model.safetensors.index.json``).
 
 Loading builds the :class:`~jaxtok.models.Decoder` abstractly (``nnx.eval_shape``) and fills every parameter straight
@@ -52,12 +52,13 @@ from jaxtok.tasks.tokenizer import copy_tokenizer_files
 
 # HF class name -> jaxtok architecture, and back (the causal-LM classes save_hf writes)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                 "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
+                 "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe"}
 _HF_CLASS = {v: k for k, v in ARCHITECTURES.items()}
-_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral",
+               "qwen2_moe": "qwen2_moe"}
 # every readable HF format (jaxtok.model_source.HF_FORMATS) -> the decoder architecture it maps to
 _FORMAT_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llada": "llama", "dream": "qwen2",
-                "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
+                "qwen3_moe": "qwen3_moe", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
 _QK_NORM = ("qwen3", "qwen3_moe")  # the HF families with (and always with) per-head q/k RMSNorm
 _FORMAT_CLASS = {v: k for k, v in HF_FORMATS.items()}
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -106,12 +107,13 @@ def _rope_from_hf(hf: dict, path: str) -> tuple[float, Optional[RopeScaling]]:
 
 
 def _causal_dims(hf: dict, arch: str, path: str) -> dict:
-    """ModelConfig fields of a Llama/Qwen2/Qwen3/Dream/Qwen3-MoE/Mixtral ``config.json`` (transformers key names)."""
+    """ModelConfig fields of a Llama/Qwen2/Qwen3/Dream/Qwen3-MoE/Mixtral/Qwen2-MoE ``config.json`` (transformers
+    key names)."""
     if hf.get("hidden_act", "silu") != "silu":
         raise _unsupported(f"hidden_act={hf['hidden_act']!r} (only 'silu')", path)
     if hf.get("mlp_bias"):
         raise _unsupported("mlp_bias=true", path)
-    if arch != "qwen2" and hf.get("attention_bias"):
+    if arch not in ("qwen2", "qwen2_moe") and hf.get("attention_bias"):
         raise _unsupported("attention_bias=true (it adds an o_proj bias)", path)
     if hf.get("use_sliding_window"):
         raise _unsupported("use_sliding_window=true", path)
@@ -122,15 +124,18 @@ def _causal_dims(hf: dict, arch: str, path: str) -> dict:
     theta, scaling = _rope_from_hf(hf, path)
     heads = int(hf["num_attention_heads"])
     moe = {}
-    if arch in ("qwen3_moe", "mixtral"):
+    if arch in ("qwen3_moe", "mixtral", "qwen2_moe"):
+        qwen = arch != "mixtral"
         moe = dict(
             num_experts=int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
             num_experts_per_tok=int(hf["num_experts_per_tok"]),
-            moe_intermediate_size=int(hf["moe_intermediate_size"] if arch == "qwen3_moe" else hf["intermediate_size"]),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if arch == "qwen3_moe" else True,
-            decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1) if arch == "qwen3_moe" else 1,
-            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()) if arch == "qwen3_moe" else (),
+            moe_intermediate_size=int(hf["moe_intermediate_size"] if qwen else hf["intermediate_size"]),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if qwen else True,
+            decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1) if qwen else 1,
+            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()) if qwen else (),
             router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+            shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0)
+            if arch == "qwen2_moe" else 0,
         )
     return dict(
         **moe,
@@ -145,7 +150,7 @@ def _causal_dims(hf: dict, arch: str, path: str) -> dict:
         rope_scaling=scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2",
+        qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
         qk_norm=arch in _QK_NORM,
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
     )
@@ -264,7 +269,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
             "ModelConfig(architecture='mixtral') has no HF equivalent unless norm_topk_prob=True, every layer is "
             "sparse (mlp_only_layers=(), decoder_sparse_step=1) and intermediate_size == moe_intermediate_size"
         )
-    if cfg.qkv_bias and cfg.architecture != "qwen2":  # (qwen2 without biases: save_hf writes zero biases)
+    if cfg.qkv_bias and cfg.architecture not in ("qwen2", "qwen2_moe"):  # (qwen2 without: zero biases)
         raise ValueError(
             f"ModelConfig(architecture={cfg.architecture!r}, qkv_bias=True) has no HF equivalent: "
             "its attention_bias would add an o_proj bias; use architecture='qwen2'"
@@ -298,7 +303,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if cfg.architecture != "qwen2":
+    if cfg.architecture not in ("qwen2", "qwen2_moe"):
         out["attention_bias"] = False
     if cfg.architecture == "llama":
         out["mlp_bias"] = False
@@ -307,7 +312,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
                    router_aux_loss_coef=cfg.router_aux_loss_coef, router_jitter_noise=0.0)
     else:
         out.update(use_sliding_window=False, sliding_window=None)
-    if cfg.architecture == "qwen3_moe":
+    if cfg.architecture == "qwen2_moe":
+        out.update(qkv_bias=cfg.qkv_bias, shared_expert_intermediate_size=cfg.shared_expert_intermediate_size)
+    if cfg.architecture in ("qwen3_moe", "qwen2_moe"):
         out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                    moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
                    decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
@@ -405,7 +412,9 @@ def _hf_names(fmt: str) -> dict:
                 gate=p + "mlp.gate_proj.weight", up=p + "mlp.up_proj.weight", down=p + "mlp.down_proj.weight",
                 q_norm=a + "q_norm.weight", k_norm=a + "k_norm.weight", router=p + moe + "gate.weight",
                 **{f"expert_{key}": p + moe + "experts.{e}." + name + ".weight"
-                   for key, name in zip(("gate", "up", "down"), proj)})
+                   for key, name in zip(("gate", "up", "down"), proj)},
+                **{f"shared_{key}": p + "mlp.shared_expert." + key + "_proj.weight" for key in ("gate", "up", "down")},
+                shared_expert_gate=p + "mlp.shared_expert_gate.weight")
 
 
 def tensor_specs(cfg: ModelConfig, fmt: Optional[str] = None) -> list:
@@ -445,6 +454,15 @@ def tensor_specs(cfg: ModelConfig, fmt: Optional[str] = None) -> list:
                 experts("up_weight_edf", "expert_up", Fm, D),
                 experts("down_weight_efd", "expert_down", D, Fm),
             ]
+            if cfg.shared_expert_intermediate_size:  # Qwen2-MoE
+                Fs = cfg.shared_expert_intermediate_size
+                specs += [
+                    TensorSpec(L + ("mlp", "shared_gate_weight_df"), at("shared_gate"), **transposed(Fs, D)),
+                    TensorSpec(L + ("mlp", "shared_up_weight_df"), at("shared_up"), **transposed(Fs, D)),
+                    TensorSpec(L + ("mlp", "shared_down_weight_fd"), at("shared_down"), **transposed(D, Fs)),
+                    TensorSpec(L + ("mlp", "shared_expert_gate_weight_d1"), at("shared_expert_gate"),
+                               **transposed(1, D)),
+                ]
         else:
             specs += [
                 TensorSpec(L + ("mlp", "gate_weight_df"), at("gate"), **transposed(F, D)),
@@ -613,7 +631,7 @@ def load_hf(
     rules=None,
 ) -> tuple[Decoder, ModelConfig]:
     """Load a local HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``LLaDAModelLM`` /
-    ``DreamModel`` / ``Qwen3MoeForCausalLM`` / ``MixtralForCausalLM`` directory.
+    ``DreamModel`` / ``Qwen3MoeForCausalLM`` / ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` directory.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
@@ -658,7 +676,7 @@ def save_hf(model: Decoder, path: str, *, dtype: Optional[str] = None, architect
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
     ``dtype`` (default: the model's ``param_dtype``) is the stored dtype; ``architecture`` (``llama``/``qwen2``/
-    ``qwen3``/``qwen3_moe``/``mixtral`` or the HF class name) overrides ``model.cfg.architecture``, e.g. for a preset. Diffusion models keep
+    ``qwen3``/``qwen3_moe``/``mixtral``/``qwen2_moe`` or the HF class name) overrides ``model.cfg.architecture``, e.g. for a preset. Diffusion models keep
     ``mask_token_id`` and ``shift_logits`` in config.json, so :func:`load_hf` with ``diffusion=True`` reads them back.
     Single-process: every parameter is gathered to this host.
     """

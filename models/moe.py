@@ -6,7 +6,9 @@ Router: ``logits = x · W_r [D, E]`` (float32), ``p = softmax(logits)`` over all
 ``norm_topk_prob`` (Qwen3-30B-A3B sets it); Mixtral always renormalises, which equals a softmax over the top-k
 logits (HF ``MixtralTopKRouter``; a Mixtral :class:`~jaxtok.models.ModelConfig` has ``norm_topk_prob=True``).
 Each expert is a SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of width ``moe_intermediate_size``; the output is
-``Σ_k w_k · expert_{i_k}(x)``. Neither family has a shared expert (Qwen2-MoE's is not implemented).
+``Σ_k w_k · expert_{i_k}(x)``. Qwen2-MoE adds a shared expert every token goes through, a SwiGLU MLP of width
+``shared_expert_intermediate_size`` scaled by ``sigmoid(x · g)`` (HF ``shared_expert``/``shared_expert_gate``);
+Qwen3-MoE and Mixtral have none.
 
 Expert weights are stacked, ``gate/up [E, D, F]`` and ``down [E, F, D]``, with the logical axis ``expert`` first
 (``jaxtok.mesh`` maps it to the ``expert`` mesh axis, so experts are split across it).
@@ -188,6 +190,13 @@ class SparseMoE(nnx.Module):
         self.gate_weight_edf = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pd, D**-0.5)
         self.up_weight_edf = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pd, D**-0.5)
         self.down_weight_efd = _param(rngs, (E, F, D), ("expert", "mlp", "embed"), pd, F**-0.5)
+        self.shared = cfg.shared_expert_intermediate_size > 0
+        if self.shared:
+            Fs = cfg.shared_expert_intermediate_size
+            self.shared_gate_weight_df = _param(rngs, (D, Fs), ("embed", "mlp"), pd, D**-0.5)
+            self.shared_up_weight_df = _param(rngs, (D, Fs), ("embed", "mlp"), pd, D**-0.5)
+            self.shared_down_weight_fd = _param(rngs, (Fs, D), ("mlp", "embed"), pd, Fs**-0.5)
+            self.shared_expert_gate_weight_d1 = _param(rngs, (D, 1), ("embed", None), pd, D**-0.5)
 
     def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
         """``x [B, T, D]``, ``valid [B, T]`` (tokens counted by the load-balancing statistics) -> ``[B, T, D]``."""
@@ -202,4 +211,11 @@ class SparseMoE(nnx.Module):
         per_slot = grouped_swiglu(flat, experts, self.gate_weight_edf[...].astype(dt),
                                   self.up_weight_edf[...].astype(dt), self.down_weight_efd[...].astype(dt))
         out = jnp.einsum("nkd,nk->nd", per_slot, weights.astype(dt))
+        if self.shared:
+            from jaxtok.models.transformer import dense
+
+            h = jax.nn.silu(dense(flat, self.shared_gate_weight_df[...].astype(dt))) * dense(
+                flat, self.shared_up_weight_df[...].astype(dt))
+            gate = jax.nn.sigmoid(dense(flat, self.shared_expert_gate_weight_d1[...].astype(dt)))  # [N, 1]
+            out = out + gate * dense(h, self.shared_down_weight_fd[...].astype(dt))
         return constrain(out.reshape(B, T, D), ("batch", "length", "act_embed"))

@@ -1,6 +1,6 @@
 """Model presets: the tiny zoo shapes trained on the synthetic tasks, and real shapes (no weights) so shardings,
-memory and FLOPs can be computed for Qwen3, Qwen2.5, Llama-3.2 and the mixture-of-experts Qwen3-30B-A3B and
-Mixtral-8x7B (``tiny_moe`` is a tiny Qwen3-MoE for tests).
+memory and FLOPs can be computed for Qwen3, Qwen2.5, Llama-3.2 and the mixture-of-experts Qwen3-30B-A3B,
+Mixtral-8x7B and Qwen1.5-MoE-A2.7B (Qwen2-MoE, with a shared expert) (``tiny_moe`` is a tiny Qwen3-MoE for tests).
 
 Real shapes follow the published HF ``config.json`` files of those checkpoints.
 """
@@ -47,6 +47,14 @@ def _mixtral(d, f, layers, heads, kv, experts, k):
                        router_aux_loss_coef=0.02)
 
 
+def _qwen15_moe(d, f, moe_f, shared_f, layers, heads, experts, k):
+    return ModelConfig(vocab_size=151936, hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads,
+                       num_kv_heads=heads, head_dim=d // heads, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                       tie_embeddings=False, qkv_bias=True, max_position_embeddings=8192, architecture="qwen2_moe",
+                       num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=moe_f,
+                       shared_expert_intermediate_size=shared_f, norm_topk_prob=False, router_aux_loss_coef=0.001)
+
+
 def _tiny(d, f, layers, heads, kv, **kw):
     return ModelConfig(vocab_size=64, hidden_size=d, intermediate_size=f, num_layers=layers, num_heads=heads,
                        num_kv_heads=kv, head_dim=d // heads, rope_theta=10000.0, rms_norm_eps=1e-6,
@@ -77,6 +85,7 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-3.2-3b": _llama32(3072, 8192, 28, 24, 8),
     "qwen3-30b-a3b": _qwen3_moe(2048, 6144, 768, 48, 32, 4, 128, 8),
     "mixtral-8x7b": _mixtral(4096, 14336, 32, 32, 8, 8, 2),
+    "qwen1.5-moe-a2.7b": _qwen15_moe(2048, 5632, 1408, 5632, 24, 16, 60, 4),
 }
 
 

@@ -32,8 +32,8 @@ from jaxtok.models.moe import SparseMoE
 
 Attention = Literal["causal", "bidirectional", "block_causal", "siblings"]
 ATTENTION_KINDS = ("causal", "bidirectional", "block_causal", "siblings")
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
-MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe")
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
 
 
@@ -55,11 +55,13 @@ class ModelConfig:
     ``mask_token_id`` marks a masked-diffusion LM; ``shift_logits`` is Dream's convention (the logit at i predicts
     token i+1), undone in :meth:`Decoder.__call__` so every sampler sees position-aligned logits.
 
-    Mixture of experts (:mod:`jaxtok.models.moe`; architectures ``qwen3_moe``/``mixtral``, HF key names):
+    Mixture of experts (:mod:`jaxtok.models.moe`; architectures ``qwen3_moe``/``mixtral``/``qwen2_moe``, HF key
+    names):
     ``num_experts`` > 0 routes each token of a sparse layer to ``num_experts_per_tok`` of ``num_experts`` SwiGLU
     experts of width ``moe_intermediate_size``, combine weights renormalised when ``norm_topk_prob`` (always for
     Mixtral). Layer i is sparse unless ``i in mlp_only_layers`` or ``(i + 1) % decoder_sparse_step``; dense layers
-    keep the ``intermediate_size`` MLP. ``router_aux_loss_coef`` weighs the load-balancing loss
+    keep the ``intermediate_size`` MLP. ``shared_expert_intermediate_size`` > 0 (Qwen2-MoE) adds an always-on
+    shared expert scaled by a sigmoid gate. ``router_aux_loss_coef`` weighs the load-balancing loss
     (:func:`jaxtok.models.moe.with_router_aux_loss`). ``num_experts=0`` is the dense decoder.
     """
 
@@ -77,7 +79,7 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     max_position_embeddings: int = 2048
-    architecture: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
+    architecture: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe"] = "llama"
     mask_token_id: Optional[int] = None
     shift_logits: bool = False
     dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay float32
@@ -89,6 +91,7 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple = ()
     router_aux_loss_coef: float = 0.001
+    shared_expert_intermediate_size: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -113,9 +116,10 @@ class ModelConfig:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok}: allowed "
                                  f"1..num_experts={self.num_experts}")
-            if self.moe_intermediate_size <= 0 or self.decoder_sparse_step < 1:
+            if self.moe_intermediate_size <= 0 or self.decoder_sparse_step < 1 or self.shared_expert_intermediate_size < 0:
                 raise ValueError(f"ModelConfig.moe_intermediate_size={self.moe_intermediate_size}, decoder_sparse_step="
-                                 f"{self.decoder_sparse_step}: must be positive")
+                                 f"{self.decoder_sparse_step}: must be positive (shared_expert_intermediate_size="
+                                 f"{self.shared_expert_intermediate_size}: >= 0)")
 
     def is_sparse_layer(self, i: int) -> bool:
         """Whether layer ``i`` is a mixture-of-experts layer (HF Qwen3-MoE's rule; every layer for Mixtral)."""

@@ -44,6 +44,9 @@ FAMILIES = {
                       rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
     # renormalised top-k (the routing of Qwen3-30B-A3B's norm_topk_prob=true, same formula)
     "mixtral": dict(cls="MixtralForCausalLM", num_hidden_layers=2, intermediate_size=16, num_local_experts=4),
+    # q/k/v biases and a sigmoid-gated shared expert
+    "qwen2_moe": dict(cls="Qwen2MoeForCausalLM", num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, num_experts=4, norm_topk_prob=False),
 }
 PADS = (2, 0, 5, 1)
 
@@ -151,7 +154,9 @@ def test_config_validation_and_dense_default():
 def test_hf_parity_float32_and_aux_loss(family, hf_dirs):
     path, ref, ref_aux, (tokens, valid, _) = hf_dirs[family]
     model, cfg = load_hf(path)
-    assert cfg.architecture == family and cfg.num_experts == (4 if family == "mixtral" else 8)
+    assert cfg.architecture == family and cfg.num_experts == (8 if family == "qwen3_moe" else 4)
+    assert cfg.shared_expert_intermediate_size == (24 if family == "qwen2_moe" else 0)
+    assert cfg.qkv_bias == (family == "qwen2_moe")
     assert cfg.norm_topk_prob == (family == "mixtral")
     layers = []
 
@@ -209,7 +214,7 @@ def test_router_stats_skip_nested_traces(tiny_moe):
 def test_sharded_parity_with_experts_split(hf_dirs):
     mesh = make_mesh(2, 1, 2, expert=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
-    for family in ("qwen3_moe", "mixtral"):
+    for family in FAMILIES:
         path, ref, _, (tokens, valid, _) = hf_dirs[family]
         model, cfg = load_hf(path, mesh=mesh)
         mlp = model.layers[0].mlp
@@ -258,7 +263,7 @@ def test_sharded_load_reads_only_each_devices_experts(hf_dirs):
     assert set(gate) == {(D, F // 2)} and set(down) == {(F // 2, D)} and len(gate) == 8 * E // 2
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_hf_round_trip(family, hf_dirs, tmp_path):
     from safetensors.numpy import load_file
 
@@ -296,7 +301,9 @@ def test_presets_parameter_counts_and_active_flops():
     assert round(flops.num_params(q) / 1e9, 1) == 30.5 and round(flops.num_params(q, active=True) / 1e9, 1) == 3.4
     m = presets.get("mixtral-8x7b")
     assert round(flops.num_params(m) / 1e9, 1) == 46.7 and round(flops.num_params(m, active=True) / 1e9, 1) == 12.9
-    for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
+    s = presets.get("qwen1.5-moe-a2.7b")  # published 14.3B / 2.7B (shared expert counted active)
+    assert round(flops.num_params(s) / 1e9, 1) == 14.3 and round(flops.num_params(s, active=True) / 1e9, 1) == 2.7
+    for name in ("qwen3-30b-a3b", "mixtral-8x7b", "qwen1.5-moe-a2.7b"):
         cfg = presets.get(name)
         assert config_from_hf(config_to_hf(cfg, "bfloat16")) == cfg
     # FLOPs count the router and k experts only: a dense model whose MLP is the k active experts, plus the router
@@ -312,6 +319,12 @@ def test_presets_parameter_counts_and_active_flops():
     assert flops.num_params(small) == count
     specs = tensor_specs(small)
     assert {s.path for s in specs} == {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    shared = dataclasses.replace(small, architecture="qwen2_moe", shared_expert_intermediate_size=24, qkv_bias=True,
+                                 qk_norm=False)
+    abstract = nnx.eval_shape(lambda: Decoder(shared, rngs=nnx.Rngs(0)))
+    params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    assert flops.num_params(shared) == sum(int(np.prod(v.get_value().shape)) for _, v in params)
+    assert {s.path for s in tensor_specs(shared)} == {tuple(p) for p, _ in params}
 
 
 # --------------------------------------------------------------------------------------------------------------
