@@ -223,6 +223,34 @@ def hf_runner(model_dir: str, new: int, threads: int):
     return run, transformers.__version__, torch.__version__
 
 
+def profile(model, batch: int, prompt_len: int, new: int, generate_file, trace_dir: str, top: int = 14) -> None:
+    """Per-op time of one greedy call (``jax.profiler`` trace, XLA:CPU thunk events), summed over the call and
+    divided by the decode steps: where one AR step's time goes."""
+    import collections
+    import glob
+    import gzip
+
+    import jax
+
+    run = jaxtok_runner(model, new, generate_file, logprobs=None if generate_file else False)
+    prompt = np.random.RandomState(0).randint(3, model.cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+    run(prompt)
+    with jax.profiler.trace(trace_dir):
+        wall, _ = run(prompt)
+    events = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]))
+    ops = collections.Counter()
+    for e in events["traceEvents"]:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith(("$", "end:")) and "Thunk" not in name and "Slinky" not in name \
+                and "PjRt" not in name and "Pjit" not in name and not name.startswith(("np.", "while")):
+            ops[name] += e["dur"]
+    steps = new - 1
+    print(f"batch {batch} ({generate_file or 'decode/generate.py, return_logprobs=False'}): call {wall * 1e3:.0f} ms "
+          f"= {wall * 1e3 / new:.2f} ms/token; XLA ops {sum(ops.values()) / 1e3 / steps:.2f} ms per decode step")
+    for name, us in ops.most_common(top):
+        print(f"  {us / 1e3 / steps:8.2f} ms/step  {name}")
+
+
 def peers_of(names: list) -> list:
     return [n for n in names if n not in ("jaxtok", "before", "jaxtok_lp")]
 
@@ -257,6 +285,8 @@ def main(argv=None) -> int:
                     help="a decode/generate.py file of another revision, timed as 'before' in the same run")
     ap.add_argument("--with-logprobs", action="store_true",
                     help="also time jaxtok with per-token log-probs (generate's default), rows jaxtok_lp_b*")
+    ap.add_argument("--profile", type=int, default=None, metavar="BATCH",
+                    help="only print where one jaxtok AR step's time goes at this batch (jax.profiler)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -270,6 +300,10 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     model = build_model(args.vocab, args.seed)
+    if args.profile is not None:
+        for f in ([args.baseline_generate] if args.baseline_generate else []) + [None]:
+            profile(model, args.profile, args.prompt_len, args.new_tokens, f, tempfile.mkdtemp(prefix="trace_"))
+        return 0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(__import__("flax").nnx.state(model)))
     tmp = tempfile.mkdtemp(prefix="decode_peers_")
     save_hf(model, tmp)
