@@ -85,6 +85,8 @@ LIST_KINDS = {
                             "jaxtok.train.rl_report"), "bench.name"),
     "rewards": ("REWARDS", ("jaxtok.train.rewards",), "rollout.rewards keys"),
     "selections": ("SELECTIONS", ("jaxtok.select",), "objective.args.selection.rule"),
+    "loss-modes": ("LOSS_MODES", ("jaxtok.policy",), "objective.args.loss_mode of policy_gradient; "
+                   "its own args are objective.args keys prefixed ctpo_/cppo_/appo_"),
 }
 
 

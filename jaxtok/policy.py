@@ -8,19 +8,23 @@ Averaged losses travel as ``(sum, count)`` pairs (:func:`aggregate`) so gradient
 reduction weigh tokens (or sequences) rather than micro-batches: sum the sums, sum the counts, divide once
 (:func:`safe_divide`; an empty selection gives 0, never NaN).
 
-Entry point: :func:`policy_loss` with ``loss_mode`` in :data:`LOSS_MODES` and a frozen :class:`PolicyLossConfig`.
+Entry point: :func:`policy_loss` with ``loss_mode`` a name in :data:`LOSS_MODES` (``jaxtok.registry``: each loss
+mode is one function of :class:`LossInputs` and its frozen args dataclass, registered by name) and a frozen
+:class:`PolicyLossConfig` (the flat config keys, mapped onto the mode's args by :meth:`PolicyLossConfig.mode_args`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Optional, Union
+import typing
+from typing import ClassVar, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from jaxtok.registry import ConfigError
+from jaxtok.registry import LOSS_MODES, ConfigError
 
 __all__ = [
     "LOSS_MODES", "AGG_MODES", "KL_ESTIMATORS", "CPPO_DIVERGENCES", "ADV_SCALES", "PolicyLossConfig",
@@ -31,10 +35,11 @@ __all__ = [
     "masked_zscore", "branching_score", "contiguous_group_ids", "group_advantages", "dr_grpo_advantages",
     "rloo_advantages", "batch_advantages", "ADV_ESTIMATORS", "outcome_advantages",
     "broadcast_advantages", "aggregate", "kl_penalty", "sampler_mismatch",
-    "zero_variance_group_mask", "overlong_reward_penalty", "policy_loss",
+    "zero_variance_group_mask", "overlong_reward_penalty", "policy_loss", "LossInputs", "ModeLoss", "LossModeArgs",
+    "ClipArgs", "PPOClipArgs", "GRPOArgs", "DrGRPOArgs", "DAPOArgs", "GSPOArgs", "CTPOArgs", "CPPOArgs", "APPOArgs",
+    "SHARED_KEYS", "ppo_clip_mode", "gspo_mode", "gspo_token_mode", "ctpo_mode", "cppo_mode", "appo_mode",
 ]
 
-LOSS_MODES = ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "ctpo", "cppo", "appo")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
 CPPO_DIVERGENCES = ("binary_tv", "binary_kl", "topk_tv", "topk_kl")
@@ -583,96 +588,354 @@ def overlong_reward_penalty(lengths, max_length: int, buffer_length: int, penalt
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the loss modes (§6, §9): one function per mode family, registered in LOSS_MODES with its frozen args dataclass
+
+
+class LossInputs(NamedTuple):
+    """What a loss mode reads (float32, ``[B, T]``; :func:`policy_loss` builds it once): ``logp``, ``old_logp``,
+    ``advantages`` broadcast to tokens, the loss ``mask``; CPPO's optional precomputed ``divergence``, ``valid``
+    (response tokens for positions / prefix sums; None: ``mask``) and ``delta_b`` (scalar or ``[B]``)."""
+
+    logp: jax.Array
+    old_logp: jax.Array
+    advantages: jax.Array
+    mask: jax.Array
+    divergence: Optional[jax.Array] = None
+    valid: Optional[jax.Array] = None
+    delta_b: Optional[Union[Scalar, jax.Array]] = None
+
+
+class ModeLoss(NamedTuple):
+    """A loss mode's result: the per-token ``loss [B, T]``, ``clipped``/``dual`` token flags (diagnostics), the
+    ``ratio`` it used, the ``mask`` to aggregate over (the input's, or narrowed) and mode-specific diagnostics."""
+
+    loss: jax.Array
+    clipped: jax.Array
+    dual: jax.Array
+    ratio: jax.Array
+    mask: jax.Array
+    extra: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LossModeArgs:
+    """Options every loss mode has: its default ``aggregation`` of the per-token loss (:func:`aggregate`, §0).
+
+    A mode's own options are fields of a subclass; their flat config keys are ``key_prefix + field``
+    (``ctpo_c_low`` is :class:`CTPOArgs`'s ``c_low``), except :data:`SHARED_KEYS`, which keep their name
+    (:meth:`PolicyLossConfig.mode_args`). Messages name the flat keys."""
+
+    key_prefix: ClassVar[str] = ""
+    aggregation: str = "token-mean"
+
+    def __post_init__(self):
+        _check_choice("aggregation", self.aggregation, AGG_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipArgs(LossModeArgs):
+    """Ratio clip ``clip(ρ, 1 − ε_low, 1 + ε_high)`` (§6.1)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.eps_low < 1.0:
+            raise ConfigError(f"eps_low={self.eps_low!r} must be in [0, 1)")
+        if self.eps_high < 0.0:
+            raise ConfigError(f"eps_high={self.eps_high!r} must be ≥ 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOClipArgs(ClipArgs):
+    """PPO-clip with dual-clip ``c = 3`` (verl ``clip_ratio_c``; None disables it), token-mean (§6.1)."""
+
+    dual_clip_c: Optional[float] = 3.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
+            raise ConfigError(f"dual_clip_c={self.dual_clip_c!r} must be > 1 (or None to disable)")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOArgs(PPOClipArgs):
+    """GRPO: PPO-clip, each sequence's token mean averaged over sequences (§6.1, §6.2)."""
+
+    aggregation: str = "seq-mean-token-mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class DrGRPOArgs(PPOClipArgs):
+    """Dr.GRPO: PPO-clip, per-sequence token sums over the constant ``L_max`` (§6.2)."""
+
+    aggregation: str = "seq-mean-token-sum-norm"
+
+
+@dataclasses.dataclass(frozen=True)
+class DAPOArgs(PPOClipArgs):
+    """DAPO: PPO-clip with clip-higher ``ε_high = 0.28``, token-mean (§6.2)."""
+
+    eps_high: float = 0.28
+
+
+@dataclasses.dataclass(frozen=True)
+class GSPOArgs(ClipArgs):
+    """GSPO: ``ε_low/ε_high = 3e-4/4e-4`` (paper ranges), sequence mean, never dual-clipped (§6.3)."""
+
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+    aggregation: str = "seq-mean-token-mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class CTPOArgs(PPOClipArgs):
+    """CTPO (§6.4): cumulative ``ratio`` (``cumprod`` | ``geomean``) and the log-space clip ``c_low``/``c_high``
+    with dual ``c_dual`` (None disables) scaled by ``t_pos^p`` (``p`` None: 0.5 for cumprod, −0.5 for geomean);
+    ``log_space=False``: plain clip (``eps_low``/``eps_high``, ``dual_clip_c``) on the cumulative ratio."""
+
+    key_prefix: ClassVar[str] = "ctpo_"
+    ratio: str = "cumprod"
+    log_space: bool = True
+    c_low: float = 0.025
+    c_high: float = 0.05
+    c_dual: Optional[float] = 0.05
+    p: Optional[float] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("ctpo_ratio", self.ratio, ("cumprod", "geomean"))
+
+    @property
+    def exponent(self) -> float:
+        """``p``, or its default for the ratio: 0.5 for ``cumprod``, −0.5 for ``geomean``."""
+        return self.p if self.p is not None else (0.5 if self.ratio == "cumprod" else -0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class CPPOArgs(LossModeArgs):
+    """CPPO (§6.5): token threshold ``delta``, position-weight floor ``w_min``, prefix budget ``delta_b`` (a
+    per-sequence ``[B]`` array may be passed to ``policy_loss(delta_b=...)``), ``soft`` mask, and the
+    ``divergence`` used when ``policy_loss`` gets no precomputed one (binary kinds only)."""
+
+    key_prefix: ClassVar[str] = "cppo_"
+    delta: float = 0.15
+    w_min: float = 0.8
+    delta_b: float = 0.015
+    soft: bool = False
+    divergence: str = "binary_tv"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("cppo_divergence", self.divergence, CPPO_DIVERGENCES)
+        if not 0.0 < self.w_min <= 1.0:
+            raise ConfigError(f"cppo_w_min={self.w_min!r} must be in (0, 1]")
+        if self.delta <= 0:
+            raise ConfigError(f"cppo_delta={self.delta!r} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class APPOArgs(PPOClipArgs):
+    """APPO future-KL loss (§9): PPO dual-clip with clip-higher ``ε_high = 0.28``; ``gamma_f = 2^(−1/64)`` (decay
+    rate 64), participation ``c``, weight ``b``, factor cap ``f_max``, the ``A < 0 ∧ ρ > neg_ratio`` floor
+    ``neg_floor``; ``drop_multi_dual_clip`` drops sequences with more than one dual-clipped token."""
+
+    key_prefix: ClassVar[str] = "appo_"
+    eps_high: float = 0.28
+    gamma_f: float = 2.0 ** (-1.0 / 64.0)
+    participation_c: float = 3.0
+    b: float = 1.0
+    f_max: float = 1.2
+    neg_ratio: float = 6.0
+    neg_floor: float = 0.8
+    drop_multi_dual_clip: bool = True
+
+
+SHARED_KEYS = tuple(f.name for f in dataclasses.fields(PPOClipArgs))  # flat keys that keep their name in every mode
+
+
+@LOSS_MODES.register("ppo", PPOClipArgs)
+@LOSS_MODES.register("grpo", GRPOArgs)
+@LOSS_MODES.register("dr_grpo", DrGRPOArgs)
+@LOSS_MODES.register("dapo", DAPOArgs)
+def ppo_clip_mode(x: LossInputs, args: PPOClipArgs) -> ModeLoss:
+    """PPO-clip on the token ratio (§6.1): ``ℓ = max(−A ρ, −A clip(ρ, 1−ε_low, 1+ε_high))``, dual-clip if A < 0.
+
+    ``ρ_t = exp(clip(lp − lp_old, −20, 20))``. ``ppo``, ``grpo``, ``dr_grpo`` and ``dapo`` differ only by their
+    args' defaults (ε_high, aggregation: each a small subclass of :class:`PPOClipArgs`); the advantage estimator
+    is chosen by the caller."""
+    ratio = token_ratio(x.logp, x.old_logp, x.mask)
+    loss, clipped, dual = ppo_clip_loss(ratio, x.advantages, args.eps_low, args.eps_high, args.dual_clip_c)
+    return ModeLoss(loss, clipped, dual, ratio, x.mask, {})
+
+
+@LOSS_MODES.register("gspo", GSPOArgs)
+def gspo_mode(x: LossInputs, args: GSPOArgs) -> ModeLoss:
+    """GSPO: sequence ratio ``s_i`` (gradient through all tokens), clipped, no dual clip (§6.3)."""
+    ratio = jnp.exp(gspo_sequence_log_ratio(x.logp, x.old_logp, x.mask))
+    loss, clipped, dual = ppo_clip_loss(ratio, x.advantages, args.eps_low, args.eps_high, None)
+    return ModeLoss(loss, clipped, dual, ratio, x.mask, {})
+
+
+@LOSS_MODES.register("gspo_token", GSPOArgs)
+def gspo_token_mode(x: LossInputs, args: GSPOArgs) -> ModeLoss:
+    """GSPO-token: ``s_{i,t} = sg(s_i)·π_t/sg(π_t)``, clipped, no dual clip (§6.3)."""
+    ratio = jnp.exp(gspo_token_log_ratio(x.logp, x.old_logp, x.mask))
+    loss, clipped, dual = ppo_clip_loss(ratio, x.advantages, args.eps_low, args.eps_high, None)
+    return ModeLoss(loss, clipped, dual, ratio, x.mask, {})
+
+
+@LOSS_MODES.register("ctpo", CTPOArgs)
+def ctpo_mode(x: LossInputs, args: CTPOArgs) -> ModeLoss:
+    """CTPO: cumulative ratio, current-token gradient, log-space clip ``±c·t_pos^p``, dual ``exp(c_c t_pos^p)`` (§6.4).
+
+    The ratio is ``cumprod`` or ``geomean`` (:func:`cumulative_log_ratio`), the clip :func:`log_space_clip_loss`;
+    ``log_space=False`` uses plain PPO clipping on the cumulative ratio."""
+    m = x.mask
+    lr = cumulative_log_ratio(x.logp, x.old_logp, m, args.ratio)
+    ratio = jnp.where(m > 0, jnp.exp(lr), 0.0)
+    if args.log_space:
+        loss, clipped, dual = log_space_clip_loss(lr, x.advantages, valid_positions(m), args.c_low, args.c_high,
+                                                  args.c_dual, args.exponent)
+    else:
+        loss, clipped, dual = ppo_clip_loss(ratio, x.advantages, args.eps_low, args.eps_high, args.dual_clip_c)
+    return ModeLoss(loss, clipped, dual, ratio, m, {})
+
+
+@LOSS_MODES.register("cppo", CPPOArgs)
+def cppo_mode(x: LossInputs, args: CPPOArgs) -> ModeLoss:
+    """CPPO: ``ℓ = −M ρ A`` with the trust-region mask ``M`` (:func:`cppo_mask`) replacing clipping (§6.5).
+
+    ``x.divergence`` is D_t (:func:`cppo_divergence`); when None, ``args.divergence`` (binary kinds) is computed
+    from ``logp``/``old_logp``. ``x.valid`` marks response tokens for positions / prefix sums (default ``mask``);
+    ``x.delta_b`` overrides ``args.delta_b`` (scalar or ``[B]``)."""
+    m = x.mask
+    ratio = token_ratio(x.logp, x.old_logp, m)
+    divergence = x.divergence
+    if divergence is None:
+        if not args.divergence.startswith("binary"):
+            raise ConfigError(f"cppo_divergence={args.divergence!r} needs a precomputed divergence "
+                              "argument (top-K log-probs); only binary_tv/binary_kl are computed here")
+        divergence = cppo_divergence(args.divergence, x.logp, x.old_logp)
+    v = m if x.valid is None else _f32(x.valid)
+    keep, token_reject, budget_reject = cppo_mask(
+        ratio, x.advantages, divergence, v, args.delta, args.w_min,
+        args.delta_b if x.delta_b is None else x.delta_b, args.soft)
+    loss = -keep * ratio * x.advantages
+    clipped = (token_reject | budget_reject) if not args.soft else keep < 1.0
+    extra = {"cppo_token_reject_frac": masked_mean(token_reject, m),
+             "cppo_budget_reject_frac": masked_mean(budget_reject, m),
+             "cppo_mask_mean": masked_mean(keep, m),
+             "divergence_mean": masked_mean(jax.lax.stop_gradient(divergence), m)}
+    return ModeLoss(loss, clipped, jnp.zeros_like(clipped), ratio, m, extra)
+
+
+@LOSS_MODES.register("appo", APPOArgs)
+def appo_mode(x: LossInputs, args: APPOArgs) -> ModeLoss:
+    """APPO: ``Ã = A(1 + b f)`` with the future-KL factor ``f`` (§9), PPO dual-clip on ``Ã``.
+
+    With ``drop_multi_dual_clip``, sequences with more than one dual-clipped token leave the mask."""
+    m = x.mask
+    ratio = token_ratio(x.logp, x.old_logp, m)
+    fkl = future_kl(x.logp, x.old_logp, m, args.gamma_f, args.participation_c)
+    f = appo_future_factor(fkl, ratio, x.advantages, args.f_max, args.neg_ratio, args.neg_floor)
+    adv = x.advantages * (1.0 + args.b * f)
+    loss, clipped, dual = ppo_clip_loss(ratio, adv, args.eps_low, args.eps_high, args.dual_clip_c)
+    extra = {}
+    if args.drop_multi_dual_clip:
+        n_dual = jnp.sum(_f32(dual) * m, axis=-1, keepdims=True)
+        extra["appo_dropped_seqs"] = jnp.sum((n_dual[:, 0] > 1).astype(_F32))
+        m = jnp.where(n_dual > 1, 0.0, m)
+    extra["appo_future_factor_mean"] = masked_mean(f, m)
+    return ModeLoss(loss, clipped, dual, ratio, m, extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the loss
 
 
-_MODE_DEFAULTS = {  # loss_mode -> (eps_low, eps_high, aggregation)
-    "ppo": (0.2, 0.2, "token-mean"),
-    "grpo": (0.2, 0.2, "seq-mean-token-mean"),
-    "dr_grpo": (0.2, 0.2, "seq-mean-token-sum-norm"),
-    "dapo": (0.2, 0.28, "token-mean"),
-    "gspo": (3e-4, 4e-4, "seq-mean-token-mean"),
-    "gspo_token": (3e-4, 4e-4, "seq-mean-token-mean"),
-    "ctpo": (0.2, 0.2, "token-mean"),
-    "cppo": (0.2, 0.2, "token-mean"),
-    "appo": (0.2, 0.28, "token-mean"),
-}
+@functools.lru_cache(maxsize=None)
+def _nullable_fields(cls: type) -> frozenset:
+    """Fields of ``cls`` whose type accepts None (there None means something, e.g. dual clip off)."""
+    hints = typing.get_type_hints(cls)
+    return frozenset(f.name for f in dataclasses.fields(cls) if type(None) in typing.get_args(hints[f.name]))
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
-    """Options of :func:`policy_loss`. ``None`` fields take the loss mode's default (see :meth:`resolve`).
+    """Options of :func:`policy_loss`: the flat keys users write (``objective.args``). Shared: ``norm_length``,
+    the KL term, diagnostics. The rest are the loss modes' options (:meth:`mode_args` maps them onto the
+    registered mode's args, the only place that does): ``eps_low``, ``eps_high``, ``dual_clip_c``,
+    ``aggregation`` (:data:`SHARED_KEYS`; ``None`` ε's and aggregation take the mode's default) and each mode's
+    prefixed keys, ``ctpo_*`` (:class:`CTPOArgs`), ``cppo_*`` (:class:`CPPOArgs`), ``appo_*`` (:class:`APPOArgs`),
+    whose defaults are those classes'. Keys of other modes are checked but unused.
 
-    Defaults (spec §6, §9): ε_low/ε_high 0.2/0.2 (ppo, grpo, dr_grpo), 0.2/0.28 (dapo, appo clip-higher),
-    3e-4/4e-4 (gspo, gspo_token; paper ranges); aggregation ``token-mean`` (ppo, dapo, ctpo, cppo, appo),
-    ``seq-mean-token-mean`` (grpo, gspo), ``seq-mean-token-sum-norm`` (dr_grpo). Dual-clip c = 3 for the token
-    modes (ppo/grpo/dr_grpo/dapo/appo and non-log-space ctpo); GSPO and CPPO never dual-clip. KL is off
+    Defaults (spec §6, §9; the args classes): ε_low/ε_high 0.2/0.2 (ppo, grpo, dr_grpo), 0.2/0.28 (dapo, appo
+    clip-higher), 3e-4/4e-4 (gspo, gspo_token; paper ranges); aggregation ``token-mean`` (ppo, dapo, ctpo, cppo,
+    appo), ``seq-mean-token-mean`` (grpo, gspo), ``seq-mean-token-sum-norm`` (dr_grpo). Dual-clip c = 3 for the
+    token modes (ppo/grpo/dr_grpo/dapo/appo and non-log-space ctpo); GSPO and CPPO never dual-clip. KL is off
     (``kl_coef = 0``); DeepSeekMath GRPO uses 0.04, verl recipes and APPO 0.001 with ``k3``."""
 
     eps_low: Optional[float] = None
     eps_high: Optional[float] = None
-    dual_clip_c: Optional[float] = 3.0  # None disables dual-clip
+    dual_clip_c: Optional[float] = PPOClipArgs.dual_clip_c  # None disables dual-clip
     aggregation: Optional[str] = None
     norm_length: Optional[float] = None  # L_max for seq-mean-token-sum-norm; None -> policy_loss's, else padded T
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
-    # CTPO (§6.4)
-    ctpo_ratio: str = "cumprod"  # cumprod | geomean
-    ctpo_log_space: bool = True  # False: plain clip (eps_low/eps_high, dual_clip_c) on the cumulative ratio
-    ctpo_c_low: float = 0.025
-    ctpo_c_high: float = 0.05
-    ctpo_c_dual: Optional[float] = 0.05  # None disables the log-space dual clip
-    ctpo_p: Optional[float] = None  # None -> 0.5 for cumprod, -0.5 for geomean
-    # CPPO (§6.5)
-    cppo_delta: float = 0.15
-    cppo_w_min: float = 0.8
-    cppo_delta_b: float = 0.015  # a per-sequence [B] array may be passed to policy_loss(delta_b=...)
-    cppo_soft: bool = False
-    cppo_divergence: str = "binary_tv"  # used when policy_loss gets no precomputed divergence (binary kinds only)
-    # APPO future-KL loss (§9)
-    appo_gamma_f: float = 2.0 ** (-1.0 / 64.0)  # 2^(-1/decay_rate), decay_rate 64
-    appo_participation_c: float = 3.0
-    appo_b: float = 1.0
-    appo_f_max: float = 1.2
-    appo_neg_ratio: float = 6.0
-    appo_neg_floor: float = 0.8
-    appo_drop_multi_dual_clip: bool = True  # drop sequences with > 1 dual-clipped token
+    # CTPO (§6.4): CTPOArgs
+    ctpo_ratio: str = CTPOArgs.ratio  # cumprod | geomean
+    ctpo_log_space: bool = CTPOArgs.log_space  # False: plain clip (eps_low/eps_high, dual_clip_c)
+    ctpo_c_low: float = CTPOArgs.c_low
+    ctpo_c_high: float = CTPOArgs.c_high
+    ctpo_c_dual: Optional[float] = CTPOArgs.c_dual  # None disables the log-space dual clip
+    ctpo_p: Optional[float] = CTPOArgs.p  # None -> 0.5 for cumprod, -0.5 for geomean
+    # CPPO (§6.5): CPPOArgs
+    cppo_delta: float = CPPOArgs.delta
+    cppo_w_min: float = CPPOArgs.w_min
+    cppo_delta_b: float = CPPOArgs.delta_b  # a per-sequence [B] array may be passed to policy_loss(delta_b=...)
+    cppo_soft: bool = CPPOArgs.soft
+    cppo_divergence: str = CPPOArgs.divergence  # used when policy_loss gets no precomputed divergence (binary)
+    # APPO future-KL loss (§9): APPOArgs
+    appo_gamma_f: float = APPOArgs.gamma_f  # 2^(-1/decay_rate), decay_rate 64
+    appo_participation_c: float = APPOArgs.participation_c
+    appo_b: float = APPOArgs.b
+    appo_f_max: float = APPOArgs.f_max
+    appo_neg_ratio: float = APPOArgs.neg_ratio
+    appo_neg_floor: float = APPOArgs.neg_floor
+    appo_drop_multi_dual_clip: bool = APPOArgs.drop_multi_dual_clip  # drop sequences with > 1 dual-clipped token
     # diagnostics
     num_position_buckets: int = 8
 
     def __post_init__(self):
-        if self.aggregation is not None:
-            _check_choice("aggregation", self.aggregation, AGG_MODES)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_choice("ctpo_ratio", self.ctpo_ratio, ("cumprod", "geomean"))
-        _check_choice("cppo_divergence", self.cppo_divergence, CPPO_DIVERGENCES)
-        if self.eps_low is not None and not 0.0 <= self.eps_low < 1.0:
-            raise ConfigError(f"eps_low={self.eps_low!r} must be in [0, 1)")
-        if self.eps_high is not None and self.eps_high < 0.0:
-            raise ConfigError(f"eps_high={self.eps_high!r} must be ≥ 0")
-        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
-            raise ConfigError(f"dual_clip_c={self.dual_clip_c!r} must be > 1 (or None to disable)")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef={self.kl_coef!r} must be ≥ 0")
-        if not 0.0 < self.cppo_w_min <= 1.0:
-            raise ConfigError(f"cppo_w_min={self.cppo_w_min!r} must be in (0, 1]")
-        if self.cppo_delta <= 0:
-            raise ConfigError(f"cppo_delta={self.cppo_delta!r} must be > 0")
         if self.num_position_buckets < 1:
             raise ConfigError(f"num_position_buckets={self.num_position_buckets!r} must be ≥ 1")
+        for mode in LOSS_MODES.names():  # every mode's keys are checked, whichever mode runs
+            self.mode_args(mode)
+
+    def mode_args(self, loss_mode: str) -> LossModeArgs:
+        """``loss_mode``'s registered args built from the flat keys: field ``f`` of its args class reads key ``f``
+        (:data:`SHARED_KEYS`) or ``key_prefix + f`` (``ctpo_c_low`` → ``CTPOArgs.c_low``). A ``None`` there takes
+        the mode's default unless the field accepts None (``dual_clip_c: null`` disables the dual clip)."""
+        _check_choice("loss_mode", loss_mode, LOSS_MODES.names())
+        cls = LOSS_MODES.entry(loss_mode).config_cls
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(self, f.name if f.name in SHARED_KEYS else cls.key_prefix + f.name)
+            if value is not None or f.name in _nullable_fields(cls):
+                values[f.name] = value
+        return cls(**values)
 
     def resolve(self, loss_mode: str) -> "PolicyLossConfig":
-        """Fill the ``None`` fields with ``loss_mode``'s defaults."""
-        _check_choice("loss_mode", loss_mode, LOSS_MODES)
-        eps_low, eps_high, agg = _MODE_DEFAULTS[loss_mode]
-        p = self.ctpo_p if self.ctpo_p is not None else (0.5 if self.ctpo_ratio == "cumprod" else -0.5)
-        return dataclasses.replace(
-            self,
-            eps_low=eps_low if self.eps_low is None else self.eps_low,
-            eps_high=eps_high if self.eps_high is None else self.eps_high,
-            aggregation=agg if self.aggregation is None else self.aggregation,
-            ctpo_p=p,
-        )
+        """Fill the ``None`` fields with ``loss_mode``'s defaults (a mode without ε's gets PPO-clip's)."""
+        args = self.mode_args(loss_mode)
+        clip = args if isinstance(args, ClipArgs) else self.mode_args("ppo")
+        return dataclasses.replace(self, eps_low=clip.eps_low, eps_high=clip.eps_high, aggregation=args.aggregation,
+                                   ctpo_p=self.mode_args("ctpo").exponent)
 
 
 def _position_buckets(mask, num_buckets: int):
@@ -707,94 +970,44 @@ def _diagnostics(ratio, clipped, dual, m, logp, old_logp, entropy, num_buckets):
     return diag
 
 
+
 def policy_loss(loss_mode: str, logp, old_logp, advantages, mask, cfg: Optional[PolicyLossConfig] = None,
                 ref_logp=None, *, entropy=None, divergence=None, valid=None, delta_b=None, norm_length=None):
-    """Policy-gradient loss for ``loss_mode`` in :data:`LOSS_MODES` (spec §6, §9). Returns ``(loss_sum, count,
-    diagnostics)``; the loss is ``loss_sum / count`` (:func:`safe_divide`).
+    """Policy-gradient loss for ``loss_mode``, a name in :data:`LOSS_MODES` (spec §6, §9). Returns ``(loss_sum,
+    count, diagnostics)``; the loss is ``loss_sum / count`` (:func:`safe_divide`).
 
-    * ``ppo`` / ``grpo`` / ``dr_grpo`` / ``dapo``: token ratio, PPO-clip (§6.1) with (asymmetric) ε and dual-clip;
-      the modes differ by defaults (ε_high, aggregation); the advantage estimator is chosen by the caller.
-    * ``gspo``: sequence ratio ``s_i`` (gradient through all tokens), clipped, no dual clip (§6.3).
-    * ``gspo_token``: ``s_{i,t} = sg(s_i)·π_t/sg(π_t)``, clipped, no dual clip (§6.3).
-    * ``ctpo``: cumulative ratio (``cumprod``/``geomean``), current-token gradient, log-space clip with bounds
-      ``±c·t_pos^p`` and dual ``exp(c_c t_pos^p)`` (§6.4); ``ctpo_log_space=False`` uses plain PPO clipping.
-    * ``cppo``: ``ℓ = −M ρ A`` with the CPPO mask ``M`` replacing clipping (§6.5). ``divergence [B, T]`` is D_t
-      (:func:`cppo_divergence`); when None, ``cfg.cppo_divergence`` (binary kinds) is computed from
-      ``logp``/``old_logp``. ``valid`` marks response tokens for positions / prefix sums (default ``mask``);
-      ``delta_b`` overrides ``cfg.cppo_delta_b`` (scalar or ``[B]``).
-    * ``appo``: ``Ã = A(1 + b f)`` with the future-KL factor (§9), PPO dual-clip on ``Ã``, sequences with more
-      than one dual-clipped token dropped from the mask.
+    The registered mode function (``ppo``/``grpo``/``dr_grpo``/``dapo``: :func:`ppo_clip_mode`; ``gspo``,
+    ``gspo_token``, ``ctpo``, ``cppo``, ``appo``: ``<mode>_mode``) computes the per-token loss from
+    :class:`LossInputs` and its args (:meth:`PolicyLossConfig.mode_args`); then the shared aggregation, diagnostics
+    and KL term. ``divergence``, ``valid`` and ``delta_b`` are CPPO's (:func:`cppo_mode`).
 
     ``advantages`` is ``[B, T]`` or ``[B]`` (broadcast). ``norm_length`` (scalar or ``[B]``) overrides
     ``cfg.norm_length``, Dr.GRPO's ``L_max`` (:func:`aggregate`). With ``cfg.kl_coef > 0`` the loss adds
     ``kl_coef · agg(kl_penalty(logp, ref_logp))`` with the same aggregation (hence the same count).
     Diagnostics: clip fraction overall and per valid-position bucket (with the counts, for accumulation),
     ratio mean/min/max, ``approx_kl = mean(lp_old − lp)``, entropy when given, and mode-specific entries."""
-    cfg = (cfg or PolicyLossConfig()).resolve(loss_mode)
+    cfg = cfg or PolicyLossConfig()
+    args = cfg.mode_args(loss_mode)
     m = _f32(mask)
     if m.ndim != 2:
         raise ConfigError(f"mask must be [B, T]; got shape {m.shape}")
     adv = _f32(advantages)
     if adv.ndim == 1:
         adv = adv[:, None]
-    adv = jnp.broadcast_to(adv, m.shape)
-    lp = _f32(logp)
-    extra = {}
-
-    if loss_mode in ("ppo", "grpo", "dr_grpo", "dapo"):
-        ratio = token_ratio(lp, old_logp, m)
-        loss, clipped, dual = ppo_clip_loss(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c)
-    elif loss_mode in ("gspo", "gspo_token"):
-        fn = gspo_sequence_log_ratio if loss_mode == "gspo" else gspo_token_log_ratio
-        ratio = jnp.exp(fn(lp, old_logp, m))
-        loss, clipped, dual = ppo_clip_loss(ratio, adv, cfg.eps_low, cfg.eps_high, None)
-    elif loss_mode == "ctpo":
-        lr = cumulative_log_ratio(lp, old_logp, m, cfg.ctpo_ratio)
-        ratio = jnp.where(m > 0, jnp.exp(lr), 0.0)
-        if cfg.ctpo_log_space:
-            loss, clipped, dual = log_space_clip_loss(lr, adv, valid_positions(m), cfg.ctpo_c_low,
-                                                      cfg.ctpo_c_high, cfg.ctpo_c_dual, cfg.ctpo_p)
-        else:
-            loss, clipped, dual = ppo_clip_loss(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c)
-    elif loss_mode == "cppo":
-        ratio = token_ratio(lp, old_logp, m)
-        if divergence is None:
-            if not cfg.cppo_divergence.startswith("binary"):
-                raise ConfigError(f"cppo_divergence={cfg.cppo_divergence!r} needs a precomputed divergence "
-                                  "argument (top-K log-probs); only binary_tv/binary_kl are computed here")
-            divergence = cppo_divergence(cfg.cppo_divergence, lp, old_logp)
-        v = m if valid is None else _f32(valid)
-        keep, token_reject, budget_reject = cppo_mask(
-            ratio, adv, divergence, v, cfg.cppo_delta, cfg.cppo_w_min,
-            cfg.cppo_delta_b if delta_b is None else delta_b, cfg.cppo_soft)
-        loss = -keep * ratio * adv
-        clipped = (token_reject | budget_reject) if not cfg.cppo_soft else keep < 1.0
-        dual = jnp.zeros_like(clipped)
-        extra["cppo_token_reject_frac"] = masked_mean(token_reject, m)
-        extra["cppo_budget_reject_frac"] = masked_mean(budget_reject, m)
-        extra["cppo_mask_mean"] = masked_mean(keep, m)
-        extra["divergence_mean"] = masked_mean(jax.lax.stop_gradient(divergence), m)
-    else:  # appo (loss_mode was checked by resolve)
-        ratio = token_ratio(lp, old_logp, m)
-        fkl = future_kl(lp, old_logp, m, cfg.appo_gamma_f, cfg.appo_participation_c)
-        f = appo_future_factor(fkl, ratio, adv, cfg.appo_f_max, cfg.appo_neg_ratio, cfg.appo_neg_floor)
-        adv = adv * (1.0 + cfg.appo_b * f)
-        loss, clipped, dual = ppo_clip_loss(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c)
-        if cfg.appo_drop_multi_dual_clip:
-            n_dual = jnp.sum(_f32(dual) * m, axis=-1, keepdims=True)
-            extra["appo_dropped_seqs"] = jnp.sum((n_dual[:, 0] > 1).astype(_F32))
-            m = jnp.where(n_dual > 1, 0.0, m)
-        extra["appo_future_factor_mean"] = masked_mean(f, m)
+    x = LossInputs(_f32(logp), _f32(old_logp), jnp.broadcast_to(adv, m.shape), m, divergence, valid, delta_b)
+    out = LOSS_MODES.get(loss_mode)(x, args)
 
     norm_length = cfg.norm_length if norm_length is None else norm_length
-    loss_sum, count = aggregate(loss, m, cfg.aggregation, norm_length)
-    diag = _diagnostics(ratio, clipped, dual, m, lp, old_logp, entropy, cfg.num_position_buckets)
+    loss_sum, count = aggregate(out.loss, out.mask, args.aggregation, norm_length)
+    diag = _diagnostics(out.ratio, out.clipped, out.dual, out.mask, x.logp, x.old_logp, entropy,
+                        cfg.num_position_buckets)
     diag["pg_loss"] = safe_divide(loss_sum, count)
     if cfg.kl_coef > 0:
         if ref_logp is None:
             raise ConfigError(f"kl_coef={cfg.kl_coef} needs ref_logp (reference log-probs), got None")
-        kl_sum, _ = aggregate(kl_penalty(lp, ref_logp, cfg.kl_estimator), m, cfg.aggregation, norm_length)
+        kl_sum, _ = aggregate(kl_penalty(x.logp, ref_logp, cfg.kl_estimator), out.mask, args.aggregation,
+                              norm_length)
         loss_sum = loss_sum + cfg.kl_coef * kl_sum
         diag["kl_loss"] = safe_divide(kl_sum, count)
-    diag.update(extra)
+    diag.update(out.extra)
     return loss_sum, count, diag

@@ -238,3 +238,4 @@ COMMIT_POLICIES = Registry("commit policy")  # decode.policy with decode.method=
 LOGIT_GUIDES = Registry("logit guide")  # decode.policy with decode.method=greedy|sample (LenVM length control)
 REWARDS = Registry("reward")  # rollout.rewards keys (jaxtok.train.rewards)
 BENCHES = Registry("benchmark")  # bench.name (jaxtok.bench registers into it)
+LOSS_MODES = Registry("loss mode")  # objective.args.loss_mode of policy_gradient (jaxtok.policy)

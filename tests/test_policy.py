@@ -1,5 +1,6 @@
 """Tests for jaxtok/policy.py: hand-computed cases and the limiting cases of spec §6 and §9."""
 
+import dataclasses
 import functools
 import math
 
@@ -11,7 +12,7 @@ import pytest
 from jaxtok import policy as P
 from jaxtok.registry import ConfigError
 
-ALL_MODES = P.LOSS_MODES
+ALL_MODES = P.LOSS_MODES.names()
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "cfg"))
@@ -625,6 +626,33 @@ def test_mode_defaults_and_config_errors():
     logp, old, adv, mask = _toy()
     with pytest.raises(ConfigError, match="'reinforce'"):
         P.policy_loss("reinforce", logp, old, adv, mask)
+
+
+def test_loss_mode_registry_maps_the_flat_config_keys():
+    """Every registered mode's args field is a flat config key (``f`` or ``key_prefix + f``) whose default is the
+    args class's; mode_args maps the flat keys, None taking the mode default unless None means something."""
+    flat = {f.name: f.default for f in dataclasses.fields(P.PolicyLossConfig)}
+    for mode in P.LOSS_MODES.names():
+        cls = P.LOSS_MODES.entry(mode).config_cls
+        assert issubclass(cls, P.LossModeArgs), mode
+        for f in dataclasses.fields(cls):
+            key = f.name if f.name in P.SHARED_KEYS else cls.key_prefix + f.name
+            assert key in flat, (mode, key)
+            assert flat[key] is None or flat[key] == f.default, (mode, key)
+    cfg = P.PolicyLossConfig(eps_low=0.1, dual_clip_c=None, cppo_delta=0.05, ctpo_ratio="geomean", appo_b=0.5)
+    assert cfg.mode_args("cppo") == P.CPPOArgs(delta=0.05)
+    assert cfg.mode_args("dapo") == P.DAPOArgs(eps_low=0.1, dual_clip_c=None)  # ε_high stays dapo's 0.28
+    assert cfg.mode_args("appo") == P.APPOArgs(eps_low=0.1, dual_clip_c=None, b=0.5)
+    assert cfg.mode_args("ctpo").exponent == -0.5 and cfg.mode_args("gspo") == P.GSPOArgs(eps_low=0.1)
+    assert P.PolicyLossConfig().mode_args("dr_grpo").aggregation == "seq-mean-token-sum-norm"
+    # keys of other modes are checked whichever mode runs; messages name the flat key
+    for kw, msg in [({"cppo_w_min": 0.0}, "cppo_w_min=0.0"), ({"cppo_delta": 0.0}, "cppo_delta=0.0"),
+                    ({"ctpo_ratio": "sum"}, "ctpo_ratio='sum'"), ({"cppo_divergence": "tv"}, "cppo_divergence='tv'"),
+                    ({"eps_high": -0.1}, "eps_high=-0.1")]:
+        with pytest.raises(ConfigError, match=msg):
+            P.PolicyLossConfig(**kw)
+    with pytest.raises(ConfigError, match="loss_mode='bnpo'.*token-mean"):
+        P.PolicyLossConfig().mode_args("bnpo")
 
 
 def test_grpo_and_dr_grpo_differ_from_ppo_only_by_aggregation():

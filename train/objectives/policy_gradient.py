@@ -61,7 +61,7 @@ class PolicyGradientArgs(P.PolicyLossConfig):
     """Arguments of the ``policy_gradient`` objective: every :class:`jaxtok.policy.PolicyLossConfig` field (clip
     ε's, dual-clip, aggregation, KL coef/estimator, CTPO/CPPO/APPO knobs; ``None`` = the loss mode's default) plus:
 
-    - ``loss_mode``: one of :data:`jaxtok.policy.LOSS_MODES`.
+    - ``loss_mode``: a name in :data:`jaxtok.policy.LOSS_MODES` (the registry of loss modes).
     - ``advantage_estimator``: one of :data:`jaxtok.policy.ADV_ESTIMATORS`; None -> ``dr_grpo`` for
       ``loss_mode=dr_grpo``, else ``grpo`` (Bessel std, verl). ``adv_eps``: the ε in ``(r − mean)/(std + ε)``.
     - ``dynamic_sampling``: drop (mask) rows of groups whose accuracy is all equal (max − min ≤
@@ -95,7 +95,7 @@ class PolicyGradientArgs(P.PolicyLossConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        P._check_choice("loss_mode", self.loss_mode, P.LOSS_MODES)
+        P._check_choice("loss_mode", self.loss_mode, P.LOSS_MODES.names())
         if self.advantage_estimator is not None:
             P._check_choice("advantage_estimator", self.advantage_estimator, P.ADV_ESTIMATORS)
         if self.overlong_buffer < 0:
