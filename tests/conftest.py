@@ -7,6 +7,29 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _share_compiled_programs() -> None:
+    """Persistent compilation cache for the suite: many tests build the same tiny model and train step again (each
+    ``train()`` call, each kill-and-resume subprocess, each module after :func:`_release_compiled_programs`), and
+    XLA:CPU compilation is most of their time. Identical programs are compiled once per test session and then read
+    from disk (the resume test of a 3-run loop: ~2x faster). A fresh directory per session unless
+    ``JAXTOK_TEST_COMPILE_CACHE`` names one to keep between runs; exported through the environment so subprocesses
+    started by tests share it."""
+    import atexit
+    import shutil
+    import tempfile
+
+    cache = os.environ.get("JAXTOK_TEST_COMPILE_CACHE")
+    if not cache:
+        cache = tempfile.mkdtemp(prefix="jaxtok-test-xla-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+_share_compiled_programs()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
