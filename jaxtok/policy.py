@@ -38,6 +38,7 @@ __all__ = [
     "zero_variance_group_mask", "overlong_reward_penalty", "policy_loss", "LossInputs", "ModeLoss", "LossModeArgs",
     "ClipArgs", "PPOClipArgs", "GRPOArgs", "DrGRPOArgs", "DAPOArgs", "GSPOArgs", "CTPOArgs", "CPPOArgs", "APPOArgs",
     "SHARED_KEYS", "ppo_clip_mode", "gspo_mode", "gspo_token_mode", "ctpo_mode", "cppo_mode", "appo_mode",
+    "reinforce_mode",
 ]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -849,6 +850,17 @@ def appo_mode(x: LossInputs, args: APPOArgs) -> ModeLoss:
         m = jnp.where(n_dual > 1, 0.0, m)
     extra["appo_future_factor_mean"] = masked_mean(f, m)
     return ModeLoss(loss, clipped, dual, ratio, m, extra)
+
+
+@LOSS_MODES.register("reinforce", LossModeArgs)
+def reinforce_mode(x: LossInputs, args: LossModeArgs) -> ModeLoss:
+    """REINFORCE with a baseline (Williams 1992), importance-weighted and unclipped: ``ℓ = −ρ A``.
+
+    ``∇ℓ = −ρ A ∇lp``: on-policy (``ρ = 1``) the REINFORCE estimator ``−A ∇log π``, the baseline (and any scaling)
+    inside ``A`` (the caller's advantage estimator); CPPO with the mask ``M ≡ 1`` (δ, δ_b → ∞)."""
+    ratio = token_ratio(x.logp, x.old_logp, x.mask)
+    never = jnp.zeros(ratio.shape, bool)
+    return ModeLoss(-ratio * x.advantages, never, never, ratio, x.mask, {})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -577,6 +577,21 @@ def test_appo_drops_sequences_with_several_dual_clipped_tokens():
     assert float(s) == pytest.approx(3.0 + 1.0 + 1.0, rel=1e-6)  # row 1: dual bound 3, then ρ=1 twice
 
 
+def test_reinforce_is_unclipped_ratio_times_advantage():
+    old = jnp.log(_arr([[0.25, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    logp = jnp.log(_arr([[0.5, 0.5, 0.25], [0.25, 0.5, 0.5]]))  # ρ = [[2, 1, 0.5], [0.5, ·, ·]]
+    adv, mask = _arr([2.0, -1.0]), jnp.array([[1, 1, 1], [1, 0, 0]], bool)
+    s, c, d = _pl("reinforce", logp, old, adv, mask)
+    assert float(c) == 4.0 and float(s) == pytest.approx(-4.0 - 2.0 - 1.0 + 0.5, rel=1e-6)  # token-mean of −ρA
+    assert float(d["clip_frac"]) == 0.0 and float(d["dual_clip_frac"]) == 0.0
+    np.testing.assert_allclose(_pl_grad("reinforce", logp, old, adv, mask), [[-4, -2, -1], [0.5, 0, 0]], rtol=1e-6)
+    # CPPO whose mask keeps every token (δ, δ_b → ∞) is the same loss
+    logp, old, adv, mask = _toy(seed=7)
+    wide = P.PolicyLossConfig(cppo_delta=1e9, cppo_delta_b=1e9)
+    np.testing.assert_allclose(_pl("reinforce", logp, old, adv, mask)[:2], _pl("cppo", logp, old, adv, mask, wide)[:2],
+                               rtol=1e-6)
+
+
 def test_branching_score():
     H = _arr([[0.1, 2.0, 0.5, 3.0]])
     logp = _arr([[0.0, 0.1, 0.0, 0.0]])
@@ -624,8 +639,8 @@ def test_mode_defaults_and_config_errors():
         with pytest.raises(ConfigError, match=msg):
             P.PolicyLossConfig(**kw)
     logp, old, adv, mask = _toy()
-    with pytest.raises(ConfigError, match="'reinforce'"):
-        P.policy_loss("reinforce", logp, old, adv, mask)
+    with pytest.raises(ConfigError, match="'trpo'"):
+        P.policy_loss("trpo", logp, old, adv, mask)
 
 
 def test_loss_mode_registry_maps_the_flat_config_keys():
