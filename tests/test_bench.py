@@ -13,6 +13,7 @@ from jaxtok.train.bench import peak_flops
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_train_bench_writes_consistent_results(tmp_path):
     rc = cli.main(["bench", str(ROOT / "configs" / "bench" / "train.yaml"), f"run.out_dir={tmp_path}",
                    "model.preset=tiny_draft", "bench.args.batch_sizes=[2,4]", "bench.args.seq_len=16",
@@ -61,6 +62,7 @@ def test_decode_bench_writes_consistent_results(tmp_path):
     assert parts["weight_matvecs"] > 0 and parts["cached_forward"] > 0
 
 
+@pytest.mark.slow
 def test_sweep_bench_compares_variants_side_by_side(tmp_path):
     """Two variants of one config, trained and tabulated together; a bad variant override fails before any run."""
     base = tmp_path / "base.yaml"

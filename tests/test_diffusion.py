@@ -388,6 +388,7 @@ def test_rows_are_batch_invariant(decoder):
     np.testing.assert_array_equal(both.commit_step[0], mixed.commit_step[0])
 
 
+@pytest.mark.slow
 def test_caches_equal_the_full_forward_on_a_block_causal_model(decoder):
     """On a block-causal model every cache equals the full forward token for token. Two batches of one shape: mixed
     prompt lengths (rows start blocks at different steps) and every prompt ending inside a position block (5 tokens,

@@ -37,6 +37,7 @@ def _prompts():
     return prompt, prompt != 0
 
 
+@pytest.mark.slow
 def test_siblings_attention_equals_separate_forwards(models):
     """K candidates appended at one position through a cache see the prefix and themselves only: their hidden
     states equal K separate full forwards of prefix + candidate."""
@@ -79,6 +80,7 @@ def test_zero_scale_is_the_top_k_policy(models):
     np.testing.assert_allclose(guided.logprobs, base.logprobs, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["target", "tilt"])
 def test_guided_greedy_matches_brute_force(models, mode):
     """With a dominant scale, every emitted token is the candidate whose brute-force predicted length best fits
@@ -159,6 +161,7 @@ def test_bad_input(models, tmp_path):
                  guide=LengthGuide.of(vm, mode="target", target=np.array([3, 4])))
 
 
+@pytest.mark.slow
 def test_length_control_bench_smoke(tmp_path):
     """`jaxtok bench configs/bench/length_control.yaml` end to end on random tiny models: every arm is a row,
     the prediction block and the plots are written, and the s = 0 tilt arm reproduces the top-K arm."""

@@ -70,6 +70,7 @@ def test_loss_region_and_masking_limits():
     assert not bool(none.any())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [False, True])
 def test_all_masked_limit_equals_direct_cross_entropy(shift):
     model, b = tiny(), batch()
@@ -116,6 +117,7 @@ def test_bd3lm_blocks_see_clean_past_and_nothing_after():
     assert float(count) == 5.0
 
 
+@pytest.mark.slow
 def test_empty_region_gives_zero_loss_and_finite_grad():
     model, b = tiny(), batch()
     b = dict(b, loss_mask=jnp.zeros_like(b["loss_mask"]))

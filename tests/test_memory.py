@@ -4,6 +4,7 @@ float32 losses never hold a [tokens, vocab] array, so their temporary memory fol
 import re
 
 import numpy as np
+import pytest
 import optax
 from flax import nnx
 
@@ -29,6 +30,7 @@ def _vocab_rows(hlo: str) -> set[int]:
     return {int(m) for m in re.findall(rf"\[(\d+),{V}\]", hlo)}
 
 
+@pytest.mark.slow
 def test_chunked_cross_entropy_never_holds_tokens_by_vocab():
     small, large = _compiled(64), _compiled(B * T)
     assert _vocab_rows(small.as_text()) <= {64, 48}  # [chunk, V] activations and the [D=48, V] head only

@@ -153,6 +153,7 @@ def _aux(out, key):
     return float(s) / float(c) if float(c) else 0.0
 
 
+@pytest.mark.slow
 def test_first_inner_epoch_ratio_one_and_minus_mean_advantage(model):
     """Old log-probs from the rollout scorer at τ = 1.3: the objective (logits / τ) sees ratio 1 exactly and the
     token-mean PPO loss is −Σ m A / Σ m with hand-computed GRPO advantages (Bessel std, groups of 2: ±1/√2·...)."""
@@ -224,6 +225,7 @@ def test_loss_modes_reduce_to_each_other_on_one_token_completions(model):
     np.testing.assert_allclose(_value(grpo_tok), _value(ppo_dual), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gspo_token_equals_gspo_value_and_parameter_gradient(model):
     """Constant advantage within a sequence: GSPO-token has GSPO's value and the same gradient w.r.t. the
     model parameters (§6.3)."""
@@ -361,6 +363,7 @@ def test_one_sgd_step_moves_log_probs_by_advantage_sign(model):
     assert delta[0] > 0 > delta[1] and delta[3] > 0 > delta[2]
 
 
+@pytest.mark.slow
 def test_micro_batches_match_one_batch_with_host_advantages(model):
     """seq-mean-token-mean counts sequences: with whole-batch advantages merged on the host, two interleaved
     micro-batches on a 2-device mesh give the loss, count and gradient of one unsharded full batch."""

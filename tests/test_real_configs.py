@@ -79,16 +79,19 @@ TRAIN_SMALL = ("train.steps=1", "train.eval_every=0", "train.checkpoint_every=0"
                "decode.batch_size=2", "model.hf_path=hf/Qwen3-0.6B")
 
 
+@pytest.mark.slow
 def test_qwen3_grpo_math_from_an_hf_folder(world):
     summary = _run(world, "train", "qwen3_grpo_math.yaml", *TRAIN_SMALL)
     assert summary["eval/num_examples"] == 2 and "eval/reward" in summary  # math_verify on the separate eval file
 
 
+@pytest.mark.slow
 def test_qwen3_opd_tip_with_an_hf_teacher(world):
     summary = _run(world, "train", "qwen3_opd_tip.yaml", *TRAIN_SMALL, "rollout.teacher_init_from=hf/Qwen3-1.7B")
     assert summary["eval/num_examples"] == 2
 
 
+@pytest.mark.slow
 def test_qwen3_speculative_with_an_hf_draft(world):
     results = _run(world, "decode", "qwen3_speculative.yaml", "model.hf_path=hf/Qwen3-1.7B",
                    "decode.draft_init_from=hf/Qwen3-0.6B", "decode.max_new_tokens=6", "decode.batch_size=2")

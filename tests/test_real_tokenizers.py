@@ -101,6 +101,7 @@ def _constant_model(vocab_size: int, emit: int) -> Decoder:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,stop", [("qwen3", "<|im_end|>"), ("llama3", "<|eot_id|>")])
 def test_generation_stops_at_every_eos_id(qwen3_dir, llama3_dir, which, stop):
     tok = load_tokenizer(qwen3_dir if which == "qwen3" else llama3_dir)
@@ -118,6 +119,7 @@ def test_generation_stops_at_every_eos_id(qwen3_dir, llama3_dir, which, stop):
     assert decode(tok, np.asarray(out.tokens)[0]) == ""
 
 
+@pytest.mark.slow
 def test_tokenizer_files_survive_run_dirs_and_convert_round_trip(qwen3_dir, tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 

@@ -58,6 +58,7 @@ def test_rewards_hand_computed_and_bounded():
         refine.refine_rewards(h, hg, y, yg, "nope")
 
 
+@pytest.mark.slow
 def test_collect_and_loss_on_a_tiny_model():
     tok = build_tokenizer()
     model = Decoder(presets.get("tiny_draft", vocab_size=tok.get_vocab_size()), rngs=nnx.Rngs(0))
@@ -89,6 +90,7 @@ def test_collect_and_loss_on_a_tiny_model():
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 0
 
 
+@pytest.mark.slow
 def test_refine_through_the_training_loop(tmp_path):
     from jaxtok.train.loop import train
 

@@ -204,6 +204,7 @@ def test_rollout_config_checks(tmp_path):
         validate_names(dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, rewards={"nope": 1.0})))
 
 
+@pytest.mark.slow
 def test_loop_rollout_path_end_to_end(tmp_path, tok):
     """`train` with a rollout objective: a teacher run directory and reference=init as frozen models, two inner
     epochs per rollout (the first sees log-ratio 0 up to float error), GKD mixing, rollout metrics logged."""
@@ -228,6 +229,7 @@ def test_loop_rollout_path_end_to_end(tmp_path, tok):
                for r in steps)  # sampler/trainer mismatch on the policy's own tokens, every step
 
 
+@pytest.mark.slow
 def test_interrupted_rollout_run_resumes_to_the_same_parameters(tmp_path, tok):
     """A rollout run that dies after its step-2 checkpoint and is started again ends bitwise equal to an
     uninterrupted run: the prompt iterator, RNG and rollout seeds (a function of the step) are restored."""

@@ -41,6 +41,7 @@ def _models():
     return target, draft, deer
 
 
+@pytest.mark.slow
 def test_speculative_bench_structure_and_exactness(tmp_path):
     cfg = load_config(ROOT / "configs" / "bench" / "speculative.yaml", [
         "data.num_eval=6", "decode.batch_size=4", "decode.max_new_tokens=6", "bench.args.repeats=1",

@@ -113,6 +113,7 @@ def _run(state, st, step_fn, mesh, ks):
     return state, seen
 
 
+@pytest.mark.slow
 def test_teacher_is_the_student_at_sync_steps_frozen_between_and_dropped_at_lambda_zero(setup):
     mesh, fresh = setup
     graphdef, state, st, step_fn = fresh()

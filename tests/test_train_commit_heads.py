@@ -176,6 +176,7 @@ def test_random_crop_keeps_a_prefix_of_each_window():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trained_heads_load_and_decode_within_caps(decoder, traced, tmp_path):
     out, tokens, cs, rep = traced
     labels = tch.commit_labels(rep["x0"], tokens, cs)
