@@ -242,6 +242,8 @@ class TrainSection(_Section):
     keep_checkpoints: int = _f(2, min=1, doc="checkpoints kept in the run directory")
     seed: int = _f(0, doc="seed of parameter init and training randomness")
     eval_batches: int = _f(4, min=1, doc="batches per periodic eval")
+    eval_at_start: bool = _f(False, doc="also evaluate the starting model (step 0 of metrics.jsonl) when a run "
+                                        "starts fresh, e.g. an init_from model on the same curve")
 
 
 @dataclasses.dataclass(frozen=True)

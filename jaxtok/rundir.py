@@ -41,7 +41,7 @@ RUN_OUTPUTS = (CHECKPOINT_DIR, DAMAGED_DIR, "metrics.jsonl", "summary.json", "ev
 # Everything else (model, data, tokenizer, optimizer, objective, rollout, decode, seeds, ...) defines the run.
 RESUMABLE_KEYS = (
     "train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.eval_batches", "run.*", "mesh.*",
+    "train.eval_batches", "train.eval_at_start", "run.*", "mesh.*",
 )
 
 

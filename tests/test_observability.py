@@ -55,7 +55,8 @@ def test_short_run_logs_summary_phases_metrics_and_tensorboard(tmp_path, caplog,
         "model": {"preset": "tiny_student", "overrides": {"num_layers": 1}},
         "data": {"task": "arith", "task_args": {"digits": 1}, "seq_len": 24, "batch_size": 8, "num_eval": 8},
         "optimizer": {"lr": 1e-3, "schedule": "warmup_cosine", "warmup_steps": 1},
-        "train": {"steps": 3, "log_every": 1},
+        "train": {"steps": 3, "log_every": 1, "eval_at_start": True, "eval_batches": 1},
+        "decode": {"max_new_tokens": 4, "batch_size": 8},
         "run": {"progress": False, "tensorboard": True},
     })
     with caplog.at_level(logging.INFO, logger="jaxtok"):
@@ -72,6 +73,9 @@ def test_short_run_logs_summary_phases_metrics_and_tensorboard(tmp_path, caplog,
 
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/exact_match" in r]
+    assert [r["step"] for r in evals] == [0]  # train.eval_at_start: the starting model, before step 1
+    assert any(m.startswith("eval: held-out evaluation at step 0") for m in messages), messages
     schedule = build_schedule(cfg.optimizer, cfg.train.steps)
     for r in rows:
         assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)))
@@ -86,6 +90,7 @@ def test_short_run_logs_summary_phases_metrics_and_tensorboard(tmp_path, caplog,
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in rows])
     assert [s for s, _ in scalars["train/lr"]] == [1, 2, 3]
     assert [s for s, _ in scalars["train/tokens_per_s"]] == [2, 3]  # the compile-only row has none
+    assert [s for s, _ in scalars["eval/exact_match"]] == [0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -563,8 +563,18 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     last: dict = {}
     placed, rollout_info = None, {}
     quiet_bar = contextlib.ExitStack()  # log lines above the progress bar while it is shown
+
+    def periodic_eval(step: int) -> None:
+        t_eval = time.perf_counter()
+        log.info("eval: held-out evaluation at step %d", step)
+        ev = _evaluate_model(nnx.merge(graphdef, state.params, state.rest), task, tok, cfg, mesh)
+        metrics_out.write(step, ev)
+        log.info("eval: step %d done in %.1f s: %s", step, time.perf_counter() - t_eval, _brief(ev))
+
     try:
         quiet_bar.enter_context(_logging_around_bar())
+        if cfg.train.eval_at_start and start == 0:  # the starting model's point on the same eval curve
+            periodic_eval(0)
         for step in range(start + 1, total + 1):
             timer.begin_step()
             profile.before_step(step)
@@ -609,12 +619,7 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
                 last = host
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                 with timer.paused():
-                    t_eval = time.perf_counter()
-                    log.info("eval: held-out evaluation at step %d", step)
-                    ev = _evaluate_model(nnx.merge(graphdef, state.params, state.rest), task, tok, cfg, mesh)
-                    metrics_out.write(step, ev)
-                    log.info("eval: step %d done in %.1f s: %s", step, time.perf_counter() - t_eval,
-                             _brief(ev))
+                    periodic_eval(step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != total:
                 save(step)
             bar.update(1)
