@@ -26,6 +26,7 @@ from jaxtok.models import moe
 from jaxtok.models.hf import config_from_hf, config_to_hf, load_hf, save_hf, tensor_specs
 from jaxtok.train.objectives.sft import sft_loss
 from jaxtok.train.step import init_train_state, make_train_step
+from test_hf import _RecordingView
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 F32_TOL = 1e-4  # as tests/test_hf.py
@@ -234,16 +235,6 @@ def test_sharded_parity_with_experts_split(hf_dirs):
         err = max_err(logits, ref, valid)
         print(f"{family}: max |dlogit| sharded (data 2 x expert 2 x tensor 2) {err:.2e}")
         assert err < F32_TOL
-
-
-class _RecordingView:
-    def __init__(self, array, reads):
-        self.array, self.reads, self.shape = array, reads, array.shape
-
-    def __getitem__(self, idx):
-        out = self.array[idx]
-        self.reads.append(out.shape)
-        return out
 
 
 def test_sharded_load_reads_only_each_devices_experts(hf_dirs):
