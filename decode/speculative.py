@@ -35,6 +35,7 @@ key and whose arrays are traced:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Optional, Sequence
@@ -48,7 +49,7 @@ from jaxtok import sampling
 from jaxtok.models import KVCache
 
 from .draft_policies import DraftPolicy, EADArgs, Fixed, draft_stats, ead_switch, top1_prob
-from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _validate, sampling_params
+from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _all_greedy, _argmax, _validate, sampling_params
 
 _TRACES = [0]  # incremented each time a jitted body of this module is traced
 
@@ -84,8 +85,20 @@ def _expand(params: dict, ndim: int) -> dict:
     return {k: v.reshape(v.shape + (1,) * (ndim - 1)) for k, v in params.items()}
 
 
+_ALL_GREEDY = contextvars.ContextVar("jaxtok_speculative_all_greedy", default=False)
+
+
+def _greedy_tokens(logits) -> jax.Array:
+    """``argmax`` over the last axis of ``logits [..., V]`` (blocked, as generate's all-greedy path)."""
+    lead = logits.shape[:-1]
+    return _argmax(logits.reshape(-1, logits.shape[-1])).reshape(lead)
+
+
 def _sample(key, logits, params) -> jax.Array:
-    """Tokens drawn from S(logits) for ``logits [B, ..., V]`` with per-row params (argmax where T = 0)."""
+    """Tokens drawn from S(logits) for ``logits [B, ..., V]`` with per-row params (argmax where T = 0). While a
+    loop over an all-greedy batch is traced (``_ALL_GREEDY``), the argmax alone: no ``[B, ..., V]`` Gumbel draw."""
+    if _ALL_GREEDY.get():
+        return _greedy_tokens(logits)
     p = _expand(params, logits.ndim - 1)
     return sampling.sample(key, logits, p["temperature"], p.get("top_k"), p.get("top_p"), p.get("min_p")).tokens
 
@@ -490,9 +503,22 @@ def poison_stale(cache: KVCache) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "max_new_tokens", "gamma_max", "stop_tokens",
-                                             "pad_id", "poison"))
+                                             "pad_id", "poison", "greedy"))
 def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params, *,
-                     max_new_tokens, gamma_max, stop_tokens, pad_id, poison=False):
+                     max_new_tokens, gamma_max, stop_tokens, pad_id, poison=False, greedy=False):
+    """``greedy``: every row has temperature 0 (known on the host): drafts and the first token are argmaxes and
+    verification is greedy only (the exact-sampling branch, its two ``[B, γ(+1), V]`` softmaxes and the Gumbel
+    draws are not traced). Same tokens as the general loop, whose greedy rows take the same argmaxes."""
+    flag = _ALL_GREEDY.set(bool(greedy))
+    try:
+        return _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params,
+                                 max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy)
+    finally:
+        _ALL_GREEDY.reset(flag)
+
+
+def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params,
+                      max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy):
     _TRACES[0] += 1
     target = nnx.merge(target_graphdef, target_state)
     b, p = prompt.shape
@@ -544,13 +570,18 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
         vin = jnp.concatenate([last, d.tokens], axis=1)  # [B, γ+1]
         vo = target(vin, valid=jnp.broadcast_to(live[:, None], vin.shape), cache=st["cache"])
         t_logits = vo.logits  # [B, γ+1, V]
-        q = _probs(d.logits, params)  # [B, γ, V]
-        p_ = _probs(t_logits, params)  # [B, γ+1, V]
-        exact = sampling.speculative_accept(k_accept, d.tokens, q, p_, dvalid, pad_id)
-        greedy = sampling.speculative_accept_greedy(d.tokens, t_logits, dvalid, pad_id)
-        is_greedy = params["temperature"] <= 0
-        nacc = jnp.where(is_greedy, greedy.num_accepted, exact.num_accepted)
-        emitted = jnp.where(is_greedy[:, None], greedy.tokens, exact.tokens)  # [B, γ+1]
+        if greedy:  # = sampling.speculative_accept_greedy with the blocked argmax
+            a = _greedy_tokens(t_logits)  # [B, γ+1]
+            nacc = sampling.count_leading_true(dvalid & (d.tokens == a[:, :g]))
+            emitted = sampling._emit(d.tokens, nacc, jnp.take_along_axis(a, nacc[:, None], axis=1)[:, 0], pad_id)
+        else:
+            q = _probs(d.logits, params)  # [B, γ, V]
+            p_ = _probs(t_logits, params)  # [B, γ+1, V]
+            exact = sampling.speculative_accept(k_accept, d.tokens, q, p_, dvalid, pad_id)
+            verdict = sampling.speculative_accept_greedy(d.tokens, t_logits, dvalid, pad_id)
+            is_greedy = params["temperature"] <= 0
+            nacc = jnp.where(is_greedy, verdict.num_accepted, exact.num_accepted)
+            emitted = jnp.where(is_greedy[:, None], verdict.tokens, exact.tokens)  # [B, γ+1]
 
         # stop tokens and the max_new_tokens cap
         j = jnp.arange(g + 1)[None, :]
@@ -683,7 +714,7 @@ def speculative_generate(
     graphdef, state = nnx.split(target)
     return _speculative_jit(graphdef, state, drafter, policy, prompt, prompt_valid, rng, params,
                             max_new_tokens=int(max_new_tokens), gamma_max=int(draft_len), stop_tokens=stop_tokens,
-                            pad_id=int(pad_id), poison=bool(poison_stale_cache))
+                            pad_id=int(pad_id), poison=bool(poison_stale_cache), greedy=_all_greedy(temperature))
 
 
 # ----------------------------------------------------------------------------------------------------------------
