@@ -204,18 +204,18 @@ def test_training_faults_through_the_cli(tmp_path, monkeypatch, capsys):
     config.write_text(TINY_RUN)
     run = tmp_path / "r"
 
-    def train(*overrides):
-        rc = cli.main(["train", str(config), f"run.out_dir={tmp_path}", *overrides])
+    def train(*overrides, log_level="INFO"):
+        rc = cli.main(["--log-level", log_level, "train", str(config), f"run.out_dir={tmp_path}", *overrides])
         return rc, capsys.readouterr().err
 
-    # Ctrl-C in step 4 (step 3 logged, not checkpointed): one line, exit 130, the step-2 checkpoint committed, the
-    # lock released
+    # Ctrl-C in step 4 (step 3 logged, not checkpointed): one line (above the INFO progress log, shown here at
+    # WARNING), exit 130, the step-2 checkpoint committed, the lock released
     def interrupt(step, metrics):
         if step == 4:
             raise KeyboardInterrupt
 
     monkeypatch.setitem(cli.HANDLERS, "train", lambda cfg, d: loop.train(cfg, d, on_step=interrupt))
-    rc, err = train()
+    rc, err = train(log_level="WARNING")
     assert rc == 130 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "interrupted" in err and "step 2" in err
     assert C.Checkpointer(run / "checkpoints").steps() == [2] and not (run / "train.lock").exists()
