@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,7 +303,9 @@ def main(argv=None) -> int:
     model = build_model(args.vocab, args.seed)
     if args.profile is not None:
         for f in ([args.baseline_generate] if args.baseline_generate else []) + [None]:
-            profile(model, args.profile, args.prompt_len, args.new_tokens, f, tempfile.mkdtemp(prefix="trace_"))
+            trace_dir = tempfile.mkdtemp(prefix="trace_")
+            profile(model, args.profile, args.prompt_len, args.new_tokens, f, trace_dir)
+            shutil.rmtree(trace_dir, ignore_errors=True)
         return 0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(__import__("flax").nnx.state(model)))
     tmp = tempfile.mkdtemp(prefix="decode_peers_")
@@ -355,6 +358,7 @@ def main(argv=None) -> int:
             print(f"repeat {r} spec={spec_times[-1]:.2f}s ar={ar_b1_times[-1]:.2f}s", flush=True)
     if tunix is not None:
         tunix.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
     command = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + (argv if argv is not None else sys.argv[1:]))
     settings = {"model": {**SHAPE, "vocab_size": args.vocab, "qwen3": True, "tie_embeddings": True,
