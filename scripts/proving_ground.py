@@ -154,7 +154,13 @@ def main(argv=None):
     ap.add_argument("--note", action="append", default=[], help="NAME=text (a note for the arm's row)")
     ap.add_argument("--at", action="append", default=[], help="NAME=STEP: read the arm's runs at that eval step")
     ap.add_argument("--train-metric", action="append", default=[], help="a logged training key to average per arm")
+    ap.add_argument("--paired-with", default=None,
+                    help="NAME of a reference arm: per-seed differences (same seed index) of every arm's final accuracy "
+                         "against it, with a t-interval over the seeds")
     ap.add_argument("--memory", default=None, help="json {arm: {temp_mb, peak_mb}} of each arm's compiled step")
+    ap.add_argument("--memory-config", action="append", default=[],
+                    help="NAME=CONFIG: compile the arm's train step from CONFIG (train.seed=0) and add its XLA memory "
+                         "analysis (jaxtok.train.bench.variant_step_memory, the TIP bench's `memory: true`)")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .table.md are written)")
     a = ap.parse_args(argv)
     summ = json.loads((Path(a.start) / "summary.json").read_text())
@@ -163,6 +169,13 @@ def main(argv=None):
     notes = dict(c.split("=", 1) for c in a.note)
     at = {k: int(v) for k, v in (c.split("=", 1) for c in a.at)}
     memory = json.loads(Path(a.memory).read_text()) if a.memory else {}
+    for spec in a.memory_config:
+        from jaxtok.config import load_config
+        from jaxtok.train.bench import variant_step_memory
+
+        name, path = spec.split("=", 1)
+        memory[name] = {**variant_step_memory(load_config(path, ["train.seed=0", "run.progress=false"])),
+                        "config": path}
     arms = {}
     for spec in a.arm:
         name, dirs = spec.split("=", 1)
@@ -173,6 +186,16 @@ def main(argv=None):
             arms[name]["note"] = notes[name]
         if name in memory:
             arms[name]["step_memory_mb"] = memory[name]
+    if a.paired_with:
+        ref = arms[a.paired_with]["final_acc_per_seed"]
+        for name, r in arms.items():
+            if name == a.paired_with:
+                continue
+            d = [x - y for x, y in zip(r["final_acc_per_seed"], ref)]
+            m = float(np.mean(d))
+            half = T95[len(d) - 1] * float(np.std(d, ddof=1)) / math.sqrt(len(d)) if len(d) >= 2 else None
+            r["paired_vs"] = {"arm": a.paired_with, "diff_pp_per_seed": [100 * x for x in d], "diff_pp_mean": 100 * m,
+                              "diff_pp_ci95": [100 * (m - half), 100 * (m + half)] if half is not None else None}
     out = {"start_model": a.start, "start_acc": start_acc, "num_eval": n_eval, "arms": arms}
     Path(a.out + ".json").write_text(json.dumps(out, indent=2))
     tms = list(a.train_metric)
@@ -190,6 +213,15 @@ def main(argv=None):
                      f"{r['train_flops'] / 1e12:.3f} | {fmt(np.mean(w) if w else None, '.0f')} | "
                      f"{fmt(r['step_s_mean'], '.2f')} | {mem_s} |"
                      + "".join(f" {fmt(r['train_metrics'][k]['mean'], '.3f')} |" for k in tms))
+    if any(r.get("paired_vs") for r in arms.values()):
+        lines.append("")
+    for name, r in arms.items():
+        pv = r.get("paired_vs")
+        if pv:
+            ci = pv["diff_pp_ci95"]
+            lines.append(f"* `{name}` − `{pv['arm']}` per seed: " + " / ".join(f"{x:+.1f}" for x in pv["diff_pp_per_seed"])
+                         + f" pp, mean {pv['diff_pp_mean']:+.1f} pp"
+                         + (f", 95% t-interval [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""))
     lines.append("")
     for name, r in arms.items():
         lines.append(f"* `{name}`: `{r['command']}`" + (f" — {r['note']}" if r.get("note") else ""))
