@@ -631,13 +631,41 @@ def run_diffusion_decode(cfg, model, tok, task, run_dir) -> dict:
 
 
 def draw_accuracy_vs_nfe(table: Sequence[Mapping[str, Any]], ax) -> None:
-    """Scatter of held-out exact match against mean NFE, one labelled point per ``table`` row (``run``,
-    ``mean_nfe``, ``exact_match``): the plot of the diffusion bench and of the commit-head training script."""
+    """Held-out exact match against mean NFE, one marker per ``table`` row (``run``, ``mean_nfe``, ``exact_match``)
+    named in a legend beside the axes (rows at the same point share a marker and a legend entry); log2 NFE axis,
+    the first row's accuracy as a dashed reference. The plot of the diffusion bench and the commit-head script."""
+    import matplotlib.pyplot as plt
+
+    points: dict = {}
     for row in table:
-        ax.scatter(row["mean_nfe"], row["exact_match"])
-        ax.annotate(row["run"], (row["mean_nfe"], row["exact_match"]), fontsize=6)
-    ax.set_xlabel("mean NFE per row")
-    ax.set_ylabel("exact match")
+        points.setdefault((round(float(row["mean_nfe"]), 4), round(float(row["exact_match"]), 6)), []).append(
+            str(row["run"]))
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p"
+    for i, ((x, y), names) in enumerate(points.items()):
+        ax.scatter(x, y, s=70, color=colours[i % len(colours)], marker=markers[i % len(markers)],
+                   edgecolor="k", linewidth=0.5, zorder=3, label=f"{names[0]}  ({x:.2f} NFE, {y:.3f})" + "".join(f"\n  = {n}" for n in names[1:]))
+    if table:
+        ax.axhline(float(table[0]["exact_match"]), color="0.5", ls="--", lw=0.8, zorder=1,
+                   label=f"reference: {table[0]['run']}")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("mean NFE per row (forward passes per answer, log scale)")
+    ax.set_ylabel("held-out exact match (fraction of prompts)")
+    ax.set_title("diffusion decode policies: accuracy vs NFE")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0, frameon=False)
+
+
+def replot_accuracy_vs_nfe(results_json, png, command: str):
+    """Redraw :func:`draw_accuracy_vs_nfe` from a written ``results.json`` (``rows``) into ``png``, captioned with
+    ``command`` (the command that made the results); no decoding."""
+    from pathlib import Path
+
+    from jaxtok.metrics import save_plot
+
+    rows = json.loads(Path(results_json).read_text())["rows"]
+    return save_plot(png, functools.partial(draw_accuracy_vs_nfe, rows), command=command)
 
 
 DEFAULT_BENCH_RUNS = (

@@ -162,21 +162,69 @@ def length_bench(cfg, run_dir: str | Path, args: LengthBenchArgs) -> dict:
     results = {"bench": "length_control", "policy": cfg.model.init_from, "value_model": args.value_init_from,
                "gamma": vm.gamma, "args": dataclasses.asdict(args), "prediction": prediction,
                "guided_slowdown": overhead, "device": jax.devices()[0].device_kind, "rows": rows}
-    base = [r for r in rows if r["arm"].startswith("top-K @ ")]
-    tilt = [r for r in rows if r["mode"] == "tilt"]
-    errors = {"top-K sampling": [r["length_abs_err"] for r in base]}
-    for s in args.target_scales:
-        errors[f"LenVM target, s={s:g}"] = [r["length_abs_err"] for r in rows
-                                            if r["mode"] == "target" and r["scale"] == s]
-    plots = {
-        "length_error": {"x": [r["target"] for r in base], "kind": "bar", "xlabel": "target length (tokens)",
-                         "ylabel": "mean |length - target|", "y": errors},
-        "tilt": {"x": [r["scale"] for r in tilt], "xlabel": "tilt s (log-odds per token)",
-                 "y": {"mean length / 20": [r["mean_length"] / 20 for r in tilt],
-                       "exact match": [r["exact_match"] for r in tilt]}},
-    }
+    plots = length_plots(rows, args.target_scales)
     write_results(run_dir, results, rows, plots=plots,
                   title=f"LenVM length control ({cfg.model.init_from}, value model {args.value_init_from}); "
                         f"prompt-boundary length MAE {prediction['mae']:.2f} tokens (mean predictor "
                         f"{prediction['mae_of_mean']:.2f}), corr {prediction['corr']}")
     return {"prediction_mae": prediction["mae"], "guided_slowdown": overhead}
+
+
+def length_plots(rows: list, target_scales) -> dict:
+    """The bench's plots from its result ``rows``: ``length_error`` (mean |length − target| per target, top-K sampling
+    against each guided scale, values on the bars) and ``tilt`` (mean length and exact match against the tilt s)."""
+    base = [r for r in rows if r["arm"].startswith("top-K @ ")]
+    tilt = [r for r in rows if r["mode"] == "tilt"]
+    policy = next((r for r in rows if r["arm"] == "policy"), None)
+    errors = {"top-K sampling (no guide)": [r["length_abs_err"] for r in base]}
+    for s in target_scales:
+        errors[f"LenVM target guide, s={s:g}"] = [r["length_abs_err"] for r in rows
+                                                 if r["mode"] == "target" and r["scale"] == s]
+    targets = [r["target"] for r in base]
+
+    def length_error(ax):
+        n, width = len(errors), 0.8 / len(errors)
+        for i, (label, ys) in enumerate(errors.items()):
+            xs = [j + (i - (n - 1) / 2) * width for j in range(len(ys))]
+            bars = ax.bar(xs, ys, width, label=label)
+            ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
+        ax.set_xticks(range(len(targets)), [f"{t}" for t in targets])
+        ax.set_xlabel("target length L (tokens)")
+        ax.set_ylabel("mean |length − L| (tokens)")
+        ax.set_title("LenVM length control: distance from the target length L")
+        ax.margins(y=0.12)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+    def tilt_plot(ax):
+        fig, spec = ax.figure, ax.get_subplotspec()
+        ax.remove()
+        left, right = (fig.add_subplot(g) for g in spec.subgridspec(1, 2, wspace=0.08))
+        xs = [r["scale"] for r in tilt]
+        for a, key, ylabel in ((left, "mean_length", "mean completion length (tokens)"),
+                               (right, "exact_match", "held-out exact match (fraction of prompts)")):
+            a.plot(xs, [r[key] for r in tilt], "o-", label="LenVM tilt guide")
+            if policy is not None:
+                a.axhline(policy[key], color="0.5", ls="--", lw=0.8, label="plain sampling (no guide)")
+            a.set_xlabel("tilt s (log-odds per token; s > 0 favours short)")
+            a.set_ylabel(ylabel)
+            a.grid(alpha=0.3)
+            a.legend(loc="lower left", frameon=False)
+        left.set_title("length against tilt")
+        right.set_title("accuracy against tilt")
+
+    return {"length_error": length_error, "tilt": tilt_plot}
+
+
+def replot_length_control(results_json: str | Path, prefix: str | Path, command: str) -> list:
+    """Redraw :func:`length_plots` from a written results JSON into ``<prefix>_<plot>.png``, captioned with
+    ``command`` (the command that made the results); no decoding. File names as published in docs/results:
+    ``<prefix>_error.png``, ``<prefix>_tilt.png``."""
+    import json
+
+    from jaxtok.metrics import save_plot
+
+    res = json.loads(Path(results_json).read_text())
+    prefix = Path(prefix)
+    return [save_plot(prefix.parent / f"{prefix.name}_{name.removeprefix('length_')}.png", draw, command=command)
+            for name, draw in length_plots(res["rows"], res["args"]["target_scales"]).items()]

@@ -76,32 +76,72 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence
 
 
 def write_results(run_dir: str | Path, results: Mapping[str, Any], table: Sequence[Mapping[str, Any]],
-                  plots: Optional[Mapping[str, PlotSpec]] = None, title: str = "results") -> dict:
+                  plots: Optional[Mapping[str, PlotSpec]] = None, title: str = "results",
+                  command: Optional[str] = None) -> dict:
     """Write ``results.json``, ``results.md`` (a heading and the table) and one ``<name>.png`` per ``plots`` entry.
 
     A plot is either ``fn(ax)`` drawing on a matplotlib axis, or a spec (see :func:`draw_spec`):
     ``{"x": [...], "y": [...] or {label: [...]}, "kind": "line"|"scatter"|"bar", "xlabel", "ylabel", "title",
-    "logx", "logy"}``. Returns the written paths by file name.
+    "logx", "logy"}``. Every PNG is :data:`PLOT_SIZE` at :data:`PLOT_DPI` (1200 px wide) with ``command`` (default:
+    this process's command line) as its caption (:func:`save_plot`). Returns the written paths by file name.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"results.json": run_dir / "results.json", "results.md": run_dir / "results.md"}
     paths["results.json"].write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     paths["results.md"].write_text(f"# {title}\n\n" + markdown_table(table))
-    if plots:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        for name, draw in plots.items():
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            draw(ax) if callable(draw) else draw_spec(ax, draw, name)
-            fig.tight_layout()
-            paths[f"{name}.png"] = run_dir / f"{name}.png"
-            fig.savefig(paths[f"{name}.png"], dpi=110)
-            plt.close(fig)
+    for name, draw in (plots or {}).items():
+        paths[f"{name}.png"] = save_plot(run_dir / f"{name}.png", draw, command=command, name=name)
     return {k: str(v) for k, v in paths.items()}
+
+
+PLOT_SIZE = (10.0, 6.0)  # inches; with PLOT_DPI: 1200 x 720 px
+PLOT_DPI = 120
+
+
+def default_command() -> str:
+    """This process's command line as a user would type it: ``jaxtok bench ...``, ``python -m pkg.mod ...`` or
+    ``python path/to/script.py ...``."""
+    import shlex
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    if spec is not None and spec.name not in ("__main__", None):
+        head = f"python -m {spec.name.removesuffix('.__main__')}"
+    elif argv0.endswith(".py"):
+        head = f"python {argv0}"
+    else:
+        head = Path(argv0).name
+    return " ".join([head, *(shlex.quote(x) for x in sys.argv[1:])])
+
+
+def save_plot(path: str | Path, draw: PlotSpec, command: Optional[str] = None, name: Optional[str] = None,
+              size: Sequence[float] = PLOT_SIZE, dpi: int = PLOT_DPI) -> Path:
+    """Draw one plot (``fn(ax)`` or a :func:`draw_spec` spec) into ``path``: ``size`` inches at ``dpi`` (default
+    1200 x 720 px), constrained layout (no label cut off), and a caption line ``made by: <command>`` under the axes
+    (``command`` defaults to this process's command line; ``""`` = no caption). ``fn(ax)`` may replace ``ax`` with
+    several axes (``ax.get_subplotspec().subgridspec``)."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    name = name or path.stem
+    fig, ax = plt.subplots(figsize=tuple(size), dpi=dpi, layout="constrained")
+    draw(ax) if callable(draw) else draw_spec(ax, draw, name)
+    command = default_command() if command is None else command
+    if command:
+        width = int(size[0] * 13)  # characters of 8-pt text per line
+        fig.supxlabel("\n".join(textwrap.wrap(f"made by: {command}", width, subsequent_indent="    ")),
+                      fontsize=8, color="0.3", x=0.01, ha="left", family="monospace")
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def draw_spec(ax, spec: Mapping[str, Any], name: str = "plot") -> None:
@@ -137,7 +177,7 @@ def draw_spec(ax, spec: Mapping[str, Any], name: str = "plot") -> None:
     if spec.get("logy"):
         ax.set_yscale("log")
     if n > 1 or None not in series:
-        ax.legend()
+        ax.legend(loc="best", framealpha=0.9)
     ax.grid(alpha=0.3)
 
 

@@ -34,6 +34,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -571,12 +572,25 @@ def cmd_report(a) -> None:
     dst = REPO / a.out
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    plot_report(out, dst.with_suffix(".png"), " ".join(["python", *(shlex.quote(x) for x in sys.argv)]))
+    print(json.dumps({lr: {side: [[p["eval/exact_match"] for p in r["curve"]] for r in pr[side]["seeds"]]
+                           for side in ("jaxtok", "trl")} for lr, pr in out["pairs"].items()}))
+    print(json.dumps(out["timing"]))
+
+
+def plot_report(out: dict, png: Path, command: str) -> None:
+    """The overlay plot of a report (``out``: the dict written to ``<out>.json``): held-out greedy exact match and
+    rollout accuracy against the step, jaxtok and TRL at each lr, one legend above both panels; 1500 x 650 px,
+    ``made by: <command>`` under it."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6), dpi=100)
+    start = out["start_acc"]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=100, layout="constrained")
     colours = {"jaxtok": ["tab:blue", "tab:cyan"], "trl": ["tab:red", "tab:orange"]}
     for i, (lr, pr) in enumerate(out["pairs"].items()):
         for side, style, label in (("jaxtok", "-o", "jaxtok"), ("trl", "--s", "TRL GRPOTrainer")):
@@ -594,19 +608,25 @@ def cmd_report(a) -> None:
                              label=f"{label}, lr {lr}" + (f" (seed {n})" if len(pr[side]["seeds"]) > 1 else ""))
     axes[0].axhline(start, color="grey", lw=0.8, ls=":", label=f"start model {start:.3f}")
     axes[0].set_xlabel("optimizer step (8 prompts x 8 completions each)")
-    axes[0].set_ylabel("held-out greedy exact match (1200 prompts)")
+    axes[0].set_ylabel(f"held-out greedy exact match (fraction of {out.get('eval_prompts', 1200)} prompts)")
     axes[0].set_title("GRPO on the testbed student: jaxtok vs TRL (same prompts, reward, settings)")
     axes[1].set_xlabel("optimizer step")
-    axes[1].set_ylabel("sampled (T=1) accuracy of the rollout batches, mean of the last 20 steps")
+    axes[1].set_ylabel("sampled (T=1) rollout accuracy (fraction; mean of the last 20 steps)")
     axes[1].set_title("rollout reward")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(dst.with_suffix(".png"))
-    print(json.dumps({lr: {side: [[p["eval/exact_match"] for p in r["curve"]] for r in pr[side]["seeds"]]
-                           for side in ("jaxtok", "trl")} for lr, pr in out["pairs"].items()}))
-    print(json.dumps(out["timing"]))
+    handles, labels = axes[0].get_legend_handles_labels()  # both panels draw the same series (+ the start line)
+    fig.legend(handles, labels, loc="outside upper center", ncol=len(labels), fontsize=10, frameon=False)
+    fig.supxlabel("\n".join(textwrap.wrap(f"made by: {command}", 200, subsequent_indent="    ")), fontsize=8,
+                  color="0.3", x=0.01, ha="left", family="monospace")
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def cmd_replot(a) -> None:
+    """Redraw ``<json>``'s plot (next to it, ``.png``) from the written report JSON; no runs are read."""
+    src = REPO / a.json
+    plot_report(json.loads(src.read_text()), src.with_suffix(".png"), a.command)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -659,6 +679,10 @@ def main(argv=None) -> int:
     s.add_argument("--note", action="append")
     s.add_argument("--out", default="docs/results/trl_compare")
     s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("replot", help="(jaxtok venv) redraw a report's plot from its JSON (no run directories)")
+    s.add_argument("--json", default="docs/results/trl_compare.json")
+    s.add_argument("--command", required=True, help="the report command that wrote the JSON (the plot's caption)")
+    s.set_defaults(fn=cmd_replot)
     a = p.parse_args(argv)
     a.fn(a)
     return 0
