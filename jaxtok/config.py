@@ -497,6 +497,10 @@ def _omegaconf_error(e: OmegaConfBaseException, raw: Any) -> ConfigError:
         where = head or "the top level"
         hint = peer_hint(key) or (f" (did you mean {hint}?)" if hint else "")
         return ConfigError(f"{key}{value}: unknown key{hint}; allowed keys of {where}: {allowed}")
+    if "is not a ListConfig" in msg:  # a scalar given for a list field, e.g. data.train_files=a.jsonl
+        shown = value[1:].strip("'\"") if value else "..."
+        return ConfigError(f"{key}{value}: expects a list; write {key}=[{shown}] on the command line (in YAML: "
+                           f"[a, b] or one '- item' per line)")
     return ConfigError(f"{key}{value}: {msg}")
 
 

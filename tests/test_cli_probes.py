@@ -86,6 +86,8 @@ CASES = [
     ("policy_args_alone", lambda f, o: ["decode", SFT, o, "decode.method=sample", "decode.policy_args.x=1"],
      ["decode.policy_args", "decode.policy"]),
     ("jsonl_without_path", lambda f, o: ["train", SFT, o, "data.task=jsonl"], ["data.path"]),
+    ("list_without_brackets", lambda f, o: ["train", SFT, o, "data.task=files", "data.train_files=a.jsonl"],
+     ["data.train_files='a.jsonl'", "expects a list", "data.train_files=[a.jsonl]"]),
     # input paths
     ("missing_init_from", lambda f, o: ["train", SFT, o, "model.init_from=/no/such/run"], ["model.init_from"]),
     ("empty_teacher_dir", lambda f, o: ["train", SFT, o, f"rollout.teacher_init_from={f / 'empty_dir'}"],
