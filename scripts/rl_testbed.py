@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 import yaml
+from proving_ground import _segments as segments  # one reader of resumed runs' metrics.jsonl
 
 
 def records(run: Path) -> list[dict]:
@@ -35,16 +36,6 @@ def records(run: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def segments(recs: list[dict]) -> list[list[dict]]:
-    segs: list[list[dict]] = [[]]
-    for r in recs:
-        if r.get("event") == "resume":
-            segs.append([])
-        elif "time" in r:
-            segs[-1].append(r)
-    return [s for s in segs if s]
 
 
 def step_seconds(recs: list[dict]) -> float | None:
