@@ -238,6 +238,14 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
     return y.reshape(lead + w.shape[n_in:])
 
 
+def with_lora(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``y = dense(x, W)`` plus the low-rank update ``(alpha/r) * (x A) B`` (LoRA, Hu et al. 2021) of the adapter
+    ``<name>_lora`` that :func:`jaxtok.models.lora.apply_lora` attached to ``module`` (``q``/``k``/``v``/``o``,
+    ``gate``/``up``/``down``); ``y`` unchanged when the module has none."""
+    adapter = getattr(module, f"{name}_lora", None)
+    return y if adapter is None else y + adapter(x).astype(y.dtype)
+
+
 def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
     """Reject token ids outside ``[0, vocab_size)`` (JAX gathers would clamp them silently). Host-side only:
     a no-op on traced values, so callers validate at their entry points before ``jit``."""
@@ -305,9 +313,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         x = x.astype(dt)
-        q = dense(x, self.q_weight_dhn[...].astype(dt))  # [B, T, H, N]
-        k = dense(x, self.k_weight_dkn[...].astype(dt))  # [B, T, K, N]
-        v = dense(x, self.v_weight_dkn[...].astype(dt))
+        q = with_lora(self, "q", x, dense(x, self.q_weight_dhn[...].astype(dt)))  # [B, T, H, N]
+        k = with_lora(self, "k", x, dense(x, self.k_weight_dkn[...].astype(dt)))  # [B, T, K, N]
+        v = with_lora(self, "v", x, dense(x, self.v_weight_dkn[...].astype(dt)))
         if cfg.qkv_bias:
             q = q + self.q_bias_hn[...].astype(dt)
             k = k + self.k_bias_kn[...].astype(dt)
@@ -330,7 +338,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
         ctx = jnp.einsum("bkgts,bskn->btkgn", probs, v).reshape(B, T, H, N)
-        out = dense(ctx, self.o_weight_hnd[...].astype(dt), n_in=2)  # [B, T, D]
+        out = with_lora(self, "o", ctx, dense(ctx, self.o_weight_hnd[...].astype(dt), n_in=2))  # [B, T, D]
         return out, cache
 
 
@@ -348,10 +356,10 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
         x = x.astype(dt)
-        gate = dense(x, self.gate_weight_df[...].astype(dt))  # [B, T, F]
-        up = dense(x, self.up_weight_df[...].astype(dt))
+        gate = with_lora(self, "gate", x, dense(x, self.gate_weight_df[...].astype(dt)))  # [B, T, F]
+        up = with_lora(self, "up", x, dense(x, self.up_weight_df[...].astype(dt)))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return dense(hidden, self.down_weight_fd[...].astype(dt))  # [B, T, D]
+        return with_lora(self, "down", hidden, dense(hidden, self.down_weight_fd[...].astype(dt)))  # [B, T, D]
 
 
 class Block(nnx.Module):
