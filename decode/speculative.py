@@ -31,10 +31,18 @@ key and whose arrays are traced:
   whose FIRST draft step is the most confident (top-1 probability of ``q_1``, known before any token is sampled, so
   the chosen draft is still distributed as that drafter's q and verification stays lossless); all drafters run
   and their caches stay valid through the re-feed scheme.
+
+Sharding: with ``mesh=`` the rows and every per-row buffer of the loop (``seq``, KV caches, counters) live on the
+mesh's batch axes and the target's and model drafters' weights on their declared axes (heads / MLP / vocabulary on
+``tensor``); the output equals the single-device run (greedy token-identical; sampled rows too, since the
+partitionable threefry stream does not depend on the sharding). ``return_logprobs=True`` adds each emitted token's
+log-probability under the target's processed distribution, the sampler log-prob of speculative RL rollouts
+(:mod:`jaxtok.train.rollout`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -44,8 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtok import sampling
+from jaxtok.mesh import axis_rules, batch_sharding, param_shardings, place
 from jaxtok.models import KVCache
 
 from .draft_policies import DraftPolicy, EADArgs, Fixed, draft_stats, ead_switch, top1_prob
@@ -108,6 +118,16 @@ def _probs(logits, params) -> jax.Array:
     p = _expand(params, logits.ndim - 1)
     return jax.nn.softmax(sampling.process_logits(logits, p["temperature"], p.get("top_k"), p.get("top_p"),
                                                   p.get("min_p")), axis=-1)
+
+
+def _token_logprob(logits, tokens, params) -> jax.Array:
+    """``log S(logits)[tokens]``: log-probability of ``tokens [B, ...]`` under the processed distribution of
+    ``logits [B, ..., V]`` (``log_softmax`` of :func:`jaxtok.sampling.process_logits`, float32; temperature-0 rows at
+    temperature 1), the per-token log-prob :func:`jaxtok.decode.generate.generate` reports. ``[B, ...]``."""
+    p = _expand(params, logits.ndim - 1)
+    lp = jax.nn.log_softmax(sampling.process_logits(logits, p["temperature"], p.get("top_k"), p.get("top_p"),
+                                                    p.get("min_p")), axis=-1)
+    return sampling.token_log_probs(lp, tokens)
 
 
 def _token_prob(logits, tokens, params) -> jax.Array:
@@ -435,7 +455,11 @@ class SpeculativeResult:
       proposed (valid) drafts per row;
       accepted_by_position / drafted_by_position ``[B, γmax]``: per row, over its rounds, how often draft j was
       accepted / proposed;
-      route_counts ``[B, K]`` rounds of each row routed to each drafter (TAPS; ``K = 1`` otherwise).
+      route_counts ``[B, K]`` rounds of each row routed to each drafter (TAPS; ``K = 1`` otherwise);
+      logprobs ``[B, N]`` float32 (``return_logprobs=True``, else None): log-probability of each emitted token under
+      the TARGET's processed distribution S(p) (temperature and filters applied; greedy rows at temperature 1), 0
+      where invalid: the same quantity :func:`jaxtok.decode.generate.generate` returns, whichever way the token was
+      produced (accepted draft, residual or bonus draw).
     Per-row statistics let callers that pad a short last batch count only its real rows (``rows=``).
     """
 
@@ -451,6 +475,7 @@ class SpeculativeResult:
     accepted_by_position: jax.Array
     drafted_by_position: jax.Array
     route_counts: jax.Array
+    logprobs: Optional[jax.Array] = None
 
     @property
     def tokens_per_target_forward(self) -> float:
@@ -503,22 +528,28 @@ def poison_stale(cache: KVCache) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "max_new_tokens", "gamma_max", "stop_tokens",
-                                             "pad_id", "poison", "greedy"))
+                                             "pad_id", "poison", "greedy", "mesh", "return_logprobs"))
 def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params, *,
-                     max_new_tokens, gamma_max, stop_tokens, pad_id, poison=False, greedy=False):
+                     max_new_tokens, gamma_max, stop_tokens, pad_id, poison=False, greedy=False, mesh=None,
+                     return_logprobs=False):
     """``greedy``: every row has temperature 0 (known on the host): drafts and the first token are argmaxes and
     verification is greedy only (the exact-sampling branch, its two ``[B, γ(+1), V]`` softmaxes and the Gumbel
-    draws are not traced). Same tokens as the general loop, whose greedy rows take the same argmaxes."""
+    draws are not traced). Same tokens as the general loop, whose greedy rows take the same argmaxes. ``mesh``:
+    the model code's activation constraints follow ``jaxtok.mesh``'s rules on it (rows on the batch axes, heads /
+    MLP / vocabulary on ``tensor``); the arguments arrive placed by :func:`speculative_generate`."""
     flag = _ALL_GREEDY.set(bool(greedy))
+    rules = axis_rules(mesh) if mesh is not None else contextlib.nullcontext()
     try:
-        return _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params,
-                                 max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy)
+        with rules:
+            return _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng,
+                                     params, max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy,
+                                     return_logprobs)
     finally:
         _ALL_GREEDY.reset(flag)
 
 
 def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params,
-                      max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy):
+                      max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy, return_logprobs=False):
     _TRACES[0] += 1
     target = nnx.merge(target_graphdef, target_state)
     b, p = prompt.shape
@@ -534,6 +565,9 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
     out = target(seq[:, :w + p], valid=seq_valid[:, :w + p], cache=KVCache.init(target.cfg, b, s),
                  logits_at=jnp.full((b, 1), w + p - 1, jnp.int32))
     first = _sample(jax.random.fold_in(rng, 0), out.logits[:, 0], params)
+    # per-token target log-probs, aligned with ``seq`` (return_logprobs only): [B, S] float32
+    lp_seq = (jnp.zeros((b, s), jnp.float32).at[:, w + p].set(_token_logprob(out.logits[:, 0], first, params))
+              if return_logprobs else None)
     seq = seq.at[:, w + p].set(first)
     seq_valid = seq_valid.at[:, w + p].set(True)
     done = jnp.any(first[:, None] == stop[None, :], axis=-1)
@@ -542,7 +576,7 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
     draft_prefill = jnp.int32(drafter.prefill_forwards)
 
     state = {
-        "round": jnp.int32(0), "seq": seq, "seq_valid": seq_valid, "count": count, "done": done,
+        "round": jnp.int32(0), "seq": seq, "seq_valid": seq_valid, "lp_seq": lp_seq, "count": count, "done": done,
         "finished": done | (count >= n_new), "cache": out.cache, "dstate": dstate, "pstate": policy.init(b, g),
         "target_forwards": jnp.int32(1), "draft_forwards": draft_prefill,
         "rounds": jnp.zeros((b,), jnp.int32), "accepted": jnp.zeros((b,), jnp.int32),
@@ -593,6 +627,10 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
         keep = j < n_emit[:, None]
         seq_ = _rows_write(st["seq"], jnp.where(keep, emitted, pad_id), n)
         seq_valid_ = _rows_write(st["seq_valid"], keep, n)
+        lp_seq_ = None
+        if return_logprobs:  # log S(p_j)[emitted_j] at the target's verify logits, j = 0..γ  [B, γ+1]
+            lp = _token_logprob(t_logits, emitted, params)
+            lp_seq_ = _rows_write(st["lp_seq"], jnp.where(keep, lp, 0.0), n)
         count = st["count"] + n_emit
         done = st["done"] | (live & hit)
 
@@ -607,7 +645,8 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
         pstate = policy.update(st["pstate"], gamma, jnp.sum(dvalid, axis=1), nacc, stats, live)
         acc_mask = (jnp.arange(g)[None, :] < nacc[:, None]) & dvalid
         return {
-            "round": st["round"] + 1, "seq": seq_, "seq_valid": seq_valid_, "count": count, "done": done,
+            "round": st["round"] + 1, "seq": seq_, "seq_valid": seq_valid_, "lp_seq": lp_seq_, "count": count,
+            "done": done,
             "finished": done | (count >= n_new), "cache": cache, "dstate": dstate, "pstate": pstate,
             "target_forwards": st["target_forwards"] + 1, "draft_forwards": st["draft_forwards"] + d.forwards,
             "rounds": st["rounds"] + live, "accepted": st["accepted"] + jnp.where(live, nacc, 0),
@@ -624,6 +663,7 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
         target_forwards=st["target_forwards"], draft_forwards=st["draft_forwards"], rounds=st["rounds"],
         accepted=st["accepted"], drafted=st["drafted"], accepted_by_position=st["acc_pos"],
         drafted_by_position=st["draft_pos"], route_counts=st["routes"],
+        logprobs=(jnp.where(out_valid, st["lp_seq"][:, w + p:w + p + n_new], 0.0) if return_logprobs else None),
     )
 
 
@@ -637,6 +677,17 @@ def _check_length(name: str, cfg, p: int, n: int, g: int) -> None:
     if need > cfg.max_position_embeddings:
         raise ValueError(f"prompt: length {p} + max_new_tokens {n} + draft_len {g} + 1 = {need} positions exceed "
                          f"the {name}'s max_position_embeddings={cfg.max_position_embeddings}")
+
+
+def place_drafter(drafter: Drafter, mesh) -> Drafter:
+    """``drafter`` with its model weights placed on ``mesh`` as their ``logical_axes`` declare (a model drafter's
+    or DEER's heads / MLP / vocabulary on ``tensor``, like the target's); n-gram drafters hold no arrays; TAPS
+    places each of its drafters."""
+    if isinstance(drafter, RoutedDrafter):
+        return RoutedDrafter(tuple(place_drafter(d, mesh) for d in drafter.drafters))
+    if isinstance(drafter, (ModelDrafter, DeerDrafter)):
+        return dataclasses.replace(drafter, state=place(drafter.state, param_shardings(drafter.state, mesh)))
+    return drafter
 
 
 def as_drafter(drafter) -> Drafter:
@@ -666,6 +717,8 @@ def speculative_generate(
     rng: jax.Array,
     pad_id: int = DEFAULT_PAD_ID,
     poison_stale_cache: bool = False,
+    mesh: Optional[Mesh] = None,
+    return_logprobs: bool = False,
 ) -> SpeculativeResult:
     """Lossless speculative decoding of a left-padded prompt batch in one jitted call (§A1).
 
@@ -681,6 +734,12 @@ def speculative_generate(
       stop_tokens: ids that end a row (emitted, then frozen). rng: PRNG key (round r uses ``fold_in(rng, r+1)``).
       pad_id: filler after a row's tokens.
       poison_stale_cache: test hook: NaN-fill stale KV slots of the target and model drafters after every round.
+      mesh: when given, the rows (and every per-row buffer of the loop: committed sequence, KV caches, acceptance
+        counters) are sharded over the mesh's batch axes (``data``, ``fsdp``) and the target's and model drafters'
+        weights as their ``logical_axes`` declare (heads / MLP / vocabulary on ``tensor``); greedy output equals
+        the unsharded run token for token (tests/test_speculative_sharded.py).
+      return_logprobs: also return ``logprobs [B, N]``, each emitted token's log-probability under the target's
+        processed distribution (what ``generate`` returns; the RL sampler log-probs of speculative rollouts).
 
     Returns:
       :class:`SpeculativeResult` (tokens, valid, lengths, done and the acceptance metrics).
@@ -689,7 +748,7 @@ def speculative_generate(
     prompt_valid = prompt_valid if isinstance(prompt_valid, jax.Array) else np.asarray(prompt_valid)
     stop_tokens = tuple(int(t) for t in stop_tokens)
     _validate(target, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
-              0, None)
+              0, mesh)
     if isinstance(draft_len, bool) or not isinstance(draft_len, (int, np.integer)) or draft_len < 1:
         raise ValueError(f"draft_len={draft_len!r}: allowed a positive integer")
     drafter = as_drafter(drafter)
@@ -712,9 +771,16 @@ def speculative_generate(
     prompt_valid = jnp.asarray(prompt_valid, bool)
     prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
     graphdef, state = nnx.split(target)
+    if mesh is not None:  # weights by their logical axes, rows (and so every per-row loop buffer) on the batch axes
+        state = place(state, param_shardings(state, mesh))
+        drafter = place_drafter(drafter, mesh)
+        policy = place(policy, NamedSharding(mesh, PartitionSpec()))  # a policy's head weights: replicated
+        prompt, prompt_valid, params = place((prompt, prompt_valid, params), batch_sharding(mesh))
+        rng = place(rng, NamedSharding(mesh, PartitionSpec()))
     return _speculative_jit(graphdef, state, drafter, policy, prompt, prompt_valid, rng, params,
                             max_new_tokens=int(max_new_tokens), gamma_max=int(draft_len), stop_tokens=stop_tokens,
-                            pad_id=int(pad_id), poison=bool(poison_stale_cache), greedy=_all_greedy(temperature))
+                            pad_id=int(pad_id), poison=bool(poison_stale_cache), greedy=_all_greedy(temperature),
+                            mesh=mesh, return_logprobs=bool(return_logprobs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
