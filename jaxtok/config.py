@@ -30,7 +30,7 @@ from jaxtok.registry import (
 
 __all__ = [
     "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "TokenizerSection", "OptimizerSection",
-    "ObjectiveSection",
+    "ObjectiveSection", "LoraSection", "LORA_TARGETS",
     "TrainSection", "RolloutSection", "DecodeSection", "RunSection", "BenchSection", "load_config", "from_dict", "to_yaml", "to_dict",
     "validate_names", "check_paths", "build_optimizer", "build_schedule", "learning_rate", "describe",
     "reference_yaml",
@@ -67,8 +67,20 @@ class ModelSection(_Section):
     preset: str = _f("tiny_student", doc="a name from jaxtok.models.presets (ignored with hf_path)")
     hf_path: Optional[str] = _f(None, doc="local Hugging Face checkpoint directory to load instead of a preset")
     init_from: Optional[str] = _f(None, doc="run directory (or checkpoint dir) of an earlier stage to start from")
-    dtype: str = _f("float32", choices=("float32", "bfloat16"), doc="compute dtype of matmuls")
-    param_dtype: str = _f("float32", choices=("float32", "bfloat16"), doc="storage dtype of parameters")
+    dtype: str = _f("float32", choices=("float32", "bfloat16"),
+                    doc="compute dtype of matmuls; bfloat16 with param_dtype float32 is mixed precision (float32 master "
+                        "weights and optimizer state, bfloat16 matmuls, float32 norms, softmax and loss); float16 "
+                        "is refused: it needs loss scaling, which jaxtok does not implement")
+    param_dtype: str = _f("float32", choices=("float32", "bfloat16"),
+                          doc="storage dtype of parameters, gradients and the optimizer state")
+
+    def __post_init__(self):
+        for key in ("dtype", "param_dtype"):  # before the generic choices check, to say why
+            if getattr(self, key) == "float16":
+                raise ConfigError(f"model.{key}='float16': float16 training needs loss scaling, which jaxtok does "
+                                  f"not implement; use bfloat16 (float32's exponent range, no scaling needed): "
+                                  f"model.dtype=bfloat16 model.param_dtype=float32 is the mixed-precision setting")
+        super().__post_init__()
     vocab_size: Optional[int] = _f(None, min=1, doc="default: the tokenizer's vocabulary size")
     attention: str = _f("causal", choices=("causal", "bidirectional", "block_causal"),
                         doc="attention kind (bidirectional/block_causal for diffusion LMs)")
@@ -218,6 +230,33 @@ class OptimizerSection(_Section):
     b2: float = _f(0.999, min=0.0, max=1.0, doc="second-moment decay (adam*, lion)")
     eps: float = _f(1e-8, gt=0.0, doc="adam epsilon")
     grad_clip: float = _f(1.0, min=0.0, doc="global-norm gradient clipping; 0 = off")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # = jaxtok.models.lora.TARGETS (tests check)
+_PEFT_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+                 "down_proj": "down"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection(_Section):
+    """LoRA adapters (jaxtok.models.lora): only low-rank updates of the named projections train, the base is frozen."""
+
+    _key: ClassVar[str] = "lora"
+    rank: int = _f(0, min=0, doc="adapter rank r; 0 = off (every parameter trains)")
+    alpha: float = _f(16.0, gt=0.0, doc="the update of W is (alpha / rank) * x A B")
+    targets: List[str] = _f(["q", "k", "v", "o"], doc="projections with adapters: q, k, v, o (attention), gate, up, "
+                                                     "down (MLP; not on mixture-of-experts layers)")
+
+    def check(self) -> None:
+        targets = list(self.targets)
+        for t in targets:
+            if t not in LORA_TARGETS:
+                hint = f" (PEFT's {t!r} is {_PEFT_TARGETS[t]!r} here)" if t in _PEFT_TARGETS else ""
+                raise ConfigError(f"lora.targets: {t!r} is not a projection{hint}; allowed {list(LORA_TARGETS)}")
+        if len(set(targets)) != len(targets):
+            raise ConfigError(f"lora.targets={targets!r}: a projection is named twice")
+        if self.rank and not targets:
+            raise ConfigError(f"lora.targets=[]: lora.rank={self.rank} needs at least one of {list(LORA_TARGETS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +415,7 @@ class Config:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
     optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     objective: ObjectiveSection = dataclasses.field(default_factory=ObjectiveSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
