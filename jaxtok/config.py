@@ -313,6 +313,22 @@ class RolloutSection(_Section):
                                      "tokens (jaxtok.train.branching); 0 = off")
     branch_gamma: float = _f(1.0, min=0.0, max=1.0, doc="APPO: discount of the future log-ratio in the score")
     branch_eps: float = _f(0.2, gt=0.0, doc="APPO: clip of the future value Omega to [1-eps, 1+eps]")
+    sampler: str = _f("ar", choices=("ar", "speculative"),
+                      doc="rollout sampler: ar = jaxtok.decode.generate; speculative = lossless draft-and-verify "
+                          "(jaxtok.decode.speculative) with the drafter rollout.draft_init_from: same rollout "
+                          "distribution and sampler log-probs, fewer target forwards")
+    draft_init_from: Optional[str] = _f(None, doc="speculative rollouts: the AR drafter, a run directory, an HF "
+                                                  "folder or preset:<name> (randomly initialised; pair it with "
+                                                  "draft_refresh_every); same vocabulary as the policy")
+    draft_len: int = _f(4, min=1, doc="speculative rollouts: maximum draft tokens per round (gamma)")
+    draft_policy: str = _f("fixed", doc="speculative rollouts: draft-length policy, a DRAFT_POLICIES name "
+                                        "(fixed, heuristic, confidence, specdecpp, speckv)")
+    draft_policy_args: Dict[str, Any] = _f({}, doc="speculative rollouts: the draft policy's arguments")
+    draft_refresh_every: int = _f(0, min=0, doc="speculative rollouts: every N rollouts, distil the drafter towards "
+                                                "the current policy by on-policy distillation (objective opd); 0 = "
+                                                "the drafter stays as loaded")
+    draft_refresh_steps: int = _f(2, min=1, doc="speculative rollouts: OPD optimizer steps per drafter refresh")
+    draft_refresh_lr: float = _f(1e-3, gt=0.0, doc="speculative rollouts: AdamW learning rate of drafter refreshes")
 
     @property
     def rows_per_prompt(self) -> int:
@@ -323,6 +339,21 @@ class RolloutSection(_Section):
         for name, w in self.rewards.items():
             if not isinstance(w, (int, float)) or _non_finite(w):
                 raise ConfigError(f"rollout.rewards.{name}={w!r}: weights are finite numbers")
+        if self.sampler == "speculative":
+            if not self.draft_init_from:
+                raise ConfigError("rollout.draft_init_from=None: rollout.sampler='speculative' needs a drafter (a run "
+                                  "directory, an HF folder or preset:<name>)")
+            if self.branches:
+                raise ConfigError(f"rollout.branches={self.branches}: APPO tree rollouts sample with "
+                                  f"rollout.sampler='ar' only")
+            import_registering_modules(("jaxtok.decode.draft_policies",))
+            check_name(DRAFT_POLICIES, "rollout.draft_policy", self.draft_policy, self.draft_policy_args,
+                       "rollout.draft_policy_args")
+            meta = DRAFT_POLICIES.entry(self.draft_policy).meta if self.draft_policy in DRAFT_POLICIES else {}
+            if meta.get("loop") == "ead" or meta.get("routed"):
+                raise ConfigError(f"rollout.draft_policy={self.draft_policy!r}: speculative rollouts take one AR "
+                                  f"drafter and a draft-length policy (fixed, heuristic, confidence, specdecpp, "
+                                  f"speckv); ead is lossy and taps routes several drafters")
 
 
 @dataclasses.dataclass(frozen=True)
