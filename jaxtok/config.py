@@ -85,6 +85,17 @@ class ModelSection(_Section):
     attention: str = _f("causal", choices=("causal", "bidirectional", "block_causal"),
                         doc="attention kind (bidirectional/block_causal for diffusion LMs)")
     block_size: Optional[int] = _f(None, min=1, doc="block length for block_causal attention")
+    attention_impl: str = _f("auto", choices=("auto", "xla", "dot_product_attention", "pallas"),
+                             doc="attention kernel (models/attention.py): auto = pallas splash on TPU, "
+                                 "jax.nn.dot_product_attention (cuDNN) on GPU, xla elsewhere; kernels that cannot "
+                                 "take a call's mask (block_causal, siblings, KV cache) fall back to xla under auto")
+    scan_layers: bool = _f(False, doc="stack the blocks' parameters on a leading 'layers' axis and jax.lax.scan "
+                                      "over them (one compiled block; same values as unrolled)")
+    remat: str = _f("none", choices=("none", "full", "minimal", "save_dot_with_context_except_mlp",
+                                     "save_dot_except_mlpwi", "save_dot_except_mlp", "save_qkv_proj",
+                                     "save_out_proj"),
+                    doc="per-block rematerialisation policy, MaxText's names: none saves every activation, "
+                        "full saves only block inputs, save_* keep the named projections")
     overrides: Dict[str, Any] = _f({}, doc="ModelConfig field overrides, e.g. {num_layers: 3}")
 
     def check(self) -> None:

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxtok.mesh import DEFAULT_RULES, logical_to_spec
 from jaxtok.model_source import HF_FORMATS, hf_format
 from jaxtok.registry import ConfigError
-from jaxtok.models.transformer import Decoder, ModelConfig, RopeScaling
+from jaxtok.models.transformer import Decoder, ModelConfig, RopeScaling, stack_layer_values, unstack_layer_values
 from jaxtok.models.value import build_module
 from jaxtok.tasks.tokenizer import copy_tokenizer_files
 
@@ -565,6 +565,8 @@ def build_decoder(
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pdtype = jnp.dtype(cfg.param_dtype)
+    if cfg.scan_layers:  # HF's per-layer tensors stacked on the leading "layers" axis
+        views = stack_layer_values(views, cfg.num_layers)
     flat = []
     for path, var in nnx.to_flat_state(state):
         if tuple(path) not in views:
@@ -657,10 +659,12 @@ def hf_tensors(model: Decoder, cfg: ModelConfig, dtype: str) -> dict[str, np.nda
     """The model's parameters as host numpy arrays under their HF names and layouts for ``cfg``'s architecture
     (Qwen2 without biases gets zero biases, since Qwen2ForCausalLM always has them)."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    params = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if model.cfg.scan_layers:  # stacked [L, ...] parameters back to HF's per-layer tensors
+        params = unstack_layer_values(params)
     out = {}
     for spec in tensor_specs(cfg):
-        value = np.asarray(jax.device_get(params[spec.path].get_value())).astype(np_dtype)
+        value = np.asarray(jax.device_get(params[spec.path])).astype(np_dtype)
         if isinstance(spec, ExpertSpec):
             out.update(zip(spec.hf_names, spec.to_hf(value)))
         else:

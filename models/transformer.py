@@ -18,6 +18,7 @@ N head_dim, F mlp hidden, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal, Optional
 
@@ -25,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtok.mesh import constrain
+from jaxtok.models.attention import ATTENTION_IMPLS, attend
 from jaxtok.models.cache import KVCache
 from jaxtok.models.moe import SparseMoE
 
@@ -34,7 +37,6 @@ Attention = Literal["causal", "bidirectional", "block_causal", "siblings"]
 ATTENTION_KINDS = ("causal", "bidirectional", "block_causal", "siblings")
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
 MOE_ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe")
-_MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,10 @@ class ModelConfig:
     mlp_only_layers: tuple = ()
     router_aux_loss_coef: float = 0.001
     shared_expert_intermediate_size: int = 0
+    # execution, not architecture (same parameters, same values up to float rounding):
+    attention_impl: str = "auto"  # models.attention.ATTENTION_IMPLS; auto: xla on CPU
+    scan_layers: bool = False  # stack the blocks' parameters on a leading "layers" axis and lax.scan over them
+    remat: str = "none"  # REMAT_POLICIES: what each block keeps for the backward pass
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -109,6 +115,15 @@ class ModelConfig:
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"ModelConfig.mask_token_id={self.mask_token_id} outside [0, {self.vocab_size})")
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: allowed {ATTENTION_IMPLS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}: allowed {tuple(REMAT_POLICIES)}")
+        if self.scan_layers and len({self.is_sparse_layer(i) for i in range(self.num_layers)}) > 1:
+            raise ValueError(
+                f"ModelConfig.scan_layers=True needs every layer of one kind, but this MoE model mixes dense and "
+                f"sparse layers (mlp_only_layers={self.mlp_only_layers}, decoder_sparse_step="
+                f"{self.decoder_sparse_step}); use scan_layers=False (remat still applies)")
         if (self.num_experts > 0) != (self.architecture in MOE_ARCHITECTURES):
             raise ValueError(f"ModelConfig(architecture={self.architecture!r}, num_experts={self.num_experts}): "
                              f"architectures {MOE_ARCHITECTURES} and only they have experts (num_experts > 0)")
@@ -129,6 +144,33 @@ class ModelConfig:
     @property
     def is_diffusion(self) -> bool:
         return self.mask_token_id is not None
+
+
+# Remat policies by MaxText's names (MaxText ``get_remat_policy``): what a block saves for the backward pass;
+# everything else is recomputed. Names refer to :func:`jax.ad_checkpoint.checkpoint_name` tags in the block:
+# query_proj / key_proj / value_proj (q, k, v projections), context (attention output before o_proj), out_proj
+# (attention output), mlpwi_0 / mlpwi_1 (gate, up), mlpwo (down). ``none``: no remat (save everything);
+# ``full``: save nothing (only the block inputs); ``minimal``: save every matmul without batch dimensions
+# (``checkpoint_dots_with_no_batch_dims``, MaxText's original ``minimal``).
+_QKV = ("query_proj", "key_proj", "value_proj", "qkv_proj")
+REMAT_POLICIES = {
+    "none": None,
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,
+    "minimal": lambda: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dot_with_context_except_mlp": lambda: jax.checkpoint_policies.save_only_these_names(*_QKV, "context", "out_proj"),
+    "save_dot_except_mlpwi": lambda: jax.checkpoint_policies.save_only_these_names(*_QKV, "out_proj", "mlpwo"),
+    "save_dot_except_mlp": lambda: jax.checkpoint_policies.save_only_these_names(*_QKV, "out_proj"),
+    "save_qkv_proj": lambda: jax.checkpoint_policies.save_only_these_names(*_QKV),
+    "save_out_proj": lambda: jax.checkpoint_policies.save_only_these_names("out_proj"),
+}
+
+
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of remat policy ``name`` (:data:`REMAT_POLICIES`); ``none`` has none."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r}: allowed {tuple(REMAT_POLICIES)}")
+    make = REMAT_POLICIES[name]
+    return None if make is None else make()
 
 
 @jax.tree_util.register_dataclass
@@ -234,8 +276,34 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
     if w.shape[:n_in] != inner:
         raise ValueError(f"dense: x's trailing axes {inner} do not match w's leading axes {w.shape[:n_in]}")
     k = int(np.prod(inner))
-    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != x.dtype == w.dtype:
+        y = _dot_wide_out(x2, w2, jnp.dtype(preferred_element_type))  # float32 logits from bfloat16 operands
+    else:
+        y = jnp.dot(x2, w2, preferred_element_type=preferred_element_type)
     return y.reshape(lead + w.shape[n_in:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot_wide_out(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """``x [M, K] @ w [K, N]`` accumulated and returned in the wider ``out_dtype`` (float32 logits from bfloat16
+    operands). The backward pass casts the cotangent to the operands' dtype first, so both gradient matmuls run in
+    the compute dtype like the forward one (with a float32 cotangent they would be float32 matmuls, e.g. the LM
+    head's backward in mixed precision). Gradients come out in the operands' dtypes."""
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
+
+
+def _dot_wide_out_fwd(x, w, out_dtype):
+    return _dot_wide_out(x, w, out_dtype), (x, w)
+
+
+def _dot_wide_out_bwd(out_dtype, res, g):
+    x, w = res
+    g = g.astype(x.dtype)  # [M, N]
+    return jnp.dot(g, w.T), jnp.dot(x.T, g)
+
+
+_dot_wide_out.defvjp(_dot_wide_out_fwd, _dot_wide_out_bwd)
 
 
 def with_lora(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -308,14 +376,17 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(N, cfg.rms_norm_eps, "head_dim", pd, rngs=rngs)
             self.k_norm = RMSNorm(N, cfg.rms_norm_eps, "head_dim", pd, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache: Optional[KVCache], layer: int):
-        """x ``[B, T, D]``, positions ``[B, T]``, mask ``[B, T, S]``; returns ``([B, T, D], cache)``."""
+    def __call__(self, x, positions, mask, cache: Optional[KVCache], layer, mask_kind: str = "general",
+                 valid: Optional[jax.Array] = None):
+        """x ``[B, T, D]``, positions ``[B, T]``, mask ``[B, T, S]`` (``mask_kind``, ``valid [B, T]``: what it is,
+        :func:`jaxtok.models.attention.attend`); returns ``([B, T, D], cache)``. ``layer``: this block's index
+        into the cache (an int, or a traced scalar under ``scan_layers``)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         x = x.astype(dt)
-        q = with_lora(self, "q", x, dense(x, self.q_weight_dhn[...].astype(dt)))  # [B, T, H, N]
-        k = with_lora(self, "k", x, dense(x, self.k_weight_dkn[...].astype(dt)))  # [B, T, K, N]
-        v = with_lora(self, "v", x, dense(x, self.v_weight_dkn[...].astype(dt)))
+        q = checkpoint_name(with_lora(self, "q", x, dense(x, self.q_weight_dhn[...].astype(dt))), "query_proj")  # [B, T, H, N]
+        k = checkpoint_name(with_lora(self, "k", x, dense(x, self.k_weight_dkn[...].astype(dt))), "key_proj")  # [B, T, K, N]
+        v = checkpoint_name(with_lora(self, "v", x, dense(x, self.v_weight_dkn[...].astype(dt))), "value_proj")
         if cfg.qkv_bias:
             q = q + self.q_bias_hn[...].astype(dt)
             k = k + self.k_bias_kn[...].astype(dt)
@@ -328,18 +399,10 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.write_layer(layer, k, v)
             k, v = cache.k[layer].astype(dt), cache.v[layer].astype(dt)  # [B, S, K, N]
-        # Masked keys get probability 0, but 0 * NaN is NaN: zero the values of keys no query may read (stale or
-        # padding cache slots may hold anything).
-        v = jnp.where(jnp.any(mask, axis=1)[:, :, None, None], v, jnp.zeros((), v.dtype))
-        B, T, H, N = q.shape
-        K = k.shape[2]
-        q = q.reshape(B, T, K, H // K, N)
-        scores = jnp.einsum("btkgn,bskn->bkgts", q, k, preferred_element_type=jnp.float32) * (N**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
-        ctx = jnp.einsum("bkgts,bskn->btkgn", probs, v).reshape(B, T, H, N)
+        ctx = attend(q, k, v, mask, kind=mask_kind, valid=valid, impl=cfg.attention_impl, dtype=dt)  # [B, T, H, N]
+        ctx = checkpoint_name(ctx, "context")
         out = with_lora(self, "o", ctx, dense(ctx, self.o_weight_hnd[...].astype(dt), n_in=2))  # [B, T, D]
-        return out, cache
+        return checkpoint_name(out, "out_proj"), cache
 
 
 class MLP(nnx.Module):
@@ -356,10 +419,10 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
         x = x.astype(dt)
-        gate = with_lora(self, "gate", x, dense(x, self.gate_weight_df[...].astype(dt)))  # [B, T, F]
-        up = with_lora(self, "up", x, dense(x, self.up_weight_df[...].astype(dt)))
+        gate = checkpoint_name(with_lora(self, "gate", x, dense(x, self.gate_weight_df[...].astype(dt))), "mlpwi_0")  # [B, T, F]
+        up = checkpoint_name(with_lora(self, "up", x, dense(x, self.up_weight_df[...].astype(dt))), "mlpwi_1")
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return with_lora(self, "down", hidden, dense(hidden, self.down_weight_fd[...].astype(dt)))  # [B, T, D]
+        return checkpoint_name(with_lora(self, "down", hidden, dense(hidden, self.down_weight_fd[...].astype(dt))), "mlpwo")  # [B, T, D]
 
 
 class Block(nnx.Module):
@@ -372,14 +435,164 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
         self.mlp = SparseMoE(cfg, rngs=rngs) if sparse else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache, layer):
-        attn_out, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer)
+    def __call__(self, x, positions, mask, cache, layer, mask_kind: str = "general", valid=None):
+        attn_out, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer, mask_kind, valid)
         x = x + attn_out.astype(x.dtype)
         if isinstance(self.mlp, SparseMoE):  # valid queries see at least their own key
             x = x + self.mlp(self.mlp_norm(x), jnp.any(mask, axis=-1)).astype(x.dtype)
         else:
             x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
         return constrain(x, ("batch", "length", "act_embed")), cache
+
+
+def stack_blocks(blocks: list) -> Block:
+    """One :class:`Block` whose every parameter is the ``blocks``' stacked on a new leading axis ``[L, ...]`` with
+    logical axis ``layers`` (unsharded by :data:`jaxtok.mesh.DEFAULT_RULES`); the blocks must share one structure."""
+    graphdef = nnx.graphdef(blocks[0])
+    flats = [nnx.to_flat_state(nnx.state(b)) for b in blocks]
+    for i, (b, f) in enumerate(zip(blocks, flats)):
+        if nnx.graphdef(b) != graphdef or [p for p, _ in f] != [p for p, _ in flats[0]]:
+            raise ValueError(f"stack_blocks: block {i} differs in structure from block 0 (mixed dense/MoE layers?)")
+    out = []
+    for j, (path, var) in enumerate(flats[0]):
+        meta = var.get_metadata()
+        axes = meta.get("logical_axes")
+        value = jnp.stack([f[j][1].get_value() for f in flats])  # [L, ...]
+        meta = {**meta, **({"logical_axes": ("layers",) + tuple(axes)} if axes is not None else {})}
+        out.append((path, type(var)(value, **meta)))
+    return nnx.merge(graphdef, nnx.from_flat_state(out))
+
+
+def unstack_blocks(stacked: Block) -> list:
+    """The inverse of :func:`stack_blocks`: ``L`` blocks, block ``i`` holding slice ``i`` of every parameter."""
+    graphdef = nnx.graphdef(stacked)
+    flat = nnx.to_flat_state(nnx.state(stacked))
+    L = flat[0][1].get_value().shape[0]
+    blocks = []
+    for i in range(L):
+        one = []
+        for path, var in flat:
+            meta = var.get_metadata()
+            axes = meta.get("logical_axes")
+            meta = {**meta, **({"logical_axes": tuple(axes)[1:]} if axes is not None else {})}
+            one.append((path, type(var)(var.get_value()[i], **meta)))
+        blocks.append(nnx.merge(graphdef, nnx.from_flat_state(one)))
+    return blocks
+
+
+def stack_layer_values(values: dict, num_layers: int) -> dict:
+    """Parameter values keyed by module path, unrolled layout ``("layers", i, *rest)`` -> scanned layout
+    ``("layers", *rest)`` with the L values stacked on axis 0 (numpy in, numpy out: HF views stay on the host)."""
+    out, groups = {}, {}
+    for path, value in values.items():
+        if len(path) > 2 and path[0] == "layers" and isinstance(path[1], int):
+            groups.setdefault(("layers",) + tuple(path[2:]), {})[path[1]] = value
+        else:
+            out[path] = value
+    for path, by_layer in groups.items():
+        if sorted(by_layer) != list(range(num_layers)):
+            raise ValueError(f"stack_layer_values: {'.'.join(map(str, path))} has layers {sorted(by_layer)}, "
+                             f"expected 0..{num_layers - 1}")
+        parts = [by_layer[i] for i in range(num_layers)]
+        out[path] = (jnp.stack(parts) if any(isinstance(p, jax.Array) for p in parts)
+                     else np.stack([np.asarray(p) for p in parts]))
+    return out
+
+
+def unstack_layer_values(values: dict) -> dict:
+    """The inverse of :func:`stack_layer_values`: ``("layers", *rest) [L, ...]`` -> ``("layers", i, *rest)``."""
+    out = {}
+    for path, value in values.items():
+        if len(path) > 1 and path[0] == "layers" and not isinstance(path[1], int):
+            for i in range(value.shape[0]):
+                out[("layers", i) + tuple(path[1:])] = value[i]
+        else:
+            out[path] = value
+    return out
+
+
+def with_execution(model: "Decoder", *, attention_impl: Optional[str] = None, scan_layers: Optional[bool] = None,
+                   remat: Optional[str] = None) -> "Decoder":
+    """``model`` with other execution settings (:class:`ModelConfig` ``attention_impl`` / ``scan_layers`` /
+    ``remat``; None keeps the model's): the same parameter values, restacked when ``scan_layers`` changes. A
+    model already so configured is returned as it is."""
+    changes = {k: v for k, v in dict(attention_impl=attention_impl, scan_layers=scan_layers, remat=remat).items()
+               if v is not None}
+    cfg = dataclasses.replace(model.cfg, **changes)
+    if cfg == model.cfg:
+        return model
+    values = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    if model.cfg.scan_layers and not cfg.scan_layers:
+        values = unstack_layer_values(values)
+    elif cfg.scan_layers and not model.cfg.scan_layers:
+        values = stack_layer_values(values, cfg.num_layers)
+    abstract = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(values[tuple(path)])
+        flat.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _block_fn(graphdef, policy_name: str, static_layer=None):
+    """``f(state, x, positions, mask, cache, layer, valid, mask_kind) -> (x, cache, router_stats)``: one block as a
+    pure function of its parameter ``state``, under ``jax.checkpoint`` with the remat policy unless ``none``.
+    MoE router statistics are collected inside (a transform's body is a trace of its own, which the outer
+    :func:`jaxtok.models.moe.collect_router_stats` skips) and returned as outputs."""
+    from jaxtok.models.moe import collect_router_stats
+
+    def f(state, x, positions, mask, cache, layer, valid, mask_kind):
+        block = nnx.merge(graphdef, state)
+        with collect_router_stats() as seen:
+            x, cache = block(x, positions, mask, cache, layer if static_layer is None else static_layer,
+                             mask_kind, valid)
+        return x, cache, [s for _, s in seen]
+
+    if policy_name == "none":
+        return f
+    return jax.checkpoint(f, policy=remat_policy(policy_name), static_argnums=(7,))
+
+
+def _report_router_stats(owner, stats: list) -> None:
+    """Hand router statistics computed inside a transform to the enclosing :func:`collect_router_stats`."""
+    from jaxtok.models import moe
+
+    collector = moe._COLLECTOR.get()
+    if collector is not None and collector[1] == moe._trace():
+        collector[0].extend((owner, s) for s in stats)
+
+
+def run_layers(layers, cfg: ModelConfig, x, positions, mask, cache, mask_kind: str, valid):
+    """The decoder's block stack: unrolled over ``nnx.List`` ``layers``, or ``jax.lax.scan`` over the stacked
+    :class:`Block` of ``scan_layers`` (carry: hidden states and the whole KV cache, written at the traced layer
+    index); each block under ``jax.checkpoint`` with ``cfg.remat``'s policy. Returns ``(x [B, T, D], cache)``."""
+    if not cfg.scan_layers:
+        if cfg.remat == "none":  # the plain loop (no split/merge)
+            for i, block in enumerate(layers):
+                x, cache = block(x, positions, mask, cache, i, mask_kind, valid)
+            return x, cache
+        for i, block in enumerate(layers):
+            graphdef, state = nnx.split(block)
+            x, cache, stats = _block_fn(graphdef, cfg.remat, static_layer=i)(
+                state, x, positions, mask, cache, None, valid, mask_kind)
+            if isinstance(block.mlp, SparseMoE):
+                _report_router_stats(block.mlp, stats)
+        return x, cache
+    graphdef, state = nnx.split(layers)
+    fn = _block_fn(graphdef, cfg.remat)
+
+    def body(carry, xs):
+        x, cache = carry
+        state_i, i = xs
+        x, cache, stats = fn(state_i, x, positions, mask, cache, i, valid, mask_kind)
+        return (x, cache), stats
+
+    L = cfg.num_layers
+    (x, cache), stats = jax.lax.scan(body, (x, cache), (state, jnp.arange(L, dtype=jnp.int32)))
+    if isinstance(layers.mlp, SparseMoE):  # stats: per-layer RouterStats stacked [L, ...]
+        _report_router_stats(layers.mlp, [jax.tree.map(lambda a, i=i: a[i], s) for s in stats for i in range(L)])
+    return x, cache
 
 
 class Decoder(nnx.Module):
@@ -389,7 +602,10 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
         self.embed_vd = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 1.0)
-        self.layers = nnx.List([Block(cfg, rngs=rngs, sparse=cfg.is_sparse_layer(i)) for i in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs=rngs, sparse=cfg.is_sparse_layer(i)) for i in range(cfg.num_layers)]
+        # scan_layers: one Block whose parameters are the L blocks' stacked on a leading "layers" axis (the same
+        # values, drawn in the same order, as the unrolled model of the same seed)
+        self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head_dv = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, cfg.hidden_size**-0.5)
@@ -463,10 +679,14 @@ class Decoder(nnx.Module):
             q_slot = k_slot = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
         mask = attention_mask(attention, positions, valid, k_pos, k_live, block_size, q_slot, k_slot)  # [B, T, S]
 
+        # What the mask is, for attention kernels that rebuild it from lengths/segments (models/attention.py):
+        # without a cache, causal/bidirectional with padding. Causal is rebuilt in index order, which equals the
+        # position order whenever positions increase along T over valid tokens (default positions, left padding,
+        # every jaxtok data pipeline); the xla kernel reads the mask itself.
+        mask_kind = attention if cache is None and attention in ("causal", "bidirectional") else "general"
         x = jnp.take(self.embed_vd[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B, T, D]
         x = constrain(x, ("batch", "length", "act_embed"))
-        for i, block in enumerate(self.layers):
-            x, cache = block(x, positions, mask, cache, i)
+        x, cache = run_layers(self.layers, cfg, x, positions, mask, cache, mask_kind, valid)
         hidden = self.final_norm(x)
         if cache is not None:
             cache = cache.advance(T)

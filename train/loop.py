@@ -113,18 +113,29 @@ def _wrapper_of(name: str, args_mapping) -> tuple[Callable, Any]:
     return entry.meta["wrap_model"], OBJECTIVES.parse_args(name, args_mapping, f"{name} args")
 
 
+def with_model_execution(model, sec):
+    """A :class:`Decoder` with ``model.attention_impl`` / ``scan_layers`` / ``remat`` of config section ``sec``
+    (parameters restacked when ``scan_layers`` differs from the checkpoint's); other modules unchanged."""
+    from jaxtok.models.transformer import with_execution
+
+    if not isinstance(model, Decoder):
+        return model
+    return with_execution(model, attention_impl=sec.attention_impl, scan_layers=sec.scan_layers, remat=sec.remat)
+
+
 def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
     """The model of ``cfg.model``: ``init_from`` a run, an HF checkpoint, or a preset with the tokenizer's vocab."""
     sec = cfg.model
     if sec.init_from:
         model, _ = load_model(sec.init_from, mesh=mesh, dtype=sec.dtype, param_dtype=sec.param_dtype)
-        return model
+        return with_model_execution(model, sec)
     if sec.hf_path:
         model, _ = load_model(sec.hf_path, mesh=mesh, key="model.hf_path", dtype=sec.dtype,
                               param_dtype=sec.param_dtype)
-        return model
+        return with_model_execution(model, sec)
     model_cfg = presets.get(sec.preset, vocab_size=sec.vocab_size or vocab_size, dtype=sec.dtype,
-                            param_dtype=sec.param_dtype, **dict(sec.overrides))
+                            param_dtype=sec.param_dtype, attention_impl=sec.attention_impl,
+                            scan_layers=sec.scan_layers, remat=sec.remat, **dict(sec.overrides))
     if model_cfg.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
     return Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
@@ -164,6 +175,7 @@ def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
     if cfg.model.init_from:
         model, src = load_model(cfg.model.init_from, mesh=mesh, dtype=cfg.model.dtype,
                                 param_dtype=cfg.model.param_dtype)
+        model = with_model_execution(model, cfg.model)
         if src.get(WRAP_META):
             wrap_meta = {WRAP_META: src[WRAP_META], WRAP_ARGS_META: src.get(WRAP_ARGS_META) or {}}
     else:
@@ -488,6 +500,9 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     topk = rollout_topk(cfg, entry.meta) if data_kind == "rollout" else 0
     if topk:  # top-K behaviour statistics for the objective (CPPO's top-K TV/KL)
         collect = functools.partial(collect, topk=topk)
+    spec_sampler = rollout_lib.SpeculativeSampler.from_config(cfg, model_cfg, entry.meta, mesh=mesh)
+    if spec_sampler is not None:  # rollout.sampler=speculative: lossless speculative rollouts with the drafter
+        collect = functools.partial(collect, sampler=spec_sampler)
     group_adv = entry.meta.get("group_advantages")
     host_adv = group_adv if callable(group_adv) and cfg.train.micro_batches > 1 else None
     if host_adv is not None:  # whole-group advantages on the full rollout batch, before the micro-batch split
