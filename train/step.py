@@ -12,6 +12,15 @@ reduced over all devices and processes without an explicit ``psum``.
 
 The model is used functionally: ``graphdef`` is static, the train state (params, optimizer state, step, RNG) is a
 pytree with declared shardings, donated to the step.
+
+What trains (:func:`trainable`): every ``nnx.Param``, or, when the model carries LoRA adapters
+(:mod:`jaxtok.models.lora`), only the adapters' ``nnx.LoRAParam``: the base weights then sit in ``rest``, get no
+gradient and have no optimizer state.
+
+Mixed precision: with ``ModelConfig(dtype="bfloat16", param_dtype="float32")`` the parameters (master weights), their
+gradients and the optimizer state are float32 while every matmul runs in bfloat16 (weights are cast at use, see
+:mod:`jaxtok.models.transformer`); norms, attention softmax, logits and the loss stay float32. float16 compute is
+refused (:func:`make_train_step`): it needs loss scaling, which jaxtok does not implement.
 """
 
 from __future__ import annotations
@@ -44,9 +53,29 @@ class TrainState:
     rng: jax.Array
 
 
+def trainable(model: nnx.Module):
+    """The filter of the trainable variables: ``nnx.LoRAParam`` when ``model`` has LoRA adapters (only they train),
+    else ``nnx.Param``."""
+    from jaxtok.models.lora import has_lora
+
+    return nnx.LoRAParam if has_lora(model) else nnx.Param
+
+
 def split_model(model: nnx.Module):
-    """``(graphdef, params, rest)``: trainable ``nnx.Param`` variables and everything else."""
-    return nnx.split(model, nnx.Param, ...)
+    """``(graphdef, params, rest)``: the trainable variables (:func:`trainable`) and everything else."""
+    return nnx.split(model, trainable(model), ...)
+
+
+def check_trainable_dtypes(model: nnx.Module) -> None:
+    """Refuse float16 training (ValueError): float16 gradients underflow without loss scaling, which jaxtok does not
+    implement; bfloat16 has float32's exponent range and needs none."""
+    cfg = getattr(model, "cfg", None)
+    f16 = [k for k in ("dtype", "param_dtype") if getattr(cfg, k, None) == "float16"]
+    f16 += ["parameters"] * any(x.dtype == jnp.float16 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if f16:
+        raise ValueError(f"float16 training ({', '.join(dict.fromkeys(f16))}): float16 needs loss scaling, which "
+                         f"jaxtok does not implement; use dtype='bfloat16' (with param_dtype='float32' for float32 "
+                         f"master weights)")
 
 
 def merge(graphdef, params, rest) -> nnx.Module:
@@ -162,6 +191,7 @@ def make_train_step(
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches={micro_batches}: must be >= 1")
+    check_trainable_dtypes(model)
     graphdef = nnx.graphdef(model)
     frozen_graphdefs = {k: nnx.graphdef(m) for k, m in (frozen or {}).items()}
 
