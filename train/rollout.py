@@ -5,7 +5,12 @@ rollout objective consumes (``B = G · n`` rows, the ``n`` completions of a prom
 
 1. :func:`expand_groups` repeats every prompt ``n = rollout.num_generations`` times;
 2. the jitted sampler :func:`jaxtok.decode.generate.generate` completes them with the current policy (or, for the
-   GKD-style ``off_policy_fraction`` of prompt groups, with the teacher);
+   GKD-style ``off_policy_fraction`` of prompt groups, with the teacher); with ``rollout.sampler: speculative``
+   (:class:`SpeculativeSampler`) the policy's completions come from lossless speculative decoding
+   (:func:`jaxtok.decode.speculative.speculative_generate`) with a small drafter instead: the same distribution
+   (the target's, under the same temperature / top-k / top-p) and the same sampler log-probs (the target's, of
+   the processed distribution), in fewer target forwards; the drafter can be refreshed every N rollouts by
+   on-policy distillation towards the current policy (objective ``opd``);
 3. :func:`assemble` lays prompt and completion side by side in the SFT convention (``loss_mask[t]``: token ``t``
    is a completion token predicted from position ``t-1``);
 4. :func:`score_rollout` recomputes the behaviour log-probs and entropies (and, for CPPO's top-K divergences, the
@@ -143,7 +148,11 @@ def sampler_trainer_mismatch(old_logprobs: np.ndarray, sampler_logprobs: np.ndar
     return {"rollout/sampler_abs_logp_diff": float(out["abs_logp_diff"]), "rollout/sampler_kl": float(out["kl"])}
 
 
-def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh):
+def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh, sampler=None):
+    """``(tokens [B, N], valid [B, N], logprobs [B, N])`` host arrays of the policy's completions: AR
+    :func:`~jaxtok.decode.generate.generate`, or ``sampler`` (a :class:`SpeculativeSampler`) when given."""
+    if sampler is not None:
+        return sampler.sample(model, prompt, prompt_valid, settings, rng, sp, mesh)
     from jaxtok.decode.generate import generate
 
     out = generate(model, prompt, prompt_valid, max_new_tokens=settings.max_new_tokens,
@@ -152,10 +161,171 @@ def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh)
     return fetch(out.tokens), fetch(out.valid), fetch(out.logprobs)
 
 
+@dataclasses.dataclass
+class SpeculativeSampler:
+    """Speculative RL rollouts (``rollout.sampler: speculative``): the policy's completions come from
+    :func:`jaxtok.decode.speculative.speculative_generate` with an AR ``drafter`` (a ``Decoder``), the draft-length
+    ``policy`` (a ``DraftPolicy``) and at most ``draft_len`` drafts per round.
+
+    Lossless (Leviathan et al. 2023 / Chen et al. 2023, decode_methods.md §A1): drafts are accepted with
+    probability ``min(1, p/q)`` and the first rejection is resampled from ``norm(max(0, p - q))``, where p and q are
+    the target's and the drafter's distributions after the SAME sampling transform S (temperature, top-k, top-p);
+    the completions therefore have the policy's distribution S(p) exactly, as plain sampling does. The sampler
+    log-probs are ``log S(p)[token]`` at the target's verify logits (``return_logprobs``), the quantity AR
+    ``generate`` returns, so the sampler/trainer mismatch (:func:`sampler_trainer_mismatch`) stays at float
+    error without filters.
+
+    ``refresh`` (``rollout.draft_refresh_every = N > 0``, :class:`DrafterRefresh`): before every N-th rollout the
+    drafter takes ``rollout.draft_refresh_steps`` optimizer steps of on-policy distillation (objective ``opd``)
+    towards the current policy on that rollout's prompts, so it keeps agreeing with a policy that RL moves. The
+    refreshed drafter is not checkpointed: a resumed run starts again from ``rollout.draft_init_from``.
+
+    ``last`` holds the acceptance statistics of the latest call (``rollout/spec_*`` info)."""
+
+    drafter: nnx.Module
+    policy: object
+    draft_len: int
+    refresh: Optional["DrafterRefresh"] = None
+    rollouts: int = 0
+    last: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg, policy_cfg, meta: Optional[dict] = None, *, mesh=None) -> Optional["SpeculativeSampler"]:
+        """The sampler of ``cfg.rollout`` (None for ``rollout.sampler: ar``) for a policy of config ``policy_cfg``;
+        ``meta`` the objective's registry meta. ConfigError (exit 2) naming the key for a drafter that is not an
+        AR model, a vocabulary that differs from the policy's, a draft policy that does not fit, or an objective
+        whose rollouts the default collector does not make."""
+        from jaxtok.registry import DRAFT_POLICIES, ConfigError
+
+        ro = cfg.rollout
+        if ro.sampler != "speculative":
+            return None
+        meta = meta or {}
+        if meta.get("data", "rollout") != "rollout" or "collect" in meta:
+            raise ConfigError(f"rollout.sampler='speculative': objective {cfg.objective.name!r} collects its own "
+                              f"rollouts (data={meta.get('data')!r}); speculative rollouts replace the default "
+                              f"collector's sampler only")
+        if not ro.draft_init_from:
+            raise ConfigError("rollout.draft_init_from=None: rollout.sampler='speculative' needs a drafter")
+        drafter = load_drafter(ro.draft_init_from, policy_cfg, mesh=mesh, dtype=cfg.model.dtype, seed=cfg.train.seed)
+        import jaxtok.decode.draft_policies  # noqa: F401  (registration)
+
+        entry = DRAFT_POLICIES.entry(ro.draft_policy, "rollout.draft_policy")
+        if entry.meta.get("loop") == "ead" or entry.meta.get("routed"):
+            raise ConfigError(f"rollout.draft_policy={ro.draft_policy!r}: allowed a draft-length policy of one AR "
+                              f"drafter (ead is lossy, taps routes several drafters)")
+        args = DRAFT_POLICIES.parse_args(ro.draft_policy, ro.draft_policy_args, "rollout.draft_policy_args")
+        policy = entry.fn(args, hidden_size=drafter.cfg.hidden_size)
+        policy.check(int(ro.draft_len))
+        refresh = DrafterRefresh(steps=ro.draft_refresh_steps, lr=ro.draft_refresh_lr, seed=cfg.train.seed) \
+            if ro.draft_refresh_every else None
+        return cls(drafter=drafter, policy=policy, draft_len=int(ro.draft_len), refresh=refresh)
+
+    def sample(self, model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh):
+        """``(tokens [B, N], valid [B, N], logprobs [B, N])`` host arrays, as the AR path returns them."""
+        from jaxtok.decode.speculative import ModelDrafter, speculative_generate
+
+        out = speculative_generate(model, ModelDrafter.of(self.drafter), prompt, prompt_valid,
+                                   max_new_tokens=settings.max_new_tokens, draft_len=self.draft_len,
+                                   policy=self.policy, temperature=settings.temperature, top_k=settings.top_k,
+                                   top_p=settings.top_p, rng=rng, stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh,
+                                   return_logprobs=True)
+        tokens, valid, logprobs = fetch(out.tokens), fetch(out.valid), fetch(out.logprobs)
+        rounds, lengths = fetch(out.rounds), valid.sum(axis=1)
+        self.last = {"rollout/spec_tokens_per_target_forward": float(lengths.sum() / max((rounds + 1).sum(), 1)),
+                     "rollout/spec_acceptance_rate": float(fetch(out.accepted).sum()
+                                                           / max(fetch(out.drafted).sum(), 1)),
+                     "rollout/spec_target_forwards": int(out.target_forwards),
+                     "rollout/spec_draft_forwards": int(out.draft_forwards)}
+        return tokens, valid, logprobs
+
+    def before_rollout(self, model, prompts: dict, *, task, tokenizer, settings, rng, mesh, every: int) -> dict:
+        """Count this rollout and, every ``every`` rollouts after the first, refresh the drafter towards ``model``
+        (:class:`DrafterRefresh`) on ``prompts``; returns the refresh's ``rollout/draft_refresh_*`` info."""
+        self.rollouts += 1
+        if self.refresh is None or every <= 0 or self.rollouts == 1 or (self.rollouts - 1) % every:
+            return {}
+        self.drafter, info = self.refresh(self.drafter, model, prompts, task=task, tokenizer=tokenizer,
+                                          settings=settings, rng=rng, mesh=mesh)
+        return info
+
+
+def load_drafter(path: str, policy_cfg, *, mesh=None, dtype: str = "float32", seed: int = 0,
+                 key: str = "rollout.draft_init_from") -> nnx.Module:
+    """The AR drafter of speculative rollouts: a run directory or an HF folder (``load_any``), or ``preset:<name>``
+    (randomly initialised with the policy's vocabulary, seed ``seed + 1``), placed on ``mesh``. ConfigError naming
+    ``key`` for a masked-diffusion model or a vocabulary that differs from the policy's ``policy_cfg.vocab_size``."""
+    from jaxtok.models import Decoder, presets
+    from jaxtok.registry import ConfigError
+
+    if path.startswith("preset:"):
+        name = path[len("preset:"):]
+        if name not in presets.PRESETS:
+            raise ConfigError(f"{key}={path!r}: unknown preset {name!r}; allowed: preset:<one of "
+                              f"{sorted(presets.PRESETS)}>")
+        drafter = Decoder(presets.get(name, vocab_size=policy_cfg.vocab_size, dtype=dtype), rngs=nnx.Rngs(seed + 1))
+        if mesh is not None:
+            mesh_lib.shard_model(drafter, mesh)
+    else:
+        from jaxtok.models.hf import load_any
+
+        drafter, _ = load_any(path, key=key, mesh=mesh, dtype=dtype)
+    if getattr(drafter.cfg, "is_diffusion", False):
+        raise ConfigError(f"{key}={path!r}: a masked-diffusion model; speculative rollouts need an autoregressive "
+                          f"drafter")
+    if drafter.cfg.vocab_size != policy_cfg.vocab_size:
+        raise ConfigError(f"{key}={path!r}: drafter vocab_size {drafter.cfg.vocab_size} differs from the policy's "
+                          f"{policy_cfg.vocab_size}; the drafter must share the policy's vocabulary")
+    return drafter
+
+
+@dataclasses.dataclass
+class DrafterRefresh:
+    """Drafter refresh by on-policy distillation (train_methods.md §1, objective ``opd`` with its default
+    arguments: reverse KL on every completion token): the drafter (student) completes the rollout's prompts with
+    AR sampling at the rollout temperature, the current policy is the frozen teacher, and the drafter takes
+    ``steps`` AdamW steps (learning rate ``lr``) through the same jitted train step the loop uses
+    (:func:`jaxtok.train.step.make_train_step`). The drafter's optimizer state persists across refreshes."""
+
+    steps: int
+    lr: float
+    seed: int = 0
+    _step: Optional[Callable] = None
+    _graphdef: object = None
+    _state: object = None
+
+    def __call__(self, drafter, policy, prompts, *, task, tokenizer, settings, rng, mesh):
+        import optax
+
+        from jaxtok.registry import OBJECTIVES
+        from jaxtok.train.step import frozen_states, init_train_state, make_train_step
+
+        if self._step is None:  # built once: the policy's graphdef and the drafter's shapes never change
+            import jaxtok.train.objectives  # noqa: F401  (registration)
+
+            entry = OBJECTIVES.entry("opd")
+            loss_fn = functools.partial(entry.fn, args=OBJECTIVES.parse_args("opd", {}, "opd"))
+            optimizer = optax.adamw(self.lr)
+            self._graphdef, self._state = init_train_state(drafter, optimizer, seed=self.seed, mesh=mesh)
+            self._step = make_train_step(drafter, optimizer, loss_fn, mesh=mesh, frozen={"teacher": policy})
+        teacher = frozen_states({"teacher": policy})
+        losses = []
+        for i in range(self.steps):
+            student = nnx.merge(self._graphdef, self._state.params, self._state.rest)
+            ro = collect(student, prompts, task=task, tokenizer=tokenizer, settings=settings,
+                         rng=jax.random.fold_in(rng, i), mesh=mesh)
+            del student
+            self._state, metrics = self._step(self._state, mesh_lib.put_batch(ro.batch, mesh), teacher)
+            losses.append(float(metrics["loss"]))
+        return (nnx.merge(self._graphdef, self._state.params, self._state.rest),
+                {"rollout/draft_refresh_loss": losses[-1], "rollout/draft_refresh_loss_first": losses[0]})
+
+
 def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None,
             teacher: Optional[nnx.Module] = None, prepare: Optional[Callable] = None,
-            chunk_size: int = 1024, topk: int = 0) -> Rollout:
-    """One scored rollout batch (module docstring); ``settings`` is the config's ``rollout`` section.
+            chunk_size: int = 1024, topk: int = 0, sampler: Optional[SpeculativeSampler] = None) -> Rollout:
+    """One scored rollout batch (module docstring); ``settings`` is the config's ``rollout`` section; ``sampler``
+    a :class:`SpeculativeSampler` samples the policy's completions (the teacher's off-policy rows stay AR).
 
     Batch keys: ``tokens, positions, valid, loss_mask [B, T]``, ``old_logprobs, entropy [B, T]`` float32,
     ``sampler_logprobs [B, T]`` (the sampler's own log-probs, with its filters: APPO's rollout-engine log-prob),
@@ -174,8 +344,15 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
     rows = expand_groups(prompts, n)
     G = len(prompts["prompt"])
     k_student, k_teacher, k_mix = jax.random.split(rng, 3)
+    spec_info = {}
+    if sampler is not None:  # drafter refresh (rollout.draft_refresh_every), then the speculative sampler
+        spec_info = sampler.before_rollout(model, prompts, task=task, tokenizer=tokenizer, settings=settings,
+                                           rng=jax.random.fold_in(rng, 7), mesh=mesh,
+                                           every=getattr(settings, "draft_refresh_every", 0))
     completion, completion_valid, sampler_lp = _sample(model, rows["prompt"], rows["prompt_valid"], settings, k_student,
-                                                       sp, mesh)
+                                                       sp, mesh, sampler=sampler)
+    if sampler is not None:
+        spec_info.update(sampler.last)
     on_policy = np.ones(G * n, bool)
     if settings.off_policy_fraction > 0:
         if teacher is None:
@@ -214,4 +391,5 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
             "rollout/entropy_mean": float(batch["entropy"].sum() / max(batch["loss_mask"].sum(), 1))}
     info.update(sampler_trainer_mismatch(batch["old_logprobs"], batch["sampler_logprobs"],
                                          batch["loss_mask"] & on_policy[:, None]))
+    info.update(spec_info)
     return Rollout(batch=batch, completions=completions, examples=examples, info=info)
