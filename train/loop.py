@@ -193,7 +193,30 @@ def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
             wrap_meta = {WRAP_META: cfg.objective.name, WRAP_ARGS_META: args_map}
     if hasattr(model, "checkpoint_meta"):  # the module class and options load_model rebuilds (models.value)
         wrap_meta.update(model.checkpoint_meta())
+    model = add_lora(cfg, model)
+    if cfg.lora.rank:  # informative: checkpoints hold merged weights (a plain model) plus the adapters in "train"
+        wrap_meta[LORA_META] = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)}
     return model, wrap_meta
+
+
+LORA_META = "lora"  # checkpoint meta of a LoRA run: rank, alpha, targets
+
+
+def add_lora(cfg, model):
+    """``model`` with LoRA adapters of config section ``lora`` attached (:func:`jaxtok.models.lora.apply_lora`,
+    ``nnx.Rngs(train.seed + 1)``), or unchanged when ``lora.rank`` is 0. Only the adapters train
+    (:func:`jaxtok.train.step.trainable`)."""
+    from jaxtok.models import lora as lora_lib
+    from jaxtok.registry import ConfigError
+
+    sec = cfg.lora
+    if not sec.rank:
+        return model
+    try:
+        return lora_lib.apply_lora(model, lora_lib.LoraConfig(rank=sec.rank, alpha=sec.alpha, targets=sec.targets),
+                                   rngs=nnx.Rngs(cfg.train.seed + 1))
+    except ValueError as e:
+        raise ConfigError(f"lora.targets={list(sec.targets)!r}: {e}") from None
 
 
 def build_frozen_models(cfg, names, vocab_size: int, mesh=None) -> dict:
@@ -522,12 +545,22 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
                                   worker_count=cfg.data.worker_count)
     it = iter(ds)
     ck = ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, max_to_keep=cfg.train.keep_checkpoints)
+    merge_adapters = None
+    if cfg.lora.rank:  # LoRA: the train state's params are the adapters, the base weights sit in rest
+        from jaxtok.models.lora import merged_params_fn
+
+        merge_adapters = jax.jit(merged_params_fn(graphdef))
     start, damaged = 0, []
     if cfg.run.resume and ck.latest_step() is not None:
         train_part = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
+                      **({LORA_META: state.params} if merge_adapters else {}),
                       **(self_teacher.checkpoint_item(0, state) if self_teacher else {})}
+        # LoRA: the stored merged weights have the base weights' structure and shardings (read, then unused: the
+        # base comes from model.init_from / hf_path / preset again, the adapters from "train")
+        params_like = (nnx.state(nnx.merge(graphdef, state.params, state.rest), nnx.All(nnx.Param, nnx.Not(
+            nnx.LoRAParam))) if merge_adapters else state.params)
         try:  # the newest good checkpoint: damaged newer steps are moved aside
-            out, damaged = ck.restore_good(params=ckpt_lib.abstract_of(state.params),
+            out, damaged = ck.restore_good(params=ckpt_lib.abstract_of(params_like),
                                            train=ckpt_lib.abstract_of(train_part))
         except ckpt_lib.CheckpointError as e:
             ck.close()
@@ -535,8 +568,10 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
 
             raise ConfigError(f"cannot resume {run_dir}: {e}; use run.resume=false run.overwrite=true to start "
                               f"over") from None
-        state = dataclasses.replace(state, params=out["params"], **(
-            self_teacher.restored(out["train"], int(out["step"])) if self_teacher else out["train"]))
+        restored_train = dict(out["train"])
+        adapters = restored_train.pop(LORA_META, None)
+        state = dataclasses.replace(state, params=out["params"] if adapters is None else adapters, **(
+            self_teacher.restored(restored_train, int(out["step"])) if self_teacher else restored_train))
         if out["data"] is not None:
             it.set_state(out["data"])
         start = int(out["step"])
@@ -566,8 +601,11 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
     meta = {"model_config": model_config_to_dict(model_cfg), "objective": cfg.objective.name, **wrap_meta}
 
     def save(step: int) -> None:
-        ck.save(step, params=state.params, data=it.get_state(), meta=meta,
+        # LoRA: "params" holds the merged weights (a plain model for every loader), "train" the adapters
+        params = merge_adapters(state.params, state.rest) if merge_adapters else state.params
+        ck.save(step, params=params, data=it.get_state(), meta=meta,
                 train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
+                       **({LORA_META: state.params} if merge_adapters else {}),
                        **(self_teacher.checkpoint_item(step, state) if self_teacher else {})})
 
     total = cfg.train.steps
