@@ -19,12 +19,14 @@ The speculative loop calls, per round and per row (all arrays ``[B]``, no host r
 Registered: ``fixed`` (γ = ``decode.draft_len``), ``heuristic`` (+2 after a fully accepted round, −1 otherwise),
 ``confidence`` (stop after a draft token whose own probability ``q(d_j)`` is below a threshold, as HF), ``specdecpp`` (SpecDec++
 acceptance head, stop when P(any rejection) > h) and ``speckv`` (SpecKV: an MLP over the previous round's draft
-entropy/confidence picks γ ∈ {2, 4, 6, 8}).
+entropy/confidence picks γ ∈ {2, 4, 6, 8}) and ``batch_gamma`` (one γ per batch size from a measured cost model,
+γ = 0 meaning plain AR at the call site; vLLM's dynamic speculative decoding).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Tuple
 
 import jax
@@ -360,6 +362,139 @@ def speckv_head(hidden: int = 16, seed: int = 0) -> MLPHead:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Batch-size-aware γ (vLLM dynamic speculative decoding, DSpark)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def expected_tokens_per_round(alpha: float, gamma: int) -> float:
+    """E[tokens emitted by one round] = (1 − α^{γ+1}) / (1 − α) for i.i.d. per-token acceptance α and γ drafts
+    (Leviathan et al. 2023, eq. 1: the accepted prefix plus the target's own token); γ + 1 at α = 1, 1 at γ = 0."""
+    if gamma <= 0:
+        return 1.0
+    if alpha >= 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def alpha_from_accepted(mean_accepted: float, gamma: int, iters: int = 60) -> float:
+    """Invert E[accepted drafts per round] = α(1 − α^γ)/(1 − α) (= expected_tokens_per_round − 1) for α ∈ [0, 1]
+    by bisection (the function is increasing in α): the per-token acceptance that explains a fixed-γ run's mean
+    accepted length. Clamped: 0 if ``mean_accepted <= 0``, 1 if ``>= γ``."""
+    if gamma < 1:
+        raise ValueError(f"gamma={gamma!r}: allowed integers >= 1")
+    if mean_accepted <= 0.0:
+        return 0.0
+    if mean_accepted >= gamma:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if expected_tokens_per_round(mid, gamma) - 1.0 < mean_accepted:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def interp_log_batch(batch: int, batch_sizes, values) -> float:
+    """Piecewise-linear interpolation of ``values`` (one per calibrated batch size, increasing) in log2(batch);
+    clamped to the end values outside the calibrated range. One value: constant."""
+    bs = [float(b) for b in batch_sizes]
+    vs = [float(v) for v in values]
+    if len(vs) == 1:
+        return vs[0]
+    x = math.log2(max(batch, 1))
+    xs = [math.log2(b) for b in bs]
+    if x <= xs[0]:
+        return vs[0]
+    if x >= xs[-1]:
+        return vs[-1]
+    for i in range(len(xs) - 1):
+        if xs[i] <= x <= xs[i + 1]:
+            t = (x - xs[i]) / (xs[i + 1] - xs[i])
+            return vs[i] + t * (vs[i + 1] - vs[i])
+    return vs[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchGammaArgs:
+    """A cost model per calibrated batch size (all lists as long as ``batch_sizes``, increasing; a one-element list
+    applies to every batch size): ``acceptance`` α_B (i.i.d. per-token acceptance, e.g. from
+    :func:`alpha_from_accepted`), ``draft_cost`` c_B = one drafter step / one target AR step, ``verify_cost`` k_B =
+    the extra cost of each verified position (a verification of γ + 1 tokens costs 1 + k_B·γ target steps),
+    ``round_overhead`` o_B = per-round work besides the forwards (acceptance, cache rollback, the drafter's re-fed
+    window), in target steps. ``candidates``: the draft lengths to choose from; 0 = plain AR."""
+
+    batch_sizes: Tuple[int, ...] = (1,)
+    acceptance: Tuple[float, ...] = (0.8,)
+    draft_cost: Tuple[float, ...] = (0.1,)
+    verify_cost: Tuple[float, ...] = (0.0,)
+    round_overhead: Tuple[float, ...] = (0.0,)
+    candidates: Tuple[int, ...] = (0, 2, 4, 6, 8)
+
+    def __post_init__(self):
+        n = len(self.batch_sizes)
+        if n < 1 or any(int(b) < 1 for b in self.batch_sizes) or list(self.batch_sizes) != sorted(
+                set(self.batch_sizes)):
+            raise ValueError(f"batch_sizes={list(self.batch_sizes)!r}: allowed increasing integers >= 1")
+        for name in ("acceptance", "draft_cost", "verify_cost", "round_overhead"):
+            v = getattr(self, name)
+            if len(v) not in (1, n):
+                raise ValueError(f"{name}={list(v)!r}: allowed one value or one per batch size ({n})")
+            if any(x < 0 for x in v):
+                raise ValueError(f"{name}={list(v)!r}: allowed values >= 0")
+        if any(a > 1 for a in self.acceptance):
+            raise ValueError(f"acceptance={list(self.acceptance)!r}: allowed values in [0, 1]")
+        if not self.candidates or any(int(c) < 0 for c in self.candidates):
+            raise ValueError(f"candidates={list(self.candidates)!r}: allowed a non-empty list of integers >= 0")
+
+
+def batch_gamma_speedup(gamma: int, alpha: float, c: float, k: float, overhead: float) -> float:
+    """Modelled speedup over AR of fixed-γ speculative decoding at one batch size:
+    ``E_tokens(α, γ) / (1 + k·γ + c·γ + o)`` (time per round in target AR steps: one verification of γ + 1 tokens,
+    γ drafter steps, the round's overhead); exactly 1 for γ = 0 (plain AR)."""
+    if gamma <= 0:
+        return 1.0
+    return expected_tokens_per_round(alpha, gamma) / (1.0 + k * gamma + c * gamma + overhead)
+
+
+def batch_gamma_choice(args: BatchGammaArgs, batch: int) -> tuple[int, dict]:
+    """``(γ*, {γ: modelled speedup})``: the candidate with the largest :func:`batch_gamma_speedup` at ``batch``
+    (cost-model parameters interpolated in log batch size); ties go to the smaller γ, so γ = 0 (AR) wins unless
+    speculation is modelled strictly faster."""
+    n = len(args.batch_sizes)
+
+    def at(v):
+        return interp_log_batch(batch, args.batch_sizes if len(v) == n else args.batch_sizes[:1], v)
+
+    a, c, k, o = at(args.acceptance), at(args.draft_cost), at(args.verify_cost), at(args.round_overhead)
+    scores = {int(g): batch_gamma_speedup(int(g), a, c, k, o) for g in sorted(set(args.candidates))}
+    best = max(scores, key=lambda g: (scores[g], -g))
+    return best, scores
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BatchGamma(DraftPolicy):
+    """Batch-size-aware draft length (vLLM's dynamic speculative decoding; DSpark): γ is a function of the batch
+    size alone, chosen before decoding by :func:`batch_gamma_choice`, the same for every row and round.
+
+    γ* = 0 means "do not speculate". The speculative loop cannot turn itself into AR (a round always re-feeds the
+    drafter's window and verifies ``draft_len`` + 1 positions), so the caller asks :meth:`gamma_for` first and runs
+    plain AR (``generate``) when it is 0, else ``speculative_generate`` with ``draft_len = γ*``; inside the loop
+    ``round_gamma`` caps rows at ``min(γ*, draft_len)``."""
+
+    args: BatchGammaArgs = dataclasses.field(default_factory=BatchGammaArgs, metadata=dict(static=True))
+
+    def gamma_for(self, batch: int) -> int:
+        """γ* at ``batch`` rows (0 = run AR instead)."""
+        return batch_gamma_choice(self.args, batch)[0]
+
+    def round_gamma(self, state, gamma_max, batch):
+        return jnp.full((batch,), min(self.gamma_for(batch), gamma_max), jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registry and construction
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -409,6 +544,11 @@ def make_speckv(args: SpecKVArgs, *, head: Optional[MLPHead] = None, **_) -> Spe
         head = speckv_head(args.hidden, args.seed)
     graphdef, state = nnx.split(head)
     return SpecKV(head_graphdef=graphdef, head_state=state, args=args)
+
+
+@DRAFT_POLICIES.register("batch_gamma", BatchGammaArgs)
+def make_batch_gamma(args: BatchGammaArgs, **_) -> BatchGamma:
+    return BatchGamma(args=args)
 
 
 def build_policy(name: Optional[str] = "fixed", args: Any = None, **context) -> DraftPolicy:
