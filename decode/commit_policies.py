@@ -25,7 +25,9 @@ Entry meta: ``scheduled`` (the block is decoded in ``steps_per_block`` steps), `
 (the loop passes ``heads["lookahead"](pos [B, C], tok [B, C]) -> logits [B, C, N, V]``: one batched forward of C
 copies of the current state, each with one more token committed), ``needs_hidden`` (``info.hidden`` is filled),
 ``verifier`` (``heads["verify"](drafts [B, N], start [B]) -> logits [B, K, V]``: the same model in AR mode —
-causal attention, i.e. block size 1 — predicting generation index ``start + c`` with the drafts filled before it).
+causal attention, i.e. block size 1 — predicting generation index ``start + c`` with the drafts filled before it),
+``window`` (Dystruct: the model sees only generated positions ``< state["window"] [B]``, the rest are padding and
+never eligible; ``init_state(B, N, args)`` gets the policy's arguments).
 """
 
 from __future__ import annotations
@@ -127,11 +129,11 @@ class Decision:
 
 
 def register(name: str, args_cls, *, scheduled: bool = False, init_state=None, block_rule=None, heads=(),
-             lookahead: bool = False, needs_hidden: bool = False, verifier: bool = False):
+             lookahead: bool = False, needs_hidden: bool = False, verifier: bool = False, window: bool = False):
     """``@register("threshold", ThresholdArgs)``: a commit policy with its loop meta (module docstring)."""
     return COMMIT_POLICIES.register(name, args_cls, scheduled=scheduled, init_state=init_state,
                                     block_rule=block_rule, heads=tuple(heads), lookahead=lookahead,
-                                    needs_hidden=needs_hidden, verifier=verifier)
+                                    needs_hidden=needs_hidden, verifier=verifier, window=window)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,6 +469,131 @@ def bacd(info: StepInfo, args: BACDArgs, state, spec: LoopSpec, heads=None) -> D
     tau = jnp.clip(jnp.where(c > 0, s / jnp.maximum(c, 1.0), best), args.lower, args.upper)
     commit = threshold_commit(info.conf, info.eligible, tau)
     new = {"sum": s + jnp.sum(jnp.where(commit, info.conf, 0.0), -1), "count": c + jnp.sum(commit, -1)}
+    return Decision(commit, info.x0, new)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# B18 Dystruct [INFERRED from the abstract: the spec's minimal instantiation; experimental]
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DystructArgs(SamplerArgs):
+    """Dystruct (§B18, INFERRED). ``threshold``: the in-block Fast-dLLM rule τ; ``init_window``: generated positions
+    the model sees at the start (the loop's ``gen_len`` is the maximum); ``expand``: the cap on one window expansion;
+    ``margin``: the inferred end must lie this many positions inside the window, else the window expands;
+    ``p_expand``: expand when ``P(end >= window - margin) >= p_expand``; ``end_confidence``: a block closes at the
+    MAP end when its posterior is at least this; ``delimiter_ids`` / ``delta``: the structural block boundary of
+    AdaBlock (§B12); ``readout``: the length-readout baseline instead — the first forward sees every position, the
+    window is set once to ``MAP end + 1 + margin`` (widened only if used up without an end)."""
+
+    threshold: float = 0.9
+    init_window: int = 8
+    expand: int = 8
+    margin: int = 1
+    p_expand: float = 0.5
+    end_confidence: float = 0.5
+    delimiter_ids: tuple[int, ...] = (29, 31)
+    delta: float = 0.3
+    readout: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_window < 1 or self.expand < 1 or self.margin < 0:
+            raise ValueError(f"init_window={self.init_window}, expand={self.expand} must be >= 1 and "
+                             f"margin={self.margin} >= 0")
+        for name in ("threshold", "p_expand", "end_confidence", "delta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: allowed [0, 1]")
+
+
+def stop_probability(logits: jax.Array, stop_ids) -> jax.Array:
+    """``[B, N]`` probability that each position holds a terminator: ``Σ_{t in stop_ids} softmax(logits)[t]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(logp[..., jnp.asarray(tuple(stop_ids), jnp.int32)]), axis=-1)
+
+
+def end_posterior(hazard: jax.Array, open_: jax.Array):
+    """Posterior of the response end (§B18, INFERRED): ``P(end = j) = h_j · Π_{i<j} (1 − h_i)`` with hazard
+    ``h = hazard`` on ``open_`` positions (still masked and visible) and 0 elsewhere (decoded non-terminators);
+    ``beyond = Π_j (1 − h_j)``, the mass past the visible window. Returns ``(post [B, N], beyond [B])``; ``post``
+    sums with ``beyond`` to 1."""
+    h = jnp.where(open_, jnp.clip(hazard, 0.0, 1.0), 0.0)
+    log_keep = jnp.log(jnp.maximum(1.0 - h, 1e-30))
+    surv = jnp.cumsum(log_keep, axis=-1)  # log Π_{i<=j} (1 - h_i)
+    before = jnp.concatenate([jnp.zeros_like(surv[:, :1]), surv[:, :-1]], axis=-1)  # log Π_{i<j}
+    return h * jnp.exp(before), jnp.exp(surv[:, -1])
+
+
+def _dystruct_state(b: int, n: int, args: DystructArgs) -> dict:
+    w = n if args.readout else min(args.init_window, n)
+    return {"window": jnp.full((b,), w, jnp.int32), "visible_sum": jnp.zeros((b,), jnp.int32),
+            "expansions": jnp.zeros((b,), jnp.int32), "probed": jnp.zeros((b,), bool)}
+
+
+def _visible_end(masked: jax.Array) -> jax.Array:
+    """``[B]`` one past the last visible masked position (0 where none): the window end seen by the block rule."""
+    n = masked.shape[-1]
+    return jnp.where(jnp.any(masked, -1), n - jnp.argmax(masked[:, ::-1], axis=-1), 0).astype(jnp.int32)
+
+
+def dystruct_end(info: StepInfo, args: DystructArgs, start: jax.Array, spec: LoopSpec) -> jax.Array:
+    """Dystruct block boundary (§B18): the nearest of (a) ``start + block_len`` capped at the window, (b) one past
+    the MAP end when ``P(end = j*) >= end_confidence`` (the block closes the response), (c) AdaBlock's most
+    confident delimiter within (a) if its confidence is ``>= delta``. Returns the end ``[B]`` (> start)."""
+    n = spec.gen_len
+    idx = jnp.arange(n)[None, :]
+    w = jnp.maximum(_visible_end(info.masked), start + 1)  # [B]
+    end = jnp.minimum(start + spec.block_len, w)
+    post, _ = end_posterior(stop_probability(info.logits, spec.stop_ids), info.masked & (idx >= start[:, None]))
+    j = jnp.argmax(post, axis=-1)
+    end = jnp.where(jnp.max(post, -1) >= args.end_confidence, jnp.minimum(end, j + 1), end)
+    delim = jnp.isin(info.x0, jnp.asarray(args.delimiter_ids, jnp.int32))
+    cand = delim & info.masked & (idx >= start[:, None]) & (idx < end[:, None])
+    score = jnp.where(cand, info.conf, -1.0)
+    end = jnp.where(jnp.max(score, -1) >= args.delta, jnp.minimum(end, jnp.argmax(score, -1) + 1), end)
+    return jnp.maximum(end, start + 1).astype(jnp.int32)
+
+
+def dystruct_window(post: jax.Array, beyond: jax.Array, window: jax.Array, exhausted: jax.Array,
+                    args: DystructArgs, n: int) -> jax.Array:
+    """The window expansion step (§B18, INFERRED): ``P(end >= window − margin) = beyond + Σ_{j >= window − margin}
+    post_j``; if it is ``>= p_expand`` (the response runs into the edge of what the model sees) or the window is used
+    up without an end (``exhausted``), widen by ``expand`` positions (at most ``n``). ``[B]``."""
+    idx = jnp.arange(post.shape[-1])[None, :]
+    edge = beyond + jnp.sum(jnp.where(idx >= (window - args.margin)[:, None], post, 0.0), axis=-1)
+    grow = (edge >= args.p_expand) | exhausted
+    return jnp.where(grow, jnp.minimum(window + args.expand, n), window).astype(jnp.int32)
+
+
+@register("dystruct", DystructArgs, init_state=_dystruct_state, block_rule=dystruct_end, window=True)
+def dystruct(info: StepInfo, args: DystructArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Dystruct (§B18, INFERRED, experimental): flexible-length decoding of a fixed-length diffusion LM. The model sees
+    a window of ``state["window"]`` generated positions; every step the end posterior (:func:`end_posterior`, from
+    the terminator probabilities of the visible masked positions) decides whether to widen the window
+    (:func:`dystruct_window`); blocks end at the inferred end or a delimiter (:func:`dystruct_end`); inside a block
+    the Fast-dLLM threshold rule commits. ``readout``: the first forward sees all positions and fixes the window at
+    the MAP end (a length readout from the prompt)."""
+    n = spec.gen_len
+    commit = threshold_commit(info.conf, info.eligible, args.threshold)
+    window = state["window"]
+    post, beyond = end_posterior(stop_probability(info.logits, spec.stop_ids), info.masked)
+    ends_now = jnp.any(commit & info.is_stop, axis=-1)
+    exhausted = ~jnp.any(info.masked & ~commit, axis=-1) & ~ends_now  # no visible mask left and no end committed
+    if args.readout:
+        j = jnp.where(beyond > jnp.max(post, -1), n - 1, jnp.argmax(post, -1))  # MAP end, beyond -> the last slot
+        first = ~state["probed"]
+        new_w = jnp.where(first, jnp.clip(j + 1 + args.margin, 1, n), window)
+        new_w = jnp.where(~first & exhausted, jnp.minimum(window + args.expand, n), new_w)
+        # the probe's own commits must stay inside the new window: none beyond it
+        commit = commit & (jnp.arange(n)[None, :] < new_w[:, None])
+        commit = commit | (top1(info.conf, info.eligible) & ~jnp.any(commit, -1, keepdims=True))
+        new_w = jnp.maximum(new_w, jnp.where(jnp.any(commit, -1), n - jnp.argmax(commit[:, ::-1], -1), 0))
+    else:
+        new_w = dystruct_window(post, beyond, window, exhausted, args, n)
+    new = {"window": new_w.astype(jnp.int32), "visible_sum": state["visible_sum"] + window,
+           "expansions": state["expansions"] + (new_w > window).astype(jnp.int32), "probed": jnp.ones_like(
+               state["probed"])}
     return Decision(commit, info.x0, new)
 
 
@@ -848,5 +975,5 @@ __all__ = [
     "scatter_block", "LLaDAArgs", "ThresholdArgs", "FactorArgs", "ProphetArgs", "AdaBlockArgs", "EOSERArgs",
     "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs", "TraceLockArgs", "S2D2Args",
     "infogain_candidates", "s2d2_alpha", "s2d2_expected_accepts", "s2d2_score", "s2d2_hysteresis", "s2d2_context",
-    "s2d2_ucb_choose",
+    "s2d2_ucb_choose", "DystructArgs", "stop_probability", "end_posterior", "dystruct_end", "dystruct_window",
 ]

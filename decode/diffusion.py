@@ -71,7 +71,7 @@ class DiffusionResult:
     ``tokens [B, N]`` int32 generated ids (``mask_id`` where a row hit the cap; ``pad_id`` where ``stop_early``
     filled); ``valid [B, N]`` up to and including the first terminator; ``lengths [B]``; ``done [B]``;
     ``nfe [B]`` int32 forwards the row took part in; ``commit_step [B, N]`` int32 step at which each position was
-    committed (-1: never); ``num_steps []`` loop iterations."""
+    committed (-1: never); ``num_steps []`` loop iterations; ``policy_state`` the policy's final carry."""
 
     tokens: jax.Array
     valid: jax.Array
@@ -80,6 +80,7 @@ class DiffusionResult:
     nfe: jax.Array
     commit_step: jax.Array
     num_steps: jax.Array
+    policy_state: Any = None  # the policy's final carry (Dystruct: window, visible-position sums)
 
 
 @jax.tree_util.register_dataclass
@@ -186,20 +187,22 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
     cap = max(n, nb_max * spec.steps_per_block) + nb_max
 
     needs_hidden = bool(entry.meta.get("needs_hidden"))
+    windowed = bool(entry.meta.get("window"))  # Dystruct: the model sees generated positions < pstate["window"]
 
-    def forward_full(x):
+    def forward_full(x, visible=None):
         model = nnx.merge(graphdef, model_state)
+        fv = full_valid if visible is None else jnp.concatenate([prompt_valid, visible], axis=1)  # windowed: [B, L]
         if args.cfg_scale > 0:  # LLaDA unsupervised CFG: un-conditional = prompt replaced by masks
             un_x = x.at[:, :p].set(jnp.where(prompt_valid, mask, x[:, :p]))
-            out = model(jnp.concatenate([x, un_x]), valid=jnp.concatenate([full_valid, full_valid]),
+            out = model(jnp.concatenate([x, un_x]), valid=jnp.concatenate([fv, fv]),
                         attention=attention, block_size=block_size, logits_at=jnp.concatenate([gen_cols, gen_cols]))
             cond, uncond = out.logits[:b], out.logits[b:]
             return uncond + (args.cfg_scale + 1.0) * (cond - uncond)
         if needs_hidden:
-            out = model(x, valid=full_valid, attention=attention, block_size=block_size, logits_at=gen_cols,
+            out = model(x, valid=fv, attention=attention, block_size=block_size, logits_at=gen_cols,
                         return_hidden=True)
             return out.logits, out.hidden[:, p:]
-        return model(x, valid=full_valid, attention=attention, block_size=block_size, logits_at=gen_cols).logits
+        return model(x, valid=fv, attention=attention, block_size=block_size, logits_at=gen_cols).logits
 
     bs = block_size or 1
 
@@ -298,8 +301,11 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
 
     def body(s: _State) -> _State:
         gen = s.x[:, p:]
+        visible = (idx < s.pstate["window"][:, None]) if windowed else None  # [B, N]
         masked = (gen == mask) & ~s.done[:, None]  # [B, N]
         live = jnp.any(masked, axis=-1)
+        if windowed:  # a live row whose window is used up still runs (its policy widens the window)
+            masked = masked & visible
         keys = _row_keys(rng, s.step, b)
         extra_nfe = jnp.zeros((b,), jnp.int32)
         new, start = block_starts(s, masked)
@@ -327,7 +333,7 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
             logits, cache = forward_window(s.x, cache, base, kb)
             s = dataclasses.replace(s, cache=cache, base=base, cached_kb=cached_kb)
         else:
-            logits = forward_full(s.x)
+            logits = forward_full(s.x, visible)
         hidden = None
         if needs_hidden:
             logits, hidden = logits
@@ -376,7 +382,7 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
     state = _State(
         x=x, commit_step=jnp.full((b, n), -1, jnp.int32), step=jnp.zeros((), jnp.int32), nfe=zeros,
         done=jnp.zeros((b,), bool), lo=zeros, hi=zeros, block_step=zeros, block_masks=zeros,
-        pstate=init_state(b, n) if init_state else {},
+        pstate=(init_state(b, n, args) if windowed else init_state(b, n)) if init_state else {},
         cache=(KVCache.init(nnx.merge(graphdef, model_state).cfg, b, length + n + 4 * bs) if use_cache else
                KVCache.init(nnx.merge(graphdef, model_state).cfg, b, length + width) if approx else None),
         base=zeros if use_cache else None, cached_kb=jnp.full((b,), -(10**6), jnp.int32) if use_cache else None)
@@ -384,7 +390,8 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
     gen = state.x[:, p:]
     first = first_true_index(jnp.isin(gen, stop))
     return DiffusionResult(tokens=gen, valid=idx <= first[:, None], lengths=jnp.minimum(first + 1, n),
-                           done=state.done, nfe=state.nfe, commit_step=state.commit_step, num_steps=state.step)
+                           done=state.done, nfe=state.nfe, commit_step=state.commit_step, num_steps=state.step,
+                           policy_state=state.pstate)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,7 +476,7 @@ def diffusion_generate(
                 raise ValueError(f"{name}: id {t!r} is outside the vocabulary [0, {cfg.vocab_size})")
     if mask_id in tuple(stop_tokens) or mask_id == pad_id:
         raise ValueError(f"mask_id={mask_id} must differ from pad_id={pad_id} and stop_tokens={tuple(stop_tokens)}")
-    if args.cache != "none" and any(entry.meta.get(k) for k in ("lookahead", "needs_hidden", "verifier")):
+    if args.cache != "none" and any(entry.meta.get(k) for k in ("lookahead", "needs_hidden", "verifier", "window")):
         raise ConfigError(f"policy {policy!r} reads full-sequence forwards (lookahead / hidden states): use "
                           f"cache='none'")
     if args.cfg_scale > 0 and entry.meta.get("needs_hidden"):
