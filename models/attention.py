@@ -26,7 +26,8 @@ Implementations (``model.attention_impl``):
   (:class:`ValueError` naming the kind and the impl): a per-row dynamic mask is not what the kernel takes.
   Off TPU it runs in Pallas interpret mode (slow; for parity tests only).
 * ``auto``: ``pallas`` on TPU, ``dot_product_attention`` on GPU, ``xla`` elsewhere; where the chosen kernel cannot
-  take the mask kind (``general`` on TPU) it falls back to ``xla`` (:func:`resolve_impl` says which).
+  take the call it falls back to ``xla`` (:func:`resolve_impl` says which): ``general`` masks on TPU, a float32
+  model or a head_dim cuDNN does not take on GPU.
 
 Rows of padding queries (fully masked) differ between kernels: ``xla`` gives them a uniform softmax over all keys,
 the segment-id kernels attend padding to padding. Their outputs are never read by valid tokens (padding keys are
@@ -52,10 +53,22 @@ def _backend() -> str:
     return jax.default_backend()
 
 
-def resolve_impl(impl: str, kind: str, backend: Optional[str] = None) -> str:
+def _cudnn_refusal(dtype, head_dim: Optional[int]) -> Optional[str]:
+    """Why cuDNN flash attention cannot take these operands (it runs float16/bfloat16, head_dim a multiple of 8 up
+    to 128), or None."""
+    if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN flash attention runs bfloat16/float16 only, got {jnp.dtype(dtype)} (model.dtype)"
+    if head_dim is not None and (head_dim % 8 or head_dim > 128):
+        return f"cuDNN flash attention needs head_dim a multiple of 8 up to 128, got {head_dim}"
+    return None
+
+
+def resolve_impl(impl: str, kind: str, backend: Optional[str] = None, dtype=None,
+                 head_dim: Optional[int] = None) -> str:
     """The kernel ``attend`` runs for ``impl`` on ``backend`` (default: JAX's default backend) and mask ``kind``:
-    ``auto`` -> ``pallas`` on TPU (``xla`` for ``general`` masks), ``dot_product_attention`` on GPU, ``xla``
-    otherwise. An explicit impl that cannot take ``kind`` raises :class:`ValueError` naming both."""
+    ``auto`` -> ``pallas`` on TPU (``xla`` for ``general`` masks), ``dot_product_attention`` on GPU when cuDNN
+    takes the compute ``dtype`` and ``head_dim`` (else ``xla``), ``xla`` otherwise. An explicit impl that cannot
+    take the call raises :class:`ValueError` naming the impl and the reason (the mask kind, the dtype)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r}: allowed {ATTENTION_IMPLS}")
     if kind not in MASK_KINDS:
@@ -64,7 +77,14 @@ def resolve_impl(impl: str, kind: str, backend: Optional[str] = None) -> str:
     if impl == "auto":
         if backend == "tpu":
             return "pallas" if kind != "general" else "xla"
-        return "dot_product_attention" if backend == "gpu" else "xla"
+        if backend == "gpu" and _cudnn_refusal(dtype, head_dim) is None:
+            return "dot_product_attention"
+        return "xla"
+    if impl == "dot_product_attention" and backend == "gpu":
+        why = _cudnn_refusal(dtype, head_dim)
+        if why:
+            raise ValueError(f"attention_impl='dot_product_attention' on GPU: {why}; use attention_impl='auto' "
+                             f"(falls back to 'xla') or 'xla'")
     if impl == "pallas" and kind == "general":
         raise ValueError(
             "attention_impl='pallas' (splash attention) takes causal or bidirectional masks with padding only; "
@@ -80,8 +100,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, kind: M
     ``kind`` says what ``mask`` is (module docstring); ``valid [B, T]`` (T == S) is the token validity the
     structured kernels rebuild padding from (default: every token valid). ``dtype``: the compute dtype of the
     probabilities (default ``q.dtype``); scores and softmax statistics are float32 in every impl."""
-    impl = resolve_impl(impl, kind)
     dt = jnp.dtype(dtype or q.dtype)
+    impl = resolve_impl(impl, kind, dtype=q.dtype, head_dim=q.shape[-1])
     # Masked keys get probability 0, but 0 * NaN is NaN: zero the values of keys no query may read (stale or
     # padding cache slots may hold anything).
     v = jnp.where(jnp.any(mask, axis=1)[:, :, None, None], v, jnp.zeros((), v.dtype))

@@ -107,7 +107,11 @@ def test_pallas_splash_interpret_matches_xla_forward_and_grad():
 
 def test_impl_resolution_per_backend_and_refusals():
     assert resolve_impl("auto", "causal", "cpu") == "xla"
-    assert resolve_impl("auto", "general", "gpu") == "dot_product_attention"
+    assert resolve_impl("auto", "general", "gpu", jnp.bfloat16, 128) == "dot_product_attention"
+    assert resolve_impl("auto", "causal", "gpu", jnp.float32, 128) == "xla"  # cuDNN: bfloat16/float16 only
+    assert resolve_impl("auto", "causal", "gpu", jnp.bfloat16, 256) == "xla"
+    with pytest.raises(ValueError, match="bfloat16/float16 only"):
+        resolve_impl("dot_product_attention", "causal", "gpu", jnp.float32, 64)
     assert resolve_impl("auto", "causal", "tpu") == "pallas"
     assert resolve_impl("auto", "bidirectional", "tpu") == "pallas"
     assert resolve_impl("auto", "general", "tpu") == "xla"  # block_causal / siblings / KV cache on TPU
