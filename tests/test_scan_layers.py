@@ -173,3 +173,21 @@ def test_config_keys():
         ModelSection(remat="everything")
     with pytest.raises(ValueError, match="ModelConfig.remat"):
         _cfg(remat="everything")
+
+
+def test_config_keys_reach_the_built_model(tmp_path):
+    from jaxtok.config import load_config
+    from jaxtok.train.loop import build_model, with_model_execution
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: tiny_student, scan_layers: true, remat: save_qkv_proj, attention_impl: xla}\n")
+    cfg = load_config(path)
+    model = build_model(cfg, 64)
+    assert (model.cfg.scan_layers, model.cfg.remat, model.cfg.attention_impl) == (True, "save_qkv_proj", "xla")
+    assert model.layers.attn.q_weight_dhn.get_value().shape[0] == model.cfg.num_layers
+    # a loaded (unrolled) model is restacked to the configured layout
+    unrolled = Decoder(dataclasses.replace(model.cfg, scan_layers=False, remat="none"), rngs=nnx.Rngs(0))
+    again = with_model_execution(unrolled, cfg.model)
+    assert again.cfg == model.cfg
+    with pytest.raises(ConfigError, match="model.scan_layers"):
+        load_config(path, ["model.scan_layers=maybe"])
