@@ -528,7 +528,8 @@ def end_posterior(hazard: jax.Array, open_: jax.Array):
 def _dystruct_state(b: int, n: int, args: DystructArgs) -> dict:
     w = n if args.readout else min(args.init_window, n)
     return {"window": jnp.full((b,), w, jnp.int32), "visible_sum": jnp.zeros((b,), jnp.int32),
-            "expansions": jnp.zeros((b,), jnp.int32), "probed": jnp.zeros((b,), bool)}
+            "expansions": jnp.zeros((b,), jnp.int32), "probed": jnp.zeros((b,), bool),
+            "steps_at": jnp.zeros((b, n + 1), jnp.int32)}  # [B, N+1] forwards run at each window size
 
 
 def _visible_end(masked: jax.Array) -> jax.Array:
@@ -566,6 +567,13 @@ def dystruct_window(post: jax.Array, beyond: jax.Array, window: jax.Array, exhau
     return jnp.where(grow, jnp.minimum(window + args.expand, n), window).astype(jnp.int32)
 
 
+def window_waste(steps_at: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Generated positions the model saw beyond the response over a whole decode, ``Σ_t max(0, W_t − L)`` per row
+    (``[B]``), from ``steps_at [B, N+1]`` (forwards run at each window size W) and the final ``lengths [B]``."""
+    w = jnp.arange(steps_at.shape[-1])[None, :]
+    return jnp.sum(steps_at * jnp.maximum(w - lengths[:, None], 0), axis=-1)
+
+
 @register("dystruct", DystructArgs, init_state=_dystruct_state, block_rule=dystruct_end, window=True)
 def dystruct(info: StepInfo, args: DystructArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """Dystruct (§B18, INFERRED, experimental): flexible-length decoding of a fixed-length diffusion LM. The model sees
@@ -592,8 +600,9 @@ def dystruct(info: StepInfo, args: DystructArgs, state, spec: LoopSpec, heads=No
     else:
         new_w = dystruct_window(post, beyond, window, exhausted, args, n)
     new = {"window": new_w.astype(jnp.int32), "visible_sum": state["visible_sum"] + window,
-           "expansions": state["expansions"] + (new_w > window).astype(jnp.int32), "probed": jnp.ones_like(
-               state["probed"])}
+           "expansions": state["expansions"] + (new_w > window).astype(jnp.int32),
+           "probed": jnp.ones_like(state["probed"]),
+           "steps_at": state["steps_at"] + (jnp.arange(n + 1)[None, :] == window[:, None]).astype(jnp.int32)}
     return Decision(commit, info.x0, new)
 
 
@@ -976,4 +985,5 @@ __all__ = [
     "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs", "TraceLockArgs", "S2D2Args",
     "infogain_candidates", "s2d2_alpha", "s2d2_expected_accepts", "s2d2_score", "s2d2_hysteresis", "s2d2_context",
     "s2d2_ucb_choose", "DystructArgs", "stop_probability", "end_posterior", "dystruct_end", "dystruct_window",
+    "window_waste",
 ]

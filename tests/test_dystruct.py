@@ -51,6 +51,12 @@ def test_window_expansion_by_hand():
     np.testing.assert_array_equal(w, [3, 6, 6])  # 3 + 4 capped at n = 6
 
 
+def test_window_waste_by_hand():
+    steps_at = jnp.zeros((2, 9), jnp.int32).at[0, 4].set(2).at[0, 8].set(3).at[1, 8].set(5)
+    # row 0: 2 forwards at W=4 (< L=6: no waste) + 3 at W=8 (2 each) = 6; row 1: 5 forwards at 8 with L=3 -> 25
+    np.testing.assert_array_equal(cp.window_waste(steps_at, jnp.asarray([6, 3])), [6, 25])
+
+
 def test_stop_probability_sums_the_terminators():
     logits = jnp.log(jnp.asarray([[[0.1, 0.2, 0.3, 0.4]]]))
     np.testing.assert_allclose(cp.stop_probability(logits, (1, 3)), [[0.6]], atol=1e-6)
@@ -62,6 +68,7 @@ def test_full_window_without_structure_is_threshold(model):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.nfe, b.nfe)
     np.testing.assert_array_equal(a.policy_state["expansions"], 0)
+    np.testing.assert_array_equal(a.policy_state["steps_at"][:, 12], a.nfe)  # every forward saw all 12
 
 
 def test_hidden_positions_are_not_seen(model):
