@@ -106,11 +106,17 @@ def _breakdown(model, state, weight_bytes: int, peak: float, capacity: int, repe
             "cached_forward": _timed(lambda: step(state, cache, tok), repeats) * 1e3}
 
 
+def execution_options(sec) -> dict:
+    """The ``ModelConfig`` execution fields of config section ``model`` (``attention_impl``, ``scan_layers``,
+    ``remat``), so a bench measures the model as a training or decoding run builds it."""
+    return {k: getattr(sec, k) for k in ("attention_impl", "scan_layers", "remat") if hasattr(sec, k)}
+
+
 @BENCHES.register("decode", DecodeBenchArgs)
 def decode_bench(cfg, run_dir: str | Path, args: DecodeBenchArgs) -> dict:
     """Prefill and decode throughput and achieved bandwidth of ``cfg.model.preset`` at each batch size."""
     model_cfg = presets.get(cfg.model.preset, vocab_size=cfg.model.vocab_size or 64, dtype=cfg.model.dtype,
-                            param_dtype=cfg.model.param_dtype)
+                            param_dtype=cfg.model.param_dtype, **execution_options(cfg.model))
     model = Decoder(model_cfg, rngs=nnx.Rngs(0))
     peak, peak_src = peak_bandwidth(args.calibration_mb)
     weight_bytes = num_params(model_cfg) * jnp.dtype(model_cfg.param_dtype).itemsize

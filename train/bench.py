@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtok.config import build_optimizer
+from jaxtok.decode.bench import execution_options
 from jaxtok.metrics import device_table_value, write_results
 from jaxtok.models import Decoder, flops_per_token, num_params, presets
 from jaxtok.registry import BENCHES
@@ -153,7 +154,8 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
     vocab = args.vocab_size or cfg.model.vocab_size or 64
 
     def preset(name):
-        return presets.get(name, vocab_size=vocab, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+        return presets.get(name, vocab_size=vocab, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                           **execution_options(cfg.model))
 
     peak, peak_src = peak_flops(args.calibration_size)
     measured = peak_src.startswith("measured")

@@ -789,6 +789,9 @@ def _log_startup(cfg, run_dir: Path, state, mesh, model_cfg, *, start: int, dama
     """The one start-up summary: model and parameter count, mesh and devices, data, objective, steps, run
     directory and what was resumed."""
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    trainable = "parameters" if not cfg.lora.rank else (
+        f"trainable LoRA parameters (rank {cfg.lora.rank} on {'/'.join(cfg.lora.targets)}) over "
+        f"{fmt_count(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.rest)))} frozen")
     source = (f"init_from {cfg.model.init_from}" if cfg.model.init_from else
               f"hf_path {cfg.model.hf_path}" if cfg.model.hf_path else f"preset {cfg.model.preset}")
     arch = getattr(model_cfg, "architecture", "")
@@ -803,7 +806,7 @@ def _log_startup(cfg, run_dir: Path, state, mesh, model_cfg, *, start: int, dama
         [f"profile/ (steps {cfg.run.profile_steps[0]}..{cfg.run.profile_steps[1]})"] if cfg.run.profile_steps else [])
     rows = [
         ("model", f"{source} ({arch}, {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}), "
-                  f"{fmt_count(n_params)} parameters, {cfg.model.dtype}"),
+                  f"{fmt_count(n_params)} {trainable}, {cfg.model.dtype}"),
         ("mesh", " x ".join(f"{k} {v}" for k, v in mesh.shape.items()) + f" on {len(devices)} "
                  f"{devices[0].platform} device(s) ({devices[0].device_kind}), {jax.process_count()} process(es)"),
         ("data", f"task {d.task}, batch {d.batch_size} ({cfg.train.micro_batches} micro-batch(es)), {shape}"),
