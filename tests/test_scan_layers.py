@@ -191,3 +191,28 @@ def test_config_keys_reach_the_built_model(tmp_path):
     assert again.cfg == model.cfg
     with pytest.raises(ConfigError, match="model.scan_layers"):
         load_config(path, ["model.scan_layers=maybe"])
+
+
+@pytest.mark.slow
+def test_scanned_remat_step_on_a_mesh_equals_single_device():
+    # stacked parameters shard like their layers (the 'layers' axis unsharded) and the step matches one device
+    from jaxtok import mesh as M
+    from jaxtok.mesh import put_batch
+
+    out = []
+    for mesh in (None, M.make_mesh(2, 2, 2)):
+        model = Decoder(_cfg(scan_layers=True, remat="full"), rngs=nnx.Rngs(0))
+        opt = tiny_optimizer()
+        _, state = init_train_state(model, opt, mesh=mesh)
+        step = make_train_step(model, opt, sft_loss, mesh=mesh)
+        batch = tiny_batch(0)
+        batch = put_batch(batch, mesh) if mesh is not None else {k: jnp.asarray(v) for k, v in batch.items()}
+        state, metrics = step(state, batch)
+        q = state.params["layers"]["attn"]["q_weight_dhn"].get_value()
+        out.append((float(metrics["loss"]), np.asarray(q), q.sharding))
+    (l0, q0, _), (l1, q1, sharding) = out
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    _close(q1, q0, rtol=1e-5, atol=1e-5)
+    assert sharding.spec == M.logical_to_spec(("layers", "embed", "heads", "head_dim"), mesh=sharding.mesh,
+                                              shape=q1.shape)
+    assert sharding.spec[0] is None
