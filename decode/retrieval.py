@@ -7,6 +7,8 @@ extra masks that absorb the closing structure, so the first K hold content), and
   ColBERT-style, ``maxsim(q, p) = (1/K_q) Σ_i max_j <q_i, p_j>`` (or mean-pooled cosine, ``dense_mean``);
 - **sparse**: the K logit vectors max-pooled over positions, ``w_v = log(1 + relu(max_k logits[k, v]))`` with special
   tokens zeroed (PromptReps' lexical weights), ``[B, V]``; scored by the dot product ``Σ_v w_q[v] · w_p[v]``;
+- ``sparse_cos`` [ours]: the same weights L2-normalised (cosine), which removes the dot product's preference for
+  passages with many large weights (hubs) in a small vocabulary;
 - **hybrid**: per query, both score rows min-max normalised to [0, 1] over the candidates and summed [ours; the
   reference fuses dense and sparse rankings with its own normalisation].
 
@@ -114,6 +116,7 @@ SCORERS = {
     "dense": lambda q, p: maxsim_scores(q.dense, p.dense),
     "dense_mean": lambda q, p: mean_dense_scores(q.dense, p.dense),
     "sparse": lambda q, p: sparse_scores(q.sparse, p.sparse),
+    "sparse_cos": lambda q, p: sparse_scores(normalise(q.sparse), normalise(p.sparse)),  # ours: length-normalised
     "hybrid": hybrid_scores,
 }
 
