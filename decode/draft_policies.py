@@ -423,7 +423,8 @@ class BatchGammaArgs:
     :func:`alpha_from_accepted`), ``draft_cost`` c_B = one drafter step / one target AR step, ``verify_cost`` k_B =
     the extra cost of each verified position (a verification of γ + 1 tokens costs 1 + k_B·γ target steps),
     ``round_overhead`` o_B = per-round work besides the forwards (acceptance, cache rollback, the drafter's re-fed
-    window), in target steps. ``candidates``: the draft lengths to choose from; 0 = plain AR."""
+    window), in target steps (> −1: negative when a round's loop costs less than an AR step's, e.g. when the AR
+    step's own per-step work is counted in the unit). ``candidates``: the draft lengths to choose from; 0 = plain AR."""
 
     batch_sizes: Tuple[int, ...] = (1,)
     acceptance: Tuple[float, ...] = (0.8,)
@@ -441,8 +442,9 @@ class BatchGammaArgs:
             v = getattr(self, name)
             if len(v) not in (1, n):
                 raise ValueError(f"{name}={list(v)!r}: allowed one value or one per batch size ({n})")
-            if any(x < 0 for x in v):
-                raise ValueError(f"{name}={list(v)!r}: allowed values >= 0")
+            low = -1.0 if name == "round_overhead" else 0.0  # a round may cost less than an AR step plus forwards
+            if any(x < low or (low < 0 and x <= low) for x in v):
+                raise ValueError(f"{name}={list(v)!r}: allowed values " + ("> -1" if low < 0 else ">= 0"))
         if any(a > 1 for a in self.acceptance):
             raise ValueError(f"acceptance={list(self.acceptance)!r}: allowed values in [0, 1]")
         if not self.candidates or any(int(c) < 0 for c in self.candidates):

@@ -77,6 +77,8 @@ def test_batch_gamma_policy_round_gamma_and_registry():
     ({"batch_sizes": [1, 4], "draft_cost": [0.1, 0.2, 0.3]}, "draft_cost"),
     ({"acceptance": [1.5]}, "acceptance"),
     ({"candidates": [-1, 2]}, "candidates"),
+    ({"round_overhead": [-1.0]}, "round_overhead"),
+    ({"draft_cost": [-0.1]}, "draft_cost"),
 ])
 def test_batch_gamma_args_errors_name_the_key(bad, match):
     with pytest.raises((ConfigError, ValueError), match=match):
