@@ -306,6 +306,42 @@ def _dot_wide_out_bwd(out_dtype, res, g):
 _dot_wide_out.defvjp(_dot_wide_out_fwd, _dot_wide_out_bwd)
 
 
+def dense_t(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    """``x [..., K] · w [N, K]ᵀ -> [..., N]`` contracting the LAST axis of ``w`` in the dot itself (``dot_general``
+    dimension numbers), for the tied LM head (``embed [V, D]``): ``dense(x, w.T)`` made XLA:CPU copy a transposed
+    ``[D, V]`` embedding every call, i.e. every decode step (``scripts/tied_logits_decode.py``). A wider
+    ``preferred_element_type`` (float32 logits from bfloat16 operands) keeps the backward in the operands' dtype, as
+    :func:`dense` does."""
+    lead = x.shape[:-1]
+    if x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"dense_t: x's last axis {x.shape[-1]} does not match w's last axis {w.shape[-1]}")
+    x2 = x.reshape(-1, x.shape[-1])
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != x.dtype == w.dtype:
+        y = _dot_t_wide_out(x2, w, jnp.dtype(preferred_element_type))
+    else:
+        y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type)
+    return y.reshape(lead + w.shape[:1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot_t_wide_out(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """``x [M, K] · w [N, K]ᵀ`` accumulated and returned in ``out_dtype``; cotangent cast to the operands' dtype."""
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def _dot_t_wide_out_fwd(x, w, out_dtype):
+    return _dot_t_wide_out(x, w, out_dtype), (x, w)
+
+
+def _dot_t_wide_out_bwd(out_dtype, res, g):
+    x, w = res
+    g = g.astype(x.dtype)  # [M, N]
+    return jnp.dot(g, w), jnp.dot(g.T, x)  # [M, K], [N, K]
+
+
+_dot_t_wide_out.defvjp(_dot_t_wide_out_fwd, _dot_t_wide_out_bwd)
+
+
 def with_lora(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
     """``y = dense(x, W)`` plus the low-rank update ``(alpha/r) * (x A) B`` (LoRA, Hu et al. 2021) of the adapter
     ``<name>_lora`` that :func:`jaxtok.models.lora.apply_lora` attached to ``module`` (``q``/``k``/``v``/``o``,
@@ -613,9 +649,11 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project final-normed hidden states ``[..., D]`` to float32 logits ``[..., V]``."""
         dt = jnp.dtype(self.cfg.dtype)
-        w = self.embed_vd[...].T if self.cfg.tie_embeddings else self.lm_head_dv[...]
-        out = dense(hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)  # [..., V]
-        return out.astype(jnp.float32)
+        if self.cfg.tie_embeddings:  # contract embed [V, D]'s D axis in the dot: no transposed copy per call
+            out = dense_t(hidden.astype(dt), self.embed_vd[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            out = dense(hidden.astype(dt), self.lm_head_dv[...].astype(dt), preferred_element_type=jnp.float32)
+        return out.astype(jnp.float32)  # [..., V]
 
     def __call__(
         self,

@@ -161,3 +161,29 @@ def test_decoder_pallas_refuses_block_causal_and_auto_runs_it():
         tokens, attention="block_causal", block_size=4).logits
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(xla))  # auto is xla on CPU
     assert isinstance(cfg, ModelConfig) and cfg.attention_impl == "auto"
+
+
+def test_tied_head_contracts_the_embedding_without_a_transposed_copy():
+    # item 5 (decode): Decoder.logits of a tied model contracts embed [V, D]'s D axis in the dot (dense_t) instead
+    # of dense(h, embed.T), which made XLA:CPU copy a transposed [D, V] embedding in every decode step
+    from jaxtok.models.transformer import dense, dense_t
+
+    x = jax.random.normal(jax.random.key(4), (2, 3, 16))
+    w = jax.random.normal(jax.random.key(5), (40, 16))
+    np.testing.assert_allclose(np.asarray(dense_t(x, w)), np.asarray(dense(x, w.T)), rtol=1e-5, atol=1e-5)
+    for dt in (jnp.float32, jnp.bfloat16):
+        xb, wb = x.astype(dt), w.astype(dt)
+        f = lambda fn: (lambda a, b: jnp.sum(jnp.sin(fn(a, b))))  # noqa: E731
+        ga = jax.grad(f(lambda a, b: dense_t(a, b, preferred_element_type=jnp.float32)), argnums=(0, 1))(xb, wb)
+        gb = jax.grad(f(lambda a, b: dense(a, b.T, preferred_element_type=jnp.float32)), argnums=(0, 1))(xb, wb)
+        for a, b in zip(ga, gb):
+            assert a.dtype == dt
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+    cfg = dataclasses.replace(tiny_model_config(), tie_embeddings=True, vocab_size=96)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    h = jnp.ones((1, 1, cfg.hidden_size))
+    hlo = jax.jit(lambda m, h: m.logits(h)).lower(model, h).compile().as_text()
+    shape = f"[{cfg.hidden_size},{cfg.vocab_size}]"
+    assert not [ln for ln in hlo.splitlines() if shape in ln and ("transpose(" in ln or " copy(" in ln)]
+    np.testing.assert_allclose(np.asarray(model.logits(h)), np.asarray(h[0] @ model.embed_vd[...].T)[None],
+                               rtol=1e-5, atol=1e-5)
