@@ -306,6 +306,14 @@ def _dot_wide_out_bwd(out_dtype, res, g):
 _dot_wide_out.defvjp(_dot_wide_out_fwd, _dot_wide_out_bwd)
 
 
+# Decoder.logits of a tied model uses dense_t up to this many rows (decode: batch x new tokens). The product is then
+# bound by reading the [V, D] embedding, which the transposed copy doubles: a 4-layer qwen3-0.6b-shaped batch-1
+# decode step 353 -> 200 ms (docs/results/tied_logits_decode.md). Larger (training) calls keep dense(h, embed.T):
+# a 2-layer qwen3-0.6b-shaped SFT forward+backward (2 x 128 tokens) measured 0.96-1.25x (median ~1.16x) slower with
+# dense_t on the loaded 2-core CPU, so training is left as it was.
+_MATVEC_ROWS = 64
+
+
 def dense_t(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
     """``x [..., K] · w [N, K]ᵀ -> [..., N]`` contracting the LAST axis of ``w`` in the dot itself (``dot_general``
     dimension numbers), for the tied LM head (``embed [V, D]``): ``dense(x, w.T)`` made XLA:CPU copy a transposed
@@ -649,8 +657,12 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project final-normed hidden states ``[..., D]`` to float32 logits ``[..., V]``."""
         dt = jnp.dtype(self.cfg.dtype)
-        if self.cfg.tie_embeddings:  # contract embed [V, D]'s D axis in the dot: no transposed copy per call
+        rows = int(np.prod(hidden.shape[:-1]))
+        if self.cfg.tie_embeddings and rows <= _MATVEC_ROWS:
+            # decode-sized: contract embed [V, D]'s D axis in the dot, no transposed [D, V] copy per call
             out = dense_t(hidden.astype(dt), self.embed_vd[...].astype(dt), preferred_element_type=jnp.float32)
+        elif self.cfg.tie_embeddings:
+            out = dense(hidden.astype(dt), self.embed_vd[...].T.astype(dt), preferred_element_type=jnp.float32)
         else:
             out = dense(hidden.astype(dt), self.lm_head_dv[...].astype(dt), preferred_element_type=jnp.float32)
         return out.astype(jnp.float32)  # [..., V]

@@ -1,6 +1,7 @@
 """Batch-1 decode step time with the tied LM head computed two ways: ``dense(h, embed.T)`` (before: XLA:CPU copies a
 transposed ``[D, V]`` embedding inside every step) and :func:`jaxtok.models.transformer.dense_t` (after: the dot
-contracts ``embed [V, D]``'s D axis directly; what ``Decoder.logits`` does now).
+contracts ``embed [V, D]``'s D axis directly; what ``Decoder.logits`` does now for calls of at most
+``transformer._MATVEC_ROWS`` rows, i.e. decoding).
 
 One jitted step = one token through the decoder with a KV cache (``capacity`` slots, ``prefill`` of them written),
 logits over the whole vocabulary. The two variants are timed in the same process, interleaved ``--rounds`` times
