@@ -14,7 +14,7 @@ next to a lexical baseline (cosine of the raw texts' character counts). Latency:
 causal model of the same shape with random weights (latency only: no AR model is trained on this task here). Repeats
 are interleaved (every repeat runs every reader once, rotating the order); medians and per-repeat ratios reported.
 
-Writes ``out_json`` / ``out_md`` and ``out_png`` (recall@1 and latency against K). Config errors exit with code 2.
+Writes ``out_json`` / ``out_md`` and ``out_png`` (MRR and latency against K). Config errors exit with code 2.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class DiffRetrieverConfig:
-    """``init_from``: diffusion run directory; ``ks``: numbers of representative positions; ``tail``: extra masks
+    """``init_from``: diffusion run directory (``step``: its checkpoint, default the last); ``ks``: numbers of representative positions; ``tail``: extra masks
     after the K read ones; ``template``: restate | plain (jaxtok/tasks/retrieval.py); ``digits``,
     ``queries_per_value``, ``seed``: the retrieval set; ``prompt_len``: left-padded text length; ``batch_size``:
     encode batch; ``latency_batches``: batch sizes timed; ``repeats``: interleaved timing repeats."""
 
     init_from: Optional[str] = None
+    step: Optional[int] = None
     ks: tuple[int, ...] = (1, 2, 4, 8)
     tail: int = 3
     template: str = "restate"
@@ -50,7 +51,7 @@ class DiffRetrieverConfig:
     latency_batches: tuple[int, ...] = (1, 128)
     repeats: int = 7
     out_json: str = "docs/results/diffretriever.json"
-    out_md: str = "docs/results/diffretriever.md"
+    out_md: str = "docs/results/diffretriever.table.md"
     out_png: str = "docs/results/diffretriever.png"
 
     def __post_init__(self):
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     from jaxtok.tasks.tokenizer import SpecialTokens, decode, load_tokenizer
 
     t_start = time.perf_counter()
-    model, _ = load_any(cfg.init_from, key="diffretriever.init_from", diffusion=True)
+    model, _ = load_any(cfg.init_from, key="diffretriever.init_from", diffusion=True, step=cfg.step)
     tok = load_tokenizer(cfg.init_from)
     sp = SpecialTokens.of(tok)
     exclude = tuple(sorted({sp.pad, sp.eos, sp.mask, *(x for x in [sp.bos] if x is not None), *sp.rainbow_pads,
@@ -219,12 +220,12 @@ def main(argv=None) -> int:
         a1, a2 = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
         for name in readers:
             for scorer, ls in (("dense", "-"), ("sparse", "--"), ("sparse_cos", "-."), ("hybrid", ":")):
-                pts = [(r["K"], r["recall@1"]) for r in rows if r["reader"] == name and r["scorer"] == scorer]
+                pts = [(r["K"], r["mrr"]) for r in rows if r["reader"] == name and r["scorer"] == scorer]
                 a1.plot(*zip(*pts), ls, marker="o", label=f"{name} {scorer}")
-        a1.axhline(lex["recall@1"], color="0.5", lw=0.8, label="lexical (chars)")
+        a1.axhline(lex["mrr"], color="0.5", lw=0.8, label="lexical (chars)")
         a1.set_xscale("log", base=2)
         a1.set_xlabel("K representative positions")
-        a1.set_ylabel("recall@1")
+        a1.set_ylabel("MRR (one relevant passage per query)")
         a1.set_title(f"{len(data.queries)} queries, {len(data.passages)} passages")
         a1.legend(fontsize=7)
         bmax = max(cfg.latency_batches)

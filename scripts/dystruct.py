@@ -34,10 +34,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step of model.init_from (default: last)")
     ap.add_argument("--fixed", type=int, nargs="+", default=[8, 12, 16, 24, 32])
     ap.add_argument("--windows", nargs="+", default=["8:8", "4:4", "12:8"], help="init_window:expand pairs")
     ap.add_argument("--json", default="docs/results/dystruct.json")
-    ap.add_argument("--md", default="docs/results/dystruct.md")
+    ap.add_argument("--md", default="docs/results/dystruct.table.md")
     ap.add_argument("--png", default="docs/results/dystruct.png")
     a = ap.parse_args(argv)
 
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     from jaxtok.tasks.tokenizer import SpecialTokens, decode, load_tokenizer_for
 
     t_start = time.perf_counter()
-    model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
+    model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True,
+                        step=a.step)
     tok = load_tokenizer_for(cfg)
     task = make_task_from_config(cfg.data)
     sp = SpecialTokens.of(tok)
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
 
     command = "python scripts/dystruct.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    res = {"init_from": cfg.model.init_from, "task": cfg.data.task, "policy_args": base_args, "rows": rows,
+    res = {"init_from": cfg.model.init_from, "step": a.step, "task": cfg.data.task, "policy_args": base_args, "rows": rows,
            "samples": samples, "device": jax.devices()[0].device_kind, "wall_s": time.perf_counter() - t_start,
            "command": command}
     Path(a.json).write_text(json.dumps(res, indent=1, default=str))
