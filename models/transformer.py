@@ -566,16 +566,21 @@ def with_execution(model: "Decoder", *, attention_impl: Optional[str] = None, sc
     if cfg == model.cfg:
         return model
     values = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    plain = nnx.eval_shape(lambda: type(model)(model.cfg, rngs=nnx.Rngs(0)))
+    extra = sorted(set(values) - {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(plain))}, key=str)
+    if extra:  # e.g. LoRA adapters attached to the modules: they would be dropped
+        raise ValueError(f"with_execution: the model holds variables a plain {type(model).__name__} does not "
+                         f"({len(extra)}, e.g. {'.'.join(map(str, extra[0]))}); change execution settings before "
+                         f"attaching them")
     if model.cfg.scan_layers and not cfg.scan_layers:
         values = unstack_layer_values(values)
     elif cfg.scan_layers and not model.cfg.scan_layers:
         values = stack_layer_values(values, cfg.num_layers)
     abstract = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
         var.set_value(values[tuple(path)])
-        flat.append((path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -216,3 +216,11 @@ def test_scanned_remat_step_on_a_mesh_equals_single_device():
     assert sharding.spec == M.logical_to_spec(("layers", "embed", "heads", "head_dim"), mesh=sharding.mesh,
                                               shape=q1.shape)
     assert sharding.spec[0] is None
+
+
+def test_with_execution_refuses_to_drop_extra_variables():
+    model = Decoder(_cfg(), rngs=nnx.Rngs(0))
+    model.layers[0].attn.extra = nnx.Param(jnp.ones(2))  # e.g. an adapter attached after building
+    with pytest.raises(ValueError, match="with_execution: the model holds variables"):
+        with_execution(model, scan_layers=True)
+    assert with_execution(model, remat="none") is model  # nothing to change: returned as it is
