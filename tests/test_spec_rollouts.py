@@ -241,3 +241,21 @@ def test_grpo_loop_with_speculative_rollouts_and_drafter_refresh(tmp_path):
         assert 0 <= r["rollout/spec_acceptance_rate"] <= 1
     assert "rollout/draft_refresh_loss" not in rows[0]  # the first rollout uses the drafter as loaded
     assert all(np.isfinite(r["rollout/draft_refresh_loss"]) for r in rows[1:])
+
+
+@pytest.mark.slow
+def test_drafter_refresh_distils_the_drafter_towards_the_policy(tok):
+    """DrafterRefresh (OPD, reverse KL on the drafter's own rollouts): eight AdamW steps on one prompt batch bring a
+    random drafter's loss against a random policy down, and the refreshed drafter keeps the policy's vocabulary."""
+    vocab = tok.get_vocab_size()
+    policy = Decoder(presets.get("tiny_student", vocab_size=vocab, num_layers=1), rngs=nnx.Rngs(0))
+    draft = Decoder(presets.get("tiny_student", vocab_size=vocab, num_layers=1, hidden_size=32, intermediate_size=64,
+                                num_heads=2, num_kv_heads=1, head_dim=16), rngs=nnx.Rngs(5))
+    task = make_task("arith", {"digits": 1})
+    ds, _ = prompt_dataset(task, "train", tok, prompt_len=12, batch_size=2, num_examples=8)
+    settings = from_dict({"rollout": {"num_generations": 4, "max_new_tokens": 6}}).rollout
+    refresh = rollout.DrafterRefresh(steps=8, lr=1e-2)
+    new, info = refresh(draft, policy, next(iter(ds)), task=task, tokenizer=tok, settings=settings,
+                        rng=jax.random.key(0), mesh=None)
+    assert info["rollout/draft_refresh_loss"] < 0.8 * info["rollout/draft_refresh_loss_first"]
+    assert new.cfg.vocab_size == vocab and new.cfg.hidden_size == 32

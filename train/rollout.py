@@ -285,7 +285,9 @@ class DrafterRefresh:
     arguments: reverse KL on every completion token): the drafter (student) completes the rollout's prompts with
     AR sampling at the rollout temperature, the current policy is the frozen teacher, and the drafter takes
     ``steps`` AdamW steps (learning rate ``lr``) through the same jitted train step the loop uses
-    (:func:`jaxtok.train.step.make_train_step`). The drafter's optimizer state persists across refreshes."""
+    (:func:`jaxtok.train.step.make_train_step`). The drafter's weights and optimizer state persist across refreshes
+    (from the second call on, the ``drafter`` argument is the one the previous call returned); the returned drafter
+    is a copy, never donated by a later step."""
 
     steps: int
     lr: float
@@ -306,6 +308,8 @@ class DrafterRefresh:
             entry = OBJECTIVES.entry("opd")
             loss_fn = functools.partial(entry.fn, args=OBJECTIVES.parse_args("opd", {}, "opd"))
             optimizer = optax.adamw(self.lr)
+            graphdef, weights = nnx.split(drafter)  # a copy: the donating train step never consumes the caller's
+            drafter = nnx.merge(graphdef, jax.tree.map(jnp.copy, weights))
             self._graphdef, self._state = init_train_state(drafter, optimizer, seed=self.seed, mesh=mesh)
             self._step = make_train_step(drafter, optimizer, loss_fn, mesh=mesh, frozen={"teacher": policy})
         teacher = frozen_states({"teacher": policy})
@@ -317,7 +321,8 @@ class DrafterRefresh:
             del student
             self._state, metrics = self._step(self._state, mesh_lib.put_batch(ro.batch, mesh), teacher)
             losses.append(float(metrics["loss"]))
-        return (nnx.merge(self._graphdef, self._state.params, self._state.rest),
+        copy = functools.partial(jax.tree.map, jnp.copy)  # the sampler's drafter must outlive the next (donating) step
+        return (nnx.merge(self._graphdef, copy(self._state.params), copy(self._state.rest)),
                 {"rollout/draft_refresh_loss": losses[-1], "rollout/draft_refresh_loss_first": losses[0]})
 
 
