@@ -408,7 +408,7 @@ def plot(results: dict, path: Path, command: str) -> None:
             for kind, ls in (("moe", "-"), ("dense", "--")):
                 rs = [r for r in cv if r["model"] == name and r["kind"] == kind]
                 ax3.plot([r["batch"] for r in rs], [r["speedup"] for r in rs], color=f"C{i}", ls=ls,
-                         label=f"{name} {kind}" if kind == "moe" else f"  dense equal-active")
+                         label=f"{name} {kind}" if kind == "moe" else "  dense equal-active")
         ax3.axhline(1.0, color="0.5", lw=0.8)
         ax3.set_xscale("log", base=2), ax3.set_xlabel("batch size"), ax3.set_ylabel("predicted SD speedup")
         ax3.set_title(f"cost model, {results['args']['hardware']}, α={results['args']['real_alpha']}, "
