@@ -132,10 +132,13 @@ def _script():
 
 
 def test_script_config_errors_exit_2(capsys):
+    import os
+
     s = _script()
-    assert s.main(["configs/bench/moesd.yaml", "--bogus=1"]) == 2
+    cfg = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "bench", "moesd.yaml")
+    assert s.main([cfg, "--bogus=1"]) == 2
     assert "bogus: unknown key" in capsys.readouterr().err
-    assert s.main(["configs/bench/moesd.yaml", "--top_k=40"]) == 2
+    assert s.main([cfg, "--top_k=40"]) == 2
     assert "top_k=40" in capsys.readouterr().err
 
 
