@@ -485,7 +485,9 @@ class DystructArgs(SamplerArgs):
     ``p_expand``: expand when ``P(end >= window - margin) >= p_expand``; ``end_confidence``: a block closes at the
     MAP end when its posterior is at least this; ``delimiter_ids`` / ``delta``: the structural block boundary of
     AdaBlock (§B12); ``readout``: the length-readout baseline instead — the first forward sees every position, the
-    window is set once to ``MAP end + 1 + margin`` (widened only if used up without an end)."""
+    window is set once to ``MAP end + 1 + margin`` (widened only if used up without an end). ``defer``: a step whose
+    posterior widens the window commits nothing (the next forward decodes in the wider window); false: it commits
+    from the narrow view it has (measured worse: docs/results/dystruct.md)."""
 
     threshold: float = 0.9
     init_window: int = 8
@@ -496,6 +498,7 @@ class DystructArgs(SamplerArgs):
     delimiter_ids: tuple[int, ...] = (29, 31)
     delta: float = 0.3
     readout: bool = False
+    defer: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -556,14 +559,18 @@ def dystruct_end(info: StepInfo, args: DystructArgs, start: jax.Array, spec: Loo
     return jnp.maximum(end, start + 1).astype(jnp.int32)
 
 
+def edge_mass(post: jax.Array, beyond: jax.Array, window: jax.Array, margin: int) -> jax.Array:
+    """``P(end >= window − margin) = beyond + Σ_{j >= window − margin} post_j`` ``[B]``."""
+    idx = jnp.arange(post.shape[-1])[None, :]
+    return beyond + jnp.sum(jnp.where(idx >= (window - margin)[:, None], post, 0.0), axis=-1)
+
+
 def dystruct_window(post: jax.Array, beyond: jax.Array, window: jax.Array, exhausted: jax.Array,
                     args: DystructArgs, n: int) -> jax.Array:
     """The window expansion step (§B18, INFERRED): ``P(end >= window − margin) = beyond + Σ_{j >= window − margin}
     post_j``; if it is ``>= p_expand`` (the response runs into the edge of what the model sees) or the window is used
     up without an end (``exhausted``), widen by ``expand`` positions (at most ``n``). ``[B]``."""
-    idx = jnp.arange(post.shape[-1])[None, :]
-    edge = beyond + jnp.sum(jnp.where(idx >= (window - args.margin)[:, None], post, 0.0), axis=-1)
-    grow = (edge >= args.p_expand) | exhausted
+    grow = (edge_mass(post, beyond, window, args.margin) >= args.p_expand) | exhausted
     return jnp.where(grow, jnp.minimum(window + args.expand, n), window).astype(jnp.int32)
 
 
@@ -598,6 +605,11 @@ def dystruct(info: StepInfo, args: DystructArgs, state, spec: LoopSpec, heads=No
         commit = commit | (top1(info.conf, info.eligible) & ~jnp.any(commit, -1, keepdims=True))
         new_w = jnp.maximum(new_w, jnp.where(jnp.any(commit, -1), n - jnp.argmax(commit[:, ::-1], -1), 0))
     else:
+        if args.defer:  # widen first, decode in the wider window from the next forward on
+            widen = (edge_mass(post, beyond, window, args.margin) >= args.p_expand) & (window < n)
+            commit = commit & ~widen[:, None]
+            ends_now = jnp.any(commit & info.is_stop, axis=-1)
+            exhausted = ~jnp.any(info.masked & ~commit, axis=-1) & ~ends_now
         new_w = dystruct_window(post, beyond, window, exhausted, args, n)
     new = {"window": new_w.astype(jnp.int32), "visible_sum": state["visible_sum"] + window,
            "expansions": state["expansions"] + (new_w > window).astype(jnp.int32),
@@ -985,5 +997,5 @@ __all__ = [
     "ASSArgs", "ETEArgs", "BACDArgs", "Learn2PDArgs", "InfoGainArgs", "TraceLockArgs", "S2D2Args",
     "infogain_candidates", "s2d2_alpha", "s2d2_expected_accepts", "s2d2_score", "s2d2_hysteresis", "s2d2_context",
     "s2d2_ucb_choose", "DystructArgs", "stop_probability", "end_posterior", "dystruct_end", "dystruct_window",
-    "window_waste",
+    "window_waste", "edge_mass",
 ]

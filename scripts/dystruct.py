@@ -10,7 +10,7 @@ Held-out prompts of the config's task (``data.num_eval``), greedy, one diffusion
   window is fixed at the end posterior's MAP + 1 + margin (the model's own length readout from the prompt; the
   repo's LenVM readout needs an AR value model of this policy, which does not exist for the diffusion LM);
 - ``dystruct W/E``: the windowed policy at the largest N from ``init_window`` W, widening by at most E
-  (``--windows`` W:E pairs).
+  (``--windows`` W:E pairs); ``--compare-defer`` adds each with ``defer: false`` (commits in widening steps).
 
 Columns: exact match, mean NFE, mean response length (through the terminator), ``seen_per_forward`` (generated
 positions the model attended to per forward, mean over forwards), ``seen_total`` (Σ over a row's forwards),
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of model.init_from (default: last)")
     ap.add_argument("--fixed", type=int, nargs="+", default=[8, 12, 16, 24, 32])
     ap.add_argument("--windows", nargs="+", default=["8:8", "4:4", "12:8"], help="init_window:expand pairs")
+    ap.add_argument("--compare-defer", action="store_true", help="also run every window with defer: false")
     ap.add_argument("--json", default="docs/results/dystruct.json")
     ap.add_argument("--md", default="docs/results/dystruct.table.md")
     ap.add_argument("--png", default="docs/results/dystruct.png")
@@ -90,6 +91,10 @@ def main(argv=None) -> int:
     arms.append(("readout", "dystruct", nmax, dict(base_args, readout=True)))
     for iw, ex in windows:
         arms.append((f"dystruct {iw}/{ex}", "dystruct", nmax, dict(base_args, init_window=iw, expand=ex)))
+    if a.compare_defer:  # the same windows committing from the narrow view in widening steps
+        for iw, ex in windows:
+            arms.append((f"dystruct {iw}/{ex} no defer", "dystruct", nmax,
+                         dict(base_args, init_window=iw, expand=ex, defer=False)))
 
     rows, samples = [], {}
     for label, policy, n, pa in arms:

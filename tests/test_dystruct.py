@@ -94,6 +94,21 @@ def test_readout_sets_the_window_once(model):
     np.testing.assert_array_equal(out.policy_state["window"], 12)
 
 
+def test_deferred_widening_commits_nothing_that_step(model):
+    """With ``defer`` a step whose posterior widens the window commits nothing; without it the narrow read commits.
+    ``p_expand = 0`` makes every step with room to grow a widening step: the first forward (window 4 of 12) commits
+    nothing, the window reaches 12 after two steps, and decoding then runs like threshold on the full window."""
+    a = run(model, "dystruct", 12, block_len=4, threshold=0.3, init_window=4, expand=4, p_expand=0.0, **OFF)
+    b = run(model, "dystruct", 12, block_len=4, threshold=0.3, init_window=4, expand=4, p_expand=0.0, defer=False,
+            **OFF)
+    cs = np.asarray(a.commit_step)
+    assert cs[cs >= 0].min() == 2  # steps 0 and 1 only widened (4 -> 8 -> 12)
+    assert np.all(np.any(np.asarray(b.commit_step) == 0, axis=-1))  # undeferred: every row commits at step 0
+    np.testing.assert_array_equal(a.policy_state["expansions"], 2)
+    full = run(model, "threshold", 12, block_len=4, threshold=0.3)
+    np.testing.assert_array_equal(a.tokens, full.tokens)
+
+
 def test_bad_arguments_name_the_key(model):
     with pytest.raises(ConfigError, match="init_window"):
         run(model, "dystruct", 8, init_window=0)
