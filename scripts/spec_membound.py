@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heads-from", default=None, help="load saved heads (<dir>/specdecpp, <dir>/speckv)")
     ap.add_argument("--heads-out", default="runs/membound/heads", help="where trained heads are saved")
     ap.add_argument("--chi2-rows", type=int, default=1024)
+    ap.add_argument("--chi2-new-tokens", type=int, default=4, help="the χ² test compares generated tokens 2..this "
+                    "(the whole response when >= --max-new-tokens)")
+    ap.add_argument("--chi2-only", action="store_true", help="rerun only the χ² test and update --json (then render)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--png", default=None)
@@ -173,9 +176,12 @@ def main(argv=None) -> int:
     def n_tokens(outs, meta):
         return int(sum(np.asarray(o.valid)[:b].sum() for o, (_, b) in zip(outs, meta)))
 
+    if args.chi2_only:
+        res = json.loads(Path(args.json).read_text())
+        rows, batch_sizes = res["rows"], [int(b) for b in res["calibration"]]
     # --- heads (SpecDec++, SpecKV) from logged acceptance data on train-split prompts
     heads, head_info = {}, {}
-    for kind in ("specdecpp", "speckv"):
+    for kind in (() if args.chi2_only else ("specdecpp", "speckv")):
         saved = Path(args.heads_from) / kind if args.heads_from else None
         if saved is not None and (saved / "head.json").is_file():
             heads[kind], head_info[kind] = th.load_head(saved), {"loaded_from": str(saved)}
@@ -189,7 +195,11 @@ def main(argv=None) -> int:
         th.save_head(heads[kind], Path(args.heads_out) / kind, kind, **ctor)
         print(f"head {kind}: {head_info[kind]}", flush=True)
 
-    adaptive = {
+    if args.chi2_only:
+        batch_sizes_run = []
+    else:
+        batch_sizes_run = batch_sizes
+    adaptive = {} if args.chi2_only else {
         "heuristic": dp.build_policy("heuristic", {"initial": 4, "increase": 2, "decrease": 1, "minimum": 1}),
         "confidence 0.4": dp.build_policy("confidence", {"threshold": 0.4}),
         "SpecDec++ h=0.3": dp.build_policy("specdecpp", {"threshold": 0.3, "min_len": 2, "max_len": 20},
@@ -202,7 +212,7 @@ def main(argv=None) -> int:
 
     # --- per batch size: calibration of batch_gamma's cost model on train prompts, then the timed methods
     results_b, calib = {}, {}
-    for b in batch_sizes:
+    for b in batch_sizes_run:
         cfg = cfg_b(b)
         batches, meta = _prompt_batches(task, "eval", tok, cfg, n_prompts.get(b, 4 * b))
         cal_batches = _prompt_batches(task, "train", tok, cfg, b * max(1, 8 // b))[0]
@@ -239,17 +249,18 @@ def main(argv=None) -> int:
         calib[b]["target_exact_match_eval"] = float(np.mean(hits))
         results_b[b] = {"batches": batches, "meta": meta, "ar_outs": ar_outs}
 
-    bg_args = dp.BatchGammaArgs(
+    if not args.chi2_only:
+      bg_args = dp.BatchGammaArgs(
         batch_sizes=tuple(batch_sizes), acceptance=tuple(calib[b]["alpha"] for b in batch_sizes),
         draft_cost=tuple(calib[b]["slope"] for b in batch_sizes), verify_cost=tuple(0.0 for b in batch_sizes),
         round_overhead=tuple(calib[b]["overhead"] for b in batch_sizes), candidates=tuple([0] + gammas))
-    bg_policy = dp.build_policy("batch_gamma", bg_args)
-    for b in batch_sizes:
+      bg_policy = dp.build_policy("batch_gamma", bg_args)
+      for b in batch_sizes:
         calib[b]["batch_gamma_choice"], scores = dp.batch_gamma_choice(bg_args, b)
         calib[b]["modelled_speedup"] = {str(g): v for g, v in scores.items()}
 
-    rows = []
-    for temp in (0.0, 1.0):
+    rows = rows if args.chi2_only else []
+    for temp in (() if args.chi2_only else (0.0, 1.0)):
         for b in batch_sizes:
             if temp > 0 and b not in sampled_b:
                 continue
@@ -343,21 +354,30 @@ def main(argv=None) -> int:
         best1 = max((r for r in rows if r["temperature"] == 0.0 and r["batch"] == batch_sizes[0]
                      and r["policy"] == "fixed"), key=lambda r: r["speed_ratio"])
         g = best1["gamma_max"]
-        a = generate(target, p, v, max_new_tokens=4, temperature=1.0, stop_tokens=stop, pad_id=sp.pad,
+        m = min(args.chi2_new_tokens, n_new)
+        a = generate(target, p, v, max_new_tokens=m, temperature=1.0, stop_tokens=stop, pad_id=sp.pad,
                      rng=jax.random.key(11), return_logprobs=False)
-        s_ = speculative_generate(target, ModelDrafter.of(draft), p, v, max_new_tokens=4, draft_len=g, policy=fixed,
+        s_ = speculative_generate(target, ModelDrafter.of(draft), p, v, max_new_tokens=m, draft_len=g, policy=fixed,
                                   temperature=1.0, stop_tokens=stop, pad_id=sp.pad, rng=jax.random.key(12))
         vocab = target.cfg.vocab_size
-        ta = np.where(np.asarray(a.valid), np.asarray(a.tokens), vocab)[:, 1:4]
-        ts = np.where(np.asarray(s_.valid), np.asarray(s_.tokens), vocab)[:, 1:4]
+        ta = np.where(np.asarray(a.valid), np.asarray(a.tokens), vocab)[:, 1:m]
+        ts = np.where(np.asarray(s_.valid), np.asarray(s_.tokens), vocab)[:, 1:m]
         pval, cells = chi2_homogeneity(ta, ts)
-        chi2 = {"prompt": ex.prompt, "rows_each": args.chi2_rows, "gamma": g, "tokens": "2-4 (joint)",
-                "p_value": pval, "cells": cells, "distinct_ar_tuples": len({tuple(x) for x in ta})}
+        chi2 = {"prompt": ex.prompt, "rows_each": args.chi2_rows, "gamma": g,
+                "tokens": f"2-{m} (joint; the whole response)" if m == n_new else f"2-{m} (joint)",
+                "p_value": pval, "cells": cells, "distinct_ar_tuples": len({tuple(x) for x in ta}),
+                "distinct_spec_tuples": len({tuple(x) for x in ts}), "command": command}
         print(f"chi2: {chi2}", flush=True)
       except Exception as e:  # keep the timing results
         chi2 = {"error": repr(e)}
         print(f"chi2 failed: {e!r}", flush=True)
 
+    if args.chi2_only:
+        res["chi2_t1"] = chi2
+        Path(args.json).write_text(json.dumps(res, indent=2, default=float) + "\n")
+        if args.md:
+            Path(args.md).write_text(markdown(res))
+        return 0
     results = {
         "command": command, "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "wall_minutes": (time.time() - t_start) / 60, "machine": f"{platform.machine()} {os.cpu_count()} cores (shared)",
@@ -467,7 +487,9 @@ def markdown(res: dict) -> str:
         c = res["chi2_t1"]
         lines += [f"χ² homogeneity at T = 1 (AR vs speculative γ={c['gamma']}, {c['rows_each']} rows each, prompt "
                   f"`{c['prompt']}`, joint of generated tokens {c['tokens']}, {c['cells']} cells): "
-                  f"p = {c['p_value']:.3g}.", ""]
+                  f"p = {c['p_value']:.3g}; distinct tuples: AR {c.get('distinct_ar_tuples')}, speculative "
+                  f"{c.get('distinct_spec_tuples', '-')}" + (f"; `{c['command']}`" if c.get("command") else "") + ".",
+                  ""]
     h = res.get("heads", {})
     if h:
         lines += ["Heads: " + "; ".join(f"{k}: {v}" for k, v in h.items()), ""]
