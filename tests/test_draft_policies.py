@@ -91,3 +91,30 @@ def test_model_matches_leviathan_closed_form():
     closed = (1 - a ** (g + 1)) / ((1 - a) * (g * c + 1))
     assert dp.batch_gamma_speedup(g, a, c=c, k=0.0, overhead=0.0) == pytest.approx(closed)
     assert math.isclose(dp.expected_tokens_per_round(a, g), sum(a ** i for i in range(g + 1)))
+
+
+def _spec_membound():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "spec_membound.py"
+    spec = importlib.util.spec_from_file_location("_spec_membound", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_spec_membound_chi2_homogeneity_and_bracketed_ratios():
+    import numpy as np
+
+    mod = _spec_membound()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 3, (600, 2))
+    b = rng.integers(0, 3, (600, 2))
+    p_same, cells = mod.chi2_homogeneity(a, b)
+    assert cells == 9 and p_same > 1e-3  # two samples of one law (9 tuples, all frequent)
+    p_diff, _ = mod.chi2_homogeneity(a, np.zeros_like(b))  # a point mass against a uniform law
+    assert p_diff < 1e-10
+    assert mod.chi2_homogeneity(np.zeros((5, 2), int), np.zeros((5, 2), int))[0] == 1.0  # one cell: no evidence
+    # method 30 tok/s between AR passes of 10 and 20 tok/s -> 2x
+    assert mod.bracket_ratios([30.0], [10.0], [20.0]) == [2.0]
