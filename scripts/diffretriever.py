@@ -1,6 +1,6 @@
 """DiffRetriever on the arithmetic-equivalence retrieval set (issue 18 item 6; decode/retrieval.py).
 
-    python scripts/diffretriever.py configs/decode/diffretriever.yaml [key=value ...]
+    python scripts/diffretriever.py configs/scripts/diffretriever.yaml [key=value ...]
 
 Reads a trained diffusion LM (``init_from``, e.g. ``jaxtok train configs/zoo/diffusion.yaml``), encodes the queries
 (subtractions) and passages (additions) of :func:`jaxtok.tasks.retrieval.arith_equivalence` with

@@ -2,7 +2,7 @@
 target of equal active parameters at medium batch sizes? The cost model (:mod:`jaxtok.decode.moesd`) beside CPU
 measurements.
 
-Three parts, all settings from ``configs/bench/moesd.yaml``:
+Three parts, all settings from ``configs/scripts/moesd.yaml``:
 
 1. **Probe**: time of one MoE layer's expert computation (``jaxtok.models.moe.grouped_swiglu``, the library's
    dropless ``ragged_dot`` dispatch) over ``n`` routed tokens with the routing forced to activate ``k`` experts
@@ -24,7 +24,7 @@ Three parts, all settings from ``configs/bench/moesd.yaml``:
 3. **Cost-model curves**: eq. (1) with roofline forward times (eq. 2 for the experts) for the real shapes in
    ``real_targets`` against their dense equal-active models on ``hardware`` (published GPU peak numbers).
 
-    python scripts/moesd.py configs/bench/moesd.yaml            # -> docs/results/moesd.{json,md,png}
+    python scripts/moesd.py configs/scripts/moesd.yaml            # -> docs/results/moesd.{json,md,png}
 
 A config key that is not known, or a bad value, exits with code 2 and a message naming the key.
 """

@@ -10,7 +10,7 @@ parameters) at the last checkpoint, and jointly. At the last checkpoint of every
 against greedy AR of the target (interleaved passes, the fastest counts) and the draft/target forward cost ratio c
 is measured; the fitted α and c give the model's best γ (``σ(α, γ)/(1 + γ c)``), compared with the measured best.
 
-    python scripts/spec_scaling.py configs/bench/spec_scaling.yaml   # -> docs/results/spec_scaling.{json,md,png}
+    python scripts/spec_scaling.py configs/scripts/spec_scaling.yaml   # -> docs/results/spec_scaling.{json,md,png}
 
 An unknown config key or a bad value exits with code 2 naming the key.
 """

@@ -135,7 +135,7 @@ def test_script_config_errors_exit_2(capsys):
     import os
 
     s = _script()
-    cfg = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "bench", "moesd.yaml")
+    cfg = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "scripts", "moesd.yaml")
     assert s.main([cfg, "--bogus=1"]) == 2
     assert "bogus: unknown key" in capsys.readouterr().err
     assert s.main([cfg, "--top_k=40"]) == 2
