@@ -36,6 +36,8 @@ from flax import nnx
 from jaxtok.models.heads import MLPHead
 from jaxtok.registry import DRAFT_POLICIES, ConfigError
 
+from .spec_cost import alpha_from_accepted, expected_tokens_per_round  # noqa: F401  (re-exported)
+
 _LOG2 = float(jnp.log(2.0))
 
 
@@ -364,36 +366,6 @@ def speckv_head(hidden: int = 16, seed: int = 0) -> MLPHead:
 # ----------------------------------------------------------------------------------------------------------------
 # Batch-size-aware γ (vLLM dynamic speculative decoding, DSpark)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def expected_tokens_per_round(alpha: float, gamma: int) -> float:
-    """E[tokens emitted by one round] = (1 − α^{γ+1}) / (1 − α) for i.i.d. per-token acceptance α and γ drafts
-    (Leviathan et al. 2023, eq. 1: the accepted prefix plus the target's own token); γ + 1 at α = 1, 1 at γ = 0."""
-    if gamma <= 0:
-        return 1.0
-    if alpha >= 1.0:
-        return float(gamma + 1)
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
-
-
-def alpha_from_accepted(mean_accepted: float, gamma: int, iters: int = 60) -> float:
-    """Invert E[accepted drafts per round] = α(1 − α^γ)/(1 − α) (= expected_tokens_per_round − 1) for α ∈ [0, 1]
-    by bisection (the function is increasing in α): the per-token acceptance that explains a fixed-γ run's mean
-    accepted length. Clamped: 0 if ``mean_accepted <= 0``, 1 if ``>= γ``."""
-    if gamma < 1:
-        raise ValueError(f"gamma={gamma!r}: allowed integers >= 1")
-    if mean_accepted <= 0.0:
-        return 0.0
-    if mean_accepted >= gamma:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if expected_tokens_per_round(mid, gamma) - 1.0 < mean_accepted:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 def interp_log_batch(batch: int, batch_sizes, values) -> float:

@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+from .spec_cost import expected_tokens_per_round  # noqa: F401  (re-exported)
+
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
@@ -96,16 +98,6 @@ def expected_active_experts(num_experts: int, top_k: int, tokens: float) -> floa
     if tokens <= 0:
         return 0.0
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
-
-
-def expected_tokens_per_round(alpha: float, gamma: int) -> float:
-    """σ: expected tokens emitted per verification round with per-draft acceptance ``alpha`` and ``gamma`` drafts,
-    ``(1 − α^{γ+1}) / (1 − α)`` (γ+1 when α = 1; Leviathan et al. 2023, eq. 1)."""
-    if not 0.0 <= alpha <= 1.0 or gamma < 0:
-        raise ValueError(f"alpha={alpha} must be in [0, 1] and gamma={gamma} >= 0")
-    if alpha == 1.0:
-        return float(gamma + 1)
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
 def roofline(bytes_read: float, flops: float, hw: Hardware) -> float:

@@ -5,7 +5,7 @@ The paper's Theorems 1.1-1.3 state that the draft's acceptance rate grows log-li
 tokens D and in its capacity N (parameters), and that decoding speed varies log-linearly with batch size:
 ``α ≈ a + b · ln x`` along each axis (:func:`fit_log_linear`; jointly ``a + b ln N + c ln D``,
 :func:`fit_log_linear_2d`). Acceptance is measured here as the per-draft rate α implied by the mean accepted length
-at draft length γ (:func:`alpha_from_accepted_length`, inverting Leviathan et al.'s ``E[accepted] = α(1 − α^γ) /
+at draft length γ (:func:`jaxtok.decode.spec_cost.alpha_from_accepted`, inverting Leviathan et al.'s ``E[accepted] = α(1 − α^γ) /
 (1 − α)``), so runs at different γ give one α. With a draft/target cost ratio ``c`` the expected speedup of γ drafts
 per round is ``σ(α, γ) / (1 + γ c)`` (:func:`speedup_model`); :func:`best_gamma` picks the γ that maximises it.
 """
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .moesd import expected_tokens_per_round
+from .spec_cost import alpha_from_accepted, expected_tokens_per_round
 
 
 def fit_log_linear(x: Sequence[float], y: Sequence[float]) -> dict:
@@ -58,30 +58,6 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
 def predict_log_linear(fit: dict, x: float) -> float:
     """``a + b · ln x`` of a :func:`fit_log_linear` result."""
     return fit["a"] + fit["b"] * math.log(x)
-
-
-def expected_accepted_length(alpha: float, gamma: int) -> float:
-    """Expected accepted drafts per round, ``α(1 − α^γ)/(1 − α)`` (γ when α = 1): σ − 1."""
-    return expected_tokens_per_round(alpha, gamma) - 1.0
-
-
-def alpha_from_accepted_length(mean_accepted: float, gamma: int, tol: float = 1e-10) -> float:
-    """The per-draft acceptance α whose :func:`expected_accepted_length` at ``gamma`` equals ``mean_accepted``
-    (bisection; the function is increasing in α from 0 at α=0 to γ at α=1). Clipped to [0, 1]."""
-    if gamma < 1:
-        raise ValueError(f"gamma={gamma}: must be >= 1")
-    if mean_accepted <= 0:
-        return 0.0
-    if mean_accepted >= gamma:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        if expected_accepted_length(mid, gamma) < mean_accepted:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 def speedup_model(alpha: float, gamma: int, c: float) -> float:

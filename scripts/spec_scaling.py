@@ -4,7 +4,7 @@ A ladder of AR drafts (``drafts`` in the config: ModelConfig overrides of the zo
 zoo task (``jaxtok train <draft_config>``, checkpoints every ``checkpoint_every`` steps, cached: a finished run
 directory is not trained again); the target is the zoo teacher (trained from ``target_config`` when missing). For
 every draft checkpoint and every γ of ``gammas``, greedy speculative decoding of the held-out prompts gives the mean
-accepted length, turned into a per-draft acceptance α (:func:`jaxtok.decode.spec_scaling.alpha_from_accepted_length`).
+accepted length, turned into a per-draft acceptance α (:func:`jaxtok.decode.spec_cost.alpha_from_accepted`).
 Fits as the paper's Theorems 1.1/1.2: α against ln(training tokens) per draft, α against ln(draft non-embedding
 parameters) at the last checkpoint, and jointly. At the last checkpoint of every draft, each γ is also timed
 against greedy AR of the target (interleaved passes, the fastest counts) and the draft/target forward cost ratio c
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> int:
                 c = sd_counts(outs, meta)
                 mal = c["accepted"] / max(c["rounds"], 1)
                 row = {"draft": d["name"], "params": params, "step": step, "train_tokens": step * tokens_per_step,
-                       "gamma": int(g), "mean_accepted": mal, "alpha": sl.alpha_from_accepted_length(mal, int(g)),
+                       "gamma": int(g), "mean_accepted": mal, "alpha": sl.alpha_from_accepted(mal, int(g)),
                        "acceptance_rate": c["accepted"] / max(c["drafted"], 1),
                        "tokens_per_round": (c["tokens"] - sum(b for _, b in meta)) / max(c["rounds"], 1)}
                 rows.append(row)

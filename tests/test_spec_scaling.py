@@ -52,11 +52,11 @@ def test_fit_rejects_bad_input():
 def test_alpha_inversion():
     for alpha in (0.1, 0.5, 0.8, 0.95):
         for gamma in (1, 2, 4, 8):
-            m = s.expected_accepted_length(alpha, gamma)
-            assert s.alpha_from_accepted_length(m, gamma) == pytest.approx(alpha, abs=1e-8)
+            m = s.expected_tokens_per_round(alpha, gamma) - 1.0
+            assert s.alpha_from_accepted(m, gamma) == pytest.approx(alpha, abs=1e-8)
     # γ = 1: E[accepted] = α exactly
-    assert s.alpha_from_accepted_length(0.37, 1) == pytest.approx(0.37)
-    assert s.alpha_from_accepted_length(0.0, 4) == 0.0 and s.alpha_from_accepted_length(4.0, 4) == 1.0
+    assert s.alpha_from_accepted(0.37, 1) == pytest.approx(0.37)
+    assert s.alpha_from_accepted(0.0, 4) == 0.0 and s.alpha_from_accepted(4.0, 4) == 1.0
 
 
 def test_speedup_and_best_gamma_limits():
