@@ -20,8 +20,10 @@ Drafters are small pytrees whose static fields (a model's ``GraphDef``, n-gram s
 key and whose arrays are traced:
 
 - :class:`ModelDrafter` — a smaller AR model with its own KV cache. Each round it rolls its cache back to
-  ``n - W`` (W = γmax + 1) and re-feeds the last W committed tokens in one forward, so it never has to track
-  which of its own drafts were accepted (stale or rejected KV is overwritten; a few recomputed tokens per round);
+  ``n - R`` and re-feeds the last R committed tokens in one forward (stale or rejected KV is overwritten). R = 2
+  suffices for a drafter whose drafts were the ones verified: its cache already holds exact KV for every committed
+  token but the newest two (the bonus token, and the last draft, which is never fed, when every draft was
+  accepted; :func:`refeed_width`); a TAPS sub-drafter whose draft lost the routing re-feeds the window W = γmax + 1;
 - :class:`NgramDrafter` — prompt lookup: the tokens that followed the latest earlier occurrence of the last
   g committed tokens (g = max_ngram .. min_ngram); deterministic drafts, q = one-hot (§A1.1);
 - :class:`DeerDrafter` — DEER (§A6): a masked-diffusion decoder drafts γmax tokens in ONE bidirectional forward
@@ -146,7 +148,8 @@ def _token_prob(logits, tokens, params) -> jax.Array:
 class DraftContext:
     """What a drafter sees in a round. ``seq [B, S]``/``seq_valid [B, S]`` committed buffer, ``n [B]`` committed
     length (``seq[n-1]`` = newest token), ``live [B]`` rows still generating, ``gamma [B]`` the policy's caps,
-    ``params`` per-row sampling parameters, ``key``; static: ``gamma_max``, ``window`` (= γmax + 1), ``pad_id``."""
+    ``params`` per-row sampling parameters, ``key``; static: ``gamma_max``, ``window`` (= γmax + 1), ``pad_id``,
+    ``refeed`` (how many of the newest committed tokens a model drafter re-feeds: :func:`refeed_width`)."""
 
     seq: jax.Array
     seq_valid: jax.Array
@@ -158,6 +161,19 @@ class DraftContext:
     gamma_max: int = dataclasses.field(metadata=dict(static=True))
     window: int = dataclasses.field(metadata=dict(static=True))
     pad_id: int = dataclasses.field(metadata=dict(static=True))
+    refeed: int = dataclasses.field(default=0, metadata=dict(static=True))  # 0: the whole window
+
+
+def refeed_width(window: int, own_drafts_verified: bool = True) -> int:
+    """Tokens a :class:`ModelDrafter` re-feeds per round so that its KV cache is exact for every committed token.
+
+    In a round at committed length n the drafter's cache is exact below n (induction) and it feeds its valid drafts
+    ``d_1 .. d_{k-1}`` (never the last valid one, ``d_k``) at slots n .. n+k-2. Verification commits ``a <= k``
+    accepted drafts and one target token, so the next round's n' = n + a + 1 and slots below n + min(a, k-1) are
+    exact: at most ``n' - (n + a - 1) = 2`` tokens are missing (the target's token, and ``d_k`` when a = k). That
+    holds only when the verified drafts were this drafter's own (``own_drafts_verified``); a TAPS sub-drafter whose
+    draft lost the routing may have drafted none of the accepted tokens and re-feeds the whole ``window``."""
+    return min(2, window) if own_drafts_verified else window
 
 
 @jax.tree_util.register_dataclass
@@ -235,10 +251,11 @@ class ModelDrafter(Drafter):
 
     def draft(self, cache: KVCache, ctx: DraftContext, policy: DraftPolicy) -> Draft:
         model = nnx.merge(self.graphdef, self.state)
-        b, g, w = ctx.n.shape[0], ctx.gamma_max, ctx.window
+        b, g = ctx.n.shape[0], ctx.gamma_max
+        w = ctx.refeed or ctx.window  # R: re-feed the last R committed tokens (their KV may be stale or missing)
         need_hidden = policy.needs_hidden
-        start = ctx.n - w  # re-feed the last W committed tokens (their KV may be stale or missing)
-        chunk = _rows_slice(ctx.seq, start, w)  # [B, W]
+        start = ctx.n - w
+        chunk = _rows_slice(ctx.seq, start, w)  # [B, R]
         cvalid = _rows_slice(ctx.seq_valid, start, w) & ctx.live[:, None]
         out = model(chunk, valid=cvalid, cache=cache.rollback(start), logits_at=jnp.full((b, 1), w - 1, jnp.int32),
                     return_hidden=need_hidden)
@@ -415,6 +432,8 @@ class RoutedDrafter(Drafter):
         return tuple(d.init(seq, seq_valid, prefill_len, capacity) for d in self.drafters)
 
     def draft(self, state, ctx: DraftContext, policy: DraftPolicy) -> Draft:
+        # a sub-drafter's draft may lose the routing, so its cache may miss up to γmax + 1 committed tokens
+        ctx = dataclasses.replace(ctx, refeed=refeed_width(ctx.window, own_drafts_verified=False))
         outs = [d.draft(st, dataclasses.replace(ctx, key=jax.random.fold_in(ctx.key, 1000 + i)), policy)
                 for i, (d, st) in enumerate(zip(self.drafters, state))]
         conf = jnp.stack([routing_confidence(o.logits, o.valid) for o in outs], axis=1)  # [B, K]
@@ -595,7 +614,7 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
         k_draft, k_accept = jax.random.split(key)
         gamma = jnp.clip(policy.round_gamma(st["pstate"], g, b), 0, g)
         ctx = DraftContext(seq=st["seq"], seq_valid=st["seq_valid"], n=n, live=live, gamma=gamma, params=params,
-                           key=k_draft, gamma_max=g, window=w, pad_id=pad_id)
+                           key=k_draft, gamma_max=g, window=w, pad_id=pad_id, refeed=refeed_width(w))
         d = drafter.draft(st["dstate"], ctx, policy)
         dvalid = d.valid & live[:, None]
 

@@ -212,6 +212,69 @@ def test_identical_drafter_accepts_everything(models):
     assert int(out.target_forwards) == 2 and int(out.draft_forwards) == 1 + G
 
 
+def test_model_drafter_two_token_refeed_keeps_its_cache_exact_over_rounds(models):
+    """The model drafter re-feeds only the newest 2 committed tokens per round (``refeed_width``), not the window
+    γmax + 1. With the target drafting for itself every draft is accepted, so each round needs both re-fed tokens
+    (the never-fed last draft and the bonus token): over 3 rounds, with stale drafter slots NaN-poisoned, all
+    drafts are still accepted and the tokens equal greedy AR (the next test checks the drafter's cache directly)."""
+    target = models[0]
+    n_new, rows = 1 + 3 * (G + 1), 8
+    prompt, valid = _greedy_prompts()
+    prompt, valid = prompt[:rows], valid[:rows]
+
+    out = speculative_generate(target, ModelDrafter.of(target), prompt, valid, max_new_tokens=n_new, draft_len=G,
+                               temperature=0.0, stop_tokens=(), rng=jax.random.key(0), poison_stale_cache=True)
+    ar = generate(target, prompt, valid, max_new_tokens=n_new, temperature=0.0, stop_tokens=(),
+                  rng=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
+    np.testing.assert_array_equal(np.asarray(out.rounds), 3)
+    np.testing.assert_array_equal(np.asarray(out.accepted), 3 * G)
+    # drafter: prefill + per round one 2-token re-feed and γ-1 single-token steps
+    assert int(out.draft_forwards) == 1 + 3 * G
+
+
+@pytest.mark.parametrize("accepted", [0, 1, G])
+def test_model_drafter_cache_after_two_token_refeed_equals_a_fresh_prefill(models, accepted):
+    """The drafter's KV cache is exact after a round that re-feeds only 2 tokens: draft a round, commit
+    ``accepted`` of its drafts and one other token (the target's), draft the next round; the cache's entries for
+    every committed token equal a fresh prefill of the committed sequence (a 1-token re-feed would miss the never-fed
+    last draft when all are accepted)."""
+    b, g = 2, G
+    w = g + 1
+    s = w + P + 2 * (g + 1) + 1
+    drafter = ModelDrafter.of(models[1])
+    prompt, valid = _greedy_prompts()
+    seq = np.zeros((b, s), np.int32)
+    seq_valid = np.zeros((b, s), bool)
+    seq[:, w:w + P], seq_valid[:, w:w + P] = prompt[:b], valid[:b]
+    seq[:, w + P], seq_valid[:, w + P] = 1, True  # the target's first token
+    n = w + P + 1
+    params = {"temperature": jnp.zeros((b,), jnp.float32)}
+
+    def ctx(n):
+        return spec_module.DraftContext(seq=jnp.asarray(seq), seq_valid=jnp.asarray(seq_valid),
+                                        n=jnp.full((b,), n, jnp.int32), live=jnp.ones((b,), bool),
+                                        gamma=jnp.full((b,), g, jnp.int32), params=params, key=jax.random.key(0),
+                                        gamma_max=g, window=w, pad_id=0, refeed=spec_module.refeed_width(w))
+
+    cache = drafter.init(jnp.asarray(seq), jnp.asarray(seq_valid), n - 1, s)
+    d = drafter.draft(cache, ctx(n), dp.build_policy("fixed"))
+    assert np.all(np.asarray(d.valid))
+    tokens = np.asarray(d.tokens)
+    seq[:, n:n + accepted] = tokens[:, :accepted]
+    seq[:, n + accepted] = (tokens[:, accepted] + 1) % V if accepted < g else 0  # the target's token
+    seq_valid[:, n:n + accepted + 1] = True
+    n += accepted + 1
+    d2 = drafter.draft(d.state, ctx(n), dp.build_policy("fixed"))
+    fresh = drafter.init(jnp.asarray(seq), jnp.asarray(seq_valid), n, s)
+    ok = seq_valid[:, :n]  # [B, n] committed (non-pad) slots
+    np.testing.assert_array_equal(np.asarray(d2.state.positions)[:, :n][ok], np.asarray(fresh.positions)[:, :n][ok])
+    for name in ("k", "v"):
+        got = np.asarray(getattr(d2.state, name))[:, :, :n]  # [L, B, n, Hkv, Dh]
+        want = np.asarray(getattr(fresh, name))[:, :, :n]
+        np.testing.assert_allclose(got[:, ok], want[:, ok], atol=1e-5, rtol=1e-5)
+
+
 def naive_greedy(model, prompt, valid, prefix, n):
     """Greedy continuation of ``prompt`` (+ ``prefix [B, k]``) by ``n`` full forwards without a cache."""
     b = prompt.shape[0]
