@@ -7,7 +7,9 @@ Lossless loop (:func:`speculative_generate`). Every row keeps its committed sequ
 
 1. the draft-length policy picks the row's cap γ_b (``decode.draft_len`` = γmax is the static cap);
 2. the drafter proposes ``d [B, γmax]`` with raw logits and a validity mask (leading True, at most γ_b);
-3. ONE target forward on ``[seq[n-1], d_1..d_γmax]`` at per-row cache offsets gives ``p_1..p_{γmax+1}``;
+3. ONE target forward on ``[seq[n-1], d_1..d_k]`` at per-row cache offsets gives ``p_1..p_{k+1}``, k the smallest
+   of a few static widths (:func:`verify_widths`) covering every live row's drafts: γmax for ``fixed`` drafting,
+   else also 0 (no row drafted: an AR step, so ``batch_gamma`` at γ* = 0 runs AR inside the loop) and γmax // 2;
 4. exact speculative sampling (``sampling.speculative_accept``: accept w.p. min(1, p/q), residual
    ``max(0, p - q)`` with the degenerate fallback to ``p``, bonus from ``p_{γ+1}``) or the greedy variant
    (``speculative_accept_greedy``) for rows with temperature 0; the same sampling transform S (temperature,
@@ -546,6 +548,46 @@ def poison_stale(cache: KVCache) -> KVCache:
                                positions=jnp.where(stale, 7, cache.positions))
 
 
+def _drafts_fewer(drafter: Drafter) -> bool:
+    """Whether ``drafter`` may propose fewer than γ valid drafts for a live row under the ``fixed`` policy (n-gram
+    lookups miss; model and DEER drafters always fill γ)."""
+    if isinstance(drafter, RoutedDrafter):
+        return any(_drafts_fewer(d) for d in drafter.drafters)
+    return not isinstance(drafter, (ModelDrafter, DeerDrafter))
+
+
+def verify_widths(policy: DraftPolicy, drafter: Drafter, gamma_max: int) -> tuple:
+    """The static verification widths (drafts verified per round, increasing) a round picks from: the smallest that
+    covers every live row's valid drafts. ``(γmax,)`` when every round drafts γmax (``fixed`` policy, a drafter
+    that fills γ); else ``(0, γmax)``, plus ``γmax // 2`` for γmax >= 4. Width 0 is an AR step (no row drafted:
+    e.g. ``batch_gamma`` with γ* = 0, or an n-gram miss on every row); each width is a branch of a ``lax.switch``
+    (one more target forward compiled per width)."""
+    if isinstance(policy, Fixed) and not _drafts_fewer(drafter):
+        return (gamma_max,)
+    return tuple(sorted({0, gamma_max // 2 if gamma_max >= 4 else 0, gamma_max}))
+
+
+def _accept_round(key, tokens, d_logits, dvalid, t_logits, params, pad_id: int, greedy: bool):
+    """Verification of ``k`` drafts ``tokens [B, k]`` (draft logits ``[B, k, V]``, ``dvalid [B, k]``) against the
+    target's ``t_logits [B, k+1, V]`` -> ``(num_accepted [B], emitted [B, k+1])``: exact speculative sampling, or
+    greedy verification for temperature-0 rows (only that when ``greedy``). ``k = 0``: the target's next token
+    drawn from S(p_1), as an AR step (argmax for greedy rows, as the greedy verdict's)."""
+    b, k = tokens.shape
+    if k == 0:
+        return jnp.zeros((b,), jnp.int32), _sample(key, t_logits[:, 0], params)[:, None].astype(jnp.int32)
+    if greedy:  # = sampling.speculative_accept_greedy with the blocked argmax
+        a = _greedy_tokens(t_logits)  # [B, k+1]
+        nacc = sampling.count_leading_true(dvalid & (tokens == a[:, :k]))
+        return nacc, sampling._emit(tokens, nacc, jnp.take_along_axis(a, nacc[:, None], axis=1)[:, 0], pad_id)
+    q = _probs(d_logits, params)  # [B, k, V]
+    p_ = _probs(t_logits, params)  # [B, k+1, V]
+    exact = sampling.speculative_accept(key, tokens, q, p_, dvalid, pad_id)
+    verdict = sampling.speculative_accept_greedy(tokens, t_logits, dvalid, pad_id)
+    is_greedy = params["temperature"] <= 0
+    return (jnp.where(is_greedy, verdict.num_accepted, exact.num_accepted),
+            jnp.where(is_greedy[:, None], verdict.tokens, exact.tokens))  # [B, k+1]
+
+
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "max_new_tokens", "gamma_max", "stop_tokens",
                                              "pad_id", "poison", "greedy", "mesh", "return_logprobs"))
 def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params, *,
@@ -604,6 +646,8 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
         "routes": jnp.zeros((b, len(drafter.drafters) if isinstance(drafter, RoutedDrafter) else 1), jnp.int32),
     }
 
+    widths = verify_widths(policy, drafter, g)
+
     def cond(st):
         return ~jnp.all(st["finished"])
 
@@ -618,23 +662,27 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
         d = drafter.draft(st["dstate"], ctx, policy)
         dvalid = d.valid & live[:, None]
 
-        # verify: one target forward on [last, d_1..d_γ] at slots n-1 .. n-1+γ
+        # verify: one target forward on [last, d_1..d_k] at slots n-1 .. n-1+k, k = the smallest static width that
+        # covers every live row's drafts (k = 0: an AR step, when no row drafted)
         last = jnp.take_along_axis(st["seq"], (n - 1)[:, None], axis=1)  # [B, 1]
-        vin = jnp.concatenate([last, d.tokens], axis=1)  # [B, γ+1]
-        vo = target(vin, valid=jnp.broadcast_to(live[:, None], vin.shape), cache=st["cache"])
-        t_logits = vo.logits  # [B, γ+1, V]
-        if greedy:  # = sampling.speculative_accept_greedy with the blocked argmax
-            a = _greedy_tokens(t_logits)  # [B, γ+1]
-            nacc = sampling.count_leading_true(dvalid & (d.tokens == a[:, :g]))
-            emitted = sampling._emit(d.tokens, nacc, jnp.take_along_axis(a, nacc[:, None], axis=1)[:, 0], pad_id)
+
+        def verify(k):
+            vo = nnx.merge(target_graphdef, target_state)(
+                jnp.concatenate([last, d.tokens[:, :k]], axis=1),  # [B, k+1]
+                valid=jnp.broadcast_to(live[:, None], (b, k + 1)), cache=st["cache"])
+            nacc, emitted = _accept_round(k_accept, d.tokens[:, :k], d.logits[:, :k], dvalid[:, :k], vo.logits,
+                                          params, pad_id, greedy)
+            lp = _token_logprob(vo.logits, emitted, params) if return_logprobs else jnp.zeros(emitted.shape)
+            widen = ((0, 0), (0, g - k))
+            return (vo.cache, nacc, jnp.pad(emitted, widen, constant_values=pad_id),  # [B, γ+1]
+                    jnp.pad(lp, widen))
+
+        if len(widths) == 1:
+            vcache, nacc, emitted, lp = verify(g)
         else:
-            q = _probs(d.logits, params)  # [B, γ, V]
-            p_ = _probs(t_logits, params)  # [B, γ+1, V]
-            exact = sampling.speculative_accept(k_accept, d.tokens, q, p_, dvalid, pad_id)
-            verdict = sampling.speculative_accept_greedy(d.tokens, t_logits, dvalid, pad_id)
-            is_greedy = params["temperature"] <= 0
-            nacc = jnp.where(is_greedy, verdict.num_accepted, exact.num_accepted)
-            emitted = jnp.where(is_greedy[:, None], verdict.tokens, exact.tokens)  # [B, γ+1]
+            need = jnp.max(jnp.where(live, jnp.sum(dvalid, axis=1), 0))  # the round's largest γ over live rows
+            branch = jnp.sum(need > jnp.asarray(widths[:-1], jnp.int32))  # smallest width >= need
+            vcache, nacc, emitted, lp = jax.lax.switch(branch, [functools.partial(verify, k) for k in widths])
 
         # stop tokens and the max_new_tokens cap
         j = jnp.arange(g + 1)[None, :]
@@ -648,13 +696,12 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
         seq_valid_ = _rows_write(st["seq_valid"], keep, n)
         lp_seq_ = None
         if return_logprobs:  # log S(p_j)[emitted_j] at the target's verify logits, j = 0..γ  [B, γ+1]
-            lp = _token_logprob(t_logits, emitted, params)
             lp_seq_ = _rows_write(st["lp_seq"], jnp.where(keep, lp, 0.0), n)
         count = st["count"] + n_emit
         done = st["done"] | (live & hit)
 
         # target KV: keep last + accepted drafts; frozen rows back to their old length
-        cache = vo.cache.rollback(jnp.where(live, n + nacc, n - 1))
+        cache = vcache.rollback(jnp.where(live, n + nacc, n - 1))
         dstate = d.state
         if poison:
             cache = poison_stale(cache)

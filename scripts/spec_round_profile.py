@@ -5,8 +5,9 @@ it runs with: the drafter's re-feed forward (the whole window W = γ + 1, as bef
 now), one drafter step, the whole drafting phase (``ModelDrafter.draft``: re-feed + γ - 1 steps, its while loop),
 the target's verification forward on γ + 1 tokens, the target's AR step, the greedy acceptance (argmax, leading
 matches, emitted tokens, buffer writes) and the cache rollback; then whole greedy calls of ``speculative_generate``
-with the old re-feed (``refeed_width`` patched to return W) and the new one, and AR ``generate``, as ms per round
-(per step for AR) after subtracting a 1-token call (prefill and first token).
+with the old re-feed (``refeed_width`` patched to return W) and the new one, ``batch_gamma`` at γ* = 0 (AR rounds
+inside the loop: no drafts, a 1-position verification), and AR ``generate``, as ms per round (per step for AR)
+after subtracting a 1-token call (prefill and first token).
 
     python scripts/spec_round_profile.py --batch 1 --gammas 4,6 --json runs/overhead/profile_b1.json
 """
@@ -145,7 +146,16 @@ def loop_calls(target, draft, prompt, valid, n_new: int, g: int, stop) -> dict:
         return lambda: generate(target, prompt, valid, max_new_tokens=n, temperature=0.0, stop_tokens=stop, rng=key,
                                 return_logprobs=False)
 
-    return {"spec_old_refeed": (run_spec(True, n_new), run_spec(True, 1)),
+    from jaxtok.decode import draft_policies as dp
+
+    ar_policy = dp.BatchGamma(dp.BatchGammaArgs(acceptance=(0.0,)))  # γ* = 0: AR rounds inside the loop
+
+    def run_gamma0(n):
+        return lambda: spec.speculative_generate(target, drafter, prompt, valid, max_new_tokens=n, draft_len=g,
+                                                 policy=ar_policy, temperature=0.0, stop_tokens=stop, rng=key)
+
+    return {"spec_gamma0_in_loop": (run_gamma0(n_new), run_gamma0(1)),
+            "spec_old_refeed": (run_spec(True, n_new), run_spec(True, 1)),
             "spec_new_refeed": (run_spec(False, n_new), run_spec(False, 1)), "ar": (run_ar(n_new), run_ar(1))}
 
 
@@ -180,10 +190,10 @@ def main(argv=None) -> int:
         outs = {k: full() for k, (full, _) in loops.items()}
         per = {}
         for k, o in outs.items():
-            steps = (int(np.max(np.asarray(o.rounds))) if k != "ar" else n_new - 1)
+            steps = (int(np.max(np.asarray(o.rounds))) if k != "ar" else n_new - 1)  # AR: steps after the first
             per[k] = {"ms_per_round": (ms[f"{k}/full"] - ms[f"{k}/one"]) / max(steps, 1), "rounds": steps}
         same = all(np.array_equal(np.asarray(outs[k].tokens), np.asarray(outs["ar"].tokens))
-                   for k in ("spec_old_refeed", "spec_new_refeed"))
+                   for k in outs if k != "ar")
         res["gammas"][str(g)] = {"pieces_ms": pieces, "loop": per, "identical_to_ar": same}
         print(json.dumps({g: res["gammas"][str(g)]}, indent=1), flush=True)
     if args.json:

@@ -275,6 +275,26 @@ def test_model_drafter_cache_after_two_token_refeed_equals_a_fresh_prefill(model
         np.testing.assert_allclose(got[:, ok], want[:, ok], atol=1e-5, rtol=1e-5)
 
 
+def test_batch_gamma_at_zero_runs_ar_inside_the_loop(models, greedy_ref, target_joint):
+    """``batch_gamma`` with γ* = 0 (acceptance 0: speculation never pays) inside the loop: no row drafts, so every
+    round takes the width-0 verification (one target position, an AR step; ``verify_widths``). Greedy rows equal
+    greedy AR with one target forward per emitted token; sampled rows follow the target's law (χ², α = 0.001)."""
+    drafter, policy = ModelDrafter.of(models[1]), dp.BatchGamma(dp.BatchGammaArgs(acceptance=(0.0,)))
+    assert policy.gamma_for(ROWS) == 0
+    assert spec_module.verify_widths(policy, drafter, G) == (0, G)
+    assert spec_module.verify_widths(dp.build_policy("fixed"), drafter, G) == (G,)
+    prompt, valid, ref = greedy_ref
+    out = _run(models, drafter, policy, 0.0, prompt=prompt, valid=valid, poison_stale_cache=True)
+    for field in ("tokens", "valid", "done", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(ref, field)), err_msg=field)
+    assert int(np.sum(np.asarray(out.drafted))) == 0
+    assert int(out.target_forwards) == N  # prefill + N - 1 one-token rounds
+    s = _run(models, drafter, policy, TEMP, rng=1, poison_stale_cache=True)
+    assert int(np.sum(np.asarray(s.drafted))) == 0
+    toks = np.where(np.asarray(s.valid), np.asarray(s.tokens), V)[:, :3]
+    assert _chi2_pvalue(toks, target_joint) > 1e-3
+
+
 def naive_greedy(model, prompt, valid, prefix, n):
     """Greedy continuation of ``prompt`` (+ ``prefix [B, k]``) by ``n`` full forwards without a cache."""
     b = prompt.shape[0]
