@@ -20,7 +20,7 @@ Registered: ``fixed`` (γ = ``decode.draft_len``), ``heuristic`` (+2 after a ful
 ``confidence`` (stop after a draft token whose own probability ``q(d_j)`` is below a threshold, as HF), ``specdecpp`` (SpecDec++
 acceptance head, stop when P(any rejection) > h) and ``speckv`` (SpecKV: an MLP over the previous round's draft
 entropy/confidence picks γ ∈ {2, 4, 6, 8}) and ``batch_gamma`` (one γ per batch size from a measured cost model,
-γ = 0 meaning plain AR at the call site; vLLM's dynamic speculative decoding).
+γ = 0 meaning plain AR, best run as ``generate`` at the call site; vLLM's dynamic speculative decoding).
 """
 
 from __future__ import annotations
@@ -453,9 +453,10 @@ class BatchGamma(DraftPolicy):
     """Batch-size-aware draft length (vLLM's dynamic speculative decoding; DSpark): γ is a function of the batch
     size alone, chosen before decoding by :func:`batch_gamma_choice`, the same for every row and round.
 
-    γ* = 0 means "do not speculate". The speculative loop cannot turn itself into AR (a round always re-feeds the
-    drafter's window and verifies ``draft_len`` + 1 positions), so the caller asks :meth:`gamma_for` first and runs
-    plain AR (``generate``) when it is 0, else ``speculative_generate`` with ``draft_len = γ*``; inside the loop
+    γ* = 0 means "do not speculate". Inside the loop a round whose rows all draft 0 tokens verifies one position
+    (an AR step; the drafter still re-feeds 2 tokens to keep its cache exact), measured 0.69–0.77× of ``generate``
+    (docs/results/spec_membound.md), so the caller should ask :meth:`gamma_for` first and run plain AR
+    (``generate``) when it is 0, else ``speculative_generate`` with ``draft_len = γ*``; inside the loop
     ``round_gamma`` caps rows at ``min(γ*, draft_len)``."""
 
     args: BatchGammaArgs = dataclasses.field(default_factory=BatchGammaArgs, metadata=dict(static=True))
