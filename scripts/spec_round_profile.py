@@ -18,7 +18,6 @@ import argparse
 import importlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -29,18 +28,7 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT.parent))
 
-
-def best_ms(calls: dict, repeats: int) -> dict:
-    """Fastest wall time in ms of each zero-argument call (each compiled first), the calls interleaved."""
-    for fn in calls.values():
-        jax.block_until_ready(fn())
-    best = {k: float("inf") for k in calls}
-    for _ in range(repeats):
-        for k, fn in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {k: v * 1e3 for k, v in best.items()}
+from jaxtok.decode.spec_bench import best_ms  # noqa: E402
 
 
 def piece_calls(target, draft, b: int, p: int, n_new: int, g: int) -> dict:
