@@ -20,14 +20,14 @@ progress: threshold-like rules always add the top-1 eligible position; scheduled
 ``ass``, ``learn2pd``) commit the rest of the block at their last scheduled step, so every loop ends within its
 cap. Terminators (``spec.stop_ids``: ``<eos>`` and the Rainbow pads) are EOS-class for every EOS-aware rule.
 
-Entry meta: ``scheduled`` (the block is decoded in ``steps_per_block`` steps), ``init_state(B, N)``,
+Entry meta: ``scheduled`` (the block is decoded in ``steps_per_block`` steps), ``init_state(B, N, args)``,
 ``block_rule`` (adaptive block length, AdaBlock), ``heads`` (names of required learned modules), ``lookahead``
 (the loop passes ``heads["lookahead"](pos [B, C], tok [B, C]) -> logits [B, C, N, V]``: one batched forward of C
 copies of the current state, each with one more token committed), ``needs_hidden`` (``info.hidden`` is filled),
 ``verifier`` (``heads["verify"](drafts [B, N], start [B]) -> logits [B, K, V]``: the same model in AR mode —
 causal attention, i.e. block size 1 — predicting generation index ``start + c`` with the drafts filled before it),
 ``window`` (Dystruct: the model sees only generated positions ``< state["window"] [B]``, the rest are padding and
-never eligible; ``init_state(B, N, args)`` gets the policy's arguments).
+never eligible).
 """
 
 from __future__ import annotations
@@ -454,7 +454,7 @@ class BACDArgs(SamplerArgs):
     lower: float = 0.6
 
 
-def _bacd_state(b: int, n: int):
+def _bacd_state(b: int, n: int, args: BACDArgs) -> dict:
     return {"sum": jnp.zeros((b,), jnp.float32), "count": jnp.zeros((b,), jnp.float32)}
 
 
@@ -824,7 +824,7 @@ def s2d2_ucb_choose(counts: jax.Array, rewards: jax.Array, t: jax.Array, beta: f
     return jnp.argmax(ucb, axis=-1) == 1
 
 
-def _s2d2_state(b: int, n: int) -> dict:
+def _s2d2_state(b: int, n: int, args: S2D2Args) -> dict:
     """Per-row router carry: hysteresis ``on [B]``; bandit ``counts/rewards [B, contexts, 2]`` and ``t [B]``."""
     return {"on": jnp.zeros((b,), bool), "counts": jnp.zeros((b, S2D2_CONTEXTS, 2), jnp.float32),
             "rewards": jnp.zeros((b, S2D2_CONTEXTS, 2), jnp.float32), "t": jnp.zeros((b,), jnp.float32)}

@@ -382,7 +382,7 @@ def _diffusion_jit(graphdef, model_state, head_defs, head_states, prompt, prompt
     state = _State(
         x=x, commit_step=jnp.full((b, n), -1, jnp.int32), step=jnp.zeros((), jnp.int32), nfe=zeros,
         done=jnp.zeros((b,), bool), lo=zeros, hi=zeros, block_step=zeros, block_masks=zeros,
-        pstate=(init_state(b, n, args) if windowed else init_state(b, n)) if init_state else {},
+        pstate=init_state(b, n, args) if init_state else {},
         cache=(KVCache.init(nnx.merge(graphdef, model_state).cfg, b, length + n + 4 * bs) if use_cache else
                KVCache.init(nnx.merge(graphdef, model_state).cfg, b, length + width) if approx else None),
         base=zeros if use_cache else None, cached_kb=jnp.full((b,), -(10**6), jnp.int32) if use_cache else None)
