@@ -128,10 +128,10 @@ class Decision:
     nfe: Optional[jax.Array] = None  # [B] extra forwards this step (Info-Gain's lookahead)
 
 
-def register(name: str, args_cls, *, scheduled: bool = False, init_state=None, block_rule=None, heads=(),
+def register(name: str, args_cls, *, init_state=None, block_rule=None, heads=(),
              lookahead: bool = False, needs_hidden: bool = False, verifier: bool = False, window: bool = False):
     """``@register("threshold", ThresholdArgs)``: a commit policy with its loop meta (module docstring)."""
-    return COMMIT_POLICIES.register(name, args_cls, scheduled=scheduled, init_state=init_state,
+    return COMMIT_POLICIES.register(name, args_cls, init_state=init_state,
                                     block_rule=block_rule, heads=tuple(heads), lookahead=lookahead,
                                     needs_hidden=needs_hidden, verifier=verifier, window=window)
 
@@ -215,7 +215,7 @@ def _llada_scores(info: StepInfo, args, spec: LoopSpec) -> jax.Array:
     return conf
 
 
-@register("llada", LLaDAArgs, scheduled=True)
+@register("llada", LLaDAArgs)
 def llada(info: StepInfo, args: LLaDAArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """LLaDA (§B9): commit the top-``k_s`` eligible positions by confidence, ``k_s`` from
     :func:`num_transfer_tokens` over the block's masks and ``steps_per_block``."""
@@ -292,7 +292,7 @@ def logit_gap(logits: jax.Array) -> jax.Array:
     return top2[..., 0] - top2[..., 1]
 
 
-@register("prophet", ProphetArgs, scheduled=True)
+@register("prophet", ProphetArgs)
 def prophet(info: StepInfo, args: ProphetArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """Prophet (§B11): if the mean top1−top2 logit gap over the region reaches the phase threshold, commit every
     remaining mask of the row with its proposal ("all-in"); otherwise the base rule."""
@@ -367,7 +367,7 @@ class EOSERArgs(SamplerArgs):
     gamma_max: float = 1.0
 
 
-@register("eoser", EOSERArgs, scheduled=True)
+@register("eoser", EOSERArgs)
 def eoser(info: StepInfo, args: EOSERArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """EOSER (§B19): LLaDA's scheduled top-k with terminator confidences scaled by
     ``γ_min + (γ_max − γ_min)·clamp(step, 0, S−1)/(S−1)``."""
@@ -396,7 +396,7 @@ def ass_schedule(n: jax.Array, i: jax.Array):
     return k, s
 
 
-@register("ass", ASSArgs, scheduled=True)
+@register("ass", ASSArgs)
 def ass(info: StepInfo, args: ASSArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """EOSER + ASS (§B19): commit ``2^i`` tokens at block step i (top by EOS-scaled confidence), with the EOS factor
     at progress ``(2^(i+1) − 1) / 2^S``."""
@@ -648,7 +648,7 @@ def scatter_block(values: jax.Array, lo: jax.Array, n: int) -> jax.Array:
     return jnp.take_along_axis(values, jnp.clip(idx, 0, values.shape[-1] - 1), axis=-1)
 
 
-@register("learn2pd", Learn2PDArgs, scheduled=True, heads=("filter",))
+@register("learn2pd", Learn2PDArgs, heads=("filter",))
 def learn2pd(info: StepInfo, args: Learn2PDArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """Learn2PD (§B16): commit ``sigmoid(filter(block confidences)) > threshold`` on eligible positions plus LLaDA's
     scheduled top-k. The filter sees the whole block's confidence vector (decoded positions: 1). EoTP: if an
@@ -707,7 +707,7 @@ def tracelock_inputs(info: StepInfo, window: int):
     return feats, states, valid
 
 
-@register("tracelock", TraceLockArgs, scheduled=True, heads=("controller",), needs_hidden=True)
+@register("tracelock", TraceLockArgs, heads=("controller",), needs_hidden=True)
 def tracelock(info: StepInfo, args: TraceLockArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """TraceLock (§B17): ``prob = sigmoid(logit − threshold_logit)`` of the controller over the window; commit the
     scheduled top-k by ``prob`` (LLaDA schedule) plus up to ``max_accept`` positions with ``prob >= threshold``
@@ -830,7 +830,7 @@ def _s2d2_state(b: int, n: int, args: S2D2Args) -> dict:
             "rewards": jnp.zeros((b, S2D2_CONTEXTS, 2), jnp.float32), "t": jnp.zeros((b,), jnp.float32)}
 
 
-@register("s2d2", S2D2Args, scheduled=True, verifier=True, init_state=_s2d2_state)
+@register("s2d2", S2D2Args, verifier=True, init_state=_s2d2_state)
 def s2d2(info: StepInfo, args: S2D2Args, state, spec: LoopSpec, heads=None) -> Decision:
     """S2D2 (§B13): the block's drafts ``x0 ~ p`` (diffusion mode) on the first contiguous masked span are verified
     by the same model in AR mode (``q``, one batched forward of K = block_len sequence copies) when the ``router``
