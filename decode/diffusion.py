@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtok.models import KVCache, check_token_ids
-from jaxtok.registry import BENCHES, COMMIT_POLICIES, ConfigError
+from jaxtok.registry import COMMIT_POLICIES, ConfigError
 from jaxtok.sampling import first_true_index, gumbel_argmax
 
 from . import commit_policies  # noqa: F401  (registers the policies)
@@ -601,8 +601,8 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
 
 def policy_args_and_heads(policy: str, policy_args=None):
     """``(policy args dataclass, heads or None)``: for a policy with learned heads (``learn2pd``, ``tracelock``) the
-    heads are loaded from ``policy_args.head_path`` (a directory written by ``python -m
-    jaxtok.decode.train_commit_heads``)."""
+    heads are loaded from ``policy_args.head_path`` (the run directory of ``jaxtok train configs/heads/<policy>.yaml``,
+    :func:`jaxtok.models.heads.load_policy_heads`)."""
     args = policy_args_of(policy, policy_args)
     needed = COMMIT_POLICIES.entry(policy, "decode.policy").meta.get("heads")
     if not needed:
@@ -610,10 +610,10 @@ def policy_args_and_heads(policy: str, policy_args=None):
     head_path = getattr(args, "head_path", None)
     if not head_path:
         raise ConfigError(f"decode.policy={policy!r} needs learned heads {list(needed)}: set "
-                          f"decode.policy_args.head_path=<dir from python -m jaxtok.decode.train_commit_heads>")
-    from .train_commit_heads import load_commit_heads
+                          f"decode.policy_args.head_path=<run dir of jaxtok train configs/heads/{policy}.yaml>")
+    from jaxtok.models.heads import load_policy_heads
 
-    heads = load_commit_heads(head_path)
+    heads = load_policy_heads(head_path)
     missing = [h for h in needed if h not in heads]
     if missing:
         raise ConfigError(f"decode.policy_args.head_path={head_path!r} holds heads {sorted(heads)}; policy "
@@ -634,100 +634,4 @@ def run_diffusion_decode(cfg, model, tok, task, run_dir) -> dict:
     write_results(run_dir, results, samples, title=f"diffusion decode, {policy} (exact match "
                                                    f"{metrics['exact_match']:.3f}, mean NFE {metrics['mean_nfe']:.1f})")
     print(json.dumps(results, indent=2, default=str))
-    return results
-
-
-def draw_accuracy_vs_nfe(table: Sequence[Mapping[str, Any]], ax) -> None:
-    """Held-out exact match against mean NFE, one marker per ``table`` row (``run``, ``mean_nfe``, ``exact_match``)
-    named in a legend beside the axes (rows at the same point share a marker and a legend entry); log2 NFE axis,
-    the first row's accuracy as a dashed reference. The plot of the diffusion bench and the commit-head script."""
-    import matplotlib.pyplot as plt
-
-    points: dict = {}
-    for row in table:
-        points.setdefault((round(float(row["mean_nfe"]), 4), round(float(row["exact_match"]), 6)), []).append(
-            str(row["run"]))
-    colours = plt.get_cmap("tab20").colors
-    markers = "osD^vP*Xh<>p"
-    for i, ((x, y), names) in enumerate(points.items()):
-        ax.scatter(x, y, s=70, color=colours[i % len(colours)], marker=markers[i % len(markers)],
-                   edgecolor="k", linewidth=0.5, zorder=3, label=f"{names[0]}  ({x:.2f} NFE, {y:.3f})" + "".join(f"\n  = {n}" for n in names[1:]))
-    if table:
-        ax.axhline(float(table[0]["exact_match"]), color="0.5", ls="--", lw=0.8, zorder=1,
-                   label=f"reference: {table[0]['run']}")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("mean NFE per row (forward passes per answer, log scale)")
-    ax.set_ylabel("held-out exact match (fraction of prompts)")
-    ax.set_title("diffusion decode policies: accuracy vs NFE")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0, frameon=False)
-
-
-def replot_accuracy_vs_nfe(results_json, png, command: str):
-    """Redraw :func:`draw_accuracy_vs_nfe` from a written ``results.json`` (``rows``) into ``png``, captioned with
-    ``command`` (the command that made the results); no decoding."""
-    from pathlib import Path
-
-    from jaxtok.metrics import save_plot
-
-    rows = json.loads(Path(results_json).read_text())["rows"]
-    return save_plot(png, functools.partial(draw_accuracy_vs_nfe, rows), command=command)
-
-
-DEFAULT_BENCH_RUNS = (
-    {"label": "llada 1 tok/step", "policy": "llada", "args": {}},
-    {"label": "threshold 0.9", "policy": "threshold", "args": {"threshold": 0.9}},
-    {"label": "threshold 0.7", "policy": "threshold", "args": {"threshold": 0.7}},
-    {"label": "factor 1", "policy": "factor", "args": {"factor": 1.0}},
-    {"label": "prophet", "policy": "prophet", "args": {"gaps": [7.5, 5.0, 2.5]}},
-    {"label": "adablock", "policy": "adablock", "args": {"threshold": 0.9}},
-    {"label": "eoser", "policy": "eoser", "args": {}},
-    {"label": "ass", "policy": "ass", "args": {}},
-    {"label": "ete", "policy": "ete", "args": {"threshold": 0.9}},
-    {"label": "bacd", "policy": "bacd", "args": {}},
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class DiffusionBenchArgs:
-    """``runs``: ``{label, policy, args}`` entries (default :data:`DEFAULT_BENCH_RUNS`); ``num_examples``: held-out
-    prompts per run (default ``data.num_eval``)."""
-
-    runs: tuple = DEFAULT_BENCH_RUNS
-    num_examples: Optional[int] = None
-
-
-@BENCHES.register("diffusion", DiffusionBenchArgs)
-def diffusion_bench(cfg, run_dir, args: DiffusionBenchArgs) -> dict:
-    """Accuracy against NFE and wall-clock for each run of ``args.runs`` on the model at ``model.init_from``
-    (decode_methods.md (b): NFE per token and accuracy vs one token per step); writes ``results.json``, the table and
-    ``accuracy_vs_nfe.png``."""
-    from jaxtok.data import make_task_from_config
-    from jaxtok.metrics import write_results
-    from jaxtok.models.hf import load_any
-    from jaxtok.tasks.tokenizer import load_tokenizer_for
-
-    if not cfg.model.init_from:
-        raise ConfigError("bench 'diffusion' needs model.init_from=<run dir of a trained diffusion model>")
-    model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
-    tok = load_tokenizer_for(cfg)
-    task = make_task_from_config(cfg.data)
-    table = []
-    for run in args.runs:
-        if set(run) - {"label", "policy", "args"} or "policy" not in run:
-            raise ConfigError(f"bench.args.runs: entry {run!r} needs 'policy' and may have 'label', 'args'")
-        pa, heads = policy_args_and_heads(run["policy"], dict(run.get("args") or {}))
-        m, _ = evaluate_policy(cfg, model, tok, task, policy=run["policy"], policy_args=pa, heads=heads,
-                               num_examples=args.num_examples)
-        table.append({"run": run.get("label", run["policy"]), **{k: v for k, v in m.items() if k != "policy"}})
-    base = table[0]
-    for row in table:
-        row["nfe_speedup"] = base["mean_nfe"] / max(row["mean_nfe"], 1e-9)
-        row["wall_speedup"] = base["wall_s"] / max(row["wall_s"], 1e-9)
-
-    results = {"bench": "diffusion", "init_from": cfg.model.init_from, "gen_len": cfg.decode.max_new_tokens,
-               "device": jax.devices()[0].device_kind, "rows": table}
-    write_results(run_dir, results, table, title="diffusion policies: accuracy vs NFE",
-                  plots={"accuracy_vs_nfe": functools.partial(draw_accuracy_vs_nfe, table)})
     return results

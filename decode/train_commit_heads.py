@@ -59,10 +59,10 @@ from flax import nnx
 
 from jaxtok.models.heads import FilterHead, TraceController
 
+from jaxtok.bench.plots import draw_accuracy_vs_nfe
+
 from . import commit_policies as cp
-from .diffusion import (
-    DEFAULT_MASK_ID, diffusion_generate, draw_accuracy_vs_nfe, fixed_block_end, trajectory_state,
-)
+from .diffusion import DEFAULT_MASK_ID, diffusion_generate, fixed_block_end, trajectory_state
 from .train_heads import save_head
 
 HEAD_KINDS = {"learn2pd_filter": ("filter", FilterHead), "tracelock_controller": ("controller", TraceController)}

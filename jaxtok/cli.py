@@ -9,7 +9,7 @@ the resolved ``config.yaml``, and calls the command's handler ``(cfg, run_dir) -
 train       ``jaxtok.train.loop.train``
 eval        ``jaxtok.train.loop.evaluate``
 decode      ``jaxtok.decode.run_decode``
-bench       ``jaxtok.train.bench.run_bench``
+bench       ``jaxtok.bench.run_bench``
 ==========  =====================================
 
 ``jaxtok run RECIPE`` runs a multi-stage recipe (:mod:`jaxtok.recipe`); ``jaxtok convert {to-jax,to-hf} SRC DST``
@@ -60,7 +60,7 @@ HANDLER_PATHS = {
     "train": ("jaxtok.train.loop", "train"),
     "eval": ("jaxtok.train.loop", "evaluate"),
     "decode": ("jaxtok.decode", "run_decode"),
-    "bench": ("jaxtok.train.bench", "run_bench"),
+    "bench": ("jaxtok.bench", "run_bench"),
 }
 # Handlers set here (tests, plug-ins) take precedence over HANDLER_PATHS.
 HANDLERS: dict[str, Callable] = {}
@@ -81,8 +81,7 @@ LIST_KINDS = {
     "draft-policies": ("DRAFT_POLICIES", ("jaxtok.decode",), "decode.policy with decode.method=speculative"),
     "presets": (None, ("jaxtok.models.presets",), "model.preset"),
     "tasks": ("TASKS", ("jaxtok.tasks",), "data.task"),
-    "benches": ("BENCHES", ("jaxtok.train.bench", "jaxtok.decode.bench", "jaxtok.decode.diffusion",
-                            "jaxtok.train.rl_report"), "bench.name"),
+    "benches": ("BENCHES", ("jaxtok.bench",), "bench.name"),
     "rewards": ("REWARDS", ("jaxtok.train.rewards",), "rollout.rewards keys"),
     "selections": ("SELECTIONS", ("jaxtok.select",), "objective.args.selection.rule"),
     "loss-modes": ("LOSS_MODES", ("jaxtok.policy",), "objective.args.loss_mode of policy_gradient; "

@@ -50,10 +50,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! python3 -c "import jaxtok.train.bench" 2>/dev/null; then
+if ! python3 -c "import jaxtok.bench" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1
 fi
-if ! python3 -c "import jaxtok.train.bench" >> "$LOG" 2>&1; then
+if ! python3 -c "import jaxtok.bench" >> "$LOG" 2>&1; then
   say "jaxtok does not import here (missing packages? run 'bash scripts/device_bench.sh fetch' and carry .whl):"
   tail -5 "$LOG"
   exit 1

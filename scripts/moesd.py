@@ -14,7 +14,7 @@ Three parts, all settings from ``configs/scripts/moesd.yaml``:
    k · moe_intermediate_size`` (equal active parameters), the same AR draft, greedy SD with fixed γ against greedy
    AR of the same target at each batch size; timed passes interleaved (MoE AR, MoE SD, dense AR, dense SD per
    repeat), the median of the per-repeat AR/SD ratios reported (and the ratio of the fastest passes). Beside it: per-forward times (target step on 1
-   token, verification on γ+1, draft step; :func:`jaxtok.decode.spec_bench.forward_costs`) and two predictions:
+   token, verification on γ+1, draft step; :func:`jaxtok.bench.speculative.forward_costs`) and two predictions:
    eq. (1) with those measured times and the measured tokens per round, and the count model
    ``AR forwards · t_step / (target forwards · t_verify + draft forwards · t_draft)``.
    Controlled acceptance: random models rarely agree, so the draft and both targets share one embedding and LM
@@ -47,7 +47,7 @@ from flax import nnx
 
 from jaxtok.decode import generate, speculative_generate
 from jaxtok.decode import moesd as cm
-from jaxtok.decode.spec_bench import forward_costs
+from jaxtok.bench.speculative import forward_costs
 from jaxtok.metrics import default_command, markdown_table, save_plot
 from jaxtok.models import Decoder, ModelConfig, presets
 from jaxtok.models import moe as moe_lib

@@ -20,7 +20,7 @@ numbers of runs later extended to 250): the final accuracy, curve, wall time and
 interval of each segment (it holds the compilation) and the intervals that hold a held-out eval. ``--train-metric``
 averages logged training keys (e.g. ``selected_frac``, ``q1``..``q4``) over a run's logged steps, then over seeds;
 ``--memory FILE`` adds a json's ``{arm: {temp_mb, peak_mb}}`` (the XLA memory analysis of the arm's compiled train
-step, ``jaxtok.train.bench.variant_step_memory``) to the arm.
+step, ``jaxtok.bench.train.variant_step_memory``) to the arm.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main(argv=None):
     ap.add_argument("--memory", default=None, help="json {arm: {temp_mb, peak_mb}} of each arm's compiled step")
     ap.add_argument("--memory-config", action="append", default=[],
                     help="NAME=CONFIG: compile the arm's train step from CONFIG (train.seed=0) and add its XLA memory "
-                         "analysis (jaxtok.train.bench.variant_step_memory, the TIP bench's `memory: true`)")
+                         "analysis (jaxtok.bench.train.variant_step_memory, the TIP bench's `memory: true`)")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .table.md are written)")
     a = ap.parse_args(argv)
     summ = json.loads((Path(a.start) / "summary.json").read_text())
@@ -171,7 +171,7 @@ def main(argv=None):
     memory = json.loads(Path(a.memory).read_text()) if a.memory else {}
     for spec in a.memory_config:
         from jaxtok.config import load_config
-        from jaxtok.train.bench import variant_step_memory
+        from jaxtok.bench.train import variant_step_memory
 
         name, path = spec.split("=", 1)
         memory[name] = {**variant_step_memory(load_config(path, ["train.seed=0", "run.progress=false"])),

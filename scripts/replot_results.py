@@ -30,16 +30,16 @@ COMMANDS = {
 
 def replot(name: str) -> list:
     if name == "diffusion":
-        from decode.diffusion import replot_accuracy_vs_nfe
+        from jaxtok.bench.plots import replot_accuracy_vs_nfe
 
         return [replot_accuracy_vs_nfe(RESULTS / "diffusion.json", RESULTS / "diffusion_accuracy_vs_nfe.png",
                                        COMMANDS[name])]
     if name == "length_control":
-        from decode.length_bench import replot_length_control
+        from jaxtok.bench.length import replot_length_control
 
         return replot_length_control(RESULTS / "length_control.json", RESULTS / "length_control", COMMANDS[name])
     if name == "rl":
-        from train.rl_report import replot as replot_rl
+        from jaxtok.bench.rl_report import replot as replot_rl
 
         return replot_rl(RESULTS / "rl.json", RESULTS / "rl")
     if name == "trl_compare":

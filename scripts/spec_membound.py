@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     from jaxtok.decode import train_heads as th
     from jaxtok.decode.generate import generate
     from jaxtok.decode.run import _spec_stats, _summary
-    from jaxtok.decode.spec_bench import _prompt_batches, forward_costs, rows_identical, train_head
+    from jaxtok.bench.speculative import _prompt_batches, forward_costs, rows_identical, train_head
     from jaxtok.decode.speculative import ModelDrafter, speculative_generate
     from jaxtok.models.hf import load_any
     from jaxtok.tasks.tokenizer import SpecialTokens, decode, load_tokenizer_for

@@ -28,7 +28,7 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT.parent))
 
-from jaxtok.decode.spec_bench import best_ms  # noqa: E402
+from jaxtok.bench.speculative import best_ms  # noqa: E402
 
 
 def piece_calls(target, draft, b: int, p: int, n_new: int, g: int) -> dict:

@@ -32,7 +32,7 @@ from jaxtok.config import load_config
 from jaxtok.data import make_task_from_config
 from jaxtok.decode import generate, speculative_generate
 from jaxtok.decode import spec_scaling as sl
-from jaxtok.decode.spec_bench import _prompt_batches, forward_costs, timed_against
+from jaxtok.bench.speculative import _prompt_batches, forward_costs, timed_against
 from jaxtok.metrics import default_command, markdown_table, save_plot
 from jaxtok.models.flops import num_params
 from jaxtok.models.hf import load_any

@@ -8,7 +8,7 @@ import pytest
 from jaxtok import cli
 from jaxtok.models import flops_per_token, presets
 from jaxtok.registry import ConfigError
-from jaxtok.train.bench import peak_flops
+from jaxtok.bench.train import peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_sweep_variant_file_shared_overrides_memory_and_initial_eval(tmp_path):
 
 
 def test_sweep_config_entry_belongs_to_a_variant():
-    from jaxtok.train.bench import SweepArgs
+    from jaxtok.bench.train import SweepArgs
 
     with pytest.raises(ValueError, match="config=<path> belongs to a variant"):
         SweepArgs(config="a.yaml", variants={"x": []}, overrides=("config=b.yaml",))

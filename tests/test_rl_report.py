@@ -1,4 +1,4 @@
-"""The RL comparison report (jaxtok.train.rl_report): curves read from metrics records, FLOP counts, and the bench's
+"""The RL comparison report (jaxtok.bench.rl_report): curves read from metrics records, FLOP counts, and the bench's
 table/plots/publish path on stubbed training runs (no RL training here)."""
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxtok.registry import ConfigError
-from jaxtok.train import rl_report as R
+from jaxtok.bench import rl_report as R
 
 ROOT = Path(__file__).resolve().parents[1]
 

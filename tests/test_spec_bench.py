@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxtok.config import load_config
-from jaxtok.decode.spec_bench import run_speculative_bench
+from jaxtok.bench.speculative import run_speculative_bench
 from jaxtok.models import Decoder, ModelConfig
 from jaxtok.registry import BENCHES
 from jaxtok.tasks import build_tokenizer

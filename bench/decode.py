@@ -22,7 +22,7 @@ from jaxtok.metrics import device_table_value, write_results
 from jaxtok.models import Decoder, KVCache, num_params, presets
 from jaxtok.registry import BENCHES
 
-from .generate import generate
+from jaxtok.decode.generate import generate
 
 # HBM bandwidth per chip (bytes/s), from the vendors' data sheets.
 PEAK_BANDWIDTH = {
@@ -148,5 +148,3 @@ def decode_bench(cfg, run_dir: str | Path, args: DecodeBenchArgs) -> dict:
                                                             ax.set_xlabel("batch size"), ax.set_ylabel("tokens/s"),
                                                             ax.set_xscale("log", base=2))})
     return {"decode_tokens_per_s": rows[-1]["decode_tokens_per_s"], "peak_source": peak_src}
-from . import spec_bench  # noqa: F401,E402
-from . import length_bench  # noqa: F401,E402

@@ -32,8 +32,8 @@ from jaxtok.registry import BENCHES, ConfigError
 from jaxtok.tasks.tokenizer import load_tokenizer_for
 from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
-from .generate import generate
-from .length_control import LengthGuide, length_error_sums, predict_length
+from jaxtok.decode.generate import generate
+from jaxtok.decode.length_control import LengthGuide, length_error_sums, predict_length
 
 
 @dataclasses.dataclass(frozen=True)

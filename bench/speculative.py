@@ -46,11 +46,11 @@ from jaxtok.metrics import markdown_table, write_results
 from jaxtok.models import KVCache
 from jaxtok.registry import BENCHES, DRAFT_POLICIES, ConfigError
 
-from . import draft_policies as dp
-from . import train_heads as th
-from .generate import generate
-from .run import _spec_stats, _summary
-from .speculative import DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate
+from jaxtok.decode import draft_policies as dp
+from jaxtok.decode import train_heads as th
+from jaxtok.decode.generate import generate
+from jaxtok.decode.run import _spec_stats, _summary
+from jaxtok.decode.speculative import DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate
 
 ADAPTIVE = ("heuristic", "confidence", "specdecpp", "speckv")
 DRAFTER_NAMES = ("draft", "ngram", "deer")

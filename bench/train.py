@@ -1,4 +1,5 @@
-"""``jaxtok bench``: measured throughput against the device's limits.
+"""``train`` and ``sweep`` benchmarks: measured training throughput against the device's limits, and training
+variants side by side.
 
 ``sweep``: training variants of one config side by side (reproductions: TIP selections, RL loss modes).
 
@@ -11,7 +12,6 @@ value, so a float32 matmul calibration is measured in the same run and used as t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -22,10 +22,11 @@ import numpy as np
 from flax import nnx
 
 from jaxtok.config import build_optimizer
-from jaxtok.decode.bench import execution_options
 from jaxtok.metrics import device_table_value, write_results
 from jaxtok.models import Decoder, flops_per_token, num_params, presets
 from jaxtok.registry import BENCHES
+
+from .decode import execution_options
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -373,20 +374,3 @@ def sweep_bench(cfg, run_dir: str | Path, args: SweepArgs) -> dict:
                "rows": rows, "table": table, "curve_key": args.curve, "curves": curves, "mean_curves": mean_curves}
     write_results(run_dir, results, table, title=f"sweep over {args.config}", plots={"curve": draw})
     return {"table": table}
-
-
-def run_bench(cfg, run_dir: str | Path) -> dict:
-    """Run the benchmark named ``bench.name`` (``train``/``sweep`` here, ``decode`` in :mod:`jaxtok.decode.bench`,
-    ``diffusion`` in :mod:`jaxtok.decode.diffusion`, ``speculative`` in :mod:`jaxtok.decode.spec_bench`,
-    ``length_control`` in :mod:`jaxtok.decode.length_bench`, ``rl_compare`` in :mod:`jaxtok.train.rl_report`)."""
-    import jaxtok.decode.bench  # noqa: F401  (registers "decode", "speculative", "length_control")
-    import jaxtok.decode.diffusion  # noqa: F401  (registers "diffusion")
-    import jaxtok.train.rl_report  # noqa: F401  (registers "rl_compare")
-
-    fn = BENCHES.get(cfg.bench.name, "bench.name")
-    args = BENCHES.parse_args(cfg.bench.name, cfg.bench.args, "bench.args")
-    trace = jax.profiler.trace(str(Path(run_dir) / "trace")) if cfg.bench.trace else contextlib.nullcontext()
-    with trace:
-        out = fn(cfg, run_dir, args)
-    print(open(Path(run_dir) / "results.md").read())
-    return out
