@@ -3,7 +3,8 @@
 ``jaxtok {train,eval,decode,bench} CONFIG [key=value ...]`` loads a config, applies dotted overrides and
 validates it (bad keys, types, ranges, method names and missing input paths exit with code 2 before any compute;
 JAX is imported only by the handlers), creates the run directory ``<run.out_dir>/<run.name or config stem>`` with
-the resolved ``config.yaml``, and calls the command's handler ``(cfg, run_dir) -> dict``:
+the resolved ``config.yaml``, and calls the command's handler ``(plan, run_dir) -> dict`` (``train``, ``eval``: the
+:class:`~jaxtok.plan.RunPlan` validation resolved; ``decode``, ``bench``: its Config):
 
 ==========  =====================================
 train       ``jaxtok.train.loop.train``
@@ -37,7 +38,6 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import importlib
 import logging
 import os
 import re
@@ -50,20 +50,14 @@ from typing import Callable, Optional, Sequence
 
 from jaxtok import rundir
 from jaxtok.config import Config, ConfigError, check_paths, load_config, to_yaml, validate_names
+# The command table lives in jaxtok.handlers (recipes run the same handlers); tests and plug-ins patch HANDLERS and
+# HANDLER_PATHS through this module (the same dicts).
+from jaxtok.handlers import HANDLER_PATHS, HANDLERS, PLAN_COMMANDS, HandlerUnavailable, get_handler  # noqa: F401
 from jaxtok.model_source import check_model_paths
+from jaxtok.plan import RunPlan
 
 EXIT_OK, EXIT_UNAVAILABLE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_FAILED = 1  # the environment failed the run (a checkpoint or output that cannot be written)
-
-# command -> (module, function) of its handler, imported only when the command runs.
-HANDLER_PATHS = {
-    "train": ("jaxtok.train.loop", "train"),
-    "eval": ("jaxtok.train.loop", "evaluate"),
-    "decode": ("jaxtok.decode", "run_decode"),
-    "bench": ("jaxtok.bench", "run_bench"),
-}
-# Handlers set here (tests, plug-ins) take precedence over HANDLER_PATHS.
-HANDLERS: dict[str, Callable] = {}
 
 _HELP = {
     "train": "train a model as the config says (resumes the run directory's last good checkpoint)",
@@ -87,27 +81,6 @@ LIST_KINDS = {
     "loss-modes": ("LOSS_MODES", ("jaxtok.policy",), "objective.args.loss_mode of policy_gradient; "
                    "its own args are objective.args keys prefixed ctpo_/cppo_/appo_"),
 }
-
-
-class HandlerUnavailable(RuntimeError):
-    """The module or function implementing a command does not exist (yet)."""
-
-
-def get_handler(command: str) -> Callable:
-    """The handler ``(cfg, run_dir) -> dict`` of ``command``; HandlerUnavailable names what is missing."""
-    if command in HANDLERS:
-        return HANDLERS[command]
-    module, attr = HANDLER_PATHS[command]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is None or not module.startswith(e.name):
-            raise  # a missing dependency inside an existing module is a real error
-        raise HandlerUnavailable(f"'jaxtok {command}' is not available: module {module} does not exist yet") from None
-    fn = getattr(mod, attr, None)
-    if fn is None:
-        raise HandlerUnavailable(f"'jaxtok {command}' is not available: {module} has no function {attr}() yet")
-    return fn
 
 
 def version() -> str:
@@ -172,8 +145,8 @@ def _not_a_recipe(config_path: str | Path, command: str) -> None:
                           f"'jaxtok run {config_path}'" + (" or check it with 'jaxtok validate'" if command else ""))
 
 
-def prepare(command: str, config_path: str | Path, overrides: Sequence[str]) -> tuple[Config, Path, Callable]:
-    """Load and fully check the config, resolve the handler, check the run directory (``train``: lock, changed
+def prepare(command: str, config_path: str | Path, overrides: Sequence[str]) -> tuple[RunPlan, Path, Callable]:
+    """Load and fully check the config into its run plan (:func:`jaxtok.plan.resolve`), resolve the handler, check the run directory (``train``: lock, changed
     config, ``run.resume=false``, finished run; :mod:`jaxtok.rundir`), then write the resolved config.
     Raises ConfigError or HandlerUnavailable before anything is written.
 
@@ -181,7 +154,7 @@ def prepare(command: str, config_path: str | Path, overrides: Sequence[str]) -> 
     ``jaxtok.rundir.release(run_dir)`` (``main`` does)."""
     _not_a_recipe(config_path, command)
     cfg = load_config(config_path, overrides)
-    validate_names(cfg)
+    plan = validate_names(cfg)
     check_paths(cfg)
     check_model_paths(cfg)  # each model directory: a jaxtok run or a supported HF checkpoint
     handler = get_handler(command)
@@ -213,7 +186,7 @@ def prepare(command: str, config_path: str | Path, overrides: Sequence[str]) -> 
                 rundir.release(run_dir)
             raise ConfigError(f"run directory {str(run_dir)!r} (run.out_dir/run.name) cannot be written: "
                               f"{e.strerror or e}") from None
-    return cfg, run_dir, handler
+    return plan, run_dir, handler
 
 
 def _convert(args) -> int:
@@ -400,9 +373,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         if args.command == "validate":
             return _validate(args.config, args.overrides)
-        cfg, run_dir, handler = prepare(args.command, args.config, args.overrides)
-        locked = args.command == "train" and not cfg.mesh.distributed
-        handler(cfg, run_dir)
+        plan, run_dir, handler = prepare(args.command, args.config, args.overrides)
+        locked = args.command == "train" and not plan.cfg.mesh.distributed
+        handler(plan if args.command in PLAN_COMMANDS else plan.cfg, run_dir)
         print(f"run directory: {run_dir}")
         return EXIT_OK
     except BrokenPipeError:  # output piped into head & co.

@@ -46,6 +46,7 @@ import yaml
 from jaxtok.config import (
     Config, ConfigError, check_paths, load_config, read_yaml_file, to_dict, to_yaml, validate_names,
 )
+from jaxtok.handlers import get_handler
 from jaxtok.metrics import markdown_table, write_results
 
 STAGE_COMMANDS = ("train", "eval", "decode", "bench")
@@ -258,11 +259,10 @@ def _progress(total: int, enabled: bool):
 def run_recipe(path: str | Path, overrides: Sequence[str] = (), *, handlers: Optional[dict[str, Callable]] = None,
                out_dir: Optional[str | Path] = None) -> dict:
     """Run the recipe at ``path``; ``overrides`` apply to every stage. ``handlers`` maps a command to a
-    ``(cfg, run_dir) -> dict`` function (default: the CLI's). Every stage is loaded and validated before any runs.
+    ``(cfg, run_dir) -> dict`` function (default: the command's, :func:`jaxtok.handlers.get_handler`). Every stage
+    is loaded and validated before any runs.
     Returns ``{stage name: result}``, writes ``results.json``/``results.md`` (and the recipe's ``plots``) into the
     recipe run directory and prints the summary table with the paths of every stage's results and plots."""
-    from jaxtok.cli import get_handler
-
     recipe = read_recipe(path)
     handlers = dict(handlers or {})
     for st, _ in validate_recipe(path, overrides):  # every stage and its handler checked before anything runs

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtok.mesh import constrain
+from jaxtok.models.layers import _param, dense
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -178,8 +179,6 @@ class SparseMoE(nnx.Module):
     ``gate_weight_edf``/``up_weight_edf [E, D, F]``, ``down_weight_efd [E, F, D]``."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        from jaxtok.models.transformer import _param
-
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         pd = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
@@ -212,8 +211,6 @@ class SparseMoE(nnx.Module):
                                   self.up_weight_edf[...].astype(dt), self.down_weight_efd[...].astype(dt))
         out = jnp.einsum("nkd,nk->nd", per_slot, weights.astype(dt))
         if self.shared:
-            from jaxtok.models.transformer import dense
-
             h = jax.nn.silu(dense(flat, self.shared_gate_weight_df[...].astype(dt))) * dense(
                 flat, self.shared_up_weight_df[...].astype(dt))
             gate = jax.nn.sigmoid(dense(flat, self.shared_expert_gate_weight_d1[...].astype(dt)))  # [N, 1]
