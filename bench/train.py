@@ -13,6 +13,7 @@ value, so a float32 matmul calibration is measured in the same run and used as t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from jaxtok.models import Decoder, flops_per_token, num_params, presets
 from jaxtok.registry import BENCHES
 
 from .decode import execution_options
+from .plots import draw_sweep_curves, draw_train_tokens_per_s
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -168,7 +170,7 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
         fpt = flops_per_token(model_cfg, args.seq_len)
         for spec in args.objectives:
             loss_fn, entry = _objective(spec)
-            names = entry.meta.get("models", ())
+            names = entry.spec.models
             frozen = {n: Decoder(teacher_cfg if n == "teacher" else model_cfg, rngs=nnx.Rngs(1)) for n in names}
             step_fpt = fpt.train + sum(flops_per_token(m.cfg, args.seq_len).forward for m in frozen.values())
             extra = (frozen_states(frozen),) if frozen else ()
@@ -177,7 +179,7 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
                 opt = build_optimizer(cfg.optimizer, max(args.steps + args.warmup, cfg.optimizer.warmup_steps + 1))
                 step = make_train_step(model, opt, loss_fn, frozen=frozen or None)
                 _, state = init_train_state(model, opt)
-                if entry.meta.get("data") == "rollout":
+                if entry.spec.data == "rollout":
                     batch = _rollout_batch(B, args.seq_len, model_cfg.vocab_size, B, args.group_size)
                 else:
                     batch = _batch(B, args.seq_len, model_cfg.vocab_size, B)
@@ -209,19 +211,8 @@ def train_bench(cfg, run_dir: str | Path, args: TrainBenchArgs) -> dict:
                "train_flops_per_token": flops_per_token(preset(first), args.seq_len).train,
                "peak_flops": peak, "peak_source": peak_src,
                "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "rows": rows}
-
-    def draw(ax):
-        for key in dict.fromkeys((r["preset"], r["objective"]) for r in rows):
-            mine = [r for r in rows if (r["preset"], r["objective"]) == key]
-            ax.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=" ".join(key))
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("tokens/s")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.legend(fontsize=6)
-
     write_results(run_dir, results, rows, title=f"train step, {', '.join(params)} (peak: {peak_src})",
-                  plots={"tokens_per_s": draw})
+                  plots={"tokens_per_s": functools.partial(draw_train_tokens_per_s, rows)})
     return {"tokens_per_s": rows[-1]["tokens_per_s"], "mfu": rows[-1]["mfu"], "peak_source": peak_src}
 
 
@@ -268,6 +259,7 @@ class SweepArgs:
 
 
 def _variant_config(args: SweepArgs, name: str, seed: int):
+    """The run plan of variant ``name`` with ``seed`` (validated, input paths checked)."""
     from jaxtok.config import check_paths, load_config, validate_names
 
     own = list(args.variants[name])
@@ -276,30 +268,29 @@ def _variant_config(args: SweepArgs, name: str, seed: int):
         path = o.split("=", 1)[1]
         own.remove(o)
     cfg = load_config(path, [*args.overrides, *own, f"train.seed={seed}", "run.progress=false"])
-    validate_names(cfg)
+    plan = validate_names(cfg)
     check_paths(cfg)
-    return cfg
+    return plan
 
 
-def variant_step_memory(cfg) -> dict:
-    """XLA memory of the train step ``cfg`` builds (its model, frozen models, objective and micro-batching), compiled
+def variant_step_memory(plan) -> dict:
+    """XLA memory of the train step the run plan builds (its model, frozen models, objective and micro-batching), compiled
     on a synthetic batch of the config's shapes: ``[data.batch_size, prompt_len + rollout.max_new_tokens]`` for
     rollout objectives, ``[data.batch_size, data.seq_len]`` otherwise. Weights do not change the numbers."""
     from jaxtok.config import build_optimizer as build_opt
-    from jaxtok.train.loop import build_frozen_models, build_model, build_objective, load_tokenizer_for, \
-        objective_entry
+    from jaxtok.train.loop import build_frozen_models, build_model, build_objective, load_tokenizer_for
     from jaxtok.train.step import frozen_states, init_train_state, make_train_step
 
+    cfg = plan.cfg
     vocab = load_tokenizer_for(cfg).get_vocab_size()
-    entry = objective_entry(cfg)
     model = build_model(cfg, vocab)
-    frozen = build_frozen_models(cfg, entry.meta.get("models", ()), vocab)
+    frozen = build_frozen_models(cfg, plan.spec.models, vocab)
     opt = build_opt(cfg.optimizer, cfg.train.steps)
-    step = make_train_step(model, opt, build_objective(cfg), micro_batches=cfg.train.micro_batches,
+    step = make_train_step(model, opt, build_objective(plan), micro_batches=cfg.train.micro_batches,
                            frozen=frozen or None)
     _, state = init_train_state(model, opt, seed=cfg.train.seed)
     B = cfg.data.batch_size
-    if entry.meta.get("data") == "rollout":
+    if plan.spec.data == "rollout":
         T = cfg.data.prompt_len + cfg.rollout.max_new_tokens
         batch = _rollout_batch(B, T, model.cfg.vocab_size, 0, max(cfg.rollout.num_generations, 1))
     else:
@@ -361,16 +352,8 @@ def sweep_bench(cfg, run_dir: str | Path, args: SweepArgs) -> dict:
         table.append(entry)
         steps = sorted(set().union(*curves[variant]))
         mean_curves[variant] = {s: float(np.mean([c[s] for c in curves[variant] if s in c])) for s in steps}
-
-    def draw(ax):
-        for variant, curve in mean_curves.items():
-            ax.plot(list(curve), list(curve.values()), "o-", label=variant)
-        ax.set_xlabel("step")
-        ax.set_ylabel(args.curve)
-        ax.legend(fontsize=7)
-
     results = {"bench": "sweep", "config": args.config, "seeds": list(args.seeds), "variants": args.variants,
                "overrides": list(args.overrides), f"initial {args.curve}": initial,
                "rows": rows, "table": table, "curve_key": args.curve, "curves": curves, "mean_curves": mean_curves}
-    write_results(run_dir, results, table, title=f"sweep over {args.config}", plots={"curve": draw})
+    write_results(run_dir, results, table, title=f"sweep over {args.config}", plots={"curve": functools.partial(draw_sweep_curves, mean_curves, args.curve)})
     return {"table": table}

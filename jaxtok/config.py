@@ -4,7 +4,7 @@ Frozen dataclasses are the schema; OmegaConf structured configs merge YAML files
 onto it and reject unknown keys and wrong types. Field metadata declares allowed values (``choices``) and ranges
 (``min``/``max``/``gt``), checked by each section's ``__post_init__`` (so no out-of-range section can exist), plus
 cross-field rules. :func:`validate_names` checks method names (objective, task, decode policy) and their arguments
-against the registries. Every error is a :class:`ConfigError` naming the dotted key, the bad value and what is
+against the registries and resolves the config into a typed run plan (:mod:`jaxtok.plan`). Every error is a :class:`ConfigError` naming the dotted key, the bad value and what is
 allowed; all of this runs before any compute.
 
 YAML files may include others with ``base: other.yaml`` (or a list), resolved relative to the including file and
@@ -25,8 +25,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxtok.registry import (
-    COMMIT_POLICIES, DRAFT_POLICIES, LOGIT_GUIDES, OBJECTIVES, REWARDS, TASKS, ConfigError, Registry, peer_hint,
+    COMMIT_POLICIES, DRAFT_POLICIES, LOGIT_GUIDES, REWARDS, ConfigError, Registry, peer_hint,
 )
+from jaxtok.specs import ObjectiveSpec
+
+if typing.TYPE_CHECKING:
+    from jaxtok.plan import DecodePlan, RunPlan
 
 __all__ = [
     "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "TokenizerSection", "OptimizerSection",
@@ -357,39 +361,74 @@ class RolloutSection(_Section):
             if self.branches:
                 raise ConfigError(f"rollout.branches={self.branches}: APPO tree rollouts sample with "
                                   f"rollout.sampler='ar' only")
-            import_registering_modules(("jaxtok.decode.draft_policies",))
-            check_name(DRAFT_POLICIES, "rollout.draft_policy", self.draft_policy, self.draft_policy_args,
-                       "rollout.draft_policy_args")
-            meta = DRAFT_POLICIES.entry(self.draft_policy).meta if self.draft_policy in DRAFT_POLICIES else {}
-            if meta.get("loop") == "ead" or meta.get("routed"):
+            if self.draft_policy in ("ead", "taps"):  # decode.method=ead / decode.drafter=taps, not draft policies
                 raise ConfigError(f"rollout.draft_policy={self.draft_policy!r}: speculative rollouts take one AR "
                                   f"drafter and a draft-length policy (fixed, heuristic, confidence, specdecpp, "
                                   f"speckv); ead is lossy and taps routes several drafters")
+            import_registering_modules(("jaxtok.decode.draft_policies",))
+            check_name(DRAFT_POLICIES, "rollout.draft_policy", self.draft_policy, self.draft_policy_args,
+                       "rollout.draft_policy_args")
+
+
+# Old loop selectors spelled as decode.policy values -> the keys that select them now (refused, not renamed)
+_OLD_DECODE_POLICIES = {
+    "ead": "EAD is a decoding loop of its own: set decode.method=ead (small model: decode.draft_init_from; its "
+           "arguments stay in decode.policy_args) and leave decode.policy unset",
+    "taps": "TAPS is a drafter: set decode.method=speculative decode.drafter=taps with decode.drafter_args="
+            "{drafters, ngram, max_ngram}; the inner draft-length policy is decode.policy / decode.policy_args",
+    "lave": "LAVE is a decoding loop of its own: set decode.method=lave (its arguments stay in decode.policy_args) "
+            "and leave decode.policy unset",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSection(_Section):
-    """Decoding: method, sampling parameters, and the decode policy with its arguments."""
+    """Decoding: the method (the loop), its drafter, sampling parameters, and the policy inside the loop with its
+    arguments."""
 
     _key: ClassVar[str] = "decode"
-    method: str = _f("greedy", choices=("greedy", "sample", "speculative", "diffusion"),
-                     doc="greedy/sample: autoregressive; speculative: draft-and-verify; diffusion: masked diffusion")
+    method: str = _f("greedy", choices=("greedy", "sample", "speculative", "ead", "diffusion", "lave"),
+                     doc="the decoding loop (jaxtok.decode.run): greedy/sample: autoregressive; speculative: "
+                         "lossless draft-and-verify; ead: entropy-adaptive small/large switching (lossy); "
+                         "diffusion: masked diffusion; lave: grammar-constrained masked diffusion (a host loop)")
     max_new_tokens: int = _f(32, min=1, doc="cap on generated tokens per row")
     temperature: float = _f(1.0, min=0.0, doc="sampling temperature (method=greedy ignores it; 0 = greedy)")
     top_k: int = _f(0, min=0, doc="keep the k most likely tokens; 0 = off")
     top_p: float = _f(1.0, gt=0.0, max=1.0, doc="nucleus: keep the smallest set with mass >= top_p; 1 = off")
     min_p: float = _f(0.0, min=0.0, max=1.0, doc="drop tokens with p < min_p * p_max; 0 = off")
-    policy: Optional[str] = _f(None, doc="speculative: a DRAFT_POLICIES name; diffusion: a COMMIT_POLICIES name; "
-                                         "greedy/sample: a LOGIT_GUIDES name (lenvm: length control); "
-                                         "None = the method's default")
-    policy_args: Dict[str, Any] = _f({}, doc="the policy's arguments (checked against its dataclass)")
-    draft_init_from: Optional[str] = _f(None, doc="speculative: run directory of the draft model")
+    policy: Optional[str] = _f(None, doc="the policy inside the method's loop: speculative: a DRAFT_POLICIES name "
+                                         "(default fixed); diffusion: a COMMIT_POLICIES name (default llada); "
+                                         "greedy/sample: a LOGIT_GUIDES name (lenvm: length control, grammar); "
+                                         "ead/lave take none; None = the method's default")
+    policy_args: Dict[str, Any] = _f({}, doc="the policy's arguments (checked against its dataclass); ead/lave: "
+                                             "the method's own arguments")
+    drafter: str = _f("single", choices=("single", "taps"),
+                      doc="speculative: single = decode.draft_init_from (an AR run: model drafter; a diffusion "
+                          "run: DEER; unset: n-gram prompt lookup); taps = route each round among several "
+                          "drafters (decode.drafter_args)")
+    drafter_args: Dict[str, Any] = _f({}, doc="the drafter's arguments (taps: drafters, ngram, max_ngram)")
+    draft_init_from: Optional[str] = _f(None, doc="speculative: run directory of the draft model; ead: the small "
+                                                  "model")
     draft_len: int = _f(4, min=1, doc="speculative: maximum draft tokens per round")
     batch_size: int = _f(32, min=1, doc="prompts decoded together")
 
     def check(self) -> None:
-        if self.method != "greedy" and self.policy_args and self.policy is None:
+        if self.policy in _OLD_DECODE_POLICIES:
+            raise ConfigError(f"decode.policy={self.policy!r}: {_OLD_DECODE_POLICIES[self.policy]}")
+        own_args = self.method in ("ead", "lave")  # policy_args are the method's own
+        if own_args and self.policy is not None:
+            raise ConfigError(f"decode.policy={self.policy!r}: decode.method={self.method!r} takes no policy (its "
+                              f"arguments are decode.policy_args)")
+        if not own_args and self.method != "greedy" and self.policy_args and self.policy is None:
             raise ConfigError(f"decode.policy_args={self.policy_args!r}: set decode.policy too")
+        if self.drafter != "single" and self.method != "speculative":
+            raise ConfigError(f"decode.drafter={self.drafter!r}: drafters are for decode.method='speculative', got "
+                              f"{self.method!r}")
+        if self.drafter_args and self.drafter == "single":
+            raise ConfigError(f"decode.drafter_args={self.drafter_args!r}: decode.drafter='single' takes none; "
+                              f"set decode.drafter=taps")
+        if self.method == "ead" and self.draft_init_from is None:
+            raise ConfigError("decode.draft_init_from=None: decode.method='ead' needs the small model's run directory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,7 +482,7 @@ class BenchSection(_Section):
     """A benchmark by name and its arguments."""
 
     _key: ClassVar[str] = "bench"
-    name: str = _f("train", doc="benchmark name (BENCHES registry, jaxtok.train.bench)")
+    name: str = _f("train", doc="benchmark name (BENCHES registry, jaxtok.bench)")
     args: Dict[str, Any] = _f({}, doc="the benchmark's arguments")
     trace: bool = _f(False, doc="write a jax.profiler trace of the run into <run_dir>/trace (TensorBoard/Perfetto)")
 
@@ -523,8 +562,8 @@ def read_yaml_with_bases(path: str | Path, _seen: tuple = ()) -> dict:
 
 
 # (section, name key, its arguments key): arguments belong to the name they were written for
-NAMED_ARGS = (("objective", "name", "args"), ("decode", "policy", "policy_args"), ("data", "task", "task_args"),
-              ("bench", "name", "args"))
+NAMED_ARGS = (("objective", "name", "args"), ("decode", "policy", "policy_args"), ("decode", "drafter", "drafter_args"),
+              ("data", "task", "task_args"), ("bench", "name", "args"))
 
 
 def _clear_named_args(data: dict, overrides: Sequence[str]) -> tuple[dict, list[str]]:
@@ -740,37 +779,71 @@ def check_name(registry: Registry, key: str, name: str, args: Any = None, args_k
     return registry.parse_args(name, args, args_key or f"{key}_args")
 
 
-def validate_names(cfg: Config) -> None:
-    """Check method names against the registries and their arguments against the registered dataclasses:
-    ``data.task``/``data.task_args``, ``objective.name``/``objective.args``, ``model.preset``,
-    ``decode.policy``/``decode.policy_args``. Imports the registering packages lazily."""
-    import_registering_modules()
-    if cfg.data.task in ("files", "jsonl", "parquet"):
-        if not (cfg.data.path or cfg.data.train_files or cfg.data.eval_files):
-            if cfg.data.task == "files":
-                raise ConfigError("data.train_files=[]: data.task='files' needs data.train_files and/or "
-                                  "data.eval_files")
-            raise ConfigError(f"data.path=None: required with data.task={cfg.data.task!r} (or data.train_files / "
-                              f"data.eval_files)")
-        if "format" in cfg.rollout.rewards and cfg.data.answer_regex is None:
-            raise ConfigError("rollout.rewards.format: file datasets have an answer format only with "
-                              "data.answer_regex (the pattern format_ok checks); set it or drop the format reward")
-    else:
-        _check_named(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
-    _check_named(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args, "objective.args")
-    if cfg.objective.name in OBJECTIVES:
-        _check_rollout(cfg, OBJECTIVES.entry(cfg.objective.name).meta)
+def validate_names(cfg: Config) -> "RunPlan":
+    """Check method names against the registries and their arguments against the registered dataclasses
+    (``data.task``/``data.task_args``, ``objective.name``/``objective.args``, ``model.preset``,
+    ``decode.policy``/``decode.policy_args``) and the rules between sections; returns the run plan holding the
+    parsed values (:func:`jaxtok.plan.resolve`, where each section is parsed once). Imports the registering
+    packages lazily."""
+    from jaxtok.plan import resolve
+
+    return resolve(cfg)
+
+
+def check_data_files(cfg: Config) -> bool:
+    """File datasets (``data.task`` ``files``/``jsonl``/``parquet``) name their files and, with the ``format``
+    reward, an answer format; returns True when ``data.task`` is a registered task instead."""
+    if cfg.data.task not in ("files", "jsonl", "parquet"):
+        return True
+    if not (cfg.data.path or cfg.data.train_files or cfg.data.eval_files):
+        if cfg.data.task == "files":
+            raise ConfigError("data.train_files=[]: data.task='files' needs data.train_files and/or "
+                              "data.eval_files")
+        raise ConfigError(f"data.path=None: required with data.task={cfg.data.task!r} (or data.train_files / "
+                          f"data.eval_files)")
+    if "format" in cfg.rollout.rewards and cfg.data.answer_regex is None:
+        raise ConfigError("rollout.rewards.format: file datasets have an answer format only with "
+                          "data.answer_regex (the pattern format_ok checks); set it or drop the format reward")
+    return False
+
+
+def check_preset(cfg: Config) -> None:
+    """``model.preset`` names a preset (unless ``model.hf_path`` is given)."""
     if cfg.model.hf_path is None and not import_registering_modules(("jaxtok.models.presets",)):
         presets = importlib.import_module("jaxtok.models.presets")
         if cfg.model.preset not in presets.PRESETS:
             raise ConfigError(f"model.preset={cfg.model.preset!r}: allowed {presets.names()}")
-    policies = {"speculative": DRAFT_POLICIES, "diffusion": COMMIT_POLICIES, "greedy": LOGIT_GUIDES,
-                "sample": LOGIT_GUIDES}[cfg.decode.method]
-    if cfg.decode.policy is not None:
-        _check_named(policies, "decode.policy", cfg.decode.policy, cfg.decode.policy_args, "decode.policy_args")
 
 
-def _check_named(registry: Registry, key: str, name: str, args: Any, args_key: str) -> Any:
+def check_decode(cfg: Config) -> "DecodePlan":
+    """``decode.*`` resolved against :data:`~jaxtok.registry.DECODE_METHODS`: the method, the policy its loop takes
+    (``decode.policy`` or the method's default, in the family the method's spec names) with ``decode.policy_args``
+    parsed — or, for a method without policies (ead, lave), its own arguments parsed from ``decode.policy_args`` —
+    and the drafter (``decode.drafter``/``decode.drafter_args``) of a method that takes one."""
+    from jaxtok.plan import DecodePlan
+    from jaxtok.registry import DECODE_METHODS, DRAFTERS
+
+    d = cfg.decode
+    if d.method not in DECODE_METHODS:  # the decoding package registers nothing (yet)
+        return None
+    method = DECODE_METHODS.entry(d.method, "decode.method")
+    spec = method.spec
+    family = {"guide": LOGIT_GUIDES, "draft": DRAFT_POLICIES, "commit": COMMIT_POLICIES}.get(spec.policy)
+    policy, args = None, None
+    if family is None:
+        args = check_named(DECODE_METHODS, "decode.method", d.method, d.policy_args, "decode.policy_args")
+    elif d.policy or spec.default_policy:
+        name = d.policy or spec.default_policy
+        args = check_named(family, "decode.policy", name, d.policy_args, "decode.policy_args")
+        policy = family.entry(name, "decode.policy")
+    drafter, drafter_args = None, None
+    if spec.drafter:
+        drafter_args = check_named(DRAFTERS, "decode.drafter", d.drafter, d.drafter_args, "decode.drafter_args")
+        drafter = DRAFTERS.entry(d.drafter, "decode.drafter")
+    return DecodePlan(method=method, policy=policy, policy_args=args, drafter=drafter, drafter_args=drafter_args)
+
+
+def check_named(registry: Registry, key: str, name: str, args: Any, args_key: str) -> Any:
     """:func:`check_name`; arguments that do not fit get a hint: those written for another name are kept when only
     the name is overridden on the command line (a base file's are dropped, :func:`_merge_layer`)."""
     try:
@@ -783,12 +856,12 @@ def _check_named(registry: Registry, key: str, name: str, args: Any, args_key: s
                           f"{args_key}.KEY=value") from None
 
 
-def check_micro_batches(cfg: Config, meta) -> None:
+def check_micro_batches(cfg: Config, spec: ObjectiveSpec) -> None:
     """``train.micro_batches > 1`` interleaves the rows of a batch over micro-batches, splitting every prompt group.
-    An objective computing group advantages inside its loss (entry meta ``group_advantages=True``) would normalise
+    An objective computing group advantages inside its loss (``spec.group_advantages is True``) would normalise
     over group fragments: refused. ``group_advantages=fn(batch, args)`` means the loop computes them on the whole
     rollout batch before the split (``policy_gradient``'s ``host_advantages``): allowed."""
-    if cfg.train.micro_batches > 1 and meta.get("group_advantages") is True:
+    if cfg.train.micro_batches > 1 and spec.group_advantages is True:
         raise ConfigError(f"train.micro_batches={cfg.train.micro_batches}: objective {cfg.objective.name!r} "
                           f"computes group advantages inside its loss and micro-batches split every prompt group; "
                           f"use train.micro_batches=1 (a smaller data.batch_size fits memory the same way)")
@@ -797,15 +870,14 @@ def check_micro_batches(cfg: Config, meta) -> None:
 DEFAULT_ROLLOUT_TOPK = 20  # CPPO/DPPO's top-K reduced divergence (train_methods.md §6.5)
 
 
-def rollout_topk(cfg: Config, meta) -> int:
+def rollout_topk(cfg: Config, spec: ObjectiveSpec, args: Any) -> int:
     """K of the top-K behaviour statistics the rollout stores: ``rollout.topk``, else
-    :data:`DEFAULT_ROLLOUT_TOPK` when the objective's entry meta ``rollout_topk(args)`` says it reads them, else 0.
-    Only the default collector stores them: with APPO branches or an objective's own ``collect`` a K > 0 is a
-    ConfigError."""
-    ask = meta.get("rollout_topk")
-    needed = bool(ask and ask(OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")))
+    :data:`DEFAULT_ROLLOUT_TOPK` when the objective's ``spec.rollout_topk(args)`` says it reads them (``args``: the
+    parsed ``objective.args``), else 0. Only the default collector stores them: with APPO branches or an objective's
+    own ``collect`` a K > 0 is a ConfigError."""
+    needed = bool(spec.rollout_topk is not None and spec.rollout_topk(args))
     k = cfg.rollout.topk or (DEFAULT_ROLLOUT_TOPK if needed else 0)
-    if k and (cfg.rollout.branches or "collect" in meta):
+    if k and (cfg.rollout.branches or spec.collect is not None):
         who = ("rollout.branches > 0 (APPO)" if cfg.rollout.branches
                else f"objective {cfg.objective.name!r}'s own collector")
         raise ConfigError(f"rollout.topk={k}: top-K rollout statistics are stored by the default collector only, not "
@@ -813,28 +885,34 @@ def rollout_topk(cfg: Config, meta) -> int:
     return k
 
 
-def _check_rollout(cfg: Config, meta) -> None:
-    """Rollout and trajectory objectives: group size (trajectory: pairs per trajectory) divides the batch, the
-    frozen models they name are configured, reward names are registered, group advantages are not split over
-    micro-batches, top-K statistics come from a collector that stores them."""
+def self_teacher_sync(spec: ObjectiveSpec, args: Any) -> Optional[tuple[int, int]]:
+    """``(sync period N, first step without teacher)`` when the teacher is the student's own synced copy
+    (``spec.self_teacher(args)``, TRACE's ``teacher: self``), else None."""
+    return None if spec.self_teacher is None else spec.self_teacher(args)
+
+
+def check_objective(cfg: Config, spec: ObjectiveSpec, args: Any) -> None:
+    """Rules between the objective (its spec, parsed ``args``) and the other sections. Rollout and trajectory
+    objectives: group size (trajectory: pairs per trajectory) divides the batch, the frozen models they name are
+    configured, reward names are registered, group advantages are not split over micro-batches, top-K statistics
+    come from a collector that stores them."""
     ro = cfg.rollout
-    if meta.get("data") not in ("rollout", "trajectory"):
+    if spec.data not in ("rollout", "trajectory"):
         return
-    if meta.get("data") == "trajectory" and ro.branches:
+    if spec.data == "trajectory" and ro.branches:
         raise ConfigError(f"rollout.branches={ro.branches}: APPO branching is for rollout objectives, not "
                           f"objective {cfg.objective.name!r} (data='trajectory')")
-    check_micro_batches(cfg, meta)
-    rollout_topk(cfg, meta)
+    check_micro_batches(cfg, spec)
+    rollout_topk(cfg, spec, args)
     if cfg.data.batch_size % ro.rows_per_prompt:
         raise ConfigError(f"rollout.num_generations={ro.num_generations} + rollout.branches={ro.branches}: must "
                           f"divide data.batch_size={cfg.data.batch_size} (rows = prompts x completions)")
-    own = meta.get("self_teacher")  # the teacher is the student's synced copy (TRACE's teacher: self)
-    own = bool(own and own(OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")))
+    own = bool(self_teacher_sync(spec, args))  # the teacher is the student's synced copy (TRACE's teacher: self)
     if own and ro.teacher_init_from:
         raise ConfigError(f"rollout.teacher_init_from={ro.teacher_init_from!r}: objective {cfg.objective.name!r} "
                           f"distils from the student's own synced copy (teacher: self); unset it, or set "
                           f"objective.args.teacher=external")
-    if "teacher" in meta.get("models", ()) and not own and not ro.teacher_init_from:
+    if "teacher" in spec.models and not own and not ro.teacher_init_from:
         raise ConfigError(f"rollout.teacher_init_from=None: objective {cfg.objective.name!r} needs a teacher run "
                           f"directory")
     for name in ro.rewards:

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Callable, Mapping, Optional
 
-from jaxtok.specs import CommitPolicySpec, DraftPolicySpec, ObjectiveSpec
+from jaxtok.specs import CommitPolicySpec, DecodeMethodSpec, DraftPolicySpec, ObjectiveSpec
 
 
 class ConfigError(ValueError):
@@ -147,6 +147,28 @@ class Registry:
         return build_dataclass(cls, mapping, key)
 
 
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """A token-selection rule as a config writes it, ``{rule: <SELECTIONS name>, ...that rule's arguments}``,
+    parsed: the rule's name and its argument dataclass (:mod:`jaxtok.select`). An argument field typed
+    ``Selection`` (``OPDArgs.selection``) is built from that mapping by :func:`build_dataclass`."""
+
+    rule: str
+    args: Any = None
+
+    @classmethod
+    def parse(cls, value: Any, key: str) -> "Selection":
+        """``value`` (a Selection, or a mapping with a ``rule`` key and that rule's arguments) checked against
+        :data:`SELECTIONS`; ConfigError naming ``key`` for a missing or unknown rule or bad arguments."""
+        if isinstance(value, Selection):
+            return value
+        if not isinstance(value, Mapping) or "rule" not in value:
+            raise ConfigError(f"{key}={value!r}: a mapping with a 'rule' key, one of {SELECTIONS.names()}")
+        rule = value["rule"]
+        SELECTIONS.entry(rule, f"{key}.rule")
+        return cls(rule, SELECTIONS.parse_args(rule, {k: v for k, v in value.items() if k != "rule"}, key))
+
+
 def build_dataclass(cls: type, mapping: Mapping[str, Any], key: str) -> Any:
     """``cls(**mapping)`` with checks: unknown keys, and values that do not match simple field types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -186,10 +208,12 @@ def _finite_default(f: dataclasses.Field) -> bool:
 def _coerce(tp, value, key, finite: bool = True):
     """``value`` checked against the type hint ``tp`` (bool/int/float/str, Optional/Union, Literal, list/tuple of
     those); ints are accepted for floats and lists for tuples; with ``finite`` a float NaN or infinity is refused.
-    Other types pass through."""
+    a :class:`Selection` from its mapping. Other types pass through."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if tp is Selection:
+        return Selection.parse(value, key)
     if origin is typing.Union or isinstance(tp, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -252,6 +276,8 @@ SELECTIONS = Registry("selection rule")  # token-selection rules (jaxtok.select)
 DRAFT_POLICIES = Registry("draft-length policy", DraftPolicySpec)  # decode.policy with decode.method=speculative
 COMMIT_POLICIES = Registry("commit policy", CommitPolicySpec)  # decode.policy with decode.method=diffusion
 LOGIT_GUIDES = Registry("logit guide")  # decode.policy with decode.method=greedy|sample (LenVM length control)
+DECODE_METHODS = Registry("decode method", DecodeMethodSpec)  # decode.method (jaxtok.decode.run: its step builders)
+DRAFTERS = Registry("drafter")  # decode.drafter with decode.method=speculative (jaxtok.decode.run)
 REWARDS = Registry("reward")  # rollout.rewards keys (jaxtok.train.rewards)
 BENCHES = Registry("benchmark")  # bench.name (jaxtok.bench registers into it)
 LOSS_MODES = Registry("loss mode")  # objective.args.loss_mode of policy_gradient (jaxtok.policy)

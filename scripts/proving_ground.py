@@ -172,9 +172,10 @@ def main(argv=None):
     for spec in a.memory_config:
         from jaxtok.config import load_config
         from jaxtok.bench.train import variant_step_memory
+        from jaxtok.plan import resolve
 
         name, path = spec.split("=", 1)
-        memory[name] = {**variant_step_memory(load_config(path, ["train.seed=0", "run.progress=false"])),
+        memory[name] = {**variant_step_memory(resolve(load_config(path, ["train.seed=0", "run.progress=false"]))),
                         "config": path}
     arms = {}
     for spec in a.arm:

@@ -69,21 +69,22 @@ class _SampleTimer:
 
 def _setup(cfg_path, overrides, rows, generations, draft_len):
     from jaxtok.config import build_optimizer, load_config
-    from jaxtok.data import make_task_from_config, prompt_dataset
+    from jaxtok.data import prompt_dataset
+    from jaxtok.plan import resolve
     from jaxtok.train import rollout as rollout_lib
-    from jaxtok.train.loop import build_objective, build_train_model, load_tokenizer_for, objective_entry
+    from jaxtok.train.loop import build_objective, build_train_model, load_tokenizer_for
     from jaxtok.train.step import init_train_state, make_train_step
 
     cfg = load_config(cfg_path, [*overrides, f"data.batch_size={rows}", f"rollout.num_generations={generations}",
                                  f"rollout.draft_len={draft_len}", "rollout.sampler=speculative"])
+    plan = resolve(cfg)
     tok = load_tokenizer_for(cfg)
-    task = make_task_from_config(cfg.data)
-    model, _ = build_train_model(cfg, tok.get_vocab_size())
+    task = plan.make_task()
+    model, _ = build_train_model(plan, tok.get_vocab_size())
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
-    entry = objective_entry(cfg)
     graphdef, state = init_train_state(model, optimizer, seed=cfg.train.seed)
-    step_fn = make_train_step(model, optimizer, build_objective(cfg))
-    sampler = rollout_lib.SpeculativeSampler.from_config(cfg, model.cfg, entry.meta)
+    step_fn = make_train_step(model, optimizer, build_objective(plan))
+    sampler = rollout_lib.SpeculativeSampler.from_config(cfg, model.cfg, plan.spec)
     ds, _ = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len, batch_size=rows // generations,
                            num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True, num_epochs=None,
                            drop_remainder=True, overlong=cfg.data.overlong)

@@ -68,8 +68,8 @@ def test_bad_cli_arguments_exit_2(capsys):
 def test_run_dir_holds_resolved_config(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_train(cfg, run_dir):
-        seen["cfg"], seen["dir"] = cfg, run_dir
+    def fake_train(plan, run_dir):  # train/eval handlers receive the run plan validation built
+        seen["cfg"], seen["dir"] = plan.cfg, run_dir
         return {"ok": 1}
 
     monkeypatch.setitem(cli.HANDLERS, "train", fake_train)

@@ -149,7 +149,8 @@ class FakeTrain:
         self.calls = []
         self.fail = None
 
-    def __call__(self, cfg, run_dir):
+    def __call__(self, plan, run_dir):
+        cfg = plan.cfg  # the run plan validation built
         self.calls.append(cfg)
         assert (run_dir / rundir.LOCK_FILE).is_file()  # the CLI holds the lock while the handler runs
         if self.fail is not None:

@@ -15,7 +15,7 @@ from flax import nnx
 from jaxtok import select as sel
 from jaxtok import stats
 from jaxtok.models import Decoder, presets
-from jaxtok.registry import OBJECTIVES, ConfigError
+from jaxtok.registry import OBJECTIVES, ConfigError, Selection
 from jaxtok.train.objectives import distill as D
 from jaxtok.train.objectives import policy_gradient as PG
 
@@ -118,11 +118,16 @@ def direct_token_losses(student, teacher, batch, args):
 # ----------------------------------------------------------------------------------------------------------------
 # OPD (§1)
 
+def _sel(mapping):
+    """``objective.args.selection`` parsed as the registry parses it."""
+    return Selection.parse(mapping, "objective.args.selection")
+
+
 ES = {"rule": "entropy_sample", "rho": 0.5}
 PER_ROW = {"rule": "entropy_topk", "rho": 0.3, "per_row": True, "normalize_by": "all"}
 PLAIN_AND_RHO1 = [D.OPDArgs(quadrant_stats=False),
-                  D.OPDArgs(selection={"rule": "entropy_sample", "rho": 1.0}, quadrant_stats=False)]
-SEL_VS_FULL = {name: [D.OPDArgs(selection=sel_, selected_logits=flag, chunk_size=3, quadrant_stats=False)
+                  D.OPDArgs(selection=_sel({"rule": "entropy_sample", "rho": 1.0}), quadrant_stats=False)]
+SEL_VS_FULL = {name: [D.OPDArgs(selection=_sel(sel_), selected_logits=flag, chunk_size=3, quadrant_stats=False)
                       for flag in (True, False)] for name, sel_ in (("flat", ES), ("per_row", PER_ROW))}
 
 
@@ -269,7 +274,7 @@ def test_selected_path_has_no_full_token_by_vocab_logits(student, teacher):
     k = math.ceil(0.25 * n)
 
     def jaxpr(selected):
-        args = D.OPDArgs(selection={"rule": "random", "rho": 0.25}, quadrant_stats=False, chunk_size=1024,
+        args = D.OPDArgs(selection=_sel({"rule": "random", "rho": 0.25}), quadrant_stats=False, chunk_size=1024,
                          selected_logits=selected)
         f = jax.grad(lambda p: D.opd_loss(nnx.merge(graphdef, p, rest), batch, jax.random.key(0), args,
                                           teacher=teacher)[0])
@@ -298,13 +303,17 @@ def test_opd_args_errors():
     with pytest.raises(ConfigError, match="divergence='kl'"):
         D.OPDArgs(divergence="kl")
     with pytest.raises(ConfigError, match="selection.rule='entropy'"):
-        D.OPDArgs(selection={"rule": "entropy"})
+        OBJECTIVES.parse_args("opd", {"selection": {"rule": "entropy"}}, "objective.args")
     with pytest.raises(ConfigError, match="selection.bogus"):
-        D.OPDArgs(selection={"rule": "q3", "bogus": 1})
+        OBJECTIVES.parse_args("opd", {"selection": {"rule": "q3", "bogus": 1}}, "objective.args")
     with pytest.raises(ConfigError, match="rho"):
-        D.OPDArgs(selection={"rule": "q3", "rho": 0.0})
+        OBJECTIVES.parse_args("opd", {"selection": {"rule": "q3", "rho": 0.0}}, "objective.args")
     args = OBJECTIVES.parse_args("opd", {"selection": {"rule": "entropy_sample", "rho": 0.5, "alpha": 2}})
-    assert args.select_args.rho == 0.5 and args.rule == "entropy_sample"
+    assert args.selection.args.rho == 0.5 and args.selection.rule == "entropy_sample"
+    assert args.selection == Selection.parse({"rule": "entropy_sample", "rho": 0.5, "alpha": 2}, "selection")
+    assert D.OPDArgs().selection.rule == "all"
+    with pytest.raises(ConfigError, match="a parsed Selection"):  # a raw mapping is parsed by the registry only
+        D.OPDArgs(selection={"rule": "all"})
 
 
 # ----------------------------------------------------------------------------------------------------------------

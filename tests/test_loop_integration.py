@@ -102,10 +102,10 @@ def test_lenvm_trains_checkpoints_and_resumes_the_value_head_model(tmp_path, tea
     from jaxtok.train.objectives.lenvm import LengthValueModel
 
     cfg = _lenvm_cfg(teacher_dir)
-    validate_names(cfg)
-    fresh, wrap_meta = build_train_model(cfg, tok.get_vocab_size())
+    plan = validate_names(cfg)
+    fresh, wrap_meta = build_train_model(plan, tok.get_vocab_size())
     assert isinstance(fresh, LengthValueModel) and wrap_meta["wrap_model"] == "lenvm"
-    again, _ = build_train_model(cfg, tok.get_vocab_size())
+    again, _ = build_train_model(plan, tok.get_vocab_size())
     _assert_same_params(fresh, again)  # the fresh head is a function of train.seed
 
     train(cfg, tmp_path / "straight", final_eval=False)
@@ -120,7 +120,7 @@ def test_lenvm_trains_checkpoints_and_resumes_the_value_head_model(tmp_path, tea
     _assert_same_params(trained, load_model(tmp_path / "resumed")[0])
 
     cont = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(tmp_path / "straight")))
-    rebuilt, wrap_meta = build_train_model(cont, tok.get_vocab_size())
+    rebuilt, wrap_meta = build_train_model(validate_names(cont), tok.get_vocab_size())
     assert wrap_meta["wrap_model"] == "lenvm"
     _assert_same_params(trained, rebuilt)
 
@@ -160,17 +160,18 @@ def test_mdlm_run_is_evaluated_by_diffusion_decoding(tmp_path, monkeypatch):
 def test_diffusion_eval_settings_follow_the_objective():
     from jaxtok.train.loop import diffusion_eval_settings, is_diffusion_run
 
-    bd3 = _cfg("bd3lm", {"block_size": 4})
-    assert is_diffusion_run(bd3) and not is_diffusion_run(_cfg("sft"))
+    bd3 = validate_names(_cfg("bd3lm", {"block_size": 4}))
+    assert is_diffusion_run(bd3) and not is_diffusion_run(validate_names(_cfg("sft")))
     dcfg, policy, args = diffusion_eval_settings(bd3)
     assert (dcfg.model.attention, dcfg.model.block_size, policy, args) == ("block_causal", 4, "llada", {})
-    shifted = _cfg("mdlm", {"shift_logits": True}, model={"attention": "bidirectional"},
-                   decode={"method": "diffusion", "policy": "threshold", "policy_args": {"threshold": 0.8}})
+    shifted = validate_names(_cfg("mdlm", {"shift_logits": True}, model={"attention": "bidirectional"},
+                                  decode={"method": "diffusion", "policy": "threshold",
+                                          "policy_args": {"threshold": 0.8}}))
     dcfg, policy, args = diffusion_eval_settings(shifted)
     assert (dcfg.model.attention, policy, args) == ("bidirectional", "threshold",
                                                     {"threshold": 0.8, "shift_logits": True})
     with pytest.raises(ConfigError, match="learned heads"):
-        diffusion_eval_settings(_cfg("mdlm", decode={"method": "diffusion", "policy": "learn2pd"}))
+        diffusion_eval_settings(validate_names(_cfg("mdlm", decode={"method": "diffusion", "policy": "learn2pd"})))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,17 +231,17 @@ def test_cppo_topk_divergence_runs_on_stored_rollout_topk(tmp_path):
     """CPPO with ``topk_tv`` asks for top-K rollout statistics (K = 20 by default): the loop stores them, the first
     inner epoch sees divergence 0 (same forward as the old log-probs), the second a positive one."""
     from jaxtok.config import rollout_topk
-    from jaxtok.train.loop import objective_entry, train
+    from jaxtok.train.loop import train
 
     # dynamic sampling off: it filters on the verifier's accuracy, all 0 for this untrained model's completions
     cfg = _cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "topk_tv", "chunk_size": 64,
                                    "dynamic_sampling": False},
                rollout={"rewards": {"_test_length": 1.0}, "inner_epochs": 2}, steps=2, train={"eval_every": 0})
-    validate_names(cfg)
-    assert rollout_topk(cfg, objective_entry(cfg).meta) == 20
-    binary = _cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "binary_tv"})
-    assert rollout_topk(binary, objective_entry(binary).meta) == 0
-    train(cfg, tmp_path / "run", final_eval=False)
+    plan = validate_names(cfg)
+    assert rollout_topk(cfg, plan.spec, plan.objective_args) == 20
+    binary = validate_names(_cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "binary_tv"}))
+    assert rollout_topk(binary.cfg, binary.spec, binary.objective_args) == 0
+    train(plan, tmp_path / "run", final_eval=False)
     steps = _records(tmp_path / "run")
     assert steps[0]["divergence_mean"] < 1e-6 < steps[1]["divergence_mean"]
     appo = _cfg("policy_gradient", {"loss_mode": "cppo", "cppo_divergence": "topk_kl"},

@@ -29,6 +29,7 @@ from jaxtok.data import prompt_dataset
 from jaxtok.decode.generate import generate
 from jaxtok.models import Decoder, ModelConfig, presets
 from jaxtok.registry import ConfigError
+from jaxtok.specs import ObjectiveSpec
 from jaxtok.tasks import build_tokenizer, make_task
 from jaxtok.train import rollout
 
@@ -213,13 +214,13 @@ def test_config_errors_name_the_key(tok):
     hf = str(Path(__file__).parent / "fixtures" / "hf" / "qwen3")
     cfg = _spec_cfg(sampler="speculative", draft_init_from=hf)
     with pytest.raises(ConfigError, match=r"rollout.draft_init_from=.*vocab_size .* differs from the policy's"):
-        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, {"data": "rollout"})
+        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, ObjectiveSpec(data="rollout"))
     cfg = _spec_cfg(sampler="speculative", draft_init_from="preset:no_such_model")
     with pytest.raises(ConfigError, match=r"rollout.draft_init_from='preset:no_such_model': unknown preset"):
-        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, {"data": "rollout"})
+        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, ObjectiveSpec(data="rollout"))
     with pytest.raises(ConfigError, match=r"rollout.sampler='speculative': objective .* collects its own"):
-        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, {"data": "rollout", "collect": object()})
-    assert rollout.SpeculativeSampler.from_config(_spec_cfg(), policy_cfg, {"data": "rollout"}) is None
+        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, ObjectiveSpec(data="rollout", collect=object()))
+    assert rollout.SpeculativeSampler.from_config(_spec_cfg(), policy_cfg, ObjectiveSpec(data="rollout")) is None
 
 
 @pytest.mark.slow

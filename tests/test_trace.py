@@ -311,20 +311,19 @@ def test_self_and_external_teacher_configs(tmp_path):
     from pathlib import Path
 
     from jaxtok.config import load_config, validate_names
-    from jaxtok.train.loop import objective_entry
 
     repo = Path(__file__).resolve().parents[1]
     own = load_config(repo / "configs" / "distill" / "trace.yaml")
     ext = load_config(repo / "configs" / "distill" / "trace_external.yaml")
-    st = SelfTeacher.of(own, objective_entry(own))
+    st = SelfTeacher.of(validate_names(own))
     assert (st.every, st.end) == (10, 40) and own.rollout.teacher_init_from is None
-    assert SelfTeacher.of(ext, objective_entry(ext)) is None and ext.rollout.teacher_init_from
+    assert SelfTeacher.of(validate_names(ext)) is None and ext.rollout.teacher_init_from
     assert OBJECTIVES.parse_args("trace", ext.objective.args).privileged_template == "{prompt}"
     with pytest.raises(ConfigError, match="teacher: self"):  # a teacher run next to the self-teacher: refused
         validate_names(dataclasses.replace(own, rollout=dataclasses.replace(own.rollout, teacher_init_from="x")))
     with pytest.raises(ConfigError, match="teacher_init_from=None"):
         validate_names(dataclasses.replace(ext, rollout=dataclasses.replace(ext.rollout, teacher_init_from=None)))
-    assert TEACHER in objective_entry(own).meta["models"]
+    assert TEACHER in validate_names(own).spec.models
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ second training out (:mod:`jaxtok.rundir`); ``run.resume=false`` into a director
 ``run.overwrite=true``. ``model.init_from`` points at an earlier run directory: its parameters and tokenizer seed
 this run.
 
-Objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count, aux)`` from ``OBJECTIVES``; the entry's
-meta says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions, valid, loss_mask}`` of the task.
+The loop runs a :class:`~jaxtok.plan.RunPlan` (``train`` resolves a Config itself, :func:`jaxtok.plan.resolve`):
+objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count, aux)`` from ``OBJECTIVES`` with the plan's
+parsed ``objective_args``; the entry's :class:`~jaxtok.specs.ObjectiveSpec` says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions, valid, loss_mask}`` of the task.
 ``data="rollout"``: every ``rollout.inner_epochs`` steps, prompts of the task are completed by the current policy and
 scored (:mod:`jaxtok.train.rollout`; APPO tree rollouts with ``rollout.branches``); ``data="documents"``: SFT rows
 handed to the objective's own ``collect`` (REFINE); ``data="trajectory"``: the frozen teacher's diffusion
@@ -102,17 +103,6 @@ def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None, key: 
     return load_any(path, key=key, mesh=mesh, step=step, dtype=dtype, param_dtype=param_dtype)
 
 
-def _wrapper_of(name: str, args_mapping) -> tuple[Callable, Any]:
-    """``(wrap_model, parsed args)`` of objective ``name`` (ConfigError when it has no ``wrap_model``)."""
-    import jaxtok.train.objectives  # noqa: F401  (registration)
-    from jaxtok.registry import OBJECTIVES, ConfigError
-
-    entry = OBJECTIVES.entry(name, "wrap_model")
-    if "wrap_model" not in entry.meta:
-        raise ConfigError(f"objective {name!r} has no wrap_model in its registry meta")
-    return entry.meta["wrap_model"], OBJECTIVES.parse_args(name, args_mapping, f"{name} args")
-
-
 def with_model_execution(model, sec):
     """A :class:`Decoder` with ``model.attention_impl`` / ``scan_layers`` / ``remat`` of config section ``sec``
     (parameters restacked when ``scan_layers`` differs from the checkpoint's); other modules unchanged."""
@@ -141,36 +131,27 @@ def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
     return Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
 
 
-def objective_entry(cfg):
-    """The registry entry of ``objective.name`` (its ``meta`` says which data and frozen models it needs)."""
-    import jaxtok.train.objectives  # noqa: F401  (registration)
-    from jaxtok.registry import OBJECTIVES
-
-    return OBJECTIVES.entry(cfg.objective.name, "objective.name")
-
-
-def build_objective(cfg) -> Callable:
-    """``loss_fn(model, batch, rng, **frozen)`` of the configured objective with its parsed arguments bound; for a
+def build_objective(plan) -> Callable:
+    """``loss_fn(model, batch, rng, **frozen)`` of the plan's objective with its parsed arguments bound; for a
     mixture-of-experts model it adds ``router_aux_loss_coef`` x the router load-balancing loss (a no-op for dense
     models, :func:`jaxtok.models.moe.with_router_aux_loss`)."""
     from jaxtok.models.moe import with_router_aux_loss
-    from jaxtok.registry import OBJECTIVES
 
-    fn = objective_entry(cfg).fn
-    args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
+    fn, args = plan.objective.fn, plan.objective_args
     return with_router_aux_loss(functools.partial(fn, args=args) if args is not None else fn)
 
 
-def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
+def build_train_model(plan, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
     """The model the loop trains and the checkpoint meta that rebuilds it: ``(model, wrap_meta)``.
 
-    :func:`build_model`, then the objective's entry meta ``wrap_model(decoder, args, rngs)`` (LenVM's value head)
+    :func:`build_model`, then the objective's ``spec.wrap_model(decoder, args, rngs)`` (LenVM's value head)
     with ``nnx.Rngs(train.seed)``. ``model.init_from`` a wrapped run (a LenVM run continued) restores the wrapped
     model as saved, head included, instead of wrapping again. ``wrap_meta`` (``{wrap_model, wrap_args}`` plus the
     module's ``checkpoint_meta()``, or ``{}``) goes into every checkpoint, so a resume, ``init_from`` and
     :func:`load_model` rebuild the same model."""
     from jaxtok.registry import ConfigError
 
+    cfg = plan.cfg
     wrap_meta: dict = {}
     if cfg.model.init_from:
         model, src = load_model(cfg.model.init_from, mesh=mesh, dtype=cfg.model.dtype,
@@ -180,17 +161,14 @@ def build_train_model(cfg, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
             wrap_meta = {WRAP_META: src[WRAP_META], WRAP_ARGS_META: src.get(WRAP_ARGS_META) or {}}
     else:
         model = build_model(cfg, vocab_size, mesh=mesh)
-    entry = objective_entry(cfg)
-    if "wrap_model" in entry.meta:
+    if plan.spec.wrap_model is not None:
         if wrap_meta and wrap_meta[WRAP_META] != cfg.objective.name:
             raise ConfigError(f"model.init_from={cfg.model.init_from!r} holds a model wrapped by objective "
                               f"{wrap_meta[WRAP_META]!r}; objective {cfg.objective.name!r} wraps its own: start "
                               f"from an unwrapped run")
         if not wrap_meta:
-            args_map = dict(cfg.objective.args)
-            wrap, args = _wrapper_of(cfg.objective.name, args_map)
-            model = wrap(model, args, nnx.Rngs(cfg.train.seed))
-            wrap_meta = {WRAP_META: cfg.objective.name, WRAP_ARGS_META: args_map}
+            model = plan.spec.wrap_model(model, plan.objective_args, nnx.Rngs(cfg.train.seed))
+            wrap_meta = {WRAP_META: cfg.objective.name, WRAP_ARGS_META: dict(cfg.objective.args)}
     if hasattr(model, "checkpoint_meta"):  # the module class and options load_model rebuilds (models.value)
         wrap_meta.update(model.checkpoint_meta())
     model = add_lora(cfg, model)
@@ -220,7 +198,7 @@ def add_lora(cfg, model):
 
 
 def build_frozen_models(cfg, names, vocab_size: int, mesh=None) -> dict:
-    """The frozen models an objective names (entry meta ``models``): ``teacher`` from ``rollout.teacher_init_from``;
+    """The frozen models an objective names (``spec.models``): ``teacher`` from ``rollout.teacher_init_from``;
     ``reference`` from ``rollout.reference`` (``init``: the initial policy, rebuilt so a resumed run gets the same
     one; a run directory; ``none``: not passed, the objective sees ``reference=None``)."""
     out = {}
@@ -271,7 +249,8 @@ def eval_scores(task, texts, examples, rewards) -> dict:
 
 
 def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: Optional[int] = None) -> dict:
-    """Held-out accuracy of greedy completions (decode_methods.md §0.1 via :func:`jaxtok.decode.generate.generate`).
+    """Held-out accuracy of greedy completions (decode_methods.md §0.1): :func:`jaxtok.decode.evaluate.evaluate` of
+    an :func:`~jaxtok.decode.evaluate.ar_step`, scored by :func:`eval_scores`.
 
     Every eval example is counted once: ``num_examples`` (default ``data.num_eval``) capped at the eval split's size
     (a small eval file is not wrapped). Returns :func:`eval_scores` means (``exact_match``, ``reward`` with the
@@ -280,33 +259,20 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
     denominator, and are counted and warned about. The last batch is padded to the decode batch size with copies
     of its first row (ignored), so every call has one static shape.
     """
-    from jaxtok.data import capped, pad_prompt_batch, prompt_dataset
-    from jaxtok.decode.generate import generate
-    from jaxtok.tasks.tokenizer import SpecialTokens, decode
-    from jaxtok.train.rollout import fetch
+    from jaxtok.data import capped
+    from jaxtok.decode.evaluate import ar_step, evaluate
 
     n = capped(task, "eval", num_examples or cfg.data.num_eval)
-    B = cfg.decode.batch_size
-    sp = SpecialTokens.of(tok)
-    ds, dropped = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=B, num_examples=n,
-                                 overlong=cfg.data.overlong)
-    sums: dict = {}
-    for batch in ds:
-        rows = batch["prompt"].shape[0]
-        prompt, valid = pad_prompt_batch(batch, B)
-        out = generate(model, prompt, valid, max_new_tokens=cfg.decode.max_new_tokens, temperature=0.0,
-                       rng=jax.random.key(0), stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh)
-        tokens = fetch(out.tokens)
-        examples = [task.example("eval", int(batch["index"][r])) for r in range(rows)]
-        texts = [decode(tok, tokens[r]) for r in range(rows)]
-        for k, v in eval_scores(task, texts, examples, cfg.rollout.rewards).items():
-            sums[k] = sums.get(k, 0.0) + v
-    if dropped.count:
+    step = ar_step(model, tok, max_new_tokens=cfg.decode.max_new_tokens, temperature=0.0, mesh=mesh)
+    metrics, _ = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
+                          num_examples=n, overlong=cfg.data.overlong, key=jax.random.key(0), warmup=False,
+                          num_samples=0, score=lambda texts, examples: eval_scores(task, texts, examples,
+                                                                                    cfg.rollout.rewards))
+    if metrics["overlong_prompts"]:
         log.warning("held-out eval: %d of %d prompts exceed data.prompt_len=%d; each scores 0 and counts in the "
-                    "denominator (eval/overlong_prompts)", dropped.count, n, cfg.data.prompt_len)
-    if not sums:  # every prompt over-long (overlong=drop): the keys still appear, at 0
-        sums = eval_scores(task, [], [], cfg.rollout.rewards)
-    return {**{k: v / max(n, 1) for k, v in sums.items()}, "num_examples": n, "overlong_prompts": dropped.count}
+                    "denominator (eval/overlong_prompts)", metrics["overlong_prompts"], n, cfg.data.prompt_len)
+    keys = [*eval_scores(task, [], [], cfg.rollout.rewards), "num_examples", "overlong_prompts"]
+    return {k: metrics[k] for k in keys}
 
 
 def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
@@ -337,32 +303,30 @@ def _held_out_metrics(model, metrics_fn, task, tok, cfg, mesh) -> dict:
     return finalize_metrics(pairs)
 
 
-DATA_KINDS = ("sft", "rollout", "documents", "trajectory")  # what the loop feeds objectives (entry meta ``data``)
+DATA_KINDS = ("sft", "rollout", "documents", "trajectory")  # what the loop feeds objectives (``spec.data``)
 
 
-def is_diffusion_run(cfg) -> bool:
+def is_diffusion_run(plan) -> bool:
     """Whether the run trains a masked-diffusion LM (evaluated by diffusion decoding, not AR generation):
-    ``decode.method=diffusion`` or an objective whose entry meta says ``eval="diffusion"`` (mdlm, bd3lm, cj_grpo,
-    tad)."""
-    return cfg.decode.method == "diffusion" or objective_entry(cfg).meta.get("eval") == "diffusion"
+    ``decode.method=diffusion`` or an objective whose spec says ``eval="diffusion"`` (mdlm, bd3lm, cj_grpo, tad)."""
+    return plan.cfg.decode.method == "diffusion" or plan.spec.eval == "diffusion"
 
 
-def diffusion_eval_settings(cfg):
+def diffusion_eval_settings(plan):
     """``(cfg, policy, policy_args mapping)`` for :func:`jaxtok.decode.diffusion.evaluate_policy`: the policy is
     ``decode.policy`` (default ``llada``) with ``decode.policy_args``; the attention is ``model.attention`` unless
     that is the default ``causal``, then the objective's own (``mdlm``: ``args.attention``, ``bd3lm``:
     ``block_causal`` with ``args.block_size``); an objective trained with ``shift_logits`` decodes shifted unless
     the policy arguments say otherwise. Policies that need learned heads are refused (ConfigError)."""
     import jaxtok.decode  # noqa: F401  (registers the commit policies)
-    import jaxtok.train.objectives  # noqa: F401  (registration)
-    from jaxtok.registry import COMMIT_POLICIES, OBJECTIVES, ConfigError
+    from jaxtok.registry import COMMIT_POLICIES, ConfigError
 
+    cfg, args = plan.cfg, plan.objective_args
     policy = cfg.decode.policy or "llada"
-    heads = COMMIT_POLICIES.entry(policy, "decode.policy").meta.get("heads")
+    heads = COMMIT_POLICIES.entry(policy, "decode.policy").spec.heads
     if heads:
         raise ConfigError(f"decode.policy={policy!r} needs learned heads {list(heads)}; the training loop's "
                           f"evaluation cannot provide them: choose a policy without heads (e.g. llada, threshold)")
-    args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
     policy_args = dict(cfg.decode.policy_args)
     if getattr(args, "shift_logits", False):
         policy_args.setdefault("shift_logits", True)
@@ -374,34 +338,34 @@ def diffusion_eval_settings(cfg):
     return cfg, policy, policy_args
 
 
-def diffusion_eval(model, task, tok, cfg) -> dict:
+def diffusion_eval(model, task, tok, plan) -> dict:
     """Held-out accuracy of diffusion decoding (:func:`jaxtok.decode.diffusion.evaluate_policy` with
     :func:`diffusion_eval_settings`): ``exact_match``, ``format_ok``, ``mean_nfe``, ``tokens_per_nfe``,
     ``mean_length``, ``num_examples``."""
     from jaxtok.decode.diffusion import evaluate_policy
 
-    dcfg, policy, policy_args = diffusion_eval_settings(cfg)
+    dcfg, policy, policy_args = diffusion_eval_settings(plan)
     metrics, _ = evaluate_policy(dcfg, model, tok, task, policy=policy, policy_args=policy_args or None)
     keys = ("exact_match", "format_ok", "mean_nfe", "tokens_per_nfe", "mean_length", "num_examples")
     return {k: metrics[k] for k in keys}
 
 
-def objective_eval(model, task, tok, cfg, *, mesh=None) -> dict:
+def objective_eval(model, task, tok, plan, *, mesh=None) -> dict:
     """The objective's own loss and aux metrics on ``train.eval_batches`` held-out SFT batches (fixed noise key
     ``train.seed``, so evals of one run are comparable): e.g. the masked-diffusion NELBO per token and masked
     accuracy of ``mdlm``/``bd3lm``."""
     from jaxtok.train.step import aux_parts
 
-    loss_fn = build_objective(cfg)
+    loss_fn = build_objective(plan)
 
     def metrics_fn(m, batch):
-        loss_sum, count, aux = loss_fn(m, batch, jax.random.key(cfg.train.seed))
+        loss_sum, count, aux = loss_fn(m, batch, jax.random.key(plan.cfg.train.seed))
         return {"loss": (loss_sum, count), **aux_parts(aux, count)}
 
-    return _held_out_metrics(model, metrics_fn, task, tok, cfg, mesh)
+    return _held_out_metrics(model, metrics_fn, task, tok, plan.cfg, mesh)
 
 
-def _evaluate_model(model, task, tok, cfg, mesh) -> dict:
+def _evaluate_model(model, task, tok, plan, mesh) -> dict:
     """``eval/*`` metrics: AR models get the teacher-forced SFT metrics and greedy generation accuracy; diffusion
     runs (:func:`is_diffusion_run`) get the objective's held-out loss (SFT-data objectives) and diffusion-decoding
     accuracy and NFE. A file task without eval data (no ``data.eval_files``, ``data.eval_fraction=0``) has no
@@ -411,11 +375,12 @@ def _evaluate_model(model, task, tok, cfg, mesh) -> dict:
     if not has_split(task, "eval"):
         log.warning("skipping held-out eval: %s", NO_EVAL)
         return {}
-    if is_diffusion_run(cfg):
+    cfg = plan.cfg
+    if is_diffusion_run(plan):
         out = {}
-        if objective_entry(cfg).meta.get("data", "sft") == "sft":
-            out.update({f"eval/{k}": v for k, v in objective_eval(model, task, tok, cfg, mesh=mesh).items()})
-        out.update({f"eval/{k}": v for k, v in diffusion_eval(model, task, tok, cfg).items()})
+        if plan.spec.data == "sft":
+            out.update({f"eval/{k}": v for k, v in objective_eval(model, task, tok, plan, mesh=mesh).items()})
+        out.update({f"eval/{k}": v for k, v in diffusion_eval(model, task, tok, plan).items()})
         return out
     out = {f"eval/{k}": v for k, v in teacher_forced_eval(model, task, tok, cfg, mesh=mesh).items()}
     out.update({f"eval/{k}": v for k, v in generation_eval(model, task, tok, cfg, mesh=mesh).items()})
@@ -431,44 +396,123 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
           final_eval: bool = True) -> dict:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final metrics (also ``summary.json``).
 
-    ``on_step(step, metrics)`` is called on the host after every step (metrics as device arrays);
-    ``final_eval=False`` skips the held-out evaluation after the last step. Holds the run directory's lock
-    (process 0) while it runs; a finished run returns its stored summary (``resumed_from`` = its last step).
+    ``cfg``: the :class:`~jaxtok.plan.RunPlan` (``jaxtok train`` passes the one validation built) or a Config,
+    resolved here (:func:`jaxtok.plan.resolve`). ``on_step(step, metrics)`` is called on the host after every step
+    (metrics as device arrays); ``final_eval=False`` skips the held-out evaluation after the last step. Holds the
+    run directory's lock (process 0) while it runs; a finished run returns its stored summary (``resumed_from`` =
+    its last step).
     """
     from jaxtok import rundir
+    from jaxtok.plan import as_plan
 
-    mesh_lib.initialize_distributed(cfg.mesh)
+    plan = as_plan(cfg)
+    mesh_lib.initialize_distributed(plan.cfg.mesh)
     run_dir = Path(run_dir)
     with rundir.run_lock(run_dir, enabled=jax.process_index() == 0):
         if jax.process_index() == 0:
-            rundir.check_fresh_start(cfg, run_dir)  # resume=false: refused, or run.overwrite=true clears the outputs
+            rundir.check_fresh_start(plan.cfg, run_dir)  # resume=false: refused, or run.overwrite=true clears it
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("jaxtok train: run directory checked")
-        return _train(cfg, run_dir, on_step=on_step, final_eval=final_eval)
+        return _train(plan, run_dir, on_step=on_step, final_eval=final_eval)
 
 
-def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]] = None,
+def _train(plan, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]] = None,
            final_eval: bool = True) -> dict:
-    """:func:`train` inside the run directory's lock."""
-    from jaxtok.config import build_optimizer, build_schedule, check_micro_batches, learning_rate, rollout_topk
-    from jaxtok.data import make_task_from_config, prompt_dataset, sft_dataset
-    from jaxtok.tasks import save_tokenizer
-    from jaxtok.train import branching
-    from jaxtok.train import rollout as rollout_lib
-    from jaxtok.train.self_teacher import SelfTeacher
-    from jaxtok.train.step import frozen_states, init_train_state, make_train_step
-
+    """:func:`train` inside the run directory's lock, in phases: inputs, trainer (models, state, step), batch feed,
+    resume, then the step loop with its evaluations and checkpoints."""
+    cfg = plan.cfg
     t_build = time.perf_counter()
     log.info("build: tokenizer, data, model, optimizer and objective %r", cfg.objective.name)
-    mesh_lib.initialize_distributed(cfg.mesh)
     run_dir = Path(run_dir)
+    inputs = _build_inputs(plan, run_dir)
+    if plan.spec.head is not None:  # a small head beside frozen decoders (SpecDec++, SpecKV, Learn2PD, TraceLock)
+        from jaxtok.train.heads import train_head_run
+
+        return train_head_run(plan, run_dir, tokenizer=inputs.tok, task=inputs.task)
+    trainer, state = _build_trainer(plan, inputs, final_eval=final_eval)
+    feed = _build_feed(plan, inputs, trainer)
+    ck = ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, max_to_keep=cfg.train.keep_checkpoints)
+    state, start, damaged = _resume(cfg, run_dir, ck, trainer, state, feed.it)
+    stored = _finished_summary(cfg, run_dir, ck, start)
+    if stored is not None:
+        return stored
+    _log_startup(cfg, run_dir, state, inputs.mesh, trainer.model_cfg, start=start, damaged=bool(damaged),
+                 rollouts=plan.spec.data == "rollout", build_s=time.perf_counter() - t_build)
+    return _step_loop(plan, run_dir, inputs, trainer, feed, ck, state, start=start, damaged=damaged,
+                      on_step=on_step, final_eval=final_eval)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What every phase reads: the tokenizer, the task and the device mesh."""
+
+    tok: Any
+    task: Any
+    mesh: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Trainer:
+    """The built training side: the model's graphdef and config, the jitted step (with the frozen models it
+    takes), the self-teacher (TRACE) or None, the checkpoint meta, and LoRA's adapter merge (None without LoRA)."""
+
+    graphdef: Any
+    model_cfg: Any
+    step_fn: Callable
+    frozen: dict
+    frozen_args: tuple
+    self_teacher: Any
+    meta: dict
+    merge_adapters: Optional[Callable]
+
+    def step(self, k: int, state, placed):
+        """Optimizer step ``k`` (0-based) on the placed batch; ``(state, metrics)``."""
+        if self.self_teacher is None:
+            return self.step_fn(state, placed, *self.frozen_args)
+        # re-copied from the student at sync steps, not passed once λ = 0 (train/self_teacher.py)
+        return self.self_teacher.step(k, state, placed, self.frozen_args, self.step_fn)
+
+    def train_item(self, k: int, state) -> dict:
+        """The checkpoint's ``train`` item after ``k`` updates: optimizer state, step, RNG, LoRA's adapters and the
+        self-teacher's copy."""
+        return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
+                **({LORA_META: state.params} if self.merge_adapters else {}),
+                **(self.self_teacher.checkpoint_item(k, state) if self.self_teacher else {})}
+
+    def save(self, ck, step: int, state, it) -> None:
+        """Checkpoint ``step``; LoRA: ``params`` holds the merged weights (a plain model for every loader),
+        ``train`` the adapters."""
+        params = self.merge_adapters(state.params, state.rest) if self.merge_adapters else state.params
+        ck.save(step, params=params, data=it.get_state(), meta=self.meta, train=self.train_item(step, state))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Feed:
+    """Where the batches come from: the train data iterator (``dropped`` counts over-long examples) and, for
+    objectives that do not eat SFT batches, the collector (with its ``prepare`` hook and host-side group
+    advantages) that turns its prompts into training batches."""
+
+    it: Any
+    dropped: Any
+    collect: Optional[Callable] = None
+    prepare: Optional[Callable] = None
+    host_adv: Optional[Callable] = None
+
+
+def _build_inputs(plan, run_dir: Path) -> _Inputs:
+    """Tokenizer (saved into ``run_dir``), task and mesh; the batch must split into micro-batches over the batch
+    shards."""
+    from jaxtok.tasks import save_tokenizer
+
+    cfg = plan.cfg
+    mesh_lib.initialize_distributed(cfg.mesh)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer_for(cfg)
     if jax.process_index() == 0:
         save_tokenizer(tok, run_dir)  # tokenizer.json + its config, generation config and chat template
-    task = make_task_from_config(cfg.data)
+    task = plan.make_task()
     mesh = mesh_lib.mesh_from_config(cfg.mesh)
     rows = cfg.data.batch_size // cfg.train.micro_batches
     shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape.get("expert", 1)
@@ -476,182 +520,208 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must split into train.micro_batches="
                          f"{cfg.train.micro_batches} micro-batches whose rows divide the {shards} batch shards "
                          f"(mesh data x fsdp{' x expert' if 'expert' in mesh.shape else ''})")
+    return _Inputs(tok=tok, task=task, mesh=mesh)
 
-    if is_diffusion_run(cfg) and (final_eval or cfg.train.eval_every):
-        diffusion_eval_settings(cfg)  # a bad decode policy fails now, not after training
-    model, wrap_meta = build_train_model(cfg, tok.get_vocab_size(), mesh=mesh)
+
+def _build_trainer(plan, inputs: _Inputs, *, final_eval: bool) -> tuple[_Trainer, Any]:
+    """The trained model, optimizer, loss, self-teacher and frozen models, the placed train state and the jitted
+    step: ``(trainer, state)``. The model itself is dropped: the state owns the (donated) parameters."""
+    from jaxtok.config import build_optimizer, check_micro_batches
+    from jaxtok.train.self_teacher import SelfTeacher
+    from jaxtok.train.step import frozen_states, init_train_state, make_train_step
+
+    cfg, spec, mesh, vocab = plan.cfg, plan.spec, inputs.mesh, inputs.tok.get_vocab_size()
+    if is_diffusion_run(plan) and (final_eval or cfg.train.eval_every):
+        diffusion_eval_settings(plan)  # a bad decode policy fails now, not after training
+    model, wrap_meta = build_train_model(plan, vocab, mesh=mesh)
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
-    entry = objective_entry(cfg)
-    check_micro_batches(cfg, entry.meta)
-    loss_fn = build_objective(cfg)
-    self_teacher = SelfTeacher.of(cfg, entry)  # TRACE: the teacher is the student's copy, synced every N steps
-    names = [n for n in entry.meta.get("models", ()) if not (self_teacher and n == "teacher")]
-    frozen = build_frozen_models(cfg, names, tok.get_vocab_size(), mesh=mesh)
+    check_micro_batches(cfg, spec)
+    loss_fn = build_objective(plan)
+    self_teacher = SelfTeacher.of(plan)  # TRACE: the teacher is the student's copy, synced every N steps
+    names = [n for n in spec.models if not (self_teacher and n == "teacher")]
+    frozen = build_frozen_models(cfg, names, vocab, mesh=mesh)
     graphdef, state = init_train_state(model, optimizer, seed=cfg.train.seed, mesh=mesh)
     make_step = functools.partial(make_train_step, model, optimizer, loss_fn, mesh=mesh,
-                                  micro_batches=cfg.train.micro_batches, batch_step=bool(entry.meta.get("batch_step")))
+                                  micro_batches=cfg.train.micro_batches, batch_step=spec.batch_step)
     step_fn = (make_step(frozen=frozen or None) if self_teacher is None
                else self_teacher.build_steps(make_step, frozen, graphdef, state))
-    frozen_args = (frozen_states(frozen),) if frozen else ()
-    model_cfg = model.cfg
-    del model  # the train state owns the (placed, donated) parameters from here on
-
-    data_kind = entry.meta.get("data", "sft")
-    if data_kind not in DATA_KINDS:
-        from jaxtok.registry import ConfigError
-
-        raise ConfigError(f"objective {cfg.objective.name!r} eats data={data_kind!r}; the loop produces {DATA_KINDS}")
-    rollouts = data_kind != "sft"
-    collect = branching.collect_appo if cfg.rollout.branches else rollout_lib.collect
-    if "collect" in entry.meta:  # the objective's own collector gets its parsed arguments
-        from jaxtok.registry import OBJECTIVES
-
-        collect = functools.partial(entry.meta["collect"], args=OBJECTIVES.parse_args(
-            cfg.objective.name, cfg.objective.args, "objective.args"))
-    if data_kind == "trajectory":  # TAD: teacher trajectories with the privileged prompt
-        from jaxtok.registry import OBJECTIVES
-        from jaxtok.train.trajectory import collect_trajectories
-
-        collect = functools.partial(collect_trajectories, seq_len=cfg.data.seq_len, args=OBJECTIVES.parse_args(
-            cfg.objective.name, cfg.objective.args, "objective.args"))
-    prepare = entry.meta.get("prepare")
-    if prepare is not None and entry.meta.get("prepare_args"):  # the hook reads the objective's arguments
-        from jaxtok.registry import OBJECTIVES
-
-        prepare = functools.partial(prepare, args=OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args,
-                                                                        "objective.args"))
-    topk = rollout_topk(cfg, entry.meta) if data_kind == "rollout" else 0
-    if topk:  # top-K behaviour statistics for the objective (CPPO's top-K TV/KL)
-        collect = functools.partial(collect, topk=topk)
-    spec_sampler = rollout_lib.SpeculativeSampler.from_config(cfg, model_cfg, entry.meta, mesh=mesh)
-    if spec_sampler is not None:  # rollout.sampler=speculative: lossless speculative rollouts with the drafter
-        collect = functools.partial(collect, sampler=spec_sampler)
-    group_adv = entry.meta.get("group_advantages")
-    host_adv = group_adv if callable(group_adv) and cfg.train.micro_batches > 1 else None
-    if host_adv is not None:  # whole-group advantages on the full rollout batch, before the micro-batch split
-        from jaxtok.registry import OBJECTIVES
-
-        host_adv = functools.partial(host_adv, args=OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args,
-                                                                          "objective.args"))
-    if data_kind in ("rollout", "trajectory"):
-        ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len,
-                                     batch_size=cfg.data.batch_size // cfg.rollout.rows_per_prompt,
-                                     num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True,
-                                     num_epochs=None, drop_remainder=True, overlong=cfg.data.overlong,
-                                     worker_count=cfg.data.worker_count)
-    else:
-        ds, dropped = sft_dataset(task, "train", tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                                  num_examples=cfg.data.num_train, seed=cfg.data.seed, overlong=cfg.data.overlong,
-                                  worker_count=cfg.data.worker_count)
-    it = iter(ds)
-    ck = ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, max_to_keep=cfg.train.keep_checkpoints)
     merge_adapters = None
     if cfg.lora.rank:  # LoRA: the train state's params are the adapters, the base weights sit in rest
         from jaxtok.models.lora import merged_params_fn
 
         merge_adapters = jax.jit(merged_params_fn(graphdef))
-    start, damaged = 0, []
-    if cfg.run.resume and ck.latest_step() is not None:
-        train_part = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
-                      **({LORA_META: state.params} if merge_adapters else {}),
-                      **(self_teacher.checkpoint_item(0, state) if self_teacher else {})}
-        # LoRA: the stored merged weights have the base weights' structure and shardings (read, then unused: the
-        # base comes from model.init_from / hf_path / preset again, the adapters from "train")
-        params_like = (nnx.state(nnx.merge(graphdef, state.params, state.rest), nnx.All(nnx.Param, nnx.Not(
-            nnx.LoRAParam))) if merge_adapters else state.params)
-        try:  # the newest good checkpoint: damaged newer steps are moved aside
-            out, damaged = ck.restore_good(params=ckpt_lib.abstract_of(params_like),
-                                           train=ckpt_lib.abstract_of(train_part))
-        except ckpt_lib.CheckpointError as e:
-            ck.close()
-            from jaxtok.registry import ConfigError
+    meta = {"model_config": model_config_to_dict(model.cfg), "objective": cfg.objective.name, **wrap_meta}
+    trainer = _Trainer(graphdef=graphdef, model_cfg=model.cfg, step_fn=step_fn, frozen=frozen,
+                       frozen_args=(frozen_states(frozen),) if frozen else (), self_teacher=self_teacher, meta=meta,
+                       merge_adapters=merge_adapters)
+    return trainer, state
 
-            raise ConfigError(f"cannot resume {run_dir}: {e}; use run.resume=false run.overwrite=true to start "
-                              f"over") from None
-        restored_train = dict(out["train"])
-        adapters = restored_train.pop(LORA_META, None)
-        state = dataclasses.replace(state, params=out["params"] if adapters is None else adapters, **(
-            self_teacher.restored(restored_train, int(out["step"])) if self_teacher else restored_train))
-        if out["data"] is not None:
-            it.set_state(out["data"])
-        start = int(out["step"])
-        for bad, why in damaged:
-            log.warning("checkpoint step %d is damaged, moved to %s-damaged/: %s", bad, ck.directory, why)
-        log.log(logging.WARNING if damaged else logging.INFO, "resumed %s from step %d%s", run_dir, start,
-                ", the last good checkpoint" if damaged else "")
+
+def _build_feed(plan, inputs: _Inputs, trainer: _Trainer) -> _Feed:
+    """The train data iterator and, unless the objective eats SFT batches (``spec.data``), its collector: the
+    default rollout collector (APPO's branching one with ``rollout.branches``), the objective's own
+    ``spec.collect``, or TAD's trajectory collector; with top-K statistics, speculative sampling, the ``prepare``
+    hook and host-side group advantages bound as the spec and config say."""
+    from jaxtok.config import rollout_topk
+    from jaxtok.data import prompt_dataset, sft_dataset
+    from jaxtok.registry import ConfigError
+    from jaxtok.train import branching
+    from jaxtok.train import rollout as rollout_lib
+
+    cfg, spec, args, tok = plan.cfg, plan.spec, plan.objective_args, inputs.tok
+    if spec.data not in DATA_KINDS:
+        raise ConfigError(f"objective {cfg.objective.name!r} eats data={spec.data!r}; the loop produces {DATA_KINDS}")
+    collect = branching.collect_appo if cfg.rollout.branches else rollout_lib.collect
+    if spec.collect is not None:  # the objective's own collector gets its parsed arguments
+        collect = functools.partial(spec.collect, args=args)
+    if spec.data == "trajectory":  # TAD: teacher trajectories with the privileged prompt
+        from jaxtok.train.trajectory import collect_trajectories
+
+        collect = functools.partial(collect_trajectories, seq_len=cfg.data.seq_len, args=args)
+    prepare = spec.prepare
+    if prepare is not None and spec.prepare_args:  # the hook reads the objective's arguments
+        prepare = functools.partial(prepare, args=args)
+    topk = rollout_topk(cfg, spec, args) if spec.data == "rollout" else 0
+    if topk:  # top-K behaviour statistics for the objective (CPPO's top-K TV/KL)
+        collect = functools.partial(collect, topk=topk)
+    spec_sampler = rollout_lib.SpeculativeSampler.from_config(cfg, trainer.model_cfg, spec, mesh=inputs.mesh)
+    if spec_sampler is not None:  # rollout.sampler=speculative: lossless speculative rollouts with the drafter
+        collect = functools.partial(collect, sampler=spec_sampler)
+    host_adv = None
+    if callable(spec.group_advantages) and cfg.train.micro_batches > 1:
+        # whole-group advantages on the full rollout batch, before the micro-batch split
+        host_adv = functools.partial(spec.group_advantages, args=args)
+    d = cfg.data
+    if spec.data in ("rollout", "trajectory"):
+        ds, dropped = prompt_dataset(inputs.task, "train", tok, prompt_len=d.prompt_len,
+                                     batch_size=d.batch_size // cfg.rollout.rows_per_prompt,
+                                     num_examples=d.num_train, seed=d.seed, shuffle=True, num_epochs=None,
+                                     drop_remainder=True, overlong=d.overlong, worker_count=d.worker_count)
+    else:
+        ds, dropped = sft_dataset(inputs.task, "train", tok, seq_len=d.seq_len, batch_size=d.batch_size,
+                                  num_examples=d.num_train, seed=d.seed, overlong=d.overlong,
+                                  worker_count=d.worker_count)
+    if spec.data == "sft":
+        return _Feed(it=iter(ds), dropped=dropped)
+    return _Feed(it=iter(ds), dropped=dropped, collect=collect, prepare=prepare, host_adv=host_adv)
+
+
+def _resume(cfg, run_dir: Path, ck, trainer: _Trainer, state, it) -> tuple[Any, int, list]:
+    """With ``run.resume`` and a checkpoint in ``run_dir``: the train state and data iterator restored from the
+    newest good checkpoint (damaged newer steps moved aside with a warning). ``(state, start step, damaged)``."""
+    from jaxtok.registry import ConfigError
+
+    if not (cfg.run.resume and ck.latest_step() is not None):
+        return state, 0, []
+    # LoRA: the stored merged weights have the base weights' structure and shardings (read, then unused: the base
+    # comes from model.init_from / hf_path / preset again, the adapters from "train")
+    graphdef = trainer.graphdef
+    params_like = (nnx.state(nnx.merge(graphdef, state.params, state.rest), nnx.All(nnx.Param, nnx.Not(
+        nnx.LoRAParam))) if trainer.merge_adapters else state.params)
+    try:  # the newest good checkpoint: damaged newer steps are moved aside
+        out, damaged = ck.restore_good(params=ckpt_lib.abstract_of(params_like),
+                                       train=ckpt_lib.abstract_of(trainer.train_item(0, state)))
+    except ckpt_lib.CheckpointError as e:
+        ck.close()
+        raise ConfigError(f"cannot resume {run_dir}: {e}; use run.resume=false run.overwrite=true to start "
+                          f"over") from None
+    restored_train = dict(out["train"])
+    adapters = restored_train.pop(LORA_META, None)
+    self_teacher = trainer.self_teacher
+    state = dataclasses.replace(state, params=out["params"] if adapters is None else adapters, **(
+        self_teacher.restored(restored_train, int(out["step"])) if self_teacher else restored_train))
+    if out["data"] is not None:
+        it.set_state(out["data"])
+    start = int(out["step"])
+    for bad, why in damaged:
+        log.warning("checkpoint step %d is damaged, moved to %s-damaged/: %s", bad, ck.directory, why)
+    log.log(logging.WARNING if damaged else logging.INFO, "resumed %s from step %d%s", run_dir, start,
+            ", the last good checkpoint" if damaged else "")
+    return state, start, damaged
+
+
+def _finished_summary(cfg, run_dir: Path, ck, start: int) -> Optional[dict]:
+    """A finished run's stored summary (then nothing is trained, evaluated or rewritten), else None; a run
+    directory beyond ``train.steps`` is a ConfigError."""
+    from jaxtok.registry import ConfigError
+
     if start > cfg.train.steps:
         ck.close()
-        from jaxtok.registry import ConfigError
-
         raise ConfigError(f"train.steps={cfg.train.steps}: run directory {str(run_dir)!r} is already at step {start}")
     stored = _stored_summary(run_dir) if start == cfg.train.steps else None
-    if stored is not None:  # a finished run: nothing is trained, evaluated or rewritten
-        ck.close()
-        log.warning("run %s is already finished at step %d (summary.json); nothing to do", run_dir, start)
-        return {**stored, "resumed_from": start, "already_finished": True}
+    if stored is None:
+        return None
+    ck.close()
+    log.warning("run %s is already finished at step %d (summary.json); nothing to do", run_dir, start)
+    return {**stored, "resumed_from": start, "already_finished": True}
+
+
+def _next_batch(plan, inputs: _Inputs, trainer: _Trainer, feed: _Feed, step: int, state, placed, rollout_info):
+    """The batch of ``step``: the next SFT batch, or every ``rollout.inner_epochs`` steps a new collected one
+    (kept placed between). ``(host batch or None when reused, placed batch, rollout info)``."""
+    cfg = plan.cfg
+    if feed.collect is None:
+        batch = next(feed.it)
+        return batch, mesh_lib.put_batch(batch, inputs.mesh), rollout_info
+    if placed is not None and (step - 1) % cfg.rollout.inner_epochs != 0:
+        return None, placed, rollout_info
+    policy = nnx.merge(trainer.graphdef, state.params, state.rest)
+    ro = feed.collect(policy, next(feed.it), task=inputs.task, tokenizer=inputs.tok, settings=cfg.rollout,
+                      rng=jax.random.fold_in(jax.random.key(cfg.train.seed), step), mesh=inputs.mesh,
+                      teacher=trainer.frozen.get("teacher"), prepare=feed.prepare)
+    del policy
+    batch = ro.batch
+    if feed.host_adv is not None:  # keys the collector set itself (APPO's token advantages) are kept
+        batch = {**feed.host_adv(batch), **batch}
+    return batch, mesh_lib.put_batch(batch, inputs.mesh), ro.info
+
+
+def _step_loop(plan, run_dir: Path, inputs: _Inputs, trainer: _Trainer, feed: _Feed, ck, state, *, start: int,
+               damaged: list, on_step, final_eval: bool) -> dict:
+    """Steps ``start+1 .. train.steps`` with metrics records, periodic evaluations and checkpoints, the last
+    checkpoint and the final held-out evaluation; writes ``summary.json`` and returns the summary."""
+    from jaxtok.config import build_schedule, learning_rate
+
+    cfg = plan.cfg
     lead = jax.process_index() == 0
-    _log_startup(cfg, run_dir, state, mesh, model_cfg, start=start, damaged=bool(damaged),
-                 rollouts=data_kind == "rollout",
-                 build_s=time.perf_counter() - t_build)
+    rollouts = feed.collect is not None
     metrics_out = open_observer(cfg, run_dir, enabled=lead, start=start)
     if metrics_out.enabled and metrics_out.path.is_file() and metrics_out.path.stat().st_size:
         # records of steps after ``start`` written before this line were redone (or lost with a damaged checkpoint)
         metrics_out.write(start, {"event": "resume", "from_step": start,
                                   **({"damaged_from_step": max(s for s, _ in damaged)} if damaged else {})})
-    meta = {"model_config": model_config_to_dict(model_cfg), "objective": cfg.objective.name, **wrap_meta}
-
-    def save(step: int) -> None:
-        # LoRA: "params" holds the merged weights (a plain model for every loader), "train" the adapters
-        params = merge_adapters(state.params, state.rest) if merge_adapters else state.params
-        ck.save(step, params=params, data=it.get_state(), meta=meta,
-                train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
-                       **({LORA_META: state.params} if merge_adapters else {}),
-                       **(self_teacher.checkpoint_item(step, state) if self_teacher else {})})
-
     total = cfg.train.steps
     schedule = jax.jit(build_schedule(cfg.optimizer, total))  # the optimizer's own schedule: metrics.jsonl's lr
     profile = ProfileWindow(cfg.run.profile_steps, run_dir, start=start, enabled=lead)
     bar = None  # made after the first (compiling) step, so its rate and ETA exclude the compilation
     timer = _StepTimer()
     last: dict = {}
-    placed, rollout_info = None, {}
+    batch, placed, rollout_info = None, None, {}
     quiet_bar = contextlib.ExitStack()  # log lines above the progress bar while it is shown
 
-    def periodic_eval(step: int) -> None:
+    def evaluate_now(step: int, final: bool = False) -> dict:
         t_eval = time.perf_counter()
-        log.info("eval: held-out evaluation at step %d", step)
-        ev = _evaluate_model(nnx.merge(graphdef, state.params, state.rest), task, tok, cfg, mesh)
-        metrics_out.write(step, ev)
-        log.info("eval: step %d done in %.1f s: %s", step, time.perf_counter() - t_eval, _brief(ev))
+        log.info("eval: %sheld-out evaluation at step %d", "final " if final else "", step)
+        ev = _evaluate_model(nnx.merge(trainer.graphdef, state.params, state.rest), inputs.task, inputs.tok, plan,
+                             inputs.mesh)
+        log.info("eval: %sdone in %.1f s: %s", "" if final else f"step {step} ", time.perf_counter() - t_eval,
+                 _brief(ev))
+        return ev
 
     try:
         quiet_bar.enter_context(_logging_around_bar())
         if cfg.train.eval_at_start and start == 0:  # the starting model's point on the same eval curve
-            periodic_eval(0)
+            metrics_out.write(0, evaluate_now(0))
         for step in range(start + 1, total + 1):
             timer.begin_step()
             profile.before_step(step)
             if step == start + 1:
                 log.info("compile: the first step compiles the train step%s; its time is the compile time",
                          " and the rollout sampler" if rollouts else "")
-            if not rollouts:
-                batch = next(it)
-                placed = mesh_lib.put_batch(batch, mesh)
-            elif placed is None or (step - 1) % cfg.rollout.inner_epochs == 0:
-                policy = nnx.merge(graphdef, state.params, state.rest)
-                ro = collect(policy, next(it), task=task, tokenizer=tok, settings=cfg.rollout,
-                             rng=jax.random.fold_in(jax.random.key(cfg.train.seed), step), mesh=mesh,
-                             teacher=frozen.get("teacher"), prepare=prepare)
-                del policy
-                batch, rollout_info = ro.batch, ro.info
-                if host_adv is not None:  # keys the collector set itself (APPO's token advantages) are kept
-                    batch = {**host_adv(batch), **batch}
-                placed = mesh_lib.put_batch(batch, mesh)
+            new, placed, rollout_info = _next_batch(plan, inputs, trainer, feed, step, state, placed, rollout_info)
+            batch = new if new is not None else batch
             timer.tokens += int(np.sum(batch["valid"]))
-            if self_teacher is None:
-                state, metrics = step_fn(state, placed, *frozen_args)
-            else:  # re-copied from the student at sync steps, not passed once λ = 0 (train/self_teacher.py)
-                state, metrics = self_teacher.step(step - 1, state, placed, frozen_args, step_fn)
+            state, metrics = trainer.step(step - 1, state, placed)
             timer.steps += 1
             if on_step is not None:
                 on_step(step, metrics)
@@ -664,7 +734,7 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
                 bar = _progress(total, step - 1, cfg.run.progress and lead)
             if step % cfg.train.log_every == 0 or step == total:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "step"}
-                host.update(lr=learning_rate(schedule, step), **timer.window(), dropped_overlong=dropped.count,
+                host.update(lr=learning_rate(schedule, step), **timer.window(), dropped_overlong=feed.dropped.count,
                             **rollout_info)
                 metrics_out.write(step, host)
                 if lead:
@@ -672,12 +742,12 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
                 last = host
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                 with timer.paused():
-                    periodic_eval(step)
+                    metrics_out.write(step, evaluate_now(step))
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != total:
-                save(step)
+                trainer.save(ck, step, state, feed.it)
             bar.update(1)
         if ck.latest_step() != total:
-            save(total)
+            trainer.save(ck, total, state, feed.it)
         ck.wait()
         if bar is not None:
             bar.close()
@@ -686,13 +756,8 @@ def _train(cfg, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]]
 
         summary = {"step": total, "train/loss": last.get("loss"), "resumed_from": start or None}
         if final_eval:
-            t_eval = time.perf_counter()
-            log.info("eval: final held-out evaluation at step %d", total)
-            final_model = nnx.merge(graphdef, state.params, state.rest)
-            summary.update(_evaluate_model(final_model, task, tok, cfg, mesh))
-            ev = {k: v for k, v in summary.items() if k.startswith("eval/")}
-            metrics_out.write(total, ev)
-            log.info("eval: done in %.1f s: %s", time.perf_counter() - t_eval, _brief(ev))
+            summary.update(evaluate_now(total, final=True))
+            metrics_out.write(total, {k: v for k, v in summary.items() if k.startswith("eval/")})
     finally:
         profile.close()
         if bar is not None:
@@ -840,12 +905,17 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 def evaluate(cfg, run_dir: str | Path) -> dict:
     """Held-out evaluation of the model in ``run_dir`` (or ``model.init_from`` / an untrained preset when the run
-    directory has no checkpoint); writes ``eval.json`` and returns the metrics. A file task without eval data is a
-    ConfigError (nothing held out to evaluate), raised before any model is loaded."""
-    from jaxtok.data import NO_EVAL, has_split, make_task_from_config
+    directory has no checkpoint); writes ``eval.json`` and returns the metrics. ``cfg``: the run plan or a Config
+    (resolved here). A file task without eval data is a ConfigError (nothing held out to evaluate), raised before
+    any model is loaded."""
+    from jaxtok.data import NO_EVAL, has_split
+    from jaxtok.plan import as_plan
     from jaxtok.registry import ConfigError
 
-    if not has_split(make_task_from_config(cfg.data), "eval"):
+    plan = as_plan(cfg)
+    cfg = plan.cfg
+    task = plan.make_task()
+    if not has_split(task, "eval"):
         raise ConfigError(f"jaxtok eval: {NO_EVAL}")
     mesh_lib.initialize_distributed(cfg.mesh)
     run_dir = Path(run_dir)
@@ -854,17 +924,17 @@ def evaluate(cfg, run_dir: str | Path) -> dict:
     trained = _has_checkpoint(run_dir)
     if trained and (run_dir / TOKENIZER_FILE).is_file():  # the run's own tokenizer files
         cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(run_dir)))
+        plan = dataclasses.replace(plan, cfg=cfg)
     tok = load_tokenizer_for(cfg)
     if trained:
         model, _ = load_model(run_dir, mesh=mesh)
     else:
         model = build_model(cfg, tok.get_vocab_size(), mesh=mesh)
         model = mesh_lib.shard_model(model, mesh)
-    task = make_task_from_config(cfg.data)
     t_eval = time.perf_counter()
     log.info("eval: held-out evaluation of %s", run_dir if trained else "an untrained model (no checkpoint in the "
                                                                         "run directory)")
-    out = _evaluate_model(model, task, tok, cfg, mesh)
+    out = _evaluate_model(model, task, tok, plan, mesh)
     log.info("eval: done in %.1f s: %s", time.perf_counter() - t_eval, _brief(out))
     if jax.process_index() == 0:
         (run_dir / "eval.json").write_text(json.dumps(out, indent=2))

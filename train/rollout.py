@@ -18,7 +18,7 @@ rollout objective consumes (``B = G · n`` rows, the ``n`` completions of a prom
    top-k/top-p filters, so the objective's first inner epoch sees ratio 1 exactly (verl's "recompute old
    log-prob");
 5. :func:`jaxtok.train.rewards.score` rewards the decoded completions on the host, and the objective's ``prepare``
-   hook (entry meta, e.g. TRACE's span annotator) adds its own arrays.
+   hook (``ObjectiveSpec.prepare``, e.g. TRACE's span annotator) adds its own arrays.
 
 The result (:class:`Rollout`) holds host numpy arrays; the loop places them on the mesh once and runs
 ``rollout.inner_epochs`` optimizer steps on them.
@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtok import mesh as mesh_lib
+from jaxtok.specs import ObjectiveSpec
 from jaxtok.stats import chunked_map
 from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
@@ -190,9 +191,9 @@ class SpeculativeSampler:
     last: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg, policy_cfg, meta: Optional[dict] = None, *, mesh=None) -> Optional["SpeculativeSampler"]:
+    def from_config(cls, cfg, policy_cfg, spec: ObjectiveSpec, *, mesh=None) -> Optional["SpeculativeSampler"]:
         """The sampler of ``cfg.rollout`` (None for ``rollout.sampler: ar``) for a policy of config ``policy_cfg``;
-        ``meta`` the objective's registry meta. ConfigError (exit 2) naming the key for a drafter that is not an
+        ``spec`` the objective's :class:`~jaxtok.specs.ObjectiveSpec`. ConfigError (exit 2) naming the key for a drafter that is not an
         AR model, a vocabulary that differs from the policy's, a draft policy that does not fit, or an objective
         whose rollouts the default collector does not make."""
         from jaxtok.registry import DRAFT_POLICIES, ConfigError
@@ -200,20 +201,16 @@ class SpeculativeSampler:
         ro = cfg.rollout
         if ro.sampler != "speculative":
             return None
-        meta = meta or {}
-        if meta.get("data", "rollout") != "rollout" or "collect" in meta:
+        if spec.data != "rollout" or spec.collect is not None:
             raise ConfigError(f"rollout.sampler='speculative': objective {cfg.objective.name!r} collects its own "
-                              f"rollouts (data={meta.get('data')!r}); speculative rollouts replace the default "
+                              f"rollouts (data={spec.data!r}); speculative rollouts replace the default "
                               f"collector's sampler only")
         if not ro.draft_init_from:
             raise ConfigError("rollout.draft_init_from=None: rollout.sampler='speculative' needs a drafter")
         drafter = load_drafter(ro.draft_init_from, policy_cfg, mesh=mesh, dtype=cfg.model.dtype, seed=cfg.train.seed)
         import jaxtok.decode.draft_policies  # noqa: F401  (registration)
 
-        entry = DRAFT_POLICIES.entry(ro.draft_policy, "rollout.draft_policy")
-        if entry.meta.get("loop") == "ead" or entry.meta.get("routed"):
-            raise ConfigError(f"rollout.draft_policy={ro.draft_policy!r}: allowed a draft-length policy of one AR "
-                              f"drafter (ead is lossy, taps routes several drafters)")
+        entry = DRAFT_POLICIES.entry(ro.draft_policy, "rollout.draft_policy")  # ead/taps: not draft policies
         args = DRAFT_POLICIES.parse_args(ro.draft_policy, ro.draft_policy_args, "rollout.draft_policy_args")
         policy = entry.fn(args, hidden_size=drafter.cfg.hidden_size)
         policy.check(int(ro.draft_len))
@@ -306,7 +303,7 @@ class DrafterRefresh:
             import jaxtok.train.objectives  # noqa: F401  (registration)
 
             entry = OBJECTIVES.entry("opd")
-            loss_fn = functools.partial(entry.fn, args=OBJECTIVES.parse_args("opd", {}, "opd"))
+            loss_fn = functools.partial(entry.fn, args=entry.config_cls())  # OPD's defaults: reverse KL, every token
             optimizer = optax.adamw(self.lr)
             graphdef, weights = nnx.split(drafter)  # a copy: the donating train step never consumes the caller's
             drafter = nnx.merge(graphdef, jax.tree.map(jnp.copy, weights))

@@ -1,6 +1,6 @@
 """A self-teacher: a copy of the student's own parameters that the train step receives as a frozen model, refreshed
 from the student every ``N`` steps while it is needed (TRACE, train_methods.md §3: "parameters synced from the
-student every 10 steps while KL is active"; objective entry meta ``self_teacher=fn(args) -> (N, end) | None``).
+student every 10 steps while KL is active"; ``ObjectiveSpec.self_teacher=fn(args) -> (N, end) | None``).
 
 Where it lives: in the training loop, as the ``teacher`` entry of the step's third argument (the frozen states,
 sharded like parameters, *not* donated) — the same slot an external frozen teacher uses, so the objective and the
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-TEACHER = "teacher"  # the frozen-model name the objective receives it under (entry meta ``models``)
+TEACHER = "teacher"  # the frozen-model name the objective receives it under (``ObjectiveSpec.models``)
 
 
 def copy_state(graphdef, params, rest) -> nnx.State:
@@ -62,15 +62,12 @@ class SelfTeacher:
     syncs: int = 0
 
     @classmethod
-    def of(cls, cfg, entry) -> Optional["SelfTeacher"]:
-        """The self-teacher of the configured objective (entry meta ``self_teacher``), or None (no self-teacher:
-        an external frozen teacher, or none)."""
-        fn = entry.meta.get("self_teacher")
-        if fn is None:
-            return None
-        from jaxtok.registry import OBJECTIVES
+    def of(cls, plan) -> Optional["SelfTeacher"]:
+        """The self-teacher of the run plan's objective (``spec.self_teacher(args)``,
+        :func:`jaxtok.config.self_teacher_sync`), or None (no self-teacher: an external frozen teacher, or none)."""
+        from jaxtok.config import self_teacher_sync
 
-        sync = fn(OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args"))
+        sync = self_teacher_sync(plan.spec, plan.objective_args)
         return None if sync is None else cls(every=int(sync[0]), end=int(sync[1]))
 
     # -- schedule (k: the 0-based optimizer step about to be taken = updates done so far) -----------------------

@@ -187,7 +187,7 @@ def make_train_step(
 
     ``batch_step``: the loss sees ``batch["step"] [B]`` int32, the optimizer step ``k`` being taken (0 for the
     first; ``state.step`` before the update), filled in inside the step so schedules read by the objective (TRACE's
-    λ_k, entry meta ``batch_step=True``) follow the train state, resumes included, without a host round trip.
+    λ_k, ``ObjectiveSpec.batch_step``) follow the train state, resumes included, without a host round trip.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches={micro_batches}: must be >= 1")

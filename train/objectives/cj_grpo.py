@@ -188,7 +188,7 @@ def cj_grpo_terms(logp, old_logp, advantages, loss_mask, commit_step, num_steps:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# collector (the loop's entry meta ``collect``)
+# collector (``ObjectiveSpec.collect``)
 
 
 def collect_cj_grpo(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None,

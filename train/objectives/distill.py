@@ -30,10 +30,10 @@ selection is per micro-batch (the TIP repo); ``selection.granularity: batch`` me
 tokens' GRPO weight ``1 − λ_k/w0``, plus ``λ_k`` times forward KL on key spans of correct rollouts and reverse KL on
 error spans of incorrect rollouts, per-vocabulary terms clipped at 0.05, spans capped at 25 % of each row. The step
 ``k`` comes from the batch field ``step`` (``[B]`` int32, the number of optimizer updates done before this one; the
-entry's meta ``batch_step=True`` asks the loop for it) when present, else from ``args.step`` (a constant: tests and
+``ObjectiveSpec.batch_step`` asks the loop for it) when present, else from ``args.step`` (a constant: tests and
 fixed-λ runs). The teacher is, as in the paper, the student itself (``teacher: self``): a copy of its parameters
 synced every ``teacher_sync_every`` steps while λ > 0 and dropped once λ = 0 (:mod:`jaxtok.train.self_teacher`,
-entry meta ``self_teacher``), conditioned on the privileged prompt (``privileged_template``: the prompt plus the
+``ObjectiveSpec.self_teacher``), conditioned on the privileged prompt (``privileged_template``: the prompt plus the
 annotator's diagnostic label, or the reference) and scoring the same completion tokens; ``teacher: external`` is a
 frozen ``rollout.teacher_init_from`` model instead.
 
@@ -55,7 +55,7 @@ from flax import nnx
 from jaxtok import policy as P
 from jaxtok import select as sel
 from jaxtok import stats
-from jaxtok.registry import OBJECTIVES, SELECTIONS, ConfigError
+from jaxtok.registry import OBJECTIVES, SELECTIONS, ConfigError, Selection
 from jaxtok.stats import chunked_map
 from jaxtok.train.objectives.policy_gradient import require_keys, rollout_token_stats, sequence_advantages
 
@@ -125,7 +125,8 @@ class OPDArgs:
     - ``reward_beta`` β_r: reward-weighted OPD, per-sample weights ``N·softmax(r/β_r)``, loss ``Σ w_i L_i / Σ w_i``
       with ``L_i`` the per-sample token mean (None or 0: off).
     - ``selection``: ``{rule: <SELECTIONS name>, ...that rule's arguments}`` (``rho``, ``alpha``, ``gamma``,
-      ``per_row``, ``normalize_by``, ``granularity``, ...); default ``{rule: all}`` (plain OPD).
+      ``per_row``, ``normalize_by``, ``granularity``, ...) in the config, parsed into a
+      :class:`~jaxtok.registry.Selection` (``rule``, ``args``); default ``{rule: all}`` (plain OPD).
     - ``selected_logits``: compute the gradient-pass logits only at the selected positions (rules with ``rho``).
     - ``quadrant_stats``: report the Q1..Q4 token shares (median thresholds of ĥ and RKL) as ``q1``..``q4``.
     - ``chunk_size``: tokens per float32 chunk.
@@ -139,7 +140,7 @@ class OPDArgs:
     top_k: Optional[int] = None
     top_k_mode: str = "renorm"
     reward_beta: Optional[float] = None
-    selection: dict = dataclasses.field(default_factory=lambda: {"rule": "all"})
+    selection: Selection = dataclasses.field(default_factory=lambda: Selection.parse({"rule": "all"}, "selection"))
     selected_logits: bool = True
     quadrant_stats: bool = True
     chunk_size: int = 512
@@ -158,21 +159,9 @@ class OPDArgs:
             raise ConfigError(f"reward_beta={self.reward_beta!r}: must be >= 0 (0 or null: off)")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size={self.chunk_size!r}: must be >= 1")
-        if not isinstance(self.selection, Mapping) or "rule" not in self.selection:
-            raise ConfigError(f"selection={self.selection!r}: a mapping with a 'rule' key, one of {SELECTIONS.names()}")
-        rule = self.selection["rule"]
-        SELECTIONS.entry(rule, "objective.args.selection.rule")
-        rest = {k: v for k, v in self.selection.items() if k != "rule"}
-        object.__setattr__(self, "_select_args", SELECTIONS.parse_args(rule, rest, "objective.args.selection"))
-
-    @property
-    def rule(self) -> str:
-        return self.selection["rule"]
-
-    @property
-    def select_args(self):
-        """The parsed argument dataclass of the selection rule (:mod:`jaxtok.select`)."""
-        return self._select_args
+        if not isinstance(self.selection, Selection):
+            raise ConfigError(f"selection={self.selection!r}: a parsed Selection (a config mapping {{rule: ..., "
+                              f"...}} is parsed by OBJECTIVES.parse_args, or build it with Selection.parse)")
 
 
 def opd_token_loss(student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array,
@@ -221,14 +210,14 @@ def _stat_pass(names, hs, ht, y, tau, s_head, t_head, chunk_size):
 
 def selection_weights(args: OPDArgs, stat_arrays: Mapping[str, jax.Array], mask: jax.Array, key) -> jax.Array:
     """``weights [B, T-1]`` f32 of the configured rule (0 off ``mask``)."""
-    fn = SELECTIONS.get(args.rule)
-    return jax.lax.stop_gradient(jnp.where(mask, fn(stat_arrays, mask, key, args.select_args), 0.0))
+    fn = SELECTIONS.get(args.selection.rule)
+    return jax.lax.stop_gradient(jnp.where(mask, fn(stat_arrays, mask, key, args.selection.args), 0.0))
 
 
 def _static_keep(args: OPDArgs, n: int) -> Optional[int]:
     """Static bound ``ceil(ρ·n)`` on the kept positions of a rule with ``rho`` (None: no bound, full path)."""
-    rho = getattr(args.select_args, "rho", None)
-    if not args.selected_logits or rho is None or args.rule == "all":
+    rho = getattr(args.selection.args, "rho", None)
+    if not args.selected_logits or rho is None or args.selection.rule == "all":
         return None
     return int(min(n, max(1, math.ceil(float(rho) * n))))
 
@@ -276,12 +265,12 @@ def opd_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: OPDArgs = OPD
     ht = jax.lax.stop_gradient(_hidden(teacher, batch))  # [B, T-1, D']
     s_head, t_head = _head(model), _head(teacher)
 
-    sargs = args.select_args
+    sargs = args.selection.args
     needs = tuple(sargs.needs())
     from_batch = {k: jnp.asarray(batch[k])[:, 1:] for k in needs if k not in stats.STAT_NAMES and k in batch}
     missing = [k for k in needs if k not in stats.STAT_NAMES and k not in batch]
     if missing:
-        raise ConfigError(f"selection rule {args.rule!r} needs {missing}: neither a statistic "
+        raise ConfigError(f"selection rule {args.selection.rule!r} needs {missing}: neither a statistic "
                           f"({list(stats.STAT_NAMES)}) nor a batch key (got {sorted(batch)})")
     names = [k for k in needs if k in stats.STAT_NAMES]
     if args.quadrant_stats:
@@ -422,7 +411,7 @@ def trace_kl_end(args: "TraceArgs") -> int:
 
 
 def trace_teacher_sync(args: "TraceArgs") -> Optional[tuple[int, int]]:
-    """Entry meta ``self_teacher``: ``(sync period N, first step without teacher)`` for the paper's self-teacher
+    """``ObjectiveSpec.self_teacher``: ``(sync period N, first step without teacher)`` for the paper's self-teacher
     (``teacher: self``), None for the external frozen teacher (:mod:`jaxtok.train.self_teacher`)."""
     return (args.teacher_sync_every, trace_kl_end(args)) if args.teacher == "self" else None
 
@@ -655,7 +644,7 @@ def _piece_lengths(tokenizer, ids) -> list[int]:
 
 
 def trace_annotate(batch: dict, texts: list, examples: list, task, tokenizer, args: "TraceArgs" = None) -> dict:
-    """TRACE ``prepare`` hook (the loop passes the objective's ``args``, entry meta ``prepare_args``): ``spans
+    """TRACE ``prepare`` hook (the loop passes the objective's ``args``, ``ObjectiveSpec.prepare_args``): ``spans
     [B, T]`` int8 (:data:`SPAN_KEY` on key spans of correct rollouts, :data:`SPAN_ERROR` on the first departing
     step of incorrect ones, 0 elsewhere), from the decoded completions and the tasks' verified ``example.target``
     (:func:`annotate_completion`), plus the teacher's privileged input built from each row's diagnostic label

@@ -18,7 +18,7 @@ Data: generations of the policy whose lengths are modelled, in the rollout layou
 loss_mask``; completions end with ``eos_id``). Truncated completions (no EOS, length unknown) are not valued. In
 the loop the policy is the frozen ``teacher`` (``rollout.teacher_init_from``) completing every prompt
 (``rollout.off_policy_fraction: 1``), so the value model's own drift does not change the data; the training model
-must be a :class:`LengthValueModel` (entry meta ``wrap_model``: ``with_value_head(decoder, args, rngs)``).
+must be a :class:`LengthValueModel` (``ObjectiveSpec.wrap_model``: ``with_value_head(decoder, args, rngs)``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class LenVMArgs:
 
 
 def with_value_head(decoder: Decoder, args: LenVMArgs, rngs: nnx.Rngs) -> LengthValueModel:
-    """The training model of the ``lenvm`` objective built from the loop's decoder (entry meta ``wrap_model``): the
+    """The training model of the ``lenvm`` objective built from the loop's decoder (``ObjectiveSpec.wrap_model``): the
     decoder's weights, a fresh value head, values in the discount ``args.gamma``."""
     return LengthValueModel.from_decoder(decoder, rngs=rngs, gamma=args.gamma, value_hidden=args.value_hidden)
 
@@ -148,7 +148,7 @@ def lenvm_loss(model: nnx.Module, batch: dict, rng: jax.Array, args: LenVMArgs =
     require_keys(batch, ("tokens", "loss_mask"), "lenvm")
     if not hasattr(model, "value_head"):
         raise ConfigError("objective 'lenvm' trains a model with a value head (LengthValueModel); build it with "
-                          "jaxtok.train.objectives.lenvm.with_value_head (entry meta 'wrap_model')")
+                          "jaxtok.train.objectives.lenvm.with_value_head (ObjectiveSpec.wrap_model)")
     if getattr(model, "gamma", args.gamma) != args.gamma:
         raise ConfigError(f"objective.args.gamma={args.gamma} differs from the value model's gamma={model.gamma} (its "
                           f"readout would convert values with the wrong discount); keep the gamma it was built with")

@@ -274,8 +274,8 @@ def _cppo_inputs(args: P.PolicyLossConfig, stats: dict, batch: dict, mask):
 
 
 def needs_rollout_topk(args: PolicyGradientArgs) -> bool:
-    """Whether the rollout must store ``topk_ids``/``topk_logprobs`` (CPPO with ``topk_tv``/``topk_kl``); entry
-    meta ``rollout_topk``, read by the loop (:func:`jaxtok.config.rollout_topk`)."""
+    """Whether the rollout must store ``topk_ids``/``topk_logprobs`` (CPPO with ``topk_tv``/``topk_kl``);
+    ``ObjectiveSpec.rollout_topk``, read by the loop (:func:`jaxtok.config.rollout_topk`)."""
     return args.loss_mode == "cppo" and args.cppo_divergence.startswith("topk")
 
 

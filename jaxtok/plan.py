@@ -1,0 +1,111 @@
+"""The run plan: a config resolved once into what every handler needs, typed (issue 16, item 2).
+
+:func:`resolve` is the one place a config's registered methods are looked up and their argument mappings parsed:
+``objective.name``/``objective.args`` against :data:`~jaxtok.registry.OBJECTIVES`, ``data.task``/``data.task_args``
+against :data:`~jaxtok.registry.TASKS`, with every cross-section rule of :mod:`jaxtok.config` checked on the parsed
+values. The frozen :class:`RunPlan` it returns is what ``jaxtok train``/``eval`` and the training loop's builders
+(objective, collectors, self-teacher, evaluation, the train-step bench) receive, so they read
+``plan.objective.spec.<field>`` and ``plan.objective_args`` instead of parsing ``cfg`` again (as MaxText's typed
+config or Tunix's ``GRPOConfig`` handed to its learner).
+
+This module imports nothing from ``models/``, ``train/`` or ``decode/``: the registering packages are imported
+lazily by :func:`jaxtok.config.import_registering_modules`, and the plan holds their registry entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from jaxtok.registry import OBJECTIVES, Entry
+from jaxtok.specs import ObjectiveSpec
+
+if TYPE_CHECKING:
+    from jaxtok.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """``decode.*`` resolved (:func:`jaxtok.config.check_decode`).
+
+    - ``method``: the :data:`~jaxtok.registry.DECODE_METHODS` entry of ``decode.method`` (``fn``: its step builder,
+      ``spec``: a :class:`~jaxtok.specs.DecodeMethodSpec`).
+    - ``policy``: the entry of the policy inside the method's loop (``decode.policy`` or the method's default, in
+      the family its spec names; None: no policy); ``policy_args``: ``decode.policy_args`` parsed into the policy's
+      argument dataclass — for a method without policies (ead, lave), into the method's own.
+    - ``drafter``: the :data:`~jaxtok.registry.DRAFTERS` entry of ``decode.drafter`` when the method takes a
+      drafter; ``drafter_args``: ``decode.drafter_args`` parsed.
+    """
+
+    method: Entry
+    policy: Optional[Entry]
+    policy_args: Any
+    drafter: Optional[Entry] = None
+    drafter_args: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """A validated config and its resolved methods.
+
+    - ``cfg``: the validated :class:`~jaxtok.config.Config` (its raw mappings unchanged: ``config.yaml`` is written
+      from it).
+    - ``objective``: the :data:`~jaxtok.registry.OBJECTIVES` entry of ``objective.name`` (``fn``; ``spec``: the
+      :class:`~jaxtok.specs.ObjectiveSpec` the loop reads); ``objective_args``: ``objective.args`` parsed into the
+      entry's argument dataclass (None: it takes none).
+    - ``task``: the :data:`~jaxtok.registry.TASKS` entry of ``data.task`` (None for the file datasets ``files`` /
+      ``jsonl`` / ``parquet``); ``task_args``: ``data.task_args`` parsed.
+    - ``rewards``: the checked ``rollout.rewards`` names (scored with their weights from ``cfg``).
+
+    - ``decode``: the :class:`DecodePlan` (decode method, its policy and drafter with their parsed arguments).
+    """
+
+    cfg: "Config"
+    objective: Entry
+    objective_args: Any
+    task: Optional[Entry]
+    task_args: Any
+    rewards: tuple[str, ...]
+    decode: Optional[DecodePlan] = None
+
+    @property
+    def spec(self) -> ObjectiveSpec:
+        """The objective's :class:`~jaxtok.specs.ObjectiveSpec`."""
+        return self.objective.spec
+
+    def make_task(self):
+        """The task instance of ``data.task`` with the parsed ``task_args`` and ``data.seed`` (file datasets:
+        :func:`jaxtok.data.file_task_from_config`)."""
+        from jaxtok.data import make_task_from_config
+
+        if self.task is None:
+            return make_task_from_config(self.cfg.data)
+        return self.task.fn(self.task_args, self.cfg.data.seed)
+
+
+def resolve(cfg: "Config") -> RunPlan:
+    """Check ``cfg``'s method names against the registries, parse each of their argument mappings once and check
+    the rules between sections on the parsed values (:mod:`jaxtok.config`); the :class:`RunPlan`. Imports the
+    registering packages lazily; every problem is a ConfigError naming the key, the value and the allowed ones."""
+    from jaxtok import config as C
+    from jaxtok.registry import TASKS
+
+    C.import_registering_modules()
+    task, task_args = None, None
+    if C.check_data_files(cfg):  # a registered task, not a file dataset
+        task_args = C.check_named(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
+        task = TASKS.entry(cfg.data.task, "data.task")
+    objective_args = C.check_named(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args,
+                                   "objective.args")
+    objective = OBJECTIVES.entry(cfg.objective.name, "objective.name")
+    C.check_objective(cfg, objective.spec, objective_args)
+    C.check_preset(cfg)
+    decode = C.check_decode(cfg)
+    return RunPlan(cfg=cfg, objective=objective, objective_args=objective_args, task=task, task_args=task_args,
+                   rewards=tuple(cfg.rollout.rewards), decode=decode)
+
+
+def as_plan(cfg_or_plan: Union["Config", RunPlan]) -> RunPlan:
+    """``cfg_or_plan`` itself when a :class:`RunPlan`, else :func:`resolve` of the config (callers such as tests
+    and scripts pass a Config to ``train``)."""
+    return cfg_or_plan if isinstance(cfg_or_plan, RunPlan) else resolve(cfg_or_plan)
