@@ -7,14 +7,16 @@
 - :mod:`jaxtok.decode.length_control` — LenVM length control: a logit guide for :func:`generate` (tilt, target
   length, budget) and the prompt-boundary length readout;
 - :func:`diffusion_generate` — masked-diffusion sampling with pluggable commit policies
-  (:mod:`jaxtok.decode.commit_policies`), returning per-row NFE and the commit trajectory.
+  (:mod:`jaxtok.decode.commit_policies`), returning per-row NFE and the commit trajectory;
+- :func:`jaxtok.decode.evaluate.evaluate` — the one decode-and-score loop over a method's step (``jaxtok decode``,
+  held-out eval in training, the benchmarks).
 
 Importing this package registers every draft-length and commit policy and logit guide (``DRAFT_POLICIES``,
-``COMMIT_POLICIES``, ``LOGIT_GUIDES``).
+``COMMIT_POLICIES``, ``LOGIT_GUIDES``) and the decoding methods and drafters (``DECODE_METHODS``, ``DRAFTERS``).
 """
 
 from . import commit_policies, draft_policies, length_control  # noqa: F401  (registration)
-from .diffusion import DiffusionResult, diffusion_generate, run_diffusion_decode, trajectory_state
+from .diffusion import DiffusionResult, diffusion_generate, trajectory_state
 from .generate import generate
 from .length_control import LengthGuide, predict_length
 from .run import run_decode
@@ -24,6 +26,6 @@ from .speculative import (
 
 __all__ = [
     "DeerDrafter", "DiffusionResult", "LengthGuide", "ModelDrafter", "NgramDrafter", "RoutedDrafter",
-    "diffusion_generate", "ead_generate", "generate", "predict_length", "run_decode", "run_diffusion_decode",
+    "diffusion_generate", "ead_generate", "generate", "predict_length", "run_decode",
     "speculative_generate", "trajectory_state",
 ]

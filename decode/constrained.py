@@ -38,7 +38,8 @@ jitted one-token step over the KV cache, the mask applied on the host).
 
 Grammars: :func:`task_grammar_source` (the synthetic tasks' completion formats: ``arith``, ``countdown``, ``sort``,
 sized by the task's arguments) and :data:`JSON_GRAMMAR` (a small JSON for toy vocabularies; the task tokenizer has
-no braces or quotes). ``jaxtok decode configs/diffusion/lave.yaml`` runs LAVE through ``decode.policy=lave``.
+no braces or quotes). ``jaxtok decode configs/diffusion/lave.yaml`` runs LAVE through ``decode.method=lave``
+(:func:`jaxtok.decode.evaluate.lave_step`).
 
 **Real vocabularies (AR).** :class:`CharGrammar` walks the text of every token per parser configuration in Python
 (:func:`vocab_of` maps byte-level BPE strings such as ``Ġapples`` back to `` apples``; tokens that are not whole
@@ -78,7 +79,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from jaxtok.models import KVCache
-from jaxtok.registry import COMMIT_POLICIES, LOGIT_GUIDES, ConfigError
+from jaxtok.registry import LOGIT_GUIDES, ConfigError
 
 from .commit_policies import SamplerArgs
 
@@ -1046,12 +1047,6 @@ class LaveArgs(SamplerArgs):
             raise ValueError("random_n_beams and max_retries must be >= 0")
 
 
-@COMMIT_POLICIES.register("lave", LaveArgs, host_loop=True)
-def _lave_not_jittable(info, args, state, spec, heads=None):
-    raise ConfigError("policy 'lave' runs a host loop around jitted forwards (decode_methods.md §c.6): call "
-                      "jaxtok.decode.constrained.lave_generate, or `jaxtok decode` with decode.policy=lave")
-
-
 @dataclasses.dataclass(frozen=True)
 class LaveResult:
     """Output of :func:`lave_generate` (host numpy arrays).
@@ -1210,71 +1205,6 @@ def lave_generate(model, prompt, prompt_valid, grammar: Optional[CharGrammar], *
                       host_s=time.perf_counter() - t_start - forward_s)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# `jaxtok decode` with decode.policy=lave
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def run_lave_decode(cfg, model, tok, task, run_dir) -> dict:
-    """``jaxtok decode`` with ``decode.method=diffusion decode.policy=lave``: held-out exact match, ``format_ok``
-    (the task's check), ``grammar_ok`` (the completion parses, Earley), NFE, verification counts and wall-clock;
-    writes ``results.json``/``results.md``."""
-    from jaxtok.data import prompt_dataset
-    from jaxtok.metrics import write_results
-    from jaxtok.tasks.tokenizer import SpecialTokens, decode
-
-    from .diffusion import policy_args_of, stop_ids_of
-
-    args = policy_args_of("lave", dict(cfg.decode.policy_args))
-    sp = SpecialTokens.of(tok)
-    stops = stop_ids_of(tok)
-    grammar = grammar_for(args.grammar, task, tok, stops)
-    bsz = cfg.decode.batch_size
-    ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=bsz,
-                           num_examples=cfg.data.num_eval, overlong=cfg.data.overlong)
-    temperature = 0.0 if cfg.decode.method == "greedy" else float(cfg.decode.temperature)
-    key = jax.random.key(cfg.train.seed)
-    hits = fmt = gram = total = nfe = n_tok = ver = rej = rec = 0
-    samples, wall, fwd_s, host_s = [], 0.0, 0.0, 0.0
-    for i, batch in enumerate(ds):
-        t0 = time.perf_counter()
-        out = lave_generate(model, batch["prompt"], batch["prompt_valid"], grammar,
-                            gen_len=cfg.decode.max_new_tokens, args=args, temperature=temperature,
-                            rng=jax.random.fold_in(key, i), stop_tokens=stops, pad_id=sp.pad,
-                            attention=cfg.model.attention, block_size=cfg.model.block_size)
-        wall += time.perf_counter() - t0
-        fwd_s, host_s = fwd_s + out.forward_s, host_s + out.host_s
-        rows = batch["prompt"].shape[0]
-        nfe += int(out.nfe.sum())
-        n_tok += int(out.valid.sum())
-        ver, rej, rec = ver + int(out.verifies.sum()), rej + int(out.rejections.sum()), rec + int(out.recoveries.sum())
-        for r in range(rows):
-            ex = task.example("eval", int(batch["index"][r]))
-            text = decode(tok, out.tokens[r])
-            ok = task.reward(text, ex) >= 1.0
-            hits += ok
-            fmt += bool(task.format_ok(text))
-            gram += grammar.parses(grammar.text_of(out.tokens[r]))
-            total += 1
-            if len(samples) < 16:
-                samples.append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": bool(ok),
-                                "nfe": int(out.nfe[r])})
-    t = max(total, 1)
-    results = {"method": "diffusion", "policy": "lave", "constrained": args.constrained, "grammar": args.grammar,
-               "exact_match": hits / t, "format_ok": fmt / t, "grammar_ok": gram / t, "mean_nfe": nfe / t,
-               "mean_length": n_tok / t, "verifies_per_row": ver / t, "rejections_per_row": rej / t,
-               "recoveries_per_row": rec / t, "wall_s": wall, "forward_s": fwd_s, "host_s": host_s,
-               "num_examples": total,
-               "gen_len": cfg.decode.max_new_tokens, "policy_args": dataclasses.asdict(args),
-               "note": "host loop: wall_s = whole calls; forward_s = jitted forwards (first compilation included); "
-                       "host_s = proposals, parser and lookahead"}
-    title = (f"LAVE decode (constrained={args.constrained}; exact match {results['exact_match']:.3f}, format_ok "
-             f"{results['format_ok']:.3f})")
-    write_results(run_dir, results, samples, title=title)
-    print(json.dumps(results, indent=2, default=str))
-    return results
-
-
 def compare_ar(run_dir: str, *, temperature: float = 0.0, num_examples: Optional[int] = None, seed: int = 0) -> dict:
     """Held-out exact match / ``format_ok`` / ``grammar_ok`` of an AR run (its own ``config.yaml`` task and decode
     length) with :func:`constrained_generate` under the task grammar and without it (the same host loop).
@@ -1320,5 +1250,5 @@ def compare_ar(run_dir: str, *, temperature: float = 0.0, num_examples: Optional
 
 __all__ = ["END", "JSON_GRAMMAR", "CharGrammar", "GrammarGuide", "LaveArgs", "LaveResult", "TokenGrammar",
            "apply_token_bitmask", "ar_token_mask", "bitmask_words", "completable", "compare_ar", "constrained_generate",
-           "grammar_for", "grammar_generate", "lave_generate", "lookahead_verify", "run_lave_decode", "set_token_bits",
+           "grammar_for", "grammar_generate", "lave_generate", "lookahead_verify", "set_token_bits",
            "task_grammar_source", "unpack_bitmask", "vocab_of"]

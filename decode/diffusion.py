@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -537,66 +535,30 @@ def stop_ids_of(tok) -> tuple[int, ...]:
 
 def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, heads=None,
                     num_examples: Optional[int] = None) -> tuple[dict, list[dict]]:
-    """Decode ``num_examples`` (default ``data.num_eval``) held-out prompts of ``task`` with one policy.
+    """Decode ``num_examples`` (default ``data.num_eval``) held-out prompts of ``task`` with one commit policy:
+    :func:`jaxtok.decode.evaluate.evaluate` of a :func:`~jaxtok.decode.evaluate.diffusion_step` (the benchmarks'
+    and head training's shorthand).
 
     Settings from ``cfg``: ``decode.max_new_tokens`` (= gen_len), ``decode.temperature``, ``decode.batch_size``,
-    ``model.attention``/``model.block_size``, ``train.seed``. The first batch is decoded once untimed (compilation);
-    ``wall_s`` covers the timed pass over all batches. Returns ``(metrics, sample rows)``: ``exact_match``,
-    ``format_ok`` (tasks with an answer format), ``mean_nfe`` (forwards per decoded row), ``tokens_per_nfe`` (valid
-    generated tokens per forward), ``mean_length``, ``wall_s``, ``tokens_per_s``, ``compile_s``, ``num_examples``
-    (over-long prompts included: they score 0) and ``overlong_prompts``.
+    ``model.attention``/``model.block_size``, ``train.seed``. Returns ``(metrics, sample rows)``: ``policy``,
+    ``exact_match``, ``format_ok`` (tasks with an answer format), ``mean_nfe`` (forwards per decoded row),
+    ``tokens_per_nfe``, ``mean_length``, ``wall_s``, ``tokens_per_s``, ``compile_s``, ``num_examples`` (over-long
+    prompts included: they score 0) and ``overlong_prompts``.
     """
-    from jaxtok.data import pad_prompt_batch, prompt_dataset
-    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+    from .evaluate import diffusion_step, evaluate
 
-    if not heads and COMMIT_POLICIES.entry(policy, "policy").meta.get("heads"):
+    if not heads and COMMIT_POLICIES.entry(policy, "policy").spec.heads:
         policy_args, heads = policy_args_and_heads(policy, policy_args)  # from policy_args.head_path
-    sp = SpecialTokens.of(tok)
-    n = num_examples or cfg.data.num_eval
-    bsz = cfg.decode.batch_size
-    ds, dropped = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=bsz, num_examples=n,
-                                 overlong=cfg.data.overlong)
-    batches = list(ds)
     temperature = 0.0 if cfg.decode.method == "greedy" else float(cfg.decode.temperature)
-    kw = dict(gen_len=cfg.decode.max_new_tokens, policy=policy, policy_args=policy_args, temperature=temperature,
-              stop_tokens=stop_ids_of(tok), pad_id=sp.pad, attention=cfg.model.attention,
-              block_size=cfg.model.block_size, heads=heads)
-
-    padded = functools.partial(pad_prompt_batch, size=bsz)
-
-    key = jax.random.key(cfg.train.seed)
-    t0 = time.perf_counter()
-    jax.block_until_ready(diffusion_generate(model, *padded(batches[0]), rng=key, **kw).tokens)
-    compile_s = time.perf_counter() - t0
-    hits = fmt = total = nfe = n_tok = 0
-    samples, wall = [], 0.0
-    for i, batch in enumerate(batches):
-        prompt, valid = padded(batch)
-        t0 = time.perf_counter()
-        out = diffusion_generate(model, prompt, valid, rng=jax.random.fold_in(key, i), **kw)
-        tokens = np.asarray(jax.device_get(out.tokens))
-        wall += time.perf_counter() - t0
-        rows = batch["prompt"].shape[0]
-        nfe += int(np.asarray(out.nfe)[:rows].sum())
-        n_tok += int(np.asarray(out.valid)[:rows].sum())
-        for r in range(rows):
-            ex = task.example("eval", int(batch["index"][r]))
-            text = decode(tok, tokens[r])
-            ok = task.reward(text, ex) >= 1.0
-            hits += ok
-            fmt += bool(task.format_ok(text))
-            total += 1
-            if len(samples) < 16:
-                samples.append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": bool(ok),
-                                "nfe": int(out.nfe[r])})
-    decoded, total = total, total + dropped.count  # over-long prompts score 0 and stay in the denominator
-    metrics = {"policy": policy, "exact_match": hits / max(total, 1),
-               "mean_nfe": nfe / max(decoded, 1), "tokens_per_nfe": n_tok / max(nfe, 1),
-               "mean_length": n_tok / max(decoded, 1), "wall_s": wall, "tokens_per_s": n_tok / max(wall, 1e-9),
-               "compile_s": compile_s, "num_examples": total, "overlong_prompts": dropped.count}
-    if getattr(task, "has_format", True):  # file data without data.answer_regex has no answer format to check
-        metrics["format_ok"] = fmt / max(total, 1)
-    return metrics, samples
+    step = diffusion_step(model, tok, gen_len=cfg.decode.max_new_tokens, policy=policy, policy_args=policy_args,
+                          heads=heads, temperature=temperature, attention=cfg.model.attention,
+                          block_size=cfg.model.block_size)
+    m, samples = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
+                          num_examples=num_examples or cfg.data.num_eval, overlong=cfg.data.overlong,
+                          key=jax.random.key(cfg.train.seed), sample_stats=("nfe",))
+    keys = ("exact_match", "mean_nfe", "tokens_per_nfe", "mean_length", "wall_s", "tokens_per_s", "compile_s",
+            "num_examples", "overlong_prompts", "format_ok")
+    return {"policy": policy, **{k: m[k] for k in keys if k in m}}, samples
 
 
 def policy_args_and_heads(policy: str, policy_args=None):
@@ -604,7 +566,7 @@ def policy_args_and_heads(policy: str, policy_args=None):
     heads are loaded from ``policy_args.head_path`` (the run directory of ``jaxtok train configs/heads/<policy>.yaml``,
     :func:`jaxtok.models.heads.load_policy_heads`)."""
     args = policy_args_of(policy, policy_args)
-    needed = COMMIT_POLICIES.entry(policy, "decode.policy").meta.get("heads")
+    needed = COMMIT_POLICIES.entry(policy, "decode.policy").spec.heads
     if not needed:
         return args, None
     head_path = getattr(args, "head_path", None)
@@ -619,19 +581,3 @@ def policy_args_and_heads(policy: str, policy_args=None):
         raise ConfigError(f"decode.policy_args.head_path={head_path!r} holds heads {sorted(heads)}; policy "
                           f"{policy!r} needs {list(needed)}")
     return args, heads
-
-
-def run_diffusion_decode(cfg, model, tok, task, run_dir) -> dict:
-    """``jaxtok decode`` with ``decode.method=diffusion``: held-out exact match, NFE and throughput of
-    ``decode.policy`` (default ``llada``) with ``decode.policy_args``; writes ``results.json``/``results.md``."""
-    from jaxtok.metrics import write_results
-
-    policy = cfg.decode.policy or "llada"
-    args, heads = policy_args_and_heads(policy, dict(cfg.decode.policy_args))
-    metrics, samples = evaluate_policy(cfg, model, tok, task, policy=policy, policy_args=args, heads=heads)
-    results = dict(metrics, method="diffusion", policy_args=dataclasses.asdict(args),
-                   gen_len=cfg.decode.max_new_tokens)
-    write_results(run_dir, results, samples, title=f"diffusion decode, {policy} (exact match "
-                                                   f"{metrics['exact_match']:.3f}, mean NFE {metrics['mean_nfe']:.1f})")
-    print(json.dumps(results, indent=2, default=str))
-    return results

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtok.models.heads import MLPHead
+from jaxtok.models.heads import MLPHead, load_head, specdecpp_head, speckv_head
 from jaxtok.registry import DRAFT_POLICIES, ConfigError
 
 from .spec_cost import alpha_from_accepted, expected_tokens_per_round  # noqa: F401  (re-exported)
@@ -199,8 +199,8 @@ def confidence_continue(conf: jax.Array, j, args: ConfidenceArgs) -> jax.Array:
 class SpecDecPPArgs:
     """SpecDec++ (Huang et al. 2024): stop when P(at least one rejection) > ``threshold``; ``min_len``/``max_len``
     bound the draft (reference defaults 0.3 and (2, 20); the loop also caps at ``decode.draft_len``).
-    ``head_path``: a head saved by ``jaxtok.decode.train_heads`` (None: an untrained head from ``seed``);
-    ``depth``: residual blocks of a new head."""
+    ``head_path``: a head trained by ``jaxtok train configs/heads/specdecpp.yaml`` (its run directory; None: an
+    untrained head from ``seed``); ``depth``: residual blocks of a new head."""
 
     threshold: float = 0.3
     min_len: int = 2
@@ -254,12 +254,6 @@ def specdecpp_continue(cum_accept: jax.Array, accept_prob: jax.Array, j, args: S
     stop = jnp.where(s < args.min_len, False, stop)
     stop = jnp.where(s >= args.max_len, True, stop)
     return ~stop, cum
-
-
-def specdecpp_head(hidden_size: int, depth: int = 3, seed: int = 0) -> MLPHead:
-    """A new SpecDec++ acceptance head: ``depth`` residual SiLU blocks of width D, then D -> 2 (class 1 = accept)."""
-    return MLPHead(hidden_size, None, 2, depth, activation="silu", residual=True, in_axis="embed",
-                   rngs=nnx.Rngs(seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,11 +350,6 @@ def speckv_choose(pred_rate: jax.Array, candidates) -> jax.Array:
     cand = jnp.asarray(candidates, jnp.float32)
     idx = jnp.argmax(pred_rate * cand + 1.0, axis=-1)
     return jnp.asarray(candidates, jnp.int32)[idx]
-
-
-def speckv_head(hidden: int = 16, seed: int = 0) -> MLPHead:
-    """A new SpecKV predictor: 6 features -> ``hidden`` ReLU -> 1 (acceptance rate, clipped by the caller)."""
-    return MLPHead(len(SPECKV_FEATURES), hidden, 1, 1, activation="relu", rngs=nnx.Rngs(seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,13 +463,6 @@ class BatchGamma(DraftPolicy):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_head(path: str) -> MLPHead:
-    """Load a head saved by :func:`save_head`."""
-    from jaxtok.decode.train_heads import load_head as _load
-
-    return _load(path)
-
-
 @DRAFT_POLICIES.register("fixed", None)
 def make_fixed(args=None, **_) -> Fixed:
     return Fixed()
@@ -502,7 +484,7 @@ def make_specdecpp(args: SpecDecPPArgs, *, hidden_size: Optional[int] = None, he
     """``hidden_size``: the drafter's hidden width (for a new head); ``head``: a trained head (else ``head_path``,
     else untrained)."""
     if head is None and args.head_path:
-        head = load_head(args.head_path)
+        head = load_head(args.head_path, kinds=("specdecpp",))
     if head is None:
         if hidden_size is None:
             raise ConfigError("policy 'specdecpp' needs a model drafter (its hidden size) or a trained head")
@@ -514,7 +496,7 @@ def make_specdecpp(args: SpecDecPPArgs, *, hidden_size: Optional[int] = None, he
 @DRAFT_POLICIES.register("speckv", SpecKVArgs)
 def make_speckv(args: SpecKVArgs, *, head: Optional[MLPHead] = None, **_) -> SpecKV:
     if head is None and args.head_path:
-        head = load_head(args.head_path)
+        head = load_head(args.head_path, kinds=("speckv",))
     if head is None:
         head = speckv_head(args.hidden, args.seed)
     graphdef, state = nnx.split(head)
@@ -537,29 +519,19 @@ def build_policy(name: Optional[str] = "fixed", args: Any = None, **context) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Decode-loop selectors that travel through ``decode.policy`` (the config has no drafter field yet)
+# Arguments of the drafter TAPS and the method EAD (``decode.drafter=taps``, ``decode.method=ead``; jaxtok.decode.run)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class TAPSArgs:
-    """TAPS (§A5) from the config: route each round among ``decode.draft_init_from`` (if set), the run directories
-    in ``drafters`` and, with ``ngram``, a prompt-lookup drafter; the draft length follows ``policy`` with
-    ``policy_args``."""
+    """TAPS (§A5), ``decode.drafter_args``: route each round among ``decode.draft_init_from`` (if set), the run
+    directories in ``drafters`` and, with ``ngram``, a prompt-lookup drafter of order ``max_ngram``; the draft
+    length follows ``decode.policy`` as with one drafter."""
 
     drafters: Tuple[str, ...] = ()
     ngram: bool = True
     max_ngram: int = 3
-    policy: str = "fixed"
-    policy_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@DRAFT_POLICIES.register("taps", TAPSArgs, loop="speculative", routed=True)
-def make_taps(args: TAPSArgs, **context) -> DraftPolicy:
-    """The inner draft-length policy of a TAPS run (the routed drafter is built by ``decode/run.py``)."""
-    if args.policy in ("taps", "ead"):
-        raise ConfigError(f"decode.policy_args.policy={args.policy!r}: allowed a draft-length policy")
-    return build_policy(args.policy, dict(args.policy_args), **context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -592,10 +564,3 @@ def ead_switch(mode_large: jax.Array, dwell: jax.Array, mean_entropy: jax.Array,
     want = mean_entropy > args.threshold
     switch = (want != mode_large) & (dwell >= args.min_dwell)
     return jnp.where(switch, want, mode_large), jnp.where(switch, 0, dwell)
-
-
-@DRAFT_POLICIES.register("ead", EADArgs, loop="ead")
-def make_ead(args, **_):
-    """EAD is a loop of its own (:func:`jaxtok.decode.speculative.ead_generate`), not a draft-length policy: its
-    entry carries :class:`EADArgs` for ``decode.policy_args``."""
-    return args

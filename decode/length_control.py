@@ -40,7 +40,7 @@ from jaxtok.models.value import LengthValueModel, value_to_length
 from jaxtok.registry import LOGIT_GUIDES, ConfigError
 
 __all__ = ["LENGTH_MODES", "LengthGuide", "LengthGuideArgs", "length_bonus", "guided_logits", "predict_length",
-           "length_error_sums", "length_guide"]
+           "length_error_sums", "length_errors", "length_guide"]
 
 LENGTH_MODES = ("tilt", "target", "budget")
 _NEG = -1e30  # finite "minus infinity" for dropped tokens (a row of only dropped tokens stays finite)
@@ -99,12 +99,17 @@ def guided_logits(logits, cand_ids, bonus):
     return jax.vmap(lambda row, ids, vals: row.at[ids].set(vals))(out, cand_ids, picked)
 
 
-def length_error_sums(lengths, target: int) -> dict:
-    """Host-side sums over rows of a length-controlled decode (divide by the row count for shares): ``length_abs_err``
-    Σ|length − target|, ``exact_length`` #(length == target), ``over_target`` #(length > target)."""
+def length_errors(lengths, target: int) -> dict:
+    """Per-row errors ``[B]`` of a length-controlled decode against ``target``: ``length_abs_err`` |length − target|,
+    ``exact_length`` [length == target], ``over_target`` [length > target]."""
     lengths = np.asarray(lengths)
-    return {"length_abs_err": float(np.sum(np.abs(lengths - target))), "exact_length": int(np.sum(lengths == target)),
-            "over_target": int(np.sum(lengths > target))}
+    return {"length_abs_err": np.abs(lengths - target).astype(np.float64),
+            "exact_length": (lengths == target).astype(np.int64), "over_target": (lengths > target).astype(np.int64)}
+
+
+def length_error_sums(lengths, target: int) -> dict:
+    """:func:`length_errors` summed over rows (divide by the row count for shares)."""
+    return {k: (float if k == "length_abs_err" else int)(np.sum(v)) for k, v in length_errors(lengths, target).items()}
 
 
 def predict_length(value_model: LengthValueModel, prompt, prompt_valid) -> jax.Array:

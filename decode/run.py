@@ -2,43 +2,39 @@
 
 Writes ``results.json`` (exact match, generated tokens, tokens/s — steady state: the first batch is run once
 untimed to compile, ``compile_s`` — and the method's own metrics) and ``results.md`` (sample completions) into
-the run directory, and prints a table. Methods (one builder each in :data:`METHODS`, same signature, so a new
-method is one entry):
+the run directory, and prints a table. ``decode.method`` selects the loop; each method is one registered builder
+in :data:`jaxtok.registry.DECODE_METHODS` returning a step for :func:`jaxtok.decode.evaluate.evaluate`:
 
-- ``greedy`` / ``sample``: autoregressive, :func:`jaxtok.decode.generate`; ``decode.policy: lenvm`` steers the
-  completion length with a trained LenVM (:mod:`jaxtok.decode.length_control`);
-- ``speculative``: :func:`jaxtok.decode.speculative.speculative_generate` with the target ``model.init_from`` and
-  the drafter ``decode.draft_init_from`` (an AR run -> model drafter; a masked-diffusion run -> DEER; unset ->
-  n-gram prompt lookup), draft cap ``decode.draft_len`` and the draft-length policy ``decode.policy``.
-  Two ``decode.policy`` names select other loops: ``taps`` (route among several drafters, its args name them and
-  the inner policy) and ``ead`` (lossy small/large switching: small = ``decode.draft_init_from``);
-- ``diffusion``: :func:`jaxtok.decode.diffusion.run_diffusion_decode` — masked-diffusion sampling of a diffusion
-  LM with the commit policy ``decode.policy`` (default ``llada``) and ``decode.policy_args``.
+- ``greedy`` / ``sample``: autoregressive, :func:`jaxtok.decode.generate`; ``decode.policy`` names a logit guide
+  (``lenvm``: length control with a trained LenVM, :mod:`jaxtok.decode.length_control`; ``grammar``);
+- ``speculative``: :func:`jaxtok.decode.speculative.speculative_generate` with the target ``model.init_from``, the
+  drafter ``decode.drafter`` (``single``: ``decode.draft_init_from`` — an AR run -> model drafter, a
+  masked-diffusion run -> DEER, unset -> n-gram prompt lookup; ``taps``: routed among several, ``decode.drafter_args``),
+  draft cap ``decode.draft_len`` and the draft-length policy ``decode.policy`` (default ``fixed``);
+- ``ead``: lossy small/large switching (small = ``decode.draft_init_from``), arguments ``decode.policy_args``;
+- ``diffusion``: masked-diffusion sampling with the commit policy ``decode.policy`` (default ``llada``);
+- ``lave``: grammar-constrained masked diffusion (a host loop, :mod:`jaxtok.decode.constrained`), arguments
+  ``decode.policy_args``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import time
 from pathlib import Path
-from typing import Callable
 
 import jax
-import numpy as np
-from flax import nnx
 
 from jaxtok import mesh as mesh_lib
-from jaxtok.data import make_task_from_config, pad_prompt_batch, prompt_dataset
 from jaxtok.metrics import write_results
-from jaxtok.registry import DRAFT_POLICIES, LOGIT_GUIDES, ConfigError
-from jaxtok.tasks.tokenizer import SpecialTokens, decode, load_tokenizer_for
+from jaxtok.registry import DECODE_METHODS, DRAFTERS, ConfigError
+from jaxtok.tasks.tokenizer import load_tokenizer_for
 
-from . import constrained  # noqa: F401  (registers decode.policy 'lave', a host loop)
-from .generate import generate
-from .length_control import length_error_sums
-from .speculative import (
-    DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate,
-)
+from .constrained import LaveArgs, grammar_for
+from .diffusion import policy_args_and_heads
+from .draft_policies import EADArgs, TAPSArgs
+from .evaluate import Step, ar_step, diffusion_step, ead_step, evaluate, lave_step, speculative_step
+from .speculative import DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter
 
 
 def _load_model(path: str, mesh, key: str, dtype: str = "float32", diffusion: bool = False):
@@ -49,60 +45,26 @@ def _load_model(path: str, mesh, key: str, dtype: str = "float32", diffusion: bo
     return model
 
 
-def _model_and_tokenizer(cfg, mesh):
+def _model_and_tokenizer(cfg, mesh, diffusion: bool):
     """Weights from ``model.init_from`` (a jaxtok run/checkpoint) or ``model.hf_path``, and their tokenizer."""
     if cfg.model.init_from:
-        model = _load_model(cfg.model.init_from, mesh, "model.init_from", cfg.model.dtype,
-                            diffusion=cfg.decode.method == "diffusion")
+        model = _load_model(cfg.model.init_from, mesh, "model.init_from", cfg.model.dtype, diffusion=diffusion)
     elif cfg.model.hf_path:
-        model = _load_model(cfg.model.hf_path, mesh, "model.hf_path", cfg.model.dtype,
-                            diffusion=cfg.decode.method == "diffusion")
+        model = _load_model(cfg.model.hf_path, mesh, "model.hf_path", cfg.model.dtype, diffusion=diffusion)
     else:
         raise ConfigError("decode needs trained weights: set model.init_from=<run dir> or model.hf_path=<HF dir>")
     return model, load_tokenizer_for(cfg)
 
 
+def _sampling(d, greedy: bool = False) -> dict:
+    """The sampling keywords of ``decode`` (greedy: temperature 0)."""
+    return dict(max_new_tokens=d.max_new_tokens, temperature=0.0 if greedy else d.temperature, top_k=d.top_k,
+                top_p=d.top_p, min_p=d.min_p)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Methods: build(cfg, model, mesh) -> step(prompt, valid, key, special_tokens, real_rows) -> (tokens [B, N],
-# valid [B, N], stats: dict of per-batch sums over the first real_rows rows)
+# Drafters (decode.drafter): build(args, cfg, mesh, vocab_size) -> Drafter
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _sampling(cfg, temperature):
-    d = cfg.decode
-    return dict(max_new_tokens=d.max_new_tokens, temperature=temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p)
-
-
-def _build_ar(cfg, model, mesh, tok) -> Callable:
-    """AR decoding; ``decode.policy`` names a logit guide (``lenvm``: length control, which also reports the
-    mean completion length and, with a target, the mean |length − target| and the share over it; ``grammar``: a
-    token-level grammar mask, which also reports the rows that stopped inside the grammar)."""
-    d = cfg.decode
-    temperature = 0.0 if d.method == "greedy" else d.temperature
-    guide, args = None, None
-    if d.policy is not None:
-        entry = LOGIT_GUIDES.entry(d.policy, "decode.policy")
-        args = LOGIT_GUIDES.parse_args(d.policy, d.policy_args, "decode.policy_args")
-        guide = entry.fn(args, mesh=mesh, tokenizer=tok, vocab_size=model.cfg.vocab_size)
-        if getattr(guide, "host_session", False):  # grammar matchers on the host: decode on one device
-            graphdef, state = nnx.split(model)
-            model, mesh = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0])), None
-
-    def step(prompt, valid, key, sp, b):
-        out = generate(model, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh, guide=guide,
-                       **_sampling(cfg, temperature))
-        stats = {"target_forwards": int(out.num_forwards)}
-        if guide is not None:
-            stats["rows"] = b
-            if getattr(guide, "host_session", False):  # grammar matchers on the host: surface the engine's error
-                jax.block_until_ready(out.tokens)
-                guide.close()
-                stats["grammar_stopped"] = int(np.asarray(out.done)[:b].sum())
-            if getattr(args, "mode", None) in ("target", "budget"):  # a length target to score against
-                stats.update(length_error_sums(np.asarray(out.lengths)[:b], args.target_length))
-        return out.tokens, out.valid, stats
-
-    return step
 
 
 def _drafter_from(path, mesh, vocab_size: int, max_ngram: int = 3, key: str = "decode.draft_init_from"):
@@ -112,90 +74,125 @@ def _drafter_from(path, mesh, vocab_size: int, max_ngram: int = 3, key: str = "d
     return DeerDrafter.of(m) if m.cfg.is_diffusion else ModelDrafter.of(m)
 
 
-def _spec_stats(out, b: int) -> dict:
-    """Per-batch sums (only the batch's real rows for per-row arrays)."""
-    return {
-        "target_forwards": int(out.target_forwards), "draft_forwards": int(out.draft_forwards),
-        "rounds": int(np.sum(np.asarray(out.rounds)[:b])), "accepted": int(np.sum(np.asarray(out.accepted)[:b])),
-        "drafted": int(np.sum(np.asarray(out.drafted)[:b])),
-        "row_forwards": int(np.sum(np.asarray(out.rounds)[:b] + 1)),
-        "accepted_by_position": np.asarray(out.accepted_by_position)[:b].sum(0).astype(np.int64),
-        "drafted_by_position": np.asarray(out.drafted_by_position)[:b].sum(0).astype(np.int64),
-        "route_counts": np.asarray(out.route_counts)[:b].sum(0).astype(np.int64),
-    }
+@DRAFTERS.register("single")
+def single_drafter(args, cfg, mesh, vocab_size: int):
+    """``decode.draft_init_from``: an AR run -> :class:`ModelDrafter`, a masked-diffusion run -> DEER, unset ->
+    n-gram prompt lookup."""
+    return _drafter_from(cfg.decode.draft_init_from, mesh, vocab_size)
 
 
-def _build_speculative(cfg, model, mesh, tok) -> Callable:
+@DRAFTERS.register("taps", TAPSArgs)
+def taps_drafter(args: TAPSArgs, cfg, mesh, vocab_size: int):
+    """TAPS (§A5): a :class:`RoutedDrafter` over ``decode.draft_init_from`` (if set), ``args.drafters`` and, with
+    ``args.ngram``, an n-gram drafter; at least two."""
     d = cfg.decode
-    name = d.policy or "fixed"
-    entry = DRAFT_POLICIES.entry(name, "decode.policy")
-    args = DRAFT_POLICIES.parse_args(name, d.policy_args, "decode.policy_args")
-    vocab = model.cfg.vocab_size
-    if entry.meta.get("loop") == "ead":
-        if d.draft_init_from is None:
-            raise ConfigError("decode.policy='ead' needs decode.draft_init_from=<small model run dir>")
-        small = _load_model(d.draft_init_from, mesh, "decode.draft_init_from")
+    paths = ([d.draft_init_from] if d.draft_init_from else []) + list(args.drafters)
+    keys = (["decode.draft_init_from"] if d.draft_init_from else []) + [
+        f"decode.drafter_args.drafters[{i}]" for i in range(len(args.drafters))]
+    drafters = [_drafter_from(p, mesh, vocab_size, key=k) for p, k in zip(paths, keys)]
+    if args.ngram:
+        drafters.append(NgramDrafter(vocab_size=vocab_size, max_ngram=args.max_ngram))
+    if len(drafters) < 2:
+        raise ConfigError(f"decode.drafter='taps' needs at least two drafters, got {len(drafters)} "
+                          f"(decode.draft_init_from, decode.drafter_args.drafters, decode.drafter_args.ngram)")
+    return RoutedDrafter(tuple(drafters))
 
-        def ead_step(prompt, valid, key, sp, b):
-            out = ead_generate(small, model, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, args=args,
-                               **_sampling(cfg, d.temperature))
-            return out.tokens, out.valid, {"large_tokens": int(np.sum(np.asarray(out.from_large)[:b])),
-                                           "small_forwards": int(out.small_forwards),
-                                           "large_forwards": int(out.large_forwards)}
 
-        return ead_step
-    if entry.meta.get("routed"):
-        paths = ([d.draft_init_from] if d.draft_init_from else []) + list(args.drafters)
-        keys = (["decode.draft_init_from"] if d.draft_init_from else []) + [
-            f"decode.policy_args.drafters[{i}]" for i in range(len(args.drafters))]
-        drafters = [_drafter_from(p, mesh, vocab, key=k) for p, k in zip(paths, keys)]
-        if args.ngram:
-            drafters.append(NgramDrafter(vocab_size=vocab, max_ngram=args.max_ngram))
-        if len(drafters) < 2:
-            raise ConfigError(f"decode.policy='taps' needs at least two drafters, got {len(drafters)} "
-                              f"(decode.draft_init_from, decode.policy_args.drafters, decode.policy_args.ngram)")
-        drafter = RoutedDrafter(tuple(drafters))
-    else:
-        drafter = _drafter_from(d.draft_init_from, mesh, vocab)
+# ----------------------------------------------------------------------------------------------------------------
+# Methods (decode.method): build(cfg, plan: DecodePlan, model, tok, *, mesh, task) -> Step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@DECODE_METHODS.register("greedy", policy="guide")
+@DECODE_METHODS.register("sample", policy="guide")
+def build_ar(cfg, plan, model, tok, *, mesh, task) -> Step:
+    """AR decoding; ``decode.policy`` names a logit guide (module docstring)."""
+    guide = None
+    if plan.policy is not None:
+        guide = plan.policy.fn(plan.policy_args, mesh=mesh, tokenizer=tok, vocab_size=model.cfg.vocab_size)
+    return ar_step(model, tok, guide=guide, guide_args=plan.policy_args, mesh=mesh,
+                   **_sampling(cfg.decode, greedy=cfg.decode.method == "greedy"))
+
+
+@DECODE_METHODS.register("speculative", policy="draft", default_policy="fixed", drafter=True)
+def build_speculative(cfg, plan, model, tok, *, mesh, task) -> Step:
+    """Draft-and-verify with the drafter ``decode.drafter`` and the draft-length policy ``decode.policy``."""
+    drafter = plan.drafter.fn(plan.drafter_args, cfg, mesh, model.cfg.vocab_size)
     hidden = getattr(drafter, "cfg", None)
-    policy = entry.fn(args, hidden_size=hidden.hidden_size if hidden is not None else None)
-
-    def spec_step(prompt, valid, key, sp, b):
-        out = speculative_generate(model, drafter, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad,
-                                   draft_len=d.draft_len, policy=policy, **_sampling(cfg, d.temperature))
-        return out.tokens, out.valid, _spec_stats(out, b)
-
-    return spec_step
+    policy = plan.policy.fn(plan.policy_args, hidden_size=hidden.hidden_size if hidden is not None else None)
+    return speculative_step(model, drafter, policy, tok, draft_len=cfg.decode.draft_len, **_sampling(cfg.decode))
 
 
-METHODS = {"greedy": _build_ar, "sample": _build_ar, "speculative": _build_speculative}
-AVAILABLE_METHODS = (*METHODS, "diffusion")
+@DECODE_METHODS.register("ead", EADArgs)
+def build_ead(cfg, plan, model, tok, *, mesh, task) -> Step:
+    """EAD: the small model ``decode.draft_init_from`` and the large ``model`` with :class:`EADArgs`."""
+    small = _load_model(cfg.decode.draft_init_from, mesh, "decode.draft_init_from")
+    return ead_step(small, model, tok, args=plan.policy_args, **_sampling(cfg.decode))
 
 
-def _summary(method_stats: dict, n_tok: int) -> dict:
-    """Derived metrics of the summed per-batch stats."""
-    s = dict(method_stats)
-    out = {}
-    if "row_forwards" in s:
-        out["tokens_per_target_forward"] = n_tok / max(s["row_forwards"], 1)
-        out["mean_accepted_length"] = s["accepted"] / max(s["rounds"], 1)
-        out["acceptance_rate"] = s["accepted"] / max(s["drafted"], 1)
-        dr = s.pop("drafted_by_position")
-        out["acceptance_rate_by_position"] = [float(a / x) if x else None
-                                              for a, x in zip(s.pop("accepted_by_position"), dr)]
-        out["route_counts"] = s.pop("route_counts").tolist()
-    if "large_tokens" in s:
-        out["large_share"] = s["large_tokens"] / max(n_tok, 1)
-    if "rows" in s:  # a logit guide (length control, grammar)
-        rows = max(s.pop("rows"), 1)
-        out["mean_length"] = n_tok / rows
-        if "grammar_stopped" in s:  # rows that reached a terminator inside the grammar (their text parses)
-            out["grammar_stopped_share"] = s.pop("grammar_stopped") / rows
-        if "length_abs_err" in s:
-            out["length_abs_err"] = s.pop("length_abs_err") / rows
-            out["exact_length_share"] = s.pop("exact_length") / rows
-            out["over_target_share"] = s.pop("over_target") / rows
-    return {**{k: int(v) for k, v in s.items()}, **out}
+@DECODE_METHODS.register("diffusion", policy="commit", default_policy="llada", diffusion=True)
+def build_diffusion(cfg, plan, model, tok, *, mesh, task) -> Step:
+    """Masked-diffusion sampling with the commit policy ``decode.policy`` (learned heads from its ``head_path``)."""
+    args, heads = policy_args_and_heads(plan.policy.name, plan.policy_args)
+    return diffusion_step(model, tok, gen_len=cfg.decode.max_new_tokens, policy=plan.policy.name, policy_args=args,
+                          heads=heads, temperature=float(cfg.decode.temperature), attention=cfg.model.attention,
+                          block_size=cfg.model.block_size)
+
+
+@DECODE_METHODS.register("lave", LaveArgs, diffusion=True)
+def build_lave(cfg, plan, model, tok, *, mesh, task) -> Step:
+    """LAVE under the grammar ``args.grammar`` of ``task`` (:class:`LaveArgs`)."""
+    from .diffusion import stop_ids_of
+
+    args = plan.policy_args
+    grammar = grammar_for(args.grammar, task, tok, stop_ids_of(tok))
+    return lave_step(model, tok, grammar, args=args, gen_len=cfg.decode.max_new_tokens,
+                     temperature=float(cfg.decode.temperature), attention=cfg.model.attention,
+                     block_size=cfg.model.block_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results of each method (keys as before the one loop)
+# ----------------------------------------------------------------------------------------------------------------
+
+_AR_KEYS = ("exact_match", "num_examples", "overlong_prompts", "generated_tokens", "tokens_per_s", "wall_s",
+            "compile_s")
+_DIFFUSION_KEYS = ("exact_match", "mean_nfe", "tokens_per_nfe", "mean_length", "wall_s", "tokens_per_s",
+                   "compile_s", "num_examples", "overlong_prompts", "format_ok")
+_LAVE_KEYS = ("exact_match", "format_ok", "grammar_ok", "mean_nfe", "mean_length", "verifies_per_row",
+              "rejections_per_row", "recoveries_per_row", "wall_s", "forward_s", "host_s", "num_examples")
+_SCORING = ("exact_match", "format_ok", "num_examples", "overlong_prompts", "decoded", "generated_tokens",
+            "tokens_per_s", "wall_s", "compile_s")
+
+
+def _results(cfg, plan, metrics: dict) -> tuple[dict, str]:
+    """``(results.json mapping, results.md title)`` of one method's :func:`evaluate` metrics."""
+    d = cfg.decode
+    pick = lambda keys: {k: metrics[k] for k in keys if k in metrics}  # noqa: E731
+    if d.method == "diffusion":
+        results = dict(policy=plan.policy.name, **pick(_DIFFUSION_KEYS), method="diffusion",
+                       policy_args=dataclasses.asdict(plan.policy_args), gen_len=d.max_new_tokens)
+        return results, (f"diffusion decode, {plan.policy.name} (exact match {results['exact_match']:.3f}, mean NFE "
+                         f"{results['mean_nfe']:.1f})")
+    if d.method == "lave":
+        args = plan.policy_args
+        results = {"method": "lave", "constrained": args.constrained, "grammar": args.grammar, **pick(_LAVE_KEYS),
+                   "gen_len": d.max_new_tokens, "policy_args": dataclasses.asdict(args),
+                   "note": "host loop: wall_s = whole calls; forward_s = jitted forwards (first compilation "
+                           "included); host_s = proposals, parser and lookahead"}
+        return results, (f"LAVE decode (constrained={args.constrained}; exact match {results['exact_match']:.3f}, "
+                         f"format_ok {results['format_ok']:.3f})")
+    results = {"method": d.method, **pick(_AR_KEYS)}
+    if d.method in ("greedy", "sample") and d.policy:
+        results["policy"] = d.policy
+        results["policy_args"] = dict(d.policy_args)
+    if d.method == "speculative":
+        results["policy"] = plan.policy.name
+        results["draft_len"] = d.draft_len
+        if d.drafter != "single":
+            results["drafter"] = d.drafter
+    results.update({k: v for k, v in metrics.items() if k not in _SCORING})
+    return results, f"decode samples (exact match {results['exact_match']:.3f})"
 
 
 def _table(results: dict) -> str:
@@ -212,63 +209,24 @@ def _table(results: dict) -> str:
 
 
 def run_decode(cfg, run_dir: str | Path) -> dict:
-    """Decode ``data.num_eval`` held-out prompts; returns exact match, throughput and the method's metrics."""
-    if cfg.decode.method not in AVAILABLE_METHODS:
-        raise ConfigError(f"decode.method={cfg.decode.method!r}: available {list(AVAILABLE_METHODS)}")
-    mesh = mesh_lib.mesh_from_config(cfg.mesh)
-    model, tok = _model_and_tokenizer(cfg, mesh)
-    if cfg.decode.method == "diffusion" and cfg.decode.policy == "lave":  # LAVE (decode/constrained.py)
-        return constrained.run_lave_decode(cfg, model, tok, make_task_from_config(cfg.data), run_dir)
-    if cfg.decode.method == "diffusion":
-        from .diffusion import run_diffusion_decode
+    """Decode ``data.num_eval`` held-out prompts with ``decode.method``; returns exact match, throughput and the
+    method's metrics. ``cfg``: a Config or its :class:`~jaxtok.plan.RunPlan` (decode section resolved once)."""
+    from jaxtok.config import as_plan
 
-        return run_diffusion_decode(cfg, model, tok, make_task_from_config(cfg.data), run_dir)
-    step = METHODS[cfg.decode.method](cfg, model, mesh, tok)
-    task = make_task_from_config(cfg.data)
-    sp = SpecialTokens.of(tok)
-    ds, dropped = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len,
-                                 batch_size=cfg.decode.batch_size, num_examples=cfg.data.num_eval,
-                                 overlong=cfg.data.overlong)
-    rows, hits, total, n_tok, wall = [], 0.0, 0, 0, 0.0
-    stats: dict = {}
-    compile_s = None
-    key = jax.random.key(cfg.train.seed)
-    for batch in ds:
-        B = batch["prompt"].shape[0]
-        prompt, valid = pad_prompt_batch(batch, cfg.decode.batch_size)  # one static shape
-        key, sub = jax.random.split(key)
-        if compile_s is None:  # compile (and warm up) outside the timed region
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(prompt, valid, sub, sp, B)[0])
-            compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out_tokens, out_valid, batch_stats = step(prompt, valid, sub, sp, B)
-        tokens = np.asarray(jax.device_get(out_tokens))
-        wall += time.perf_counter() - t0
-        n_tok += int(np.asarray(jax.device_get(out_valid))[:B].sum())
-        for k, v in batch_stats.items():
-            stats[k] = stats[k] + v if k in stats else v
-        for r in range(B):
-            ex = task.example("eval", int(batch["index"][r]))
-            text = decode(tok, tokens[r])
-            ok = task.reward(text, ex) >= 1.0
-            hits += ok
-            total += 1
-            if len(rows) < 16:
-                rows.append({"prompt": ex.prompt, "completion": text, "answer": ex.answer, "correct": bool(ok)})
-    total += dropped.count  # over-long prompts are not decoded; they score 0 and stay in the denominator
-    results = {"method": cfg.decode.method, "exact_match": hits / max(total, 1), "num_examples": total,
-               "overlong_prompts": dropped.count,
-               "generated_tokens": n_tok, "tokens_per_s": n_tok / max(wall, 1e-9), "wall_s": wall,
-               "compile_s": compile_s}
-    if cfg.decode.method in ("greedy", "sample") and cfg.decode.policy:
-        results["policy"] = cfg.decode.policy
-        results["policy_args"] = dict(cfg.decode.policy_args)
-    if cfg.decode.method == "speculative":
-        results["policy"] = cfg.decode.policy or "fixed"
-        results["draft_len"] = cfg.decode.draft_len
-    results.update(_summary(stats, n_tok))
-    write_results(run_dir, results, rows, title=f"decode samples (exact match {results['exact_match']:.3f})")
-    print(json.dumps(results, indent=2))
-    print(_table(results))
+    run_plan = as_plan(cfg)
+    cfg, plan = run_plan.cfg, run_plan.decode
+    mesh = mesh_lib.mesh_from_config(cfg.mesh)
+    model, tok = _model_and_tokenizer(cfg, mesh, diffusion=plan.method.spec.diffusion)
+    task = run_plan.make_task()
+    step = plan.method.fn(cfg, plan, model, tok, mesh=mesh, task=task)
+    lave = cfg.decode.method == "lave"  # a host loop: unpadded batches, no separate compile pass
+    metrics, rows = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
+                             num_examples=cfg.data.num_eval, overlong=cfg.data.overlong,
+                             key=jax.random.key(cfg.train.seed), warmup=not lave, pad=not lave,
+                             sample_stats=("nfe",) if plan.method.spec.diffusion else ())
+    results, title = _results(cfg, plan, metrics)
+    write_results(run_dir, results, rows, title=title)
+    print(json.dumps(results, indent=2, default=str))
+    if not plan.method.spec.diffusion:
+        print(_table(results))
     return results

@@ -27,10 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 from jaxtok.registry import (
     COMMIT_POLICIES, DRAFT_POLICIES, LOGIT_GUIDES, REWARDS, ConfigError, Registry, peer_hint,
 )
+from jaxtok.plan import DecodePlan, RunPlan
 from jaxtok.specs import ObjectiveSpec
-
-if typing.TYPE_CHECKING:
-    from jaxtok.plan import DecodePlan, RunPlan
 
 __all__ = [
     "Config", "ConfigError", "ModelSection", "MeshSection", "DataSection", "TokenizerSection", "OptimizerSection",
@@ -383,8 +381,7 @@ _OLD_DECODE_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSection(_Section):
-    """Decoding: the method (the loop), its drafter, sampling parameters, and the policy inside the loop with its
-    arguments."""
+    """Decoding: the method (the loop), its drafter, sampling parameters, and the policy inside the loop."""
 
     _key: ClassVar[str] = "decode"
     method: str = _f("greedy", choices=("greedy", "sample", "speculative", "ead", "diffusion", "lave"),
@@ -779,15 +776,34 @@ def check_name(registry: Registry, key: str, name: str, args: Any = None, args_k
     return registry.parse_args(name, args, args_key or f"{key}_args")
 
 
-def validate_names(cfg: Config) -> "RunPlan":
-    """Check method names against the registries and their arguments against the registered dataclasses
-    (``data.task``/``data.task_args``, ``objective.name``/``objective.args``, ``model.preset``,
-    ``decode.policy``/``decode.policy_args``) and the rules between sections; returns the run plan holding the
-    parsed values (:func:`jaxtok.plan.resolve`, where each section is parsed once). Imports the registering
-    packages lazily."""
-    from jaxtok.plan import resolve
+def validate_names(cfg: Config) -> RunPlan:
+    """Resolve ``cfg`` into its :class:`~jaxtok.plan.RunPlan`: check method names against the registries, parse
+    each argument mapping once into its registered dataclass (``data.task``/``data.task_args``,
+    ``objective.name``/``objective.args``, ``model.preset``, the decode section, :func:`check_decode`) and check the
+    rules between sections on the parsed values. The one place a run's config is parsed: handlers and the loops
+    receive the plan. Imports the registering packages lazily; every problem is a ConfigError naming the key, the
+    value and the allowed ones."""
+    from jaxtok.registry import OBJECTIVES, TASKS
 
-    return resolve(cfg)
+    import_registering_modules()
+    task, task_args = None, None
+    if check_data_files(cfg):  # a registered task, not a file dataset
+        task_args = check_named(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
+        task = TASKS.entry(cfg.data.task, "data.task")
+    objective_args = check_named(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args,
+                                 "objective.args")
+    objective = OBJECTIVES.entry(cfg.objective.name, "objective.name")
+    check_objective(cfg, objective.spec, objective_args)
+    check_preset(cfg)
+    decode = check_decode(cfg)
+    return RunPlan(cfg=cfg, objective=objective, objective_args=objective_args, task=task, task_args=task_args,
+                   rewards=tuple(cfg.rollout.rewards), decode=decode)
+
+
+def as_plan(cfg_or_plan: Config | RunPlan) -> RunPlan:
+    """``cfg_or_plan`` itself when a :class:`~jaxtok.plan.RunPlan`, else :func:`validate_names` of the config
+    (tests and scripts pass a Config to ``train``/``evaluate``/``run_decode``)."""
+    return cfg_or_plan if isinstance(cfg_or_plan, RunPlan) else validate_names(cfg_or_plan)
 
 
 def check_data_files(cfg: Config) -> bool:

@@ -1,23 +1,25 @@
 """The run plan: a config resolved once into what every handler needs, typed (issue 16, item 2).
 
-:func:`resolve` is the one place a config's registered methods are looked up and their argument mappings parsed:
-``objective.name``/``objective.args`` against :data:`~jaxtok.registry.OBJECTIVES`, ``data.task``/``data.task_args``
-against :data:`~jaxtok.registry.TASKS`, with every cross-section rule of :mod:`jaxtok.config` checked on the parsed
-values. The frozen :class:`RunPlan` it returns is what ``jaxtok train``/``eval`` and the training loop's builders
+:func:`jaxtok.config.validate_names` is the one place a config's registered methods are looked up and their
+argument mappings parsed (``objective.name``/``objective.args`` against :data:`~jaxtok.registry.OBJECTIVES`,
+``data.task``/``data.task_args`` against :data:`~jaxtok.registry.TASKS`, the decode section against its
+registries), with every cross-section rule checked on the parsed values. The frozen :class:`RunPlan` it returns is
+what ``jaxtok train``/``eval`` and the training loop's builders
 (objective, collectors, self-teacher, evaluation, the train-step bench) receive, so they read
 ``plan.objective.spec.<field>`` and ``plan.objective_args`` instead of parsing ``cfg`` again (as MaxText's typed
 config or Tunix's ``GRPOConfig`` handed to its learner).
 
-This module imports nothing from ``models/``, ``train/`` or ``decode/``: the registering packages are imported
-lazily by :func:`jaxtok.config.import_registering_modules`, and the plan holds their registry entries.
+This module holds the types only and imports nothing from ``models/``, ``train/`` or ``decode/`` (nor
+:mod:`jaxtok.config`, which builds the plan): the registering packages are imported lazily by
+:func:`jaxtok.config.import_registering_modules`, and the plan holds their registry entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
-from jaxtok.registry import OBJECTIVES, Entry
+from jaxtok.registry import Entry
 from jaxtok.specs import ObjectiveSpec
 
 if TYPE_CHECKING:
@@ -81,31 +83,3 @@ class RunPlan:
         if self.task is None:
             return make_task_from_config(self.cfg.data)
         return self.task.fn(self.task_args, self.cfg.data.seed)
-
-
-def resolve(cfg: "Config") -> RunPlan:
-    """Check ``cfg``'s method names against the registries, parse each of their argument mappings once and check
-    the rules between sections on the parsed values (:mod:`jaxtok.config`); the :class:`RunPlan`. Imports the
-    registering packages lazily; every problem is a ConfigError naming the key, the value and the allowed ones."""
-    from jaxtok import config as C
-    from jaxtok.registry import TASKS
-
-    C.import_registering_modules()
-    task, task_args = None, None
-    if C.check_data_files(cfg):  # a registered task, not a file dataset
-        task_args = C.check_named(TASKS, "data.task", cfg.data.task, cfg.data.task_args, "data.task_args")
-        task = TASKS.entry(cfg.data.task, "data.task")
-    objective_args = C.check_named(OBJECTIVES, "objective.name", cfg.objective.name, cfg.objective.args,
-                                   "objective.args")
-    objective = OBJECTIVES.entry(cfg.objective.name, "objective.name")
-    C.check_objective(cfg, objective.spec, objective_args)
-    C.check_preset(cfg)
-    decode = C.check_decode(cfg)
-    return RunPlan(cfg=cfg, objective=objective, objective_args=objective_args, task=task, task_args=task_args,
-                   rewards=tuple(cfg.rollout.rewards), decode=decode)
-
-
-def as_plan(cfg_or_plan: Union["Config", RunPlan]) -> RunPlan:
-    """``cfg_or_plan`` itself when a :class:`RunPlan`, else :func:`resolve` of the config (callers such as tests
-    and scripts pass a Config to ``train``)."""
-    return cfg_or_plan if isinstance(cfg_or_plan, RunPlan) else resolve(cfg_or_plan)

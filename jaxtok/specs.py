@@ -35,6 +35,10 @@ class ObjectiveSpec:
     - ``wrap_model(model, args) -> model``: the trained module wraps the decoder (LenVM's value head).
     - ``batch_step``: the step needs the whole batch at once (no micro-batch loop).
     - ``eval``: held-out evaluation by ``generate`` (AR decoding) or by the ``diffusion`` sampler.
+    - ``head(cfg, args, *, tokenizer, task) -> HeadRun``: the trained module is a small head beside frozen
+      decoders (SpecDec++, SpecKV, Learn2PD, TraceLock): the hook loads them, records the head's examples and
+      builds the head; the loop then trains only the head with the one train step (``jaxtok.train.heads``) and
+      writes the head files ``decode.policy_args.head_path=<run dir>`` loads.
     """
 
     data: Literal["sft", "rollout", "trajectory", "documents"] = "sft"
@@ -48,6 +52,7 @@ class ObjectiveSpec:
     wrap_model: Optional[Callable[..., Any]] = None
     batch_step: bool = False
     eval: Literal["generate", "diffusion"] = "generate"
+    head: Optional[Callable[..., Any]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
@@ -64,7 +69,6 @@ class CommitPolicySpec:
     - ``needs_hidden``: ``StepInfo.hidden`` is filled (final-normed hidden states).
     - ``verifier``: the loop passes ``heads["verify"]``, the same model in AR mode (S2D2).
     - ``window``: the model sees only generated positions ``< state["window"]`` (Dystruct).
-    - ``host_loop``: the policy runs its own host-side loop, not this one (LAVE's grammar-constrained decoding).
     """
 
     init_state: Optional[Callable[..., Any]] = None
@@ -74,7 +78,6 @@ class CommitPolicySpec:
     needs_hidden: bool = False
     verifier: bool = False
     window: bool = False
-    host_loop: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "heads", tuple(self.heads))
@@ -87,11 +90,24 @@ class CommitPolicySpec:
 
 @dataclasses.dataclass(frozen=True)
 class DraftPolicySpec:
-    """How the speculative loop uses a draft-length policy (``jaxtok.decode.draft_policies``, Part A).
+    """How the speculative loop uses a draft-length policy (``jaxtok.decode.draft_policies``, Part A). No fields
+    yet: every draft-length policy runs in the one speculative loop with any drafter (``decode.drafter`` picks the
+    drafter, ``decode.method`` the loop)."""
 
-    - ``loop``: the decode loop the policy runs in (``ead``: EAD's own loop).
-    - ``routed``: the policy routes each row between drafters (TAPS) and needs them all at build time.
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMethodSpec:
+    """How a decoding method (``decode.method``, ``jaxtok.decode.run``) is configured.
+
+    - ``policy``: the family ``decode.policy`` names inside the method's loop — ``guide`` (a logit guide of
+      AR decoding), ``draft`` (a draft-length policy), ``commit`` (a commit policy) — or None: the method takes
+      no policy and ``decode.policy_args`` are its own arguments (the entry's args class: EAD, LAVE).
+    - ``default_policy``: the policy when ``decode.policy`` is unset (None: no policy).
+    - ``diffusion``: the method decodes a masked-diffusion LM (its weights load as one).
+    - ``drafter``: the method takes a drafter (``decode.drafter``, ``decode.draft_init_from``).
     """
 
-    loop: Literal["speculative", "ead"] = "speculative"
-    routed: bool = False
+    policy: Optional[Literal["guide", "draft", "commit"]] = None
+    default_policy: Optional[str] = None
+    diffusion: bool = False
+    drafter: bool = False

@@ -17,7 +17,7 @@ from jaxtok.decode import generate  # noqa: E402
 from jaxtok.decode import constrained as C  # noqa: E402
 from jaxtok.decode.diffusion import diffusion_generate  # noqa: E402
 from jaxtok.models import Decoder, presets  # noqa: E402
-from jaxtok.registry import COMMIT_POLICIES, ConfigError  # noqa: E402
+from jaxtok.registry import COMMIT_POLICIES, DECODE_METHODS, ConfigError  # noqa: E402
 from jaxtok.tasks import build_tokenizer, make_task  # noqa: E402
 
 TOK = build_tokenizer()
@@ -339,15 +339,16 @@ def test_ar_constrained_json_and_unconstrained_equals_generate(armodel, jmodel):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_lave_policy_registration_and_errors(dmodel):
-    assert "lave" in COMMIT_POLICIES and COMMIT_POLICIES.entry("lave").meta["host_loop"]
+def test_lave_method_registration_and_errors(dmodel):
+    assert "lave" in DECODE_METHODS and DECODE_METHODS.entry("lave").config_cls is C.LaveArgs
+    assert "lave" not in COMMIT_POLICIES  # a loop of its own (decode.method=lave), not a commit policy
     prompt, valid = prompts(0)
-    with pytest.raises(ConfigError, match="host loop"):
-        diffusion_generate(dmodel, prompt, valid, gen_len=N, policy="lave")
+    with pytest.raises(ConfigError, match="decode.method=lave"):  # the old spelling names the new key
+        load_config("configs/diffusion/lave.yaml", ["decode.method=diffusion", "decode.policy=lave"])
     with pytest.raises(ConfigError, match="cache"):
         C.lave_generate(dmodel, prompt, valid, GRAMMARS["arith"], gen_len=N, args=C.LaveArgs(cache="dual"))
     with pytest.raises(ValueError, match="no sentence"):
         C.lave_generate(dmodel, prompt, valid, GRAMMARS["arith"], gen_len=5, stop_tokens=STOPS)
     cfg = load_config("configs/diffusion/lave.yaml")
     validate_names(cfg)
-    assert cfg.decode.policy == "lave" and cfg.decode.policy_args["grammar"] == "task"
+    assert cfg.decode.method == "lave" and cfg.decode.policy is None and cfg.decode.policy_args["grammar"] == "task"

@@ -179,6 +179,8 @@ def test_held_out_eval_uses_the_configured_reward_and_counts_overlong_prompts(tm
 
     class Out:
         tokens = jnp.zeros((4, 2), jnp.int32)
+        valid = jnp.ones((4, 2), bool)
+        num_forwards = jnp.int32(2)
 
     monkeypatch.setattr(gen_mod, "generate", lambda *a, **k: Out())
     monkeypatch.setattr(tok_mod, "decode", lambda tok, ids, **k: r"\boxed{6}, since 6 > 3")

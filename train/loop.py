@@ -30,7 +30,7 @@ second training out (:mod:`jaxtok.rundir`); ``run.resume=false`` into a director
 ``run.overwrite=true``. ``model.init_from`` points at an earlier run directory: its parameters and tokenizer seed
 this run.
 
-The loop runs a :class:`~jaxtok.plan.RunPlan` (``train`` resolves a Config itself, :func:`jaxtok.plan.resolve`):
+The loop runs a :class:`~jaxtok.plan.RunPlan` (``train`` resolves a Config itself, :func:`jaxtok.config.validate_names`):
 objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count, aux)`` from ``OBJECTIVES`` with the plan's
 parsed ``objective_args``; the entry's :class:`~jaxtok.specs.ObjectiveSpec` says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions, valid, loss_mask}`` of the task.
 ``data="rollout"``: every ``rollout.inner_epochs`` steps, prompts of the task are completed by the current policy and
@@ -397,13 +397,13 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final metrics (also ``summary.json``).
 
     ``cfg``: the :class:`~jaxtok.plan.RunPlan` (``jaxtok train`` passes the one validation built) or a Config,
-    resolved here (:func:`jaxtok.plan.resolve`). ``on_step(step, metrics)`` is called on the host after every step
+    resolved here (:func:`jaxtok.config.validate_names`). ``on_step(step, metrics)`` is called on the host after every step
     (metrics as device arrays); ``final_eval=False`` skips the held-out evaluation after the last step. Holds the
     run directory's lock (process 0) while it runs; a finished run returns its stored summary (``resumed_from`` =
     its last step).
     """
     from jaxtok import rundir
-    from jaxtok.plan import as_plan
+    from jaxtok.config import as_plan
 
     plan = as_plan(cfg)
     mesh_lib.initialize_distributed(plan.cfg.mesh)
@@ -909,7 +909,7 @@ def evaluate(cfg, run_dir: str | Path) -> dict:
     (resolved here). A file task without eval data is a ConfigError (nothing held out to evaluate), raised before
     any model is loaded."""
     from jaxtok.data import NO_EVAL, has_split
-    from jaxtok.plan import as_plan
+    from jaxtok.config import as_plan
     from jaxtok.registry import ConfigError
 
     plan = as_plan(cfg)
