@@ -146,8 +146,9 @@ def _not_a_recipe(config_path: str | Path, command: str) -> None:
 
 
 def prepare(command: str, config_path: str | Path, overrides: Sequence[str]) -> tuple[RunPlan, Path, Callable]:
-    """Load and fully check the config into its run plan (:func:`jaxtok.plan.resolve`), resolve the handler, check the run directory (``train``: lock, changed
-    config, ``run.resume=false``, finished run; :mod:`jaxtok.rundir`), then write the resolved config.
+    """Load and fully check the config into its run plan (:func:`jaxtok.config.validate_names`), resolve the
+    handler, check the run directory (``train``: lock, changed config, ``run.resume=false``, finished run;
+    :mod:`jaxtok.rundir`), then write the resolved config.
     Raises ConfigError or HandlerUnavailable before anything is written.
 
     ``train`` (single-process runs) leaves the run directory locked: the caller releases it with

@@ -170,13 +170,12 @@ def main(argv=None):
     at = {k: int(v) for k, v in (c.split("=", 1) for c in a.at)}
     memory = json.loads(Path(a.memory).read_text()) if a.memory else {}
     for spec in a.memory_config:
-        from jaxtok.config import load_config
+        from jaxtok.config import load_config, validate_names
         from jaxtok.bench.train import variant_step_memory
-        from jaxtok.plan import resolve
 
         name, path = spec.split("=", 1)
-        memory[name] = {**variant_step_memory(resolve(load_config(path, ["train.seed=0", "run.progress=false"]))),
-                        "config": path}
+        plan = validate_names(load_config(path, ["train.seed=0", "run.progress=false"]))
+        memory[name] = {**variant_step_memory(plan), "config": path}
     arms = {}
     for spec in a.arm:
         name, dirs = spec.split("=", 1)

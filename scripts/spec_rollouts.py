@@ -68,16 +68,15 @@ class _SampleTimer:
 
 
 def _setup(cfg_path, overrides, rows, generations, draft_len):
-    from jaxtok.config import build_optimizer, load_config
+    from jaxtok.config import build_optimizer, load_config, validate_names
     from jaxtok.data import prompt_dataset
-    from jaxtok.plan import resolve
     from jaxtok.train import rollout as rollout_lib
     from jaxtok.train.loop import build_objective, build_train_model, load_tokenizer_for
     from jaxtok.train.step import init_train_state, make_train_step
 
     cfg = load_config(cfg_path, [*overrides, f"data.batch_size={rows}", f"rollout.num_generations={generations}",
                                  f"rollout.draft_len={draft_len}", "rollout.sampler=speculative"])
-    plan = resolve(cfg)
+    plan = validate_names(cfg)
     tok = load_tokenizer_for(cfg)
     task = plan.make_task()
     model, _ = build_train_model(plan, tok.get_vocab_size())

@@ -165,7 +165,7 @@ def test_lora_run_checkpoints_merged_weights_and_resumes_exactly(tmp_path):
     """A LoRA training run: its checkpoint loads as a plain model equal to the adapter model; stopping at step 4
     and resuming to 6 gives the adapters of an uninterrupted 6-step run bit for bit."""
     from jaxtok import checkpoint as ckpt_lib
-    from jaxtok.plan import resolve
+    from jaxtok.config import validate_names
     from jaxtok.train.loop import build_train_model, load_model, load_tokenizer_for, train
 
     d = to_dict(tiny_train_config())
@@ -183,7 +183,7 @@ def test_lora_run_checkpoints_merged_weights_and_resumes_exactly(tmp_path):
     # the adapters of both runs, from the checkpoints' train items
     from jaxtok.config import build_optimizer
 
-    model, _ = build_train_model(resolve(cfg6), load_tokenizer_for(cfg6).get_vocab_size())
+    model, _ = build_train_model(validate_names(cfg6), load_tokenizer_for(cfg6).get_vocab_size())
     graphdef, state = init_train_state(model, build_optimizer(cfg6.optimizer, 6))
     plain_like = nnx.state(nnx.merge(graphdef, state.params, state.rest), nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     train_like = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng, "lora": state.params}
