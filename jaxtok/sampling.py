@@ -6,15 +6,19 @@ Everything here is a pure array function in float32. Filters are masks in log sp
 Sampling draws ``argmax(logits + Gumbel)`` and never forms ``exp(logits)``.
 
 Sampling parameters may be Python numbers or traced arrays broadcastable to the batch shape ``logits.shape[:-1]``
-(e.g. ``[B]`` per-row values for ``[B, V]`` logits), so changing them does not recompile a jitted loop.
+(e.g. ``[B]`` per-row values for ``[B, V]`` logits), so changing them does not recompile a jitted loop. The decode
+loops take them as one :class:`SamplingParams` (validated, hashable), which enters a jitted loop as per-row
+:class:`RowParams`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import dataclasses
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
@@ -114,6 +118,152 @@ def process_logits(logits: jax.Array, temperature=1.0, top_k=None, top_p=None, m
     if min_p is not None:
         out = mask_min_p(out, min_p)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling parameters
+# ----------------------------------------------------------------------------------------------------------------
+
+Value = Union[float, int, tuple, jax.Array, None]
+
+
+def _host(x) -> Optional[np.ndarray]:
+    """The host value of ``x``, or None when it is traced or spans several hosts (then checks are skipped)."""
+    if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return None
+    return np.asarray(x)
+
+
+def _freeze(name: str, x) -> Value:
+    """A sampling value as :class:`SamplingParams` stores it: None (filter off), a ``jax.Array`` as given (it may
+    be traced or sharded), otherwise a Python number (a scalar) or a tuple of Python numbers (one per row), so
+    that parameters given as numbers or host arrays are hashable."""
+    if x is None or isinstance(x, jax.Array):
+        return x
+    a = np.asarray(x)
+    if a.ndim == 0:
+        return a.item()
+    if a.ndim == 1:
+        return tuple(a.tolist())
+    raise ValueError(f"{name}={x!r}: allowed a scalar or one value per row ([B])")
+
+
+def _check_range(name: str, value, lo, hi, allowed: str, lo_open=False, integer=False) -> None:
+    v = None if value is None else _host(value)
+    if v is None:
+        return
+    v = v.astype(np.float64)
+    bad = (v <= lo if lo_open else v < lo) | (v > hi) | ~np.isfinite(v)
+    if integer:
+        bad = bad | (v != np.round(v))
+    if np.any(bad):
+        raise ValueError(f"{name}={value!r}: allowed {allowed}")
+
+
+def _is_on(value, neutral) -> bool:
+    """A filter is compiled in when any entry differs from its neutral value (or when the value is traced)."""
+    if value is None:
+        return False
+    v = _host(value)
+    return v is None or bool(np.any(v != neutral))
+
+
+class RowParams(NamedTuple):
+    """:class:`SamplingParams` inside a jitted loop: per-row ``[B]`` arrays (float32; top-k int32), traced, with
+    None for a filter that is off (skipped at trace time). Built by :meth:`SamplingParams.per_row`."""
+
+    temperature: jax.Array
+    top_k: Optional[jax.Array] = None
+    top_p: Optional[jax.Array] = None
+    min_p: Optional[jax.Array] = None
+
+    @property
+    def filtered(self) -> bool:
+        """Whether any of top-k / top-p / min-p is on."""
+        return any(x is not None for x in (self.top_k, self.top_p, self.min_p))
+
+    def _for(self, logits: jax.Array) -> "RowParams":
+        """The ``[B]`` values reshaped to broadcast against the batch shape of ``logits [B, ..., V]``."""
+        nd = logits.ndim - 1
+
+        def ex(x):
+            if x is None or jnp.ndim(x) == 0:
+                return x
+            return jnp.reshape(x, jnp.shape(x) + (1,) * (nd - jnp.ndim(x)))
+
+        return RowParams(*(ex(x) for x in self))
+
+    def process(self, logits: jax.Array, temperature=None) -> jax.Array:
+        """S(logits) for ``logits [B, ..., V]``: float32, ``-inf`` on removed tokens (:func:`process_logits`);
+        ``temperature`` overrides T (e.g. 1.0: the filters alone, as greedy rows report their log-probs)."""
+        p = self._for(logits)
+        return process_logits(logits, p.temperature if temperature is None else temperature, p.top_k, p.top_p,
+                              p.min_p)
+
+    def sample(self, key: jax.Array, logits: jax.Array) -> "Sample":
+        """One draw from S(logits) per row of ``logits [B, ..., V]`` (:func:`sample`; argmax where T = 0)."""
+        p = self._for(logits)
+        return sample(key, logits, p.temperature, p.top_k, p.top_p, p.min_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """The sampling transform S and the draw from it, as every decode loop applies it (decode_methods.md §0.1).
+
+    S(logits) = min-p ∘ top-p ∘ top-k (logits / T) (HF's order; :func:`process_logits`); a token is drawn from
+    ``softmax(S(logits))`` by the Gumbel-max trick (:func:`gumbel_argmax`), or is the argmax where ``T = 0``.
+
+    Attributes:
+      temperature: T >= 0, ``softmax(logits / T)``; 0 = greedy (the T -> 0 limit: argmax, log-probs reported at
+        T = 1, :func:`apply_temperature`).
+      top_k: k >= 0, keep the k largest logits (Fan et al. 2018; ties at the threshold kept); 0 = off.
+      top_p: p in (0, 1], nucleus sampling (Holtzman et al. 2020): keep the smallest prefix by decreasing
+        probability whose mass reaches p; 1 = off.
+      min_p: in [0, 1], min-p sampling (Nguyen et al. 2024): keep tokens with ``p(x) >= min_p · max p``; 0 = off.
+
+    Each value is a Python number, one value per row (a tuple or host array ``[B]``, stored as a tuple of Python
+    numbers), or a ``jax.Array`` (kept as given; traced or multi-host values are not checked). Params given as
+    numbers or host arrays are hashable, so they can be a static argument. Invalid values raise ValueError naming
+    the field and the allowed range.
+
+    A jitted loop gets them as :class:`RowParams` (:meth:`per_row`): the values are traced (new values do not
+    recompile); which filters are on and whether the batch is all greedy (:attr:`all_greedy`) are decided on the
+    host and are part of the compiled program.
+    """
+
+    temperature: Value = 1.0
+    top_k: Value = 0
+    top_p: Value = 1.0
+    min_p: Value = 0.0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # frozen: normalise in place
+            object.__setattr__(self, f.name, _freeze(f.name, getattr(self, f.name)))
+        _check_range("temperature", self.temperature, 0.0, np.inf, "values >= 0 (0 = greedy)")
+        _check_range("top_k", self.top_k, 0, np.inf, "integers >= 0 (0 = off)", integer=True)
+        _check_range("top_p", self.top_p, 0.0, 1.0, "values in (0, 1] (1 = off)", lo_open=True)
+        _check_range("min_p", self.min_p, 0.0, 1.0, "values in [0, 1] (0 = off)")
+
+    @property
+    def all_greedy(self) -> bool:
+        """True when every row's temperature is known on the host and <= 0 (then no Gumbel noise is drawn)."""
+        t = _host(self.temperature)
+        return t is not None and bool(np.all(t <= 0))
+
+    def per_row(self, b: int) -> RowParams:
+        """The params as per-row ``[b]`` arrays for a jitted loop; a filter at its neutral value (top_k 0, top_p 1,
+        min_p 0) becomes None, so it is skipped at trace time and costs nothing in the loop."""
+
+        def rows(x, dtype, neutral=None):
+            if neutral is not None and not _is_on(x, neutral):
+                return None
+            return jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
+
+        return RowParams(rows(self.temperature, jnp.float32), rows(self.top_k, jnp.int32, 0),
+                         rows(self.top_p, jnp.float32, 1.0), rows(self.min_p, jnp.float32, 0.0))
+
+
+GREEDY = SamplingParams(temperature=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -210,3 +210,24 @@ def test_speculative_accept_shape_error():
     with pytest.raises(ValueError, match="target_probs"):
         S.speculative_accept(jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2, 4)) / 4,
                              jnp.ones((1, 2, 4)) / 4)
+
+
+def test_sampling_params_validate_freeze_and_per_row():
+    """SamplingParams: out-of-range values name the field; host arrays become hashable tuples; per_row drops the
+    filters at their neutral values (skipped at trace time) and keeps the per-row values."""
+    for bad, name in ((dict(temperature=-1.0), "temperature"), (dict(top_k=1.5), "top_k"), (dict(top_p=0.0), "top_p"),
+                      (dict(min_p=2.0), "min_p"), (dict(temperature=np.zeros((2, 2))), "temperature")):
+        with pytest.raises(ValueError, match=name):
+            S.SamplingParams(**bad)
+    p = S.SamplingParams(temperature=np.array([0.7, 0.0], np.float32), top_k=5)
+    assert hash(p) == hash(S.SamplingParams(temperature=(np.float32(0.7).item(), 0.0), top_k=5))
+    assert not p.all_greedy and S.GREEDY.all_greedy and S.SamplingParams(temperature=(0.0, 0.0)).all_greedy
+    rows = p.per_row(2)
+    assert rows.top_p is None and rows.min_p is None and rows.filtered
+    np.testing.assert_array_equal(rows.top_k, [5, 5])
+    np.testing.assert_array_equal(rows.temperature, np.array([0.7, 0.0], np.float32))
+    assert not S.SamplingParams().per_row(3).filtered
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 7))
+    got = rows.sample(jax.random.key(1), logits)
+    want = S.sample(jax.random.key(1), logits, rows.temperature[:, None], rows.top_k[:, None])
+    np.testing.assert_array_equal(got.tokens, want.tokens)
