@@ -23,8 +23,8 @@ its drafters), and the batched variant ``AR forwards / (target forwards + Σ dra
 the rounds where the slowest row of the batch holds the others.
 
 SpecDec++ and SpecKV heads are trained in the bench from acceptance data logged on train-split prompts
-(:mod:`jaxtok.decode.train_heads`) and saved under ``<run dir>/heads``, unless a method's ``args.head_path`` or
-``bench.args.heads_from`` names saved heads.
+(:mod:`jaxtok.train.objectives.draft_heads`) and saved under ``<run dir>/heads``, unless a method's
+``args.head_path`` or ``bench.args.heads_from`` names saved heads.
 
 EAD (lossy, §A4): exact match against the share of tokens produced by the large model for each threshold of
 ``bench.args.ead_thresholds``, with the draft alone (share 0) and the target alone (share 1) as end points.
@@ -47,10 +47,13 @@ from jaxtok.models import KVCache
 from jaxtok.registry import BENCHES, DRAFT_POLICIES, ConfigError
 
 from jaxtok.decode import draft_policies as dp
-from jaxtok.decode import train_heads as th
+from jaxtok.models.heads import load_head, save_head
 from jaxtok.decode.generate import generate
-from jaxtok.decode.run import _spec_stats, _summary
+from jaxtok.decode.evaluate import add_stats, speculative_stats, summarize
+from jaxtok.train.objectives import draft_heads as th
 from jaxtok.decode.speculative import DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate
+
+from .plots import speculative_plots
 
 ADAPTIVE = ("heuristic", "confidence", "specdecpp", "speckv")
 DRAFTER_NAMES = ("draft", "ngram", "deer")
@@ -235,7 +238,7 @@ def rows_identical(a_tok, a_valid, b_tok, b_valid) -> np.ndarray:
 
 def train_head(kind: str, target, draft, head_batches: list, *, max_new_tokens: int, steps: int, seed: int,
                stop_tokens: tuple, candidates=(2, 4, 6, 8)) -> tuple[Any, dict]:
-    """Log acceptance records on ``head_batches`` (train-split prompts) and fit the head (train_heads.py);
+    """Log acceptance records on ``head_batches`` (train-split prompts) and fit the head (train/objectives/draft_heads.py);
     returns ``(head, info)``."""
     key = jax.random.key(seed)
     records: dict = {}
@@ -254,11 +257,11 @@ def train_head(kind: str, target, draft, head_batches: list, *, max_new_tokens: 
         raise ValueError(f"{kind} head: no training records were logged (prompts too short or responses empty)")
     if kind == "specdecpp":
         head = dp.specdecpp_head(draft.cfg.hidden_size, 3, seed)
-        losses = th.fit_head(head, th.specdecpp_loss, records, steps=steps, seed=seed)
+        losses = th.fit_records("specdecpp", head, records, steps=steps, seed=seed)
         label_mean = float(np.mean(records["label"]))
     else:
         head = dp.speckv_head(16, seed)
-        losses = th.fit_head(head, th.speckv_loss, records, steps=steps, seed=seed)
+        losses = th.fit_records("speckv", head, records, steps=steps, seed=seed)
         label_mean = float(np.mean(records["rate"]))
     return head, {"examples": int(n), "first_loss": losses[0], "last_loss": losses[-1], "label_mean": label_mean}
 
@@ -344,37 +347,6 @@ def report_markdown(results: dict, command: Optional[str] = None) -> str:
     if results.get("verdict"):
         out += ["## Adaptive policies vs the best fixed γ", ""] + [f"- {line}" for line in results["verdict"]] + [""]
     return "\n".join(out)
-
-
-def _plots(rows: list[dict], ead: list[dict]) -> dict:
-    labels = [r["method"] for r in rows]
-
-    def speedup(ax):
-        x = np.arange(len(rows))
-        ax.bar(x - 0.2, [r["speedup"] for r in rows], 0.4, label="measured")
-        ax.bar(x + 0.2, [r["cost_model_speedup"] for r in rows], 0.4, label="cost model")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=6)
-        ax.set_ylabel("speedup over AR")
-        ax.legend(fontsize=7)
-
-    def by_position(ax):
-        for r in rows:
-            acc = [np.nan if a is None else a for a in r["acceptance_rate_by_position"]]
-            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=r["method"])
-        ax.set_xlabel("draft position")
-        ax.set_ylabel("acceptance rate")
-        ax.legend(fontsize=5)
-
-    def ead_curve(ax):
-        pts = sorted(ead, key=lambda r: r["large_share"])
-        ax.plot([r["large_share"] for r in pts], [r["exact_match"] for r in pts], "o-")
-        for r in pts:
-            ax.annotate(str(r["threshold"]), (r["large_share"], r["exact_match"]), fontsize=6)
-        ax.set_xlabel("share of large-model tokens")
-        ax.set_ylabel("exact match")
-
-    return {"speedup": speedup, "acceptance_by_position": by_position, "ead_accuracy_vs_share": ead_curve}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,7 +454,7 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
             continue
         saved = Path(args.heads_from) / kind if args.heads_from else None
         if saved is not None and (saved / "head.json").is_file():
-            heads[kind], head_info[kind] = th.load_head(saved), {"loaded_from": str(saved)}
+            heads[kind], head_info[kind] = load_head(saved), {"loaded_from": str(saved)}
             continue
         if head_batches is None:
             head_batches = _prompt_batches(task, "train", tok, cfg, args.head_batches * bs)[0]
@@ -492,7 +464,7 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
                                                   steps=args.head_steps, seed=cfg.train.seed, stop_tokens=stop,
                                                   candidates=cand)
         ctor = {"hidden_size": draft.cfg.hidden_size, "depth": 3} if kind == "specdecpp" else {"hidden": 16}
-        th.save_head(heads[kind], Path(run_dir) / "heads" / kind, kind, **ctor)
+        save_head(heads[kind], Path(run_dir) / "heads" / kind, kind, **ctor)
 
     drafters = {"draft": ModelDrafter.of(draft), "ngram": NgramDrafter(vocab_size=target.cfg.vocab_size, max_ngram=3)}
     if deer is not None:
@@ -516,11 +488,10 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
         stats: dict = {}
         same = []
         for o, a, (_, b) in zip(outs, ar_outs, meta):
-            for k, v in _spec_stats(o, b).items():
-                stats[k] = stats[k] + v if k in stats else v
+            add_stats(stats, speculative_stats(o), b)
             same.append(rows_identical(o.tokens, o.valid, a.tokens, a.valid)[:b])
         n_tok = n_tokens(outs)
-        s = _summary(stats, n_tok)
+        s = summarize(stats, n_tok, sum(b for _, b in meta))
         prefill = sum(drafters[n].prefill_forwards for n in names) * len(batches)
         batched_rounds = s["target_forwards"] - len(batches)
         dpr = (s["draft_forwards"] - prefill) / max(batched_rounds, 1)
@@ -580,6 +551,6 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
                "exact_match": accuracy(ar_outs)},
         "heads": head_info, "rows": rows, "ead": ead_rows, "verdict": verdict(rows),
     }
-    write_results(run_dir, results, rows, title="speculative decoding vs AR", plots=_plots(rows, ead_rows))
+    write_results(run_dir, results, rows, title="speculative decoding vs AR", plots=speculative_plots(rows, ead_rows))
     (Path(run_dir) / "results.md").write_text(report_markdown(results))
     return results

@@ -121,7 +121,8 @@ def exact_match_score(task) -> Score:
 
 def evaluate(step: Step, task, tok, *, split: str = "eval", prompt_len: int, batch_size: int, num_examples: int,
              overlong: str = "drop", key: jax.Array, score: Optional[Score] = None, warmup: bool = True,
-             pad: bool = True, num_samples: int = 16, sample_stats: Sequence[str] = ()) -> tuple[dict, list[dict]]:
+             pad: bool = True, num_samples: int = 16, sample_stats: Sequence[str] = (),
+             keep_rows: Sequence[str] = ()) -> tuple[dict, list[dict]]:
     """Decode ``num_examples`` prompts of ``task``'s ``split`` with ``step`` and score them.
 
     Batches of ``batch_size`` left-padded prompts; with ``pad`` a short last batch is padded to ``batch_size``
@@ -133,14 +134,15 @@ def evaluate(step: Step, task, tok, *, split: str = "eval", prompt_len: int, bat
 
     Returns ``(metrics, sample rows)``: the score means, ``num_examples``, ``overlong_prompts``, ``decoded`` (rows
     decoded), ``generated_tokens``, ``wall_s``, ``tokens_per_s``, ``compile_s`` and :func:`summarize` of the summed
-    stats; the first ``num_samples`` rows as ``{prompt, completion, answer, correct}`` plus the per-row values of
-    ``sample_stats``.
+    stats, and ``per_row``: the per-row values of the stats named in ``keep_rows`` over all decoded rows; the first
+    ``num_samples`` rows as ``{prompt, completion, answer, correct}`` plus the per-row values of ``sample_stats``.
     """
     score = score or exact_match_score(task)
     ds, dropped = prompt_dataset(task, split, tok, prompt_len=prompt_len, batch_size=batch_size,
                                  num_examples=num_examples, overlong=overlong)
     sums: dict = {}
     stats: dict = {}
+    kept: dict = {k: [] for k in keep_rows}
     samples: list[dict] = []
     decoded = n_tok = 0
     wall, compile_s = 0.0, None
@@ -158,6 +160,8 @@ def evaluate(step: Step, task, tok, *, split: str = "eval", prompt_len: int, bat
         wall += time.perf_counter() - t0
         n_tok += int(host(out_valid)[:b].sum())
         add_stats(stats, batch_stats, b)
+        for k in keep_rows:
+            kept[k].append(host(batch_stats[k])[:b])
         examples = [task.example(split, int(batch["index"][r])) for r in range(b)]
         texts = [tokenizer_lib.decode(tok, tokens[r]) for r in range(b)]
         for k, v in score(texts, examples).items():
@@ -175,6 +179,8 @@ def evaluate(step: Step, task, tok, *, split: str = "eval", prompt_len: int, bat
                "overlong_prompts": dropped.count, "decoded": decoded, "generated_tokens": n_tok, "wall_s": wall,
                "tokens_per_s": n_tok / max(wall, 1e-9), "compile_s": compile_s}
     metrics.update(summarize(stats, n_tok, decoded))
+    if keep_rows:
+        metrics["per_row"] = {k: np.concatenate(v) if v else np.zeros(0) for k, v in kept.items()}
     return metrics, samples
 
 

@@ -21,7 +21,7 @@ Timing is interleaved: each repeat runs the methods in a rotated order with an A
 and a method's speed ratio in that repeat is its tokens/s over the mean tokens/s of the two AR passes around it;
 the median over repeats is reported (the 2-core machine is shared and its load drifts). SpecDec++ and SpecKV
 heads are trained here on acceptance data logged from ``--head-batches`` × 64 train-split prompts
-(``decode/train_heads.py``) unless ``--heads-from`` names saved heads.
+(``train/objectives/draft_heads.py``) unless ``--heads-from`` names saved heads.
 
     python scripts/spec_membound.py --json docs/results/spec_membound.json --md docs/results/spec_membound.md \\
         --png docs/results/spec_membound.png --peers docs/results/decode_peers.json
@@ -124,9 +124,9 @@ def main(argv=None) -> int:
     from jaxtok.config import load_config
     from jaxtok.data import make_task_from_config
     from jaxtok.decode import draft_policies as dp
-    from jaxtok.decode import train_heads as th
+    from jaxtok.models.heads import load_head, save_head
     from jaxtok.decode.generate import generate
-    from jaxtok.decode.run import _spec_stats, _summary
+    from jaxtok.decode.evaluate import add_stats, speculative_stats, summarize
     from jaxtok.bench.speculative import _prompt_batches, forward_costs, rows_identical, train_head
     from jaxtok.decode.speculative import ModelDrafter, speculative_generate
     from jaxtok.models.hf import load_any
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     for kind in (() if args.chi2_only else ("specdecpp", "speckv")):
         saved = Path(args.heads_from) / kind if args.heads_from else None
         if saved is not None and (saved / "head.json").is_file():
-            heads[kind], head_info[kind] = th.load_head(saved), {"loaded_from": str(saved)}
+            heads[kind], head_info[kind] = load_head(saved), {"loaded_from": str(saved)}
             continue
         t0 = time.time()
         hb = _prompt_batches(task, "train", tok, cfg_b(64), args.head_batches * 64)[0]
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                                                   steps=args.head_steps, seed=0, stop_tokens=stop)
         head_info[kind]["seconds"] = time.time() - t0
         ctor = {"hidden_size": draft.cfg.hidden_size, "depth": 3} if kind == "specdecpp" else {"hidden": 16}
-        th.save_head(heads[kind], Path(args.heads_out) / kind, kind, **ctor)
+        save_head(heads[kind], Path(args.heads_out) / kind, kind, **ctor)
         print(f"head {kind}: {head_info[kind]}", flush=True)
 
     if args.chi2_only:
@@ -323,17 +323,16 @@ def main(argv=None) -> int:
                 if hasattr(outs[0], "rounds"):
                     stats = {}
                     for o, (_, bb) in zip(outs, meta):
-                        for kk, v in _spec_stats(o, bb).items():
-                            stats[kk] = stats[kk] + v if kk in stats else v
-                    s = _summary(stats, n_tokens(outs, meta))
-                    drafted_rows = stats["drafted"] / max(stats["rounds"], 1)
+                        add_stats(stats, speculative_stats(o), bb)
+                    s = summarize(stats, n_tokens(outs, meta), sum(bb for _, bb in meta))
+                    drafted_rows = s["drafted"] / max(s["rounds"], 1)
                     row |= {"tokens_per_target_forward": s["tokens_per_target_forward"],
                             "mean_accepted_length": s["mean_accepted_length"],
                             "acceptance_rate": s["acceptance_rate"],
                             "acceptance_rate_by_position": s["acceptance_rate_by_position"],
                             "drafts_per_row_round": drafted_rows,
-                            "batched_target_forwards": stats["target_forwards"],
-                            "batched_draft_forwards": stats["draft_forwards"]}
+                            "batched_target_forwards": s["target_forwards"],
+                            "batched_draft_forwards": s["draft_forwards"]}
                 rows.append(row)
                 if args.json:  # partial results after every method (a later crash keeps them)
                     Path(args.json + ".partial").write_text(json.dumps({"rows": rows, "calibration": calib,
