@@ -274,9 +274,9 @@ def _variant_config(args: SweepArgs, name: str, seed: int):
 
 
 def variant_step_memory(plan) -> dict:
-    """XLA memory of the train step the run plan builds (its model, frozen models, objective and micro-batching), compiled
-    on a synthetic batch of the config's shapes: ``[data.batch_size, prompt_len + rollout.max_new_tokens]`` for
-    rollout objectives, ``[data.batch_size, data.seq_len]`` otherwise. Weights do not change the numbers."""
+    """XLA memory of the train step the run plan builds (its model, frozen models, objective and micro-batching),
+    compiled on a synthetic batch of the config's shapes: ``[data.batch_size, prompt_len + rollout.max_new_tokens]``
+    for rollout objectives, ``[data.batch_size, data.seq_len]`` otherwise. Weights do not change the numbers."""
     from jaxtok.config import build_optimizer as build_opt
     from jaxtok.train.loop import build_frozen_models, build_model, build_objective, load_tokenizer_for
     from jaxtok.train.step import frozen_states, init_train_state, make_train_step

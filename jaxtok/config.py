@@ -4,8 +4,8 @@ Frozen dataclasses are the schema; OmegaConf structured configs merge YAML files
 onto it and reject unknown keys and wrong types. Field metadata declares allowed values (``choices``) and ranges
 (``min``/``max``/``gt``), checked by each section's ``__post_init__`` (so no out-of-range section can exist), plus
 cross-field rules. :func:`validate_names` checks method names (objective, task, decode policy) and their arguments
-against the registries and resolves the config into a typed run plan (:mod:`jaxtok.plan`). Every error is a :class:`ConfigError` naming the dotted key, the bad value and what is
-allowed; all of this runs before any compute.
+against the registries and resolves the config into a typed run plan (:mod:`jaxtok.plan`). Every error is a
+:class:`ConfigError` naming the dotted key, the bad value and what is allowed; all of this runs before any compute.
 
 YAML files may include others with ``base: other.yaml`` (or a list), resolved relative to the including file and
 merged first, so an experiment file states only what it changes.

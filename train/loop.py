@@ -30,9 +30,11 @@ second training out (:mod:`jaxtok.rundir`); ``run.resume=false`` into a director
 ``run.overwrite=true``. ``model.init_from`` points at an earlier run directory: its parameters and tokenizer seed
 this run.
 
-The loop runs a :class:`~jaxtok.plan.RunPlan` (``train`` resolves a Config itself, :func:`jaxtok.config.validate_names`):
-objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count, aux)`` from ``OBJECTIVES`` with the plan's
-parsed ``objective_args``; the entry's :class:`~jaxtok.specs.ObjectiveSpec` says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions, valid, loss_mask}`` of the task.
+The loop runs a :class:`~jaxtok.plan.RunPlan` (``train`` resolves a Config itself,
+:func:`jaxtok.config.validate_names`): objectives are ``fn(model, batch, rng, args, **frozen) -> (loss_sum, count,
+aux)`` from ``OBJECTIVES`` with the plan's parsed ``objective_args``; the entry's
+:class:`~jaxtok.specs.ObjectiveSpec` says what they eat. ``data="sft"`` (default): SFT batches ``{tokens, positions,
+valid, loss_mask}`` of the task.
 ``data="rollout"``: every ``rollout.inner_epochs`` steps, prompts of the task are completed by the current policy and
 scored (:mod:`jaxtok.train.rollout`; APPO tree rollouts with ``rollout.branches``); ``data="documents"``: SFT rows
 handed to the objective's own ``collect`` (REFINE); ``data="trajectory"``: the frozen teacher's diffusion
@@ -397,10 +399,10 @@ def train(cfg, run_dir: str | Path, *, on_step: Optional[Callable[[int, dict], N
     """Train as ``cfg`` says, writing into ``run_dir``; returns the final metrics (also ``summary.json``).
 
     ``cfg``: the :class:`~jaxtok.plan.RunPlan` (``jaxtok train`` passes the one validation built) or a Config,
-    resolved here (:func:`jaxtok.config.validate_names`). ``on_step(step, metrics)`` is called on the host after every step
-    (metrics as device arrays); ``final_eval=False`` skips the held-out evaluation after the last step. Holds the
-    run directory's lock (process 0) while it runs; a finished run returns its stored summary (``resumed_from`` =
-    its last step).
+    resolved here (:func:`jaxtok.config.validate_names`). ``on_step(step, metrics)`` is called on the host after
+    every step (metrics as device arrays); ``final_eval=False`` skips the held-out evaluation after the last step.
+    Holds the run directory's lock (process 0) while it runs; a finished run returns its stored summary
+    (``resumed_from`` = its last step).
     """
     from jaxtok import rundir
     from jaxtok.config import as_plan
@@ -464,7 +466,7 @@ class _Trainer:
     frozen: dict
     frozen_args: tuple
     self_teacher: Any
-    meta: dict
+    checkpoint_meta: dict
     merge_adapters: Optional[Callable]
 
     def step(self, k: int, state, placed):
@@ -485,7 +487,8 @@ class _Trainer:
         """Checkpoint ``step``; LoRA: ``params`` holds the merged weights (a plain model for every loader),
         ``train`` the adapters."""
         params = self.merge_adapters(state.params, state.rest) if self.merge_adapters else state.params
-        ck.save(step, params=params, data=it.get_state(), meta=self.meta, train=self.train_item(step, state))
+        ck.save(step, params=params, data=it.get_state(), meta=self.checkpoint_meta,
+                train=self.train_item(step, state))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,10 +553,10 @@ def _build_trainer(plan, inputs: _Inputs, *, final_eval: bool) -> tuple[_Trainer
         from jaxtok.models.lora import merged_params_fn
 
         merge_adapters = jax.jit(merged_params_fn(graphdef))
-    meta = {"model_config": model_config_to_dict(model.cfg), "objective": cfg.objective.name, **wrap_meta}
+    checkpoint_meta = {"model_config": model_config_to_dict(model.cfg), "objective": cfg.objective.name, **wrap_meta}
     trainer = _Trainer(graphdef=graphdef, model_cfg=model.cfg, step_fn=step_fn, frozen=frozen,
-                       frozen_args=(frozen_states(frozen),) if frozen else (), self_teacher=self_teacher, meta=meta,
-                       merge_adapters=merge_adapters)
+                       frozen_args=(frozen_states(frozen),) if frozen else (), self_teacher=self_teacher,
+                       checkpoint_meta=checkpoint_meta, merge_adapters=merge_adapters)
     return trainer, state
 
 

@@ -193,9 +193,9 @@ class SpeculativeSampler:
     @classmethod
     def from_config(cls, cfg, policy_cfg, spec: ObjectiveSpec, *, mesh=None) -> Optional["SpeculativeSampler"]:
         """The sampler of ``cfg.rollout`` (None for ``rollout.sampler: ar``) for a policy of config ``policy_cfg``;
-        ``spec`` the objective's :class:`~jaxtok.specs.ObjectiveSpec`. ConfigError (exit 2) naming the key for a drafter that is not an
-        AR model, a vocabulary that differs from the policy's, a draft policy that does not fit, or an objective
-        whose rollouts the default collector does not make."""
+        ``spec`` the objective's :class:`~jaxtok.specs.ObjectiveSpec`. ConfigError (exit 2) naming the key for a
+        drafter that is not an AR model, a vocabulary that differs from the policy's, a draft policy that does not
+        fit, or an objective whose rollouts the default collector does not make."""
         from jaxtok.registry import DRAFT_POLICIES, ConfigError
 
         ro = cfg.rollout
