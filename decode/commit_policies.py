@@ -627,7 +627,7 @@ def dystruct(info: StepInfo, args: DystructArgs, state, spec: LoopSpec, heads=No
 class Learn2PDArgs(SamplerArgs):
     """``threshold`` on the filter's sigmoid (reference 0.9); ``eot``: End-of-Text Prediction truncation. Needs
     ``heads={"filter": FilterHead(block_size=block_len)}`` (``jaxtok.models.heads``); ``head_path``: a trained filter
-    (``python -m jaxtok.decode.train_commit_heads``) that ``jaxtok decode`` loads."""
+    (the run directory of ``jaxtok train configs/heads/learn2pd.yaml``) that ``jaxtok decode`` loads."""
 
     threshold: float = 0.9
     eot: bool = True
@@ -686,7 +686,8 @@ class TraceLockArgs(SamplerArgs):
     threshold commits per step (4); ``window`` positions from the first mask the controller sees (128). Needs
     ``heads={"controller": TraceController(in_features=hidden_size + 1)}``; features are the backbone's hidden state
     and the proposal's confidence at every generated position, state ids LOCKED (1) / GEN (2) / EOT (3);
-    ``head_path``: a trained controller (``python -m jaxtok.decode.train_commit_heads``) that ``jaxtok decode`` loads."""
+    ``head_path``: a trained controller (the run directory of ``jaxtok train configs/heads/tracelock.yaml``) that
+    ``jaxtok decode`` loads."""
 
     threshold: float = 0.99
     max_accept: int = 4

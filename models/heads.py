@@ -1,7 +1,10 @@
 """Small heads on top of (or beside) the decoder: a value head and the learned decoding controllers.
 
-Modules only; their training lives with the methods that use them (``train/objectives/lenvm.py``, the PPO critic,
-``decode/speculative.py``, ``decode/diffusion.py``).
+Modules and their files; their training lives with the methods that use them (``train/objectives/lenvm.py``, the
+PPO critic, ``train/objectives/draft_heads.py`` and ``train/objectives/commit_heads.py`` for the decoding
+controllers, run by ``jaxtok train configs/heads/<kind>.yaml``). A trained decoding controller is saved as
+``head.npz`` + ``head.json`` (:func:`save_head`) in its run directory, which ``decode.policy_args.head_path`` names
+(:func:`load_head`).
 
 - :class:`ValueHead` — LenVM value model (train_methods.md §11) and PPO critic: hidden ``[B, T, D]`` -> ``[B, T]``.
 - :class:`MLPHead` — SpecDec++ acceptance head (decode_methods.md §A2: residual SiLU blocks on the drafter's
@@ -22,10 +25,13 @@ Padding positions of per-position outputs are set to :data:`PAD_LOGIT` (sigmoid 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxtok.models.transformer import check_token_ids, dense
@@ -267,3 +273,99 @@ class TraceController(nnx.Module):
         count = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1)
         pooled = jnp.sum(jnp.where(valid[..., None], x, 0.0), axis=1) / count  # [B, d]
         return ControllerOutput(logits=logits, threshold_logit=self.threshold(pooled)[..., 0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head files: what ``decode.policy_args.head_path`` loads
+# ----------------------------------------------------------------------------------------------------------------
+
+HEAD_FILE = "head.npz"  # parameters by tree path
+HEAD_META = "head.json"  # {"kind": ..., **constructor arguments}
+
+
+def specdecpp_head(hidden_size: int, depth: int = 3, seed: int = 0) -> MLPHead:
+    """A new SpecDec++ acceptance head (§A2): ``depth`` residual SiLU blocks of width D (the drafter's hidden
+    size), then D -> 2 (class 1 = accept)."""
+    return MLPHead(hidden_size, None, 2, depth, activation="silu", residual=True, in_axis="embed",
+                   rngs=nnx.Rngs(seed))
+
+
+def speckv_head(hidden: int = 16, seed: int = 0, in_features: int = 6) -> MLPHead:
+    """A new SpecKV predictor (§A3): the 6 round features -> ``hidden`` ReLU -> 1 (acceptance rate, clipped by the
+    caller)."""
+    return MLPHead(in_features, hidden, 1, 1, activation="relu", rngs=nnx.Rngs(seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadKind:
+    """A kind of saved head: ``build(**ctor, seed=)`` makes a fresh one, ``policy`` is the decode policy it serves
+    and ``slot`` its name in that policy's heads (``heads={"filter": ...}`` of the diffusion sampler)."""
+
+    build: Callable[..., nnx.Module]
+    policy: str
+    slot: str
+
+
+HEAD_KINDS = {
+    "specdecpp": HeadKind(specdecpp_head, "specdecpp", "head"),
+    "speckv": HeadKind(speckv_head, "speckv", "head"),
+    "learn2pd_filter": HeadKind(lambda seed=0, **ctor: FilterHead(**ctor, rngs=nnx.Rngs(seed)), "learn2pd",
+                                "filter"),
+    "tracelock_controller": HeadKind(lambda seed=0, **ctor: TraceController(**ctor, rngs=nnx.Rngs(seed)),
+                                     "tracelock", "controller"),
+}
+
+
+def build_head(kind: str, seed: int = 0, **ctor) -> nnx.Module:
+    """A fresh head of ``kind`` (:data:`HEAD_KINDS`) from its constructor arguments."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"head kind={kind!r}: allowed {sorted(HEAD_KINDS)}")
+    return HEAD_KINDS[kind].build(seed=seed, **ctor)
+
+
+def save_head(head: nnx.Module, path: str | Path, kind: str, **ctor) -> None:
+    """``path/head.npz`` (the head's parameters by tree path) and ``path/head.json`` (``kind`` and the constructor
+    arguments :func:`build_head` takes); ``jaxtok decode ... head_path=path`` loads them (:func:`load_head`)."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"head kind={kind!r}: allowed {sorted(HEAD_KINDS)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(head, nnx.Param))[0]
+    np.savez(path / HEAD_FILE, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+    (path / HEAD_META).write_text(json.dumps({"kind": kind, **ctor}))
+
+
+def head_kind(path: str | Path) -> str:
+    """The kind named by ``path/head.json`` (FileNotFoundError naming ``head_path`` when there is none)."""
+    meta = Path(path) / HEAD_META
+    if not meta.is_file():
+        raise FileNotFoundError(f"head_path={str(path)!r}: no {HEAD_META} (train a head with `jaxtok train "
+                                f"configs/heads/<kind>.yaml`; its run directory is the head_path)")
+    return json.loads(meta.read_text())["kind"]
+
+
+def load_head(path: str | Path, kinds: Optional[Sequence[str]] = None) -> nnx.Module:
+    """Rebuild the head saved at ``path`` (a ``jaxtok train configs/heads/...`` run directory or any directory
+    :func:`save_head` wrote); ``kinds``: the kinds the caller accepts (ValueError naming the file otherwise)."""
+    path = Path(path)
+    kind = head_kind(path)
+    meta = json.loads((path / HEAD_META).read_text())
+    meta.pop("kind")
+    allowed = sorted(HEAD_KINDS) if kinds is None else list(kinds)
+    if kind not in allowed:
+        raise ValueError(f"{path / HEAD_META}: kind={kind!r}, allowed {allowed}")
+    head = build_head(kind, **meta)
+    arrays = np.load(path / HEAD_FILE)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(head, nnx.Param))
+    missing = [jax.tree_util.keystr(k) for k, _ in leaves if jax.tree_util.keystr(k) not in arrays]
+    if missing:
+        raise ValueError(f"{path / HEAD_FILE} lacks parameters {missing[:4]} for {kind} {meta}")
+    nnx.update(head, jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(k)])
+                                                            for k, _ in leaves]))
+    return head
+
+
+def load_policy_heads(path: str | Path) -> dict[str, nnx.Module]:
+    """``{slot: head}`` for a diffusion commit policy's ``heads`` from a saved head (``filter`` for Learn2PD,
+    ``controller`` for TraceLock)."""
+    return {HEAD_KINDS[head_kind(path)].slot: load_head(path)}

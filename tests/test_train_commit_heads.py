@@ -1,25 +1,33 @@
-"""Learned commit policies' training (decode/train_commit_heads.py, decode_methods.md §B16 Learn2PD, §B17
-TraceLock) and plan conditioning (decode/plan_conditioning.py, §B22): labels and block starts on hand-made
-trajectories, the replay reproducing the sampler's steps, losses (weights, empty selection), a few optimiser steps
-reducing the loss on toys, saved heads loading through ``policy_args.head_path`` and plugging into
-``diffusion_generate`` with loops ending within their caps, and the plan-conditioned prompt layout."""
+"""Learned commit policies' training (train/objectives/commit_heads.py, decode_methods.md §B16 Learn2PD, §B17
+TraceLock, run by ``jaxtok train configs/heads/{learn2pd,tracelock}.yaml``) and plan conditioning
+(decode/plan_conditioning.py, §B22): labels and block starts on hand-made trajectories, the replay reproducing the
+sampler's steps, losses (weights, empty selection), a few steps of the one train step reducing the loss on toys,
+saved heads loading through ``policy_args.head_path`` and plugging into ``diffusion_generate`` with loops ending
+within their caps, a head trained by ``jaxtok train`` decoding through ``jaxtok decode``, and the
+plan-conditioned prompt layout."""
 
+import functools
+import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from jaxtok.decode import commit_policies as cp
-from jaxtok.decode import train_commit_heads as tch
 from jaxtok.decode.diffusion import diffusion_generate, policy_args_and_heads
 from jaxtok.models import Decoder, presets
-from jaxtok.models.heads import FilterHead, TraceController
+from jaxtok.models.heads import HEAD_KINDS, FilterHead, TraceController, build_head, head_kind, save_head
 from jaxtok.registry import ConfigError
+from jaxtok.train.heads import fit_head
+from jaxtok.train.objectives import commit_heads as tch
 
 V, MASK, K, N = 61, 3, 4, 8
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = np.array([[0, 1, 11, 12], [1, 13, 14, 15]], np.int32)
 PVALID = np.array([[False, True, True, True], [True, True, True, True]])
 
@@ -133,17 +141,19 @@ def _filter_toy(m=512, seed=0):
 def test_filter_loss_weights_and_empty_selection():
     head = FilterHead(K, hidden=8, rngs=nnx.Rngs(0))
     d = {k: jnp.asarray(v) for k, v in _filter_toy(16).items()}
-    loss = tch.filter_loss(head, **d)
+    loss_sum, count, _ = tch.filter_loss(head, d, None, tch.Learn2PDHeadArgs())
     logits = head(d["feats"], d["valid"])
     by_hand = jnp.sum(d["weight"] * (jax.nn.softplus(logits) - d["label"] * logits)) / jnp.sum(d["weight"])
-    np.testing.assert_allclose(loss, by_hand, rtol=1e-5)
-    assert float(tch.filter_loss(head, **dict(d, weight=jnp.zeros_like(d["weight"])))) == 0.0
+    np.testing.assert_allclose(loss_sum / count, by_hand, rtol=1e-5)
+    empty = tch.filter_loss(head, dict(d, weight=jnp.zeros_like(d["weight"])), None, tch.Learn2PDHeadArgs())
+    assert float(empty[0]) == 0.0 and float(empty[1]) == 0.0  # the step reports 0 with zero gradient
 
 
 def test_a_few_steps_reduce_the_filter_loss():
     data = _filter_toy()
     head = FilterHead(K, hidden=16, rngs=nnx.Rngs(0))
-    losses = tch.fit(head, tch.filter_loss, data, steps=60, lr=1e-2, batch_size=128)
+    loss = functools.partial(tch.filter_loss, args=tch.Learn2PDHeadArgs())
+    losses = fit_head(head, loss, data, steps=60, optimizer=optax.adam(1e-2), batch_size=128)
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
 
 
@@ -154,11 +164,13 @@ def test_a_few_steps_reduce_the_controller_loss():
     data = {"feats": feats, "states": np.full((m, t), 2, np.int32), "valid": np.ones((m, t), bool),
             "label": (feats[..., 0] > 0).astype(np.float32), "weight": np.ones((m, t), np.float32)}
     head = TraceController(f, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
-    losses = tch.fit(head, tch.controller_loss, data, steps=60, lr=1e-2, batch_size=64,
-                     augment=lambda b, r: tch.random_crop(b, r, 0.5))
+    args = tch.TraceLockHeadArgs()
+    losses = fit_head(head, functools.partial(tch.controller_loss, args=args), data, steps=60,
+                      optimizer=optax.adam(1e-2), batch_size=64, augment=lambda b, r: tch.random_crop(b, r, 0.5))
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
     empty = {k: jnp.asarray(v) for k, v in dict(data, weight=np.zeros((m, t), np.float32)).items()}
-    assert np.isfinite(float(tch.controller_loss(head, **empty)))
+    loss_sum, count, _ = tch.controller_loss(head, empty, None, args)
+    assert float(loss_sum) == 0.0 and float(count) == 0.0
 
 
 def test_random_crop_keeps_a_prefix_of_each_window():
@@ -182,11 +194,18 @@ def test_trained_heads_load_and_decode_within_caps(decoder, traced, tmp_path):
     labels = tch.commit_labels(rep["x0"], tokens, cs)
     data_l = tch.learn2pd_examples(rep, labels, tch.block_starts(rep["masked"], K), K)
     data_t = tch.tracelock_examples(rep, labels, 128, (2,))
+    ctors = {"learn2pd": {"block_size": K, "hidden": 8, "num_features": 1, "depth": 1},
+             "tracelock": {"in_features": int(data_t["feats"].shape[-1]), "d_model": 16, "num_heads": 4,
+                           "num_layers": 1}}
+    losses = {"learn2pd": (tch.filter_loss, tch.Learn2PDHeadArgs()),
+              "tracelock": (tch.controller_loss, tch.TraceLockHeadArgs())}
     for kind, data, path in (("learn2pd", data_l, tmp_path / "l2pd"), ("tracelock", data_t, tmp_path / "tl")):
-        head, ctor, losses = tch.train_head(kind, data, steps=3, block_len=K, hidden=8, d_model=16, num_layers=1)
         name = {"learn2pd": "learn2pd_filter", "tracelock": "tracelock_controller"}[kind]
-        tch.save_commit_head(head, path, name, **ctor)
-        assert tch.policy_of_heads(path) == kind
+        head = build_head(name, **ctors[kind])
+        loss, args = losses[kind]
+        fit_head(head, functools.partial(loss, args=args), data, steps=3)
+        save_head(head, path, name, **ctors[kind])
+        assert HEAD_KINDS[head_kind(path)].policy == kind
         args, heads = policy_args_and_heads(kind, {"block_len": K, "threshold": 0.5, "head_path": str(path)})
         probe = tch.head_probs(kind, head, data)
         np.testing.assert_allclose(tch.head_probs(kind, next(iter(heads.values())), data), probe, atol=1e-6)
@@ -207,11 +226,38 @@ def test_policy_args_head_path_errors(tmp_path):
     with pytest.raises(ConfigError, match="head_path"):
         policy_args_and_heads("llada", {"head_path": str(tmp_path)})  # not a field of a head-less policy
     head = FilterHead(K, hidden=8, rngs=nnx.Rngs(0))
-    tch.save_commit_head(head, tmp_path / "f", "learn2pd_filter", block_size=K, hidden=8)
+    save_head(head, tmp_path / "f", "learn2pd_filter", block_size=K, hidden=8)
     with pytest.raises(ConfigError, match="needs"):
         policy_args_and_heads("tracelock", {"head_path": str(tmp_path / "f")})
     args, heads = policy_args_and_heads("llada", {"block_len": K})
     assert heads is None and isinstance(args, cp.LLaDAArgs)
+
+
+@pytest.mark.slow
+def test_jaxtok_train_learn2pd_then_decode_with_head_path(tmp_path):
+    """``jaxtok train configs/heads/learn2pd.yaml`` on a tiny random diffusion run writes the filter and the held-out
+    label metrics into its run directory; ``jaxtok decode configs/diffusion/learn2pd.yaml head_path=<run dir>``
+    decodes with it."""
+    from jaxtok import cli
+    from jaxtok.models import save_checkpoint
+
+    cfg = presets.get("tiny_diffusion", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8)
+    save_checkpoint(Decoder(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "lm"))
+    common = [f"model.init_from={tmp_path / 'lm'}", "decode.batch_size=8", "decode.max_new_tokens=8"]
+    rc = cli.main(["train", str(ROOT / "configs/heads/learn2pd.yaml"), f"run.out_dir={tmp_path}", *common,
+                   "objective.args.prompts=16", "objective.args.block_len=4", "objective.args.hidden=8",
+                   "train.steps=3", "data.batch_size=32"])
+    assert rc == 0
+    run = tmp_path / "learn2pd"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kind"] == "learn2pd_filter" and summary["examples"] > 0 and summary["heldout_examples"] > 0
+    assert set(summary["heldout"]) == {"t=0.5", "t=0.9"}
+    assert head_kind(run) == "learn2pd_filter"
+    rc = cli.main(["decode", str(ROOT / "configs/diffusion/learn2pd.yaml"), f"run.out_dir={tmp_path}", *common,
+                   "run.name=dec", "decode.policy_args.block_len=4", f"decode.policy_args.head_path={run}",
+                   "data.num_eval=8"])
+    assert rc == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

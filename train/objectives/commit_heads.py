@@ -1,12 +1,17 @@
-"""Training the learned commit policies of the diffusion sampler from recorded decoding trajectories:
-the Learn2PD unmask filter (decode_methods.md §B16) and the TraceLock commitment controller (§B17).
+"""The learned commit policies of the diffusion sampler, trained from recorded decoding trajectories of a frozen
+diffusion LM: the Learn2PD unmask filter (decode_methods.md §B16) and the TraceLock commitment controller (§B17).
+``jaxtok train configs/heads/{learn2pd,tracelock}.yaml model.init_from=<diffusion run>`` (run by
+:mod:`jaxtok.train.heads`); the run directory is the ``decode.policy_args.head_path`` of ``jaxtok decode``.
 
-Data (both heads): the diffusion LM decodes training prompts with a reference policy (LLaDA, one token per step,
+Data (both heads): the diffusion LM decodes ``prompts`` training prompts (whole batches of ``decode.batch_size``,
+``decode.max_new_tokens`` new tokens, ``model.attention``) with a reference policy (LLaDA, one token per step,
 ``T = 0``, ``stop_early=False`` so the tail holds the model's own terminators); :func:`diffusion_generate` returns
 the final tokens and the commit trajectory ``commit_step [B, N]``. :func:`replay_trajectory` re-runs the model on
 every intermediate state ``x^(s)`` (:func:`jaxtok.decode.diffusion.trajectory_state`) — at ``T = 0`` this gives
 exactly the proposals ``x0_s``, confidences ``conf_s`` and hidden states the sampler saw at step s — and
-:func:`block_starts` rebuilds each row's active block ``[lo, hi)`` with the sampler's fixed-block rule.
+:func:`block_starts` rebuilds each row's active block ``[lo, hi)`` with the sampler's fixed-block rule. A share
+``heldout`` of the prompts (whole prompts) is held out for the label metrics of ``summary.json``
+(:func:`label_metrics`: base rate, accuracy, and at each of ``thresholds`` the accepted fraction, precision, recall).
 
 Labels (:func:`commit_labels`) over positions still masked at step s:
 
@@ -18,9 +23,9 @@ Labels (:func:`commit_labels`) over positions still masked at step s:
 Learn2PD filter (:func:`learn2pd_examples`, :func:`filter_loss`): input = the block's confidence vector
 ``where(masked, conf, 1)`` gathered at ``lo .. lo+K-1`` (:func:`jaxtok.decode.commit_policies.block_features`, the
 decode-time features), output one logit per block position; ``BCEWithLogits`` averaged over the masked positions
-of the block (decoded positions are trivially correct and carry no signal). AdamW, lr 3e-3 (reference).
-End-of-Text Prediction has nothing to train: it is the decode-time truncation rule of the ``learn2pd`` policy
-(``Learn2PDArgs.eot``), driven by the same filter.
+of the block (decoded positions are trivially correct and carry no signal). AdamW, lr 3e-3 (reference;
+``configs/heads/learn2pd.yaml``). End-of-Text Prediction has nothing to train: it is the decode-time truncation
+rule of the ``learn2pd`` policy (``Learn2PDArgs.eot``), driven by the same filter.
 
 TraceLock controller (:func:`tracelock_examples`, :func:`controller_loss`): input = the decode-time trace state
 (:func:`jaxtok.decode.commit_policies.tracelock_inputs`: the backbone's hidden state and confidence per generated
@@ -28,45 +33,28 @@ position, state ids LOCKED/GEN/EOT, the window from the first mask); prediction 
 loss = weighted BCE over the window's GEN/EOT (masked) positions with negatives weighted ``neg_weight`` (2.0),
 positives weighted ``1 − frontier_bias · (i − first) / (window − 1)`` ("frontier positive bias", 0.5), plus
 ``centre · threshold_logit²`` (threshold-centre loss, 0.001); random crops keep ``U[crop_min, 1]`` of each window
-(25–100 %). AdamW lr 1e-4, weight decay 0.01 in the reference (here a larger lr for the short runs).
-
-CLI::
-
-    python -m jaxtok.decode.train_commit_heads {learn2pd,tracelock} CONFIG --out DIR [--prompts 512] [--steps 400]
-        [--eval 256] [key=value overrides]
-
-with a diffusion decode config (``model.init_from`` = the diffusion LM, ``data`` = its task,
-``decode.max_new_tokens``, ``decode.policy_args.block_len``). Writes ``DIR/head.npz`` + ``DIR/head.json`` (loadable
-with ``decode.policy_args.head_path=DIR`` in ``jaxtok decode``) and ``DIR/train.json`` (losses, held-out label
-metrics); ``--eval N`` also decodes N held-out prompts with ``llada`` (1 token/step), ``threshold`` 0.9 and the
-trained policy and writes ``DIR/results.{json,md}`` and ``DIR/accuracy_vs_nfe.png``.
+(25–100 %, :func:`random_crop`, applied to each minibatch). AdamW lr 1e-4, weight decay 0.01 in the reference
+(``configs/heads/tracelock.yaml`` uses a larger lr for the short runs).
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
+import dataclasses
 import types
-from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from jaxtok.models.heads import FilterHead, TraceController
+from jaxtok.decode import commit_policies as cp
+from jaxtok.decode.diffusion import DEFAULT_MASK_ID, diffusion_generate, fixed_block_end, trajectory_state
+from jaxtok.models.heads import build_head
+from jaxtok.registry import OBJECTIVES, ConfigError
+from jaxtok.train.heads import HeadRun, merge_records, prompt_batches
 
-from jaxtok.bench.plots import draw_accuracy_vs_nfe
-
-from . import commit_policies as cp
-from .diffusion import DEFAULT_MASK_ID, diffusion_generate, fixed_block_end, trajectory_state
-from .train_heads import save_head
-
-HEAD_KINDS = {"learn2pd_filter": ("filter", FilterHead), "tracelock_controller": ("controller", TraceController)}
-POLICY_OF_KIND = {"learn2pd_filter": "learn2pd", "tracelock_controller": "tracelock"}
+LABEL_KINDS = ("final", "stable")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,12 +163,13 @@ def commit_labels(x0: np.ndarray, tokens: np.ndarray, commit_step: np.ndarray, k
     if kind == "final":
         return eq
     if kind != "stable":
-        raise ValueError(f"label kind={kind!r}: allowed 'final', 'stable'")
+        raise ValueError(f"label kind={kind!r}: allowed {list(LABEL_KINDS)}")
     S = x0.shape[0]
     cs = np.asarray(commit_step)
     after = np.arange(S)[:, None, None] > np.where(cs < 0, S, cs)[None]  # steps after the commit do not count
     ok = eq | after
     return np.flip(np.cumprod(np.flip(ok, 0), axis=0), 0).astype(bool)  # AND over u >= s
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,13 +211,9 @@ def tracelock_examples(rep: dict, labels: np.ndarray, window: int, stop_tokens: 
             "label": np.asarray(labels.reshape(S * B, N), np.float32)[keep], "weight": weight[keep]}
 
 
-def merge_records(records: Sequence[dict]) -> dict:
-    """Concatenate example dicts along the first axis."""
-    return {k: np.concatenate([r[k] for r in records]) for k in records[0]}
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# Losses
+# Augmentation
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -236,31 +221,6 @@ def _bce(logits: jax.Array, label: jax.Array) -> jax.Array:
     """Elementwise binary cross-entropy with logits: ``softplus(z) − y·z`` (stable for large |z|)."""
     z = logits.astype(jnp.float32)
     return jax.nn.softplus(z) - label.astype(jnp.float32) * z
-
-
-def filter_loss(head: FilterHead, feats, valid, label, weight) -> jax.Array:
-    """Learn2PD (§B16): ``Σ w · BCE(f(feats)_j, y_j) / Σ w`` over the block positions; 0 when ``Σ w = 0``."""
-    w = weight.astype(jnp.float32)
-    num = jnp.sum(w * _bce(head(feats, valid), label))
-    den = jnp.sum(w)
-    return jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)
-
-
-def controller_loss(head: TraceController, feats, states, valid, label, weight, *, neg_weight: float = 2.0,
-                    frontier_bias: float = 0.5, centre: float = 1e-3) -> jax.Array:
-    """TraceLock (§B17): weighted BCE of ``σ(logit_i − threshold_logit)`` over masked window positions
-    (negatives ×``neg_weight``; positives ×``1 − frontier_bias · (i − first)/(count − 1)``) + ``centre · θ²``."""
-    out = head(feats, states, valid)
-    y = label.astype(jnp.float32)
-    v = valid.astype(jnp.float32)
-    rank = jnp.cumsum(v, axis=-1) - 1.0  # [M, N] offset inside the window
-    count = jnp.sum(v, axis=-1, keepdims=True)
-    frac = rank / jnp.maximum(count - 1.0, 1.0)
-    w = weight.astype(jnp.float32) * v * jnp.where(y > 0, 1.0 - frontier_bias * frac, neg_weight)
-    num = jnp.sum(w * _bce(out.commit_logits, y))
-    den = jnp.sum(w)
-    bce = jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)
-    return bce + centre * jnp.mean(out.threshold_logit**2)
 
 
 def random_crop(batch: dict, rng: np.random.Generator, crop_min: float) -> dict:
@@ -276,92 +236,9 @@ def random_crop(batch: dict, rng: np.random.Generator, crop_min: float) -> dict:
     return dict(batch, valid=new_valid, weight=batch["weight"] * new_valid)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training, metrics, saving, loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def fit(head: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray], *, steps: int = 400, lr: float = 3e-3,
-        weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0,
-        augment: Optional[Callable[[dict, np.random.Generator], dict]] = None) -> list[float]:
-    """AdamW on ``head``'s parameters with minibatches of ``data``; ``loss_fn(head, **batch)``. Updates ``head`` in
-    place; returns the loss per step."""
-    n = len(next(iter(data.values())))
-    if n == 0:
-        raise ValueError("fit: the data has no examples (no masked positions were recorded)")
-    graphdef, params = nnx.split(head, nnx.Param)
-    opt = optax.adamw(lr, weight_decay=weight_decay)
-    opt_state = opt.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        value, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), **batch))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    rng = np.random.default_rng(seed)
-    losses = []
-    for _ in range(steps):
-        idx = rng.choice(n, min(batch_size, n), replace=False)
-        batch = {k: v[idx] for k, v in data.items()}
-        if augment is not None:
-            batch = augment(batch, rng)
-        params, opt_state, value = step(params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()})
-        losses.append(float(value))
-    nnx.update(head, params)
-    return losses
-
-
-def label_metrics(prob: np.ndarray, label: np.ndarray, weight: np.ndarray, threshold: float) -> dict:
-    """Over weighted positions: base rate, accuracy at 0.5, and at ``threshold`` the accepted fraction, precision
-    (accepted that were correct — what a commit rule needs) and recall."""
-    w = np.asarray(weight) > 0
-    p, y = np.asarray(prob)[w], np.asarray(label)[w] > 0.5
-    acc = p >= threshold
-    return {"positions": int(w.sum()), "base_rate": float(y.mean()) if y.size else 0.0,
-            "accuracy@0.5": float(((p >= 0.5) == y).mean()) if y.size else 0.0,
-            "accepted": float(acc.mean()) if y.size else 0.0,
-            "precision": float(y[acc].mean()) if acc.any() else 1.0,
-            "recall": float(acc[y].mean()) if y.any() else 0.0}
-
-
-def save_commit_head(head: nnx.Module, path: str | Path, kind: str, **ctor) -> None:
-    """``path/head.npz`` + ``path/head.json`` (``kind`` ∈ :data:`HEAD_KINDS` and the constructor arguments)."""
-    if kind not in HEAD_KINDS:
-        raise ValueError(f"kind={kind!r}: allowed {sorted(HEAD_KINDS)}")
-    save_head(head, path, kind, **ctor)
-
-
-def load_commit_heads(path: str | Path) -> dict[str, nnx.Module]:
-    """``{name: module}`` for ``diffusion_generate(heads=...)`` from a directory written by
-    :func:`save_commit_head` (``filter`` for Learn2PD, ``controller`` for TraceLock)."""
-    path = Path(path)
-    if not (path / "head.json").is_file():
-        raise FileNotFoundError(f"head_path={str(path)!r}: no head.json (train one with "
-                                f"`python -m jaxtok.decode.train_commit_heads`)")
-    meta = json.loads((path / "head.json").read_text())
-    kind = meta.pop("kind", None)
-    if kind not in HEAD_KINDS:
-        raise ValueError(f"{path}/head.json: kind={kind!r} is not a commit-policy head (allowed {sorted(HEAD_KINDS)})")
-    name, cls = HEAD_KINDS[kind]
-    head = cls(**meta, rngs=nnx.Rngs(0))
-    arrays = np.load(path / "head.npz")
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(head, nnx.Param))
-    missing = [jax.tree_util.keystr(k) for k, _ in leaves if jax.tree_util.keystr(k) not in arrays]
-    if missing:
-        raise ValueError(f"{path}/head.npz lacks parameters {missing[:4]} for {kind} {meta}")
-    new = [jnp.asarray(arrays[jax.tree_util.keystr(k)]) for k, _ in leaves]
-    nnx.update(head, jax.tree_util.tree_unflatten(treedef, new))
-    return {name: head}
-
-
-def policy_of_heads(path: str | Path) -> str:
-    """The commit policy a saved head serves (``learn2pd`` / ``tracelock``)."""
-    return POLICY_OF_KIND[json.loads((Path(path) / "head.json").read_text())["kind"]]
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# Driver: log traces, train, evaluate
+# Collection, metrics and the objectives
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -415,109 +292,132 @@ def head_probs(kind: str, head, data: dict) -> np.ndarray:
     return np.asarray(jax.nn.sigmoid(out.commit_logits))
 
 
-def train_head(kind: str, data: dict, *, steps: int, block_len: int, seed: int = 0, lr: Optional[float] = None,
-               batch_size: int = 256, crop_min: float = 0.25, neg_weight: float = 2.0, frontier_bias: float = 0.5,
-               hidden: int = 64, d_model: int = 64, num_layers: int = 2) -> tuple[nnx.Module, dict, list[float]]:
-    """Build and fit the head of ``kind`` on ``data``; returns ``(head, constructor args, losses)``."""
-    rngs = nnx.Rngs(seed)
-    if kind == "learn2pd":
-        ctor = {"block_size": block_len, "hidden": hidden, "num_features": 1, "depth": 1}
-        head = FilterHead(**ctor, rngs=rngs)
-        losses = fit(head, filter_loss, data, steps=steps, lr=lr or 3e-3, batch_size=batch_size, seed=seed)
-    else:
-        ctor = {"in_features": int(data["feats"].shape[-1]), "d_model": d_model, "num_heads": 4,
-                "num_layers": num_layers}
-        head = TraceController(**ctor, rngs=rngs)
-
-        def loss(h, **b):
-            return controller_loss(h, **b, neg_weight=neg_weight, frontier_bias=frontier_bias)
-
-        losses = fit(head, loss, data, steps=steps, lr=lr or 1e-3, weight_decay=0.01, batch_size=batch_size,
-                     seed=seed, augment=lambda b, r: random_crop(b, r, crop_min))
-    return head, ctor, losses
+def label_metrics(prob: np.ndarray, label: np.ndarray, weight: np.ndarray, threshold: float) -> dict:
+    """Over weighted positions: base rate, accuracy at 0.5, and at ``threshold`` the accepted fraction, precision
+    (accepted that were correct — what a commit rule needs) and recall."""
+    w = np.asarray(weight) > 0
+    p, y = np.asarray(prob)[w], np.asarray(label)[w] > 0.5
+    acc = p >= threshold
+    return {"positions": int(w.sum()), "base_rate": float(y.mean()) if y.size else 0.0,
+            "accuracy@0.5": float(((p >= 0.5) == y).mean()) if y.size else 0.0,
+            "accepted": float(acc.mean()) if y.size else 0.0,
+            "precision": float(y[acc].mean()) if acc.any() else 1.0,
+            "recall": float(acc[y].mean()) if y.any() else 0.0}
 
 
-def _eval_runs(kind: str, block_len: int, thresholds: Sequence[float]) -> list[dict]:
-    runs = [{"label": "llada 1 tok/step", "policy": "llada", "args": {"block_len": block_len}},
-            {"label": "threshold 0.9", "policy": "threshold", "args": {"block_len": block_len, "threshold": 0.9}}]
-    for t in thresholds:
-        runs.append({"label": f"{kind} {t}", "policy": kind, "args": {"block_len": block_len, "threshold": t}})
-    return runs
+@dataclasses.dataclass(frozen=True)
+class CommitHeadArgs:
+    """Trace settings shared by both heads: ``prompts`` recorded (whole batches of ``decode.batch_size``),
+    ``block_len`` of the reference LLaDA traces (= the policy's), ``labels`` (``final`` or ``stable``),
+    ``shift_logits`` (AR-initialised diffusion LMs), ``heldout`` share of prompts and the ``thresholds`` of the
+    held-out label metrics."""
+
+    prompts: int = 512
+    block_len: int = 8
+    labels: str = "final"
+    shift_logits: bool = False
+    heldout: float = 0.1
+    thresholds: Tuple[float, ...] = (0.5, 0.9)
+
+    def __post_init__(self):
+        if self.labels not in LABEL_KINDS:
+            raise ValueError(f"labels={self.labels!r}: allowed {list(LABEL_KINDS)}")
+        if self.prompts < 1 or self.block_len < 1 or not 0.0 < self.heldout < 1.0:
+            raise ValueError(f"prompts={self.prompts} >= 1, block_len={self.block_len} >= 1 and heldout="
+                             f"{self.heldout} in (0, 1) required")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from jaxtok.config import load_config
-    from jaxtok.data import make_task_from_config, prompt_dataset
-    from jaxtok.metrics import write_results
+@dataclasses.dataclass(frozen=True)
+class Learn2PDHeadArgs(CommitHeadArgs):
+    """The filter MLP's ``hidden`` width (one ReLU layer over the block's confidences)."""
+
+    hidden: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceLockHeadArgs(CommitHeadArgs):
+    """``window`` positions from the first mask the controller sees (the policy's); the controller's size
+    (``d_model``, ``num_heads``, ``num_layers``); the loss weights ``neg_weight``, ``frontier_bias``, ``centre``
+    and the random crops' ``crop_min``."""
+
+    thresholds: Tuple[float, ...] = (0.5, 0.9, 0.99)
+    window: int = 128
+    d_model: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    neg_weight: float = 2.0
+    frontier_bias: float = 0.5
+    centre: float = 1e-3
+    crop_min: float = 0.25
+
+
+def _commit_run(kind: str, cfg, args: CommitHeadArgs, *, tokenizer, task) -> tuple[dict, dict]:
+    """Trace ``args.prompts`` training prompts with the frozen diffusion LM (``model.init_from``), replay them into
+    the examples of ``kind`` and split off whole held-out prompts: ``(train, heldout)``."""
+    from jaxtok.decode.diffusion import stop_ids_of
     from jaxtok.models.hf import load_any
-    from jaxtok.tasks.tokenizer import load_tokenizer_for
     from jaxtok.tasks.tokenizer import SpecialTokens
 
-    from .diffusion import evaluate_policy, policy_args_of, stop_ids_of
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("kind", choices=("learn2pd", "tracelock"))
-    ap.add_argument("config", help="a diffusion decode config (model.init_from = the diffusion LM)")
-    ap.add_argument("overrides", nargs="*", help="key.subkey=value config overrides")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--prompts", type=int, default=512, help="training prompts to trace")
-    ap.add_argument("--steps", type=int, default=400, help="optimiser steps")
-    ap.add_argument("--labels", choices=("final", "stable"), default="final")
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--eval", type=int, default=0, help="held-out prompts to decode with llada/threshold/the head")
-    ap.add_argument("--thresholds", type=float, nargs="*", default=None,
-                    help="head thresholds to evaluate (default: the policy's default)")
-    a = ap.parse_args(argv)
-    cfg = load_config(a.config, a.overrides)
     if not cfg.model.init_from:
-        raise SystemExit("set model.init_from=<run dir of a trained diffusion LM>")
+        raise ConfigError(f"model.init_from=None: objective {cfg.objective.name!r} needs the run directory of a "
+                          f"trained diffusion LM")
     model, _ = load_any(cfg.model.init_from, key="model.init_from", dtype=cfg.model.dtype, diffusion=True)
-    tok = load_tokenizer_for(cfg)
-    sp = SpecialTokens.of(tok)
-    task = make_task_from_config(cfg.data)
-    pa = dict(cfg.decode.policy_args)
-    args = policy_args_of(a.kind, pa)
-    bsz = cfg.decode.batch_size
-    n_prompts = max(bsz, (a.prompts // bsz) * bsz)  # whole batches: one compiled shape
-    ds, _ = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len, batch_size=bsz,
-                           num_examples=n_prompts, overlong=cfg.data.overlong, drop_remainder=True)
-    stop = stop_ids_of(tok)
-    data = collect_examples(model, list(ds), a.kind, gen_len=cfg.decode.max_new_tokens, block_len=args.block_len,
-                            stop_tokens=stop, pad_id=sp.pad, labels=a.labels,
-                            window=getattr(args, "window", 128), attention=cfg.model.attention,
+    data = collect_examples(model, prompt_batches(cfg, tokenizer, task, args.prompts), kind,
+                            gen_len=cfg.decode.max_new_tokens, block_len=args.block_len,
+                            stop_tokens=stop_ids_of(tokenizer), pad_id=SpecialTokens.of(tokenizer).pad,
+                            labels=args.labels, window=getattr(args, "window", 128), attention=cfg.model.attention,
                             block_size=cfg.model.block_size, shift_logits=args.shift_logits,
                             rng=jax.random.key(cfg.train.seed))
-    train, held = split_by_group(data, 0.1, cfg.train.seed)
-    head, ctor, losses = train_head(a.kind, train, steps=a.steps, block_len=args.block_len, seed=cfg.train.seed,
-                                    lr=a.lr)
-    kind_name = {"learn2pd": "learn2pd_filter", "tracelock": "tracelock_controller"}[a.kind]
-    save_commit_head(head, a.out, kind_name, **ctor)
-    thr = args.threshold
-    report = {"kind": a.kind, "labels": a.labels, "prompts": n_prompts, "train_examples": len(train["label"]),
-              "heldout_examples": len(held["label"]), "first_loss": losses[0], "last_loss": losses[-1],
-              "heldout": {f"t={t}": label_metrics(head_probs(a.kind, head, held), held["label"], held["weight"], t)
-                          for t in sorted({0.5, 0.9, thr})},
-              "out": a.out, "head": ctor}
-    Path(a.out, "train.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    if a.eval:
-        heads = load_commit_heads(a.out)  # what `jaxtok decode ... head_path=` loads
-        table = []
-        for run in _eval_runs(a.kind, args.block_len, a.thresholds or [thr]):
-            run_args = policy_args_of(run["policy"], dict(pa, **run["args"]) if run["policy"] == a.kind
-                                      else run["args"])
-            m, _ = evaluate_policy(cfg, model, tok, task, policy=run["policy"], policy_args=run_args,
-                                   heads=heads if run["policy"] == a.kind else None, num_examples=a.eval)
-            table.append({"run": run["label"], **{k: v for k, v in m.items() if k not in ("policy", "compile_s")}})
-            print(json.dumps(table[-1]))
-
-        results = {"kind": a.kind, "init_from": cfg.model.init_from, "train": report, "rows": table,
-                   "device": jax.devices()[0].device_kind}
-        write_results(a.out, results, table, title=f"{a.kind}: accuracy vs NFE ({a.eval} held-out prompts)",
-                      plots={"accuracy_vs_nfe": functools.partial(draw_accuracy_vs_nfe, table)})
-        report["rows"] = table
-    return report
+    return split_by_group(data, args.heldout, cfg.train.seed)
 
 
-if __name__ == "__main__":
-    main()
+def _evaluate(kind: str, thresholds):
+    def evaluate(head, held: dict) -> dict:
+        probs = head_probs(kind, head, held)
+        return {f"t={t}": label_metrics(probs, held["label"], held["weight"], t) for t in sorted(set(thresholds))}
+
+    return evaluate
+
+
+def learn2pd_run(cfg, args: Learn2PDHeadArgs, *, tokenizer, task) -> HeadRun:
+    """Learn2PD examples and a fresh :class:`~jaxtok.models.heads.FilterHead` of ``block_len`` positions."""
+    train, held = _commit_run("learn2pd", cfg, args, tokenizer=tokenizer, task=task)
+    ctor = {"block_size": args.block_len, "hidden": args.hidden, "num_features": 1, "depth": 1}
+    return HeadRun(head=build_head("learn2pd_filter", cfg.train.seed, **ctor), kind="learn2pd_filter", ctor=ctor,
+                   train=train, heldout=held, evaluate=_evaluate("learn2pd", args.thresholds))
+
+
+def tracelock_run(cfg, args: TraceLockHeadArgs, *, tokenizer, task) -> HeadRun:
+    """TraceLock examples and a fresh :class:`~jaxtok.models.heads.TraceController` on the LM's hidden width + 1."""
+    train, held = _commit_run("tracelock", cfg, args, tokenizer=tokenizer, task=task)
+    ctor = {"in_features": int(train["feats"].shape[-1]), "d_model": args.d_model, "num_heads": args.num_heads,
+            "num_layers": args.num_layers}
+    return HeadRun(head=build_head("tracelock_controller", cfg.train.seed, **ctor), kind="tracelock_controller",
+                   ctor=ctor, train=train, heldout=held, evaluate=_evaluate("tracelock", args.thresholds),
+                   augment=lambda b, r: random_crop(b, r, args.crop_min))
+
+
+@OBJECTIVES.register("learn2pd", Learn2PDHeadArgs, head=learn2pd_run)
+def filter_loss(head, batch: dict, rng, args) -> tuple:
+    """Learn2PD (§B16): ``(Σ w · BCE(f(feats)_j, y_j), Σ w, aux)`` over the block positions of
+    ``batch = {feats [M, K], valid [M, K], label [M, K], weight [M, K]}``; the step divides once."""
+    w = batch["weight"].astype(jnp.float32)
+    return jnp.sum(w * _bce(head(batch["feats"], batch["valid"]), batch["label"])), jnp.sum(w), {}
+
+
+@OBJECTIVES.register("tracelock", TraceLockHeadArgs, head=tracelock_run)
+def controller_loss(head, batch: dict, rng, args) -> tuple:
+    """TraceLock (§B17): weighted BCE of ``σ(logit_i − threshold_logit)`` over masked window positions (negatives
+    ×``neg_weight``; positives ×``1 − frontier_bias · (i − first)/(count − 1)``) + ``centre · mean θ²``, as
+    ``(Σ w·BCE + centre · mean θ² · Σ w, Σ w, aux)`` so the step's ratio is the weighted mean plus the centre
+    term (0 when nothing is selected). ``batch = {feats [M, N, F], states [M, N], valid, label, weight [M, N]}``."""
+    out = head(batch["feats"], batch["states"], batch["valid"])
+    y = batch["label"].astype(jnp.float32)
+    v = batch["valid"].astype(jnp.float32)
+    rank = jnp.cumsum(v, axis=-1) - 1.0  # [M, N] offset inside the window
+    count = jnp.sum(v, axis=-1, keepdims=True)
+    frac = rank / jnp.maximum(count - 1.0, 1.0)
+    w = batch["weight"].astype(jnp.float32) * v * jnp.where(y > 0, 1.0 - args.frontier_bias * frac, args.neg_weight)
+    den = jnp.sum(w)
+    centre = args.centre * jnp.mean(out.threshold_logit**2)
+    return jnp.sum(w * _bce(out.commit_logits, y)) + centre * den, den, {"centre": (centre, 1.0)}
