@@ -238,8 +238,8 @@ def rows_identical(a_tok, a_valid, b_tok, b_valid) -> np.ndarray:
 
 def train_head(kind: str, target, draft, head_batches: list, *, max_new_tokens: int, steps: int, seed: int,
                stop_tokens: tuple, candidates=(2, 4, 6, 8)) -> tuple[Any, dict]:
-    """Log acceptance records on ``head_batches`` (train-split prompts) and fit the head (train/objectives/draft_heads.py);
-    returns ``(head, info)``."""
+    """Log acceptance records on ``head_batches`` (train-split prompts) and fit the head
+    (train/objectives/draft_heads.py); returns ``(head, info)``."""
     key = jax.random.key(seed)
     records: dict = {}
     for prompt, valid in head_batches:
