@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jaxtok.data import pad_prompt_batch, prompt_dataset
+from jaxtok.sampling import GREEDY, SamplingParams
 from jaxtok.tasks import tokenizer as tokenizer_lib
 from jaxtok.tasks.tokenizer import SpecialTokens
 
@@ -189,8 +190,14 @@ def evaluate(step: Step, task, tok, *, split: str = "eval", prompt_len: int, bat
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def ar_step(model, tok, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-            min_p: float = 0.0, guide=None, guide_args=None, mesh=None) -> Step:
+def _keywords(sampling: SamplingParams) -> dict:
+    """TRANSITIONAL: ``sampling`` as the loops' temperature/top_k/top_p/min_p keywords, until they take a
+    :class:`~jaxtok.sampling.SamplingParams` themselves."""
+    return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
+
+
+def ar_step(model, tok, *, max_new_tokens: int, sampling: SamplingParams = GREEDY, guide=None, guide_args=None,
+            mesh=None) -> Step:
     """Autoregressive decoding (:func:`jaxtok.decode.generate.generate`); ``guide`` a logit guide built from
     ``guide_args`` (``lenvm``: length control, which reports per-row length errors against a target; ``grammar``:
     a token-level grammar mask on the host, which reports the rows that stopped inside the grammar). Stats:
@@ -211,8 +218,7 @@ def ar_step(model, tok, *, max_new_tokens: int, temperature: float = 0.0, top_k:
 
     def step(prompt, valid, key):
         out = generate(model, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh, guide=guide,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       min_p=min_p)
+                       max_new_tokens=max_new_tokens, **_keywords(sampling))
         stats = {"target_forwards": out.num_forwards}
         if guide is not None:
             stats["rows"] = np.ones(prompt.shape[0], np.int64)
@@ -235,8 +241,8 @@ def speculative_stats(out) -> dict:
             "route_counts": out.route_counts}
 
 
-def speculative_step(model, drafter, policy, tok, *, draft_len: int, max_new_tokens: int, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Step:
+def speculative_step(model, drafter, policy, tok, *, draft_len: int, max_new_tokens: int,
+                     sampling: SamplingParams = GREEDY) -> Step:
     """Lossless draft-and-verify (:func:`jaxtok.decode.speculative.speculative_generate`) of ``model`` with
     ``drafter`` (model, DEER, n-gram or routed TAPS) and the draft-length ``policy``; stats
     :func:`speculative_stats`."""
@@ -247,14 +253,13 @@ def speculative_step(model, drafter, policy, tok, *, draft_len: int, max_new_tok
     def step(prompt, valid, key):
         out = speculative_generate(model, drafter, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad,
                                    draft_len=draft_len, policy=policy, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+                                   **_keywords(sampling))
         return out.tokens, out.valid, speculative_stats(out)
 
     return step
 
 
-def ead_step(small, large, tok, *, args, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, min_p: float = 0.0) -> Step:
+def ead_step(small, large, tok, *, args, max_new_tokens: int, sampling: SamplingParams = GREEDY) -> Step:
     """Entropy Adaptive Decoding (:func:`jaxtok.decode.speculative.ead_generate`, lossy small/large switching with
     :class:`~jaxtok.decode.draft_policies.EADArgs`); stats ``large_tokens`` per row, forwards of each model."""
     from .speculative import ead_generate
@@ -263,8 +268,7 @@ def ead_step(small, large, tok, *, args, max_new_tokens: int, temperature: float
 
     def step(prompt, valid, key):
         out = ead_generate(small, large, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, args=args,
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           min_p=min_p)
+                           max_new_tokens=max_new_tokens, **_keywords(sampling))
         return out.tokens, out.valid, {"large_tokens": out.from_large.sum(-1), "small_forwards": out.small_forwards,
                                        "large_forwards": out.large_forwards}
 

@@ -28,6 +28,7 @@ import jax
 from jaxtok import mesh as mesh_lib
 from jaxtok.metrics import write_results
 from jaxtok.registry import DECODE_METHODS, DRAFTERS, ConfigError
+from jaxtok.sampling import SamplingParams
 from jaxtok.tasks.tokenizer import load_tokenizer_for
 
 from .constrained import LaveArgs, grammar_for
@@ -57,9 +58,9 @@ def _model_and_tokenizer(cfg, mesh, diffusion: bool):
 
 
 def _sampling(d, greedy: bool = False) -> dict:
-    """The sampling keywords of ``decode`` (greedy: temperature 0)."""
-    return dict(max_new_tokens=d.max_new_tokens, temperature=0.0 if greedy else d.temperature, top_k=d.top_k,
-                top_p=d.top_p, min_p=d.min_p)
+    """``max_new_tokens`` and the :class:`~jaxtok.sampling.SamplingParams` of ``decode`` (greedy: temperature 0)."""
+    return dict(max_new_tokens=d.max_new_tokens, sampling=SamplingParams(
+        temperature=0.0 if greedy else d.temperature, top_k=d.top_k, top_p=d.top_p, min_p=d.min_p))
 
 
 # ----------------------------------------------------------------------------------------------------------------

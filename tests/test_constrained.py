@@ -352,3 +352,16 @@ def test_lave_method_registration_and_errors(dmodel):
     cfg = load_config("configs/diffusion/lave.yaml")
     validate_names(cfg)
     assert cfg.decode.method == "lave" and cfg.decode.policy is None and cfg.decode.policy_args["grammar"] == "task"
+
+
+def test_lave_step_through_the_one_loop(dmodel):
+    """``decode.method=lave``'s step in :func:`jaxtok.decode.evaluate.evaluate` (unpadded batches: a host loop):
+    every row parses (``grammar_ok`` 1), the per-row counts and the batch timings come back as metrics."""
+    from jaxtok.decode.evaluate import evaluate, lave_step
+
+    step = lave_step(dmodel, TOK, GRAMMARS["arith"], args=C.LaveArgs(block_len=8), gen_len=N)
+    m, rows = evaluate(step, ARITH, TOK, prompt_len=48, batch_size=3, num_examples=4, key=jax.random.key(0),
+                       warmup=False, pad=False, sample_stats=("nfe",))
+    assert m["grammar_ok"] == 1.0 and m["format_ok"] == 1.0 and m["num_examples"] == m["decoded"] == 4
+    assert 0 < m["mean_nfe"] <= N and m["verifies_per_row"] >= 1 and m["forward_s"] > 0 and m["host_s"] > 0
+    assert len(rows) == 4 and all(1 <= r["nfe"] <= N for r in rows)

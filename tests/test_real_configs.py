@@ -98,6 +98,22 @@ def test_qwen3_speculative_with_an_hf_draft(world):
     assert results["num_examples"] == 2
 
 
+@pytest.mark.slow
+def test_qwen3_ead_and_taps_select_their_loop_and_drafter(world):
+    """``decode.method=ead`` (its arguments in decode.policy_args) and ``decode.drafter=taps`` (the inner policy
+    stays decode.policy) through the CLI."""
+    common = ["model.hf_path=hf/Qwen3-1.7B", "decode.draft_init_from=hf/Qwen3-0.6B", "decode.max_new_tokens=6",
+              "decode.batch_size=2"]
+    ead = _run(world, "decode", "qwen3_speculative.yaml", *common, "decode.method=ead", "decode.policy=null",
+               "decode.policy_args.threshold=0.5")
+    assert ead["method"] == "ead" and 0.0 <= ead["large_share"] <= 1.0 and ead["large_forwards"] > 0
+    taps = _run(world, "decode", "qwen3_speculative.yaml", *common, "decode.drafter=taps",
+                "decode.drafter_args.drafters=[hf/Qwen3-0.6B]", "decode.drafter_args.ngram=false",
+                "decode.policy=heuristic")
+    assert taps["policy"] == "heuristic" and taps["drafter"] == "taps" and len(taps["route_counts"]) == 2
+    assert sum(taps["route_counts"]) == taps["rounds"]
+
+
 @pytest.mark.parametrize("config,path", [("dream_diffusion.yaml", "hf/Dream-7B"),
                                          ("llada_diffusion.yaml", "hf/LLaDA-8B-Instruct")])
 def test_diffusion_decode_of_dream_and_llada_folders(world, config, path):

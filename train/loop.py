@@ -265,7 +265,7 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
     from jaxtok.decode.evaluate import ar_step, evaluate
 
     n = capped(task, "eval", num_examples or cfg.data.num_eval)
-    step = ar_step(model, tok, max_new_tokens=cfg.decode.max_new_tokens, temperature=0.0, mesh=mesh)
+    step = ar_step(model, tok, max_new_tokens=cfg.decode.max_new_tokens, mesh=mesh)  # greedy
     metrics, _ = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
                           num_examples=n, overlong=cfg.data.overlong, key=jax.random.key(0), warmup=False,
                           num_samples=0, score=lambda texts, examples: eval_scores(task, texts, examples,
@@ -587,7 +587,7 @@ def _build_feed(plan, inputs: _Inputs, trainer: _Trainer) -> _Feed:
     topk = rollout_topk(cfg, spec, args) if spec.data == "rollout" else 0
     if topk:  # top-K behaviour statistics for the objective (CPPO's top-K TV/KL)
         collect = functools.partial(collect, topk=topk)
-    spec_sampler = rollout_lib.SpeculativeSampler.from_config(cfg, trainer.model_cfg, spec, mesh=inputs.mesh)
+    spec_sampler = rollout_lib.SpeculativeSampler.from_config(plan, trainer.model_cfg, mesh=inputs.mesh)
     if spec_sampler is not None:  # rollout.sampler=speculative: lossless speculative rollouts with the drafter
         collect = functools.partial(collect, sampler=spec_sampler)
     host_adv = None
@@ -679,6 +679,27 @@ def _next_batch(plan, inputs: _Inputs, trainer: _Trainer, feed: _Feed, step: int
     return batch, mesh_lib.put_batch(batch, inputs.mesh), ro.info
 
 
+def _open_metrics(cfg, run_dir: Path, *, start: int, damaged: list, lead: bool):
+    """The metrics observer (:func:`jaxtok.observe.open_observer`); a resumed run's ``metrics.jsonl`` gets a
+    ``resume`` record: records of steps after ``start`` written before it were redone (or lost with a damaged
+    checkpoint)."""
+    metrics_out = open_observer(cfg, run_dir, enabled=lead, start=start)
+    if metrics_out.enabled and metrics_out.path.is_file() and metrics_out.path.stat().st_size:
+        metrics_out.write(start, {"event": "resume", "from_step": start,
+                                  **({"damaged_from_step": max(s for s, _ in damaged)} if damaged else {})})
+    return metrics_out
+
+
+def _evaluate_state(plan, inputs: _Inputs, trainer: _Trainer, state, step: int, final: bool = False) -> dict:
+    """Held-out ``eval/*`` metrics of the model in the train state at ``step`` (:func:`_evaluate_model`), logged."""
+    t_eval = time.perf_counter()
+    log.info("eval: %sheld-out evaluation at step %d", "final " if final else "", step)
+    ev = _evaluate_model(nnx.merge(trainer.graphdef, state.params, state.rest), inputs.task, inputs.tok, plan,
+                         inputs.mesh)
+    log.info("eval: %sdone in %.1f s: %s", "" if final else f"step {step} ", time.perf_counter() - t_eval, _brief(ev))
+    return ev
+
+
 def _step_loop(plan, run_dir: Path, inputs: _Inputs, trainer: _Trainer, feed: _Feed, ck, state, *, start: int,
                damaged: list, on_step, final_eval: bool) -> dict:
     """Steps ``start+1 .. train.steps`` with metrics records, periodic evaluations and checkpoints, the last
@@ -688,11 +709,7 @@ def _step_loop(plan, run_dir: Path, inputs: _Inputs, trainer: _Trainer, feed: _F
     cfg = plan.cfg
     lead = jax.process_index() == 0
     rollouts = feed.collect is not None
-    metrics_out = open_observer(cfg, run_dir, enabled=lead, start=start)
-    if metrics_out.enabled and metrics_out.path.is_file() and metrics_out.path.stat().st_size:
-        # records of steps after ``start`` written before this line were redone (or lost with a damaged checkpoint)
-        metrics_out.write(start, {"event": "resume", "from_step": start,
-                                  **({"damaged_from_step": max(s for s, _ in damaged)} if damaged else {})})
+    metrics_out = _open_metrics(cfg, run_dir, start=start, damaged=damaged, lead=lead)
     total = cfg.train.steps
     schedule = jax.jit(build_schedule(cfg.optimizer, total))  # the optimizer's own schedule: metrics.jsonl's lr
     profile = ProfileWindow(cfg.run.profile_steps, run_dir, start=start, enabled=lead)
@@ -701,20 +718,11 @@ def _step_loop(plan, run_dir: Path, inputs: _Inputs, trainer: _Trainer, feed: _F
     last: dict = {}
     batch, placed, rollout_info = None, None, {}
     quiet_bar = contextlib.ExitStack()  # log lines above the progress bar while it is shown
-
-    def evaluate_now(step: int, final: bool = False) -> dict:
-        t_eval = time.perf_counter()
-        log.info("eval: %sheld-out evaluation at step %d", "final " if final else "", step)
-        ev = _evaluate_model(nnx.merge(trainer.graphdef, state.params, state.rest), inputs.task, inputs.tok, plan,
-                             inputs.mesh)
-        log.info("eval: %sdone in %.1f s: %s", "" if final else f"step {step} ", time.perf_counter() - t_eval,
-                 _brief(ev))
-        return ev
-
+    evaluate_now = functools.partial(_evaluate_state, plan, inputs, trainer)
     try:
         quiet_bar.enter_context(_logging_around_bar())
         if cfg.train.eval_at_start and start == 0:  # the starting model's point on the same eval curve
-            metrics_out.write(0, evaluate_now(0))
+            metrics_out.write(0, evaluate_now(state, 0))
         for step in range(start + 1, total + 1):
             timer.begin_step()
             profile.before_step(step)
@@ -745,7 +753,7 @@ def _step_loop(plan, run_dir: Path, inputs: _Inputs, trainer: _Trainer, feed: _F
                 last = host
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
                 with timer.paused():
-                    metrics_out.write(step, evaluate_now(step))
+                    metrics_out.write(step, evaluate_now(state, step))
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != total:
                 trainer.save(ck, step, state, feed.it)
             bar.update(1)
@@ -759,7 +767,7 @@ def _step_loop(plan, run_dir: Path, inputs: _Inputs, trainer: _Trainer, feed: _F
 
         summary = {"step": total, "train/loss": last.get("loss"), "resumed_from": start or None}
         if final_eval:
-            summary.update(evaluate_now(total, final=True))
+            summary.update(evaluate_now(state, total, final=True))
             metrics_out.write(total, {k: v for k, v in summary.items() if k.startswith("eval/")})
     finally:
         profile.close()
