@@ -360,6 +360,10 @@ def load_head(path: str | Path, kinds: Optional[Sequence[str]] = None) -> nnx.Mo
     missing = [jax.tree_util.keystr(k) for k, _ in leaves if jax.tree_util.keystr(k) not in arrays]
     if missing:
         raise ValueError(f"{path / HEAD_FILE} lacks parameters {missing[:4]} for {kind} {meta}")
+    bad = [f"{jax.tree_util.keystr(k)} {arrays[jax.tree_util.keystr(k)].shape} != {v.shape}" for k, v in leaves
+           if arrays[jax.tree_util.keystr(k)].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path / HEAD_FILE}: parameter shape {bad[0]} for {kind} {meta}")
     nnx.update(head, jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[jax.tree_util.keystr(k)])
                                                             for k, _ in leaves]))
     return head

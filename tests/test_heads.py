@@ -240,3 +240,38 @@ def test_head_params_map_to_valid_specs():
             assert len(axes) == var.get_value().ndim, path
             spec = logical_to_spec(axes)
             assert len(spec) == len(axes)
+
+
+@pytest.mark.parametrize("kind, ctor", [
+    ("specdecpp", {"hidden_size": D, "depth": 2}),
+    ("speckv", {"hidden": 4}),
+    ("learn2pd_filter", {"block_size": 4, "hidden": 8, "num_features": 1, "depth": 1}),
+    ("tracelock_controller", {"in_features": 3, "d_model": 8, "num_heads": 2, "num_layers": 1}),
+])
+def test_head_files_round_trip_every_kind(kind, ctor, tmp_path):
+    """``save_head`` -> ``load_head`` rebuilds every kind with identical parameters; the kind's policy slot names
+    the diffusion heads (``load_policy_heads``)."""
+    from jaxtok.models.heads import HEAD_KINDS, build_head, head_kind, load_head, load_policy_heads, save_head
+
+    head = build_head(kind, seed=3, **ctor)
+    save_head(head, tmp_path, kind, **ctor)
+    assert head_kind(tmp_path) == kind
+    again = load_head(tmp_path, kinds=(kind,))
+    for a, b in zip(jax.tree.leaves(nnx.state(head, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    assert list(load_policy_heads(tmp_path)) == [HEAD_KINDS[kind].slot]
+    other = "speckv" if kind != "speckv" else "specdecpp"
+    with pytest.raises(ValueError, match=f"kind={kind!r}"):
+        load_head(tmp_path, kinds=(other,))
+
+
+def test_head_files_errors(tmp_path):
+    from jaxtok.models.heads import load_head, save_head, speckv_head
+
+    with pytest.raises(FileNotFoundError, match="head_path=.*head.json"):
+        load_head(tmp_path / "none")
+    with pytest.raises(ValueError, match="kind='value'"):
+        save_head(speckv_head(4), tmp_path / "v", "value", hidden=4)
+    save_head(speckv_head(4), tmp_path / "kv", "speckv", hidden=8)  # constructor arguments that do not fit
+    with pytest.raises(ValueError, match="lacks parameters|shape"):
+        load_head(tmp_path / "kv")
