@@ -190,12 +190,6 @@ def evaluate(step: Step, task, tok, *, split: str = "eval", prompt_len: int, bat
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _keywords(sampling: SamplingParams) -> dict:
-    """TRANSITIONAL: ``sampling`` as the loops' temperature/top_k/top_p/min_p keywords, until they take a
-    :class:`~jaxtok.sampling.SamplingParams` themselves."""
-    return dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
-
-
 def ar_step(model, tok, *, max_new_tokens: int, sampling: SamplingParams = GREEDY, guide=None, guide_args=None,
             mesh=None) -> Step:
     """Autoregressive decoding (:func:`jaxtok.decode.generate.generate`); ``guide`` a logit guide built from
@@ -218,7 +212,7 @@ def ar_step(model, tok, *, max_new_tokens: int, sampling: SamplingParams = GREED
 
     def step(prompt, valid, key):
         out = generate(model, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh, guide=guide,
-                       max_new_tokens=max_new_tokens, **_keywords(sampling))
+                       max_new_tokens=max_new_tokens, sampling=sampling)
         stats = {"target_forwards": out.num_forwards}
         if guide is not None:
             stats["rows"] = np.ones(prompt.shape[0], np.int64)
@@ -253,7 +247,7 @@ def speculative_step(model, drafter, policy, tok, *, draft_len: int, max_new_tok
     def step(prompt, valid, key):
         out = speculative_generate(model, drafter, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad,
                                    draft_len=draft_len, policy=policy, max_new_tokens=max_new_tokens,
-                                   **_keywords(sampling))
+                                   sampling=sampling)
         return out.tokens, out.valid, speculative_stats(out)
 
     return step
@@ -268,7 +262,7 @@ def ead_step(small, large, tok, *, args, max_new_tokens: int, sampling: Sampling
 
     def step(prompt, valid, key):
         out = ead_generate(small, large, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, args=args,
-                           max_new_tokens=max_new_tokens, **_keywords(sampling))
+                           max_new_tokens=max_new_tokens, sampling=sampling)
         return out.tokens, out.valid, {"large_tokens": out.from_large.sum(-1), "small_forwards": out.small_forwards,
                                        "large_forwards": out.large_forwards}
 

@@ -73,6 +73,9 @@ LIST_KINDS = {
     "policies": ("COMMIT_POLICIES", ("jaxtok.decode",), "decode.policy with decode.method=diffusion"),
     "guides": ("LOGIT_GUIDES", ("jaxtok.decode",), "decode.policy with decode.method=greedy|sample"),
     "draft-policies": ("DRAFT_POLICIES", ("jaxtok.decode",), "decode.policy with decode.method=speculative"),
+    "decode-methods": ("DECODE_METHODS", ("jaxtok.decode",), "decode.method (ead, lave: arguments in "
+                       "decode.policy_args)"),
+    "drafters": ("DRAFTERS", ("jaxtok.decode",), "decode.drafter with decode.method=speculative"),
     "presets": (None, ("jaxtok.models.presets",), "model.preset"),
     "tasks": ("TASKS", ("jaxtok.tasks",), "data.task"),
     "benches": ("BENCHES", ("jaxtok.bench",), "bench.name"),
