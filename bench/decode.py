@@ -10,6 +10,7 @@ run. Decode time is the generate call minus the measured prefill time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from jaxtok.models import Decoder, KVCache, num_params, presets
 from jaxtok.registry import BENCHES
 
 from jaxtok.decode.generate import generate
+from jaxtok.sampling import GREEDY
+
+from .plots import draw_decode_tokens_per_s
 
 # HBM bandwidth per chip (bytes/s), from the vendors' data sheets.
 PEAK_BANDWIDTH = {
@@ -129,7 +133,7 @@ def decode_bench(cfg, run_dir: str | Path, args: DecodeBenchArgs) -> dict:
         prompt = np.random.default_rng(B).integers(4, model_cfg.vocab_size, (B, P)).astype(np.int32)
         valid = np.ones((B, P), bool)
         t_prefill = _timed(lambda: prefill(state, prompt), args.repeats)
-        t_total = _timed(lambda: generate(model, prompt, valid, max_new_tokens=N, temperature=0.0, stop_tokens=(),
+        t_total = _timed(lambda: generate(model, prompt, valid, max_new_tokens=N, sampling=GREEDY, stop_tokens=(),
                                           rng=jax.random.key(0)).tokens, args.repeats)
         t_decode = max(t_total - t_prefill, 1e-9)
         mean_ctx = P + (N + 1) / 2
@@ -143,8 +147,5 @@ def decode_bench(cfg, run_dir: str | Path, args: DecodeBenchArgs) -> dict:
                "peak_bandwidth": peak, "peak_source": peak_src, "device": jax.devices()[0].device_kind, "rows": rows,
                "batch1_breakdown_ms": _breakdown(model, state, weight_bytes, peak, P + N, args.repeats)}
     write_results(run_dir, results, rows, title=f"AR decode, {cfg.model.preset} (bandwidth peak: {peak_src})",
-                  plots={"decode_tokens_per_s": lambda ax: (ax.plot([r["batch"] for r in rows],
-                                                                    [r["decode_tokens_per_s"] for r in rows], "o-"),
-                                                            ax.set_xlabel("batch size"), ax.set_ylabel("tokens/s"),
-                                                            ax.set_xscale("log", base=2))})
+                  plots={"decode_tokens_per_s": functools.partial(draw_decode_tokens_per_s, rows)})
     return {"decode_tokens_per_s": rows[-1]["decode_tokens_per_s"], "peak_source": peak_src}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -71,3 +73,12 @@ def diffusion_bench(cfg, run_dir, args: DiffusionBenchArgs) -> dict:
     write_results(run_dir, results, table, title="diffusion policies: accuracy vs NFE",
                   plots={"accuracy_vs_nfe": functools.partial(draw_accuracy_vs_nfe, table)})
     return results
+
+
+def replot_accuracy_vs_nfe(results_json, png, command: str):
+    """Redraw :func:`jaxtok.bench.plots.draw_accuracy_vs_nfe` from a written ``results.json`` (``rows``) into
+    ``png``, captioned with ``command`` (the command that made the results); no decoding."""
+    from jaxtok.metrics import save_plot
+
+    rows = json.loads(Path(results_json).read_text())["rows"]
+    return save_plot(png, functools.partial(draw_accuracy_vs_nfe, rows), command=command)

@@ -33,6 +33,7 @@ from jaxtok.tasks.tokenizer import SpecialTokens
 
 from jaxtok.decode.evaluate import evaluate
 from jaxtok.decode.generate import generate
+from jaxtok.sampling import SamplingParams
 from jaxtok.decode.length_control import LengthGuide, length_error_sums, predict_length
 
 from .plots import length_plots, save_plots
@@ -79,8 +80,9 @@ def _arm(policy, task, tok, cfg, args, *, max_new, top_k=0, guide=None, target=N
     sp = SpecialTokens.of(tok)
 
     def step(prompt, valid, key):  # stats: the rows' lengths and finished flags (readout, shares)
-        out = generate(policy, prompt, valid, max_new_tokens=max_new, temperature=args.temperature, top_k=top_k,
-                       rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, guide=guide)
+        out = generate(policy, prompt, valid, max_new_tokens=max_new,
+                       sampling=SamplingParams(temperature=args.temperature, top_k=top_k), rng=key,
+                       stop_tokens=sp.eos_ids, pad_id=sp.pad, guide=guide)
         return out.tokens, out.valid, {"length": out.lengths, "done": out.done}
 
     m, _ = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=args.batch_size,

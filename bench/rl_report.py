@@ -37,6 +37,8 @@ import numpy as np
 
 from jaxtok.registry import BENCHES, ConfigError
 
+from .plots import rl_plots, save_plots
+
 __all__ = ["RLCompareArgs", "eval_curve", "reuse_steps", "clip_by_position", "cppo_rejections", "run_flops",
            "flops_curve", "position_coverage", "first_last_quarter", "mean_sd", "rl_compare_bench"]
 
@@ -311,7 +313,7 @@ def rl_compare_bench(cfg, run_dir: str | Path, args: RLCompareArgs) -> dict:
                "position_coverage": [float(coverage[t]) for t in shown], "clip_by_position": clip_curves,
                "example_completion": [example[t] if t < len(example) else "" for t in shown],
                "cppo": cppo, "runs": [_plain_run(r) for r in runs], "command": args.command}
-    plots = _plots(acc_curves, clip_curves, shown, flop_curves, start_acc, args.reference)
+    plots = rl_plots(acc_curves, clip_curves, shown, flop_curves, start_acc, args.reference)
     title = f"RL comparison from {cfg.model.init_from} (held-out greedy exact match; seeds {list(args.seeds)})"
     write_results(run_dir, results, table, title=title, plots=plots)
     md = _markdown(results, table, title)
@@ -384,86 +386,15 @@ def _tabulate(args: RLCompareArgs, runs: list, start_acc: float):
     return table, clip_curves, acc_curves, flop_curves, cppo
 
 
-def _plots(acc_curves, clip_curves, shown, flop_curves, start_acc, reference):
-    legend_out = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-
-    def accuracy(ax):  # one panel per variant (bands of 9 variants on one axis hide each other)
-        fig, spec = ax.figure, ax.get_subplotspec()
-        ax.remove()
-        fig.set_size_inches(fig.get_figwidth(), fig.get_figwidth() * 0.8)  # taller: three rows of panels
-        n = len(acc_curves)
-        cols = min(3, n)
-        rows = -(-n // cols)
-        grid = spec.subgridspec(rows, cols, hspace=0.05, wspace=0.05)
-        axes, first = [], None
-        ref = acc_curves.get(reference)
-        for i, (v, c) in enumerate(acc_curves.items()):
-            a = fig.add_subplot(grid[i // cols, i % cols], sharex=first, sharey=first)
-            first = first or a
-            axes.append(a)
-            m, sd = np.array(c["mean"], float), np.array(c["sd"], float)
-            a.axhline(start_acc, color="k", lw=0.6, ls=":", label=f"start model {start_acc:.3f}")
-            if ref is not None and v != reference:
-                a.plot(ref["step"], ref["mean"], "--", color="0.55", lw=1, label=f"{reference} (mean)")
-            a.fill_between(c["step"], m - sd, m + sd, color=f"C{i % 10}", alpha=0.2, label="± sd over seeds")
-            a.plot(c["step"], m, "o-", ms=3, color=f"C{i % 10}", label="mean over seeds")
-            a.set_title(v, fontsize=10, weight="bold", pad=3)
-            a.grid(alpha=0.3)
-            if i // cols == rows - 1 or i + cols >= n:
-                a.set_xlabel("optimizer step")
-            else:
-                a.tick_params(labelbottom=False)
-            if i % cols == 0:
-                a.set_ylabel("held-out exact match (fraction)")
-            else:
-                a.tick_params(labelleft=False)
-        handles = {}
-        for a in axes:
-            for h, lab in zip(*a.get_legend_handles_labels()):
-                handles.setdefault(lab, h)
-        fig.legend(handles.values(), handles.keys(), loc="outside upper center", ncol=len(handles), frameon=False)
-
-    def clip(ax):
-        for v, c in clip_curves.items():
-            ax.plot([t + 1 for t in shown], c, "o-", ms=4, label=v)
-        ax.set_xlabel("response token position t (tokens from the start of the completion)")
-        ax.set_ylabel("clip / rejection rate (fraction of tokens)")
-        ax.set_title("clip (CPPO: mask-rejection) rate by response position, steps that reuse a rollout batch")
-        ax.set_xticks([t + 1 for t in shown])
-        ax.legend(**legend_out)
-        ax.grid(alpha=0.3)
-
-    def per_flop(ax):
-        for v, c in acc_curves.items():
-            if v != reference and not v.startswith("reasonmaxxer"):
-                continue
-            ax.plot(np.array(flop_curves[v]) / 1e12, 100 * (np.array(c["mean"], float) - start_acc), "o-", ms=4,
-                    label=v)
-        ax.set_xlabel("training compute (TFLOPs, model FLOPs)")
-        ax.set_ylabel("held-out exact match gain (percentage points)")
-        ax.set_title(f"accuracy gain against training compute: {reference} vs ReasonMaxxer (mean over seeds)")
-        ax.axhline(0, color="k", lw=0.5)
-        ax.legend(**legend_out)
-        ax.grid(alpha=0.3)
-
-    plots = {"accuracy": accuracy, "gain_per_flop": per_flop}
-    if clip_curves:
-        plots["clip_by_position"] = clip
-    return plots
-
-
 def replot(results_json: str | Path, prefix: str | Path, command: Optional[str] = None,
            reference: str = RLCompareArgs.reference) -> list:
-    """Redraw the bench's plots from a written results JSON (e.g. ``docs/results/rl.json``) into
-    ``<prefix>_<plot>.png``, captioned with ``command`` (default: the JSON's ``command``); no training."""
-    from jaxtok.metrics import save_plot
-
+    """Redraw the bench's plots (:func:`jaxtok.bench.plots.rl_plots`) from a written results JSON (e.g.
+    ``docs/results/rl.json``) into ``<prefix>_<plot>.png``, captioned with ``command`` (default: the JSON's
+    ``command``); no training."""
     res = json.loads(Path(results_json).read_text())
-    plots = _plots(res["accuracy_curves"], res["clip_by_position"], res["clip_positions"], res["flops_curves"],
-                   res["start_exact_match"], reference)
-    prefix = Path(prefix)
-    return [save_plot(prefix.parent / f"{prefix.name}_{name}.png", draw, name=name,
-                      command=res.get("command") if command is None else command) for name, draw in plots.items()]
+    plots = rl_plots(res["accuracy_curves"], res["clip_by_position"], res["clip_positions"], res["flops_curves"],
+                     res["start_exact_match"], reference)
+    return save_plots(plots, prefix, res.get("command") if command is None else command)
 
 
 def _markdown(results: dict, table: list, title: str) -> str:

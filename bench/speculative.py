@@ -51,7 +51,9 @@ from jaxtok.models.heads import load_head, save_head
 from jaxtok.decode.generate import generate
 from jaxtok.decode.evaluate import add_stats, speculative_stats, summarize
 from jaxtok.train.objectives import draft_heads as th
-from jaxtok.decode.speculative import DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, speculative_generate
+from jaxtok.decode.speculative import (DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate,
+                                      speculative_generate)
+from jaxtok.sampling import GREEDY
 
 from .plots import speculative_plots
 
@@ -429,7 +431,7 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
         return int(sum(np.asarray(o.valid)[:b].sum() for o, (_, b) in zip(outs, meta)))
 
     def ar(model):
-        return lambda p, v: generate(model, p, v, max_new_tokens=n_new, temperature=0.0, stop_tokens=stop,
+        return lambda p, v: generate(model, p, v, max_new_tokens=n_new, sampling=GREEDY, stop_tokens=stop,
                                      pad_id=sp.pad, rng=key)
 
     # AR baseline (timed again after the methods: the shared CPU drifts)
@@ -482,7 +484,7 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
 
         def call(p, v, drafter=drafter, policy=policy, g=g):
             return speculative_generate(target, drafter, p, v, max_new_tokens=n_new, draft_len=g, policy=policy,
-                                        temperature=0.0, stop_tokens=stop, pad_id=sp.pad, rng=key)
+                                        sampling=GREEDY, stop_tokens=stop, pad_id=sp.pad, rng=key)
 
         outs, wall, ar_near, compile_s = timed_against(call, ar_target, batches, args.repeats)
         stats: dict = {}
@@ -527,7 +529,7 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
         eargs = dp.EADArgs(threshold=float(tau), **dict(args.ead_args))
 
         def call(p, v, eargs=eargs):
-            return ead_generate(draft, target, p, v, max_new_tokens=n_new, args=eargs, temperature=0.0,
+            return ead_generate(draft, target, p, v, max_new_tokens=n_new, args=eargs, sampling=GREEDY,
                                 stop_tokens=stop, pad_id=sp.pad, rng=key)
 
         outs, wall, _ = timed_pass(call, batches, args.repeats)

@@ -30,7 +30,7 @@ COMMANDS = {
 
 def replot(name: str) -> list:
     if name == "diffusion":
-        from jaxtok.bench.plots import replot_accuracy_vs_nfe
+        from jaxtok.bench.diffusion import replot_accuracy_vs_nfe
 
         return [replot_accuracy_vs_nfe(RESULTS / "diffusion.json", RESULTS / "diffusion_accuracy_vs_nfe.png",
                                        COMMANDS[name])]

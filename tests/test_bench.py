@@ -7,7 +7,7 @@ import pytest
 
 from jaxtok import cli
 from jaxtok.models import flops_per_token, presets
-from jaxtok.registry import ConfigError
+from jaxtok.registry import BENCHES, ConfigError
 from jaxtok.bench.train import peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +153,37 @@ def test_sweep_config_entry_belongs_to_a_variant():
 
     with pytest.raises(ValueError, match="config=<path> belongs to a variant"):
         SweepArgs(config="a.yaml", variants={"x": []}, overrides=("config=b.yaml",))
+
+
+@pytest.mark.slow
+def test_diffusion_and_plan_conditioning_benches_on_tiny_random_models(tmp_path):
+    """`jaxtok bench` of configs/bench/diffusion.yaml (two commit policies) and configs/bench/plan_conditioning.yaml
+    (no plan, a 2-token plan after and before the prompt) on random tiny models: one row per run, the plot written,
+    the plan rows cost the planner's forwards and shorten the diffusion budget."""
+    from flax import nnx
+
+    from jaxtok.models import Decoder, save_checkpoint
+
+    save_checkpoint(Decoder(presets.get("tiny_diffusion"), rngs=nnx.Rngs(0)), str(tmp_path / "diffusion"))
+    save_checkpoint(Decoder(presets.get("tiny_draft", vocab_size=64), rngs=nnx.Rngs(1)), str(tmp_path / "planner"))
+    common = [f"run.out_dir={tmp_path}", f"model.init_from={tmp_path / 'diffusion'}", "data.num_eval=4",
+              "decode.batch_size=4", "decode.max_new_tokens=8"]
+    runs = "[{label: one, policy: llada, args: {block_len: 4}}, {label: thr, policy: threshold, args: {block_len: 4}}]"
+    assert cli.main(["bench", str(ROOT / "configs" / "bench" / "diffusion.yaml"), *common, "run.name=diff",
+                     f"bench.args.runs={runs}"]) == 0
+    res = json.loads((tmp_path / "diff" / "results.json").read_text())
+    assert [r["run"] for r in res["rows"]] == ["one", "thr"] and (tmp_path / "diff" / "accuracy_vs_nfe.png").is_file()
+    assert res["rows"][0]["nfe_speedup"] == 1.0 and all(r["num_examples"] == 4 for r in res["rows"])
+
+    assert cli.main(["bench", str(ROOT / "configs" / "bench" / "plan_conditioning.yaml"), *common, "run.name=plan",
+                     f"decode.draft_init_from={tmp_path / 'planner'}", "bench.args.plan_tokens=[0, 2]",
+                     "decode.policy_args={block_len: 2}",
+                     "bench.args.num_examples=4"]) == 0
+    res = json.loads((tmp_path / "plan" / "results.json").read_text())
+    rows = [(r["placement"], r["plan_tokens"]) for r in res["rows"]]
+    assert rows == [("after", 0), ("after", 2), ("before", 2)]  # the k = 0 baseline once
+    assert res["rows"][0]["planner_forwards"] == 0 and res["rows"][1]["planner_forwards"] > 0
+    assert res["rows"][1]["mean_nfe"] <= 6  # `after`: the plan is the start of the 8-token response
+    assert (tmp_path / "plan" / "exact_match_vs_plan.png").is_file()
+    with pytest.raises(ConfigError, match="placements"):
+        BENCHES.parse_args("plan_conditioning", {"placements": ["middle"]}, "bench.args")
