@@ -355,5 +355,6 @@ def sweep_bench(cfg, run_dir: str | Path, args: SweepArgs) -> dict:
     results = {"bench": "sweep", "config": args.config, "seeds": list(args.seeds), "variants": args.variants,
                "overrides": list(args.overrides), f"initial {args.curve}": initial,
                "rows": rows, "table": table, "curve_key": args.curve, "curves": curves, "mean_curves": mean_curves}
-    write_results(run_dir, results, table, title=f"sweep over {args.config}", plots={"curve": functools.partial(draw_sweep_curves, mean_curves, args.curve)})
+    write_results(run_dir, results, table, title=f"sweep over {args.config}",
+                  plots={"curve": functools.partial(draw_sweep_curves, mean_curves, args.curve)})
     return {"table": table}
