@@ -41,7 +41,7 @@ from flax import nnx
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class HeadRun:
     """What an objective's ``head`` hook returns: the fresh ``head`` of ``kind`` (a
     :data:`jaxtok.models.heads.HEAD_KINDS` name) with its constructor arguments ``ctor``; ``train`` examples (numpy
@@ -97,8 +97,8 @@ def fit_head(head: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray]
     rng = np.random.default_rng(seed)
     losses = []
     for k in range(1, steps + 1):
-        batch = {name: v[idx] for idx in (rng.choice(n, min(batch_size, n), replace=False),)
-                 for name, v in data.items()}
+        idx = rng.choice(n, min(batch_size, n), replace=False)
+        batch = {name: v[idx] for name, v in data.items()}
         if augment is not None:
             batch = augment(batch, rng)
         state, metrics = step_fn(state, {name: jnp.asarray(v) for name, v in batch.items()})

@@ -20,6 +20,7 @@ SpecKV predictor (:func:`speckv_examples`, :func:`speckv_loss`): greedy rounds s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence, Tuple
 
 import jax
@@ -29,9 +30,10 @@ import numpy as np
 from jaxtok import sampling
 from jaxtok.decode import draft_policies as dp
 from jaxtok.decode.generate import generate
+from jaxtok.sampling import GREEDY, SamplingParams
 from jaxtok.models.heads import specdecpp_head, speckv_head
 from jaxtok.registry import OBJECTIVES, ConfigError
-from jaxtok.train.heads import HeadRun, merge_records, prompt_batches
+from jaxtok.train.heads import HeadRun, fit_head, merge_records, prompt_batches
 
 # ----------------------------------------------------------------------------------------------------------------
 # Examples
@@ -53,7 +55,8 @@ def specdecpp_examples(target, drafter, prompt, prompt_valid, *, max_new_tokens:
     ``Y_t`` in Z, ``label [M]`` soft acceptance probability ``min(1, p/q)``.
     """
     k_gen, k_draft, k_mix = jax.random.split(rng, 3)
-    gen = generate(target, prompt, prompt_valid, max_new_tokens=max_new_tokens, temperature=temperature,
+    gen = generate(target, prompt, prompt_valid, max_new_tokens=max_new_tokens,
+                   sampling=SamplingParams(temperature=temperature),
                    stop_tokens=stop_tokens, rng=k_gen)
     p_len = prompt.shape[1]
     tokens, valid = _full_sequences(prompt, prompt_valid, gen.tokens, gen.valid)
@@ -80,7 +83,7 @@ def speckv_examples(target, drafter, prompt, prompt_valid, *, max_new_tokens: in
 
     Returns ``inputs [M, 6]`` (previous round's features, comp_enc, γ) and ``rate [M]`` (= nacc / γ).
     """
-    gen = generate(target, prompt, prompt_valid, max_new_tokens=max_new_tokens, temperature=0.0,
+    gen = generate(target, prompt, prompt_valid, max_new_tokens=max_new_tokens, sampling=GREEDY,
                    stop_tokens=stop_tokens, rng=rng)
     p_len = prompt.shape[1]
     tokens, valid = _full_sequences(prompt, prompt_valid, gen.tokens, gen.valid)
@@ -227,9 +230,5 @@ def fit_records(kind: str, head, records: dict, *, steps: int, seed: int = 0, ar
     """Adam 3e-3 on ``head`` over ``records`` of ``kind`` (``specdecpp``/``speckv``) with the objective's loss and
     default (or given) arguments, minibatches of 256 (:func:`jaxtok.train.heads.fit_head`): what the speculative
     benchmarks use to fit heads in-process."""
-    import functools
-
-    from jaxtok.train.heads import fit_head
-
     loss, cls = {"specdecpp": (specdecpp_loss, SpecDecPPHeadArgs), "speckv": (speckv_loss, SpecKVHeadArgs)}[kind]
     return fit_head(head, functools.partial(loss, args=args or cls()), records, steps=steps, seed=seed)
