@@ -363,9 +363,6 @@ class RolloutSection(_Section):
                 raise ConfigError(f"rollout.draft_policy={self.draft_policy!r}: speculative rollouts take one AR "
                                   f"drafter and a draft-length policy (fixed, heuristic, confidence, specdecpp, "
                                   f"speckv); ead is lossy and taps routes several drafters")
-            import_registering_modules(("jaxtok.decode.draft_policies",))
-            check_name(DRAFT_POLICIES, "rollout.draft_policy", self.draft_policy, self.draft_policy_args,
-                       "rollout.draft_policy_args")
 
 
 # Old loop selectors spelled as decode.policy values -> the keys that select them now (refused, not renamed)
@@ -794,10 +791,12 @@ def validate_names(cfg: Config) -> RunPlan:
                                  "objective.args")
     objective = OBJECTIVES.entry(cfg.objective.name, "objective.name")
     check_objective(cfg, objective.spec, objective_args)
+    draft_policy, draft_policy_args = check_rollout_sampler(cfg)
     check_preset(cfg)
     decode = check_decode(cfg)
     return RunPlan(cfg=cfg, objective=objective, objective_args=objective_args, task=task, task_args=task_args,
-                   rewards=tuple(cfg.rollout.rewards), decode=decode)
+                   rewards=tuple(cfg.rollout.rewards), draft_policy=draft_policy,
+                   draft_policy_args=draft_policy_args, decode=decode)
 
 
 def as_plan(cfg_or_plan: Config | RunPlan) -> RunPlan:
@@ -821,6 +820,17 @@ def check_data_files(cfg: Config) -> bool:
         raise ConfigError("rollout.rewards.format: file datasets have an answer format only with "
                           "data.answer_regex (the pattern format_ok checks); set it or drop the format reward")
     return False
+
+
+def check_rollout_sampler(cfg: Config) -> tuple[Optional[Any], Any]:
+    """With ``rollout.sampler=speculative``: the draft-length policy's entry (``rollout.draft_policy``) and its
+    parsed ``rollout.draft_policy_args``; else ``(None, None)``."""
+    ro = cfg.rollout
+    if ro.sampler != "speculative":
+        return None, None
+    args = check_named(DRAFT_POLICIES, "rollout.draft_policy", ro.draft_policy, ro.draft_policy_args,
+                       "rollout.draft_policy_args")
+    return DRAFT_POLICIES.entry(ro.draft_policy, "rollout.draft_policy"), args
 
 
 def check_preset(cfg: Config) -> None:

@@ -58,6 +58,8 @@ class RunPlan:
     - ``task``: the :data:`~jaxtok.registry.TASKS` entry of ``data.task`` (None for the file datasets ``files`` /
       ``jsonl`` / ``parquet``); ``task_args``: ``data.task_args`` parsed.
     - ``rewards``: the checked ``rollout.rewards`` names (scored with their weights from ``cfg``).
+    - ``draft_policy``: with ``rollout.sampler=speculative``, the :data:`~jaxtok.registry.DRAFT_POLICIES` entry of
+      ``rollout.draft_policy``; ``draft_policy_args``: ``rollout.draft_policy_args`` parsed (else both None).
 
     - ``decode``: the :class:`DecodePlan` (decode method, its policy and drafter with their parsed arguments).
     """
@@ -68,6 +70,8 @@ class RunPlan:
     task: Optional[Entry]
     task_args: Any
     rewards: tuple[str, ...]
+    draft_policy: Optional[Entry] = None
+    draft_policy_args: Any = None
     decode: Optional[DecodePlan] = None
 
     @property

@@ -83,7 +83,7 @@ def _setup(cfg_path, overrides, rows, generations, draft_len):
     optimizer = build_optimizer(cfg.optimizer, cfg.train.steps)
     graphdef, state = init_train_state(model, optimizer, seed=cfg.train.seed)
     step_fn = make_train_step(model, optimizer, build_objective(plan))
-    sampler = rollout_lib.SpeculativeSampler.from_config(cfg, model.cfg, plan.spec)
+    sampler = rollout_lib.SpeculativeSampler.from_config(plan, model.cfg)
     ds, _ = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len, batch_size=rows // generations,
                            num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True, num_epochs=None,
                            drop_remainder=True, overlong=cfg.data.overlong)

@@ -12,6 +12,7 @@
 4. (slow) GRPO in the training loop with speculative rollouts and a drafter refreshed by OPD every rollout.
 """
 
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -27,6 +28,7 @@ from jaxtok import sampling
 from jaxtok.config import from_dict, validate_names
 from jaxtok.data import prompt_dataset
 from jaxtok.decode.generate import generate
+from jaxtok.sampling import SamplingParams
 from jaxtok.models import Decoder, ModelConfig, presets
 from jaxtok.registry import ConfigError
 from jaxtok.specs import ObjectiveSpec
@@ -135,7 +137,8 @@ def test_speculative_rollouts_have_the_policy_distribution_and_its_logprobs(pair
     tok, ok, lp = spec.sample(target, prompt, valid, _settings(), jax.random.key(1), SP, None)
     assert 0 < spec.last["rollout/spec_acceptance_rate"] < 1  # both accepted and rejected drafts
     assert spec.last["rollout/spec_tokens_per_target_forward"] > 1
-    ar = generate(target, prompt, valid, max_new_tokens=N, temperature=TEMP, top_k=TOP_K, top_p=TOP_P,
+    ar = generate(target, prompt, valid, max_new_tokens=N,
+                  sampling=SamplingParams(temperature=TEMP, top_k=TOP_K, top_p=TOP_P),
                   stop_tokens=(STOP,), pad_id=PAD, rng=jax.random.key(2))
     s3, a3 = _triples(tok, ok), _triples(np.asarray(ar.tokens), np.asarray(ar.valid))
     assert _chi2_fit(a3, joint) > 1e-3  # the reference law is right (plain sampling fits it)
@@ -206,21 +209,29 @@ def test_config_errors_name_the_key(tok):
         _spec_cfg(sampler="medusa")
     with pytest.raises(ConfigError, match=r"rollout.draft_policy='taps'"):
         _spec_cfg(sampler="speculative", draft_init_from="preset:tiny_student", draft_policy="taps")
-    with pytest.raises(ConfigError, match=r"rollout.draft_policy_args"):
-        _spec_cfg(sampler="speculative", draft_init_from="preset:tiny_student", draft_policy_args={"initial": 2})
+    with pytest.raises(ConfigError, match=r"rollout.draft_policy_args"):  # parsed once, into the run plan
+        validate_names(_spec_cfg(sampler="speculative", draft_init_from="preset:tiny_student",
+                                 draft_policy_args={"initial": 2}))
+    with pytest.raises(ConfigError, match=r"rollout.draft_policy='nope': not a known draft-length policy"):
+        validate_names(_spec_cfg(sampler="speculative", draft_init_from="preset:tiny_student", draft_policy="nope"))
+    plan = validate_names(_spec_cfg(sampler="speculative", draft_init_from="preset:tiny_student",
+                                    draft_policy="heuristic", draft_policy_args={"initial": 2}))
+    assert plan.draft_policy.name == "heuristic" and plan.draft_policy_args.initial == 2
+    assert validate_names(_spec_cfg()).draft_policy is None
     with pytest.raises(ConfigError, match=r"rollout.branches=2"):
         _spec_cfg(sampler="speculative", draft_init_from="preset:tiny_student", branches=2)
     policy_cfg = presets.get("tiny_student", vocab_size=tok.get_vocab_size())
     hf = str(Path(__file__).parent / "fixtures" / "hf" / "qwen3")
-    cfg = _spec_cfg(sampler="speculative", draft_init_from=hf)
+    plan = validate_names(_spec_cfg(sampler="speculative", draft_init_from=hf))
     with pytest.raises(ConfigError, match=r"rollout.draft_init_from=.*vocab_size .* differs from the policy's"):
-        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, ObjectiveSpec(data="rollout"))
-    cfg = _spec_cfg(sampler="speculative", draft_init_from="preset:no_such_model")
+        rollout.SpeculativeSampler.from_config(plan, policy_cfg)
+    plan = validate_names(_spec_cfg(sampler="speculative", draft_init_from="preset:no_such_model"))
     with pytest.raises(ConfigError, match=r"rollout.draft_init_from='preset:no_such_model': unknown preset"):
-        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, ObjectiveSpec(data="rollout"))
+        rollout.SpeculativeSampler.from_config(plan, policy_cfg)
+    own = dataclasses.replace(plan.objective, spec=ObjectiveSpec(data="rollout", collect=object()))
     with pytest.raises(ConfigError, match=r"rollout.sampler='speculative': objective .* collects its own"):
-        rollout.SpeculativeSampler.from_config(cfg, policy_cfg, ObjectiveSpec(data="rollout", collect=object()))
-    assert rollout.SpeculativeSampler.from_config(_spec_cfg(), policy_cfg, ObjectiveSpec(data="rollout")) is None
+        rollout.SpeculativeSampler.from_config(dataclasses.replace(plan, objective=own), policy_cfg)
+    assert rollout.SpeculativeSampler.from_config(validate_names(_spec_cfg()), policy_cfg) is None
 
 
 @pytest.mark.slow

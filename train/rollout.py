@@ -36,7 +36,6 @@ import numpy as np
 from flax import nnx
 
 from jaxtok import mesh as mesh_lib
-from jaxtok.specs import ObjectiveSpec
 from jaxtok.stats import chunked_map
 from jaxtok.tasks.tokenizer import SpecialTokens, decode
 
@@ -155,9 +154,11 @@ def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh,
     if sampler is not None:
         return sampler.sample(model, prompt, prompt_valid, settings, rng, sp, mesh)
     from jaxtok.decode.generate import generate
+    from jaxtok.sampling import SamplingParams
 
     out = generate(model, prompt, prompt_valid, max_new_tokens=settings.max_new_tokens,
-                   temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, rng=rng,
+                   sampling=SamplingParams(temperature=settings.temperature, top_k=settings.top_k,
+                                           top_p=settings.top_p), rng=rng,
                    stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh)
     return fetch(out.tokens), fetch(out.valid), fetch(out.logprobs)
 
@@ -191,13 +192,15 @@ class SpeculativeSampler:
     last: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg, policy_cfg, spec: ObjectiveSpec, *, mesh=None) -> Optional["SpeculativeSampler"]:
-        """The sampler of ``cfg.rollout`` (None for ``rollout.sampler: ar``) for a policy of config ``policy_cfg``;
-        ``spec`` the objective's :class:`~jaxtok.specs.ObjectiveSpec`. ConfigError (exit 2) naming the key for a
-        drafter that is not an AR model, a vocabulary that differs from the policy's, a draft policy that does not
-        fit, or an objective whose rollouts the default collector does not make."""
-        from jaxtok.registry import DRAFT_POLICIES, ConfigError
+    def from_config(cls, plan, policy_cfg, *, mesh=None) -> Optional["SpeculativeSampler"]:
+        """The sampler of the run plan's ``rollout`` section (None for ``rollout.sampler: ar``) for a policy of
+        config ``policy_cfg``, with the plan's draft-length policy and its parsed arguments. ConfigError (exit 2)
+        naming the key for a drafter that is not an AR model, a vocabulary that differs from the policy's, a draft
+        policy that does not fit, or an objective (``plan.spec``) whose rollouts the default collector does not
+        make."""
+        from jaxtok.registry import ConfigError
 
+        cfg, spec = plan.cfg, plan.spec
         ro = cfg.rollout
         if ro.sampler != "speculative":
             return None
@@ -208,11 +211,7 @@ class SpeculativeSampler:
         if not ro.draft_init_from:
             raise ConfigError("rollout.draft_init_from=None: rollout.sampler='speculative' needs a drafter")
         drafter = load_drafter(ro.draft_init_from, policy_cfg, mesh=mesh, dtype=cfg.model.dtype, seed=cfg.train.seed)
-        import jaxtok.decode.draft_policies  # noqa: F401  (registration)
-
-        entry = DRAFT_POLICIES.entry(ro.draft_policy, "rollout.draft_policy")  # ead/taps: not draft policies
-        args = DRAFT_POLICIES.parse_args(ro.draft_policy, ro.draft_policy_args, "rollout.draft_policy_args")
-        policy = entry.fn(args, hidden_size=drafter.cfg.hidden_size)
+        policy = plan.draft_policy.fn(plan.draft_policy_args, hidden_size=drafter.cfg.hidden_size)
         policy.check(int(ro.draft_len))
         refresh = DrafterRefresh(steps=ro.draft_refresh_steps, lr=ro.draft_refresh_lr, seed=cfg.train.seed) \
             if ro.draft_refresh_every else None
@@ -221,11 +220,14 @@ class SpeculativeSampler:
     def sample(self, model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh):
         """``(tokens [B, N], valid [B, N], logprobs [B, N])`` host arrays, as the AR path returns them."""
         from jaxtok.decode.speculative import ModelDrafter, speculative_generate
+        from jaxtok.sampling import SamplingParams
 
         out = speculative_generate(model, ModelDrafter.of(self.drafter), prompt, prompt_valid,
                                    max_new_tokens=settings.max_new_tokens, draft_len=self.draft_len,
-                                   policy=self.policy, temperature=settings.temperature, top_k=settings.top_k,
-                                   top_p=settings.top_p, rng=rng, stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh,
+                                   policy=self.policy,
+                                   sampling=SamplingParams(temperature=settings.temperature, top_k=settings.top_k,
+                                                           top_p=settings.top_p),
+                                   rng=rng, stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh,
                                    return_logprobs=True)
         tokens, valid, logprobs = fetch(out.tokens), fetch(out.valid), fetch(out.logprobs)
         rounds, lengths = fetch(out.rounds), valid.sum(axis=1)
