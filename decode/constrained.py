@@ -589,8 +589,11 @@ def constrained_generate(model, prompt, prompt_valid, grammar, *, max_new_tokens
     from .generate import GenerateResult
 
     if isinstance(grammar, TokenGrammar):  # real vocabularies: the llguidance engine inside jitted generate
+        from jaxtok.sampling import SamplingParams
+
         return grammar_generate(model, prompt, prompt_valid, grammar, max_new_tokens=max_new_tokens,
-                                temperature=temperature, rng=rng, pad_id=pad_id, stop_tokens=stop_tokens)
+                                sampling=SamplingParams(temperature=temperature), rng=rng, pad_id=pad_id,
+                                stop_tokens=stop_tokens)
     prompt = np.asarray(prompt, np.int32)
     prompt_valid = np.asarray(prompt_valid, bool)
     b, n = prompt.shape[0], int(max_new_tokens)
@@ -978,7 +981,7 @@ def grammar_guide(args: GrammarGuideArgs, *, tokenizer, vocab_size: int, mesh=No
 
 
 def grammar_generate(model, prompt, prompt_valid, grammar: TokenGrammar, *, max_new_tokens: int,
-                     temperature=0.0, rng: Optional[jax.Array] = None, pad_id: int = 0,
+                     sampling=None, rng: Optional[jax.Array] = None, pad_id: int = 0,
                      stop_tokens: Optional[Sequence[int]] = None, **kwargs):
     """AR generation under a :class:`TokenGrammar` (llguidance) with :func:`jaxtok.decode.generate`: the jitted
     prefill + ``while_loop`` unchanged, the grammar as a logit guide. At every step one ordered
@@ -992,10 +995,11 @@ def grammar_generate(model, prompt, prompt_valid, grammar: TokenGrammar, *, max_
     Why a callback and not a host loop: sampling and filters stay on device in the one compiled loop and only ``B``
     ids and ``B x V/32`` words cross per step (a host loop moves ``B x V`` float logits and samples on the host);
     ``io_callback`` (ordered), not ``pure_callback``, because advancing the matchers is a side effect that must run
-    exactly once per step, in order. ``kwargs``: :func:`generate`'s sampling options (``top_k``, ``top_p``,
-    ``min_p``, ``return_entropy``, ``return_topk``). Returns :class:`GenerateResult`; raises RuntimeError if the
+    exactly once per step, in order. ``sampling``: a :class:`~jaxtok.sampling.SamplingParams` (default greedy);
+    ``kwargs``: :func:`generate`'s other options (``return_entropy``, ``return_topk``). Returns :class:`GenerateResult`; raises RuntimeError if the
     engine rejected a row's token or had no next token (that row was ended early)."""
     from .generate import generate
+    from jaxtok.sampling import GREEDY
 
     if not isinstance(grammar, TokenGrammar):
         raise TypeError(f"grammar: expected a TokenGrammar, got {type(grammar).__name__}")
@@ -1006,8 +1010,8 @@ def grammar_generate(model, prompt, prompt_valid, grammar: TokenGrammar, *, max_
         raise ValueError(f"stop_tokens {tuple(stops)} differ from the grammar's terminators {grammar.stop_ids}")
     guide = GrammarGuide(grammar)
     try:
-        out = generate(model, prompt, prompt_valid, max_new_tokens=max_new_tokens, temperature=temperature,
-                       stop_tokens=stops, rng=rng if rng is not None else jax.random.key(0), pad_id=pad_id,
+        out = generate(model, prompt, prompt_valid, max_new_tokens=max_new_tokens,
+                       sampling=GREEDY if sampling is None else sampling, stop_tokens=stops, rng=rng if rng is not None else jax.random.key(0), pad_id=pad_id,
                        guide=guide, **kwargs)
         jax.block_until_ready(out)
     except BaseException:

@@ -3,9 +3,10 @@ that appends one token per row per step until every row has emitted a stop token
 (decode_methods.md §0.1; DESIGN.md principle 3).
 
 The whole call is one ``jax.jit`` of a module-level function whose static arguments are the model's ``GraphDef``,
-the shapes and the switches (which filters are on, what to return); sampling values (temperature, top-k, top-p,
-min-p) are traced, so a second call with equal shapes and switches reuses the compiled program. Finished rows are
-frozen with ``where``: they emit ``pad_id``, log-prob 0 and are invalid; their forward input is masked.
+the shapes and the switches (which filters are on, what to return); sampling values (a
+:class:`~jaxtok.sampling.SamplingParams`: temperature, top-k, top-p, min-p) are traced, so a second call with equal
+shapes and switches reuses the compiled program. Finished rows are frozen with ``where``: they emit ``pad_id``,
+log-prob 0 and are invalid; their forward input is masked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.sharding import Mesh
 from jaxtok import sampling
 from jaxtok.mesh import axis_rules, batch_sharding, constrain, param_shardings, place
 from jaxtok.models import KVCache, check_token_ids
+from jaxtok.sampling import SamplingParams, host_value
 
 DEFAULT_EOS_ID = 2  # "<eos>" of the jaxtok task tokenizer (<pad>=0, <bos>=1, <eos>=2, <mask>=3)
 DEFAULT_PAD_ID = 0
@@ -132,7 +134,8 @@ def _logsumexp_from(x: jax.Array, top: jax.Array) -> jax.Array:
     return jnp.log(jnp.sum(jnp.sum(e.reshape(b, v // c, c), axis=-1), axis=-1))
 
 
-def _greedy_sample(logits: jax.Array, params: dict, full: bool, want_logprobs: bool = True) -> sampling.Sample:
+def _greedy_sample(logits: jax.Array, params: sampling.RowParams, full: bool,
+                   want_logprobs: bool = True) -> sampling.Sample:
     """:func:`jaxtok.sampling.sample` for an all-greedy batch (every temperature <= 0, known on the host), without
     its Gumbel noise: the ``[B, V]`` uniform draw (threefry) was the largest per-step cost outside the forward
     (docs/performance.md). Same tokens (the argmax of the raw logits) and the same log-probs (those of the
@@ -142,9 +145,8 @@ def _greedy_sample(logits: jax.Array, params: dict, full: bool, want_logprobs: b
     0): two passes over ``[B, V]`` (argmax, sum of exp) and no second ``[B, V]`` array."""
     logits = logits.astype(jnp.float32)
     tokens = _argmax(logits)
-    if full or len(params) > 1:
-        log_probs = jax.nn.log_softmax(sampling.process_logits(logits, 1.0, params.get("top_k"), params.get("top_p"),
-                                                               params.get("min_p")), axis=-1)
+    if full or params.filtered:
+        log_probs = jax.nn.log_softmax(params.process(logits, temperature=1.0), axis=-1)
         return sampling.Sample(tokens, sampling.token_log_probs(log_probs, tokens), log_probs)
     if not want_logprobs:
         return sampling.Sample(tokens, None, None)
@@ -152,16 +154,15 @@ def _greedy_sample(logits: jax.Array, params: dict, full: bool, want_logprobs: b
     return sampling.Sample(tokens, -_logsumexp_from(logits, top), None)
 
 
-def _record(state: _State, logits: jax.Array, key: jax.Array, params: dict, stop: jax.Array, pad_id: int,
-            greedy: bool = False) -> _State:
+def _record(state: _State, logits: jax.Array, key: jax.Array, params: sampling.RowParams, stop: jax.Array,
+            pad_id: int, greedy: bool = False) -> _State:
     """Sample token ``state.step`` of every live row from ``logits [B, V]`` and write it into the buffers
     (``greedy``: every row is greedy, known at trace time; see :func:`_greedy_sample`)."""
     if greedy:
         s = _greedy_sample(logits, params, full=state.entropy is not None or state.topk_probs is not None,
                            want_logprobs=state.logprobs is not None)
     else:
-        s = sampling.sample(key, logits, params["temperature"], params.get("top_k"), params.get("top_p"),
-                            params.get("min_p"))
+        s = params.sample(key, logits)
     live = ~state.done  # [B]
     tok = jnp.where(live, s.tokens, pad_id)
     col = state.step
@@ -307,24 +308,8 @@ def _generate_core(graphdef, model_state, prompt, prompt_valid, rng, params, n, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _host(x) -> Optional[np.ndarray]:
-    """The host value of ``x``, or None when it is traced or spans several hosts (then checks are skipped)."""
-    if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-        return None
-    return np.asarray(x)
-
-
-def _check_range(name: str, value, lo, hi, allowed: str, lo_open=False) -> None:
-    v = _host(value)
-    if v is None:
-        return
-    bad = (v <= lo if lo_open else v < lo) | (v > hi) | ~np.isfinite(v)
-    if np.any(bad):
-        raise ValueError(f"{name}={value!r}: allowed {allowed}")
-
-
-def _validate(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
-              return_topk, mesh):
+def _validate(model, prompt, prompt_valid, max_new_tokens, sampling_, stop_tokens, pad_id, return_topk, mesh):
+    """Host checks of :func:`generate`'s arguments (the sampling values are checked by ``SamplingParams``)."""
     vocab = model.cfg.vocab_size
     if prompt.ndim != 2:
         raise ValueError(f"prompt: expected a [B, P] int array, got shape {prompt.shape}")
@@ -334,27 +319,22 @@ def _validate(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, t
         raise ValueError(f"prompt: dtype {prompt.dtype} is not an integer type")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: allowed a positive integer")
-    _check_range("temperature", temperature, 0.0, np.inf, "values >= 0 (0 = greedy)")
-    _check_range("top_k", top_k, 0, np.inf, "integers >= 0 (0 = off)")
-    _check_range("top_p", top_p, 0.0, 1.0, "values in (0, 1] (1 = off)", lo_open=True)
-    _check_range("min_p", min_p, 0.0, 1.0, "values in [0, 1] (0 = off)")
-    tk = _host(top_k)
-    if tk is not None and not np.all(tk == np.round(tk)):
-        raise ValueError(f"top_k={top_k!r}: allowed integers >= 0 (0 = off)")
+    if not isinstance(sampling_, SamplingParams):
+        raise ValueError(f"sampling={sampling_!r}: allowed a jaxtok.sampling.SamplingParams")
     for name, ids in (("stop_tokens", tuple(stop_tokens)), ("pad_id", (pad_id,))):
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
                 raise ValueError(f"{name}: id {t!r} is outside the vocabulary [0, {vocab})")
     if isinstance(return_topk, bool) or not isinstance(return_topk, (int, np.integer)) or not 0 <= return_topk <= vocab:
         raise ValueError(f"return_topk={return_topk!r}: allowed an integer in [0, {vocab}]")
-    valid = _host(prompt_valid)
+    valid = host_value(prompt_valid)
     if valid is not None:
         valid = valid.astype(bool)
         if not np.all(valid[:, -1]) or np.any(valid[:, 1:] < valid[:, :-1]):
             rows = np.nonzero(~valid[:, -1] | np.any(valid[:, 1:] < valid[:, :-1], axis=1))[0].tolist()
             raise ValueError(f"prompt_valid: rows {rows} are not left-padded with at least one token (each row must "
                              f"be False...False True...True)")
-        toks = _host(prompt)
+        toks = host_value(prompt)
         if toks is not None:
             check_token_ids(np.where(valid, toks, 0), vocab, name="prompt")
     if mesh is not None:
@@ -377,45 +357,13 @@ def check_positions(cfg, prompt_len: int, max_new_tokens: int, name: str = "mode
                          f"the {name}'s max_position_embeddings={cfg.max_position_embeddings}")
 
 
-def _is_on(value, neutral) -> bool:
-    """A filter is compiled in when any entry differs from its neutral value (or when the value is traced)."""
-    v = _host(value)
-    return v is None or bool(np.any(v != neutral))
-
-
-def _all_greedy(temperature) -> bool:
-    """True when every row's temperature is known on the host and <= 0 (then no Gumbel noise is drawn)."""
-    t = _host(temperature)
-    return t is not None and bool(np.all(t <= 0))
-
-
-def sampling_params(b: int, temperature, top_k, top_p, min_p) -> dict:
-    """Per-row sampling parameters (``[b]`` arrays) for :func:`jaxtok.sampling.process_logits`; a
-    filter left at its neutral value (top_k 0, top_p 1, min_p 0) is omitted, so it costs nothing in the loop."""
-
-    def per_row(x, dtype):
-        return jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
-
-    params = {"temperature": per_row(temperature, jnp.float32)}
-    if _is_on(top_k, 0):
-        params["top_k"] = per_row(top_k, jnp.int32)
-    if _is_on(top_p, 1.0):
-        params["top_p"] = per_row(top_p, jnp.float32)
-    if _is_on(min_p, 0.0):
-        params["min_p"] = per_row(min_p, jnp.float32)
-    return params
-
-
 def generate(
     model: nnx.Module,
     prompt,
     prompt_valid,
     *,
     max_new_tokens: int,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    min_p=0.0,
+    sampling: SamplingParams = SamplingParams(),
     stop_tokens: Sequence[int] = (DEFAULT_EOS_ID,),
     rng: jax.Array,
     return_entropy: bool = False,
@@ -432,8 +380,8 @@ def generate(
       prompt: ``[B, P]`` int ids, LEFT-padded.
       prompt_valid: ``[B, P]`` bool, False on padding; every row needs at least one token.
       max_new_tokens: N, the cap on generated tokens per row.
-      temperature: scalar or ``[B]``; 0 = greedy.
-      top_k: scalar or ``[B]`` int; 0 = off.  top_p: in (0, 1], 1 = off.  min_p: in [0, 1], 0 = off.
+      sampling: the sampling transform (:class:`~jaxtok.sampling.SamplingParams`: temperature, 0 = greedy; top-k,
+        top-p, min-p; each a scalar or ``[B]``); an all-greedy batch draws no Gumbel noise.
       stop_tokens: ids that end a row (emitted, then the row is frozen).
       rng: a PRNG key; step t uses ``fold_in(rng, t)``.
       return_entropy / return_topk: also return per-token entropies / the K most likely tokens and probabilities
@@ -452,11 +400,10 @@ def generate(
     prompt = prompt if isinstance(prompt, jax.Array) else np.asarray(prompt)
     prompt_valid = prompt_valid if isinstance(prompt_valid, jax.Array) else np.asarray(prompt_valid)
     stop_tokens = tuple(int(t) for t in stop_tokens)
-    _validate(model, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
-              return_topk, mesh)
+    _validate(model, prompt, prompt_valid, max_new_tokens, sampling, stop_tokens, pad_id, return_topk, mesh)
     b, p = prompt.shape
     check_positions(model.cfg, p, int(max_new_tokens))
-    params = sampling_params(b, temperature, top_k, top_p, min_p)
+    params = sampling.per_row(b)
 
     prompt = jnp.where(jnp.asarray(prompt_valid, bool), jnp.asarray(prompt, jnp.int32), pad_id)
     prompt_valid = jnp.asarray(prompt_valid, bool)
@@ -474,5 +421,5 @@ def generate(
     return _generate_jit(graphdef, model_state, prompt, prompt_valid, rng, params, guide_arrays,
                          max_new_tokens=int(max_new_tokens), stop_tokens=stop_tokens, pad_id=int(pad_id),
                          return_entropy=bool(return_entropy), return_topk=int(return_topk), mesh=mesh,
-                         guide_spec=None if guide is None else guide.spec, greedy=_all_greedy(temperature),
+                         guide_spec=None if guide is None else guide.spec, greedy=sampling.all_greedy,
                          return_logprobs=bool(return_logprobs))

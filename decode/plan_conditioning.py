@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from .generate import generate
+from jaxtok.sampling import GREEDY
 
 PLACEMENTS = ("after", "before")
 
@@ -36,7 +37,7 @@ def ar_plan(planner, prompt, prompt_valid, *, plan_tokens: int, stop_tokens: Seq
     ends earlier keeps the tokens before its terminator (the terminator is not part of the plan)."""
     if plan_tokens < 1:
         raise ValueError(f"plan_tokens={plan_tokens}: must be >= 1 (0 = no plan: skip the planner)")
-    out = generate(planner, prompt, prompt_valid, max_new_tokens=plan_tokens, temperature=0.0,
+    out = generate(planner, prompt, prompt_valid, max_new_tokens=plan_tokens, sampling=GREEDY,
                    stop_tokens=tuple(stop_tokens), pad_id=pad_id, rng=jax.random.key(0) if rng is None else rng)
     tokens = np.asarray(out.tokens)
     valid = np.asarray(out.valid) & ~np.isin(tokens, np.asarray(stop_tokens))

@@ -61,9 +61,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtok import sampling
 from jaxtok.mesh import axis_rules, batch_sharding, param_shardings, place
 from jaxtok.models import KVCache
+from jaxtok.sampling import RowParams, SamplingParams
 
 from .draft_policies import DraftPolicy, EADArgs, Fixed, draft_stats, ead_switch, top1_prob
-from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _all_greedy, _argmax, _validate, sampling_params
+from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _argmax, _validate
 
 _TRACES = [0]  # incremented each time a jitted body of this module is traced
 
@@ -94,11 +95,6 @@ def _rows_write(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     return jax.vmap(one)(buf, new, start)
 
 
-def _expand(params: dict, ndim: int) -> dict:
-    """Per-row sampling parameters ``[B]`` reshaped to broadcast against a batch shape of ``ndim`` axes."""
-    return {k: v.reshape(v.shape + (1,) * (ndim - 1)) for k, v in params.items()}
-
-
 _ALL_GREEDY = contextvars.ContextVar("jaxtok_speculative_all_greedy", default=False)
 
 
@@ -108,33 +104,27 @@ def _greedy_tokens(logits) -> jax.Array:
     return _argmax(logits.reshape(-1, logits.shape[-1])).reshape(lead)
 
 
-def _sample(key, logits, params) -> jax.Array:
+def _sample(key, logits, params: RowParams) -> jax.Array:
     """Tokens drawn from S(logits) for ``logits [B, ..., V]`` with per-row params (argmax where T = 0). While a
     loop over an all-greedy batch is traced (``_ALL_GREEDY``), the argmax alone: no ``[B, ..., V]`` Gumbel draw."""
     if _ALL_GREEDY.get():
         return _greedy_tokens(logits)
-    p = _expand(params, logits.ndim - 1)
-    return sampling.sample(key, logits, p["temperature"], p.get("top_k"), p.get("top_p"), p.get("min_p")).tokens
+    return params.sample(key, logits).tokens
 
 
-def _probs(logits, params) -> jax.Array:
+def _probs(logits, params: RowParams) -> jax.Array:
     """The processed distribution S(logits) as probabilities, float32 ``[B, ..., V]``."""
-    p = _expand(params, logits.ndim - 1)
-    return jax.nn.softmax(sampling.process_logits(logits, p["temperature"], p.get("top_k"), p.get("top_p"),
-                                                  p.get("min_p")), axis=-1)
+    return jax.nn.softmax(params.process(logits), axis=-1)
 
 
-def _token_logprob(logits, tokens, params) -> jax.Array:
+def _token_logprob(logits, tokens, params: RowParams) -> jax.Array:
     """``log S(logits)[tokens]``: log-probability of ``tokens [B, ...]`` under the processed distribution of
     ``logits [B, ..., V]`` (``log_softmax`` of :func:`jaxtok.sampling.process_logits`, float32; temperature-0 rows at
     temperature 1), the per-token log-prob :func:`jaxtok.decode.generate.generate` reports. ``[B, ...]``."""
-    p = _expand(params, logits.ndim - 1)
-    lp = jax.nn.log_softmax(sampling.process_logits(logits, p["temperature"], p.get("top_k"), p.get("top_p"),
-                                                    p.get("min_p")), axis=-1)
-    return sampling.token_log_probs(lp, tokens)
+    return sampling.token_log_probs(jax.nn.log_softmax(params.process(logits), axis=-1), tokens)
 
 
-def _token_prob(logits, tokens, params) -> jax.Array:
+def _token_prob(logits, tokens, params: RowParams) -> jax.Array:
     """``q(d) = S(logits)[d]``: the probability of the sampled drafts ``tokens [B, ...]`` under the draft
     distribution of ``logits [B, ..., V]`` (greedy rows: the untempered softmax), float32 ``[B, ...]``."""
     return jnp.take_along_axis(_probs(logits, params), tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -150,7 +140,8 @@ def _token_prob(logits, tokens, params) -> jax.Array:
 class DraftContext:
     """What a drafter sees in a round. ``seq [B, S]``/``seq_valid [B, S]`` committed buffer, ``n [B]`` committed
     length (``seq[n-1]`` = newest token), ``live [B]`` rows still generating, ``gamma [B]`` the policy's caps,
-    ``params`` per-row sampling parameters, ``key``; static: ``gamma_max``, ``window`` (= γmax + 1), ``pad_id``,
+    ``params`` per-row sampling parameters (:class:`~jaxtok.sampling.RowParams`), ``key``; static: ``gamma_max``,
+    ``window`` (= γmax + 1), ``pad_id``,
     ``refeed`` (how many of the newest committed tokens a model drafter re-feeds: :func:`refeed_width`)."""
 
     seq: jax.Array
@@ -158,7 +149,7 @@ class DraftContext:
     n: jax.Array
     live: jax.Array
     gamma: jax.Array
-    params: dict
+    params: RowParams
     key: jax.Array
     gamma_max: int = dataclasses.field(metadata=dict(static=True))
     window: int = dataclasses.field(metadata=dict(static=True))
@@ -264,44 +255,56 @@ class ModelDrafter(Drafter):
         hidden0 = out.hidden[:, -1] if need_hidden else None
         vocab = out.logits.shape[-1]
 
-        def cond(c):
-            return (c["j"] < g) & jnp.any(c["active"])
-
-        def body(c):
-            j = c["j"]
-            tok = _sample(jax.random.fold_in(ctx.key, j), c["logits"], ctx.params)  # [B]
-            tprob = _token_prob(c["logits"], tok, ctx.params) if policy.needs_token_prob else None  # q_j(d_j) [B]
-            tok = jnp.where(c["active"], tok, ctx.pad_id)
-            cont, pcarry = policy.after(c["pcarry"], j, c["logits"], c["hidden"], tprob)
-            nxt = c["active"] & cont & (j + 1 < ctx.gamma)
+        def step(c: _DraftCarry) -> _DraftCarry:
+            """Draft ``d_j`` from the current logits, then (unless no row continues) one drafter forward on it."""
+            j = c.j
+            tok = _sample(jax.random.fold_in(ctx.key, j), c.logits, ctx.params)  # [B]
+            tprob = _token_prob(c.logits, tok, ctx.params) if policy.needs_token_prob else None  # q_j(d_j) [B]
+            tok = jnp.where(c.active, tok, ctx.pad_id)
+            cont, pcarry = policy.after(c.pcarry, j, c.logits, c.hidden, tprob)
+            nxt = c.active & cont & (j + 1 < ctx.gamma)
 
             def fwd(_):
                 m = nnx.merge(self.graphdef, self.state)
-                o = m(tok[:, None], valid=nxt[:, None], cache=c["cache"], return_hidden=need_hidden)
-                h = o.hidden[:, 0] if need_hidden else c["hidden"]
+                o = m(tok[:, None], valid=nxt[:, None], cache=c.cache, return_hidden=need_hidden)
+                h = o.hidden[:, 0] if need_hidden else c.hidden
                 return o.cache, o.logits[:, 0], h, jnp.int32(1)
 
             def skip(_):
-                return c["cache"], c["logits"], c["hidden"], jnp.int32(0)
+                return c.cache, c.logits, c.hidden, jnp.int32(0)
 
             cache_, logits_, hidden_, f = jax.lax.cond(jnp.any(nxt) & (j + 1 < g), fwd, skip, None)
-            return {
-                "j": j + 1, "cache": cache_, "logits": logits_, "hidden": hidden_, "active": nxt, "pcarry": pcarry,
-                "tokens": c["tokens"].at[:, j].set(tok),
-                "logits_buf": c["logits_buf"].at[:, j].set(c["logits"]),
-                "valid": c["valid"].at[:, j].set(c["active"]),
-                "forwards": c["forwards"] + f,
-            }
+            return _DraftCarry(j=j + 1, cache=cache_, logits=logits_, hidden=hidden_, active=nxt, pcarry=pcarry,
+                               tokens=c.tokens.at[:, j].set(tok), logits_buf=c.logits_buf.at[:, j].set(c.logits),
+                               valid=c.valid.at[:, j].set(c.active), forwards=c.forwards + f)
 
-        init = {
-            "j": jnp.int32(0), "cache": out.cache, "logits": out.logits[:, 0], "hidden": hidden0,
-            "active": ctx.live & (ctx.gamma > 0), "pcarry": policy.round_init(b),
-            "tokens": jnp.full((b, g), ctx.pad_id, jnp.int32),
-            "logits_buf": jnp.zeros((b, g, vocab), jnp.float32),
-            "valid": jnp.zeros((b, g), bool), "forwards": jnp.int32(1),
-        }
-        c = jax.lax.while_loop(cond, body, init)
-        return Draft(c["tokens"], c["logits_buf"], c["valid"], c["forwards"], c["cache"], jnp.zeros((b,), jnp.int32))
+        init = _DraftCarry(j=jnp.int32(0), cache=out.cache, logits=out.logits[:, 0], hidden=hidden0,
+                           active=ctx.live & (ctx.gamma > 0), pcarry=policy.round_init(b),
+                           tokens=jnp.full((b, g), ctx.pad_id, jnp.int32),
+                           logits_buf=jnp.zeros((b, g, vocab), jnp.float32), valid=jnp.zeros((b, g), bool),
+                           forwards=jnp.int32(1))
+        c = jax.lax.while_loop(lambda c: (c.j < g) & jnp.any(c.active), step, init)
+        return Draft(c.tokens, c.logits_buf, c.valid, c.forwards, c.cache, jnp.zeros((b,), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _DraftCarry:
+    """Loop carry of :meth:`ModelDrafter.draft`: ``j []`` the next draft index; the drafter's ``cache``, ``logits
+    [B, V]`` and ``hidden [B, D]`` (None unless the policy reads hidden states) after the newest input; ``active
+    [B]`` rows still drafting; ``pcarry`` the policy's in-round carry; the outputs ``tokens [B, γ]``, ``logits_buf
+    [B, γ, V]`` (the logits each draft was drawn from), ``valid [B, γ]`` and ``forwards []``."""
+
+    j: jax.Array
+    cache: KVCache
+    logits: jax.Array
+    hidden: Optional[jax.Array]
+    active: jax.Array
+    pcarry: Any
+    tokens: jax.Array
+    logits_buf: jax.Array
+    valid: jax.Array
+    forwards: jax.Array
 
 
 def _cfg_of(graphdef, state):
@@ -583,7 +586,7 @@ def _accept_round(key, tokens, d_logits, dvalid, t_logits, params, pad_id: int, 
     p_ = _probs(t_logits, params)  # [B, k+1, V]
     exact = sampling.speculative_accept(key, tokens, q, p_, dvalid, pad_id)
     verdict = sampling.speculative_accept_greedy(tokens, t_logits, dvalid, pad_id)
-    is_greedy = params["temperature"] <= 0
+    is_greedy = params.temperature <= 0
     return (jnp.where(is_greedy, verdict.num_accepted, exact.num_accepted),
             jnp.where(is_greedy[:, None], verdict.tokens, exact.tokens))  # [B, k+1]
 
@@ -607,6 +610,76 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
                                      return_logprobs)
     finally:
         _ALL_GREEDY.reset(flag)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _SpecState:
+    """Loop carry of :func:`_speculative_core` (the speculative counterpart of ``generate``'s ``_State``).
+
+    ``round []`` rounds run (round r draws with ``fold_in(rng, r + 1)``); ``seq / seq_valid [B, S]`` the committed
+    buffer (:func:`_layout`); ``lp_seq [B, S]`` the target log-prob of each committed token (``return_logprobs``,
+    else None); ``count [B]`` emitted tokens; ``done [B]`` a stop token was emitted; ``finished [B]`` done or at
+    ``max_new_tokens``; ``cache`` the target's KV cache (exact below ``n - 1``); ``dstate`` / ``pstate`` the
+    drafter's and the draft-length policy's states; the counters of :class:`SpeculativeResult`."""
+
+    round: jax.Array
+    seq: jax.Array
+    seq_valid: jax.Array
+    lp_seq: Optional[jax.Array]
+    count: jax.Array
+    done: jax.Array
+    finished: jax.Array
+    cache: KVCache
+    dstate: Any
+    pstate: Any
+    target_forwards: jax.Array
+    draft_forwards: jax.Array
+    rounds: jax.Array
+    accepted: jax.Array
+    drafted: jax.Array
+    accepted_by_position: jax.Array
+    drafted_by_position: jax.Array
+    route_counts: jax.Array
+
+
+def _verify(target_graphdef, target_state, cache: KVCache, last, d: Draft, dvalid, live, key, params: RowParams,
+            widths: tuple, pad_id: int, greedy: bool, return_logprobs: bool):
+    """Step 3-4 of a round: ONE target forward on ``[last, d_1..d_k]`` (``last [B, 1]`` the newest committed token)
+    at slots n-1 .. n-1+k, k = the smallest static width in ``widths`` covering every live row's drafts (k = 0: an
+    AR step, when no row drafted), then acceptance (:func:`_accept_round`). Returns ``(cache, num_accepted [B],
+    emitted [B, γ+1], logprobs [B, γ+1])``: the emitted tokens padded with ``pad_id`` and their target log-probs
+    ``log S(p_j)[emitted_j]`` (zeros unless ``return_logprobs``)."""
+    b, g = d.tokens.shape
+
+    def at_width(k):
+        vo = nnx.merge(target_graphdef, target_state)(
+            jnp.concatenate([last, d.tokens[:, :k]], axis=1),  # [B, k+1]
+            valid=jnp.broadcast_to(live[:, None], (b, k + 1)), cache=cache)
+        nacc, emitted = _accept_round(key, d.tokens[:, :k], d.logits[:, :k], dvalid[:, :k], vo.logits, params,
+                                      pad_id, greedy)
+        lp = _token_logprob(vo.logits, emitted, params) if return_logprobs else jnp.zeros(emitted.shape)
+        widen = ((0, 0), (0, g - k))
+        return (vo.cache, nacc, jnp.pad(emitted, widen, constant_values=pad_id),  # [B, γ+1]
+                jnp.pad(lp, widen))
+
+    if len(widths) == 1:
+        return at_width(g)
+    need = jnp.max(jnp.where(live, jnp.sum(dvalid, axis=1), 0))  # the round's largest γ over live rows
+    branch = jnp.sum(need > jnp.asarray(widths[:-1], jnp.int32))  # smallest width >= need
+    return jax.lax.switch(branch, [functools.partial(at_width, k) for k in widths])
+
+
+def _kept(emitted, nacc, count, live, stop, max_new_tokens: int):
+    """Step 5's cut: how many of a round's ``emitted [B, γ+1]`` tokens each row commits -> ``(n_emit [B], hit [B])``:
+    the accepted drafts and the next token, cut after the first stop token (``hit``) and at ``max_new_tokens``
+    (``count [B]`` already emitted); 0 for frozen rows."""
+    j = jnp.arange(emitted.shape[1])[None, :]
+    n_emit = jnp.minimum(nacc + 1, max_new_tokens - count)  # [B]
+    is_stop = jnp.any(emitted[..., None] == stop, axis=-1) & (j < n_emit[:, None])
+    hit = jnp.any(is_stop, axis=1)
+    n_emit = jnp.where(hit, sampling.first_true_index(is_stop) + 1, n_emit)
+    return jnp.where(live, n_emit, 0), hit
 
 
 def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params,
@@ -633,73 +706,37 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
     seq_valid = seq_valid.at[:, w + p].set(True)
     done = jnp.any(first[:, None] == stop[None, :], axis=-1)
     count = jnp.ones((b,), jnp.int32)
-    dstate = drafter.init(seq, seq_valid, w + p, s)
-    draft_prefill = jnp.int32(drafter.prefill_forwards)
+    routes = len(drafter.drafters) if isinstance(drafter, RoutedDrafter) else 1
 
-    state = {
-        "round": jnp.int32(0), "seq": seq, "seq_valid": seq_valid, "lp_seq": lp_seq, "count": count, "done": done,
-        "finished": done | (count >= n_new), "cache": out.cache, "dstate": dstate, "pstate": policy.init(b, g),
-        "target_forwards": jnp.int32(1), "draft_forwards": draft_prefill,
-        "rounds": jnp.zeros((b,), jnp.int32), "accepted": jnp.zeros((b,), jnp.int32),
-        "drafted": jnp.zeros((b,), jnp.int32), "acc_pos": jnp.zeros((b, g), jnp.int32),
-        "draft_pos": jnp.zeros((b, g), jnp.int32),
-        "routes": jnp.zeros((b, len(drafter.drafters) if isinstance(drafter, RoutedDrafter) else 1), jnp.int32),
-    }
+    def zeros(*shape):
+        return jnp.zeros((b,) + shape, jnp.int32)
 
+    state = _SpecState(
+        round=jnp.int32(0), seq=seq, seq_valid=seq_valid, lp_seq=lp_seq, count=count, done=done,
+        finished=done | (count >= n_new), cache=out.cache, dstate=drafter.init(seq, seq_valid, w + p, s),
+        pstate=policy.init(b, g), target_forwards=jnp.int32(1), draft_forwards=jnp.int32(drafter.prefill_forwards),
+        rounds=zeros(), accepted=zeros(), drafted=zeros(), accepted_by_position=zeros(g),
+        drafted_by_position=zeros(g), route_counts=zeros(routes),
+    )
     widths = verify_widths(policy, drafter, g)
 
-    def cond(st):
-        return ~jnp.all(st["finished"])
-
-    def body(st):
-        live = ~st["finished"]
-        n = w + p + st["count"]  # committed length; seq[n-1] is the newest token
-        key = jax.random.fold_in(rng, st["round"] + 1)
-        k_draft, k_accept = jax.random.split(key)
-        gamma = jnp.clip(policy.round_gamma(st["pstate"], g, b), 0, g)
-        ctx = DraftContext(seq=st["seq"], seq_valid=st["seq_valid"], n=n, live=live, gamma=gamma, params=params,
+    def round_(st: _SpecState) -> _SpecState:
+        """One draft -> verify -> accept round (module docstring, steps 1-5)."""
+        live = ~st.finished
+        n = w + p + st.count  # committed length; seq[n-1] is the newest token
+        k_draft, k_accept = jax.random.split(jax.random.fold_in(rng, st.round + 1))
+        gamma = jnp.clip(policy.round_gamma(st.pstate, g, b), 0, g)
+        ctx = DraftContext(seq=st.seq, seq_valid=st.seq_valid, n=n, live=live, gamma=gamma, params=params,
                            key=k_draft, gamma_max=g, window=w, pad_id=pad_id, refeed=refeed_width(w))
-        d = drafter.draft(st["dstate"], ctx, policy)
+        d = drafter.draft(st.dstate, ctx, policy)
         dvalid = d.valid & live[:, None]
-
-        # verify: one target forward on [last, d_1..d_k] at slots n-1 .. n-1+k, k = the smallest static width that
-        # covers every live row's drafts (k = 0: an AR step, when no row drafted)
-        last = jnp.take_along_axis(st["seq"], (n - 1)[:, None], axis=1)  # [B, 1]
-
-        def verify(k):
-            vo = nnx.merge(target_graphdef, target_state)(
-                jnp.concatenate([last, d.tokens[:, :k]], axis=1),  # [B, k+1]
-                valid=jnp.broadcast_to(live[:, None], (b, k + 1)), cache=st["cache"])
-            nacc, emitted = _accept_round(k_accept, d.tokens[:, :k], d.logits[:, :k], dvalid[:, :k], vo.logits,
-                                          params, pad_id, greedy)
-            lp = _token_logprob(vo.logits, emitted, params) if return_logprobs else jnp.zeros(emitted.shape)
-            widen = ((0, 0), (0, g - k))
-            return (vo.cache, nacc, jnp.pad(emitted, widen, constant_values=pad_id),  # [B, γ+1]
-                    jnp.pad(lp, widen))
-
-        if len(widths) == 1:
-            vcache, nacc, emitted, lp = verify(g)
-        else:
-            need = jnp.max(jnp.where(live, jnp.sum(dvalid, axis=1), 0))  # the round's largest γ over live rows
-            branch = jnp.sum(need > jnp.asarray(widths[:-1], jnp.int32))  # smallest width >= need
-            vcache, nacc, emitted, lp = jax.lax.switch(branch, [functools.partial(verify, k) for k in widths])
-
-        # stop tokens and the max_new_tokens cap
-        j = jnp.arange(g + 1)[None, :]
-        n_emit = jnp.minimum(nacc + 1, n_new - st["count"])  # [B]
-        is_stop = jnp.any(emitted[..., None] == stop, axis=-1) & (j < n_emit[:, None])
-        hit = jnp.any(is_stop, axis=1)
-        n_emit = jnp.where(hit, sampling.first_true_index(is_stop) + 1, n_emit)
-        n_emit = jnp.where(live, n_emit, 0)
-        keep = j < n_emit[:, None]
-        seq_ = _rows_write(st["seq"], jnp.where(keep, emitted, pad_id), n)
-        seq_valid_ = _rows_write(st["seq_valid"], keep, n)
-        lp_seq_ = None
-        if return_logprobs:  # log S(p_j)[emitted_j] at the target's verify logits, j = 0..γ  [B, γ+1]
-            lp_seq_ = _rows_write(st["lp_seq"], jnp.where(keep, lp, 0.0), n)
-        count = st["count"] + n_emit
-        done = st["done"] | (live & hit)
-
+        last = jnp.take_along_axis(st.seq, (n - 1)[:, None], axis=1)  # [B, 1]
+        vcache, nacc, emitted, lp = _verify(target_graphdef, target_state, st.cache, last, d, dvalid, live,
+                                            k_accept, params, widths, pad_id, greedy, return_logprobs)
+        n_emit, hit = _kept(emitted, nacc, st.count, live, stop, n_new)
+        keep = jnp.arange(g + 1)[None, :] < n_emit[:, None]
+        count = st.count + n_emit
+        done = st.done | (live & hit)
         # target KV: keep last + accepted drafts; frozen rows back to their old length
         cache = vcache.rollback(jnp.where(live, n + nacc, n - 1))
         dstate = d.state
@@ -707,29 +744,29 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
             cache = poison_stale(cache)
             dstate = jax.tree.map(lambda x: poison_stale(x) if isinstance(x, KVCache) else x, dstate,
                                   is_leaf=lambda x: isinstance(x, KVCache))
-        stats = draft_stats(d.logits, dvalid)
-        pstate = policy.update(st["pstate"], gamma, jnp.sum(dvalid, axis=1), nacc, stats, live)
+        pstate = policy.update(st.pstate, gamma, jnp.sum(dvalid, axis=1), nacc, draft_stats(d.logits, dvalid), live)
         acc_mask = (jnp.arange(g)[None, :] < nacc[:, None]) & dvalid
-        return {
-            "round": st["round"] + 1, "seq": seq_, "seq_valid": seq_valid_, "lp_seq": lp_seq_, "count": count,
-            "done": done,
-            "finished": done | (count >= n_new), "cache": cache, "dstate": dstate, "pstate": pstate,
-            "target_forwards": st["target_forwards"] + 1, "draft_forwards": st["draft_forwards"] + d.forwards,
-            "rounds": st["rounds"] + live, "accepted": st["accepted"] + jnp.where(live, nacc, 0),
-            "drafted": st["drafted"] + jnp.sum(dvalid, axis=1),
-            "acc_pos": st["acc_pos"] + acc_mask, "draft_pos": st["draft_pos"] + dvalid,
-            "routes": st["routes"] + jax.nn.one_hot(d.choice, st["routes"].shape[1], dtype=jnp.int32) * live[:, None],
-        }
+        return _SpecState(
+            round=st.round + 1, seq=_rows_write(st.seq, jnp.where(keep, emitted, pad_id), n),
+            seq_valid=_rows_write(st.seq_valid, keep, n),
+            lp_seq=_rows_write(st.lp_seq, jnp.where(keep, lp, 0.0), n) if return_logprobs else None,
+            count=count, done=done, finished=done | (count >= n_new), cache=cache, dstate=dstate, pstate=pstate,
+            target_forwards=st.target_forwards + 1, draft_forwards=st.draft_forwards + d.forwards,
+            rounds=st.rounds + live, accepted=st.accepted + jnp.where(live, nacc, 0),
+            drafted=st.drafted + jnp.sum(dvalid, axis=1),
+            accepted_by_position=st.accepted_by_position + acc_mask,
+            drafted_by_position=st.drafted_by_position + dvalid,
+            route_counts=st.route_counts + jax.nn.one_hot(d.choice, routes, dtype=jnp.int32) * live[:, None],
+        )
 
-    st = jax.lax.while_loop(cond, body, state)
-    out_tok = st["seq"][:, w + p:w + p + n_new]
-    out_valid = col[:, :n_new] < st["count"][:, None]
+    st = jax.lax.while_loop(lambda st: ~jnp.all(st.finished), round_, state)
+    out_valid = col[:, :n_new] < st.count[:, None]
     return SpeculativeResult(
-        tokens=jnp.where(out_valid, out_tok, pad_id), valid=out_valid, lengths=st["count"], done=st["done"],
-        target_forwards=st["target_forwards"], draft_forwards=st["draft_forwards"], rounds=st["rounds"],
-        accepted=st["accepted"], drafted=st["drafted"], accepted_by_position=st["acc_pos"],
-        drafted_by_position=st["draft_pos"], route_counts=st["routes"],
-        logprobs=(jnp.where(out_valid, st["lp_seq"][:, w + p:w + p + n_new], 0.0) if return_logprobs else None),
+        tokens=jnp.where(out_valid, st.seq[:, w + p:w + p + n_new], pad_id), valid=out_valid, lengths=st.count,
+        done=st.done, target_forwards=st.target_forwards, draft_forwards=st.draft_forwards, rounds=st.rounds,
+        accepted=st.accepted, drafted=st.drafted, accepted_by_position=st.accepted_by_position,
+        drafted_by_position=st.drafted_by_position, route_counts=st.route_counts,
+        logprobs=(jnp.where(out_valid, st.lp_seq[:, w + p:w + p + n_new], 0.0) if return_logprobs else None),
     )
 
 
@@ -775,10 +812,7 @@ def speculative_generate(
     max_new_tokens: int,
     draft_len: int = 4,
     policy: Optional[DraftPolicy] = None,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    min_p=0.0,
+    sampling: SamplingParams = SamplingParams(),
     stop_tokens: Sequence[int] = (DEFAULT_EOS_ID,),
     rng: jax.Array,
     pad_id: int = DEFAULT_PAD_ID,
@@ -795,8 +829,9 @@ def speculative_generate(
       max_new_tokens: N, cap on emitted tokens per row.
       draft_len: γmax, the static cap on drafts per round (the target verifies γmax + 1 positions per round).
       policy: a :class:`~jaxtok.decode.draft_policies.DraftPolicy` (default ``fixed``: γmax every round).
-      temperature / top_k / top_p / min_p: the sampling transform S, applied identically to target and drafter
-        (scalar or ``[B]``); rows with temperature 0 use greedy verification (token-identical to greedy AR).
+      sampling: the sampling transform S (:class:`~jaxtok.sampling.SamplingParams`: temperature, top-k, top-p,
+        min-p; scalar or ``[B]``), applied identically to target and drafter; rows with temperature 0 use greedy
+        verification (token-identical to greedy AR).
       stop_tokens: ids that end a row (emitted, then frozen). rng: PRNG key (round r uses ``fold_in(rng, r+1)``).
       pad_id: filler after a row's tokens.
       poison_stale_cache: test hook: NaN-fill stale KV slots of the target and model drafters after every round.
@@ -813,8 +848,7 @@ def speculative_generate(
     prompt = prompt if isinstance(prompt, jax.Array) else np.asarray(prompt)
     prompt_valid = prompt_valid if isinstance(prompt_valid, jax.Array) else np.asarray(prompt_valid)
     stop_tokens = tuple(int(t) for t in stop_tokens)
-    _validate(target, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
-              0, mesh)
+    _validate(target, prompt, prompt_valid, max_new_tokens, sampling, stop_tokens, pad_id, 0, mesh)
     if isinstance(draft_len, bool) or not isinstance(draft_len, (int, np.integer)) or draft_len < 1:
         raise ValueError(f"draft_len={draft_len!r}: allowed a positive integer")
     drafter = as_drafter(drafter)
@@ -833,7 +867,7 @@ def speculative_generate(
     for d in (drafter.drafters if isinstance(drafter, RoutedDrafter) else (drafter,)):
         if isinstance(d, (ModelDrafter, DeerDrafter)):
             _check_length("drafter", _cfg_of(d.graphdef, d.state), p, int(max_new_tokens), int(draft_len))
-    params = sampling_params(b, temperature, top_k, top_p, min_p)
+    params = sampling.per_row(b)
     prompt_valid = jnp.asarray(prompt_valid, bool)
     prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
     graphdef, state = nnx.split(target)
@@ -845,7 +879,7 @@ def speculative_generate(
         rng = place(rng, NamedSharding(mesh, PartitionSpec()))
     return _speculative_jit(graphdef, state, drafter, policy, prompt, prompt_valid, rng, params,
                             max_new_tokens=int(max_new_tokens), gamma_max=int(draft_len), stop_tokens=stop_tokens,
-                            pad_id=int(pad_id), poison=bool(poison_stale_cache), greedy=_all_greedy(temperature),
+                            pad_id=int(pad_id), poison=bool(poison_stale_cache), greedy=sampling.all_greedy,
                             mesh=mesh, return_logprobs=bool(return_logprobs))
 
 
@@ -900,6 +934,29 @@ def _sync_logits(graphdef, state, cache: KVCache, seq, seq_valid, n, use, chunk:
     return o.logits[:, 0], o.cache.rollback(jnp.where(use, before + 1, before)), f + 1
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _EADState:
+    """Loop carry of :func:`_ead_jit`: ``seq / seq_valid [B, P + N + chunk]`` prompt and emitted tokens, ``count``
+    ``done`` ``finished [B]`` as in :class:`_SpecState`; each model's KV cache (``small`` / ``large``, exact for the
+    tokens that model has seen) and batched forwards; ``mode [B]`` True = the large model, ``dwell [B]`` tokens
+    since the last switch, ``hist [B, window]`` the entropy ring buffer (bits), ``from_large [B, N + 1]``."""
+
+    seq: jax.Array
+    seq_valid: jax.Array
+    count: jax.Array
+    done: jax.Array
+    finished: jax.Array
+    small: KVCache
+    large: KVCache
+    small_forwards: jax.Array
+    large_forwards: jax.Array
+    mode: jax.Array
+    dwell: jax.Array
+    hist: jax.Array
+    from_large: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("small_graphdef", "large_graphdef", "max_new_tokens", "stop_tokens",
                                              "pad_id", "args"))
 def _ead_jit(small_graphdef, small_state, large_graphdef, large_state, prompt, prompt_valid, rng, params, *,
@@ -921,58 +978,54 @@ def _ead_jit(small_graphdef, small_state, large_graphdef, large_state, prompt, p
 
     w = args.window
     vocab = nnx.merge(small_graphdef, small_state).cfg.vocab_size
-    st = {
-        "seq": seq, "seq_valid": seq_valid, "count": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
-        "finished": jnp.zeros((b,), bool), "small": prefill(small_graphdef, small_state),
-        "large": prefill(large_graphdef, large_state), "fs": jnp.int32(p > 1), "fl": jnp.int32(p > 1),
-        "mode": jnp.full((b,), args.start == "large"), "dwell": jnp.zeros((b,), jnp.int32),
-        "hist": jnp.zeros((b, w), jnp.float32), "from_large": jnp.zeros((b, n_new + 1), bool),
-    }
+    state = _EADState(
+        seq=seq, seq_valid=seq_valid, count=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
+        finished=jnp.zeros((b,), bool), small=prefill(small_graphdef, small_state),
+        large=prefill(large_graphdef, large_state), small_forwards=jnp.int32(p > 1), large_forwards=jnp.int32(p > 1),
+        mode=jnp.full((b,), args.start == "large"), dwell=jnp.zeros((b,), jnp.int32),
+        hist=jnp.zeros((b, w), jnp.float32), from_large=jnp.zeros((b, n_new + 1), bool),
+    )
 
-    def cond(st):
-        return ~jnp.all(st["finished"])
-
-    def body(st):
-        live = ~st["finished"]
-        n = p + st["count"]
-        use_l = live & st["mode"]
-        use_s = live & ~st["mode"]
+    def step(st: _EADState) -> _EADState:
+        """One token per live row from its current model, then the entropy window and the switch rule."""
+        live = ~st.finished
+        n = p + st.count
+        use_l = live & st.mode
+        use_s = live & ~st.mode
         zeros = jnp.zeros((b, vocab), jnp.float32)
 
         def run(graphdef, state, cache, use):
             return jax.lax.cond(
                 jnp.any(use),
-                lambda: _sync_logits(graphdef, state, cache, st["seq"], st["seq_valid"], n, use, c),
+                lambda: _sync_logits(graphdef, state, cache, st.seq, st.seq_valid, n, use, c),
                 lambda: (zeros, cache, jnp.int32(0)))
 
-        ls, cache_s, fs = run(small_graphdef, small_state, st["small"], use_s)
-        ll, cache_l, fl = run(large_graphdef, large_state, st["large"], use_l)
+        ls, cache_s, fs = run(small_graphdef, small_state, st.small, use_s)
+        ll, cache_l, fl = run(large_graphdef, large_state, st.large, use_l)
         logits = jnp.where(use_l[:, None], ll, ls)
-        tok = _sample(jax.random.fold_in(rng, jnp.max(st["count"])), logits, params)
+        tok = _sample(jax.random.fold_in(rng, jnp.max(st.count)), logits, params)
         tok = jnp.where(live, tok, pad_id)
         ent = draft_stats(logits[:, None], live[:, None]).entropy_bits[:, 0]  # bits, untempered
-        slot = jax.nn.one_hot(st["count"] % w, w, dtype=bool) & live[:, None]
-        hist = jnp.where(slot, ent[:, None], st["hist"])
-        filled = jnp.minimum(st["count"] + 1, w)
+        slot = jax.nn.one_hot(st.count % w, w, dtype=bool) & live[:, None]
+        hist = jnp.where(slot, ent[:, None], st.hist)
+        filled = jnp.minimum(st.count + 1, w)
         mean_h = jnp.sum(jnp.where(jnp.arange(w)[None, :] < filled[:, None], hist, 0.0), axis=1) / filled
-        mode, dwell = ead_switch(st["mode"], st["dwell"] + 1, mean_h, args)
-        seq_ = _rows_write(st["seq"], tok[:, None], n)
-        seq_valid_ = _rows_write(st["seq_valid"], live[:, None], n)
-        count = st["count"] + live
-        hit = live & jnp.any(tok[:, None] == stop[None, :], axis=-1)
-        done = st["done"] | hit
-        return {
-            "seq": seq_, "seq_valid": seq_valid_, "count": count, "done": done, "finished": done | (count >= n_new),
-            "small": cache_s, "large": cache_l, "fs": st["fs"] + fs, "fl": st["fl"] + fl,
-            "mode": jnp.where(live, mode, st["mode"]), "dwell": jnp.where(live, dwell, st["dwell"]), "hist": hist,
-            "from_large": _rows_write(st["from_large"], use_l[:, None], st["count"]),
-        }
+        mode, dwell = ead_switch(st.mode, st.dwell + 1, mean_h, args)
+        count = st.count + live
+        done = st.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1))
+        return _EADState(
+            seq=_rows_write(st.seq, tok[:, None], n), seq_valid=_rows_write(st.seq_valid, live[:, None], n),
+            count=count, done=done, finished=done | (count >= n_new), small=cache_s, large=cache_l,
+            small_forwards=st.small_forwards + fs, large_forwards=st.large_forwards + fl,
+            mode=jnp.where(live, mode, st.mode), dwell=jnp.where(live, dwell, st.dwell), hist=hist,
+            from_large=_rows_write(st.from_large, use_l[:, None], st.count),
+        )
 
-    st = jax.lax.while_loop(cond, body, st)
-    valid = jnp.arange(n_new)[None, :] < st["count"][:, None]
-    return EADResult(tokens=jnp.where(valid, st["seq"][:, p:p + n_new], pad_id), valid=valid, lengths=st["count"],
-                     done=st["done"], from_large=st["from_large"][:, :n_new] & valid, small_forwards=st["fs"],
-                     large_forwards=st["fl"])
+    st = jax.lax.while_loop(lambda st: ~jnp.all(st.finished), step, state)
+    valid = jnp.arange(n_new)[None, :] < st.count[:, None]
+    return EADResult(tokens=jnp.where(valid, st.seq[:, p:p + n_new], pad_id), valid=valid, lengths=st.count,
+                     done=st.done, from_large=st.from_large[:, :n_new] & valid, small_forwards=st.small_forwards,
+                     large_forwards=st.large_forwards)
 
 
 def ead_generate(
@@ -983,10 +1036,7 @@ def ead_generate(
     *,
     max_new_tokens: int,
     args: EADArgs = EADArgs(),
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    min_p=0.0,
+    sampling: SamplingParams = SamplingParams(),
     stop_tokens: Sequence[int] = (DEFAULT_EOS_ID,),
     rng: jax.Array,
     pad_id: int = DEFAULT_PAD_ID,
@@ -1001,8 +1051,7 @@ def ead_generate(
     prompt = prompt if isinstance(prompt, jax.Array) else np.asarray(prompt)
     prompt_valid = prompt_valid if isinstance(prompt_valid, jax.Array) else np.asarray(prompt_valid)
     stop_tokens = tuple(int(t) for t in stop_tokens)
-    _validate(large, prompt, prompt_valid, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens, pad_id,
-              0, None)
+    _validate(large, prompt, prompt_valid, max_new_tokens, sampling, stop_tokens, pad_id, 0, None)
     if small.cfg.vocab_size != large.cfg.vocab_size:
         raise ValueError(f"small: vocab_size {small.cfg.vocab_size} differs from large's {large.cfg.vocab_size}")
     if not isinstance(args, EADArgs):
@@ -1010,7 +1059,7 @@ def ead_generate(
     b, p = prompt.shape
     for name, m in (("small", small), ("large", large)):
         _check_length(name, m.cfg, p, int(max_new_tokens), 0)
-    params = sampling_params(b, temperature, top_k, top_p, min_p)
+    params = sampling.per_row(b)
     prompt_valid = jnp.asarray(prompt_valid, bool)
     prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
     sg, ss = nnx.split(small)

@@ -127,7 +127,7 @@ def process_logits(logits: jax.Array, temperature=1.0, top_k=None, top_p=None, m
 Value = Union[float, int, tuple, jax.Array, None]
 
 
-def _host(x) -> Optional[np.ndarray]:
+def host_value(x) -> Optional[np.ndarray]:
     """The host value of ``x``, or None when it is traced or spans several hosts (then checks are skipped)."""
     if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return None
@@ -149,7 +149,7 @@ def _freeze(name: str, x) -> Value:
 
 
 def _check_range(name: str, value, lo, hi, allowed: str, lo_open=False, integer=False) -> None:
-    v = None if value is None else _host(value)
+    v = None if value is None else host_value(value)
     if v is None:
         return
     v = v.astype(np.float64)
@@ -164,7 +164,7 @@ def _is_on(value, neutral) -> bool:
     """A filter is compiled in when any entry differs from its neutral value (or when the value is traced)."""
     if value is None:
         return False
-    v = _host(value)
+    v = host_value(value)
     return v is None or bool(np.any(v != neutral))
 
 
@@ -247,7 +247,7 @@ class SamplingParams:
     @property
     def all_greedy(self) -> bool:
         """True when every row's temperature is known on the host and <= 0 (then no Gumbel noise is drawn)."""
-        t = _host(self.temperature)
+        t = host_value(self.temperature)
         return t is not None and bool(np.all(t <= 0))
 
     def per_row(self, b: int) -> RowParams:

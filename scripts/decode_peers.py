@@ -154,6 +154,7 @@ def jaxtok_runner(model, new: int, generate_file: str | None = None, logprobs: b
     import jax.numpy as jnp
 
     from jaxtok.decode.generate import generate
+    from jaxtok.sampling import GREEDY
 
     if generate_file:  # another version of decode/generate.py (e.g. `git show <rev>:decode/generate.py`)
         import importlib.util
@@ -170,7 +171,7 @@ def jaxtok_runner(model, new: int, generate_file: str | None = None, logprobs: b
     def run(prompt: np.ndarray):
         t0 = time.perf_counter()
         res = generate(model, jnp.asarray(prompt), jnp.ones(prompt.shape, bool), max_new_tokens=new,
-                       temperature=0.0, stop_tokens=(STOP_ID,), pad_id=PAD_ID, rng=key, **extra)
+                       sampling=GREEDY, stop_tokens=(STOP_ID,), pad_id=PAD_ID, rng=key, **extra)
         toks, lengths = jax.device_get((res.tokens, res.lengths))
         dt = time.perf_counter() - t0
         return dt, [row[:n].tolist() for row, n in zip(toks, lengths)]
@@ -184,6 +185,7 @@ def spec_runner(model, new: int, draft_len: int):
     from flax import nnx
 
     from jaxtok.decode.speculative import ModelDrafter, speculative_generate
+    from jaxtok.sampling import GREEDY
 
     draft = nnx.clone(model)
     drafter = ModelDrafter.of(draft)
@@ -192,7 +194,7 @@ def spec_runner(model, new: int, draft_len: int):
     def run(prompt: np.ndarray):
         t0 = time.perf_counter()
         res = speculative_generate(model, drafter, jnp.asarray(prompt), jnp.ones(prompt.shape, bool),
-                                   max_new_tokens=new, draft_len=draft_len, temperature=0.0,
+                                   max_new_tokens=new, draft_len=draft_len, sampling=GREEDY,
                                    stop_tokens=(STOP_ID,), pad_id=PAD_ID, rng=key)
         toks, lengths = jax.device_get((res.tokens, res.lengths))
         dt = time.perf_counter() - t0

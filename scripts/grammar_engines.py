@@ -222,6 +222,7 @@ def end_to_end(tok, batch: int = 4, steps: int = 32, repeats: int = 3) -> dict:
 
     from jaxtok.decode import constrained as C
     from jaxtok.decode import generate
+    from jaxtok.sampling import SamplingParams
     from jaxtok.models import Decoder, presets
 
     model = Decoder(presets.get("tiny_draft", vocab_size=V, hidden_size=16, intermediate_size=32, head_dim=8),
@@ -231,10 +232,12 @@ def end_to_end(tok, batch: int = 4, steps: int = 32, repeats: int = 3) -> dict:
     valid = np.ones_like(prompt, bool)
     eos = tuple(tok.eos_ids)
     runs = {
-        "unconstrained": lambda: generate(model, prompt, valid, max_new_tokens=steps, temperature=1.0,
+        "unconstrained": lambda: generate(model, prompt, valid, max_new_tokens=steps,
+                                          sampling=SamplingParams(temperature=1.0),
                                           stop_tokens=(), rng=jax.random.key(0)),  # no stop token: all steps
         "llguidance_json": lambda: C.grammar_generate(model, prompt, valid, grammar, max_new_tokens=steps,
-                                                      temperature=1.0, rng=jax.random.key(0), stop_tokens=eos),
+                                                      sampling=SamplingParams(temperature=1.0), rng=jax.random.key(0),
+                                                      stop_tokens=eos),
     }
     out = {"batch": batch, "max_new_tokens": steps, "model": "tiny_draft, hidden 16, 1 layer, 151,936 logits"}
     for name, fn in runs.items():

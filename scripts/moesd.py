@@ -46,6 +46,7 @@ import yaml
 from flax import nnx
 
 from jaxtok.decode import generate, speculative_generate
+from jaxtok.sampling import GREEDY
 from jaxtok.decode import moesd as cm
 from jaxtok.bench.speculative import forward_costs
 from jaxtok.metrics import default_command, markdown_table, save_plot
@@ -274,10 +275,10 @@ def prompts(a: MoESDArgs, batch: int) -> tuple[jax.Array, jax.Array]:
 def decode_calls(a: MoESDArgs, target: Decoder, draft: Decoder):
     """``(ar(prompt, valid), sd(prompt, valid))`` greedy, no stop token, same key."""
     key = jax.random.key(a.seed)
-    ar = lambda p, v: generate(target, p, v, max_new_tokens=a.max_new_tokens, temperature=0.0, stop_tokens=(),  # noqa: E731
-                               rng=key, return_logprobs=False)
+    ar = lambda p, v: generate(target, p, v, max_new_tokens=a.max_new_tokens, sampling=GREEDY,  # noqa: E731
+                               stop_tokens=(), rng=key, return_logprobs=False)
     sd = lambda p, v: speculative_generate(target, draft, p, v, max_new_tokens=a.max_new_tokens,  # noqa: E731
-                                           draft_len=a.gamma, temperature=0.0, stop_tokens=(), rng=key)
+                                           draft_len=a.gamma, sampling=GREEDY, stop_tokens=(), rng=key)
     return ar, sd
 
 

@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     from jaxtok.decode.evaluate import add_stats, speculative_stats, summarize
     from jaxtok.bench.speculative import _prompt_batches, forward_costs, rows_identical, train_head
     from jaxtok.decode.speculative import ModelDrafter, speculative_generate
+    from jaxtok.sampling import SamplingParams
     from jaxtok.models.hf import load_any
     from jaxtok.tasks.tokenizer import SpecialTokens, decode, load_tokenizer_for
 
@@ -161,14 +162,14 @@ def main(argv=None) -> int:
         return load_config(args.config, [f"model.init_from={args.target}", f"decode.batch_size={b}"])
 
     def ar_fn(temp):
-        return lambda p, v: generate(target, p, v, max_new_tokens=n_new, temperature=temp, stop_tokens=stop,
-                                     pad_id=sp.pad, rng=key, return_logprobs=False)
+        return lambda p, v: generate(target, p, v, max_new_tokens=n_new, sampling=SamplingParams(temperature=temp),
+                                     stop_tokens=stop, pad_id=sp.pad, rng=key, return_logprobs=False)
 
     def spec_fn(g, policy, temp):
         drafter = ModelDrafter.of(draft)
         return lambda p, v: speculative_generate(target, drafter, p, v, max_new_tokens=n_new, draft_len=g,
-                                                 policy=policy, temperature=temp, stop_tokens=stop, pad_id=sp.pad,
-                                                 rng=key)
+                                                 policy=policy, sampling=SamplingParams(temperature=temp),
+                                                 stop_tokens=stop, pad_id=sp.pad, rng=key)
 
     def run_all(fn, batches):
         return [jax.block_until_ready(fn(p, v)) for p, v in batches]
@@ -354,10 +355,11 @@ def main(argv=None) -> int:
                      and r["policy"] == "fixed"), key=lambda r: r["speed_ratio"])
         g = best1["gamma_max"]
         m = min(args.chi2_new_tokens, n_new)
-        a = generate(target, p, v, max_new_tokens=m, temperature=1.0, stop_tokens=stop, pad_id=sp.pad,
-                     rng=jax.random.key(11), return_logprobs=False)
+        a = generate(target, p, v, max_new_tokens=m, sampling=SamplingParams(temperature=1.0), stop_tokens=stop,
+                     pad_id=sp.pad, rng=jax.random.key(11), return_logprobs=False)
         s_ = speculative_generate(target, ModelDrafter.of(draft), p, v, max_new_tokens=m, draft_len=g, policy=fixed,
-                                  temperature=1.0, stop_tokens=stop, pad_id=sp.pad, rng=jax.random.key(12))
+                                  sampling=SamplingParams(temperature=1.0), stop_tokens=stop, pad_id=sp.pad,
+                                  rng=jax.random.key(12))
         vocab = target.cfg.vocab_size
         ta = np.where(np.asarray(a.valid), np.asarray(a.tokens), vocab)[:, 1:m]
         ts = np.where(np.asarray(s_.valid), np.asarray(s_.tokens), vocab)[:, 1:m]

@@ -107,6 +107,7 @@ def loop_calls(target, draft, prompt, valid, n_new: int, g: int, stop) -> dict:
     """Whole greedy calls: speculative with the old re-feed (W) and the new one (2), AR; each also with 1 token."""
     spec = importlib.import_module("jaxtok.decode.speculative")
     from jaxtok.decode.generate import generate
+    from jaxtok.sampling import GREEDY
 
     drafter = spec.ModelDrafter.of(draft)
     key = jax.random.key(0)
@@ -125,13 +126,13 @@ def loop_calls(target, draft, prompt, valid, n_new: int, g: int, stop) -> dict:
                 spec.refeed_width, spec._speculative_jit = (lambda w, own_drafts_verified=True: w), old_jit
             try:
                 return spec.speculative_generate(target, drafter, prompt, valid, max_new_tokens=n, draft_len=g,
-                                                 temperature=0.0, stop_tokens=stop, rng=key)
+                                                 sampling=GREEDY, stop_tokens=stop, rng=key)
             finally:
                 spec.refeed_width, spec._speculative_jit = orig_width, new_jit
         return call
 
     def run_ar(n):
-        return lambda: generate(target, prompt, valid, max_new_tokens=n, temperature=0.0, stop_tokens=stop, rng=key,
+        return lambda: generate(target, prompt, valid, max_new_tokens=n, sampling=GREEDY, stop_tokens=stop, rng=key,
                                 return_logprobs=False)
 
     from jaxtok.decode import draft_policies as dp
@@ -140,7 +141,7 @@ def loop_calls(target, draft, prompt, valid, n_new: int, g: int, stop) -> dict:
 
     def run_gamma0(n):
         return lambda: spec.speculative_generate(target, drafter, prompt, valid, max_new_tokens=n, draft_len=g,
-                                                 policy=ar_policy, temperature=0.0, stop_tokens=stop, rng=key)
+                                                 policy=ar_policy, sampling=GREEDY, stop_tokens=stop, rng=key)
 
     return {"spec_gamma0_in_loop": (run_gamma0(n_new), run_gamma0(1)),
             "spec_old_refeed": (run_spec(True, n_new), run_spec(True, 1)),

@@ -31,6 +31,7 @@ import yaml
 from jaxtok.config import load_config
 from jaxtok.data import make_task_from_config
 from jaxtok.decode import generate, speculative_generate
+from jaxtok.sampling import GREEDY
 from jaxtok.decode import spec_scaling as sl
 from jaxtok.bench.speculative import _prompt_batches, forward_costs, timed_against
 from jaxtok.metrics import default_command, markdown_table, save_plot
@@ -145,7 +146,7 @@ def main(argv: list[str]) -> int:
     n_new = cfg.decode.max_new_tokens
     key = jax.random.key(0)
     target, _ = load_any(a.target, key="target")
-    ar = lambda p, v: generate(target, p, v, max_new_tokens=n_new, temperature=0.0,  # noqa: E731
+    ar = lambda p, v: generate(target, p, v, max_new_tokens=n_new, sampling=GREEDY,  # noqa: E731
                                stop_tokens=sp.eos_ids, pad_id=sp.pad, rng=key, return_logprobs=False)
     print(f"setup {time.perf_counter() - t0:.0f}s (training {train_s})", flush=True)
 
@@ -159,7 +160,7 @@ def main(argv: list[str]) -> int:
             last = step == steps[-1]
             for g in a.gammas:
                 sd = lambda p, v: speculative_generate(target, draft, p, v, max_new_tokens=n_new,  # noqa: E731
-                                                       draft_len=int(g), temperature=0.0, stop_tokens=sp.eos_ids,
+                                                       draft_len=int(g), sampling=GREEDY, stop_tokens=sp.eos_ids,
                                                        pad_id=sp.pad, rng=key)
                 if last:
                     outs, best, best_ref, _ = timed_against(sd, ar, batches, a.repeats)

@@ -36,6 +36,7 @@ def main(argv=None):
     from jaxtok.config import load_config
     from jaxtok.data import make_task_from_config, pad_prompt_batch, prompt_dataset
     from jaxtok.decode.generate import generate
+    from jaxtok.sampling import SamplingParams
     from jaxtok.tasks import load_tokenizer
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
     from jaxtok.train.loop import load_model
@@ -53,8 +54,8 @@ def main(argv=None):
         rows = batch["prompt"].shape[0]
         prompt, valid = pad_prompt_batch(batch, a.batch_size)
         res = generate(model, jnp.asarray(prompt), jnp.asarray(valid), max_new_tokens=cfg.decode.max_new_tokens,
-                       temperature=a.temperature, rng=jax.random.fold_in(jax.random.key(a.seed), b),
-                       stop_tokens=(sp.eos,), pad_id=sp.pad)
+                       sampling=SamplingParams(temperature=a.temperature),
+                       rng=jax.random.fold_in(jax.random.key(a.seed), b), stop_tokens=(sp.eos,), pad_id=sp.pad)
         toks = fetch(res.tokens)
         for r in range(rows):
             i = int(batch["index"][r])

@@ -48,6 +48,7 @@ def _eval_prompts(task, tok, cfg, num_eval):
 def _correct(model, task, tok, prompt, valid, index, *, temperature, seed, max_new_tokens, batch_size):
     """[N] bool: is the completion of each prompt row right (reward == 1)."""
     from jaxtok.decode.generate import generate
+    from jaxtok.sampling import SamplingParams
     from jaxtok.tasks.tokenizer import SpecialTokens, decode
     from jaxtok.train.rollout import fetch
 
@@ -59,7 +60,8 @@ def _correct(model, task, tok, prompt, valid, index, *, temperature, seed, max_n
         if rows < batch_size:  # one static shape
             p = np.concatenate([p, np.repeat(p[:1], batch_size - rows, 0)])
             v = np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)])
-        res = generate(model, jnp.asarray(p), jnp.asarray(v), max_new_tokens=max_new_tokens, temperature=temperature,
+        res = generate(model, jnp.asarray(p), jnp.asarray(v), max_new_tokens=max_new_tokens,
+                       sampling=SamplingParams(temperature=temperature),
                        rng=jax.random.fold_in(jax.random.key(seed), s), stop_tokens=(sp.eos,), pad_id=sp.pad)
         toks = fetch(res.tokens)
         for r in range(rows):

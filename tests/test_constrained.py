@@ -14,6 +14,7 @@ import lark  # noqa: E402,F401  (the test extra installs it; a missing lark must
 
 from jaxtok.config import load_config, validate_names  # noqa: E402
 from jaxtok.decode import generate  # noqa: E402
+from jaxtok.sampling import GREEDY
 from jaxtok.decode import constrained as C  # noqa: E402
 from jaxtok.decode.diffusion import diffusion_generate  # noqa: E402
 from jaxtok.models import Decoder, presets  # noqa: E402
@@ -325,7 +326,7 @@ def test_ar_constrained_outputs_always_parse(armodel, name):
 def test_ar_constrained_json_and_unconstrained_equals_generate(armodel, jmodel):
     prompt, valid = prompts(5)
     free = C.constrained_generate(armodel, prompt, valid, None, max_new_tokens=N, stop_tokens=(EOS,))
-    ref = generate(armodel, prompt, valid, max_new_tokens=N, temperature=0.0, rng=jax.random.key(0))
+    ref = generate(armodel, prompt, valid, max_new_tokens=N, sampling=GREEDY, rng=jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(free.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(free.valid), np.asarray(ref.valid))
     out = C.constrained_generate(jmodel, *prompts(6, vocab=len(JV), lo=3), JSON, max_new_tokens=10, temperature=1.0,

@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxtok import sampling
 from jaxtok.decode import generate
+from jaxtok.sampling import GREEDY, SamplingParams
 from jaxtok.mesh import make_mesh
 from jaxtok.models import Decoder, presets
 
@@ -69,9 +70,11 @@ def full_log_probs(model, rows, generated, transforms):
 
 
 def run(model, **kw):
-    """generate() on ROWS left-padded to width 6 with N = 6 (most tests share this compiled shape)."""
+    """generate() on ROWS left-padded to width 6 with N = 6 (most tests share this compiled shape); the
+    temperature / top_k / top_p / min_p keywords make its SamplingParams."""
     prompt, valid = left_pad(ROWS, 6)
-    kw = {"max_new_tokens": N, "stop_tokens": (), "rng": jax.random.key(0), **kw}
+    params = SamplingParams(**{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "min_p") if k in kw})
+    kw = {"max_new_tokens": N, "stop_tokens": (), "rng": jax.random.key(0), "sampling": params, **kw}
     return generate(model, kw.pop("prompt", prompt), kw.pop("prompt_valid", valid), **kw)
 
 
@@ -144,7 +147,7 @@ def test_second_call_with_equal_shapes_does_not_retrace(model):
 def test_sharded_equals_unsharded_greedy(model):
     rows = [[3 + i, 4 + (i * 7) % 20, 9] [: 1 + i % 3] for i in range(8)]
     prompt, valid = left_pad(rows, 4)
-    kw = dict(max_new_tokens=5, temperature=0.0, stop_tokens=(2,), rng=jax.random.key(0))
+    kw = dict(max_new_tokens=5, sampling=GREEDY, stop_tokens=(2,), rng=jax.random.key(0))
     ref = generate(model, prompt, valid, **kw)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)  # batch over data x fsdp, weights over fsdp / tensor
     out = generate(model, prompt, valid, mesh=mesh, **kw)
@@ -166,9 +169,10 @@ def test_bad_inputs_raise_clear_errors(model):
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, prompt, valid[:, ::-1], max_new_tokens=2, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="temperature"):
-        generate(model, prompt, valid, max_new_tokens=2, temperature=-1.0, rng=jax.random.key(0))
+        generate(model, prompt, valid, max_new_tokens=2, sampling=SamplingParams(temperature=-1.0),
+                 rng=jax.random.key(0))
     with pytest.raises(ValueError, match="top_p"):
-        generate(model, prompt, valid, max_new_tokens=2, top_p=0.0, rng=jax.random.key(0))
+        generate(model, prompt, valid, max_new_tokens=2, sampling=SamplingParams(top_p=0.0), rng=jax.random.key(0))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompt, valid, max_new_tokens=0, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="stop_tokens"):
@@ -224,7 +228,7 @@ def test_batch_one_matvec_head_of_a_tied_model_equals_the_batched_head():
     tied = Decoder(presets.get("tiny_draft", vocab_size=V, tie_embeddings=True), rngs=nnx.Rngs(3))
     assert gen_module._tied_decoder_head(tied)
     prompt, valid = left_pad([ROWS[0], ROWS[0]], 6)
-    kw = dict(max_new_tokens=N, stop_tokens=(), rng=jax.random.key(0), temperature=0.0)
+    kw = dict(max_new_tokens=N, stop_tokens=(), rng=jax.random.key(0), sampling=GREEDY)
     one = generate(tied, prompt[:1], valid[:1], **kw)
     two = generate(tied, prompt, valid, **kw)
     np.testing.assert_array_equal(one.tokens[0], two.tokens[0])

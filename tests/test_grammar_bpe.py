@@ -18,6 +18,7 @@ pytest.importorskip("llguidance")
 from jaxtok.decode import constrained as C  # noqa: E402
 from jaxtok.models import Decoder, load_tokenizer, presets  # noqa: E402
 from jaxtok.registry import ConfigError  # noqa: E402
+from jaxtok.sampling import SamplingParams  # noqa: E402
 from jaxtok.tasks.tokenizer import decode  # noqa: E402
 
 import real_tokenizers as rt  # noqa: E402
@@ -88,8 +89,8 @@ def named(tok, mask):
 def test_json_decoding_greedy_and_sampled_parses_when_it_stops(tok, model, json_grammar):
     stopped = 0
     for seed, temp in ((0, 0.0), (2, 1.0)):
-        out = C.grammar_generate(model, *prompts(seed), json_grammar, max_new_tokens=N, temperature=temp,
-                                 rng=jax.random.key(seed), pad_id=tok.pad_id)
+        out = C.grammar_generate(model, *prompts(seed), json_grammar, max_new_tokens=N,
+                                 sampling=SamplingParams(temperature=temp), rng=jax.random.key(seed), pad_id=tok.pad_id)
         tokens, lengths, done = np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(out.done)
         assert np.isfinite(np.asarray(out.logprobs)[np.asarray(out.valid)]).all()  # never a masked token
         for r in range(B):

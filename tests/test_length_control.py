@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxtok.decode import generate
+from jaxtok.sampling import GREEDY, SamplingParams
 from jaxtok.decode.length_control import LengthGuide, LengthGuideArgs, guided_logits, length_bonus, predict_length
 from jaxtok.models import Decoder, KVCache, LengthValueModel, presets
 from jaxtok.registry import ConfigError
@@ -73,8 +74,8 @@ def test_zero_scale_is_the_top_k_policy(models):
     policy, vm = models
     prompt, valid = _prompts()
     key = jax.random.key(3)
-    base = generate(policy, prompt, valid, max_new_tokens=6, temperature=1.0, top_k=4, rng=key)
-    guided = generate(policy, prompt, valid, max_new_tokens=6, temperature=1.0, rng=key,
+    base = generate(policy, prompt, valid, max_new_tokens=6, sampling=SamplingParams(temperature=1.0, top_k=4), rng=key)
+    guided = generate(policy, prompt, valid, max_new_tokens=6, sampling=SamplingParams(temperature=1.0), rng=key,
                       guide=LengthGuide.of(vm, mode="tilt", scale=0.0, candidates=4))
     np.testing.assert_array_equal(guided.tokens, base.tokens)
     np.testing.assert_allclose(guided.logprobs, base.logprobs, atol=1e-5)
@@ -89,7 +90,7 @@ def test_guided_greedy_matches_brute_force(models, mode):
     prompt, valid = _prompts()
     K, N = 4, 4
     target = np.array([2, 4, 6])
-    out = generate(policy, prompt, valid, max_new_tokens=N, temperature=0.0, rng=jax.random.key(0), stop_tokens=(),
+    out = generate(policy, prompt, valid, max_new_tokens=N, sampling=GREEDY, rng=jax.random.key(0), stop_tokens=(),
                    guide=LengthGuide.of(vm, mode=mode, scale=1e4, target=target, candidates=K))
     toks = np.asarray(out.tokens)
     seq, seq_valid = prompt, valid

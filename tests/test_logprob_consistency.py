@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxtok.decode.generate import generate
 from jaxtok.decode.speculative import NgramDrafter, speculative_generate
+from jaxtok.sampling import GREEDY, SamplingParams
 from jaxtok.models import Decoder, ModelConfig
 from jaxtok.train import rollout
 from jaxtok.train.objectives.policy_gradient import rollout_token_stats
@@ -61,8 +62,8 @@ def _rollout_batch(prompt, prompt_valid, tokens, valid):
 ])
 def test_sampler_logprobs_equal_trainer_logprobs(policy, trainer_logp, left_pads, width, temperature):
     prompt, prompt_valid = _prompts(left_pads, width, seed=width)
-    out = generate(policy, prompt, prompt_valid, max_new_tokens=N, temperature=temperature, stop_tokens=(STOP,),
-                   pad_id=PAD, rng=jax.random.key(width))
+    out = generate(policy, prompt, prompt_valid, max_new_tokens=N, sampling=SamplingParams(temperature=temperature),
+                   stop_tokens=(STOP,), pad_id=PAD, rng=jax.random.key(width))
     batch = _rollout_batch(prompt, prompt_valid, out.tokens, out.valid)
     B = len(left_pads)
     lp = trainer_logp(batch, np.full(B, temperature, np.float32))[:, width:]  # [B, N]
@@ -85,8 +86,8 @@ def test_greedy_speculative_tokens_score_like_plain_sampling(policy, trainer_log
     returns no per-token log-probs, so the sampled speculative path cannot be compared token by token."""
     prompt, prompt_valid = _prompts((2, 0, 5), 8, seed=8)  # the shapes of the sampled case: programs are reused
     spec = speculative_generate(policy, NgramDrafter(V), prompt, prompt_valid, max_new_tokens=N, draft_len=3,
-                                temperature=0.0, stop_tokens=(STOP,), pad_id=PAD, rng=jax.random.key(0))
-    plain = generate(policy, prompt, prompt_valid, max_new_tokens=N, temperature=0.0, stop_tokens=(STOP,),
+                                sampling=GREEDY, stop_tokens=(STOP,), pad_id=PAD, rng=jax.random.key(0))
+    plain = generate(policy, prompt, prompt_valid, max_new_tokens=N, sampling=GREEDY, stop_tokens=(STOP,),
                      pad_id=PAD, rng=jax.random.key(0))
     v = np.asarray(plain.valid)
     np.testing.assert_array_equal(np.asarray(spec.valid), v)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtok.decode import generate
+from jaxtok.sampling import GREEDY
 from jaxtok.mesh import axis_rules, make_mesh
 from jaxtok.models import Decoder, ModelConfig, flops, presets
 from jaxtok.models import moe
@@ -378,7 +379,7 @@ def test_greedy_generate_equals_full_forward_argmax(tiny_moe):
     valid = np.zeros((3, width), bool)
     for i, r in enumerate(rows):
         prompt[i, width - len(r):], valid[i, width - len(r):] = r, True
-    out = generate(tiny_moe, prompt, valid, max_new_tokens=n, stop_tokens=(), temperature=0.0, rng=jax.random.key(0))
+    out = generate(tiny_moe, prompt, valid, max_new_tokens=n, stop_tokens=(), sampling=GREEDY, rng=jax.random.key(0))
     fwd = jax.jit(lambda toks, at: jnp.argmax(tiny_moe(toks).logits[0, at]))
     for i, row in enumerate(rows):
         toks = np.zeros((1, width + n), np.int32)  # one buffer width: right padding is invisible to causal attention

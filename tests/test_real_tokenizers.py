@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxtok.data import prompt_ids, sft_ids
 from jaxtok.decode import generate
+from jaxtok.sampling import GREEDY
 from jaxtok.models import Decoder, convert, load_tokenizer, presets, save_hf
 from jaxtok.tasks import Example
 from jaxtok.tasks.tokenizer import decode
@@ -110,10 +111,10 @@ def test_generation_stops_at_every_eos_id(qwen3_dir, llama3_dir, which, stop):
     model = _constant_model(rt.QWEN3_VOCAB_SIZE, emit)  # one shape for both vocabularies: one compiled program
     prompt = jnp.asarray([tok.encode_prompt("What is 2+3?")[:4]], jnp.int32)
     valid = jnp.ones_like(prompt, bool)
-    out = generate(model, prompt, valid, max_new_tokens=3, temperature=0.0, rng=jax.random.key(0),
+    out = generate(model, prompt, valid, max_new_tokens=3, sampling=GREEDY, rng=jax.random.key(0),
                    stop_tokens=tok.eos_ids, pad_id=tok.pad_id)
     assert np.asarray(out.tokens)[0, 0] == emit and int(np.asarray(out.valid)[0].sum()) == 1
-    free = generate(model, prompt, valid, max_new_tokens=3, temperature=0.0, rng=jax.random.key(0),
+    free = generate(model, prompt, valid, max_new_tokens=3, sampling=GREEDY, rng=jax.random.key(0),
                     stop_tokens=(), pad_id=tok.pad_id)
     assert int(np.asarray(free.valid)[0].sum()) == 3  # without the stop ids it runs to the budget
     assert decode(tok, np.asarray(out.tokens)[0]) == ""

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxtok.config import from_dict, validate_names
 from jaxtok.data import prompt_dataset
 from jaxtok.decode.generate import generate
+from jaxtok.sampling import SamplingParams
 from jaxtok.models import Decoder, presets
 from jaxtok.registry import OBJECTIVES, ConfigError
 from jaxtok.tasks import build_tokenizer, make_task
@@ -64,7 +65,8 @@ def test_collect_old_logprobs_match_the_sampler(tok, policy):
     assert b["tokens"].shape == (6, 18) and b["rewards"].shape == (6,)
     np.testing.assert_array_equal(b["group_ids"], [0, 0, 0, 1, 1, 1])
     rows = rollout.expand_groups(prompts, 3)
-    out = generate(policy, rows["prompt"], rows["prompt_valid"], max_new_tokens=6, temperature=1.5,
+    out = generate(policy, rows["prompt"], rows["prompt_valid"], max_new_tokens=6,
+                   sampling=SamplingParams(temperature=1.5),
                    rng=jax.random.split(key, 3)[0], stop_tokens=(2,), pad_id=0, return_entropy=True)
     np.testing.assert_array_equal(b["tokens"][:, 12:], np.asarray(out.tokens))
     np.testing.assert_allclose(b["old_logprobs"][:, 12:], np.asarray(out.logprobs), atol=2e-5)
@@ -267,7 +269,8 @@ def test_score_rollout_topk_matches_the_sampler_topk(tok, policy):
     b = ro.batch
     assert b["topk_ids"].shape == (4, 17, K) and b["topk_logprobs"].dtype == np.float32
     rows = rollout.expand_groups(prompts, 2)
-    out = generate(policy, rows["prompt"], rows["prompt_valid"], max_new_tokens=5, temperature=1.3,
+    out = generate(policy, rows["prompt"], rows["prompt_valid"], max_new_tokens=5,
+                   sampling=SamplingParams(temperature=1.3),
                    rng=jax.random.split(key, 3)[0], stop_tokens=(2,), pad_id=0, return_topk=K)
     v = np.asarray(out.valid)
     np.testing.assert_array_equal(b["topk_ids"][:, 12:][v], np.asarray(out.topk_ids)[v])

@@ -16,6 +16,7 @@ from flax import nnx
 from scipy import stats as sps
 
 from jaxtok.decode import generate
+from jaxtok.sampling import GREEDY, RowParams, SamplingParams
 from jaxtok.decode import draft_policies as dp
 from jaxtok.decode.speculative import (
     DeerDrafter, EADArgs, ModelDrafter, NgramDrafter, RoutedDrafter, ead_generate, ead_switch,
@@ -61,7 +62,7 @@ SAMPLE_PROMPT = [1, 2, 3]
 @pytest.fixture(scope="module")
 def greedy_ref(models):
     prompt, valid = _greedy_prompts()
-    out = generate(models[0], prompt, valid, max_new_tokens=N, temperature=0.0, stop_tokens=(STOP,),
+    out = generate(models[0], prompt, valid, max_new_tokens=N, sampling=GREEDY, stop_tokens=(STOP,),
                    rng=jax.random.key(0))
     return prompt, valid, out
 
@@ -96,8 +97,8 @@ def _run(models, drafter, policy, temperature, rng=0, prompt=None, valid=None, d
         valid = prompt > -1
         valid[:, 0] = False
     return speculative_generate(models[0], drafter, prompt, valid, max_new_tokens=N, draft_len=draft_len,
-                                policy=policy, temperature=temperature, stop_tokens=(STOP,), rng=jax.random.key(rng),
-                                **kw)
+                                policy=policy, sampling=SamplingParams(temperature=temperature), stop_tokens=(STOP,),
+                                rng=jax.random.key(rng), **kw)
 
 
 def _chi2_pvalue(samples: np.ndarray, joint: np.ndarray) -> float:
@@ -223,8 +224,8 @@ def test_model_drafter_two_token_refeed_keeps_its_cache_exact_over_rounds(models
     prompt, valid = prompt[:rows], valid[:rows]
 
     out = speculative_generate(target, ModelDrafter.of(target), prompt, valid, max_new_tokens=n_new, draft_len=G,
-                               temperature=0.0, stop_tokens=(), rng=jax.random.key(0), poison_stale_cache=True)
-    ar = generate(target, prompt, valid, max_new_tokens=n_new, temperature=0.0, stop_tokens=(),
+                               sampling=GREEDY, stop_tokens=(), rng=jax.random.key(0), poison_stale_cache=True)
+    ar = generate(target, prompt, valid, max_new_tokens=n_new, sampling=GREEDY, stop_tokens=(),
                   rng=jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
     np.testing.assert_array_equal(np.asarray(out.rounds), 3)
@@ -249,7 +250,7 @@ def test_model_drafter_cache_after_two_token_refeed_equals_a_fresh_prefill(model
     seq[:, w:w + P], seq_valid[:, w:w + P] = prompt[:b], valid[:b]
     seq[:, w + P], seq_valid[:, w + P] = 1, True  # the target's first token
     n = w + P + 1
-    params = {"temperature": jnp.zeros((b,), jnp.float32)}
+    params = RowParams(jnp.zeros((b,), jnp.float32))
 
     def ctx(n):
         return spec_module.DraftContext(seq=jnp.asarray(seq), seq_valid=jnp.asarray(seq_valid),
@@ -314,9 +315,9 @@ def test_ead_switches_after_min_dwell_and_reports_large_share(models):
     target, draft, _ = models
     prompt, valid = _greedy_prompts()
     n = N
-    out = ead_generate(draft, target, prompt, valid, max_new_tokens=n, temperature=0.0, stop_tokens=(),
+    out = ead_generate(draft, target, prompt, valid, max_new_tokens=n, sampling=GREEDY, stop_tokens=(),
                        rng=jax.random.key(0), args=EADArgs(threshold=-1.0, min_dwell=2, chunk=1))
-    small = np.asarray(generate(draft, prompt, valid, max_new_tokens=N, temperature=0.0, stop_tokens=(STOP,),
+    small = np.asarray(generate(draft, prompt, valid, max_new_tokens=N, sampling=GREEDY, stop_tokens=(STOP,),
                                 rng=jax.random.key(0)).tokens)[:, :2]  # the greedy_ref program
     keep = ~np.any(small == STOP, axis=1)  # (that program stops at STOP; EAD here does not)
     toks = np.asarray(out.tokens)[keep]
@@ -368,7 +369,8 @@ def test_confidence_policy_stops_on_the_sampled_tokens_probability(models):
     rows, n = 256, 8
     prompt = np.tile(np.array([[0] + SAMPLE_PROMPT], np.int32), (rows, 1))
     out = speculative_generate(target, ModelDrafter.of(target), prompt, prompt > 0, max_new_tokens=n, draft_len=G,
-                               policy=policy, temperature=1.0, stop_tokens=(), rng=jax.random.key(5))
+                               policy=policy, sampling=SamplingParams(temperature=1.0), stop_tokens=(),
+                               rng=jax.random.key(5))
     toks = np.asarray(out.tokens)
     assert np.all(np.asarray(out.accepted) == np.asarray(out.drafted))
     seq = np.concatenate([prompt, toks], 1)

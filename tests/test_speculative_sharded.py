@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxtok.decode.speculative import ModelDrafter, NgramDrafter, RoutedDrafter, speculative_generate
+from jaxtok.sampling import SamplingParams
 from jaxtok.mesh import make_mesh
 from jaxtok.models import Decoder, ModelConfig
 
@@ -46,7 +47,8 @@ TEMPS = np.where(np.arange(B) % 2 == 0, 0.0, 0.9).astype(np.float32)  # even row
 
 def _run(target, drafter, mesh=None):
     prompt, valid = _prompts()
-    return speculative_generate(target, drafter, prompt, valid, max_new_tokens=N, draft_len=G, temperature=TEMPS,
+    return speculative_generate(target, drafter, prompt, valid, max_new_tokens=N, draft_len=G,
+                                sampling=SamplingParams(temperature=TEMPS),
                                 stop_tokens=(STOP,), rng=jax.random.key(3), mesh=mesh, return_logprobs=True)
 
 

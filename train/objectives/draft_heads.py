@@ -187,7 +187,8 @@ def specdecpp_run(cfg, args: SpecDecPPHeadArgs, *, tokenizer, task) -> HeadRun:
 
     data, drafter = _records(cfg, tokenizer, task, args.prompts, examples)
     ctor = {"hidden_size": drafter.cfg.hidden_size, "depth": args.depth}
-    return HeadRun(head=specdecpp_head(**ctor, seed=cfg.train.seed), kind="specdecpp", ctor=ctor, train=data)
+    return HeadRun(head=specdecpp_head(**ctor, seed=cfg.train.seed), kind="specdecpp", ctor=ctor, train=data,
+                   replace=True)
 
 
 def speckv_run(cfg, args: SpecKVHeadArgs, *, tokenizer, task) -> HeadRun:
@@ -199,7 +200,8 @@ def speckv_run(cfg, args: SpecKVHeadArgs, *, tokenizer, task) -> HeadRun:
 
     data, _ = _records(cfg, tokenizer, task, args.prompts, examples)
     ctor = {"hidden": args.hidden}
-    return HeadRun(head=speckv_head(**ctor, seed=cfg.train.seed), kind="speckv", ctor=ctor, train=data)
+    return HeadRun(head=speckv_head(**ctor, seed=cfg.train.seed), kind="speckv", ctor=ctor, train=data,
+                   replace=True)
 
 
 @OBJECTIVES.register("specdecpp", SpecDecPPHeadArgs, head=specdecpp_run)
@@ -228,7 +230,7 @@ def speckv_loss(head, batch: dict, rng, args: SpecKVHeadArgs):
 
 def fit_records(kind: str, head, records: dict, *, steps: int, seed: int = 0, args=None) -> list[float]:
     """Adam 3e-3 on ``head`` over ``records`` of ``kind`` (``specdecpp``/``speckv``) with the objective's loss and
-    default (or given) arguments, minibatches of 256 (:func:`jaxtok.train.heads.fit_head`): what the speculative
-    benchmarks use to fit heads in-process."""
+    default (or given) arguments, minibatches of 256 drawn with replacement (:func:`jaxtok.train.heads.fit_head`):
+    what the speculative benchmarks use to fit heads in-process."""
     loss, cls = {"specdecpp": (specdecpp_loss, SpecDecPPHeadArgs), "speckv": (speckv_loss, SpecKVHeadArgs)}[kind]
-    return fit_head(head, functools.partial(loss, args=args or cls()), records, steps=steps, seed=seed)
+    return fit_head(head, functools.partial(loss, args=args or cls()), records, steps=steps, seed=seed, replace=True)

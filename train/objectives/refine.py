@@ -134,6 +134,7 @@ def collect_refine(model, docs: dict, *, task, tokenizer, settings, rng: jax.Arr
     ``ro_old_logprobs``, ``ro_rewards [R]``, ``ro_advantages [R]`` (GRPO over each document's rollouts). Info adds
     the sampler/trainer log-prob mismatch on the rollout tokens (:func:`jaxtok.train.rollout.sampler_trainer_mismatch`)."""
     from jaxtok.decode.generate import generate
+    from jaxtok.sampling import SamplingParams
     from jaxtok.tasks.tokenizer import SpecialTokens
     from jaxtok.train.rollout import Rollout, fetch, sampler_trainer_mismatch, score_tokens
 
@@ -158,8 +159,10 @@ def collect_refine(model, docs: dict, *, task, tokenizer, settings, rng: jax.Arr
             ids = tokens[b, first[b]:s]
             prefix[r, T - len(ids):], prefix_valid[r, T - len(ids):] = ids, True
             gt[r] = tokens[b, s:s + k]
-    out = generate(model, prefix, prefix_valid, max_new_tokens=k, temperature=settings.temperature,
-                   top_k=settings.top_k, top_p=settings.top_p, stop_tokens=(), rng=k_roll, pad_id=sp.pad, mesh=mesh)
+    out = generate(model, prefix, prefix_valid, max_new_tokens=k,
+                   sampling=SamplingParams(temperature=settings.temperature, top_k=settings.top_k,
+                                           top_p=settings.top_p),
+                   stop_tokens=(), rng=k_roll, pad_id=sp.pad, mesh=mesh)
     roll = fetch(out.tokens)  # [R, k]
     ro = {"tokens": np.concatenate([prefix, roll], 1), "valid": np.concatenate([prefix_valid, np.ones((B * C, k),
                                                                                                      bool)], 1)}
