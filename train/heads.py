@@ -9,10 +9,11 @@ controller (diffusion commit policies, ``train/objectives/commit_heads.py``).
    diffusion LM; ``decode.draft_init_from``: the drafter), records the head's examples on training prompts and
    builds a fresh head: a :class:`HeadRun`.
 2. :func:`fit_head`: ``train.steps`` steps of :func:`jaxtok.train.step.make_train_step` on the head's parameters
-   (the configured optimizer, ``optimizer.*``), each on ``data.batch_size`` examples drawn without replacement
-   from the recorded pool (``numpy`` generator seeded ``train.seed``, then the objective's host ``augment``). The
-   objective is ``fn(head, batch, rng, args) -> (loss_sum, count, aux)`` like every other; the decoders never
-   enter the step (the examples are features they produced).
+   (the configured optimizer, ``optimizer.*``), each on ``data.batch_size`` examples drawn from the recorded pool
+   (``numpy`` generator seeded ``train.seed``; with replacement for the draft heads, without for the commit heads,
+   as their reference programs did; then the objective's host ``augment``). The objective is
+   ``fn(head, batch, rng, args) -> (loss_sum, count, aux)`` like every other; the decoders never enter the step (the
+   examples are features they produced).
 3. The run directory gets ``head.npz`` + ``head.json`` (:func:`jaxtok.models.heads.save_head`), so
    ``decode.policy_args.head_path=<run dir>`` loads the head; ``metrics.jsonl`` (loss and lr every
    ``train.log_every`` steps) and ``summary.json`` (examples, first/last loss, held-out metrics when the objective
@@ -46,8 +47,8 @@ class HeadRun:
     """What an objective's ``head`` hook returns: the fresh ``head`` of ``kind`` (a
     :data:`jaxtok.models.heads.HEAD_KINDS` name) with its constructor arguments ``ctor``; ``train`` examples (numpy
     arrays with a common first axis); optionally ``heldout`` examples, ``evaluate(head, heldout) -> dict`` (metrics
-    reported in ``summary.json``) and ``augment(batch, rng) -> batch`` (a host transform of each minibatch,
-    TraceLock's random crops)."""
+    reported in ``summary.json``), ``augment(batch, rng) -> batch`` (a host transform of each minibatch,
+    TraceLock's random crops) and ``replace`` (minibatches drawn with replacement, the draft heads' reference)."""
 
     head: nnx.Module
     kind: str
@@ -56,6 +57,7 @@ class HeadRun:
     heldout: Optional[dict] = None
     evaluate: Optional[Callable[[nnx.Module, dict], dict]] = None
     augment: Optional[Callable[[dict, np.random.Generator], dict]] = None
+    replace: bool = False
 
 
 def merge_records(records) -> dict:
@@ -78,14 +80,14 @@ def prompt_batches(cfg, tokenizer, task, prompts: int) -> list:
 
 def fit_head(head: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray], *, steps: int,
              optimizer: Optional[optax.GradientTransformation] = None, batch_size: int = 256, seed: int = 0,
-             augment: Optional[Callable[[dict, np.random.Generator], dict]] = None,
+             augment: Optional[Callable[[dict, np.random.Generator], dict]] = None, replace: bool = False,
              on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
     """Train ``head`` in place with :func:`jaxtok.train.step.make_train_step` on minibatches of ``data``.
 
     ``loss_fn(head, batch, rng) -> (loss_sum, count, aux)`` (an objective with its arguments bound); each step draws
-    ``min(batch_size, M)`` of the ``M`` examples without replacement (one static shape, one compilation), then
-    ``augment``; ``optimizer`` defaults to Adam 3e-3. ``on_step(step, loss)`` is called after every step (1-based).
-    Returns the loss of every step."""
+    ``min(batch_size, M)`` of the ``M`` examples, without replacement unless ``replace`` (one static shape, one
+    compilation), then ``augment``; ``optimizer`` defaults to Adam 3e-3. ``on_step(step, loss)`` is called after
+    every step (1-based). Returns the loss of every step."""
     from jaxtok.train.step import init_train_state, make_train_step
 
     n = len(next(iter(data.values())))
@@ -97,7 +99,7 @@ def fit_head(head: nnx.Module, loss_fn: Callable, data: Mapping[str, np.ndarray]
     rng = np.random.default_rng(seed)
     losses = []
     for k in range(1, steps + 1):
-        idx = rng.choice(n, min(batch_size, n), replace=False)
+        idx = rng.choice(n, min(batch_size, n), replace=replace)
         batch = {name: v[idx] for name, v in data.items()}
         if augment is not None:
             batch = augment(batch, rng)
@@ -136,7 +138,8 @@ def train_head_run(plan, run_dir: str | Path, *, tokenizer, task) -> dict:
 
     try:
         losses = fit_head(run.head, loss_fn, run.train, steps=total, optimizer=build_optimizer(cfg.optimizer, total),
-                          batch_size=cfg.data.batch_size, seed=cfg.train.seed, augment=run.augment, on_step=on_step)
+                          batch_size=cfg.data.batch_size, seed=cfg.train.seed, augment=run.augment, replace=run.replace,
+                          on_step=on_step)
         summary: dict[str, Any] = {"step": total, "train/loss": losses[-1], "kind": run.kind, "examples": int(n),
                                    "first_loss": losses[0], "last_loss": losses[-1], "head": run.ctor}
         if run.heldout is not None and run.evaluate is not None:
