@@ -11,7 +11,8 @@ from typing import Optional
 
 import jax
 
-from jaxtok.decode.diffusion import evaluate_policy, policy_args_and_heads
+from jaxtok.decode.diffusion import policy_args_and_heads
+from jaxtok.decode.evaluate import evaluate_policy
 from jaxtok.registry import BENCHES, ConfigError
 
 from .plots import draw_accuracy_vs_nfe

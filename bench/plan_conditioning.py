@@ -55,7 +55,7 @@ def evaluate_plan(cfg, model, planner, tok, task, *, plan_tokens: int, placement
                   sep: str = ";") -> tuple[dict, list[dict]]:
     """Held-out exact match of the diffusion LM with a ``plan_tokens``-token AR plan (0: no plan).
 
-    Settings as :func:`jaxtok.decode.diffusion.evaluate_policy` (``decode.max_new_tokens`` = the response budget:
+    Settings as :func:`jaxtok.decode.evaluate.evaluate_policy` (``decode.max_new_tokens`` = the response budget:
     with ``after`` the diffusion LM generates ``max_new_tokens − k`` positions). Returns ``(metrics, samples)``:
     ``exact_match``, ``format_ok``, ``mean_nfe`` (diffusion forwards per row), ``planner_forwards`` (AR forwards per row),
     ``mean_plan_len``, ``wall_s``, ``num_examples``."""

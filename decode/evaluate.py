@@ -308,3 +308,33 @@ def lave_step(model, tok, grammar, *, args, gen_len: int, temperature: float = 0
                                        "forward_s": np.float64(out.forward_s), "host_s": np.float64(out.host_s)}
 
     return step
+
+
+def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, heads=None,
+                    num_examples: Optional[int] = None) -> tuple[dict, list[dict]]:
+    """Decode ``num_examples`` (default ``data.num_eval``) held-out prompts of ``task`` with one commit policy:
+    :func:`evaluate` of a :func:`diffusion_step` (the shorthand of the
+    benchmarks, head training and the training loop's held-out evaluation).
+
+    Settings from ``cfg``: ``decode.max_new_tokens`` (= gen_len), ``decode.temperature``, ``decode.batch_size``,
+    ``model.attention``/``model.block_size``, ``train.seed``. Returns ``(metrics, sample rows)``: ``policy``,
+    ``exact_match``, ``format_ok`` (tasks with an answer format), ``mean_nfe`` (forwards per decoded row),
+    ``tokens_per_nfe``, ``mean_length``, ``wall_s``, ``tokens_per_s``, ``compile_s``, ``num_examples`` (over-long
+    prompts included: they score 0) and ``overlong_prompts``.
+    """
+    from jaxtok.registry import COMMIT_POLICIES
+
+    from .diffusion import policy_args_and_heads
+
+    if not heads and COMMIT_POLICIES.entry(policy, "policy").spec.heads:
+        policy_args, heads = policy_args_and_heads(policy, policy_args)  # from policy_args.head_path
+    temperature = 0.0 if cfg.decode.method == "greedy" else float(cfg.decode.temperature)
+    step = diffusion_step(model, tok, gen_len=cfg.decode.max_new_tokens, policy=policy, policy_args=policy_args,
+                          heads=heads, temperature=temperature, attention=cfg.model.attention,
+                          block_size=cfg.model.block_size)
+    m, samples = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
+                          num_examples=num_examples or cfg.data.num_eval, overlong=cfg.data.overlong,
+                          key=jax.random.key(cfg.train.seed), sample_stats=("nfe",))
+    keys = ("exact_match", "mean_nfe", "tokens_per_nfe", "mean_length", "wall_s", "tokens_per_s", "compile_s",
+            "num_examples", "overlong_prompts", "format_ok")
+    return {"policy": policy, **{k: m[k] for k in keys if k in m}}, samples

@@ -134,11 +134,11 @@ def test_mdlm_run_is_evaluated_by_diffusion_decoding(tmp_path, monkeypatch):
     """A masked-diffusion run's evals decode with ``evaluate_policy`` (policy ``llada`` by default, the objective's
     bidirectional attention although ``model.attention`` is left ``causal``) and report the held-out diffusion loss;
     AR generation is never called."""
-    import jaxtok.decode.diffusion as diffusion
+    import jaxtok.decode.evaluate as evaluate
     from jaxtok.train import loop
 
     calls = []
-    real = diffusion.evaluate_policy
+    real = evaluate.evaluate_policy
 
     def spy(cfg, model, tok, task, **kw):
         calls.append((cfg.model.attention, kw["policy"]))
@@ -147,7 +147,7 @@ def test_mdlm_run_is_evaluated_by_diffusion_decoding(tmp_path, monkeypatch):
     def no_ar(*a, **k):
         raise AssertionError("AR generation eval on a diffusion model")
 
-    monkeypatch.setattr(diffusion, "evaluate_policy", spy)
+    monkeypatch.setattr(evaluate, "evaluate_policy", spy)
     monkeypatch.setattr(loop, "generation_eval", no_ar)
     cfg = _cfg("mdlm", {"chunk_size": 64}, steps=2, model={"preset": "tiny_diffusion"},
                train={"eval_every": 1})

@@ -315,7 +315,7 @@ def is_diffusion_run(plan) -> bool:
 
 
 def diffusion_eval_settings(plan):
-    """``(cfg, policy, policy args)`` for :func:`jaxtok.decode.diffusion.evaluate_policy`, the arguments parsed once
+    """``(cfg, policy, policy args)`` for :func:`jaxtok.decode.evaluate.evaluate_policy`, the arguments parsed once
     (the policy's dataclass): the policy is ``decode.policy`` (default ``llada``) with ``decode.policy_args``
     (``block_len`` defaults to a block-causal model's ``block_size``); the attention is ``model.attention`` unless
     that is the default ``causal``, then the objective's own (``mdlm``: ``args.attention``, ``bd3lm``:
@@ -344,10 +344,10 @@ def diffusion_eval_settings(plan):
 
 
 def diffusion_eval(model, task, tok, plan) -> dict:
-    """Held-out accuracy of diffusion decoding (:func:`jaxtok.decode.diffusion.evaluate_policy` with
+    """Held-out accuracy of diffusion decoding (:func:`jaxtok.decode.evaluate.evaluate_policy` with
     :func:`diffusion_eval_settings`): ``exact_match``, ``format_ok``, ``mean_nfe``, ``tokens_per_nfe``,
     ``mean_length``, ``num_examples``."""
-    from jaxtok.decode.diffusion import evaluate_policy
+    from jaxtok.decode.evaluate import evaluate_policy
 
     dcfg, policy, policy_args = diffusion_eval_settings(plan)
     metrics, _ = evaluate_policy(dcfg, model, tok, task, policy=policy, policy_args=policy_args)
