@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -395,59 +395,56 @@ def _drafter_names(m: dict) -> list:
     return [names] if isinstance(names, str) else list(names)
 
 
-def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, target, draft, deer, tok) -> dict:
-    """The bench on given models (``deer`` may be None when no method drafts with it) and tokenizer; writes
-    ``results.json``, ``results.md`` and the plots into ``run_dir``; returns the results."""
-    from jaxtok.data import make_task_from_config
-    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+@dataclasses.dataclass(frozen=True)
+class _Prompts:
+    """The bench's held-out prompts and their scoring: ``batches [(prompt, valid)]`` padded to
+    ``decode.batch_size``, ``meta [(example indices, real rows)]`` per batch (:func:`_prompt_batches`)."""
 
-    d = cfg.decode
-    if d.temperature != 0.0:
-        raise ConfigError(f"decode.temperature={d.temperature}: bench 'speculative' is greedy (exactness vs AR); "
-                          f"set decode.temperature=0")
-    methods = [dict(m) for m in args.methods]
-    uses_deer = any("deer" in _drafter_names(m) for m in methods)
-    if uses_deer and deer is None:
-        raise ConfigError("bench.args.methods use drafter 'deer' but no DEER model was given")
-    sp = SpecialTokens.of(tok)
-    stop = sp.eos_ids
-    task = make_task_from_config(cfg.data)
-    n_eval = args.num_examples or cfg.data.num_eval
-    batches, meta = _prompt_batches(task, "eval", tok, cfg, n_eval)
-    n_new, bs = d.max_new_tokens, d.batch_size
-    key = jax.random.key(cfg.train.seed)
+    task: Any
+    tok: Any
+    batches: list
+    meta: list
 
-    def accuracy(outs) -> float:
+    @property
+    def rows(self) -> int:
+        return sum(b for _, b in self.meta)
+
+    def accuracy(self, outs) -> float:
+        """Task exact match (reward >= 1) of the real rows of ``outs`` (one output per batch)."""
+        from jaxtok.tasks.tokenizer import decode
+
         hits = total = 0
-        for out, (idx, b) in zip(outs, meta):
+        for out, (idx, b) in zip(outs, self.meta):
             toks = np.asarray(out.tokens)
             for r in range(b):
-                ex = task.example("eval", int(idx[r]))
-                hits += task.reward(decode(tok, toks[r]), ex) >= 1.0
+                hits += self.task.reward(decode(self.tok, toks[r]), self.task.example("eval", int(idx[r]))) >= 1.0
                 total += 1
         return hits / max(total, 1)
 
-    def n_tokens(outs) -> int:
-        return int(sum(np.asarray(o.valid)[:b].sum() for o, (_, b) in zip(outs, meta)))
+    def n_tokens(self, outs) -> int:
+        """Generated tokens of the real rows of ``outs``."""
+        return int(sum(np.asarray(o.valid)[:b].sum() for o, (_, b) in zip(outs, self.meta)))
 
-    def ar(model):
-        return lambda p, v: generate(model, p, v, max_new_tokens=n_new, sampling=GREEDY, stop_tokens=stop,
-                                     pad_id=sp.pad, rng=key)
 
-    # AR baseline (timed again after the methods: the shared CPU drifts)
-    ar_target = ar(target)
-    ar_outs, ar_wall0, ar_compile = timed_pass(ar_target, batches, args.repeats)
-    ar_forwards = int(sum(int(o.num_forwards) for o in ar_outs))
-    n_ar = n_tokens(ar_outs)
+class _Baseline(NamedTuple):
+    """Greedy AR of the target: ``call(prompt, valid)``, its ``outs`` per batch and batched ``forwards``."""
 
-    # forward costs and c
-    costs = forward_costs(target, draft, deer if uses_deer else None, bs, cfg.data.prompt_len + n_new + 10, 4,
-                          args.cost_repeats)
-    c = {"draft": costs["draft_step"] / costs["target_step"], "ngram": 0.0}
-    if "deer_forward" in costs:
-        c["deer"] = costs["deer_forward"] / costs["target_step"]
+    call: Callable
+    outs: list
+    forwards: int
 
-    # heads from logged acceptance data (train-split prompts), unless a head_path is given
+
+def _greedy_ar(model, n_new: int, sp, key) -> Callable:
+    return lambda p, v: generate(model, p, v, max_new_tokens=n_new, sampling=GREEDY, stop_tokens=sp.eos_ids,
+                                 pad_id=sp.pad, rng=key)
+
+
+def _policy_heads(cfg, run_dir, args: SpecBenchArgs, methods: list, task, tok, target, draft) -> tuple[dict, dict]:
+    """SpecDec++ / SpecKV heads for the methods that name no ``args.head_path``: loaded from
+    ``bench.args.heads_from`` when saved there, else trained on logged acceptance data (train-split prompts,
+    :func:`train_head`) and saved under ``<run dir>/heads/<kind>``. Returns ``(heads, info)`` by kind."""
+    from jaxtok.tasks.tokenizer import SpecialTokens
+
     heads, head_info = {}, {}
     needs = {m.get("policy") for m in methods if not (m.get("args") or {}).get("head_path")}
     head_batches = None
@@ -459,98 +456,147 @@ def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, targ
             heads[kind], head_info[kind] = load_head(saved), {"loaded_from": str(saved)}
             continue
         if head_batches is None:
-            head_batches = _prompt_batches(task, "train", tok, cfg, args.head_batches * bs)[0]
+            head_batches = _prompt_batches(task, "train", tok, cfg, args.head_batches * cfg.decode.batch_size)[0]
         cand = next(((m.get("args") or {}).get("candidates", (2, 4, 6, 8)) for m in methods
                      if m.get("policy") == kind), (2, 4, 6, 8))
-        heads[kind], head_info[kind] = train_head(kind, target, draft, head_batches, max_new_tokens=n_new,
-                                                  steps=args.head_steps, seed=cfg.train.seed, stop_tokens=stop,
+        heads[kind], head_info[kind] = train_head(kind, target, draft, head_batches,
+                                                  max_new_tokens=cfg.decode.max_new_tokens, steps=args.head_steps,
+                                                  seed=cfg.train.seed, stop_tokens=SpecialTokens.of(tok).eos_ids,
                                                   candidates=cand)
         ctor = {"hidden_size": draft.cfg.hidden_size, "depth": 3} if kind == "specdecpp" else {"hidden": 16}
         save_head(heads[kind], Path(run_dir) / "heads" / kind, kind, **ctor)
+    return heads, head_info
 
-    drafters = {"draft": ModelDrafter.of(draft), "ngram": NgramDrafter(vocab_size=target.cfg.vocab_size, max_ngram=3)}
-    if deer is not None:
-        drafters["deer"] = DeerDrafter.of(deer)
 
+def _method_row(m: dict, drafters: dict, heads: dict, target, draft, prompts: _Prompts, ar: _Baseline, c: dict,
+                args: SpecBenchArgs, *, n_new: int, sp, key) -> dict:
+    """One method of ``bench.args.methods``: its drafter and policy, timed against AR (:func:`timed_against`),
+    its acceptance statistics, exactness against AR and cost-model speedups (the bench's results row)."""
+    names = _drafter_names(m)
+    drafter = drafters[names[0]] if len(names) == 1 else RoutedDrafter(tuple(drafters[n] for n in names))
+    name = m.get("policy", "fixed")
+    pargs = DRAFT_POLICIES.parse_args(name, m.get("args"), f"bench.args.methods[{m.get('label')}].args")
+    policy = dp.build_policy(name, pargs, hidden_size=draft.cfg.hidden_size, head=heads.get(name)
+                             if not (m.get("args") or {}).get("head_path") else None)
+    g = int(m.get("draft_len", 4))
+
+    def call(p, v):
+        return speculative_generate(target, drafter, p, v, max_new_tokens=n_new, draft_len=g, policy=policy,
+                                    sampling=GREEDY, stop_tokens=sp.eos_ids, pad_id=sp.pad, rng=key)
+
+    outs, wall, ar_near, compile_s = timed_against(call, ar.call, prompts.batches, args.repeats)
+    stats: dict = {}
+    same = []
+    for o, a, (_, b) in zip(outs, ar.outs, prompts.meta):
+        add_stats(stats, speculative_stats(o), b)
+        same.append(rows_identical(o.tokens, o.valid, a.tokens, a.valid)[:b])
+    n_tok = prompts.n_tokens(outs)
+    s = summarize(stats, n_tok, prompts.rows)
+    n_batches = len(prompts.batches)
+    prefill = sum(drafters[n].prefill_forwards for n in names) * n_batches
+    batched_rounds = s["target_forwards"] - n_batches
+    dpr = (s["draft_forwards"] - prefill) / max(batched_rounds, 1)
+    cost = draft_cost_per_round(names, s["draft_forwards"] - prefill, batched_rounds, c)
+    return {
+        "method": _method_label(m), "drafter": "+".join(names), "policy": name, "gamma_max": g,
+        "identical_to_ar": float(np.mean(np.concatenate(same))), "exact_match": prompts.accuracy(outs),
+        "wall_s": wall, "ar_wall_s": ar_near, "speedup": ar_near / wall, "compile_s": compile_s,
+        "tokens_per_s": n_tok / wall, "generated_tokens": n_tok,
+        "tokens_per_target_forward": s["tokens_per_target_forward"],
+        "mean_accepted_length": s["mean_accepted_length"], "acceptance_rate": s["acceptance_rate"],
+        "acceptance_rate_by_position": s["acceptance_rate_by_position"],
+        "target_forwards": s["target_forwards"], "draft_forwards": s["draft_forwards"],
+        "drafts_per_round": dpr, "c": cost / dpr if dpr > 0 else 0.0,
+        "cost_model_speedup": s["tokens_per_target_forward"] / (1.0 + cost),
+        "batched_cost_model_speedup": ar.forwards / (s["target_forwards"] + (s["draft_forwards"] - prefill)
+                                                     * (cost / dpr if dpr > 0 else 0.0)),
+        "route_counts": s["route_counts"], "rounds": s["rounds"], "accepted": s["accepted"],
+        "drafted": s["drafted"],
+    }
+
+
+def _ead_rows(draft, target, prompts: _Prompts, ar: _Baseline, ar_wall: float, args: SpecBenchArgs, *, n_new: int,
+              sp, key) -> list[dict]:
+    """EAD (lossy): accuracy against the share of large-model tokens per threshold of ``bench.args.ead_thresholds``,
+    between the end points draft alone and target alone (AR)."""
     rows = []
-    for m in methods:
-        names = _drafter_names(m)
-        drafter = drafters[names[0]] if len(names) == 1 else RoutedDrafter(tuple(drafters[n] for n in names))
-        name = m.get("policy", "fixed")
-        pargs = DRAFT_POLICIES.parse_args(name, m.get("args"), f"bench.args.methods[{m.get('label')}].args")
-        policy = dp.build_policy(name, pargs, hidden_size=draft.cfg.hidden_size, head=heads.get(name)
-                                 if not (m.get("args") or {}).get("head_path") else None)
-        g = int(m.get("draft_len", 4))
-
-        def call(p, v, drafter=drafter, policy=policy, g=g):
-            return speculative_generate(target, drafter, p, v, max_new_tokens=n_new, draft_len=g, policy=policy,
-                                        sampling=GREEDY, stop_tokens=stop, pad_id=sp.pad, rng=key)
-
-        outs, wall, ar_near, compile_s = timed_against(call, ar_target, batches, args.repeats)
-        stats: dict = {}
-        same = []
-        for o, a, (_, b) in zip(outs, ar_outs, meta):
-            add_stats(stats, speculative_stats(o), b)
-            same.append(rows_identical(o.tokens, o.valid, a.tokens, a.valid)[:b])
-        n_tok = n_tokens(outs)
-        s = summarize(stats, n_tok, sum(b for _, b in meta))
-        prefill = sum(drafters[n].prefill_forwards for n in names) * len(batches)
-        batched_rounds = s["target_forwards"] - len(batches)
-        dpr = (s["draft_forwards"] - prefill) / max(batched_rounds, 1)
-        cost = draft_cost_per_round(names, s["draft_forwards"] - prefill, batched_rounds, c)
-        rows.append({
-            "method": _method_label(m), "drafter": "+".join(names), "policy": name, "gamma_max": g,
-            "identical_to_ar": float(np.mean(np.concatenate(same))), "exact_match": accuracy(outs),
-            "wall_s": wall, "ar_wall_s": ar_near, "speedup": ar_near / wall, "compile_s": compile_s,
-            "tokens_per_s": n_tok / wall, "generated_tokens": n_tok,
-            "tokens_per_target_forward": s["tokens_per_target_forward"],
-            "mean_accepted_length": s["mean_accepted_length"], "acceptance_rate": s["acceptance_rate"],
-            "acceptance_rate_by_position": s["acceptance_rate_by_position"],
-            "target_forwards": s["target_forwards"], "draft_forwards": s["draft_forwards"],
-            "drafts_per_round": dpr, "c": cost / dpr if dpr > 0 else 0.0,
-            "cost_model_speedup": s["tokens_per_target_forward"] / (1.0 + cost),
-            "batched_cost_model_speedup": ar_forwards / (s["target_forwards"] + (s["draft_forwards"] - prefill)
-                                                         * (cost / dpr if dpr > 0 else 0.0)),
-            "route_counts": s["route_counts"], "rounds": s["rounds"], "accepted": s["accepted"],
-            "drafted": s["drafted"],
-        })
-
-    _, ar_wall1, _ = timed_pass(ar_target, batches, args.repeats)
-    ar_wall = (ar_wall0 + ar_wall1) / 2
-    rows = finish_rows(rows, c)
-
-    # EAD: accuracy vs share of large-model tokens; end points draft alone and target alone
-    ead_rows = []
-    small_outs, small_wall, _ = timed_pass(ar(draft), batches, args.repeats)
-    ead_rows.append({"method": "draft alone", "threshold": "-", "large_share": 0.0,
-                     "exact_match": accuracy(small_outs), "wall_s": small_wall,
-                     "tokens_per_s": n_tokens(small_outs) / small_wall, "small_forwards": "-", "large_forwards": "-"})
+    small_outs, small_wall, _ = timed_pass(_greedy_ar(draft, n_new, sp, key), prompts.batches, args.repeats)
+    rows.append({"method": "draft alone", "threshold": "-", "large_share": 0.0,
+                 "exact_match": prompts.accuracy(small_outs), "wall_s": small_wall,
+                 "tokens_per_s": prompts.n_tokens(small_outs) / small_wall, "small_forwards": "-",
+                 "large_forwards": "-"})
     for tau in args.ead_thresholds:
         eargs = dp.EADArgs(threshold=float(tau), **dict(args.ead_args))
 
         def call(p, v, eargs=eargs):
             return ead_generate(draft, target, p, v, max_new_tokens=n_new, args=eargs, sampling=GREEDY,
-                                stop_tokens=stop, pad_id=sp.pad, rng=key)
+                                stop_tokens=sp.eos_ids, pad_id=sp.pad, rng=key)
 
-        outs, wall, _ = timed_pass(call, batches, args.repeats)
-        n_tok = n_tokens(outs)
-        large = int(sum(np.asarray(o.from_large)[:b].sum() for o, (_, b) in zip(outs, meta)))
-        ead_rows.append({"method": "EAD", "threshold": float(tau), "large_share": large / max(n_tok, 1),
-                         "exact_match": accuracy(outs), "wall_s": wall, "tokens_per_s": n_tok / wall,
-                         "small_forwards": int(sum(int(o.small_forwards) for o in outs)),
-                         "large_forwards": int(sum(int(o.large_forwards) for o in outs))})
-    ead_rows.append({"method": "target alone (AR)", "threshold": "-", "large_share": 1.0,
-                     "exact_match": accuracy(ar_outs), "wall_s": ar_wall, "tokens_per_s": n_ar / ar_wall,
-                     "small_forwards": "-", "large_forwards": "-"})
+        outs, wall, _ = timed_pass(call, prompts.batches, args.repeats)
+        n_tok = prompts.n_tokens(outs)
+        large = int(sum(np.asarray(o.from_large)[:b].sum() for o, (_, b) in zip(outs, prompts.meta)))
+        rows.append({"method": "EAD", "threshold": float(tau), "large_share": large / max(n_tok, 1),
+                     "exact_match": prompts.accuracy(outs), "wall_s": wall, "tokens_per_s": n_tok / wall,
+                     "small_forwards": int(sum(int(o.small_forwards) for o in outs)),
+                     "large_forwards": int(sum(int(o.large_forwards) for o in outs))})
+    rows.append({"method": "target alone (AR)", "threshold": "-", "large_share": 1.0,
+                 "exact_match": prompts.accuracy(ar.outs), "wall_s": ar_wall,
+                 "tokens_per_s": prompts.n_tokens(ar.outs) / ar_wall, "small_forwards": "-", "large_forwards": "-"})
+    return rows
 
+
+def run_speculative_bench(cfg, run_dir: str | Path, args: SpecBenchArgs, *, target, draft, deer, tok) -> dict:
+    """The bench on given models (``deer`` may be None when no method drafts with it) and tokenizer; writes
+    ``results.json``, ``results.md`` and the plots into ``run_dir``; returns the results."""
+    from jaxtok.data import make_task_from_config
+    from jaxtok.tasks.tokenizer import SpecialTokens
+
+    d = cfg.decode
+    if d.temperature != 0.0:
+        raise ConfigError(f"decode.temperature={d.temperature}: bench 'speculative' is greedy (exactness vs AR); "
+                          f"set decode.temperature=0")
+    methods = [dict(m) for m in args.methods]
+    uses_deer = any("deer" in _drafter_names(m) for m in methods)
+    if uses_deer and deer is None:
+        raise ConfigError("bench.args.methods use drafter 'deer' but no DEER model was given")
+    sp = SpecialTokens.of(tok)
+    task = make_task_from_config(cfg.data)
+    prompts = _Prompts(task, tok, *_prompt_batches(task, "eval", tok, cfg, args.num_examples or cfg.data.num_eval))
+    n_new, bs = d.max_new_tokens, d.batch_size
+    key = jax.random.key(cfg.train.seed)
+
+    # AR baseline (timed again after the methods: the shared CPU drifts)
+    ar_target = _greedy_ar(target, n_new, sp, key)
+    ar_outs, ar_wall0, ar_compile = timed_pass(ar_target, prompts.batches, args.repeats)
+    ar = _Baseline(ar_target, ar_outs, int(sum(int(o.num_forwards) for o in ar_outs)))
+
+    # forward costs and c
+    costs = forward_costs(target, draft, deer if uses_deer else None, bs, cfg.data.prompt_len + n_new + 10, 4,
+                          args.cost_repeats)
+    c = {"draft": costs["draft_step"] / costs["target_step"], "ngram": 0.0}
+    if "deer_forward" in costs:
+        c["deer"] = costs["deer_forward"] / costs["target_step"]
+
+    heads, head_info = _policy_heads(cfg, run_dir, args, methods, task, tok, target, draft)
+    drafters = {"draft": ModelDrafter.of(draft), "ngram": NgramDrafter(vocab_size=target.cfg.vocab_size, max_ngram=3)}
+    if deer is not None:
+        drafters["deer"] = DeerDrafter.of(deer)
+    rows = [_method_row(m, drafters, heads, target, draft, prompts, ar, c, args, n_new=n_new, sp=sp, key=key)
+            for m in methods]
+
+    _, ar_wall1, _ = timed_pass(ar_target, prompts.batches, args.repeats)
+    ar_wall = (ar_wall0 + ar_wall1) / 2
+    rows = finish_rows(rows, c)
+    ead_rows = _ead_rows(draft, target, prompts, ar, ar_wall, args, n_new=n_new, sp=sp, key=key)
+    n_ar = prompts.n_tokens(ar_outs)
     results = {
         "bench": "speculative", "target": cfg.model.init_from, "draft": d.draft_init_from,
         "deer": args.deer if uses_deer else None, "device": jax.devices()[0].device_kind,
-        "num_examples": sum(b for _, b in meta), "batch_size": bs, "max_new_tokens": n_new,
+        "num_examples": prompts.rows, "batch_size": bs, "max_new_tokens": n_new,
         "forward_ms": costs, "c": c,
         "ar": {"wall_s": ar_wall, "wall_s_before": ar_wall0, "wall_s_after": ar_wall1, "compile_s": ar_compile,
-               "tokens_per_s": n_ar / ar_wall, "generated_tokens": n_ar, "target_forwards": ar_forwards,
-               "exact_match": accuracy(ar_outs)},
+               "tokens_per_s": n_ar / ar_wall, "generated_tokens": n_ar, "target_forwards": ar.forwards,
+               "exact_match": prompts.accuracy(ar_outs)},
         "heads": head_info, "rows": rows, "ead": ead_rows, "verdict": verdict(rows),
     }
     write_results(run_dir, results, rows, title="speculative decoding vs AR", plots=speculative_plots(rows, ead_rows))
