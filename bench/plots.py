@@ -45,7 +45,7 @@ def draw_sweep_curves(mean_curves: Mapping[str, Mapping[int, float]], curve_key:
 def draw_accuracy_vs_nfe(table: Sequence[Mapping[str, Any]], ax) -> None:
     """Held-out exact match against mean NFE, one marker per ``table`` row (``run``, ``mean_nfe``, ``exact_match``)
     named in a legend beside the axes (rows at the same point share a marker and a legend entry); log2 NFE axis,
-    the first row's accuracy as a dashed reference. The plot of the diffusion bench and the commit-head script."""
+    the first row's accuracy as a dashed reference. The plot of the diffusion bench."""
     import matplotlib.pyplot as plt
 
     points: dict = {}
@@ -55,8 +55,9 @@ def draw_accuracy_vs_nfe(table: Sequence[Mapping[str, Any]], ax) -> None:
     colours = plt.get_cmap("tab20").colors
     markers = "osD^vP*Xh<>p"
     for i, ((x, y), names) in enumerate(points.items()):
+        label = f"{names[0]}  ({x:.2f} NFE, {y:.3f})" + "".join(f"\n  = {n}" for n in names[1:])
         ax.scatter(x, y, s=70, color=colours[i % len(colours)], marker=markers[i % len(markers)],
-                   edgecolor="k", linewidth=0.5, zorder=3, label=f"{names[0]}  ({x:.2f} NFE, {y:.3f})" + "".join(f"\n  = {n}" for n in names[1:]))
+                   edgecolor="k", linewidth=0.5, zorder=3, label=label)
     if table:
         ax.axhline(float(table[0]["exact_match"]), color="0.5", ls="--", lw=0.8, zorder=1,
                    label=f"reference: {table[0]['run']}")
