@@ -20,14 +20,15 @@ progress: threshold-like rules always add the top-1 eligible position; scheduled
 ``ass``, ``learn2pd``) commit the rest of the block at their last scheduled step, so every loop ends within its
 cap. Terminators (``spec.stop_ids``: ``<eos>`` and the Rainbow pads) are EOS-class for every EOS-aware rule.
 
-Entry meta: ``scheduled`` (the block is decoded in ``steps_per_block`` steps), ``init_state(B, N, args)``,
-``block_rule`` (adaptive block length, AdaBlock), ``heads`` (names of required learned modules), ``lookahead``
-(the loop passes ``heads["lookahead"](pos [B, C], tok [B, C]) -> logits [B, C, N, V]``: one batched forward of C
-copies of the current state, each with one more token committed), ``needs_hidden`` (``info.hidden`` is filled),
-``verifier`` (``heads["verify"](drafts [B, N], start [B]) -> logits [B, K, V]``: the same model in AR mode —
-causal attention, i.e. block size 1 — predicting generation index ``start + c`` with the drafts filled before it),
-``window`` (Dystruct: the model sees only generated positions ``< state["window"] [B]``, the rest are padding and
-never eligible).
+Loop hooks: each policy registers a :class:`jaxtok.specs.CommitPolicySpec` (``@register(name, Args, **spec)``),
+which the loop reads by attribute: ``init_state(B, N, args)``, ``block_rule`` (adaptive block length, AdaBlock),
+``heads`` (names of required learned modules), ``lookahead`` (the loop passes ``heads["lookahead"](pos [B, C],
+tok [B, C]) -> logits [B, C, N, V]``: one batched forward of C copies of the current state, each with one more
+token committed), ``needs_hidden`` (``info.hidden`` is filled), ``verifier`` (``heads["verify"](drafts [B, N],
+start [B]) -> logits [B, K, V]``: the same model in AR mode — causal attention, i.e. block size 1 — predicting
+generation index ``start + c`` with the drafts filled before it), ``window`` (Dystruct: the model sees only
+generated positions ``< state["window"] [B]``, the rest are padding and never eligible), ``block_local`` (the rule
+reads only the active block: the ``dual`` and ``block`` caches may serve it).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class StepInfo:
     block_masks: jax.Array
     step: jax.Array
     keys: jax.Array
-    hidden: Optional[jax.Array] = None  # [B, N, D] final-normed hidden states (policies with meta needs_hidden)
+    hidden: Optional[jax.Array] = None  # [B, N, D] final-normed hidden states (spec needs_hidden)
 
 
 @jax.tree_util.register_dataclass
@@ -128,12 +129,7 @@ class Decision:
     nfe: Optional[jax.Array] = None  # [B] extra forwards this step (Info-Gain's lookahead)
 
 
-def register(name: str, args_cls, *, init_state=None, block_rule=None, heads=(),
-             lookahead: bool = False, needs_hidden: bool = False, verifier: bool = False, window: bool = False):
-    """``@register("threshold", ThresholdArgs)``: a commit policy with its loop meta (module docstring)."""
-    return COMMIT_POLICIES.register(name, args_cls, init_state=init_state,
-                                    block_rule=block_rule, heads=tuple(heads), lookahead=lookahead,
-                                    needs_hidden=needs_hidden, verifier=verifier, window=window)
+register = COMMIT_POLICIES.register  # @register(name, ArgsClass, **CommitPolicySpec fields)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +211,7 @@ def _llada_scores(info: StepInfo, args, spec: LoopSpec) -> jax.Array:
     return conf
 
 
-@register("llada", LLaDAArgs)
+@register("llada", LLaDAArgs, block_local=True)
 def llada(info: StepInfo, args: LLaDAArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """LLaDA (§B9): commit the top-``k_s`` eligible positions by confidence, ``k_s`` from
     :func:`num_transfer_tokens` over the block's masks and ``steps_per_block``."""
@@ -240,7 +236,7 @@ class ThresholdArgs(SamplerArgs):
             raise ValueError(f"threshold={self.threshold}: allowed (0, 1]")
 
 
-@register("threshold", ThresholdArgs)
+@register("threshold", ThresholdArgs, block_local=True)
 def threshold(info: StepInfo, args: ThresholdArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """Fast-dLLM parallel decoding, threshold rule (§B10)."""
     return Decision(threshold_commit(info.conf, info.eligible, args.threshold), info.x0, state)
@@ -258,7 +254,7 @@ class FactorArgs(SamplerArgs):
             raise ValueError(f"factor={self.factor}: must be > 0")
 
 
-@register("factor", FactorArgs)
+@register("factor", FactorArgs, block_local=True)
 def factor(info: StepInfo, args: FactorArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """Fast-dLLM parallel decoding, factor rule (§B10)."""
     return Decision(factor_commit(info.conf, info.eligible, args.factor), info.x0, state)
@@ -348,7 +344,7 @@ def adablock_end(info: StepInfo, args: AdaBlockArgs, start: jax.Array, spec: Loo
     return jnp.where(ok, best + 1, start + jnp.minimum(spec.block_len, remaining)).astype(jnp.int32)
 
 
-@register("adablock", AdaBlockArgs, block_rule=adablock_end)
+@register("adablock", AdaBlockArgs, block_rule=adablock_end, block_local=True)
 def adablock(info: StepInfo, args: AdaBlockArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """AdaBlock-dLLM (§B12): Fast-dLLM threshold decoding inside blocks whose length :func:`adablock_end` chose."""
     return Decision(threshold_commit(info.conf, info.eligible, args.threshold), info.x0, state)
@@ -367,7 +363,7 @@ class EOSERArgs(SamplerArgs):
     gamma_max: float = 1.0
 
 
-@register("eoser", EOSERArgs)
+@register("eoser", EOSERArgs, block_local=True)
 def eoser(info: StepInfo, args: EOSERArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """EOSER (§B19): LLaDA's scheduled top-k with terminator confidences scaled by
     ``γ_min + (γ_max − γ_min)·clamp(step, 0, S−1)/(S−1)``."""
@@ -396,7 +392,7 @@ def ass_schedule(n: jax.Array, i: jax.Array):
     return k, s
 
 
-@register("ass", ASSArgs)
+@register("ass", ASSArgs, block_local=True)
 def ass(info: StepInfo, args: ASSArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """EOSER + ASS (§B19): commit ``2^i`` tokens at block step i (top by EOS-scaled confidence), with the EOS factor
     at progress ``(2^(i+1) − 1) / 2^S``."""
@@ -458,7 +454,7 @@ def _bacd_state(b: int, n: int, args: BACDArgs) -> dict:
     return {"sum": jnp.zeros((b,), jnp.float32), "count": jnp.zeros((b,), jnp.float32)}
 
 
-@register("bacd", BACDArgs, init_state=_bacd_state)
+@register("bacd", BACDArgs, init_state=_bacd_state, block_local=True)
 def bacd(info: StepInfo, args: BACDArgs, state, spec: LoopSpec, heads=None) -> Decision:
     """BACD (§B18): τ = clamp(max eligible confidence, L, U) at a block's first step, then clamp(mean confidence of
     the block's committed tokens, L, U); commit ``conf >= τ`` (at least the top-1). The history resets per block."""

@@ -69,6 +69,9 @@ class CommitPolicySpec:
     - ``needs_hidden``: ``StepInfo.hidden`` is filled (final-normed hidden states).
     - ``verifier``: the loop passes ``heads["verify"]``, the same model in AR mode (S2D2).
     - ``window``: the model sees only generated positions ``< state["window"]`` (Dystruct).
+    - ``block_local``: the rule reads logits only inside the active block ``[lo, hi)`` (its block rule, if any,
+      only on steps that start a block), so the ``dual`` window cache may serve it, and with fixed blocks the exact
+      ``block`` cache; False (the safe default): it may read beyond, and only ``none``/``prefix`` serve it.
     """
 
     init_state: Optional[Callable[..., Any]] = None
@@ -78,6 +81,7 @@ class CommitPolicySpec:
     needs_hidden: bool = False
     verifier: bool = False
     window: bool = False
+    block_local: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "heads", tuple(self.heads))

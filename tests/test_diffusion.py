@@ -430,3 +430,39 @@ def test_bad_input_is_named(decoder):
         run(decoder, "llada", 4, stop_tokens=(3,))
     assert {"llada", "threshold", "factor", "prophet", "adablock", "eoser", "ass"} <= set(COMMIT_POLICIES.names())
     assert dataclasses.is_dataclass(COMMIT_POLICIES.entry("llada").config_cls)
+
+
+def test_a_resolved_policy_is_parsed_once_and_decodes_like_its_name(decoder, monkeypatch):
+    """Issue 16: :func:`commit_policy` is the one parse of a policy's arguments; ``diffusion_generate`` given the
+    resolved policy parses and looks up nothing and decodes exactly as the policy's name with the same mapping."""
+    from jaxtok.decode import diffusion as D
+
+    pa = {"block_len": 4, "threshold": 0.5}
+    resolved = D.commit_policy("threshold", pa)
+    assert resolved.spec is COMMIT_POLICIES.entry("threshold").spec and resolved.args.threshold == 0.5
+    calls = []
+    for name in ("entry", "parse_args"):
+        real = getattr(COMMIT_POLICIES, name)
+        monkeypatch.setattr(COMMIT_POLICIES, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    by_policy = run(decoder, resolved, 8, temperature=1.0, rng=jax.random.key(4))
+    assert calls == []
+    same(by_policy, run(decoder, "threshold", 8, policy_args=pa, temperature=1.0, rng=jax.random.key(4)))
+    assert calls.count("parse_args") == 1
+    with pytest.raises(ConfigError, match="already resolved"):
+        run(decoder, resolved, 8, policy_args=pa)
+
+
+def test_the_loop_wires_policies_by_their_spec():
+    """The caches a policy may use and the hooks the loop wires come from its spec (no policy names in the loop)."""
+    import inspect
+
+    from jaxtok.decode import diffusion as D
+
+    local = {n for n in COMMIT_POLICIES.names() if COMMIT_POLICIES.entry(n).spec.block_local}
+    assert local == {"llada", "threshold", "factor", "eoser", "ass", "bacd", "adablock"}
+    assert not any(COMMIT_POLICIES.entry(n).spec.full_forward_only for n in local)
+    src = inspect.getsource(D)
+    assert ".meta" not in src and src.count("COMMIT_POLICIES.parse_args(") == 1
+    loop = "".join(inspect.getsource(f) for f in (D.denoise_step, D._commit, D._Loop, D._diffusion_jit, D.check_policy))
+    assert not [n for n in COMMIT_POLICIES.names() if f'"{n}"' in loop]
+    assert set(D.FORWARDS) == {"none", "prefix", "dual", "block"}
