@@ -11,7 +11,7 @@ from typing import Optional
 
 import jax
 
-from jaxtok.decode.diffusion import policy_args_and_heads
+from jaxtok.decode.diffusion import policy_and_heads
 from jaxtok.decode.evaluate import evaluate_policy
 from jaxtok.registry import BENCHES, ConfigError
 
@@ -60,8 +60,8 @@ def diffusion_bench(cfg, run_dir, args: DiffusionBenchArgs) -> dict:
     for run in args.runs:
         if set(run) - {"label", "policy", "args"} or "policy" not in run:
             raise ConfigError(f"bench.args.runs: entry {run!r} needs 'policy' and may have 'label', 'args'")
-        pa, heads = policy_args_and_heads(run["policy"], dict(run.get("args") or {}))
-        m, _ = evaluate_policy(cfg, model, tok, task, policy=run["policy"], policy_args=pa, heads=heads,
+        policy, heads = policy_and_heads(run["policy"], dict(run.get("args") or {}))
+        m, _ = evaluate_policy(cfg, model, tok, task, policy=policy, heads=heads,
                                num_examples=args.num_examples)
         table.append({"run": run.get("label", run["policy"]), **{k: v for k, v in m.items() if k != "policy"}})
     base = table[0]

@@ -269,16 +269,17 @@ def ead_step(small, large, tok, *, args, max_new_tokens: int, sampling: Sampling
     return step
 
 
-def diffusion_step(model, tok, *, gen_len: int, policy: str, policy_args=None, heads=None, temperature: float = 0.0,
+def diffusion_step(model, tok, *, gen_len: int, policy, heads=None, temperature: float = 0.0,
                    attention: str = "bidirectional", block_size: Optional[int] = None) -> Step:
-    """Masked-diffusion sampling (:func:`jaxtok.decode.diffusion.diffusion_generate`) with the commit ``policy``
-    and ``policy_args`` (learned ``heads`` when it needs them); terminators: :func:`stop_ids_of` the tokenizer.
-    Stats: ``nfe`` per row."""
+    """Masked-diffusion sampling (:func:`jaxtok.decode.diffusion.diffusion_generate`) with the resolved commit
+    ``policy`` (a :class:`~jaxtok.decode.diffusion.CommitPolicy`: its arguments parsed once, at build time) and the
+    learned ``heads`` it needs; terminators: :func:`~jaxtok.decode.diffusion.stop_ids_of` the tokenizer. Stats:
+    ``nfe`` per row."""
     from .diffusion import diffusion_generate, stop_ids_of
 
     sp = SpecialTokens.of(tok)
-    kw = dict(gen_len=gen_len, policy=policy, policy_args=policy_args, temperature=temperature,
-              stop_tokens=stop_ids_of(tok), pad_id=sp.pad, attention=attention, block_size=block_size, heads=heads)
+    kw = dict(gen_len=gen_len, policy=policy, temperature=temperature, stop_tokens=stop_ids_of(tok), pad_id=sp.pad,
+              attention=attention, block_size=block_size, heads=heads)
 
     def step(prompt, valid, key):
         out = diffusion_generate(model, prompt, valid, rng=key, **kw)
@@ -310,11 +311,14 @@ def lave_step(model, tok, grammar, *, args, gen_len: int, temperature: float = 0
     return step
 
 
-def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, heads=None,
+def evaluate_policy(cfg, model, tok, task, *, policy, policy_args=None, heads=None,
                     num_examples: Optional[int] = None) -> tuple[dict, list[dict]]:
     """Decode ``num_examples`` (default ``data.num_eval``) held-out prompts of ``task`` with one commit policy:
-    :func:`evaluate` of a :func:`diffusion_step` (the shorthand of the
-    benchmarks, head training and the training loop's held-out evaluation).
+    :func:`evaluate` of a :func:`diffusion_step` (the shorthand of the benchmarks and the training loop's held-out
+    evaluation). ``policy``: a resolved :class:`~jaxtok.decode.diffusion.CommitPolicy`, or a ``COMMIT_POLICIES``
+    name with ``policy_args`` (its dataclass, a mapping or None; on a block-causal model ``block_len`` defaults to
+    ``model.block_size`` unless given), resolved here once; learned heads load from ``policy_args.head_path`` unless
+    ``heads`` are given.
 
     Settings from ``cfg``: ``decode.max_new_tokens`` (= gen_len), ``decode.temperature``, ``decode.batch_size``,
     ``model.attention``/``model.block_size``, ``train.seed``. Returns ``(metrics, sample rows)``: ``policy``,
@@ -322,19 +326,23 @@ def evaluate_policy(cfg, model, tok, task, *, policy: str, policy_args=None, hea
     ``tokens_per_nfe``, ``mean_length``, ``wall_s``, ``tokens_per_s``, ``compile_s``, ``num_examples`` (over-long
     prompts included: they score 0) and ``overlong_prompts``.
     """
-    from jaxtok.registry import COMMIT_POLICIES
+    from .diffusion import CommitPolicy, commit_policy, policy_and_heads
 
-    from .diffusion import policy_args_and_heads
-
-    if not heads and COMMIT_POLICIES.entry(policy, "policy").spec.heads:
-        policy_args, heads = policy_args_and_heads(policy, policy_args)  # from policy_args.head_path
+    m = cfg.model
+    if not isinstance(policy, CommitPolicy) and m.attention == "block_causal" and m.block_size and (
+            policy_args is None or (isinstance(policy_args, Mapping) and "block_len" not in policy_args)):
+        policy = commit_policy(policy, policy_args, block_len=m.block_size)  # blocks = the model's position blocks
+        policy_args = None
+    if heads:
+        policy = commit_policy(policy, policy_args)
+    else:
+        policy, heads = policy_and_heads(policy, policy_args)  # heads from policy_args.head_path
     temperature = 0.0 if cfg.decode.method == "greedy" else float(cfg.decode.temperature)
-    step = diffusion_step(model, tok, gen_len=cfg.decode.max_new_tokens, policy=policy, policy_args=policy_args,
-                          heads=heads, temperature=temperature, attention=cfg.model.attention,
-                          block_size=cfg.model.block_size)
-    m, samples = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
-                          num_examples=num_examples or cfg.data.num_eval, overlong=cfg.data.overlong,
-                          key=jax.random.key(cfg.train.seed), sample_stats=("nfe",))
+    step = diffusion_step(model, tok, gen_len=cfg.decode.max_new_tokens, policy=policy, heads=heads,
+                          temperature=temperature, attention=m.attention, block_size=m.block_size)
+    metrics, samples = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
+                                num_examples=num_examples or cfg.data.num_eval, overlong=cfg.data.overlong,
+                                key=jax.random.key(cfg.train.seed), sample_stats=("nfe",))
     keys = ("exact_match", "mean_nfe", "tokens_per_nfe", "mean_length", "wall_s", "tokens_per_s", "compile_s",
             "num_examples", "overlong_prompts", "format_ok")
-    return {"policy": policy, **{k: m[k] for k in keys if k in m}}, samples
+    return {"policy": policy.name, **{k: metrics[k] for k in keys if k in metrics}}, samples

@@ -32,7 +32,7 @@ from jaxtok.sampling import SamplingParams
 from jaxtok.tasks.tokenizer import load_tokenizer_for
 
 from .constrained import LaveArgs, grammar_for
-from .diffusion import policy_args_and_heads
+from .diffusion import policy_and_heads
 from .draft_policies import EADArgs, TAPSArgs
 from .evaluate import Step, ar_step, diffusion_step, ead_step, evaluate, lave_step, speculative_step
 from .speculative import DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter
@@ -134,9 +134,9 @@ def build_ead(cfg, plan, model, tok, *, mesh, task) -> Step:
 @DECODE_METHODS.register("diffusion", policy="commit", default_policy="llada", diffusion=True)
 def build_diffusion(cfg, plan, model, tok, *, mesh, task) -> Step:
     """Masked-diffusion sampling with the commit policy ``decode.policy`` (learned heads from its ``head_path``)."""
-    args, heads = policy_args_and_heads(plan.policy.name, plan.policy_args)
-    return diffusion_step(model, tok, gen_len=cfg.decode.max_new_tokens, policy=plan.policy.name, policy_args=args,
-                          heads=heads, temperature=float(cfg.decode.temperature), attention=cfg.model.attention,
+    policy, heads = policy_and_heads(plan.policy.name, plan.policy_args)
+    return diffusion_step(model, tok, gen_len=cfg.decode.max_new_tokens, policy=policy, heads=heads,
+                          temperature=float(cfg.decode.temperature), attention=cfg.model.attention,
                           block_size=cfg.model.block_size)
 
 

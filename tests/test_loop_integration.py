@@ -141,7 +141,7 @@ def test_mdlm_run_is_evaluated_by_diffusion_decoding(tmp_path, monkeypatch):
     real = evaluate.evaluate_policy
 
     def spy(cfg, model, tok, task, **kw):
-        calls.append((cfg.model.attention, kw["policy"]))
+        calls.append((cfg.model.attention, kw["policy"].name))
         return real(cfg, model, tok, task, **kw)
 
     def no_ar(*a, **k):
@@ -158,20 +158,20 @@ def test_mdlm_run_is_evaluated_by_diffusion_decoding(tmp_path, monkeypatch):
 
 
 def test_diffusion_eval_settings_follow_the_objective():
-    from jaxtok.decode.diffusion import policy_args_of
+    from jaxtok.decode.diffusion import commit_policy
     from jaxtok.train.loop import diffusion_eval_settings, is_diffusion_run
 
     bd3 = validate_names(_cfg("bd3lm", {"block_size": 4}))
     assert is_diffusion_run(bd3) and not is_diffusion_run(validate_names(_cfg("sft")))
-    dcfg, policy, args = diffusion_eval_settings(bd3)
-    assert (dcfg.model.attention, dcfg.model.block_size, policy) == ("block_causal", 4, "llada")
-    assert args == policy_args_of("llada", {"block_len": 4})  # parsed once; blocks = the model's position blocks
+    dcfg, policy = diffusion_eval_settings(bd3)
+    assert (dcfg.model.attention, dcfg.model.block_size) == ("block_causal", 4)
+    assert policy == commit_policy("llada", {"block_len": 4})  # parsed once; blocks = the model's position blocks
     shifted = validate_names(_cfg("mdlm", {"shift_logits": True}, model={"attention": "bidirectional"},
                                   decode={"method": "diffusion", "policy": "threshold",
                                           "policy_args": {"threshold": 0.8}}))
-    dcfg, policy, args = diffusion_eval_settings(shifted)
-    assert (dcfg.model.attention, policy) == ("bidirectional", "threshold")
-    assert args == policy_args_of("threshold", {"threshold": 0.8, "shift_logits": True})
+    dcfg, policy = diffusion_eval_settings(shifted)
+    assert dcfg.model.attention == "bidirectional"
+    assert policy == commit_policy("threshold", {"threshold": 0.8, "shift_logits": True})
     with pytest.raises(ConfigError, match="learned heads"):
         diffusion_eval_settings(validate_names(_cfg("mdlm", decode={"method": "diffusion", "policy": "learn2pd"})))
 

@@ -315,13 +315,13 @@ def is_diffusion_run(plan) -> bool:
 
 
 def diffusion_eval_settings(plan):
-    """``(cfg, policy, policy args)`` for :func:`jaxtok.decode.evaluate.evaluate_policy`, the arguments parsed once
-    (the policy's dataclass): the policy is ``decode.policy`` (default ``llada``) with ``decode.policy_args``
+    """``(cfg, policy)`` for :func:`jaxtok.decode.evaluate.evaluate_policy`, the policy resolved once (a
+    :class:`~jaxtok.decode.diffusion.CommitPolicy`): ``decode.policy`` (default ``llada``) with ``decode.policy_args``
     (``block_len`` defaults to a block-causal model's ``block_size``); the attention is ``model.attention`` unless
     that is the default ``causal``, then the objective's own (``mdlm``: ``args.attention``, ``bd3lm``:
     ``block_causal`` with ``args.block_size``); an objective trained with ``shift_logits`` decodes shifted unless
     the policy arguments say otherwise. Policies that need learned heads are refused (ConfigError)."""
-    from jaxtok.decode.diffusion import policy_args_of  # (registers the commit policies)
+    from jaxtok.decode.diffusion import commit_policy  # (registers the commit policies)
     from jaxtok.registry import COMMIT_POLICIES, ConfigError
 
     cfg, args = plan.cfg, plan.objective_args
@@ -340,7 +340,7 @@ def diffusion_eval_settings(plan):
                                                                  block_size=block_size))
     block_len = cfg.model.block_size if (cfg.model.attention == "block_causal" and cfg.model.block_size
                                          and "block_len" not in policy_args) else None
-    return cfg, policy, policy_args_of(policy, policy_args, block_len=block_len)
+    return cfg, commit_policy(policy, policy_args, block_len=block_len)
 
 
 def diffusion_eval(model, task, tok, plan) -> dict:
@@ -349,8 +349,8 @@ def diffusion_eval(model, task, tok, plan) -> dict:
     ``mean_length``, ``num_examples``."""
     from jaxtok.decode.evaluate import evaluate_policy
 
-    dcfg, policy, policy_args = diffusion_eval_settings(plan)
-    metrics, _ = evaluate_policy(dcfg, model, tok, task, policy=policy, policy_args=policy_args)
+    dcfg, policy = diffusion_eval_settings(plan)
+    metrics, _ = evaluate_policy(dcfg, model, tok, task, policy=policy)
     keys = ("exact_match", "format_ok", "mean_nfe", "tokens_per_nfe", "mean_length", "num_examples")
     return {k: metrics[k] for k in keys}
 
