@@ -108,4 +108,4 @@ def test_collector_first_epoch_ratio_one():
     np.testing.assert_allclose(float(aux["ratio_mean"][0]) / float(aux["ratio_mean"][1]), 1.0, atol=1e-5)
     assert float(aux["clip_frac"][0]) == 0 and np.isfinite(float(s))
     entry = OBJECTIVES.entry("cj_grpo")
-    assert entry.meta["collect"] is CJ.collect_cj_grpo and entry.meta["models"] == ("reference",)
+    assert entry.spec.collect is CJ.collect_cj_grpo and entry.spec.models == ("reference",)

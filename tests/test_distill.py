@@ -433,7 +433,7 @@ def test_trace_annotate_maps_characters_to_completion_tokens():
     assert key_chars == "191616"
     assert list(np.nonzero(spans[1] == D.SPAN_ERROR)[0]) == list(range(P, P + 7))
     assert not np.any(spans[:, :P]) and not np.any(spans[1] == D.SPAN_KEY)
-    assert OBJECTIVES.entry("trace").meta["prepare"] is D.trace_annotate
+    assert OBJECTIVES.entry("trace").spec.prepare is D.trace_annotate
 
 
 # ----------------------------------------------------------------------------------------------------------------
