@@ -841,12 +841,11 @@ def check_preset(cfg: Config) -> None:
             raise ConfigError(f"model.preset={cfg.model.preset!r}: allowed {presets.names()}")
 
 
-def check_decode(cfg: Config) -> "DecodePlan":
+def check_decode(cfg: Config) -> Optional[DecodePlan]:
     """``decode.*`` resolved against :data:`~jaxtok.registry.DECODE_METHODS`: the method, the policy its loop takes
     (``decode.policy`` or the method's default, in the family the method's spec names) with ``decode.policy_args``
     parsed — or, for a method without policies (ead, lave), its own arguments parsed from ``decode.policy_args`` —
     and the drafter (``decode.drafter``/``decode.drafter_args``) of a method that takes one."""
-    from jaxtok.plan import DecodePlan
     from jaxtok.registry import DECODE_METHODS, DRAFTERS
 
     d = cfg.decode
