@@ -1214,12 +1214,13 @@ def compare_ar(run_dir: str, *, temperature: float = 0.0, num_examples: Optional
     length) with :func:`constrained_generate` under the task grammar and without it (the same host loop).
     Example: ``python -c "from jaxtok.decode.constrained import compare_ar as c; print(c('runs/zoo/student'))"``."""
     from jaxtok.config import load_config
-    from jaxtok.data import make_task_from_config, prompt_dataset
+    from jaxtok.data import make_task_from_config
     from jaxtok.models.hf import load_any
     from jaxtok.tasks import load_tokenizer
-    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+    from jaxtok.tasks.tokenizer import SpecialTokens
 
     from .diffusion import stop_ids_of
+    from .evaluate import evaluate
 
     cfg = load_config(f"{run_dir}/config.yaml")
     model, _ = load_any(run_dir, key="run_dir")
@@ -1227,28 +1228,23 @@ def compare_ar(run_dir: str, *, temperature: float = 0.0, num_examples: Optional
     task = make_task_from_config(cfg.data)
     sp = SpecialTokens.of(tok)
     grammar = grammar_for("task", task, tok, stop_ids_of(tok))
-    n = num_examples or cfg.data.num_eval
+
+    def step_of(g):  # a host loop: unpadded batches; stats: the rows whose text parses (Earley)
+        def step(prompt, valid, key):
+            res = constrained_generate(model, prompt, valid, g, max_new_tokens=cfg.decode.max_new_tokens,
+                                       temperature=temperature, rng=key, pad_id=sp.pad, stop_tokens=grammar.stop_ids)
+            tokens = np.asarray(res.tokens)
+            parses = np.array([grammar.parses(grammar.text_of(t)) for t in tokens], np.int64)
+            return tokens, res.valid, {"grammar_ok": parses}
+
+        return step
+
     out = {}
     for label, g in (("unconstrained", None), ("constrained", grammar)):  # the first run compiles
-        ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
-                               num_examples=n, overlong=cfg.data.overlong)
-        hits = fmt = gram = total = 0
-        t0 = time.perf_counter()
-        for i, batch in enumerate(ds):
-            res = constrained_generate(model, batch["prompt"], batch["prompt_valid"], g,
-                                       max_new_tokens=cfg.decode.max_new_tokens, temperature=temperature,
-                                       rng=jax.random.fold_in(jax.random.key(seed), i), pad_id=sp.pad,
-                                       stop_tokens=grammar.stop_ids)
-            tokens = np.asarray(res.tokens)
-            for r in range(tokens.shape[0]):
-                ex = task.example("eval", int(batch["index"][r]))
-                text = decode(tok, tokens[r])
-                hits += task.reward(text, ex) >= 1.0
-                fmt += bool(task.format_ok(text))
-                gram += grammar.parses(grammar.text_of(tokens[r]))
-                total += 1
-        out[label] = {"exact_match": hits / total, "format_ok": fmt / total, "grammar_ok": gram / total,
-                      "num_examples": total, "wall_s": time.perf_counter() - t0}
+        m, _ = evaluate(step_of(g), task, tok, prompt_len=cfg.data.prompt_len, batch_size=cfg.decode.batch_size,
+                        num_examples=num_examples or cfg.data.num_eval, overlong=cfg.data.overlong,
+                        key=jax.random.key(seed), warmup=False, pad=False, num_samples=0)
+        out[label] = {k: m[k] for k in ("exact_match", "format_ok", "grammar_ok", "num_examples", "wall_s")}
     return {"run": run_dir, "temperature": temperature, **out}
 
 
