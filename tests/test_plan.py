@@ -17,9 +17,8 @@ from jaxtok.registry import OBJECTIVES, TASKS, Registry, Selection
 
 ROOT = Path(__file__).resolve().parents[1]
 # The train path: the loop, its collectors and hooks, the objectives, the config checks it relies on, the train bench.
-TRAIN_PATH = ["train/loop.py", "train/rollout.py", "train/self_teacher.py", "train/step.py", "train/trajectory.py",
-              "train/branching.py", "train/rewards.py", "jaxtok/config.py", "jaxtok/plan.py", "bench/train.py",
-              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "train" / "objectives").glob("*.py"))]
+TRAIN_PATH = ["jaxtok/config.py", "jaxtok/plan.py", "bench/train.py",
+              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "train").glob("**/*.py"))]
 
 
 def _cfg(objective, args=None, **sections):
