@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxtok.data import prompt_dataset
-from jaxtok.decode.diffusion import diffusion_generate, policy_args_and_heads, stop_ids_of
+from jaxtok.decode.diffusion import diffusion_generate, policy_and_heads, stop_ids_of
 from jaxtok.decode.plan_conditioning import PLACEMENTS, ar_plan, compose_prompt
 from jaxtok.registry import BENCHES, ConfigError
 from jaxtok.tasks.tokenizer import SpecialTokens, decode, encode
@@ -61,8 +61,8 @@ def evaluate_plan(cfg, model, planner, tok, task, *, plan_tokens: int, placement
     ``mean_plan_len``, ``wall_s``, ``num_examples``."""
     sp = SpecialTokens.of(tok)
     policy = policy or cfg.decode.policy or "llada"
-    args, heads = policy_args_and_heads(policy, policy_args if policy_args is not None
-                                        else dict(cfg.decode.policy_args))
+    policy, heads = policy_and_heads(policy, policy_args if policy_args is not None
+                                     else dict(cfg.decode.policy_args))
     n = num_examples or cfg.data.num_eval
     budget = cfg.decode.max_new_tokens
     gen_len = budget - plan_tokens if placement == "after" else budget
@@ -86,7 +86,7 @@ def evaluate_plan(cfg, model, planner, tok, task, *, plan_tokens: int, placement
         else:
             plan = np.zeros((prompt.shape[0], 0), np.int32)
             plan_valid = np.zeros((prompt.shape[0], 0), bool)
-        out = diffusion_generate(model, prompt, pv, gen_len=gen_len, policy=policy, policy_args=args, heads=heads,
+        out = diffusion_generate(model, prompt, pv, gen_len=gen_len, policy=policy, heads=heads,
                                  temperature=0.0, rng=jax.random.fold_in(key, i), stop_tokens=stop, pad_id=sp.pad,
                                  attention=cfg.model.attention, block_size=cfg.model.block_size)
         tokens = np.asarray(out.tokens)
@@ -104,7 +104,7 @@ def evaluate_plan(cfg, model, planner, tok, task, *, plan_tokens: int, placement
             if len(samples) < 8:
                 samples.append({"prompt": ex.prompt, "plan": decode(tok, plan[r][plan_valid[r]].tolist()),
                                 "completion": text, "answer": ex.answer, "correct": bool(ok)})
-    metrics = {"plan_tokens": plan_tokens, "placement": placement, "policy": policy,
+    metrics = {"plan_tokens": plan_tokens, "placement": placement, "policy": policy.name,
                "exact_match": hits / max(total, 1), "format_ok": fmt / max(total, 1),
                "mean_nfe": nfe / max(total, 1), "mean_plan_len": plan_len / max(total, 1),
                "planner_forwards": ar_fwd / max(total, 1), "wall_s": wall, "num_examples": total}

@@ -722,7 +722,7 @@ def diffusion_generate(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Held-out evaluation, `jaxtok decode` handler body and the policy benchmark
+# Tokenizer terminators
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -732,10 +732,3 @@ def stop_ids_of(tok) -> tuple[int, ...]:
 
     sp = SpecialTokens.of(tok)
     return tuple(sp.eos_ids) + tuple(sp.rainbow_pads)
-
-
-def policy_args_and_heads(policy: str, policy_args=None):
-    """TRANSITIONAL (issue 16, until its callers take :func:`policy_and_heads`'s resolved policy): ``(policy args
-    dataclass, heads or None)`` of :func:`policy_and_heads`."""
-    resolved, heads = policy_and_heads(policy, policy_args)
-    return resolved.args, heads

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from jaxtok.decode import commit_policies as cp
-from jaxtok.decode.diffusion import diffusion_generate, policy_args_and_heads
+from jaxtok.decode.diffusion import diffusion_generate, policy_and_heads
 from jaxtok.models import Decoder, presets
 from jaxtok.models.heads import HEAD_KINDS, FilterHead, TraceController, build_head, head_kind, save_head
 from jaxtok.registry import ConfigError
@@ -206,11 +206,10 @@ def test_trained_heads_load_and_decode_within_caps(decoder, traced, tmp_path):
         fit_head(head, functools.partial(loss, args=args), data, steps=3)
         save_head(head, path, name, **ctors[kind])
         assert HEAD_KINDS[head_kind(path)].policy == kind
-        args, heads = policy_args_and_heads(kind, {"block_len": K, "threshold": 0.5, "head_path": str(path)})
+        policy, heads = policy_and_heads(kind, {"block_len": K, "threshold": 0.5, "head_path": str(path)})
         probe = tch.head_probs(kind, head, data)
         np.testing.assert_allclose(tch.head_probs(kind, next(iter(heads.values())), data), probe, atol=1e-6)
-        res = diffusion_generate(decoder, PROMPT, PVALID, gen_len=N, policy=kind, policy_args=args, heads=heads,
-                                 stop_tokens=(2,))
+        res = diffusion_generate(decoder, PROMPT, PVALID, gen_len=N, policy=policy, heads=heads, stop_tokens=(2,))
         nb = math.ceil(N / K) + 1
         assert bool(jnp.all(res.done)) and int(res.num_steps) <= max(N, nb * N) + nb
         cstep = np.asarray(res.commit_step)
@@ -220,17 +219,17 @@ def test_trained_heads_load_and_decode_within_caps(decoder, traced, tmp_path):
 
 def test_policy_args_head_path_errors(tmp_path):
     with pytest.raises(ConfigError, match="head_path"):
-        policy_args_and_heads("learn2pd", {"block_len": K})
+        policy_and_heads("learn2pd", {"block_len": K})
     with pytest.raises(FileNotFoundError, match="head.json"):
-        policy_args_and_heads("tracelock", {"head_path": str(tmp_path / "nothing")})
+        policy_and_heads("tracelock", {"head_path": str(tmp_path / "nothing")})
     with pytest.raises(ConfigError, match="head_path"):
-        policy_args_and_heads("llada", {"head_path": str(tmp_path)})  # not a field of a head-less policy
+        policy_and_heads("llada", {"head_path": str(tmp_path)})  # not a field of a head-less policy
     head = FilterHead(K, hidden=8, rngs=nnx.Rngs(0))
     save_head(head, tmp_path / "f", "learn2pd_filter", block_size=K, hidden=8)
     with pytest.raises(ConfigError, match="needs"):
-        policy_args_and_heads("tracelock", {"head_path": str(tmp_path / "f")})
-    args, heads = policy_args_and_heads("llada", {"block_len": K})
-    assert heads is None and isinstance(args, cp.LLaDAArgs)
+        policy_and_heads("tracelock", {"head_path": str(tmp_path / "f")})
+    policy, heads = policy_and_heads("llada", {"block_len": K})
+    assert heads is None and isinstance(policy.args, cp.LLaDAArgs)
 
 
 @pytest.mark.slow
