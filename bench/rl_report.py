@@ -183,6 +183,7 @@ def mean_sd(values: Sequence[float]) -> tuple[Optional[float], float]:
 
 
 def _variant_config(args: RLCompareArgs, name: str, seed: int, init_from: str, seq_len: Optional[int] = None):
+    """The run plan of variant ``name`` with ``seed`` from ``init_from`` (validated once, input paths checked)."""
     from jaxtok.config import check_paths, load_config, validate_names
 
     spec = args.variants[name]
@@ -196,9 +197,9 @@ def _variant_config(args: RLCompareArgs, name: str, seed: int, init_from: str, s
     if cfg.objective.name == "policy_gradient" and "num_position_buckets" not in cfg.objective.args:
         buckets = cfg.data.prompt_len + cfg.rollout.max_new_tokens  # one bucket per token column
         cfg = load_config(path, [*ov, f"objective.args.num_position_buckets={buckets}"])
-    validate_names(cfg)
+    plan = validate_names(cfg)
     check_paths(cfg)
-    return cfg
+    return plan
 
 
 def _uses_reference(cfg) -> bool:
@@ -208,8 +209,8 @@ def _uses_reference(cfg) -> bool:
     return cfg.rollout.reference != "none" and float(args.get("kl_coef", 0.0)) > 0
 
 
-def _train_run(cfg, run_dir: Path) -> tuple[dict, float]:
-    """Train ``cfg`` into ``run_dir`` unless a finished run is there; ``(summary, wall seconds or nan)``."""
+def _train_run(plan, run_dir: Path) -> tuple[dict, float]:
+    """Train the run plan into ``run_dir`` unless a finished run is there; ``(summary, wall seconds or nan)``."""
     from jaxtok.config import to_yaml
     from jaxtok.train.loop import train
 
@@ -217,9 +218,9 @@ def _train_run(cfg, run_dir: Path) -> tuple[dict, float]:
     if done.exists() and (run_dir / "wall_s.json").exists():
         return json.loads(done.read_text()), float(json.loads((run_dir / "wall_s.json").read_text()))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "config.yaml").write_text(to_yaml(plan.cfg))
     t0 = time.perf_counter()
-    summary = train(cfg, run_dir)
+    summary = train(plan, run_dir)
     wall = time.perf_counter() - t0
     (run_dir / "wall_s.json").write_text(json.dumps(wall))
     return summary, wall
@@ -278,10 +279,11 @@ def rl_compare_bench(cfg, run_dir: str | Path, args: RLCompareArgs) -> dict:
     del student
 
     runs = []
-    for (variant, seed), vcfg in configs.items():
+    for (variant, seed), vplan in configs.items():
+        vcfg = vplan.cfg
         out = pool / f"{variant}-s{seed}-{stage_key(vcfg, 'train', [])}"
         print(f"[rl_compare] {variant} seed {seed}: {out}", flush=True)
-        summary, wall = _train_run(vcfg, out)
+        summary, wall = _train_run(vplan, out)
         records = read_jsonl(out / "metrics.jsonl")
         T = vcfg.data.prompt_len + vcfg.rollout.max_new_tokens
         fkw = dict(forward_per_token=flops_per_token(model_cfg, T).forward, rows=vcfg.data.batch_size, seq_len=T,
@@ -298,7 +300,7 @@ def rl_compare_bench(cfg, run_dir: str | Path, args: RLCompareArgs) -> dict:
                      "decision_frac": _mean_over_reuse(records, "decision_frac", None),
                      "kept_rows": _mean_over_reuse(records, "kept_rows", None)})
 
-    any_cfg = next(iter(configs.values()))
+    any_cfg = next(iter(configs.values())).cfg
     T = any_cfg.data.prompt_len + any_cfg.rollout.max_new_tokens
     lengths, example = _reference_completions(any_cfg)
     coverage = position_coverage(lengths, T)

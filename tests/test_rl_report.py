@@ -102,7 +102,8 @@ def test_bench_tables_plots_and_publishes_from_run_metrics(tmp_path, monkeypatch
 
     calls = []
 
-    def fake_train_run(cfg, run_dir):
+    def fake_train_run(plan, run_dir):  # the variant's run plan, validated once
+        cfg = plan.cfg
         variant = run_dir.name.split("-s")[0]
         seed = cfg.train.seed
         calls.append((variant, seed, dict(cfg.objective.args)))
