@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxtok.registry import (
-    COMMIT_POLICIES, DRAFT_POLICIES, LOGIT_GUIDES, REWARDS, ConfigError, Registry, peer_hint,
+    COMMIT_POLICIES, DRAFT_POLICIES, LOGIT_GUIDES, REWARDS, ConfigError, Entry, Registry, peer_hint,
 )
 from jaxtok.plan import DecodePlan, RunPlan
 from jaxtok.specs import ObjectiveSpec
@@ -822,7 +822,7 @@ def check_data_files(cfg: Config) -> bool:
     return False
 
 
-def check_rollout_sampler(cfg: Config) -> tuple[Optional[Any], Any]:
+def check_rollout_sampler(cfg: Config) -> tuple[Optional[Entry], Any]:
     """With ``rollout.sampler=speculative``: the draft-length policy's entry (``rollout.draft_policy``) and its
     parsed ``rollout.draft_policy_args``; else ``(None, None)``."""
     ro = cfg.rollout
