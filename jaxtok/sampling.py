@@ -124,7 +124,7 @@ def process_logits(logits: jax.Array, temperature=1.0, top_k=None, top_p=None, m
 # Sampling parameters
 # ----------------------------------------------------------------------------------------------------------------
 
-Value = Union[float, int, tuple, jax.Array, None]
+Value = Union[float, int, tuple, jax.Array, None]  # a scalar, one value per row, or None (a filter off)
 
 
 def host_value(x) -> Optional[np.ndarray]:
@@ -138,6 +138,8 @@ def _freeze(name: str, x) -> Value:
     """A sampling value as :class:`SamplingParams` stores it: None (filter off), a ``jax.Array`` as given (it may
     be traced or sharded), otherwise a Python number (a scalar) or a tuple of Python numbers (one per row), so
     that parameters given as numbers or host arrays are hashable."""
+    if x is None and name == "temperature":
+        raise ValueError("temperature=None: allowed values >= 0 (0 = greedy)")
     if x is None or isinstance(x, jax.Array):
         return x
     a = np.asarray(x)
@@ -263,7 +265,7 @@ class SamplingParams:
                          rows(self.top_p, jnp.float32, 1.0), rows(self.min_p, jnp.float32, 0.0))
 
 
-GREEDY = SamplingParams(temperature=0.0)
+GREEDY = SamplingParams(temperature=0.0)  # argmax decoding (log-probs reported at T = 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
