@@ -79,15 +79,6 @@ class Entry:
     config_cls: Optional[type]
     spec: Any = None
 
-    @property
-    def meta(self) -> Mapping[str, Any]:
-        """TRANSITIONAL (issue 16): the spec's non-default fields as a mapping, for loops not yet reading
-        ``entry.spec``. Delete once no loop reads ``.meta``."""
-        if self.spec is None:
-            return {}
-        return {f.name: getattr(self.spec, f.name) for f in dataclasses.fields(self.spec)
-                if getattr(self.spec, f.name) != f.default}
-
 
 class Registry:
     """Registry of named callables of one kind (objectives, tasks, selection rules, decode policies, ...)."""

@@ -517,15 +517,13 @@ def test_configs_validate(name):
     from jaxtok.config import load_config, validate_names
 
     cfg = load_config(REPO / "configs" / "distill" / f"{name}.yaml")
-    validate_names(cfg)
-    entry = OBJECTIVES.entry(cfg.objective.name)
-    args = OBJECTIVES.parse_args(cfg.objective.name, cfg.objective.args, "objective.args")
-    own = entry.meta.get("self_teacher")
-    if own and own(args):  # TRACE's self-teacher: a synced copy of the student, no teacher run
+    plan = validate_names(cfg)
+    own = plan.spec.self_teacher
+    if own and own(plan.objective_args):  # TRACE's self-teacher: a synced copy of the student, no teacher run
         assert not cfg.rollout.teacher_init_from
-    elif "teacher" in entry.meta.get("models", ()):
+    elif "teacher" in plan.spec.models:
         assert cfg.rollout.teacher_init_from
-    if "reference" in entry.meta.get("models", ()):
+    if "reference" in plan.spec.models:
         assert cfg.rollout.reference != "none"
 
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxtok.models import Decoder, presets
 from jaxtok.registry import OBJECTIVES, ConfigError
+from jaxtok.specs import ObjectiveSpec
 from jaxtok.train.objectives import reasonmaxxer as RM
 
 V = 16
@@ -152,7 +153,7 @@ def test_sign_one_sgd_step(policy):
 
 def test_registration_and_errors(policy):
     entry = OBJECTIVES.entry("reasonmaxxer")
-    assert entry.meta == {"data": "rollout", "models": ("reference",), "group_advantages": True}
+    assert entry.spec == ObjectiveSpec(data="rollout", models=("reference",), group_advantages=True)
     with pytest.raises(ConfigError, match="decision_objective"):
         OBJECTIVES.parse_args("reasonmaxxer", {"decision_objective": "delta_hinge"}, "a")
     with pytest.raises(ConfigError, match="reference"):
