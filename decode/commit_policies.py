@@ -242,6 +242,35 @@ def threshold(info: StepInfo, args: ThresholdArgs, state, spec: LoopSpec, heads=
     return Decision(threshold_commit(info.conf, info.eligible, args.threshold), info.x0, state)
 
 
+def top2_margin(logits: jax.Array) -> jax.Array:
+    """Top-probability margin ``p_(1) − p_(2)`` per position (Kim et al. 2025, "Train for the Worst, Plan for the
+    Best", adaptive unmasking by margin): ``logits [B, N, V]`` → ``[B, N]`` in [0, 1], float32, un-tempered."""
+    top2 = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), 2)[0]  # [B, N, 2]
+    return top2[..., 0] - top2[..., 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class MarginArgs(SamplerArgs):
+    """``margin`` δ in (0, 1]: commit positions whose top-1 − top-2 probability gap reaches δ (1.0 = one token per
+    step, the widest-margin position first)."""
+
+    margin: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.margin <= 1.0:
+            raise ValueError(f"margin={self.margin}: allowed (0, 1]")
+
+
+@register("margin", MarginArgs, block_local=True)
+def margin(info: StepInfo, args: MarginArgs, state, spec: LoopSpec, heads=None) -> Decision:
+    """Margin rule: Fast-dLLM's parallel threshold rule (§B10) on the top-2 probability margin instead of the
+    top-1 confidence — ``{argmax margin} ∪ {i eligible : margin_i >= δ}`` — the margin ordering of Kim et al.
+    (2025) made parallel. A position whose mass is split between two tokens waits even when its top-1 probability is
+    higher than another position's."""
+    return Decision(threshold_commit(top2_margin(info.logits), info.eligible, args.margin), info.x0, state)
+
+
 @dataclasses.dataclass(frozen=True)
 class FactorArgs(SamplerArgs):
     """``factor`` f > 0 (reference default 1)."""

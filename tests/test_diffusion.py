@@ -352,6 +352,28 @@ def test_s2d2_routers_decode_and_count_the_verifier_copies(router):
         np.testing.assert_array_equal(never.nfe, np.asarray(never.commit_step).max(1) + 1)
 
 
+def test_margin_by_hand_and_limits():
+    """Margin rule: hand-computed margins; δ = 1 commits one position per step in widest-margin order; a position
+    whose mass is split between two tokens waits even when its top-1 probability is the higher one."""
+    logits = np.full((1, 3, V), -30.0, np.float32)
+    logits[0, 0, [5, 6]] = [np.log(0.6), np.log(0.4)]  # margin 0.2
+    logits[0, 1, [5, 6]] = [np.log(0.9), np.log(0.1)]  # margin 0.8
+    logits[0, 2, [5, 6]] = [np.log(0.5), np.log(0.5)]  # margin 0
+    np.testing.assert_allclose(cp.top2_margin(jnp.asarray(logits)), [[0.2, 0.8, 0.0]], atol=1e-6)
+    model = Scripted(script(TOKS, CONFS), 3)
+    r = run(model, "margin", 6, block_len=6, policy_args={"margin": 1.0})
+    # one commit per step; with the rest uniform the margin orders positions as their confidence does
+    np.testing.assert_array_equal(r.commit_step[0], np.argsort(np.argsort(-np.asarray(CONFS))))
+    assert r.nfe.tolist() == [6, 6]
+    split = np.zeros((2, V), np.float32)  # 0: p1 0.6, rest uniform (margin ~0.59); 1: p1 0.65, p2 0.33 (margin 0.32)
+    split[0, 20] = np.log(0.6 * (V - 1) / 0.4)
+    split[1, [21, 22]] = np.log(np.array([0.65, 0.33]) / (0.02 / (V - 2)))
+    r = run(Scripted(split, 3), "margin", 2, block_len=2, policy_args={"margin": 0.5})
+    np.testing.assert_array_equal(r.commit_step[0], [0, 1])  # the split position waits, though its p1 is higher
+    r = run(Scripted(split, 3), "threshold", 2, block_len=2, policy_args={"threshold": 0.62})
+    np.testing.assert_array_equal(r.commit_step[0], [1, 0])  # confidence orders them the other way
+
+
 def test_ass_takes_log2_steps():
     model = Scripted(np.random.default_rng(7).normal(0.0, 3.0, (8, V)), 3)
     r = run(model, "ass", 8, block_len=8, policy_args={"stop_early": False})
@@ -359,7 +381,7 @@ def test_ass_takes_log2_steps():
 
 
 @pytest.mark.parametrize("policy", ["llada", "threshold", "factor", "prophet", "adablock", "eoser", "ass", "ete",
-                                    "bacd", "learn2pd", "infogain", "tracelock", "s2d2"])
+                                    "margin", "bacd", "learn2pd", "infogain", "tracelock", "s2d2"])
 def test_every_policy_commits_each_masked_position_once_in_block_order(policy):
     heads = {"filter": FilterHead(block_size=4, hidden=8, rngs=nnx.Rngs(0)),
              "controller": TraceController(17, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))}
@@ -459,7 +481,7 @@ def test_the_loop_wires_policies_by_their_spec():
     from jaxtok.decode import diffusion as D
 
     local = {n for n in COMMIT_POLICIES.names() if COMMIT_POLICIES.entry(n).spec.block_local}
-    assert local == {"llada", "threshold", "factor", "eoser", "ass", "bacd", "adablock"}
+    assert local == {"llada", "threshold", "factor", "eoser", "ass", "bacd", "adablock", "margin"}
     assert not any(COMMIT_POLICIES.entry(n).spec.full_forward_only for n in local)
     src = inspect.getsource(D)
     assert ".meta" not in src and src.count("COMMIT_POLICIES.parse_args(") == 1
