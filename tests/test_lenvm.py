@@ -138,8 +138,8 @@ def test_constant_length_toy_converges(lvm):
 
 def test_registration():
     entry = OBJECTIVES.entry("lenvm")
-    assert entry.meta["data"] == "rollout" and entry.meta["models"] == ("teacher",)
-    assert entry.meta["wrap_model"] is L.with_value_head
+    assert entry.spec.data == "rollout" and entry.spec.models == ("teacher",)
+    assert entry.spec.wrap_model is L.with_value_head
     with pytest.raises(ConfigError, match="gamma"):
         OBJECTIVES.parse_args("lenvm", {"gamma": 1.0}, "a")
     with pytest.raises(ConfigError, match="loss"):

@@ -394,7 +394,7 @@ def test_micro_batches_match_one_batch_with_host_advantages(model):
 
 def test_registration_and_arguments():
     entry = OBJECTIVES.entry("policy_gradient")
-    assert entry.meta["data"] == "rollout" and entry.meta["models"] == ("reference",)
+    assert entry.spec.data == "rollout" and entry.spec.models == ("reference",)
     args = OBJECTIVES.parse_args("policy_gradient", {"loss_mode": "dapo", "eps_high": 0.3, "kl_coef": 0}, "a")
     assert args.loss_mode == "dapo" and args.eps_high == 0.3 and args.drop_zero_variance
     assert args.resolve("dapo").eps_low == 0.2 and args.resolve("dapo").aggregation == "token-mean"
