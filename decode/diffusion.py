@@ -48,6 +48,7 @@ Caches (``SamplerArgs.cache``, §B10):
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import math
@@ -391,7 +392,7 @@ def _commit(c: _Loop, s: _State, dec: Decision, masked: jax.Array, live: jax.Arr
         block_step=s.block_step + live.astype(jnp.int32), pstate=pstate)
 
 
-class _Forward:
+class _Forward(abc.ABC):
     """How a step gets its logits (one strategy per ``SamplerArgs.cache``, chosen once outside the loop).
 
     ``init(c)`` is the strategy's carry (its KV cache); ``logits_and_hidden(c, s, new, live, visible)`` returns
@@ -402,8 +403,9 @@ class _Forward:
     def init(self, c: _Loop) -> Any:
         return None
 
+    @abc.abstractmethod
     def logits_and_hidden(self, c: _Loop, s: _State, new, live, visible):
-        raise NotImplementedError
+        """One step's ``(logits [B, N, V], hidden or None, carry, extra_nfe [B])``; every cache mode defines it."""
 
 
 class _NoCache(_Forward):
