@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -225,8 +226,10 @@ class SweepArgs:
     the step for every variant.
 
     ``train_metrics``: keys of the logged training rows (e.g. ``selected_frac``, ``q1``..``q4``), averaged over the
-    logged steps of a run, then over seeds. ``step_s``: the median wall time between consecutive optimizer steps
-    (rollout collection + train step; the median drops the compile and the periodic evals). ``memory``: compile
+    logged steps of a run, then over seeds. ``step_s``: the median of the run's logged ``step_time_s`` windows
+    (seconds per optimizer step incl. rollout collection, measured by the loop between synchronising log points;
+    the compile window and the periodic evals are left out). Host-side stamps at ``on_step`` would time the
+    asynchronous dispatch, not the step. ``memory``: compile
     each variant's train step once on a synthetic batch of the config's shapes and report the XLA memory analysis
     (``temp_mb``, ``peak_mb``). ``compilation_cache``: a JAX persistent compilation cache directory (``""`` = off),
     so seeds after the first reuse the compiled step, sampler and eval functions. ``initial_eval``: evaluate the
@@ -299,6 +302,13 @@ def variant_step_memory(plan) -> dict:
     return compiled_memory_mb(step.lower(state, batch, *extra).compile())
 
 
+def logged_step_s(logged: list[dict]) -> Optional[float]:
+    """Median seconds per optimizer step over a run's ``metrics.jsonl`` windows (``step_time_s`` of the rows
+    with a ``tokens_per_s``; the compile-only window has none); None when no such window was logged."""
+    times = [r["step_time_s"] for r in logged if r.get("tokens_per_s") is not None and "step_time_s" in r]
+    return float(np.median(times)) if times else None
+
+
 def _mean_sd(values) -> tuple:
     vals = np.array([v for v in values if v is not None], float)
     return (float(vals.mean()) if vals.size else None), (float(vals.std()) if vals.size > 1 else 0.0)
@@ -325,13 +335,11 @@ def sweep_bench(cfg, run_dir: str | Path, args: SweepArgs) -> dict:
     rows, curves = [], {}
     for (variant, seed), vcfg in configs.items():
         out_dir = Path(run_dir) / variant / f"seed{seed}"
-        stamps = []
         t0 = time.perf_counter()
-        summary = train(vcfg, out_dir, on_step=lambda step, m: stamps.append(time.perf_counter()))
-        row = {"variant": variant, "seed": seed, "wall_s": time.perf_counter() - t0,
-               "step_s": float(np.median(np.diff(stamps))) if len(stamps) > 2 else None}
-        row.update({m: summary.get(m) for m in args.metrics})
+        summary = train(vcfg, out_dir)
         logged = read_jsonl(out_dir / "metrics.jsonl")
+        row = {"variant": variant, "seed": seed, "wall_s": time.perf_counter() - t0, "step_s": logged_step_s(logged)}
+        row.update({m: summary.get(m) for m in args.metrics})
         for key in args.train_metrics:
             row[key] = _mean_sd(r.get(key) for r in logged)[0]
         rows.append(row)

@@ -187,3 +187,17 @@ def test_diffusion_and_plan_conditioning_benches_on_tiny_random_models(tmp_path)
     assert (tmp_path / "plan" / "exact_match_vs_plan.png").is_file()
     with pytest.raises(ConfigError, match="placements"):
         BENCHES.parse_args("plan_conditioning", {"placements": ["middle"]}, "bench.args")
+
+
+def test_logged_step_s_is_the_median_of_timed_windows():
+    """The sweep's ``step_s`` reads the loop's synchronised ``step_time_s`` windows (the compile-only window, which
+    has no ``tokens_per_s``, and eval rows are left out), not host stamps of the asynchronous dispatch."""
+    from jaxtok.bench.train import logged_step_s
+
+    rows = [{"step": 1, "step_time_s": 30.0, "compile_s": 30.0, "tokens_per_s": None},
+            {"step": 2, "step_time_s": 0.5, "compile_s": 30.0, "tokens_per_s": 10.0},
+            {"step": 2, "eval/exact_match": 0.3},
+            {"step": 3, "step_time_s": 0.7, "tokens_per_s": 9.0},
+            {"step": 4, "step_time_s": 0.9, "tokens_per_s": 8.0}]
+    assert logged_step_s(rows) == 0.7
+    assert logged_step_s(rows[:1]) is None
