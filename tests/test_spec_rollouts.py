@@ -236,23 +236,38 @@ def test_config_errors_name_the_key(tok):
 
 @pytest.mark.slow
 def test_grpo_loop_with_speculative_rollouts_and_drafter_refresh(tmp_path):
-    """Three GRPO steps with speculative rollouts from a one-layer preset drafter refreshed by OPD before every
-    rollout after the first: the metrics carry the acceptance statistics and the refresh losses, and the
-    sampler/trainer mismatch stays at float error."""
-    from jaxtok.train.loop import train
+    """Four GRPO steps with speculative rollouts from a one-layer preset drafter refreshed by OPD before every
+    rollout after the first: the metrics carry the acceptance statistics and the refresh losses, the
+    sampler/trainer mismatch stays at float error, and a run interrupted after its step-2 checkpoint resumes with
+    the refreshed drafter (its weights, AdamW moments and rollout count are checkpointed) to the same parameters
+    as the uninterrupted run; the drafter decides which tokens a lossless sampler draws from the same key, so a
+    resume from the loaded drafter would end elsewhere."""
+    from _worker import interrupted_then_resumed
+
+    from jaxtok.train.loop import load_model, train
 
     cfg = _spec_cfg(sampler="speculative", draft_init_from="preset:tiny_student", draft_len=3,
                     draft_refresh_every=1, draft_refresh_steps=2, draft_refresh_lr=3e-3)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4, checkpoint_every=2))
     validate_names(cfg)
     train(cfg, tmp_path / "run", final_eval=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
-    assert len(rows) == 3
+    assert len(rows) == 4
     for r in rows:
         assert r["rollout/sampler_abs_logp_diff"] < 1e-4
         assert 0 <= r["rollout/spec_acceptance_rate"] <= 1
     assert "rollout/draft_refresh_loss" not in rows[0]  # the first rollout uses the drafter as loaded
     assert all(np.isfinite(r["rollout/draft_refresh_loss"]) for r in rows[1:])
+
+    assert interrupted_then_resumed(cfg, tmp_path / "resumed", 3)["resumed_from"] == 2
+    again = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    again = {r["step"]: r for r in again if "loss" in r}
+    assert again[4]["rollout/draft_refresh_loss"] == rows[3]["rollout/draft_refresh_loss"]
+    a, _ = load_model(tmp_path / "run")
+    b, _ = load_model(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.slow

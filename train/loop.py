@@ -180,6 +180,7 @@ def build_train_model(plan, vocab_size: int, mesh=None) -> tuple[Decoder, dict]:
 
 
 LORA_META = "lora"  # checkpoint meta of a LoRA run: rank, alpha, targets
+SAMPLER_ITEM = "spec_sampler"  # checkpoint train item of speculative rollouts with a drafter refresh
 
 
 def add_lora(cfg, model):
@@ -439,7 +440,7 @@ def _train(plan, run_dir: Path, *, on_step: Optional[Callable[[int, dict], None]
     trainer, state = _build_trainer(plan, inputs, final_eval=final_eval)
     feed = _build_feed(plan, inputs, trainer)
     ck = ckpt_lib.Checkpointer(run_dir / CHECKPOINT_DIR, max_to_keep=cfg.train.keep_checkpoints)
-    state, start, damaged = _resume(cfg, run_dir, ck, trainer, state, feed.it)
+    state, start, damaged = _resume(cfg, run_dir, ck, trainer, state, feed)
     stored = _finished_summary(cfg, run_dir, ck, start)
     if stored is not None:
         return stored
@@ -479,19 +480,21 @@ class _Trainer:
         # re-copied from the student at sync steps, not passed once λ = 0 (train/self_teacher.py)
         return self.self_teacher.step(k, state, placed, self.frozen_args, self.step_fn)
 
-    def train_item(self, k: int, state) -> dict:
-        """The checkpoint's ``train`` item after ``k`` updates: optimizer state, step, RNG, LoRA's adapters and the
-        self-teacher's copy."""
+    def train_item(self, k: int, state, sampler=None) -> dict:
+        """The checkpoint's ``train`` item after ``k`` updates: optimizer state, step, RNG, LoRA's adapters, the
+        self-teacher's copy and the speculative sampler's refreshed drafter."""
+        drafter = sampler.checkpoint_item() if sampler is not None else {}
         return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
                 **({LORA_META: state.params} if self.merge_adapters else {}),
-                **(self.self_teacher.checkpoint_item(k, state) if self.self_teacher else {})}
+                **(self.self_teacher.checkpoint_item(k, state) if self.self_teacher else {}),
+                **({SAMPLER_ITEM: drafter} if drafter else {})}
 
-    def save(self, ck, step: int, state, it) -> None:
+    def save(self, ck, step: int, state, feed: "_Feed") -> None:
         """Checkpoint ``step``; LoRA: ``params`` holds the merged weights (a plain model for every loader),
         ``train`` the adapters."""
         params = self.merge_adapters(state.params, state.rest) if self.merge_adapters else state.params
-        ck.save(step, params=params, data=it.get_state(), meta=self.checkpoint_meta,
-                train=self.train_item(step, state))
+        ck.save(step, params=params, data=feed.it.get_state(), meta=self.checkpoint_meta,
+                train=self.train_item(step, state, feed.sampler))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,6 +508,7 @@ class _Feed:
     collect: Optional[Callable] = None
     prepare: Optional[Callable] = None
     host_adv: Optional[Callable] = None
+    sampler: Any = None  # rollout.sampler=speculative: its SpeculativeSampler (checkpointed with the run)
 
 
 def _build_inputs(plan, run_dir: Path) -> _Inputs:
@@ -609,12 +613,14 @@ def _build_feed(plan, inputs: _Inputs, trainer: _Trainer) -> _Feed:
                                   worker_count=d.worker_count)
     if spec.data == "sft":
         return _Feed(it=iter(ds), dropped=dropped)
-    return _Feed(it=iter(ds), dropped=dropped, collect=collect, prepare=prepare, host_adv=host_adv)
+    return _Feed(it=iter(ds), dropped=dropped, collect=collect, prepare=prepare, host_adv=host_adv,
+                 sampler=spec_sampler)
 
 
-def _resume(cfg, run_dir: Path, ck, trainer: _Trainer, state, it) -> tuple[Any, int, list]:
-    """With ``run.resume`` and a checkpoint in ``run_dir``: the train state and data iterator restored from the
-    newest good checkpoint (damaged newer steps moved aside with a warning). ``(state, start step, damaged)``."""
+def _resume(cfg, run_dir: Path, ck, trainer: _Trainer, state, feed: _Feed) -> tuple[Any, int, list]:
+    """With ``run.resume`` and a checkpoint in ``run_dir``: the train state, data iterator and speculative
+    sampler restored from the newest good checkpoint (damaged newer steps moved aside with a warning).
+    ``(state, start step, damaged)``."""
     from jaxtok.registry import ConfigError
 
     if not (cfg.run.resume and ck.latest_step() is not None):
@@ -626,18 +632,21 @@ def _resume(cfg, run_dir: Path, ck, trainer: _Trainer, state, it) -> tuple[Any, 
         nnx.LoRAParam))) if trainer.merge_adapters else state.params)
     try:  # the newest good checkpoint: damaged newer steps are moved aside
         out, damaged = ck.restore_good(params=ckpt_lib.abstract_of(params_like),
-                                       train=ckpt_lib.abstract_of(trainer.train_item(0, state)))
+                                       train=ckpt_lib.abstract_of(trainer.train_item(0, state, feed.sampler)))
     except ckpt_lib.CheckpointError as e:
         ck.close()
         raise ConfigError(f"cannot resume {run_dir}: {e}; use run.resume=false run.overwrite=true to start "
                           f"over") from None
     restored_train = dict(out["train"])
     adapters = restored_train.pop(LORA_META, None)
+    sampler_item = restored_train.pop(SAMPLER_ITEM, None)
+    if sampler_item is not None:
+        feed.sampler.restore(sampler_item)
     self_teacher = trainer.self_teacher
     state = dataclasses.replace(state, params=out["params"] if adapters is None else adapters, **(
         self_teacher.restored(restored_train, int(out["step"])) if self_teacher else restored_train))
     if out["data"] is not None:
-        it.set_state(out["data"])
+        feed.it.set_state(out["data"])
     start = int(out["step"])
     for bad, why in damaged:
         log.warning("checkpoint step %d is damaged, moved to %s-damaged/: %s", bad, ck.directory, why)
@@ -758,10 +767,10 @@ def _step_loop(plan, run_dir: Path, inputs: _Inputs, trainer: _Trainer, feed: _F
                 with timer.paused():
                     metrics_out.write(step, evaluate_now(state, step))
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != total:
-                trainer.save(ck, step, state, feed.it)
+                trainer.save(ck, step, state, feed)
             bar.update(1)
         if ck.latest_step() != total:
-            trainer.save(ck, total, state, feed.it)
+            trainer.save(ck, total, state, feed)
         ck.wait()
         if bar is not None:
             bar.close()

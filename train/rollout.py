@@ -180,7 +180,8 @@ class SpeculativeSampler:
     ``refresh`` (``rollout.draft_refresh_every = N > 0``, :class:`DrafterRefresh`): before every N-th rollout the
     drafter takes ``rollout.draft_refresh_steps`` optimizer steps of on-policy distillation (objective ``opd``)
     towards the current policy on that rollout's prompts, so it keeps agreeing with a policy that RL moves. The
-    refreshed drafter is not checkpointed: a resumed run starts again from ``rollout.draft_init_from``.
+    refreshed drafter, its optimizer state and the rollout count are part of every checkpoint
+    (:meth:`checkpoint_item` / :meth:`restore`), so a resumed run continues with the drafter it had.
 
     ``last`` holds the acceptance statistics of the latest call (``rollout/spec_*`` info)."""
 
@@ -213,9 +214,26 @@ class SpeculativeSampler:
         drafter = load_drafter(ro.draft_init_from, policy_cfg, mesh=mesh, dtype=cfg.model.dtype, seed=cfg.train.seed)
         policy = plan.draft_policy.fn(plan.draft_policy_args, hidden_size=drafter.cfg.hidden_size)
         policy.check(int(ro.draft_len))
-        refresh = DrafterRefresh(steps=ro.draft_refresh_steps, lr=ro.draft_refresh_lr, seed=cfg.train.seed) \
-            if ro.draft_refresh_every else None
+        refresh = None
+        if ro.draft_refresh_every:
+            refresh = DrafterRefresh(steps=ro.draft_refresh_steps, lr=ro.draft_refresh_lr, seed=cfg.train.seed)
+            drafter = refresh.init(drafter, mesh)
         return cls(drafter=drafter, policy=policy, draft_len=int(ro.draft_len), refresh=refresh)
+
+    def checkpoint_item(self) -> dict:
+        """What a checkpoint keeps of the sampler: with a drafter refresh, the drafter's train state (weights and
+        AdamW moments) and the number of rollouts so far (which rollouts refresh); ``{}`` without one (the drafter
+        is then the loaded one at every step)."""
+        if self.refresh is None:
+            return {}
+        return {"rollouts": np.asarray(self.rollouts, np.int64), "drafter": self.refresh._state}
+
+    def restore(self, item: dict) -> None:
+        """Continue from a :meth:`checkpoint_item`: the drafter the sampler had when it was saved."""
+        if self.refresh is None:
+            return
+        self.rollouts = int(item["rollouts"])
+        self.drafter = self.refresh.restore(item["drafter"])
 
     def sample(self, model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh):
         """``(tokens [B, N], valid [B, N], logprobs [B, N])`` host arrays, as the AR path returns them."""
@@ -295,22 +313,44 @@ class DrafterRefresh:
     _graphdef: object = None
     _state: object = None
 
-    def __call__(self, drafter, policy, prompts, *, task, tokenizer, settings, rng, mesh):
+    def _optimizer(self):
         import optax
 
-        from jaxtok.registry import OBJECTIVES
-        from jaxtok.train.step import frozen_states, init_train_state, make_train_step
+        return optax.adamw(self.lr)
 
+    def init(self, drafter, mesh=None):
+        """The drafter's train state (AdamW at ``lr``), made before the first rollout so that checkpoints have
+        the same structure at every step; returns the drafter the sampler uses (a copy of ``drafter``)."""
+        from jaxtok.train.step import init_train_state
+
+        graphdef, weights = nnx.split(drafter)  # a copy: the donating train step never consumes the caller's
+        self._graphdef, self._state = init_train_state(nnx.merge(graphdef, jax.tree.map(jnp.copy, weights)),
+                                                       self._optimizer(), seed=self.seed, mesh=mesh)
+        return self._current()
+
+    def _current(self):
+        """The drafter of the current train state, as a copy the sampler may hold across later (donating) steps."""
+        copy = functools.partial(jax.tree.map, jnp.copy)
+        return nnx.merge(self._graphdef, copy(self._state.params), copy(self._state.rest))
+
+    def restore(self, state):
+        """Continue from a checkpointed train state; returns the drafter it holds."""
+        self._state = state
+        return self._current()
+
+    def __call__(self, drafter, policy, prompts, *, task, tokenizer, settings, rng, mesh):
+        from jaxtok.registry import OBJECTIVES
+        from jaxtok.train.step import frozen_states, make_train_step
+
+        if self._state is None:
+            self.init(drafter, mesh)
         if self._step is None:  # built once: the policy's graphdef and the drafter's shapes never change
             import jaxtok.train.objectives  # noqa: F401  (registration)
 
             entry = OBJECTIVES.entry("opd")
             loss_fn = functools.partial(entry.fn, args=entry.config_cls())  # OPD's defaults: reverse KL, every token
-            optimizer = optax.adamw(self.lr)
-            graphdef, weights = nnx.split(drafter)  # a copy: the donating train step never consumes the caller's
-            drafter = nnx.merge(graphdef, jax.tree.map(jnp.copy, weights))
-            self._graphdef, self._state = init_train_state(drafter, optimizer, seed=self.seed, mesh=mesh)
-            self._step = make_train_step(drafter, optimizer, loss_fn, mesh=mesh, frozen={"teacher": policy})
+            self._step = make_train_step(nnx.merge(self._graphdef, self._state.params, self._state.rest),
+                                         self._optimizer(), loss_fn, mesh=mesh, frozen={"teacher": policy})
         teacher = frozen_states({"teacher": policy})
         losses = []
         for i in range(self.steps):
@@ -320,8 +360,7 @@ class DrafterRefresh:
             del student
             self._state, metrics = self._step(self._state, mesh_lib.put_batch(ro.batch, mesh), teacher)
             losses.append(float(metrics["loss"]))
-        copy = functools.partial(jax.tree.map, jnp.copy)  # the sampler's drafter must outlive the next (donating) step
-        return (nnx.merge(self._graphdef, copy(self._state.params), copy(self._state.rest)),
+        return (self._current(),  # the sampler's drafter must outlive the next (donating) step
                 {"rollout/draft_refresh_loss": losses[-1], "rollout/draft_refresh_loss_first": losses[0]})
 
 
