@@ -16,7 +16,18 @@ rows; the gap between segments is not training; start-up, compilation and the st
 not in it); step time = mean wall seconds per optimizer step over the logged training intervals, leaving out the first
 interval of each segment (compilation) and intervals that hold a held-out eval; the rollout's training reward
 (``rollout/exact_match``) averaged over 25-step windows; the mean 1-minute load average of the machine over the
-run's segments when ``--loadavg`` (lines ``ISO-time l1 l5 l15``) is given. Nothing is interpreted here.
+run's segments when ``--loadavg`` (lines ``ISO-time l1 l5 l15``, or ``ISO-time <uptime output>``) is given.
+
+The mu = 2 arm (``--mu2 NAME=DIR[,DIR...]``, one directory per seed; ``configs/testbed/rl_mu2_*.yaml``, two optimizer
+steps per rollout batch): per seed the same summary plus the mechanism statistics per inner step k = 1..mu
+(``(step - 1) % rollout.inner_epochs + 1``; on k = 1 the policy is the sampler, so every ratio is 1 by
+construction): mean / max ``clip_frac`` (for CPPO: the fraction of tokens its trust-region mask rejects), mean
+``dual_clip_frac``, the extreme and mean ``ratio_min`` / ``ratio_max``, mean ``approx_kl`` and the mode's own
+entries (``cppo_*``), the inner-step-k clip fraction, entropy and gradient norm per 25-step window, and the median
+seconds of a step that samples (k = 1) and of one that reuses the batch (k = 2). Over seeds: the mean final accuracy,
+its standard error over seeds and a 95 % Student-t interval when there are >= 2 seeds, else the binomial SE of the
+one run (then it is one run, not a mean). ``--reference NAME=DIR0,DIR1,...`` likewise: seed 0's row plus the seeds'
+mean. ``--plot`` draws the held-out curves of both arms and the mu = 2 clip fractions. Nothing is interpreted here.
 """
 
 from __future__ import annotations
@@ -27,8 +38,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import yaml
+from proving_ground import T95
 from proving_ground import _segments as segments  # one reader of resumed runs' metrics.jsonl
+
+MECHANISM_KEYS = ("clip_frac", "dual_clip_frac", "ratio_min", "ratio_max", "ratio_mean", "approx_kl",
+                  "cppo_token_reject_frac", "cppo_budget_reject_frac", "cppo_mask_mean")
 
 
 def records(run: Path) -> list[dict]:
@@ -60,10 +76,11 @@ def mean_load(loadavg: Path | None, windows: list[tuple[float, float]]) -> tuple
             continue
         try:
             t = dt.datetime.fromisoformat(parts[0]).replace(tzinfo=dt.timezone.utc).timestamp()
-        except ValueError:
+            l1 = float(line.split("load average:")[1].split(",")[0]) if "load average:" in line else float(parts[1])
+        except (ValueError, IndexError):
             continue
         if any(t0 <= t <= t1 for t0, t1 in windows):
-            vals.append(float(parts[1]))
+            vals.append(l1)
     return (round(sum(vals) / len(vals), 2) if vals else None), len(vals)
 
 
@@ -104,6 +121,69 @@ def summarize(run: Path, start_acc: float, loadavg: Path | None) -> dict:
         vals = [r[key] for r in recs if key in r and "event" not in r]
         if vals:
             out[f"{key}_range"] = [round(min(vals), 6), round(max(vals), 6)]
+    mu = int(yaml.safe_load(cfg_path.read_text())["rollout"]["inner_epochs"]) if cfg_path.exists() else 1
+    out["inner_epochs"] = mu
+    out["mechanism"] = mechanism(recs, mu)
+    return out
+
+
+def _r(x, nd=6):
+    return None if x is None else round(float(x), nd)
+
+
+def mechanism(recs: list[dict], mu: int) -> dict:
+    """Ratio / clip statistics of the logged training rows per inner step k = (step - 1) % mu + 1, the inner-step-mu
+    clip fraction, entropy and gradient norm per 25-step window, and median step seconds per inner step."""
+    rows = [r for r in recs if "loss" in r and "event" not in r]
+    out: dict = {}
+    for k in range(1, mu + 1):
+        sel = [r for r in rows if (r["step"] - 1) % mu + 1 == k]
+        if not sel:
+            continue
+        d: dict = {"rows": len(sel)}
+        for key in MECHANISM_KEYS:
+            vals = [r[key] for r in sel if r.get(key) is not None]
+            if not vals:
+                continue
+            d[f"{key}_mean"] = _r(np.mean(vals))
+            if key in ("clip_frac", "dual_clip_frac", "ratio_max", "approx_kl", "cppo_token_reject_frac",
+                       "cppo_budget_reject_frac"):
+                d[f"{key}_max"] = _r(max(vals))
+            if key in ("ratio_min", "cppo_mask_mean"):
+                d[f"{key}_min"] = _r(min(vals))
+        times = [r["step_time_s"] for r in sel if r.get("step_time_s") is not None and "compile_s" not in r]
+        d["step_s_median"] = _r(np.median(times), 3) if times else None
+        out[f"inner{k}"] = d
+    for key in ("clip_frac", "entropy", "grad_norm", "approx_kl"):
+        win: dict[int, list[float]] = {}
+        for r in rows:
+            if (r["step"] - 1) % mu + 1 == mu and r.get(key) is not None:
+                win.setdefault((r["step"] - 1) // 25, []).append(r[key])
+        out[f"{key}_inner{mu}_per_25"] = [_r(np.mean(v), 5) for _, v in sorted(win.items())]
+    return out
+
+
+def arm(dirs: list[Path], start_acc: float, loadavg: Path | None, cmd: str | None) -> dict:
+    """Per-seed summaries and, over the seeds that reached their last eval, the mean final held-out accuracy with
+    its SE over seeds and a 95 % Student-t interval (>= 2 seeds), else the one run's binomial SE."""
+    seeds = [{**summarize(d, start_acc, loadavg), "command": (cmd or "").replace("{seed}", str(i)) or None}
+             for i, d in enumerate(dirs)]
+    done = [s for s in seeds if s["complete"]]
+    out: dict = {"seeds": seeds, "n_complete": len(done)}
+    finals = [s["latest_acc"] for s in done]
+    if len(finals) >= 2:
+        m, sd = float(np.mean(finals)), float(np.std(finals, ddof=1))
+        se = sd / math.sqrt(len(finals))
+        out.update(final_mean=round(m, 4), final_se=round(se, 4), final_ci95=[round(m - T95[len(finals) - 1] * se, 4),
+                   round(m + T95[len(finals) - 1] * se, 4)], se_method=f"over {len(finals)} seeds (Student t)")
+    elif finals:
+        out.update(final_mean=finals[0], final_se=done[0]["latest_acc_se"], final_ci95=None,
+                   se_method="one run: binomial SE of one accuracy")
+    if finals:
+        out["gain_pp"] = round(100 * (out["final_mean"] - start_acc), 1)
+        curves = [s["curve"] for s in done]
+        common = sorted(set.intersection(*(set(c) for c in curves)), key=int)
+        out["mean_curve"] = {k: round(float(np.mean([c[k] for c in curves])), 4) for k in common}
     return out
 
 
@@ -111,14 +191,118 @@ def _pairs(items: list[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items)
 
 
+def _status(r: dict) -> str:
+    return ("complete" if r["complete"] else "not started" if not r["last_logged_step"]
+            else f"incomplete (step {r['last_logged_step']}/{r['target_steps']})")
+
+
+def _fmt(x, spec=".3f", dash="–"):
+    return dash if x is None else format(x, spec)
+
+
+def curve_table(rows: list[tuple[str, dict]]) -> list[str]:
+    steps = sorted({int(s) for _, r in rows for s in r["curve"]})
+    lines = ["| run | status | " + " | ".join(map(str, steps)) + " | latest (SE) | gain | s/step | wall min | load |",
+             "|---|---|" + "---|" * len(steps) + "---|---|---|---|---|"]
+    for name, r in rows:
+        cells = [f"{r['curve'][str(s)]:.3f}" if str(s) in r["curve"] else "" for s in steps]
+        latest = f"{r['latest_acc']:.3f} ({r['latest_acc_se']:.3f})" if "latest_acc" in r else "–"
+        gain = f"{r['gain_pp']:+.1f}" if "gain_pp" in r else "–"
+        lines.append(f"| {name} | {_status(r)} | " + " | ".join(cells) + f" | {latest} | {gain} | "
+                     f"{r['step_s'] or '–'} | {r['wall_min'] or '–'} | {_fmt(r.get('load1_mean'), '.2f')} |")
+    return lines
+
+
+def mechanism_table(rows: list[tuple[str, dict]]) -> list[str]:
+    lines = ["| run | clip_frac k=1 | clip_frac k=2 mean (max) | dual_clip k=2 | ratio_min k=2 (lowest) | "
+             "ratio_max k=2 mean (highest) | approx_kl k=2 | CPPO token / budget reject k=2 | "
+             "s/step k=1 / k=2 (median) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        m1, m2 = r["mechanism"].get("inner1", {}), r["mechanism"].get("inner2", {})
+        if not m2:
+            continue
+        cppo = (f"{m2['cppo_token_reject_frac_mean']:.4f} / {m2['cppo_budget_reject_frac_mean']:.4f}"
+                if "cppo_token_reject_frac_mean" in m2 else "–")
+        lines.append(
+            f"| {name} | {_fmt(m1.get('clip_frac_max'), '.4f')} | {_fmt(m2.get('clip_frac_mean'), '.4f')} "
+            f"({_fmt(m2.get('clip_frac_max'), '.4f')}) | {_fmt(m2.get('dual_clip_frac_mean'), '.5f')} | "
+            f"{_fmt(m2.get('ratio_min_mean'), '.3f')} ({_fmt(m2.get('ratio_min_min'), '.3f')}) | "
+            f"{_fmt(m2.get('ratio_max_mean'), '.3f')} ({_fmt(m2.get('ratio_max_max'), '.3f')}) | "
+            f"{_fmt(m2.get('approx_kl_mean'), '.5f')} | {cppo} | "
+            f"{_fmt(m1.get('step_s_median'), '.2f')} / {_fmt(m2.get('step_s_median'), '.2f')} |")
+    return lines
+
+
+def arm_table(res: dict) -> list[str]:
+    lines = ["| variant | mu=1 seed 0 final | mu=2 seeds complete | mu=2 final mean (SE) | 95 % interval | "
+             "gain vs start | SE method |", "|---|---|---|---|---|---|---|"]
+    mu1 = {**res["runs"], **res["reference"]}
+    for name, a in res["mu2"].items():
+        ref = mu1.get(name, {})
+        lines.append(f"| {name} | {_fmt(ref.get('latest_acc'))} | {a['n_complete']}/{len(a['seeds'])} | "
+                     f"{_fmt(a.get('final_mean'))} ({_fmt(a.get('final_se'))}) | "
+                     f"{'[%.3f, %.3f]' % tuple(a['final_ci95']) if a.get('final_ci95') else '–'} | "
+                     f"{_fmt(a.get('gain_pp'), '+.1f')} pp | {a.get('se_method', '–')} |")
+    for name, a in res.get("reference_seeds", {}).items():
+        lines.append(f"| {name} (mu=1, reference) | {_fmt(a['seeds'][0].get('latest_acc'))} | "
+                     f"{a['n_complete']}/{len(a['seeds'])} | {_fmt(a.get('final_mean'))} ({_fmt(a.get('final_se'))}) | "
+                     f"{'[%.3f, %.3f]' % tuple(a['final_ci95']) if a.get('final_ci95') else '–'} | "
+                     f"{_fmt(a.get('gain_pp'), '+.1f')} pp | {a.get('se_method', '–')} |")
+    return lines
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 6), dpi=100)
+    names = list(dict.fromkeys([*res["reference"], *res["runs"], *res["mu2"]]))
+    colour = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
+    start = res["start"]["acc"]
+    for n, r in {**res["reference"], **res["runs"]}.items():
+        xs = [0] + sorted(map(int, r["curve"]))
+        ax.plot(xs, [start] + [r["curve"][str(x)] for x in xs[1:]], "--", color=colour[n], alpha=0.6,
+                label=f"{n}, mu=1 (seed 0)")
+    for n, a in res["mu2"].items():
+        for i, r in enumerate(a["seeds"]):
+            if not r["curve"]:
+                continue
+            xs = [0] + sorted(map(int, r["curve"]))
+            ax.plot(xs, [start] + [r["curve"][str(x)] for x in xs[1:]], "-o", ms=3, color=colour[n],
+                    alpha=1.0 if i == 0 else 0.5, label=f"{n}, mu=2 (seed {i})")
+            m = r["mechanism"].get("clip_frac_inner2_per_25") or []
+            if m:
+                bx.plot([25 * j + 12.5 for j in range(len(m))], m, "-o", ms=3, color=colour[n],
+                        alpha=1.0 if i == 0 else 0.5, label=f"{n} (seed {i})")
+    ax.axhline(start, color="grey", lw=0.8)
+    ax.set(xlabel="optimizer step", ylabel="held-out greedy exact match (1200 prompts)",
+           title="testbed RL: mu=1 (dashed, 1 rollout batch per step) vs mu=2 (solid, 2 steps per batch)")
+    ax.legend(fontsize=7, ncol=2)
+    bx.set_yscale("log")
+    bx.set(xlabel="optimizer step (25-step windows)", ylabel="clip fraction on the 2nd inner step (tokens)",
+           title="mu=2: fraction of tokens clipped / masked when the batch is reused")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _dirs(items: list[str]) -> dict[str, list[Path]]:
+    return {k: [Path(x) for x in v.split(",")] for k, v in _pairs(items).items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--start", required=True, help="start model run dir (its summary.json)")
-    ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR, one per variant (seed 0)")
-    ap.add_argument("--reference", action="append", default=[], help="NAME=RUN_DIR shown beside the variants")
-    ap.add_argument("--cmd", action="append", default=[], help="NAME=COMMAND that made the run")
+    ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR, one per variant (mu=1, seed 0)")
+    ap.add_argument("--reference", action="append", default=[],
+                    help="NAME=RUN_DIR[,RUN_DIR...] (seeds 0, 1, ...) shown beside the variants")
+    ap.add_argument("--mu2", action="append", default=[], help="NAME=RUN_DIR[,RUN_DIR...]: the mu=2 arm, seeds 0, 1, ...")
+    ap.add_argument("--cmd", action="append", default=[], help="NAME=COMMAND that made the run ({seed}: its seed)")
     ap.add_argument("--loadavg", type=Path, default=None)
     ap.add_argument("--note", action="append", default=[])
+    ap.add_argument("--plot", action="store_true", help="also write PREFIX.png")
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.json and PREFIX.table.md")
     args = ap.parse_args(argv)
     start = json.loads((Path(args.start) / "summary.json").read_text())
@@ -126,25 +310,28 @@ def main(argv=None):
     cmds = _pairs(args.cmd)
     res = {"start": {"run_dir": args.start, "acc": round(start_acc, 4),
                      "n_eval": start.get("eval/num_examples")},
-           "seed": 0, "notes": args.note, "runs": {}, "reference": {}}
-    for group, items in (("runs", args.run), ("reference", args.reference)):
-        for name, path in _pairs(items).items():
-            res[group][name] = {**summarize(Path(path), start_acc, args.loadavg), "command": cmds.get(name)}
+           "seed": 0, "notes": args.note, "runs": {}, "reference": {}, "reference_seeds": {}, "mu2": {}}
+    for name, path in _pairs(args.run).items():
+        res["runs"][name] = {**summarize(Path(path), start_acc, args.loadavg), "command": cmds.get(name)}
+    for name, dirs in _dirs(args.reference).items():
+        res["reference"][name] = {**summarize(dirs[0], start_acc, args.loadavg), "command": cmds.get(name)}
+        if len(dirs) > 1:
+            res["reference_seeds"][name] = arm(dirs, start_acc, args.loadavg, None)
+    for name, dirs in _dirs(args.mu2).items():
+        res["mu2"][name] = arm(dirs, start_acc, args.loadavg, cmds.get(f"mu2_{name}"))
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    steps = sorted({int(s) for g in ("runs", "reference") for r in res[g].values() for s in r["curve"]})
-    lines = ["| run | status | " + " | ".join(map(str, steps)) + " | latest (SE) | gain | s/step | wall min |",
-             "|---|---|" + "---|" * len(steps) + "---|---|---|---|"]
-    for g in ("reference", "runs"):
-        for name, r in res[g].items():
-            status = ("complete" if r["complete"] else "not started" if not r["last_logged_step"]
-                      else f"incomplete (step {r['last_logged_step']}/{r['target_steps']})")
-            cells = [f"{r['curve'][str(s)]:.3f}" if str(s) in r["curve"] else "" for s in steps]
-            latest = f"{r['latest_acc']:.3f} ({r['latest_acc_se']:.3f})" if "latest_acc" in r else "–"
-            gain = f"{r['gain_pp']:+.1f}" if "gain_pp" in r else "–"
-            lines.append(f"| {name} | {status} | " + " | ".join(cells) +
-                         f" | {latest} | {gain} | {r['step_s'] or '–'} | {r['wall_min'] or '–'} |")
+    mu1_rows = [*res["reference"].items(), *res["runs"].items()]
+    mu2_rows = [(f"{n} s{i}", r) for n, a in res["mu2"].items() for i, r in enumerate(a["seeds"])]
+    lines = ["mu=1 (one optimizer step per rollout batch), held-out greedy exact match:", "", *curve_table(mu1_rows)]
+    if mu2_rows:
+        lines += ["", "mu=2 (two optimizer steps per rollout batch), held-out greedy exact match:", "",
+                  *curve_table(mu2_rows), "", "Final accuracy per variant:", "", *arm_table(res), "",
+                  "mu=2 mechanism statistics per inner step k (k=1 samples, k=2 reuses the batch):", "",
+                  *mechanism_table(mu2_rows)]
     out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
+    if args.plot:
+        plot(res, out.with_suffix(".png"))
     print("\n".join(lines))
 
 
