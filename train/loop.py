@@ -278,12 +278,14 @@ def generation_eval(model: Decoder, task, tok, cfg, *, mesh=None, num_examples: 
     return {k: metrics[k] for k in keys}
 
 
-def teacher_forced_eval(model: Decoder, task, tok, cfg, *, mesh=None) -> dict:
-    """Token-weighted SFT loss / token accuracy / exact match on ``train.eval_batches`` held-out batches."""
+def teacher_forced_eval(model: Decoder, task, tok, plan, *, mesh=None) -> dict:
+    """Token-weighted SFT loss / token accuracy / exact match on ``train.eval_batches`` held-out batches, with the
+    run objective's parsed ``chunk_size`` where it has one (the LM-head chunking of the loss)."""
     from jaxtok.train.objectives.sft import SFTArgs, sft_metrics
 
-    args = SFTArgs(**{k: v for k, v in dict(cfg.objective.args).items() if k in ("chunk_size",)})
-    return _held_out_metrics(model, functools.partial(sft_metrics, args=args), task, tok, cfg, mesh)
+    chunk = getattr(plan.objective_args, "chunk_size", None)
+    args = SFTArgs() if chunk is None else SFTArgs(chunk_size=chunk)
+    return _held_out_metrics(model, functools.partial(sft_metrics, args=args), task, tok, plan.cfg, mesh)
 
 
 def _held_out_metrics(model, metrics_fn, task, tok, cfg, mesh) -> dict:
@@ -388,7 +390,7 @@ def _evaluate_model(model, task, tok, plan, mesh) -> dict:
             out.update({f"eval/{k}": v for k, v in objective_eval(model, task, tok, plan, mesh=mesh).items()})
         out.update({f"eval/{k}": v for k, v in diffusion_eval(model, task, tok, plan).items()})
         return out
-    out = {f"eval/{k}": v for k, v in teacher_forced_eval(model, task, tok, cfg, mesh=mesh).items()}
+    out = {f"eval/{k}": v for k, v in teacher_forced_eval(model, task, tok, plan, mesh=mesh).items()}
     out.update({f"eval/{k}": v for k, v in generation_eval(model, task, tok, cfg, mesh=mesh).items()})
     return out
 
