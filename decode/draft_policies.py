@@ -7,7 +7,8 @@ arguments (``decode.policy_args``). Policies are pytrees: thresholds are static 
 
 The speculative loop calls, per round and per row (all arrays ``[B]``, no host round trips):
 
-- ``round_gamma(state, gamma_max)`` -> the row's draft cap γ_b for this round (chosen before drafting);
+- ``round_gamma(state, gamma_max, batch)`` -> the row's draft cap γ_b for this round (chosen before drafting;
+  the loop calls ``gamma_for_round(state, gamma_max, batch, live)``, which adds the live-row mask for ``faser``);
 - ``round_init(batch)`` -> a per-round carry; then after each drafted token ``d_j`` (j = 0, 1, ...):
   ``after(carry, j, logits_j, hidden_j, token_prob_j)`` -> (continue drafting after ``d_j``, carry), where
   ``logits_j [B, V]`` are the drafter's raw logits that produced ``d_j``, ``hidden_j [B, D]`` its last hidden state
@@ -20,7 +21,8 @@ Registered: ``fixed`` (γ = ``decode.draft_len``), ``heuristic`` (+2 after a ful
 ``confidence`` (stop after a draft token whose own probability ``q(d_j)`` is below a threshold, as HF), ``specdecpp`` (SpecDec++
 acceptance head, stop when P(any rejection) > h) and ``speckv`` (SpecKV: an MLP over the previous round's draft
 entropy/confidence picks γ ∈ {2, 4, 6, 8}) and ``batch_gamma`` (one γ per batch size from a measured cost model,
-γ = 0 meaning plain AR, best run as ``generate`` at the call site; vLLM's dynamic speculative decoding).
+γ = 0 meaning plain AR, best run as ``generate`` at the call site; vLLM's dynamic speculative decoding) and ``faser``
+(per row: γ_b maximizing modelled tokens per unit cost from the row's own acceptance EMA and the live-row count).
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ class DraftPolicy:
 
     def round_gamma(self, state, gamma_max: int, batch: int) -> jax.Array:
         return jnp.full((batch,), gamma_max, jnp.int32)
+
+    def gamma_for_round(self, state, gamma_max: int, batch: int, live: jax.Array) -> jax.Array:
+        """What the loop calls: :meth:`round_gamma`, for policies that also read the rows still generating
+        (``live [B]``, the load of a continuous batch: ``faser``) this one is overridden."""
+        return self.round_gamma(state, gamma_max, batch)
 
     def round_init(self, batch: int) -> Any:
         return ()
@@ -459,6 +466,127 @@ class BatchGamma(DraftPolicy):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FASER per-request draft length (§A7)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FaserArgs:
+    """FASER per-request γ (§A7; the rule below is INFERRED, the paper gives no formula in the spec). Cost model as
+    :class:`BatchGammaArgs` (``draft_cost`` c_L, ``verify_cost`` k_L, ``round_overhead`` o_L per calibrated batch
+    size ``batch_sizes``, in target AR steps; interpolated in log2 of the live-row count L); acceptance from the
+    row's own history: ``decay`` λ of the per-row counts, ``prior_acceptance`` α0 with weight ``prior_weight`` w0
+    (pseudo-trials); ``candidates``: the γ to choose from (empty: 0 .. ``decode.draft_len``)."""
+
+    batch_sizes: Tuple[int, ...] = (1,)
+    draft_cost: Tuple[float, ...] = (0.1,)
+    verify_cost: Tuple[float, ...] = (0.0,)
+    round_overhead: Tuple[float, ...] = (0.0,)
+    decay: float = 0.8
+    prior_acceptance: float = 0.8
+    prior_weight: float = 2.0
+    candidates: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        BatchGammaArgs(batch_sizes=self.batch_sizes, draft_cost=self.draft_cost, verify_cost=self.verify_cost,
+                       round_overhead=self.round_overhead)  # the same checks as batch_gamma's cost model
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay={self.decay!r}: allowed values in [0, 1]")
+        if not 0.0 <= self.prior_acceptance <= 1.0:
+            raise ValueError(f"prior_acceptance={self.prior_acceptance!r}: allowed values in [0, 1]")
+        if not self.prior_weight > 0.0:
+            raise ValueError(f"prior_weight={self.prior_weight!r}: allowed values > 0")
+        if any(int(c) < 0 for c in self.candidates):
+            raise ValueError(f"candidates={list(self.candidates)!r}: allowed integers >= 0")
+
+
+def expected_tokens_jnp(alpha: jax.Array, gamma_max: int) -> jax.Array:
+    """σ(α, γ) = Σ_{i=0}^{γ} α^i = (1 − α^{γ+1}) / (1 − α) (:func:`expected_tokens_per_round`) for every
+    γ = 0..``gamma_max`` at once: ``alpha [B]`` -> ``[B, γmax + 1]`` float32 (exact at α = 1: γ + 1)."""
+    powers = jnp.asarray(alpha, jnp.float32)[:, None] ** jnp.arange(gamma_max + 1, dtype=jnp.float32)[None, :]
+    return jnp.cumsum(powers, axis=-1)
+
+
+def _interp_log2(load: jax.Array, batch_sizes, values) -> jax.Array:
+    """:func:`interp_log_batch` in jnp on a traced row count ``load []`` (clamped to the end values)."""
+    vs = [float(v) for v in values]
+    if len(vs) == 1:
+        return jnp.float32(vs[0])
+    xs = jnp.log2(jnp.asarray([float(b) for b in batch_sizes], jnp.float32))
+    return jnp.interp(jnp.log2(jnp.maximum(load, 1).astype(jnp.float32)), xs, jnp.asarray(vs, jnp.float32))
+
+
+def faser_cost_coeffs(args: FaserArgs, load: jax.Array) -> tuple:
+    """``(c_L, k_L, o_L)`` at ``load`` live rows (one-element lists apply to every load)."""
+    n = len(args.batch_sizes)
+
+    def at(v):
+        return _interp_log2(load, args.batch_sizes if len(v) == n else args.batch_sizes[:1], v)
+
+    return at(args.draft_cost), at(args.verify_cost), at(args.round_overhead)
+
+
+def faser_gamma(alpha: jax.Array, load: jax.Array, args: FaserArgs, gamma_max: int) -> jax.Array:
+    """FASER per-row draft length (INFERRED rule): ``γ_b = argmax_{γ ∈ candidates, γ <= γmax} σ(α_b, γ) /
+    cost_L(γ)`` with ``cost_L(0) = 1`` (an AR step) and ``cost_L(γ) = 1 + (k_L + c_L)·γ + o_L`` for γ > 0 (one
+    verification of γ + 1 positions, γ drafter steps, the round's overhead: :func:`batch_gamma_speedup`'s
+    denominator at L = the live-row count). Ties go to the smaller γ. Limits: α_b = 1 gives γmax whenever
+    ``k_L + c_L < 1 + o_L`` ((γ + 1)/(1 + o + mγ) is then increasing); α_b = 0 gives 0 (σ = 1 for every γ and
+    cost > 1 for γ > 0 when ``o_L + k_L + c_L > 0``). ``alpha [B]``, ``load []`` -> ``[B]`` int32."""
+    c, k, o = faser_cost_coeffs(args, load)
+    cands = sorted({int(x) for x in args.candidates if int(x) <= gamma_max}) or list(range(gamma_max + 1))
+    g = jnp.asarray(cands, jnp.int32)
+    sigma = expected_tokens_jnp(alpha, gamma_max)[:, g]  # [B, C]
+    gf = g.astype(jnp.float32)[None, :]
+    cost = jnp.where(gf > 0, 1.0 + (k + c) * gf + o, 1.0)  # [1, C]
+    return g[jnp.argmax(sigma / cost, axis=-1)].astype(jnp.int32)
+
+
+def faser_alpha(state: dict, args: FaserArgs) -> jax.Array:
+    """The row's acceptance estimate ``α_b = (S_b + w0·α0) / (N_b + w0)`` from its decayed counts of accepted
+    drafts S_b and acceptance trials N_b (:meth:`Faser.update`). ``[B]`` float32."""
+    w0 = args.prior_weight
+    return (state["succ"] + w0 * args.prior_acceptance) / (state["trials"] + w0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Faser(DraftPolicy):
+    """FASER per-request draft length (arXiv:2604.20503, §A7 item 1) inside a continuous batch: each round, row b
+    drafts up to :func:`faser_gamma` (α_b, L) tokens, α_b its own acceptance estimate (:func:`faser_alpha`), L the
+    number of rows still generating (the load; in the serving engine the occupied slots).
+
+    Per-row update after a round in which row b was live (INFERRED): a round that proposed k_b drafts and accepted
+    a_b observes a_b successes in ``a_b + [a_b < k_b]`` Bernoulli trials (the accepted prefix, then the first
+    rejection if any: a geometric observation); ``S_b ← λ·S_b + a_b``, ``N_b ← λ·N_b + a_b + [a_b < k_b]``. A row
+    that drafted nothing (γ_b = 0) observes nothing and its counts decay, so α_b returns towards the prior α0 and
+    the row drafts again (exploration). State ``{"succ": [B], "trials": [B]}`` float32, zero at admission."""
+
+    args: FaserArgs = dataclasses.field(default_factory=FaserArgs, metadata=dict(static=True))
+
+    def init(self, batch, gamma_max):
+        return {"succ": jnp.zeros((batch,), jnp.float32), "trials": jnp.zeros((batch,), jnp.float32)}
+
+    def round_gamma(self, state, gamma_max, batch):
+        return self.gamma_for_round(state, gamma_max, batch, jnp.ones((batch,), bool))
+
+    def gamma_for_round(self, state, gamma_max, batch, live):
+        return faser_gamma(faser_alpha(state, self.args), jnp.sum(live), self.args, gamma_max)
+
+    def update(self, state, gamma, drafted, accepted, stats, live):
+        succ, trials = faser_observe(state["succ"], state["trials"], drafted, accepted, self.args.decay)
+        return {"succ": jnp.where(live, succ, state["succ"]), "trials": jnp.where(live, trials, state["trials"])}
+
+
+def faser_observe(succ, trials, drafted, accepted, decay: float):
+    """One round's decayed update of a row's acceptance counts (:class:`Faser`): ``(λ·S + a, λ·N + a + [a < k])``
+    with ``a = accepted``, ``k = drafted`` (nothing observed when k = 0). ``[B]`` float32 each."""
+    a = accepted.astype(jnp.float32)
+    obs = jnp.where(drafted > 0, a + (accepted < drafted).astype(jnp.float32), 0.0)
+    return decay * succ + jnp.where(drafted > 0, a, 0.0), decay * trials + obs
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registry and construction
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -506,6 +634,11 @@ def make_speckv(args: SpecKVArgs, *, head: Optional[MLPHead] = None, **_) -> Spe
 @DRAFT_POLICIES.register("batch_gamma", BatchGammaArgs)
 def make_batch_gamma(args: BatchGammaArgs, **_) -> BatchGamma:
     return BatchGamma(args=args)
+
+
+@DRAFT_POLICIES.register("faser", FaserArgs)
+def make_faser(args: FaserArgs, **_) -> Faser:
+    return Faser(args=args)
 
 
 def build_policy(name: Optional[str] = "fixed", args: Any = None, **context) -> DraftPolicy:

@@ -551,6 +551,20 @@ def poison_stale(cache: KVCache) -> KVCache:
                                positions=jnp.where(stale, 7, cache.positions))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NoDrafter(Drafter):
+    """Proposes nothing, at no cost: every round verifies width 0, i.e. the loop runs plain AR steps (the AR
+    baseline of the serving engine, :mod:`jaxtok.decode.serving`, on the same slot machinery)."""
+
+    vocab_size: int = dataclasses.field(metadata=dict(static=True))
+
+    def draft(self, state, ctx: DraftContext, policy: DraftPolicy) -> Draft:
+        b, g = ctx.n.shape[0], ctx.gamma_max
+        return Draft(jnp.full((b, g), ctx.pad_id, jnp.int32), jnp.zeros((b, g, 1), jnp.float32),
+                     jnp.zeros((b, g), bool), jnp.int32(0), state, jnp.zeros((b,), jnp.int32))
+
+
 def _drafts_fewer(drafter: Drafter) -> bool:
     """Whether ``drafter`` may propose fewer than γ valid drafts for a live row under the ``fixed`` policy (n-gram
     lookups miss; model and DEER drafters always fill γ)."""
@@ -564,7 +578,9 @@ def verify_widths(policy: DraftPolicy, drafter: Drafter, gamma_max: int) -> tupl
     covers every live row's valid drafts. ``(γmax,)`` when every round drafts γmax (``fixed`` policy, a drafter
     that fills γ); else ``(0, γmax)``, plus ``γmax // 2`` for γmax >= 4. Width 0 is an AR step (no row drafted:
     e.g. ``batch_gamma`` with γ* = 0, or an n-gram miss on every row); each width is a branch of a ``lax.switch``
-    (one more target forward compiled per width)."""
+    (one more target forward compiled per width). :class:`NoDrafter`: ``(0,)``."""
+    if isinstance(drafter, NoDrafter):
+        return (0,)
     if isinstance(policy, Fixed) and not _drafts_fewer(drafter):
         return (gamma_max,)
     return tuple(sorted({0, gamma_max // 2 if gamma_max >= 4 else 0, gamma_max}))
@@ -592,10 +608,11 @@ def _accept_round(key, tokens, d_logits, dvalid, t_logits, params, pad_id: int, 
 
 
 @functools.partial(jax.jit, static_argnames=("target_graphdef", "max_new_tokens", "gamma_max", "stop_tokens",
-                                             "pad_id", "poison", "greedy", "mesh", "return_logprobs"))
+                                             "pad_id", "poison", "greedy", "mesh", "return_logprobs",
+                                             "verify_chunk"))
 def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params, *,
                      max_new_tokens, gamma_max, stop_tokens, pad_id, poison=False, greedy=False, mesh=None,
-                     return_logprobs=False):
+                     return_logprobs=False, verify_chunk=0):
     """``greedy``: every row has temperature 0 (known on the host): drafts and the first token are argmaxes and
     verification is greedy only (the exact-sampling branch, its two ``[B, γ(+1), V]`` softmaxes and the Gumbel
     draws are not traced). Same tokens as the general loop, whose greedy rows take the same argmaxes. ``mesh``:
@@ -607,7 +624,7 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
         with rules:
             return _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng,
                                      params, max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy,
-                                     return_logprobs)
+                                     return_logprobs, verify_chunk)
     finally:
         _ALL_GREEDY.reset(flag)
 
@@ -641,33 +658,77 @@ class _SpecState:
     accepted_by_position: jax.Array
     drafted_by_position: jax.Array
     route_counts: jax.Array
+    verify_tokens: jax.Array  # [] sum over rounds of the verified positions per row (width + 1; 0 when skipped)
 
 
 def _verify(target_graphdef, target_state, cache: KVCache, last, d: Draft, dvalid, live, key, params: RowParams,
-            widths: tuple, pad_id: int, greedy: bool, return_logprobs: bool):
+            widths: tuple, pad_id: int, greedy: bool, return_logprobs: bool, chunk: int = 0):
     """Step 3-4 of a round: ONE target forward on ``[last, d_1..d_k]`` (``last [B, 1]`` the newest committed token)
     at slots n-1 .. n-1+k, k = the smallest static width in ``widths`` covering every live row's drafts (k = 0: an
-    AR step, when no row drafted), then acceptance (:func:`_accept_round`). Returns ``(cache, num_accepted [B],
-    emitted [B, γ+1], logprobs [B, γ+1])``: the emitted tokens padded with ``pad_id`` and their target log-probs
-    ``log S(p_j)[emitted_j]`` (zeros unless ``return_logprobs``)."""
+    AR step, when no row drafted), then acceptance (:func:`_accept_round`). ``chunk`` c > 0 (greedy only):
+    frontier verification (:func:`_frontier_logits`). Returns ``(cache, num_accepted [B], emitted [B, γ+1],
+    logprobs [B, γ+1], target_forwards [], verified_positions [])``: the emitted tokens padded with ``pad_id`` and
+    their target log-probs ``log S(p_j)[emitted_j]`` (zeros unless ``return_logprobs``), the target forwards run
+    (1, or the chunks run) and the positions they verified per row."""
     b, g = d.tokens.shape
 
     def at_width(k):
-        vo = nnx.merge(target_graphdef, target_state)(
-            jnp.concatenate([last, d.tokens[:, :k]], axis=1),  # [B, k+1]
-            valid=jnp.broadcast_to(live[:, None], (b, k + 1)), cache=cache)
-        nacc, emitted = _accept_round(key, d.tokens[:, :k], d.logits[:, :k], dvalid[:, :k], vo.logits, params,
+        toks = jnp.concatenate([last, d.tokens[:, :k]], axis=1)  # [B, k+1]
+        if chunk and k + 1 > chunk:
+            vcache, logits, fwd, pos = _frontier_logits(target_graphdef, target_state, cache, toks, dvalid[:, :k],
+                                                        live, chunk)
+        else:
+            vo = nnx.merge(target_graphdef, target_state)(toks, valid=jnp.broadcast_to(live[:, None], (b, k + 1)),
+                                                           cache=cache)
+            vcache, logits, fwd, pos = vo.cache, vo.logits, jnp.int32(1), jnp.int32(k + 1)
+        nacc, emitted = _accept_round(key, d.tokens[:, :k], d.logits[:, :k], dvalid[:, :k], logits, params,
                                       pad_id, greedy)
-        lp = _token_logprob(vo.logits, emitted, params) if return_logprobs else jnp.zeros(emitted.shape)
+        lp = _token_logprob(logits, emitted, params) if return_logprobs else jnp.zeros(emitted.shape)
         widen = ((0, 0), (0, g - k))
-        return (vo.cache, nacc, jnp.pad(emitted, widen, constant_values=pad_id),  # [B, γ+1]
-                jnp.pad(lp, widen))
+        return (vcache, nacc, jnp.pad(emitted, widen, constant_values=pad_id),  # [B, γ+1]
+                jnp.pad(lp, widen), fwd, pos)
 
     if len(widths) == 1:
-        return at_width(g)
+        return at_width(widths[0])
     need = jnp.max(jnp.where(live, jnp.sum(dvalid, axis=1), 0))  # the round's largest γ over live rows
     branch = jnp.sum(need > jnp.asarray(widths[:-1], jnp.int32))  # smallest width >= need
     return jax.lax.switch(branch, [functools.partial(at_width, k) for k in widths])
+
+
+def _frontier_logits(target_graphdef, target_state, cache: KVCache, toks, dvalid, live, chunk: int):
+    """FASER's frontier verification with early pruning (§A7, greedy rows): the verification inputs ``toks [B,
+    k+1]`` = ``[last, d_1..d_k]`` are fed in chunks of ``chunk`` positions (the last one shorter), each a target
+    forward that appends its KV at the rows' cache offsets. A row needs the logits at input position j iff its
+    drafts ``d_1..d_j`` were all accepted (they verify ``d_{j+1}``, or give the bonus token when j = its draft
+    count), so before the chunk starting at position a the rows alive are those whose greedy verdict so far accepts
+    ``d_1..d_a``; a chunk with no row alive is skipped (``lax.cond``), and so are all later ones. Rows not alive
+    are fed as invalid (their slots are stale and rolled back). Exact: every logit the greedy verdict reads is
+    computed (the others are zeros). Returns ``(cache, logits [B, k+1, V], forwards [], positions [])``: the
+    positions run (per row) sum the widths of the chunks not skipped."""
+    b, t = toks.shape
+    vocab = nnx.merge(target_graphdef, target_state).cfg.vocab_size
+    logits = jnp.zeros((b, t, vocab), jnp.float32)
+    fwd, pos = jnp.int32(0), jnp.int32(0)
+    for a in range(0, t, chunk):
+        e = min(a + chunk, t)
+        if a == 0:
+            alive = live
+        else:  # greedy verdict on d_1..d_a from the logits at positions 0..a-1
+            match = dvalid[:, :a] & (toks[:, 1:a + 1] == _greedy_tokens(logits[:, :a]))
+            alive = live & (sampling.count_leading_true(match) >= a)
+
+        def run(args, a=a, e=e, alive=alive):
+            c, lg = args
+            vo = nnx.merge(target_graphdef, target_state)(toks[:, a:e], valid=jnp.broadcast_to(
+                alive[:, None], (b, e - a)), cache=c)
+            return vo.cache, lg.at[:, a:e].set(vo.logits.astype(lg.dtype)), jnp.int32(1)
+
+        def skip(args):
+            return args[0], args[1], jnp.int32(0)
+
+        cache, logits, ran = jax.lax.cond(jnp.any(alive), run, skip, (cache, logits))
+        fwd, pos = fwd + ran, pos + ran * (e - a)
+    return cache, logits, fwd, pos
 
 
 def _kept(emitted, nacc, count, live, stop, max_new_tokens: int):
@@ -682,23 +743,22 @@ def _kept(emitted, nacc, count, live, stop, max_new_tokens: int):
     return jnp.where(live, n_emit, 0), hit
 
 
-def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params,
-                      max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy, return_logprobs=False):
-    _TRACES[0] += 1
+def _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params, *, n_new,
+                  gamma_max, stop, pad_id, return_logprobs, limit=None) -> _SpecState:
+    """Prefill of the loop (before round 0): both models on ``pad | prompt`` (``[B, P]`` left-padded), the first
+    token from the target (``key``; as in AR generation), counters at their prefill values. ``n_new``: the static
+    cap on emitted tokens (buffer size); ``limit``: the cap a row finishes at (default ``n_new``; ``[B]`` per-row
+    caps <= ``n_new`` in the serving engine, :mod:`jaxtok.decode.serving`)."""
     target = nnx.merge(target_graphdef, target_state)
     b, p = prompt.shape
-    n_new, g = max_new_tokens, gamma_max
+    g = gamma_max
     w, s = _layout(b, p, n_new, g)
-    stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
-    col = jnp.arange(s)[None, :]
-
+    limit = n_new if limit is None else limit
     seq = jnp.full((b, s), pad_id, jnp.int32).at[:, w:w + p].set(prompt)
     seq_valid = jnp.zeros((b, s), bool).at[:, w:w + p].set(prompt_valid)
-
-    # prefill both models on pad | prompt; the first token comes from the target (as in AR generation)
     out = target(seq[:, :w + p], valid=seq_valid[:, :w + p], cache=KVCache.init(target.cfg, b, s),
                  logits_at=jnp.full((b, 1), w + p - 1, jnp.int32))
-    first = _sample(jax.random.fold_in(rng, 0), out.logits[:, 0], params)
+    first = _sample(key, out.logits[:, 0], params)
     # per-token target log-probs, aligned with ``seq`` (return_logprobs only): [B, S] float32
     lp_seq = (jnp.zeros((b, s), jnp.float32).at[:, w + p].set(_token_logprob(out.logits[:, 0], first, params))
               if return_logprobs else None)
@@ -711,56 +771,106 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
     def zeros(*shape):
         return jnp.zeros((b,) + shape, jnp.int32)
 
-    state = _SpecState(
+    return _SpecState(
         round=jnp.int32(0), seq=seq, seq_valid=seq_valid, lp_seq=lp_seq, count=count, done=done,
-        finished=done | (count >= n_new), cache=out.cache, dstate=drafter.init(seq, seq_valid, w + p, s),
+        finished=done | (count >= limit), cache=out.cache, dstate=drafter.init(seq, seq_valid, w + p, s),
         pstate=policy.init(b, g), target_forwards=jnp.int32(1), draft_forwards=jnp.int32(drafter.prefill_forwards),
         rounds=zeros(), accepted=zeros(), drafted=zeros(), accepted_by_position=zeros(g),
-        drafted_by_position=zeros(g), route_counts=zeros(routes),
+        drafted_by_position=zeros(g), route_counts=zeros(routes), verify_tokens=jnp.int32(0),
     )
-    widths = verify_widths(policy, drafter, g)
 
-    def round_(st: _SpecState) -> _SpecState:
-        """One draft -> verify -> accept round (module docstring, steps 1-5)."""
-        live = ~st.finished
-        n = w + p + st.count  # committed length; seq[n-1] is the newest token
-        k_draft, k_accept = jax.random.split(jax.random.fold_in(rng, st.round + 1))
-        gamma = jnp.clip(policy.round_gamma(st.pstate, g, b), 0, g)
-        ctx = DraftContext(seq=st.seq, seq_valid=st.seq_valid, n=n, live=live, gamma=gamma, params=params,
-                           key=k_draft, gamma_max=g, window=w, pad_id=pad_id, refeed=refeed_width(w))
-        d = drafter.draft(st.dstate, ctx, policy)
-        dvalid = d.valid & live[:, None]
-        last = jnp.take_along_axis(st.seq, (n - 1)[:, None], axis=1)  # [B, 1]
-        vcache, nacc, emitted, lp = _verify(target_graphdef, target_state, st.cache, last, d, dvalid, live,
-                                            k_accept, params, widths, pad_id, greedy, return_logprobs)
-        n_emit, hit = _kept(emitted, nacc, st.count, live, stop, n_new)
-        keep = jnp.arange(g + 1)[None, :] < n_emit[:, None]
-        count = st.count + n_emit
-        done = st.done | (live & hit)
-        # target KV: keep last + accepted drafts; frozen rows back to their old length
-        cache = vcache.rollback(jnp.where(live, n + nacc, n - 1))
-        dstate = d.state
-        if poison:
-            cache = poison_stale(cache)
-            dstate = jax.tree.map(lambda x: poison_stale(x) if isinstance(x, KVCache) else x, dstate,
-                                  is_leaf=lambda x: isinstance(x, KVCache))
-        pstate = policy.update(st.pstate, gamma, jnp.sum(dvalid, axis=1), nacc, draft_stats(d.logits, dvalid), live)
-        acc_mask = (jnp.arange(g)[None, :] < nacc[:, None]) & dvalid
-        return _SpecState(
-            round=st.round + 1, seq=_rows_write(st.seq, jnp.where(keep, emitted, pad_id), n),
-            seq_valid=_rows_write(st.seq_valid, keep, n),
-            lp_seq=_rows_write(st.lp_seq, jnp.where(keep, lp, 0.0), n) if return_logprobs else None,
-            count=count, done=done, finished=done | (count >= n_new), cache=cache, dstate=dstate, pstate=pstate,
-            target_forwards=st.target_forwards + 1, draft_forwards=st.draft_forwards + d.forwards,
-            rounds=st.rounds + live, accepted=st.accepted + jnp.where(live, nacc, 0),
-            drafted=st.drafted + jnp.sum(dvalid, axis=1),
-            accepted_by_position=st.accepted_by_position + acc_mask,
-            drafted_by_position=st.drafted_by_position + dvalid,
-            route_counts=st.route_counts + jax.nn.one_hot(d.choice, routes, dtype=jnp.int32) * live[:, None],
-        )
 
-    st = jax.lax.while_loop(lambda st: ~jnp.all(st.finished), round_, state)
-    out_valid = col[:, :n_new] < st.count[:, None]
+@dataclasses.dataclass(frozen=True)
+class _RoundConfig:
+    """Static settings of :func:`_spec_round`: prompt width ``p``, γmax ``g``, stop ids, verification ``widths``
+    (:func:`verify_widths`), ``pad_id``, the ``poison`` test hook, ``greedy`` (all rows at temperature 0),
+    ``return_logprobs`` and ``verify_chunk`` (0: one verification forward; c > 0: frontier verification in chunks
+    of c positions with early pruning, :func:`_verify`)."""
+
+    p: int
+    g: int
+    stop_tokens: tuple
+    widths: tuple
+    pad_id: int
+    poison: bool = False
+    greedy: bool = False
+    return_logprobs: bool = False
+    verify_chunk: int = 0
+
+
+def _spec_round(st: _SpecState, target_graphdef, target_state, drafter, policy, rng, params, limit,
+                rc: _RoundConfig) -> _SpecState:
+    """One draft -> verify -> accept round (module docstring, steps 1-5) on every row of ``st``; ``limit``: the cap
+    on emitted tokens (the int ``max_new_tokens``, or ``[B]`` per row in the serving engine)."""
+    p, g, pad_id = rc.p, rc.g, rc.pad_id
+    w = g + 1
+    b = st.count.shape[0]
+    stop = jnp.asarray(rc.stop_tokens if rc.stop_tokens else (-1,), jnp.int32)
+    routes = st.route_counts.shape[1]
+    live = ~st.finished
+    n = w + p + st.count  # committed length; seq[n-1] is the newest token
+    k_draft, k_accept = jax.random.split(jax.random.fold_in(rng, st.round + 1))
+    gamma = jnp.clip(policy.gamma_for_round(st.pstate, g, b, live), 0, g)
+    ctx = DraftContext(seq=st.seq, seq_valid=st.seq_valid, n=n, live=live, gamma=gamma, params=params,
+                       key=k_draft, gamma_max=g, window=w, pad_id=pad_id, refeed=refeed_width(w))
+    d = drafter.draft(st.dstate, ctx, policy)
+    dvalid = d.valid & live[:, None]
+    last = jnp.take_along_axis(st.seq, (n - 1)[:, None], axis=1)  # [B, 1]
+    vcache, nacc, emitted, lp, vforwards, vtokens = _verify(
+        target_graphdef, target_state, st.cache, last, d, dvalid, live, k_accept, params, rc.widths, pad_id,
+        rc.greedy, rc.return_logprobs, rc.verify_chunk)
+    n_emit, hit = _kept(emitted, nacc, st.count, live, stop, limit)
+    keep = jnp.arange(g + 1)[None, :] < n_emit[:, None]
+    count = st.count + n_emit
+    done = st.done | (live & hit)
+    # target KV: keep last + accepted drafts; frozen rows back to their old length
+    cache = vcache.rollback(jnp.where(live, n + nacc, n - 1))
+    dstate = d.state
+    if rc.poison:
+        cache = poison_stale(cache)
+        dstate = jax.tree.map(lambda x: poison_stale(x) if isinstance(x, KVCache) else x, dstate,
+                              is_leaf=lambda x: isinstance(x, KVCache))
+    pstate = policy.update(st.pstate, gamma, jnp.sum(dvalid, axis=1), nacc, draft_stats(d.logits, dvalid), live)
+    acc_mask = (jnp.arange(g)[None, :] < nacc[:, None]) & dvalid
+    return _SpecState(
+        round=st.round + 1, seq=_rows_write(st.seq, jnp.where(keep, emitted, pad_id), n),
+        seq_valid=_rows_write(st.seq_valid, keep, n),
+        lp_seq=_rows_write(st.lp_seq, jnp.where(keep, lp, 0.0), n) if rc.return_logprobs else None,
+        count=count, done=done, finished=done | (count >= limit), cache=cache, dstate=dstate, pstate=pstate,
+        target_forwards=st.target_forwards + vforwards, draft_forwards=st.draft_forwards + d.forwards,
+        rounds=st.rounds + live, accepted=st.accepted + jnp.where(live, nacc, 0),
+        drafted=st.drafted + jnp.sum(dvalid, axis=1),
+        accepted_by_position=st.accepted_by_position + acc_mask,
+        drafted_by_position=st.drafted_by_position + dvalid,
+        route_counts=st.route_counts + jax.nn.one_hot(d.choice, routes, dtype=jnp.int32) * live[:, None],
+        verify_tokens=st.verify_tokens + vtokens,
+    )
+
+
+def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, rng, params,
+                      max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy, return_logprobs=False,
+                      verify_chunk=0):
+    _TRACES[0] += 1
+    b, p = prompt.shape
+    n_new, g = max_new_tokens, gamma_max
+    stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    state = _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid,
+                          jax.random.fold_in(rng, 0), params, n_new=n_new, gamma_max=g, stop=stop, pad_id=pad_id,
+                          return_logprobs=return_logprobs)
+    rc = _RoundConfig(p=p, g=g, stop_tokens=tuple(stop_tokens), widths=verify_widths(policy, drafter, g),
+                      pad_id=pad_id, poison=poison, greedy=greedy, return_logprobs=return_logprobs,
+                      verify_chunk=verify_chunk)
+    st = jax.lax.while_loop(
+        lambda st: ~jnp.all(st.finished),
+        lambda st: _spec_round(st, target_graphdef, target_state, drafter, policy, rng, params, n_new, rc), state)
+    return _spec_result(st, p, n_new, g, pad_id, return_logprobs)
+
+
+def _spec_result(st: _SpecState, p: int, n_new: int, g: int, pad_id: int, return_logprobs: bool,
+                 rows=None) -> SpeculativeResult:
+    """:class:`SpeculativeResult` of a loop state (the emitted tokens are ``seq[w + p : w + p + N]``)."""
+    w = g + 1
+    out_valid = jnp.arange(n_new)[None, :] < st.count[:, None]
     return SpeculativeResult(
         tokens=jnp.where(out_valid, st.seq[:, w + p:w + p + n_new], pad_id), valid=out_valid, lengths=st.count,
         done=st.done, target_forwards=st.target_forwards, draft_forwards=st.draft_forwards, rounds=st.rounds,
@@ -780,6 +890,16 @@ def _check_length(name: str, cfg, p: int, n: int, g: int) -> None:
     if need > cfg.max_position_embeddings:
         raise ValueError(f"prompt: length {p} + max_new_tokens {n} + draft_len {g} + 1 = {need} positions exceed "
                          f"the {name}'s max_position_embeddings={cfg.max_position_embeddings}")
+
+
+def check_verify_chunk(verify_chunk, sampling: SamplingParams) -> None:
+    """``verify_chunk`` must be an integer >= 0, and > 0 only with greedy sampling (frontier pruning reads the
+    greedy verdict chunk by chunk; the exact rule for sampled rows draws its uniforms over the whole draft)."""
+    if isinstance(verify_chunk, bool) or not isinstance(verify_chunk, (int, np.integer)) or verify_chunk < 0:
+        raise ValueError(f"verify_chunk={verify_chunk!r}: allowed an integer >= 0 (0 = one verification forward)")
+    if verify_chunk and not sampling.all_greedy:
+        raise ValueError(f"verify_chunk={verify_chunk}: frontier verification is implemented for greedy sampling "
+                         f"only (temperature 0); allowed verify_chunk=0 with sampled rows")
 
 
 def place_drafter(drafter: Drafter, mesh) -> Drafter:
@@ -819,6 +939,7 @@ def speculative_generate(
     poison_stale_cache: bool = False,
     mesh: Optional[Mesh] = None,
     return_logprobs: bool = False,
+    verify_chunk: int = 0,
 ) -> SpeculativeResult:
     """Lossless speculative decoding of a left-padded prompt batch in one jitted call (§A1).
 
@@ -841,6 +962,9 @@ def speculative_generate(
         the unsharded run token for token (tests/test_speculative_sharded.py).
       return_logprobs: also return ``logprobs [B, N]``, each emitted token's log-probability under the target's
         processed distribution (what ``generate`` returns; the RL sampler log-probs of speculative rollouts).
+      verify_chunk: 0 (default): one verification forward per round. c > 0: FASER's frontier verification with
+        early pruning (§A7, :func:`_frontier_logits`): the γ + 1 verified positions in chunks of c, a chunk skipped
+        when every row has a rejection in an earlier one. Greedy sampling only (exact: the same greedy verdict).
 
     Returns:
       :class:`SpeculativeResult` (tokens, valid, lengths, done and the acceptance metrics).
@@ -862,6 +986,7 @@ def speculative_generate(
     if drafter.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"drafter: vocab_size {drafter.vocab_size} differs from the target's "
                          f"{target.cfg.vocab_size}")
+    check_verify_chunk(verify_chunk, sampling)
     b, p = prompt.shape
     _check_length("target", target.cfg, p, int(max_new_tokens), int(draft_len))
     for d in (drafter.drafters if isinstance(drafter, RoutedDrafter) else (drafter,)):
@@ -880,7 +1005,7 @@ def speculative_generate(
     return _speculative_jit(graphdef, state, drafter, policy, prompt, prompt_valid, rng, params,
                             max_new_tokens=int(max_new_tokens), gamma_max=int(draft_len), stop_tokens=stop_tokens,
                             pad_id=int(pad_id), poison=bool(poison_stale_cache), greedy=sampling.all_greedy,
-                            mesh=mesh, return_logprobs=bool(return_logprobs))
+                            mesh=mesh, return_logprobs=bool(return_logprobs), verify_chunk=int(verify_chunk))
 
 
 # ----------------------------------------------------------------------------------------------------------------
