@@ -11,7 +11,7 @@ target forwards of a speculative batch, summed as they are). :func:`summarize` d
 (acceptance rates, NFE per row, length-control errors, ...) from the sums.
 
 Builders here take their settings explicitly (:func:`ar_step`, :func:`speculative_step`, :func:`ead_step`,
-:func:`diffusion_step`, :func:`lave_step`); :mod:`jaxtok.decode.run` builds them from a config for ``jaxtok
+:func:`diffusion_step`, :func:`lave_step`, :func:`lud_step`); :mod:`jaxtok.decode.run` builds them from a config for ``jaxtok
 decode``, the training loop for held-out evaluation, the benchmarks for their rows.
 
 :func:`evaluate` does the batching (:func:`jaxtok.data.prompt_dataset`, one static padded shape), the untimed
@@ -67,6 +67,8 @@ def summarize(stats: Mapping[str, Any], n_tok: int, rows: int) -> dict:
 
     - speculative (``row_forwards``, ``rounds``, ``accepted``, ``drafted``, ``*_by_position``, ``route_counts``):
       tokens per target forward (per row), mean accepted length, acceptance rate (overall and by draft position);
+    - LUD (``lud_row_forwards``, ``lud_accept_hist``): tokens per forward (per row), mean accepted span and its
+      histogram (steps whose rule accepted 1..k tokens);
     - EAD (``large_tokens``): the share of tokens the large model produced;
     - AR with a logit guide (``rows``): mean length; ``grammar_stopped`` share; length control's
       ``length_abs_err`` / ``exact_length`` / ``over_target`` per row;
@@ -83,6 +85,11 @@ def summarize(stats: Mapping[str, Any], n_tok: int, rows: int) -> dict:
         out["acceptance_rate_by_position"] = [float(a / x) if x else None
                                               for a, x in zip(s.pop("accepted_by_position"), dr)]
         out["route_counts"] = np.asarray(s.pop("route_counts")).tolist()
+    if "lud_row_forwards" in s:  # LUD: tokens per forward and the accepted-span histogram
+        out["tokens_per_forward"] = n_tok / max(int(s.pop("lud_row_forwards")), 1)
+        hist = np.asarray(s.pop("lud_accept_hist"), np.int64)
+        out["mean_accepted_span"] = float((hist * np.arange(1, hist.size + 1)).sum() / max(hist.sum(), 1))
+        out["accepted_span_hist"] = hist.tolist()
     if "large_tokens" in s:
         out["large_share"] = int(s["large_tokens"]) / max(n_tok, 1)
     if "rows" in s:  # a logit guide (length control, grammar)
@@ -265,6 +272,29 @@ def ead_step(small, large, tok, *, args, max_new_tokens: int, sampling: Sampling
                            max_new_tokens=max_new_tokens, sampling=sampling)
         return out.tokens, out.valid, {"large_tokens": out.from_large.sum(-1), "small_forwards": out.small_forwards,
                                        "large_forwards": out.large_forwards}
+
+    return step
+
+
+def lud_step(model, tok, *, args, max_new_tokens: int, sampling: SamplingParams = GREEDY) -> Step:
+    """Lexical Unit Decoding (:func:`jaxtok.decode.lud.lud_generate`, §A8, lossy): k tokens per forward from
+    placeholders with :class:`~jaxtok.decode.lud.LUDArgs`; ``args.placeholder_id`` None = the tokenizer's mask
+    token. Stats: ``target_forwards`` (batched), ``lud_row_forwards [B]`` and ``lud_accept_hist [B, k]``."""
+    from jaxtok.registry import ConfigError
+
+    from .lud import lud_generate
+
+    sp = SpecialTokens.of(tok)
+    ph = args.placeholder_id if args.placeholder_id is not None else sp.mask
+    if ph is None:
+        raise ConfigError("decode.policy_args.placeholder_id=None: the tokenizer has no mask token; give the id the "
+                          "model was fine-tuned with (objective lud's placeholder_id)")
+
+    def step(prompt, valid, key):
+        out = lud_generate(model, prompt, valid, rng=key, stop_tokens=sp.eos_ids, pad_id=sp.pad, args=args,
+                           placeholder_id=ph, max_new_tokens=max_new_tokens, sampling=sampling)
+        return out.tokens, out.valid, {"target_forwards": out.forwards, "lud_row_forwards": out.row_forwards,
+                                       "lud_accept_hist": out.accept_hist}
 
     return step
 

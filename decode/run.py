@@ -12,6 +12,8 @@ in :data:`jaxtok.registry.DECODE_METHODS` returning a step for :func:`jaxtok.dec
   masked-diffusion run -> DEER, unset -> n-gram prompt lookup; ``taps``: routed among several, ``decode.drafter_args``),
   draft cap ``decode.draft_len`` and the draft-length policy ``decode.policy`` (default ``fixed``);
 - ``ead``: lossy small/large switching (small = ``decode.draft_init_from``), arguments ``decode.policy_args``;
+- ``lud``: lexical unit decoding, k tokens per forward from placeholders (:mod:`jaxtok.decode.lud`), arguments
+  ``decode.policy_args`` (:class:`~jaxtok.decode.lud.LUDArgs`);
 - ``diffusion``: masked-diffusion sampling with the commit policy ``decode.policy`` (default ``llada``);
 - ``lave``: grammar-constrained masked diffusion (a host loop, :mod:`jaxtok.decode.constrained`), arguments
   ``decode.policy_args``.
@@ -34,7 +36,8 @@ from jaxtok.tasks.tokenizer import load_tokenizer_for
 from .constrained import LaveArgs, grammar_for
 from .diffusion import policy_and_heads
 from .draft_policies import EADArgs, TAPSArgs
-from .evaluate import Step, ar_step, diffusion_step, ead_step, evaluate, lave_step, speculative_step
+from .evaluate import Step, ar_step, diffusion_step, ead_step, evaluate, lave_step, lud_step, speculative_step
+from .lud import LUDArgs
 from .speculative import DeerDrafter, ModelDrafter, NgramDrafter, RoutedDrafter
 
 
@@ -131,6 +134,13 @@ def build_ead(cfg, plan, model, tok, *, mesh, task) -> Step:
     return ead_step(small, model, tok, args=plan.policy_args, **_sampling(cfg.decode))
 
 
+@DECODE_METHODS.register("lud", LUDArgs)
+def build_lud(cfg, plan, model, tok, *, mesh, task) -> Step:
+    """LUD (§A8): k tokens per forward from placeholders, the confident prefix accepted (:class:`LUDArgs`); the
+    model must be fine-tuned with objective ``lud``."""
+    return lud_step(model, tok, args=plan.policy_args, **_sampling(cfg.decode))
+
+
 @DECODE_METHODS.register("diffusion", policy="commit", default_policy="llada", diffusion=True)
 def build_diffusion(cfg, plan, model, tok, *, mesh, task) -> Step:
     """Masked-diffusion sampling with the commit policy ``decode.policy`` (learned heads from its ``head_path``)."""
@@ -187,6 +197,8 @@ def _results(cfg, plan, metrics: dict) -> tuple[dict, str]:
     if d.method in ("greedy", "sample") and d.policy:
         results["policy"] = d.policy
         results["policy_args"] = dict(d.policy_args)
+    if d.method == "lud":
+        results["policy_args"] = dataclasses.asdict(plan.policy_args)
     if d.method == "speculative":
         results["policy"] = plan.policy.name
         results["draft_len"] = d.draft_len
@@ -197,7 +209,8 @@ def _results(cfg, plan, metrics: dict) -> tuple[dict, str]:
 
 
 def _table(results: dict) -> str:
-    cols = ["method", "policy", "exact_match", "tokens_per_s", "tokens_per_target_forward", "mean_accepted_length",
+    cols = ["method", "policy", "exact_match", "tokens_per_s", "tokens_per_target_forward", "tokens_per_forward",
+            "mean_accepted_length",
             "large_share", "mean_length", "length_abs_err", "exact_length_share", "over_target_share"]
     cols = [c for c in cols if c in results]
 

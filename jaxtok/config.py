@@ -381,10 +381,11 @@ class DecodeSection(_Section):
     """Decoding: the method (the loop), its drafter, sampling parameters, and the policy inside the loop."""
 
     _key: ClassVar[str] = "decode"
-    method: str = _f("greedy", choices=("greedy", "sample", "speculative", "ead", "diffusion", "lave"),
+    method: str = _f("greedy", choices=("greedy", "sample", "speculative", "ead", "diffusion", "lave", "lud"),
                      doc="the decoding loop (jaxtok.decode.run): greedy/sample: autoregressive; speculative: "
                          "lossless draft-and-verify; ead: entropy-adaptive small/large switching (lossy); "
-                         "diffusion: masked diffusion; lave: grammar-constrained masked diffusion (a host loop)")
+                         "diffusion: masked diffusion; lave: grammar-constrained masked diffusion (a host loop); "
+                         "lud: lexical unit decoding, k tokens per forward from placeholders (lossy)")
     max_new_tokens: int = _f(32, min=1, doc="cap on generated tokens per row")
     temperature: float = _f(1.0, min=0.0, doc="sampling temperature (method=greedy ignores it; 0 = greedy)")
     top_k: int = _f(0, min=0, doc="keep the k most likely tokens; 0 = off")
@@ -393,8 +394,8 @@ class DecodeSection(_Section):
     policy: Optional[str] = _f(None, doc="the policy inside the method's loop: speculative: a DRAFT_POLICIES name "
                                          "(default fixed); diffusion: a COMMIT_POLICIES name (default llada); "
                                          "greedy/sample: a LOGIT_GUIDES name (lenvm: length control, grammar); "
-                                         "ead/lave take none; None = the method's default")
-    policy_args: Dict[str, Any] = _f({}, doc="the policy's arguments (checked against its dataclass); ead/lave: "
+                                         "ead/lave/lud take none; None = the method's default")
+    policy_args: Dict[str, Any] = _f({}, doc="the policy's arguments (checked against its dataclass); ead/lave/lud: "
                                              "the method's own arguments")
     drafter: str = _f("single", choices=("single", "taps"),
                       doc="speculative: single = decode.draft_init_from (an AR run: model drafter; a diffusion "
@@ -409,7 +410,7 @@ class DecodeSection(_Section):
     def check(self) -> None:
         if self.policy in _OLD_DECODE_POLICIES:
             raise ConfigError(f"decode.policy={self.policy!r}: {_OLD_DECODE_POLICIES[self.policy]}")
-        own_args = self.method in ("ead", "lave")  # policy_args are the method's own
+        own_args = self.method in ("ead", "lave", "lud")  # policy_args are the method's own
         if own_args and self.policy is not None:
             raise ConfigError(f"decode.policy={self.policy!r}: decode.method={self.method!r} takes no policy (its "
                               f"arguments are decode.policy_args)")
