@@ -99,6 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--head-steps", type=int, default=400)
     ap.add_argument("--heads-from", default=None, help="load saved heads (<dir>/specdecpp, <dir>/speckv)")
     ap.add_argument("--heads-out", default="runs/membound/heads", help="where trained heads are saved")
+    ap.add_argument("--extra-drafts", default="", help="more drafters timed at fixed γ beside --draft in the same "
+                    "interleaved repeats, e.g. '1-layer=runs/membound2/draft1' (label=run directory, comma-separated)")
+    ap.add_argument("--extra-gammas", default="4,6,8", help="fixed γ of the --extra-drafts")
+    ap.add_argument("--extra-batches", default="1", help="batch sizes at which the --extra-drafts are timed")
     ap.add_argument("--chi2-rows", type=int, default=1024)
     ap.add_argument("--chi2-new-tokens", type=int, default=4, help="the χ² test compares generated tokens 2..this "
                     "(the whole response when >= --max-new-tokens)")
@@ -141,10 +145,15 @@ def main(argv=None) -> int:
     sampled_b = {int(x) for x in args.sampled_batches.split(",") if x}
     n_prompts = {int(k): int(v) for k, v in (kv.split(":") for kv in args.prompts.split(","))}
     n_new = args.max_new_tokens
+    extra = dict(kv.split("=", 1) for kv in args.extra_drafts.split(",") if kv)
+    extra_gammas = [int(x) for x in args.extra_gammas.split(",") if x]
+    extra_b = {int(x) for x in args.extra_batches.split(",") if x}
     t_start = time.time()
+    load_before = os.getloadavg()
 
     target, _ = load_any(args.target, key="--target")
     draft, _ = load_any(args.draft, key="--draft")
+    extra_models = {lab: load_any(path, key=f"--extra-drafts {lab}")[0] for lab, path in extra.items()}
     cfg0 = load_config(args.config, [f"model.init_from={args.target}"])
     tok = load_tokenizer_for(cfg0)
     sp = SpecialTokens.of(tok)
@@ -155,6 +164,8 @@ def main(argv=None) -> int:
     info = {"target_params": n_params(target), "draft_params": n_params(draft)}
     info["target_mb"] = info["target_params"] * 4 / 1e6
     info["draft_mb"] = info["draft_params"] * 4 / 1e6
+    info["extra_drafts"] = {lab: {"path": extra[lab], "params": n_params(m), "mb": n_params(m) * 4 / 1e6}
+                            for lab, m in extra_models.items()}
     print(f"target {info['target_params']/1e6:.1f}M params ({info['target_mb']:.0f} MB), draft "
           f"{info['draft_params']/1e6:.2f}M ({info['draft_mb']:.1f} MB)", flush=True)
 
@@ -165,8 +176,8 @@ def main(argv=None) -> int:
         return lambda p, v: generate(target, p, v, max_new_tokens=n_new, sampling=SamplingParams(temperature=temp),
                                      stop_tokens=stop, pad_id=sp.pad, rng=key, return_logprobs=False)
 
-    def spec_fn(g, policy, temp):
-        drafter = ModelDrafter.of(draft)
+    def spec_fn(g, policy, temp, draft_model=None):
+        drafter = ModelDrafter.of(draft if draft_model is None else draft_model)
         return lambda p, v: speculative_generate(target, drafter, p, v, max_new_tokens=n_new, draft_len=g,
                                                  policy=policy, sampling=SamplingParams(temperature=temp),
                                                  stop_tokens=stop, pad_id=sp.pad, rng=key)
@@ -182,7 +193,7 @@ def main(argv=None) -> int:
         rows, batch_sizes = res["rows"], [int(b) for b in res["calibration"]]
     # --- heads (SpecDec++, SpecKV) from logged acceptance data on train-split prompts
     heads, head_info = {}, {}
-    for kind in (() if args.chi2_only else ("specdecpp", "speckv")):
+    for kind in (() if args.chi2_only or not adaptive_b else ("specdecpp", "speckv")):
         saved = Path(args.heads_from) / kind if args.heads_from else None
         if saved is not None and (saved / "head.json").is_file():
             heads[kind], head_info[kind] = load_head(saved), {"loaded_from": str(saved)}
@@ -200,7 +211,7 @@ def main(argv=None) -> int:
         batch_sizes_run = []
     else:
         batch_sizes_run = batch_sizes
-    adaptive = {} if args.chi2_only else {
+    adaptive = {} if args.chi2_only or not adaptive_b else {
         "heuristic": dp.build_policy("heuristic", {"initial": 4, "increase": 2, "decrease": 1, "minimum": 1}),
         "confidence 0.4": dp.build_policy("confidence", {"threshold": 0.4}),
         "SpecDec++ h=0.3": dp.build_policy("specdecpp", {"threshold": 0.3, "min_len": 2, "max_len": 20},
@@ -276,9 +287,14 @@ def main(argv=None) -> int:
                 if b in adaptive_b:
                     for label, pol in adaptive.items():
                         methods.append((label, label.split()[0].lower(), gmax, spec_fn(gmax, pol, temp)))
+                if b in extra_b:
+                    for lab, m in extra_models.items():
+                        for g in extra_gammas:
+                            methods.append((f"{lab} γ={g}", "fixed", g, spec_fn(g, fixed, temp, m)))
             else:
                 best = max((r for r in rows if r["temperature"] == 0.0 and r["batch"] == b
-                            and r["policy"] == "fixed"), key=lambda r: r["speed_ratio"])
+                            and r["policy"] == "fixed" and r.get("draft", args.draft) == args.draft),
+                           key=lambda r: r["speed_ratio"])
                 methods.append((best["method"], "fixed", best["gamma_max"], spec_fn(best["gamma_max"], fixed, temp)))
             methods.append((f"batch_gamma (γ*={g_star})", "batch_gamma", g_star,
                             ar if g_star == 0 else spec_fn(g_star, bg_policy, temp)))
@@ -313,10 +329,13 @@ def main(argv=None) -> int:
             for label, pol, g, _ in methods:
                 outs = outs_of[label]
                 ratios = bracket_ratios(tps[label], ar_tps_before[label], ar_tps_after[label])
+                lab0 = label.split(" γ=")[0]
                 row = {"temperature": temp, "batch": b, "method": label, "policy": pol, "gamma_max": g,
+                       "draft": extra[lab0] if lab0 in extra else args.draft,
                        "speed_ratio": float(np.median(ratios)), "per_repeat": [float(x) for x in ratios],
                        "tokens_per_s": float(np.median(tps[label])),
-                       "ar_tokens_per_s": float(np.median(ar_tps_before[label] + ar_tps_after[label]))}
+                       "ar_tokens_per_s": float(np.median(ar_tps_before[label] + ar_tps_after[label])),
+                       "load_1min": os.getloadavg()[0]}
                 if temp == 0.0:
                     same = np.concatenate([rows_identical(o.tokens, o.valid, a.tokens, a.valid)[:bb]
                                            for o, a, (_, bb) in zip(outs, R["ar_outs"], meta)])
@@ -352,7 +371,8 @@ def main(argv=None) -> int:
         p = np.repeat(np.asarray(p1), args.chi2_rows, 0)
         v = np.repeat(np.asarray(v1), args.chi2_rows, 0)
         best1 = max((r for r in rows if r["temperature"] == 0.0 and r["batch"] == batch_sizes[0]
-                     and r["policy"] == "fixed"), key=lambda r: r["speed_ratio"])
+                     and r["policy"] == "fixed" and r.get("draft", args.draft) == args.draft),
+                    key=lambda r: r["speed_ratio"])
         g = best1["gamma_max"]
         m = min(args.chi2_new_tokens, n_new)
         a = generate(target, p, v, max_new_tokens=m, sampling=SamplingParams(temperature=1.0), stop_tokens=stop,
@@ -383,6 +403,7 @@ def main(argv=None) -> int:
         "command": command, "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "wall_minutes": (time.time() - t_start) / 60, "machine": f"{platform.machine()} {os.cpu_count()} cores (shared)",
         "jax": jax.__version__, "target": args.target, "draft": args.draft, "config": args.config, **info,
+        "json": args.json, "load_before": load_before, "load_after": os.getloadavg(),
         "max_new_tokens": n_new, "repeats": args.repeats, "prompts": {str(k): v for k, v in n_prompts.items()},
         "heads": head_info, "calibration": {str(b): v for b, v in calib.items()},
         "batch_gamma_args": {k: list(v) for k, v in dataclasses_asdict(bg_args).items()},
@@ -425,12 +446,13 @@ def add_peer_keys(res: dict, path: str) -> None:
     old = peers.get("spec_vs_ar_b1")
     if old is not None and "copy" in str(old.get("draft", "")) and "spec_copy_vs_ar_b1" not in peers:
         peers["spec_copy_vs_ar_b1"] = old
+    drafts = {res["draft"]: (res["draft_params"], res["draft_mb"])}
+    drafts |= {v["path"]: (v["params"], v["mb"]) for v in res.get("extra_drafts", {}).values()}
     settings = {"target": f"{res['target']} ({res['target_params']/1e6:.1f}M params, {res['target_mb']:.0f} MB f32)",
-                "draft": f"{res['draft']} ({res['draft_params']/1e6:.2f}M params, {res['draft_mb']:.1f} MB f32)",
-                "task": "held-out 2-digit 2-step arithmetic prompts (configs/bench/membound_target.yaml)",
+                "task": f"held-out 2-digit 2-step arithmetic prompts ({res.get('config', 'configs/bench/membound_target.yaml')})",
                 "max_new_tokens": res["max_new_tokens"], "greedy": True, "repeats": res["repeats"],
                 "timing": "tokens/s over the mean of the AR passes just before and after, median over repeats",
-                "details": "docs/results/spec_membound.json"}
+                "details": res.get("json") or "docs/results/spec_membound.json"}
     for b, key, pred, what in ((1, "spec_vs_ar_b1", lambda r: r["policy"] == "fixed", "best fixed γ"),
                                (64, "spec_vs_ar_b64", lambda r: r["policy"] == "batch_gamma", "batch_gamma policy")):
         r = _best(res["rows"], 0.0, b, pred)
@@ -441,8 +463,19 @@ def add_peer_keys(res: dict, path: str) -> None:
                       "token_identical_to_ar": r.get("identical_to_ar") == 1.0,
                       "spec_tokens_per_s": r["tokens_per_s"], "ar_tokens_per_s": r["ar_tokens_per_s"],
                       "tokens_per_target_forward": r.get("tokens_per_target_forward", 1.0),
-                      "settings": settings, "command": res["command"], "measured_utc": res["measured_utc"]}
+                      "settings": settings | {"draft": "{} ({:.2f}M params, {:.1f} MB f32)".format(
+                          r.get("draft", res["draft"]), drafts[r.get("draft", res["draft"])][0] / 1e6,
+                          drafts[r.get("draft", res["draft"])][1])},
+                      "command": res["command"], "measured_utc": res["measured_utc"]}
     Path(path).write_text(json.dumps(peers, indent=2) + "\n")
+
+
+def alpha_for(tokens_per_round: float, gamma: int) -> float:
+    """The per-token acceptance α whose expected tokens per round σ(α, γ) = (1 − α^(γ+1)) / (1 − α) (Leviathan et
+    al. 2023, eq. 1) equal ``tokens_per_round`` (``decode/spec_cost.alpha_from_accepted`` of ``tokens − 1``)."""
+    from jaxtok.decode.spec_cost import alpha_from_accepted
+
+    return alpha_from_accepted(tokens_per_round - 1.0, gamma)
 
 
 def markdown(res: dict) -> str:
@@ -451,7 +484,8 @@ def markdown(res: dict) -> str:
              f"Target `{res['target']}`: {res['target_params']/1e6:.1f}M parameters ({res['target_mb']:.0f} MB "
              f"float32); draft `{res['draft']}`: {res['draft_params']/1e6:.2f}M ({res['draft_mb']:.1f} MB). "
              f"Up to {res['max_new_tokens']} new tokens, {res['repeats']} interleaved repeats; prompts per batch "
-             f"size {res['prompts']}.", "",
+             f"size {res['prompts']}." + (f" Load average (1 min) at start / end: {res['load_before'][0]:.1f} / "
+                                          f"{res['load_after'][0]:.1f}." if res.get("load_before") else ""), "",
              "`ratio` = median over repeats of (method tokens/s ÷ mean tokens/s of the AR passes just before and "
              "after it); `tok/fwd` = tokens per target forward (per row, prefill counted); `acc` = accepted / "
              "drafted; `drafts/round` = drafted tokens per row and round.", ""]
@@ -468,6 +502,23 @@ def markdown(res: dict) -> str:
                 f"{r['ar_tokens_per_s']:.0f} | {r.get('tokens_per_target_forward', 1.0):.2f} | "
                 f"{r.get('acceptance_rate', float('nan')):.2f} | {r.get('drafts_per_row_round', 0):.2f} | "
                 f"{r.get('identical_to_ar', '-') if temp == 0 else '-'} |")
+        lines.append("")
+    need = [r for r in res["rows"] if r["temperature"] == 0.0 and r["policy"] == "fixed" and r["batch"] == 1]
+    if need:
+        lines += ["### What 2× would need (batch 1, greedy, fixed γ)", "",
+                  "`round cost` = tok/fwd ÷ ratio: the time of one target forward of the loop (a round, or the prefill) "
+                  "in AR steps, as measured; `tok/fwd for 2×` = 2 × that; `α for 2×` = the per-token acceptance that "
+                  "gives it, from tok/fwd = (1 − α^(γ+1)) / (1 − α) (ignores the prefill and rows that stop mid-round); "
+                  "`α now` = the same formula solved for the measured tok/fwd.", "",
+                  "| draft | γ | ratio | tok/fwd | round cost (AR steps) | tok/fwd for 2× | α now | α for 2× |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in need:
+            g, tpf = r["gamma_max"], r.get("tokens_per_target_forward", 1.0)
+            cost = tpf / r["speed_ratio"]
+            lines.append(f"| {r.get('draft', res['draft'])} | {g} | {r['speed_ratio']:.2f} | {tpf:.2f} | {cost:.2f} | "
+                         f"{2 * cost:.2f} | {alpha_for(tpf, g):.3f} | "
+                         + (f"{alpha_for(2 * cost, g):.3f}" if 2 * cost < g + 1 else f"impossible (> γ + 1 = {g + 1})")
+                         + " |")
         lines.append("")
     lines += ["### batch_gamma calibration (train-split prompts)", "",
               "Round time in the loop, modelled as `AR step × (1 + overhead + slope·γ)` through the measured γ = 2 "
