@@ -66,10 +66,19 @@ def route(logits: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, j
     return probs, weights, experts.astype(jnp.int32)
 
 
+def _swiglu_f32(a: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """One expert's SwiGLU ``down(silu(a·gate) * (a·up))`` on rows ``a [R, D]``, float32 accumulation, compute dtype
+    out (the matmul precision of :func:`grouped_swiglu`)."""
+    dt = a.dtype
+    mm = lambda u, w: jnp.dot(u, w, preferred_element_type=jnp.float32).astype(dt)  # noqa: E731
+    return mm(jax.nn.silu(mm(a, gate)) * mm(a, up), down)
+
+
 def grouped_swiglu(x: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """Dropless expert MLPs: ``x [N, D]``, ``experts [N, k]`` -> ``[N, k, D]``, row (n, j) being expert
     ``experts[n, j]``'s SwiGLU of token n. Assignments are sorted by expert and run as grouped matmuls
-    (``jax.lax.ragged_dot``, one group per expert, group sizes counted under jit)."""
+    (``jax.lax.ragged_dot``, one group per expert, group sizes counted under jit). Dispatch ``ragged_dot``: a real
+    grouped matmul on GPU/TPU; on CPU JAX's generic rule multiplies every row by every expert (E/k x the work)."""
     N, k = experts.shape
     E = gate.shape[0]
     flat = experts.reshape(-1)  # [N*k]
@@ -81,6 +90,160 @@ def grouped_swiglu(x: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Ar
     g, u = mm(rows, gate), mm(rows, up)  # [N*k, F]; float32 accumulation, as the dense matmuls get on every backend
     out = mm(jax.nn.silu(g) * u, down)  # [N*k, D]
     return jnp.take(out, jnp.argsort(order), axis=0).reshape(N, k, -1)  # back to (token, slot) order
+
+
+def tile_rows(rows: int, num_experts: int, max_tile: int = 64) -> int:
+    """Static tile height of :func:`tiled_swiglu` for ``rows = N·k`` assignments: the mean rows per expert rounded
+    up to a power of two, at most ``max_tile`` (an expert with r rows runs ``ceil(r / tile)`` tiles, so the
+    padding is at most one partial tile per activated expert)."""
+    mean = -(-rows // num_experts)
+    return int(min(max_tile, 1 << max(mean - 1, 0).bit_length()))
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSchedule:
+    """Where each (token, slot) assignment sits in expert-aligned tiles of :func:`tiled_swiglu`:
+    ``src [n_tiles·tile]`` token of each tile row (``N`` = a zero padding row), ``slot [N·k]`` tile row of each
+    assignment in (token, slot) order, ``tile_expert [n_tiles]`` the expert of each tile, ``active [n_tiles]``
+    whether the tile holds any row (trailing tiles past the used ones are skipped)."""
+
+    src: jax.Array
+    slot: jax.Array
+    tile_expert: jax.Array
+    active: jax.Array
+
+
+def tile_schedule(experts: jax.Array, num_experts: int, tile: int) -> TileSchedule:
+    """The :class:`TileSchedule` of ``experts [N, k]``: expert e's ``s_e`` rows fill ``ceil(s_e / tile)`` tiles of its
+    own, experts in order. Static bound on the tile count (``R = N·k`` rows, ``M = min(E, R)`` the most activated
+    experts): ``Σ_e ceil(s_e / tile) <= (R - M) // tile + M``."""
+    N, k = experts.shape
+    R, E = N * k, num_experts
+    M = min(E, R)
+    n_tiles = (R - M) // tile + M
+    flat = jnp.asarray(experts).reshape(-1)  # [R]
+    order = jnp.argsort(flat, stable=True)  # [R] assignments grouped by expert
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E]
+    tiles_e = (sizes + tile - 1) // tile  # [E]
+    tile_end = jnp.cumsum(tiles_e)  # [E]
+    row_begin = jnp.cumsum(sizes) - sizes  # [E]
+    e_sorted = flat[order]  # [R]
+    pos = (tile_end - tiles_e)[e_sorted] * tile + jnp.arange(R, dtype=jnp.int32) - row_begin[e_sorted]  # [R] sorted
+    src = jnp.full((n_tiles * tile,), N, jnp.int32).at[pos].set((order // k).astype(jnp.int32))
+    slot = jnp.zeros((R,), jnp.int32).at[order].set(pos)
+    ids = jnp.arange(n_tiles, dtype=jnp.int32)
+    tile_expert = jnp.minimum(jnp.searchsorted(tile_end, ids, side="right"), E - 1).astype(jnp.int32)
+    return TileSchedule(src=src, slot=slot, tile_expert=tile_expert, active=ids < tile_end[-1])
+
+
+@jax.custom_vjp
+def _tile_loop(tiles: jax.Array, tile_expert: jax.Array, active: jax.Array, gate: jax.Array, up: jax.Array,
+               down: jax.Array) -> jax.Array:
+    """``tiles [n, T, D]`` -> ``[n, T, D]``: tile i through expert ``tile_expert[i]``'s SwiGLU when ``active[i]``,
+    zeros otherwise (``lax.scan`` over the tiles, ``lax.cond`` per tile). Its VJP (:func:`_tile_loop_bwd`) is a
+    second such loop that adds each tile's weight gradients into expert slices of ``[E, ...]`` accumulators (plain
+    autodiff of the scan would add a full ``[E, D, F]`` cotangent per tile)."""
+
+    def one(_, xs):
+        e, on, a = xs
+        run = lambda a: _swiglu_f32(a, gate[e], up[e], down[e])  # noqa: E731
+        return None, jax.lax.cond(on, run, jnp.zeros_like, a)
+
+    return jax.lax.scan(one, None, (tile_expert, active, tiles))[1]
+
+
+def _tile_loop_fwd(tiles, tile_expert, active, gate, up, down):
+    return _tile_loop(tiles, tile_expert, active, gate, up, down), (tiles, tile_expert, active, gate, up, down)
+
+
+def _tile_loop_bwd(res, dout):
+    """SwiGLU backward per active tile (``y = (silu(a·G) * (a·U))·W``): ``dp = dy·Wᵀ``, ``dW = pᵀ·dy``,
+    ``dh₁ = dp * (a·U) * silu'(a·G)``, ``dh₂ = dp * silu(a·G)``, ``da = dh₁·Gᵀ + dh₂·Uᵀ``, ``dG = aᵀ·dh₁``,
+    ``dU = aᵀ·dh₂``; weight gradients accumulate in float32 at the tile's expert."""
+    tiles, tile_expert, active, gate, up, down = res
+    dt = tiles.dtype
+    f32 = lambda u, w: jnp.dot(u, w, preferred_element_type=jnp.float32)  # noqa: E731
+
+    def grads(a, dy, G, U, W):
+        h1, h2 = f32(a, G), f32(a, U)  # [T, F]
+        sig = jax.nn.sigmoid(h1)
+        s = h1 * sig
+        p = (s.astype(dt) * h2.astype(dt))  # [T, F] as in the forward
+        dp = f32(dy, W.T)  # [T, F]
+        dh1 = (dp * h2 * sig * (1 + h1 * (1 - sig))).astype(dt)
+        dh2 = (dp * s).astype(dt)
+        da = (f32(dh1, G.T) + f32(dh2, U.T)).astype(dt)  # [T, D]
+        return da, f32(a.T, dh1), f32(a.T, dh2), f32(p.T, dy)
+
+    def one(acc, xs):
+        e, on, a, dy = xs
+
+        def run(acc):
+            dG, dU, dW = acc
+            da, g, u, w = grads(a, dy, gate[e], up[e], down[e])
+            add = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, buf[e] + v, e, 0)  # noqa: E731
+            return (add(dG, g), add(dU, u), add(dW, w)), da
+
+        return jax.lax.cond(on, run, lambda acc: (acc, jnp.zeros_like(a)), acc)
+
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (gate, up, down))
+    (dG, dU, dW), dtiles = jax.lax.scan(one, zeros, (tile_expert, active, tiles, dout.astype(dt)))
+    return dtiles, None, None, dG.astype(gate.dtype), dU.astype(up.dtype), dW.astype(down.dtype)
+
+
+_tile_loop.defvjp(_tile_loop_fwd, _tile_loop_bwd)
+
+
+def tiled_swiglu(x: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                 tile: Optional[int] = None) -> jax.Array:
+    """Dropless expert MLPs with work proportional to the routed rows (dispatch ``tiled``), same contract as
+    :func:`grouped_swiglu`: ``x [N, D]``, ``experts [N, k]`` -> ``[N, k, D]``. The assignments are gathered into
+    expert-aligned tiles of ``tile`` rows (:func:`tile_schedule`; default :func:`tile_rows`) and a ``lax.scan``
+    over the static tile bound runs one expert's SwiGLU per tile inside ``lax.cond`` (:func:`_tile_loop`): an
+    unused tile costs a branch, an expert with r rows ``ceil(r / tile)`` tile matmuls reading only its own weights.
+    Static shapes, exact (the same per-row float32-accumulated products as ``ragged_dot``), differentiable (a
+    custom VJP doing the same per-tile work backwards)."""
+    N, k = experts.shape
+    E, D = gate.shape[0], x.shape[1]
+    tile = tile or tile_rows(N * k, E)
+    s = tile_schedule(experts, E, tile)
+    xp = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])  # [N+1, D]; row N pads partial tiles
+    tiles = jnp.take(xp, s.src, axis=0).reshape(-1, tile, D)  # [n_tiles, tile, D]
+    out = _tile_loop(tiles, s.tile_expert, s.active, gate, up, down)  # [n_tiles, tile, D]
+    return jnp.take(out.reshape(-1, D), s.slot, axis=0).reshape(N, k, D)
+
+
+MOE_DISPATCHES = ("auto", "ragged_dot", "tiled")
+_DISPATCH_FNS = {"ragged_dot": grouped_swiglu, "tiled": tiled_swiglu}
+
+
+def _expert_mesh() -> int:
+    """Size of the ``expert`` axis of the mesh active in :func:`jaxtok.mesh.axis_rules` (1 without one)."""
+    from jaxtok.mesh import _ACTIVE
+
+    active = _ACTIVE.get()
+    return 1 if active is None else int(dict(active[0].shape).get("expert", 1))
+
+
+def resolve_dispatch(dispatch: str, backend: Optional[str] = None, expert_axis: Optional[int] = None) -> str:
+    """The expert dispatch a call runs for ``ModelConfig.moe_dispatch``: ``auto`` -> ``ragged_dot`` on GPU/TPU
+    (a grouped-GEMM kernel) and under a mesh whose ``expert`` axis is > 1 (GSPMD splits ``ragged_dot`` over its
+    expert dimension so each device runs its own experts; the tile loop indexes one expert per tile and would make
+    every device gather every expert's weights), else ``tiled`` (CPU, where ``ragged_dot`` runs every expert on
+    every row). An explicit ``ragged_dot``/``tiled`` is used as given (``tiled`` stays exact on any mesh)."""
+    if dispatch not in MOE_DISPATCHES:
+        raise ValueError(f"moe_dispatch={dispatch!r}: allowed {MOE_DISPATCHES}")
+    if dispatch != "auto":
+        return dispatch
+    backend = backend or jax.default_backend()
+    expert_axis = _expert_mesh() if expert_axis is None else expert_axis
+    return "ragged_dot" if backend in ("gpu", "tpu") or expert_axis > 1 else "tiled"
+
+
+def expert_swiglu(x: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                  dispatch: str = "auto") -> jax.Array:
+    """``x [N, D]``, ``experts [N, k]`` -> ``[N, k, D]`` through the dispatch :func:`resolve_dispatch` picks."""
+    return _DISPATCH_FNS[resolve_dispatch(dispatch)](x, experts, gate, up, down)
 
 
 @jax.tree_util.register_dataclass
@@ -185,6 +348,7 @@ class SparseMoE(nnx.Module):
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
         self.router_aux_loss_coef = cfg.router_aux_loss_coef
+        self.dispatch = cfg.moe_dispatch
         self.router_weight_de = _param(rngs, (D, E), ("embed", None), pd, D**-0.5)
         self.gate_weight_edf = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pd, D**-0.5)
         self.up_weight_edf = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), pd, D**-0.5)
@@ -207,8 +371,8 @@ class SparseMoE(nnx.Module):
         collector = _COLLECTOR.get()
         if collector is not None and collector[1] == _trace():
             collector[0].append((self, router_stats(probs, experts, None if valid is None else valid.reshape(-1))))
-        per_slot = grouped_swiglu(flat, experts, self.gate_weight_edf[...].astype(dt),
-                                  self.up_weight_edf[...].astype(dt), self.down_weight_efd[...].astype(dt))
+        per_slot = expert_swiglu(flat, experts, self.gate_weight_edf[...].astype(dt), self.up_weight_edf[...].astype(dt),
+                                 self.down_weight_efd[...].astype(dt), self.dispatch)  # [N, k, D]
         out = jnp.einsum("nkd,nk->nd", per_slot, weights.astype(dt))
         if self.shared:
             h = jax.nn.silu(dense(flat, self.shared_gate_weight_df[...].astype(dt))) * dense(

@@ -32,7 +32,7 @@ from jaxtok.mesh import constrain
 from jaxtok.models.attention import ATTENTION_IMPLS, attend
 from jaxtok.models.cache import KVCache
 from jaxtok.models.layers import _param, dense
-from jaxtok.models.moe import SparseMoE
+from jaxtok.models.moe import MOE_DISPATCHES, SparseMoE
 
 Attention = Literal["causal", "bidirectional", "block_causal", "siblings"]
 ATTENTION_KINDS = ("causal", "bidirectional", "block_causal", "siblings")
@@ -99,6 +99,7 @@ class ModelConfig:
     attention_impl: str = "auto"  # models.attention.ATTENTION_IMPLS; auto: xla on CPU
     scan_layers: bool = False  # stack the blocks' parameters on a leading "layers" axis and lax.scan over them
     remat: str = "none"  # REMAT_POLICIES: what each block keeps for the backward pass
+    moe_dispatch: str = "auto"  # models.moe.MOE_DISPATCHES: ragged_dot (grouped GEMM) or tiled (CPU); auto picks
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -120,6 +121,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: allowed {ATTENTION_IMPLS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat={self.remat!r}: allowed {tuple(REMAT_POLICIES)}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            raise ValueError(f"ModelConfig.moe_dispatch={self.moe_dispatch!r}: allowed {MOE_DISPATCHES}")
         if self.scan_layers and len({self.is_sparse_layer(i) for i in range(self.num_layers)}) > 1:
             raise ValueError(
                 f"ModelConfig.scan_layers=True needs every layer of one kind, but this MoE model mixes dense and "
@@ -505,12 +508,12 @@ def unstack_layer_values(values: dict) -> dict:
 
 
 def with_execution(model: "Decoder", *, attention_impl: Optional[str] = None, scan_layers: Optional[bool] = None,
-                   remat: Optional[str] = None) -> "Decoder":
+                   remat: Optional[str] = None, moe_dispatch: Optional[str] = None) -> "Decoder":
     """``model`` with other execution settings (:class:`ModelConfig` ``attention_impl`` / ``scan_layers`` /
-    ``remat``; None keeps the model's): the same parameter values, restacked when ``scan_layers`` changes. A
-    model already so configured is returned as it is."""
-    changes = {k: v for k, v in dict(attention_impl=attention_impl, scan_layers=scan_layers, remat=remat).items()
-               if v is not None}
+    ``remat`` / ``moe_dispatch``; None keeps the model's): the same parameter values, restacked when ``scan_layers``
+    changes. A model already so configured is returned as it is."""
+    changes = {k: v for k, v in dict(attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
+                                     moe_dispatch=moe_dispatch).items() if v is not None}
     cfg = dataclasses.replace(model.cfg, **changes)
     if cfg == model.cfg:
         return model

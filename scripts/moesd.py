@@ -4,13 +4,12 @@ measurements.
 
 Three parts, all settings from ``configs/scripts/moesd.yaml``:
 
-1. **Probe**: time of one MoE layer's expert computation (``jaxtok.models.moe.grouped_swiglu``, the library's
-   dropless ``ragged_dot`` dispatch) over ``n`` routed tokens with the routing forced to activate ``k`` experts
-   (every token -> experts 0..k-1), the eq.-(2) expected number (uniform random routing) or all ``N``. If the time
-   does not depend on the activated count, the CPU run cannot show MoESD's effect. The same for a measurement-only
-   "skip" dispatch (a loop over experts that runs an expert only when some token chose it, ``lax.cond``), which
-   reads only activated experts' weights as GPU grouped-GEMM kernels do.
-2. **Speedup vs batch**: an MoE target and a dense target with the same attention and ``intermediate_size =
+1. **Probe**: time of one MoE layer's expert computation (:func:`jaxtok.models.moe.expert_swiglu`) for both
+   library dispatches, ``ragged_dot`` (JAX's CPU rule runs every expert on every row) and ``tiled`` (expert-aligned
+   tiles, a ``lax.cond`` per tile: work proportional to the routed rows, only activated experts' weights read, as
+   GPU grouped-GEMM kernels do), forward and forward + backward, over ``n`` routed tokens with the routing forced
+   to activate 2, 4, 8 or all experts, or uniform random (~eq. 2). Interleaved repeats, fastest kept.
+2. **Speedup vs batch**: an MoE target (run with each dispatch: ``moe_ragged``, ``moe_tiled``) and a dense target with the same attention and ``intermediate_size =
    k · moe_intermediate_size`` (equal active parameters), the same AR draft, greedy SD with fixed γ against greedy
    AR of the same target at each batch size; timed passes interleaved (MoE AR, MoE SD, dense AR, dense SD per
    repeat), the median of the per-repeat AR/SD ratios reported (and the ratio of the fastest passes). Beside it: per-forward times (target step on 1
@@ -32,6 +31,7 @@ A config key that is not known, or a bad value, exits with code 2 and a message 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -52,6 +52,7 @@ from jaxtok.bench.speculative import forward_costs
 from jaxtok.metrics import default_command, markdown_table, save_plot
 from jaxtok.models import Decoder, ModelConfig, presets
 from jaxtok.models import moe as moe_lib
+from jaxtok.models.transformer import with_execution
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,85 +179,65 @@ def share_embeddings(src: Decoder, *dsts: Decoder) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def skip_swiglu(x, experts, gate, up, down):
-    """Measurement-only dispatch: ``x [N, D]``, ``experts [N, k]`` -> ``[N, k, D]``; a loop over experts where
-    expert e's weights are sliced and multiplied only if some token chose e (``lax.cond``), so the weights read
-    scale with the number of activated experts. Every run expert multiplies all ``N·k`` rows (masked), so FLOPs
-    scale with it too; only the routed rows are kept."""
-    N, k = experts.shape
-    E, D = gate.shape[0], x.shape[1]
-    rows = jnp.repeat(x, k, axis=0)  # [N*k, D], row n*k + j is token n
-    flat = experts.reshape(-1)  # [N*k]
-
-    def body(e, acc):
-        sel = flat == e
-
-        def run(a):
-            h = jax.nn.silu(rows @ gate[e]) * (rows @ up[e])  # [N*k, F]
-            return a + jnp.where(sel[:, None], h @ down[e], 0.0)
-
-        return jax.lax.cond(jnp.any(sel), run, lambda a: a, acc)
-
-    out = jax.lax.fori_loop(0, E, body, jnp.zeros((N * k, D), x.dtype))
-    return out.reshape(N, k, D)
+def with_dispatch(model: Decoder, dispatch: str) -> Decoder:
+    """The same MoE decoder (same weights) with ``ModelConfig.moe_dispatch = dispatch``
+    (:func:`jaxtok.models.transformer.with_execution`); a distinct graph, so its jitted decode loops are traced and
+    cached apart."""
+    return with_execution(model, moe_dispatch=dispatch)
 
 
-class SkipDispatchMoE(moe_lib.SparseMoE):
-    """:class:`~jaxtok.models.moe.SparseMoE` whose experts run through :func:`skip_swiglu` (the module's dispatch
-    swapped while it traces); a distinct class so its jitted decode loops are traced and cached apart."""
-
-    def __call__(self, x, valid=None):
-        orig = moe_lib.grouped_swiglu
-        moe_lib.grouped_swiglu = skip_swiglu
-        try:
-            return super().__call__(x, valid)
-        finally:
-            moe_lib.grouped_swiglu = orig
-
-
-def with_skip_dispatch(model: Decoder) -> Decoder:
-    """A copy of an MoE decoder (same weights) whose sparse layers use :func:`skip_swiglu`."""
-    out = nnx.clone(model)
-    for block in out.layers:
-        if isinstance(block.mlp, moe_lib.SparseMoE):
-            block.mlp.__class__ = SkipDispatchMoE
+def routings(n: int, E: int, k: int, rng: np.random.Generator, counts=(2, 4, 8)) -> dict[str, np.ndarray]:
+    """``[n, k]`` expert choices: ``"m experts"`` = the n·k assignments round-robin over experts 0..m-1 (distinct
+    per token for k <= m; min(m, n·k) activated) for each m in ``counts`` (>= k) and E, and ``"random"`` = uniform
+    distinct picks per token (~eq.-(2) activated)."""
+    out = {}
+    for m in sorted({max(int(c), k) for c in counts if c < E} | {E}):
+        out[f"{m} experts"] = (np.arange(n * k) % m).reshape(n, k)
+    out["random"] = np.stack([rng.choice(E, k, replace=False) for _ in range(n)])
     return out
 
 
-def routings(n: int, E: int, k: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """``[n, k]`` expert choices activating k experts, ~eq.-(2) experts (uniform distinct picks) or all E."""
-    few = np.tile(np.arange(k), (n, 1))
-    rand = np.stack([rng.choice(E, k, replace=False) for _ in range(n)])
-    every = (np.arange(n * k) % E).reshape(n, k)
-    return {"k experts": few, "random": rand, "all experts": every}
+DISPATCHES = ("ragged_dot", "tiled")
 
 
 def probe(a: MoESDArgs, moe_model: Decoder) -> list[dict]:
-    """Milliseconds of the expert computation of layer 0 per routing and dispatch, fastest of interleaved repeats."""
+    """Milliseconds of the expert computation of layer 0 per routing and dispatch (``moe_dispatch`` ragged_dot /
+    tiled, :func:`jaxtok.models.moe.expert_swiglu`), forward and forward + backward (gradient of the sum of
+    squares w.r.t. the rows and the three weights), fastest of interleaved repeats."""
     layer = moe_model.layers[0].mlp
     w = [jnp.asarray(getattr(layer, n)[...]) for n in ("gate_weight_edf", "up_weight_edf", "down_weight_efd")]
-    fns = {"ragged_dot (library)": jax.jit(moe_lib.grouped_swiglu), "skip (cond per expert)": jax.jit(skip_swiglu)}
-    rng = np.random.default_rng(a.seed)
+    fns = {}
+    for d in DISPATCHES:
+        f = functools.partial(moe_lib.expert_swiglu, dispatch=d)
+        fns[(d, "fwd")] = jax.jit(f)
+        fns[(d, "fwd+bwd")] = jax.jit(jax.grad(lambda x, ex, g, u, dn, f=f: jnp.sum(f(x, ex, g, u, dn) ** 2),
+                                               argnums=(0, 2, 3, 4)))
     rows = []
     for n in a.probe_tokens:
         x = jax.random.normal(jax.random.key(n), (n, a.hidden_size), jnp.float32)
         calls = {}
-        for rname, ex in routings(int(n), a.num_experts, a.top_k, rng).items():
+        routes = routings(int(n), a.num_experts, a.top_k, np.random.default_rng(a.seed + int(n)))
+        for rname, ex in routes.items():
             ex = jnp.asarray(ex, jnp.int32)
             for dname, fn in fns.items():
-                jax.block_until_ready(fn(x, ex, *w))  # compile (one per n and dispatch)
-                calls[(rname, dname)] = (fn, ex, len(np.unique(np.asarray(ex))))
+                jax.block_until_ready(fn(x, ex, *w))  # compile (one per n, dispatch and pass)
+                calls[(rname, dname)] = (fn, ex)
         best = {key: float("inf") for key in calls}
-        for _ in range(a.probe_repeats):
-            for key, (fn, ex, _) in calls.items():
+        for r in range(a.probe_repeats):
+            for key in (list(calls) if r % 2 == 0 else list(reversed(list(calls)))):  # interleaved
+                fn, ex = calls[key]
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(x, ex, *w))
                 best[key] = min(best[key], time.perf_counter() - t0)
-        for (rname, dname), (_, _, active) in calls.items():
-            rows.append({"tokens": int(n), "routing": rname, "dispatch": dname, "active_experts": active,
-                         "eq2_experts": cm.expected_active_experts(a.num_experts, a.top_k, int(n)),
-                         "ms": best[(rname, dname)] * 1e3})
-        print(f"probe n={n}: " + ", ".join(f"{r['routing']}/{r['dispatch'][:4]} {r['ms']:.3f}ms"
+        for rname, ex in routes.items():
+            active = len(np.unique(ex))
+            row = {"tokens": int(n), "routing": rname, "active_experts": active,
+                   "eq2_experts": cm.expected_active_experts(a.num_experts, a.top_k, int(n))}
+            for pas in ("fwd", "fwd+bwd"):
+                rd, td = best[(rname, ("ragged_dot", pas))], best[(rname, ("tiled", pas))]
+                row |= {f"ragged_dot_{pas}_ms": rd * 1e3, f"tiled_{pas}_ms": td * 1e3, f"ratio_{pas}": rd / td}
+            rows.append(row)
+        print(f"probe n={n}: " + ", ".join(f"{r['routing']} {r['ragged_dot_fwd_ms']:.3f}/{r['tiled_fwd_ms']:.3f}ms"
                                           for r in rows if r["tokens"] == n), flush=True)
     return rows
 
@@ -381,22 +362,29 @@ def model_curves(a: MoESDArgs) -> list[dict]:
 
 def plot(results: dict, path: Path, command: str) -> None:
     def draw(ax):
-        gs = ax.get_subplotspec().subgridspec(1, 3, wspace=0.3)
+        gs = ax.get_subplotspec().subgridspec(1, 4, wspace=0.3)
         fig = ax.figure
         ax.remove()
-        ax1, ax2, ax3 = (fig.add_subplot(gs[0, i]) for i in range(3))
+        ax1, ax4, ax2, ax3 = (fig.add_subplot(gs[0, i]) for i in range(4))
         pr = results["probe"]
-        for (rname, dname), style in ((("k experts", "ragged_dot (library)"), "C0--"),
-                                      (("all experts", "ragged_dot (library)"), "C0-"),
-                                      (("k experts", "skip (cond per expert)"), "C1--"),
-                                      (("all experts", "skip (cond per expert)"), "C1-")):
-            pts = [(r["tokens"], r["ms"]) for r in pr if r["routing"] == rname and r["dispatch"] == dname]
-            ax1.plot(*zip(*pts), style, marker="o", label=f"{dname.split()[0]}, {rname}")
+        E = results["args"]["num_experts"]
+        for d, col in (("ragged_dot", "C0"), ("tiled", "C1")):
+            for rname, ls in ((f"{min(2, E)} experts", "--"), (f"{E} experts", "-")):
+                pts = [(r["tokens"], r[f"{d}_fwd_ms"]) for r in pr if r["routing"] == rname]
+                ax1.plot(*zip(*pts), color=col, ls=ls, marker="o", label=f"{d}, {rname} activated")
         ax1.set_xscale("log"), ax1.set_yscale("log")
-        ax1.set_xlabel("routed tokens"), ax1.set_ylabel("ms, one MoE layer's experts")
-        ax1.set_title("CPU: expert time vs activated experts", fontsize=9), ax1.legend(fontsize=7)
+        ax1.set_xlabel("routed tokens"), ax1.set_ylabel("ms, one MoE layer's experts (forward)")
+        ax1.set_title("CPU: expert time vs tokens", fontsize=9), ax1.legend(fontsize=7)
+        n_big = max(r["tokens"] for r in pr)
+        for d, col in (("ragged_dot", "C0"), ("tiled", "C1")):
+            for pas, ls in (("fwd", "-"), ("fwd+bwd", ":")):
+                pts = sorted((r["active_experts"], r[f"{d}_{pas}_ms"]) for r in pr
+                             if r["tokens"] == n_big and r["routing"] != "random")
+                ax4.plot(*zip(*pts), color=col, ls=ls, marker="o", label=f"{d} {pas}")
+        ax4.set_yscale("log"), ax4.set_xlabel(f"activated experts ({n_big} tokens)"), ax4.set_ylabel("ms")
+        ax4.set_title("CPU: expert time vs activated experts", fontsize=9), ax4.legend(fontsize=7)
         sp = results["speedup"]
-        for name, col in (("moe", "C3"), ("moe_skip", "C1"), ("dense", "C2")):
+        for name, col in (("moe_ragged", "C0"), ("moe_tiled", "C1"), ("dense", "C2")):
             rs = [r for r in sp if r["target"] == name]
             bs = [r["batch"] for r in rs]
             ax2.plot(bs, [r["speedup"] for r in rs], color=col, marker="o", label=f"{name} measured")
@@ -416,7 +404,7 @@ def plot(results: dict, path: Path, command: str) -> None:
                       f"γ={results['args']['real_gamma']}", fontsize=9)
         ax3.legend(fontsize=6)
 
-    save_plot(path, draw, command=command, size=(15.0, 5.5))
+    save_plot(path, draw, command=command, size=(20.0, 5.5))
 
 
 def main(argv: list[str]) -> int:
@@ -445,7 +433,8 @@ def main(argv: list[str]) -> int:
         calib[name] = {"eps": eps, "tried": tried}
         print(f"  {name}: eps={eps} ({tried})", flush=True)
     print(f"part 2: speedup vs batch ({time.perf_counter() - t0:.0f}s)", flush=True)
-    targets = {"moe": models["moe"], "moe_skip": with_skip_dispatch(models["moe"]), "dense": models["dense"]}
+    targets = {"moe_ragged": with_dispatch(models["moe"], "ragged_dot"),
+               "moe_tiled": with_dispatch(models["moe"], "tiled"), "dense": models["dense"]}
     sp = speedup_rows(a, targets, models["draft"])
     curves = model_curves(a)
     shapes = {k: dataclasses.asdict(cm.shape_of(c)) for k, c in cfgs.items()}

@@ -25,6 +25,7 @@ from jaxtok.mesh import axis_rules, make_mesh
 from jaxtok.models import Decoder, ModelConfig, flops, presets
 from jaxtok.models import moe
 from jaxtok.models.hf import config_from_hf, config_to_hf, load_hf, save_hf, tensor_specs
+from jaxtok.models.transformer import with_execution
 from jaxtok.train.objectives.sft import sft_loss
 from jaxtok.train.step import init_train_state, make_train_step
 from test_hf import _RecordingView
@@ -115,7 +116,12 @@ def test_route_normalisation_hand_case():
     np.testing.assert_allclose(w, jax.nn.softmax(logits[:, [1, 3]]), rtol=1e-6)
 
 
-def test_grouped_dispatch_equals_every_expert_on_every_token():
+DISPATCHES = {"ragged_dot": moe.grouped_swiglu, "tiled": moe.tiled_swiglu,
+              "tiled_tile3": lambda *a: moe.tiled_swiglu(*a, tile=3)}  # tiles straddling partial groups
+
+
+@pytest.mark.parametrize("dispatch", list(DISPATCHES))
+def test_grouped_dispatch_equals_every_expert_on_every_token(dispatch):
     rng = np.random.default_rng(0)
     N, D, F, E, K = 13, 8, 6, 5, 2
     x = rng.standard_normal((N, D), np.float32)
@@ -126,8 +132,50 @@ def test_grouped_dispatch_equals_every_expert_on_every_token():
     dense = np.einsum("nef,efd->ned", silu(np.einsum("nd,edf->nef", x, gate)) * np.einsum(
         "nd,edf->nef", x, up), down)  # [N, E, D]: every expert on every token
     want = np.take_along_axis(dense, experts[:, :, None], axis=1)  # [N, K, D]
-    got = jax.jit(moe.grouped_swiglu)(x, experts, gate, up, down)
+    got = jax.jit(DISPATCHES[dispatch])(x, experts, gate, up, down)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    few = np.tile(np.arange(K, dtype=np.int32), (N, 1))  # 2 of 5 experts active: the other tiles are skipped
+    np.testing.assert_allclose(jax.jit(DISPATCHES[dispatch])(x, few, gate, up, down),
+                               np.take_along_axis(dense, few[:, :, None], axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_tile_schedule_bound_and_layout():
+    """Expert e's rows fill ceil(s_e / tile) tiles of its own, in expert order, within the static bound."""
+    experts = jnp.array([[3, 0], [3, 1], [3, 0], [0, 3]], jnp.int32)  # sizes [3, 1, 0, 4]
+    s = moe.tile_schedule(experts, 4, tile=2)
+    assert s.tile_expert.shape == ((8 - 4) // 2 + 4,)  # (R - M) // tile + M, R = N·k = 8, M = min(E, R) = 4
+    np.testing.assert_array_equal(s.active, [True] * 5 + [False])  # 2 + 1 + 0 + 2 tiles used
+    np.testing.assert_array_equal(s.tile_expert[:5], [0, 0, 1, 3, 3])
+    src = np.asarray(s.src).reshape(-1, 2)
+    assert sorted(src[0].tolist() + src[1].tolist()) == [0, 2, 3, 4]  # expert 0: tokens 0, 2, 3 + one pad row
+    np.testing.assert_array_equal(src[2], [1, 4])  # expert 1: token 1 + pad
+    assert sorted(src[3:5].ravel().tolist()) == [0, 1, 2, 3]  # expert 3: four tokens, two full tiles
+    flat = np.asarray(s.src)[np.asarray(s.slot)]  # each assignment's tile row holds its token
+    np.testing.assert_array_equal(flat, np.repeat(np.arange(4), 2))
+    assert moe.tile_rows(2, 16) == 1 and moe.tile_rows(128, 16) == 8 and moe.tile_rows(10_000, 16) == 64
+
+
+def test_tiled_gradients_equal_ragged_dot():
+    rng = np.random.default_rng(1)
+    N, D, F, E, K = 11, 8, 6, 5, 2
+    args = [rng.standard_normal(s, np.float32) for s in ((N, D), (E, D, F), (E, D, F), (E, F, D))]
+    experts = np.argsort(rng.standard_normal((N, E)), axis=1)[:, :K].astype(np.int32)
+    grads = {name: jax.jit(jax.grad(lambda x, g, u, d, f=f: jnp.sum(jnp.sin(f(x, experts, g, u, d))),
+                                    argnums=(0, 1, 2, 3)))(*args) for name, f in DISPATCHES.items()}
+    for name in ("tiled", "tiled_tile3"):
+        for a, b in zip(grads["ragged_dot"], grads[name]):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_dispatch_resolution():
+    assert moe.resolve_dispatch("auto", "cpu", 1) == "tiled"
+    assert moe.resolve_dispatch("auto", "gpu", 1) == moe.resolve_dispatch("auto", "tpu", 1) == "ragged_dot"
+    assert moe.resolve_dispatch("auto", "cpu", 2) == "ragged_dot"  # expert-parallel mesh: GSPMD-split ragged_dot
+    assert moe.resolve_dispatch("tiled", "gpu", 2) == "tiled"
+    with pytest.raises(ValueError, match="moe_dispatch='gather'"):
+        moe.resolve_dispatch("gather")
+    with pytest.raises(ValueError, match="ModelConfig.moe_dispatch='x'"):
+        presets.get("tiny_moe", moe_dispatch="x")
 
 
 def test_config_validation_and_dense_default():
@@ -152,10 +200,12 @@ def test_config_validation_and_dense_default():
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dispatch", ["ragged_dot", "tiled"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_hf_parity_float32_and_aux_loss(family, hf_dirs):
+def test_hf_parity_float32_and_aux_loss(family, dispatch, hf_dirs):
     path, ref, ref_aux, (tokens, valid, _) = hf_dirs[family]
     model, cfg = load_hf(path)
+    model = with_execution(model, moe_dispatch=dispatch)
     assert cfg.architecture == family and cfg.num_experts == (8 if family == "qwen3_moe" else 4)
     assert cfg.shared_expert_intermediate_size == (24 if family == "qwen2_moe" else 0)
     assert cfg.qkv_bias == (family == "qwen2_moe")
@@ -171,7 +221,7 @@ def test_hf_parity_float32_and_aux_loss(family, hf_dirs):
 
     logits, ours = forward_and_aux(model, tokens, valid)
     err = max_err(logits, ref, valid)
-    print(f"{family}: max |dlogit| unsharded {err:.2e}")
+    print(f"{family} {dispatch}: max |dlogit| unsharded {err:.2e}")
     assert err < F32_TOL
     assert layers == [sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers))]
     np.testing.assert_allclose(float(ours), ref_aux, rtol=1e-5)
@@ -232,10 +282,15 @@ def test_sharded_parity_with_experts_split(hf_dirs):
             return nnx.merge(graphdef, state)(tokens, valid=valid).logits
 
         with axis_rules(mesh):
-            logits = fwd(state, tokens, valid)
+            logits = fwd(state, tokens, valid)  # auto: ragged_dot under an expert axis > 1
         err = max_err(logits, ref, valid)
         print(f"{family}: max |dlogit| sharded (data 2 x expert 2 x tensor 2) {err:.2e}")
         assert err < F32_TOL
+    tiled = with_execution(model, moe_dispatch="tiled")  # explicit tiled: exact on the mesh too
+    graphdef, state = nnx.split(tiled)
+    with axis_rules(mesh):
+        logits = jax.jit(lambda st: nnx.merge(graphdef, st)(tokens, valid=valid).logits)(state)
+    assert max_err(logits, ref, valid) < F32_TOL
 
 
 def test_sharded_load_reads_only_each_devices_experts(hf_dirs):
@@ -370,6 +425,22 @@ def test_sft_train_steps_with_aux_loss(tiny_moe):
     assert not np.allclose(np.asarray(router), router0)  # the router is trained
     gate = state.params["layers"][0]["mlp"]["gate_weight_edf"].get_value()
     assert gate.sharding.is_equivalent_to(NamedSharding(mesh, P("expert", None, "tensor")), 3)
+
+
+def test_train_step_equal_across_dispatches(tiny_moe):
+    """One SFT step (router aux loss included) from the same parameters: tiled and ragged_dot give the same loss and
+    the same updated parameters (plain SGD with rate 1: the update is the gradient)."""
+    opt = optax.sgd(1.0)
+    loss_fn = moe.with_router_aux_loss(sft_loss)
+    out = {}
+    for d in ("ragged_dot", "tiled"):
+        model = with_execution(tiny_moe, moe_dispatch=d)
+        graphdef, state = init_train_state(model, opt)
+        state, m = make_train_step(model, opt, loss_fn, donate=False)(state, _sft_batch())  # tiny_moe shares arrays
+        out[d] = (float(m["loss"]), jax.tree.leaves(state.params))
+    assert out["tiled"][0] == pytest.approx(out["ragged_dot"][0], rel=1e-6)
+    for a, b in zip(out["ragged_dot"][1], out["tiled"][1]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
 def test_greedy_generate_equals_full_forward_argmax(tiny_moe):

@@ -142,22 +142,22 @@ def test_script_config_errors_exit_2(capsys):
     assert "top_k=40" in capsys.readouterr().err
 
 
-def test_skip_dispatch_equals_library_dispatch():
-    """The measurement-only dispatch (runs an expert only when some token chose it) gives the library's
-    ragged_dot outputs, for routings that leave experts empty or hit one expert twice in a batch."""
-    import jax
+def test_script_routings_and_dispatch_copies():
+    """The probe's routings activate the stated expert counts (distinct experts per token), and the script's
+    ``moe_ragged``/``moe_tiled`` targets are the same weights under the library's two dispatches (equal logits)."""
     import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
 
-    from jaxtok.models import moe as moe_lib
+    from jaxtok.models import Decoder, presets
 
     s = _script()
-    E, D, F = 4, 8, 6
-    ks = jax.random.split(jax.random.key(0), 4)
-    gate, up = (jax.random.normal(k, (E, D, F)) for k in ks[:2])
-    down = jax.random.normal(ks[2], (E, F, D))
-    x = jax.random.normal(ks[3], (5, D))
-    experts = jnp.asarray([[0, 3], [3, 0], [0, 2], [2, 3], [0, 3]], jnp.int32)  # expert 1 unused
-    ref = moe_lib.grouped_swiglu(x, experts, gate, up, down)
-    got = s.skip_swiglu(x, experts, gate, up, down)
-    assert got.shape == (5, 2, D)
-    assert jnp.allclose(got, ref, atol=1e-5)
+    r = s.routings(8, 16, 2, np.random.default_rng(0))
+    assert list(r) == ["2 experts", "4 experts", "8 experts", "16 experts", "random"]
+    assert [len(np.unique(v)) for k, v in r.items() if k != "random"] == [2, 4, 8, 16]
+    assert all(len(set(row)) == 2 for v in r.values() for row in v.tolist())
+    model = Decoder(presets.get("tiny_moe", vocab_size=32), rngs=nnx.Rngs(0))
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    ragged, tiled = s.with_dispatch(model, "ragged_dot"), s.with_dispatch(model, "tiled")
+    assert ragged.cfg.moe_dispatch == "ragged_dot" and tiled.layers[0].mlp.dispatch == "tiled"
+    np.testing.assert_allclose(tiled(tokens).logits, ragged(tokens).logits, atol=1e-5)
