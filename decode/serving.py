@@ -15,7 +15,8 @@ committed buffer, KV caches, drafter and policy state per row) and exposes two j
 Poisson process, :func:`poisson_arrivals`), wait in a FIFO queue, are admitted into free slots, and leave when they
 emit a stop token or reach their own ``max_new_tokens``. The clock is ``"wall"`` (measured seconds of the jitted
 calls, idle gaps jump to the next arrival: a discrete-event simulation with measured service times) or
-``"steps"`` (one unit per round and per admission: deterministic, for tests). Per request: queueing delay, time to
+``"steps"`` (one unit per round and per admission: deterministic, for tests) or ``"model"`` (:class:`CostClock`:
+target AR steps computed from each call's forward counts, deterministic and free of the machine's load). Per request: queueing delay, time to
 first token (the first token comes from the admission prefill), end-to-end latency, tokens; overall: throughput
 and the cost proxy (target forwards, verified positions, draft forwards).
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ from jaxtok.sampling import SamplingParams
 from .draft_policies import DraftPolicy, Fixed
 from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID
 from .speculative import (
-    _ALL_GREEDY, Drafter, ModelDrafter, DeerDrafter, RoutedDrafter, _RoundConfig, _SpecState, _cfg_of, _check_length,
+    _ALL_GREEDY, ModelDrafter, DeerDrafter, RoutedDrafter, _RoundConfig, _SpecState, _cfg_of, _check_length,
     _layout, _spec_prefill, _spec_round, as_drafter, check_verify_chunk, verify_widths,
 )
 
@@ -313,16 +314,34 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
     return np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n))
 
 
+@dataclasses.dataclass(frozen=True)
+class CostClock:
+    """The deterministic ``"model"`` clock of :func:`serve`, in target AR steps: a target forward on T positions
+    per row costs ``1 + verify_slope·(T − 1)``, a drafter forward ``draft``, an admission (batch-1 prefill of both
+    models) ``admit``. A run call of F target forwards over P verified positions and D drafter forwards costs
+    ``F + verify_slope·(P − F) + draft·D`` (exact for chunked verification too: each chunk is one forward)."""
+
+    verify_slope: float
+    draft: float
+    admit: float
+
+    def run_cost(self, forwards: int, positions: int, draft_forwards: int) -> float:
+        return forwards + self.verify_slope * (positions - forwards) + self.draft * draft_forwards
+
+
 def serve(engine: SlotEngine, requests: Sequence[Request], *, clock: str = "wall", idle_rounds: int = 1,
-          max_rounds: Optional[int] = None) -> ServeResult:
+          max_rounds: Optional[int] = None, cost: Optional[CostClock] = None) -> ServeResult:
     """Continuous batching (module docstring): FIFO admission into free slots (lowest slot first) whenever the
     clock has reached a request's arrival, then :meth:`SlotEngine.run` — ``idle_rounds`` rounds when a slot is free
     and more requests are still to arrive (so they are admitted at a round boundary), else until a row finishes
     (at most ``max_rounds``, default N). Finished rows free their slot at the end of the call. ``clock``:
-    ``"wall"`` (seconds of each jitted call, measured with ``block_until_ready``) or ``"steps"`` (1 per round and
-    per admission)."""
-    if clock not in ("wall", "steps"):
-        raise ValueError(f"clock={clock!r}: allowed 'wall', 'steps'")
+    ``"wall"`` (seconds of each jitted call, measured with ``block_until_ready``), ``"steps"`` (1 per round and
+    per admission) or ``"model"`` (``cost``, a :class:`CostClock`: target AR steps from the call's forward counts;
+    deterministic and free of the machine's load)."""
+    if clock not in ("wall", "steps", "model"):
+        raise ValueError(f"clock={clock!r}: allowed 'wall', 'steps', 'model'")
+    if (clock == "model") != (cost is not None):
+        raise ValueError("clock='model' needs cost=CostClock(...), and cost is only used by it")
     for r in requests:
         if not 1 <= r.max_new_tokens <= engine.max_new_tokens or len(r.prompt) != engine.prompt_len:
             raise ValueError(f"request max_new_tokens={r.max_new_tokens} (allowed 1..{engine.max_new_tokens}) or "
@@ -362,8 +381,8 @@ def serve(engine: SlotEngine, requests: Sequence[Request], *, clock: str = "wall
             r = requests[i]
             records[i].admit, records[i].slot = t, s
             state, dt = timed(engine.admit, state, s, r.prompt, r.valid, r.max_new_tokens, i)
-            t += dt if clock == "wall" else 1.0
-            busy += dt if clock == "wall" else 1.0
+            dt = {"wall": dt, "steps": 1.0, "model": cost.admit if cost else 0.0}[clock]
+            t, busy = t + dt, busy + dt
             records[i].first_token = t
             owner[s], limit[s] = i, r.max_new_tokens
             head, admits = head + 1, admits + 1
@@ -376,9 +395,14 @@ def serve(engine: SlotEngine, requests: Sequence[Request], *, clock: str = "wall
         rounds = idle_rounds if (more and -1 in owner) else max_rounds
         if clock == "steps" and more and -1 in owner:  # run exactly until the next arrival
             rounds = max(1, int(np.ceil(requests[order[head]].arrival - t)))
+        before = (int(state.target_forwards), int(state.verify_tokens), int(state.draft_forwards))
         (state, ran), dt = timed(engine.run, state, limit, rounds)
-        t += dt if clock == "wall" else float(ran)
-        busy += dt if clock == "wall" else float(ran)
+        if clock == "steps":
+            dt = float(ran)
+        elif clock == "model":
+            dt = cost.run_cost(int(state.target_forwards) - before[0], int(state.verify_tokens) - before[1],
+                               int(state.draft_forwards) - before[2])
+        t, busy = t + dt, busy + dt
         harvest(state, t)
     return ServeResult(records=records, makespan=t, busy=busy, target_forwards=int(state.target_forwards),
                        verify_positions=int(state.verify_tokens), draft_forwards=int(state.draft_forwards),

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxtok.decode import draft_policies as dp
 from jaxtok.decode import generate
-from jaxtok.decode.serving import Request, SlotEngine, poisson_arrivals, serve
+from jaxtok.decode.serving import CostClock, Request, SlotEngine, poisson_arrivals, serve
 from jaxtok.decode.speculative import ModelDrafter, NoDrafter, speculative_generate
 from jaxtok.decode.spec_cost import expected_tokens_per_round
 from jaxtok.models import Decoder, ModelConfig
@@ -169,7 +169,12 @@ def test_engine_dynamic_arrivals_lossless(models, data, kind):
         pol = dp.build_policy("faser", {"draft_cost": [0.1], "prior_acceptance": 0.7})
         eng = SlotEngine(target, ModelDrafter.of(draft), slots=3, prompt_len=P, max_new_tokens=N, draft_len=G,
                          policy=pol, sampling=GREEDY, stop_tokens=(STOP,), pad_id=0, verify_chunk=2)
-    res = serve(eng, _requests(prompt, valid, poisson_arrivals(ROWS, 0.5, seed=1), limits), clock="steps")
+    reqs = _requests(prompt, valid, poisson_arrivals(ROWS, 0.5, seed=1), limits)
+    if kind == "ar":  # the cost-model clock: AR rounds cost 1 step each, admissions 2
+        res = serve(eng, reqs, clock="model", cost=CostClock(verify_slope=0.1, draft=0.05, admit=2.0))
+        assert res.busy == pytest.approx(2.0 * ROWS + res.rounds)
+    else:
+        res = serve(eng, reqs, clock="steps")
     for i, rec in enumerate(res.records):
         np.testing.assert_array_equal(rec.tokens, ar[i][:limits[i]])
         assert rec.admit >= rec.arrival and rec.finish >= rec.first_token > rec.admit
