@@ -14,14 +14,33 @@ Expert weights are stacked, ``gate/up [E, D, F]`` and ``down [E, F, D]``, with t
 (``jaxtok.mesh`` maps it to the ``expert`` mesh axis, so experts are split across it).
 
 Dispatch is **dropless** (no capacity factor, no token is ever dropped, so a token's output never depends on the
-other tokens of the batch and cached decoding equals the full forward): the ``N·k`` (token, expert) assignments are
-sorted by expert (static shape ``[N·k]``), and each expert's contiguous group of rows is multiplied by its own
-weights with one grouped matmul, ``jax.lax.ragged_dot(rows [N·k, D], W [E, D, F], group_sizes [E])``. The
-results are unsorted, weighted and summed over k. FLOPs are ``k/E`` of running every expert on every token. Under a
-mesh with an ``expert`` axis GSPMD partitions ``ragged_dot`` over its group (expert) dimension: the expert weights
-are never gathered, each device runs its own experts, the sorted token rows are all-gathered and the expert outputs
-all-reduced (read off the compiled HLO of a data 2 x expert 2 x tensor 2 forward). There is no hand-written
-all-to-all dispatch (a ``shard_map`` with ``ragged_all_to_all`` would move only the routed rows at pod scale).
+other tokens of the batch and cached decoding equals the full forward), in one of two ways chosen by
+``ModelConfig.moe_dispatch`` (:data:`MOE_DISPATCHES`, :func:`resolve_dispatch`):
+
+* ``ragged_dot`` (:func:`grouped_swiglu`): the ``N·k`` (token, expert) assignments are sorted by expert (static
+  shape ``[N·k]``) and each expert's contiguous group of rows is multiplied by its own weights with one grouped
+  matmul, ``jax.lax.ragged_dot(rows [N·k, D], W [E, D, F], group_sizes [E])``. FLOPs are ``k/E`` of running every
+  expert on every token on GPU/TPU, where ``ragged_dot`` lowers to a grouped GEMM. On CPU JAX has no such lowering:
+  its generic rule masks the rows into ``[E, N·k, D]`` and multiplies every row by every expert (E/k x the work;
+  the time does not depend on how many experts are activated). Under a mesh with an ``expert`` axis GSPMD
+  partitions ``ragged_dot`` over its group (expert) dimension: the expert weights are never gathered, each device
+  runs its own experts, the sorted token rows are all-gathered and the expert outputs all-reduced (read off the
+  compiled HLO of a data 2 x expert 2 x tensor 2 forward). There is no hand-written all-to-all dispatch (a
+  ``shard_map`` with ``ragged_all_to_all`` would move only the routed rows at pod scale).
+* ``tiled`` (:func:`tiled_swiglu`): the sorted assignments are gathered into expert-aligned tiles of a static
+  height (expert e's ``s_e`` rows fill ``ceil(s_e / tile)`` tiles of its own, at most ``(N·k − M) // tile + M``
+  tiles with ``M = min(E, N·k)``), and a ``lax.scan`` over the tiles runs one expert's SwiGLU per tile inside
+  ``lax.cond``: unused tiles cost a branch, work and weight reads are proportional to the routed rows and the
+  activated experts. The backward is a custom VJP of the same shape (per-tile weight gradients added into their
+  expert's slice). Same float32-accumulated products as ``ragged_dot``, so logits and gradients agree to float
+  rounding. On an expert-sharded mesh it is still exact (GSPMD gathers the indexed expert's weights per tile), but
+  it loses expert parallelism, so ``auto`` does not pick it there.
+* ``auto`` (default): ``ragged_dot`` on GPU/TPU and inside :func:`jaxtok.mesh.axis_rules` with an ``expert`` axis
+  > 1, ``tiled`` otherwise (CPU). Set it per model with ``model.overrides: {moe_dispatch: tiled}`` (presets) or
+  :func:`jaxtok.models.transformer.with_execution`.
+
+Mixtral's ``router_jitter_noise`` (training-only multiplicative noise on the router input) is not implemented: the
+forward takes no RNG and has no train/eval mode, so HF checkpoints with a non-zero value are refused at load.
 
 Load-balancing loss (Switch Transformer eq. 4-6, HF ``load_balancing_loss_func``): with ``f_e`` the fraction of
 (token, top-k slot) assignments sent to expert e and ``P_e`` the mean router probability of e, both averaged over
