@@ -98,6 +98,11 @@ class ModelSection(_Section):
                                      "save_out_proj"),
                     doc="per-block rematerialisation policy, MaxText's names: none saves every activation, "
                         "full saves only block inputs, save_* keep the named projections")
+    moe_dispatch: str = _f("auto", choices=("auto", "ragged_dot", "tiled"),
+                           doc="MoE token dispatch (models/moe.py): ragged_dot = one grouped matmul (a real one on "
+                               "GPU/TPU; on CPU it computes every expert for every row), tiled = one-expert row "
+                               "tiles with empty tiles skipped (work follows the routed rows), auto = tiled on CPU "
+                               "without an expert mesh axis, else ragged_dot; no effect on dense models")
     overrides: Dict[str, Any] = _f({}, doc="ModelConfig field overrides, e.g. {num_layers: 3}")
 
     def check(self) -> None:

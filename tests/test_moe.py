@@ -487,3 +487,21 @@ def test_sft_run_through_the_train_loop_adds_the_aux_loss(tmp_path):
     assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
     assert all(1.0 <= r["router_aux_loss"] <= 8.0 for r in records)
     assert 0.0 <= summary["eval/exact_match"] <= 1.0
+
+
+def test_model_moe_dispatch_config_key():
+    """``model.moe_dispatch`` reaches the built model (preset path and ``init_from`` path through
+    ``with_model_execution``); a bad value is a ConfigError naming the key and the allowed values."""
+    from jaxtok.config import from_dict
+    from jaxtok.registry import ConfigError
+    from jaxtok.train.loop import build_model, with_model_execution
+
+    def cfg(**model):
+        return from_dict({"model": {"preset": "tiny_moe", **model}, "data": {"task": "arith"}})
+
+    assert build_model(cfg(moe_dispatch="tiled"), vocab_size=64).cfg.moe_dispatch == "tiled"
+    assert build_model(cfg(), vocab_size=64).cfg.moe_dispatch == "auto"
+    built = build_model(cfg(moe_dispatch="tiled"), vocab_size=64)
+    assert with_model_execution(built, cfg(moe_dispatch="ragged_dot").model).cfg.moe_dispatch == "ragged_dot"
+    with pytest.raises(ConfigError, match=r"model.moe_dispatch.*'ragged_dot'.*'tiled'"):
+        cfg(moe_dispatch="gather")

@@ -106,13 +106,14 @@ def load_model(path: str | Path, *, mesh=None, step: Optional[int] = None, key: 
 
 
 def with_model_execution(model, sec):
-    """A :class:`Decoder` with ``model.attention_impl`` / ``scan_layers`` / ``remat`` of config section ``sec``
+    """A :class:`Decoder` with ``model.attention_impl`` / ``scan_layers`` / ``remat`` / ``moe_dispatch`` of ``sec``
     (parameters restacked when ``scan_layers`` differs from the checkpoint's); other modules unchanged."""
     from jaxtok.models.transformer import with_execution
 
     if not isinstance(model, Decoder):
         return model
-    return with_execution(model, attention_impl=sec.attention_impl, scan_layers=sec.scan_layers, remat=sec.remat)
+    return with_execution(model, attention_impl=sec.attention_impl, scan_layers=sec.scan_layers, remat=sec.remat,
+                          moe_dispatch=sec.moe_dispatch)
 
 
 def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
@@ -127,7 +128,8 @@ def build_model(cfg, vocab_size: int, mesh=None) -> Decoder:
         return with_model_execution(model, sec)
     model_cfg = presets.get(sec.preset, vocab_size=sec.vocab_size or vocab_size, dtype=sec.dtype,
                             param_dtype=sec.param_dtype, attention_impl=sec.attention_impl,
-                            scan_layers=sec.scan_layers, remat=sec.remat, **dict(sec.overrides))
+                            scan_layers=sec.scan_layers, remat=sec.remat,
+                            **{"moe_dispatch": sec.moe_dispatch, **dict(sec.overrides)})
     if model_cfg.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
     return Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
