@@ -178,3 +178,13 @@ def test_config_errors_exit_2_naming_the_key(capsys):
     assert cli.main(["validate", tr, "objective.args.threshold=2"]) == 2
     assert "objective.args" in capsys.readouterr().err
     assert cli.main(["validate", dec]) == 0
+
+
+def test_summarize_lud_stats():
+    from jaxtok.decode.evaluate import add_stats, summarize
+
+    sums = add_stats({}, {"target_forwards": np.int32(3), "lud_row_forwards": np.array([2, 3, 9]),
+                          "lud_accept_hist": np.array([[1, 0, 1], [2, 1, 0], [0, 0, 0]])}, rows=2)
+    out = summarize(sums, n_tok=10, rows=2)
+    assert out["tokens_per_forward"] == 2.0 and out["accepted_span_hist"] == [3, 1, 1]
+    assert out["mean_accepted_span"] == (3 + 2 + 3) / 5 and out["target_forwards"] == 3

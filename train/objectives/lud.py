@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtok.registry import OBJECTIVES, ConfigError
+from jaxtok.train.objectives.distill import _head
 from jaxtok.train.objectives.policy_gradient import require_keys
 from jaxtok.train.objectives.sft import chunked_token_stats
 
@@ -135,11 +136,6 @@ def draw_starts(rng: jax.Array, eligible: jax.Array) -> tuple[jax.Array, jax.Arr
 # ----------------------------------------------------------------------------------------------------------------
 # Objective
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _head(model: nnx.Module):
-    graphdef, state = nnx.split(model)
-    return lambda h: nnx.merge(graphdef, state).logits(h)
 
 
 def _nll(model: nnx.Module, inputs, batch, targets, mask, chunk_size: int):
