@@ -18,6 +18,11 @@ Lossless loop (:func:`speculative_generate`). Every row keeps its committed sequ
    ``n + num_accepted`` (``KVCache.rollback``: stale slots are masked, never copied); rows that emitted a stop
    token or reached ``max_new_tokens`` are frozen with ``where``.
 
+FASER (§A7): ``verify_chunk=c`` splits step 3 into frontier forwards of c positions with early pruning (greedy
+rows only, off by default: :func:`_frontier_logits`); the round itself is :func:`_spec_round` on a
+:class:`_SpecState` built by :func:`_spec_prefill`, which the continuous-batching engine
+(:mod:`jaxtok.decode.serving`) reuses slot by slot.
+
 Drafters are small pytrees whose static fields (a model's ``GraphDef``, n-gram sizes) are part of the jit cache
 key and whose arrays are traced:
 
