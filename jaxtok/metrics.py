@@ -99,6 +99,34 @@ PLOT_SIZE = (10.0, 6.0)  # inches; with PLOT_DPI: 1200 x 720 px
 PLOT_DPI = 120
 
 
+def script_args(cls, argv: list, prog: str, *, need_path: bool = False):
+    """The settings dataclass ``cls`` of a ``scripts/`` benchmark from ``argv`` = ``[SETTINGS.yaml] [--key=value
+    ...]`` (the file a mapping of ``cls``'s fields, each value parsed as YAML; lists become tuples); None after
+    printing ``<prog>: config error: ...`` to stderr for a missing file, an unknown key (named, with the allowed
+    ones) or a value ``cls`` refuses, so ``main`` returns exit code 2."""
+    import dataclasses
+    import sys
+
+    import yaml
+
+    path = argv[0] if argv and not argv[0].startswith("--") else None
+    try:
+        if need_path and path is None:
+            raise ValueError(f"usage: python scripts/{prog}.py SETTINGS.yaml [--key=value ...]")
+        raw = dict(yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+        for kv in argv[1 if path else 0:]:
+            k, _, v = kv.removeprefix("--").partition("=")
+            raw[k] = yaml.safe_load(v)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key; allowed: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    except (ValueError, TypeError, OSError, yaml.YAMLError) as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return None
+
+
 def default_command() -> str:
     """This process's command line as a user would type it: ``jaxtok bench ...``, ``python -m pkg.mod ...`` or
     ``python path/to/script.py ...``."""

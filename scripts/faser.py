@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,17 +85,6 @@ class FaserBenchArgs:
             raise ValueError(f"faser_decay={self.faser_decay} in [0, 1], faser_prior_weight > 0")
 
 
-def load_args(path: Optional[str], overrides: dict) -> FaserBenchArgs:
-    """:class:`FaserBenchArgs` from a YAML mapping plus ``overrides``; unknown keys raise naming them."""
-    raw = dict(yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    raw.update(overrides)
-    known = {f.name for f in dataclasses.fields(FaserBenchArgs)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key; allowed: {sorted(known)}")
-    return FaserBenchArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-
-
 def fit_round_cost(gammas, ratios) -> tuple[float, float]:
     """Least-squares ``r(γ) = 1 + o + m·γ`` through (γ, round time / AR step) -> ``(o, m)`` with m >= 0 and
     o >= 0 (a round holds a verification forward of γ + 1 >= 1 positions plus drafting, so it cannot cost less than
@@ -127,15 +115,10 @@ def main(argv: list[str]) -> int:
         Path(str(stem) + ".table.md").write_text(markdown(res, markdown_table))
         plot(res, stem.with_suffix(".png"), res["command"])
         return 0
-    path = argv[0] if argv and not argv[0].startswith("--") else None
-    overrides = {}
-    for kv in argv[1 if path else 0:]:
-        k, _, v = kv.removeprefix("--").partition("=")
-        overrides[k] = yaml.safe_load(v)
-    try:
-        a = load_args(path, overrides)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"faser: config error: {e}", file=sys.stderr)
+    from jaxtok.metrics import script_args
+
+    a = script_args(FaserBenchArgs, argv, "faser")
+    if a is None:
         return 2
     os.chdir(ROOT)
     import jax

@@ -42,14 +42,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 
 from jaxtok.decode import generate, speculative_generate
 from jaxtok.sampling import GREEDY
 from jaxtok.decode import moesd as cm
 from jaxtok.bench.speculative import forward_costs
-from jaxtok.metrics import default_command, markdown_table, save_plot
+from jaxtok.metrics import default_command, markdown_table, save_plot, script_args
 from jaxtok.models import Decoder, ModelConfig, presets
 from jaxtok.models import moe as moe_lib
 from jaxtok.models.transformer import with_execution
@@ -119,17 +118,6 @@ class MoESDArgs:
             raise ValueError(f"real_targets/real_draft: unknown preset {bad[0]!r}; allowed {presets.names()}")
         if any(int(b) < 1 for b in (*self.batches, *self.real_batches, *self.probe_tokens)) or not self.eps_grid:
             raise ValueError("batches, real_batches and probe_tokens must be >= 1; eps_grid non-empty")
-
-
-def load_args(path: Optional[str], overrides: dict) -> MoESDArgs:
-    """``MoESDArgs`` from a YAML file (a mapping of its fields) plus ``overrides``; unknown keys raise naming them."""
-    raw = dict(yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    raw.update(overrides)
-    known = {f.name for f in dataclasses.fields(MoESDArgs)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key; allowed: {sorted(known)}")
-    return MoESDArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,15 +396,8 @@ def plot(results: dict, path: Path, command: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    path = argv[0] if argv and not argv[0].startswith("--") else None
-    overrides = {}
-    for kv in argv[1 if path else 0:]:
-        k, _, v = kv.removeprefix("--").partition("=")
-        overrides[k] = yaml.safe_load(v)
-    try:
-        a = load_args(path, overrides)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"moesd: config error: {e}", file=sys.stderr)
+    a = script_args(MoESDArgs, argv, "moesd")
+    if a is None:
         return 2
     command = default_command()
     t0 = time.perf_counter()

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 
 from jaxtok.config import load_config
 from jaxtok.data import make_task_from_config
@@ -34,7 +33,7 @@ from jaxtok.decode import generate, speculative_generate
 from jaxtok.sampling import GREEDY
 from jaxtok.decode import spec_scaling as sl
 from jaxtok.bench.speculative import _prompt_batches, forward_costs, timed_against
-from jaxtok.metrics import default_command, markdown_table, save_plot
+from jaxtok.metrics import default_command, markdown_table, save_plot, script_args
 from jaxtok.models.flops import num_params
 from jaxtok.models.hf import load_any
 from jaxtok.tasks.tokenizer import SpecialTokens, load_tokenizer_for
@@ -78,16 +77,6 @@ class ScalingArgs:
             raise ValueError(f"gammas={self.gammas!r}: positive integers")
 
 
-def load_args(path: str, overrides: dict) -> ScalingArgs:
-    raw = dict(yaml.safe_load(Path(path).read_text()) or {})
-    raw.update(overrides)
-    known = {f.name for f in dataclasses.fields(ScalingArgs)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key; allowed: {sorted(known)}")
-    return ScalingArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-
-
 def steps_of(run_dir: Path) -> list[int]:
     ck = run_dir / "checkpoints"
     return sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) if ck.is_dir() else []
@@ -116,17 +105,8 @@ def sd_counts(outs, meta) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print("usage: python scripts/spec_scaling.py CONFIG.yaml [--key=value ...]", file=sys.stderr)
-        return 2
-    overrides = {}
-    for kv in argv[1:]:
-        k, _, v = kv.removeprefix("--").partition("=")
-        overrides[k] = yaml.safe_load(v)
-    try:
-        a = load_args(argv[0], overrides)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"spec_scaling: config error: {e}", file=sys.stderr)
+    a = script_args(ScalingArgs, argv, "spec_scaling", need_path=True)
+    if a is None:
         return 2
     command = default_command()
     t0 = time.perf_counter()
