@@ -10,8 +10,8 @@ item 6). On the testbed's 1200 held-out prompts (configs/testbed/base.yaml) and 
   inside B) and at B+1 (answer text inside B; truncation's rows cut just before EOS are scored too), same keys
   per arm, per-row paired differences with their SE.
 
-    python docs/results/length_control_testbed.py lengths|oracle|paired OUT.json
-    python docs/results/length_control_testbed.py plot   # after the bench and length_control_testbed.json
+    python scripts/length_control_testbed.py lengths|oracle|paired OUT.json
+    python scripts/length_control_testbed.py plot   # after the bench and length_control_testbed.json
 """
 import collections
 import json
@@ -161,7 +161,7 @@ def plot(bench_json="runs/testbed/bench_length_control/results.json", lengths_js
     b.legend(fontsize=8, loc="upper left")
     b.grid(alpha=0.3)
     fig.text(0.01, 0.01, "made by: jaxtok bench configs/testbed/length_control.yaml; "
-             "python docs/results/length_control_testbed.py lengths|oracle|plot", fontsize=7, family="monospace")
+             "python scripts/length_control_testbed.py lengths|oracle|plot", fontsize=7, family="monospace")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(png)
     return png
