@@ -13,7 +13,7 @@ was computed from placeholder inputs, so it is recomputed). One step = ONE causa
 3. accept the longest prefix with ``c_j ≥ α`` (``ŷ_1`` always: at least one token per forward); the optional
    repetition guard (``repeat_ngram`` g > 0) also stops before a parallel token ``ŷ_j`` (j ≥ 2) whose g-gram equals
    the g-gram right before it (``abab``, ``aa``), the degenerate repeats parallel heads are prone to;
-4. cut after the first stop token and at ``max_new_tokens`` (:func:`jaxtok.decode.speculative._kept`), write the
+4. cut after the first stop token and at ``max_new_tokens`` (:func:`jaxtok.decode.rows.kept_tokens`), write the
    tokens at ``seq[n:]``, roll the cache back to ``n`` (``KVCache.rollback``: the pending tokens' KV, now computed
    from real inputs, is kept; the placeholders' is dropped) and set ``pend`` = the tokens just emitted.
 
@@ -38,7 +38,7 @@ from jaxtok.models import KVCache
 from jaxtok.sampling import RowParams, SamplingParams
 
 from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _validate, check_positions
-from .speculative import _ALL_GREEDY, _kept, _rows_slice, _rows_write, _sample, _token_prob
+from .rows import ALL_GREEDY, kept_tokens, rows_slice, rows_write, sample_rows, token_prob
 
 _TRACES = [0]
 
@@ -146,7 +146,7 @@ def step_inputs(seq, n, pend, live, k: int, placeholder_id: int, pad_id: int):
     ``seq[n-pend : n]``, then k-1 placeholders, then invalid padding; ``at`` the k output columns."""
     w = 2 * k - 1
     j = jnp.arange(w, dtype=jnp.int32)[None, :]
-    chunk = _rows_slice(seq, n - pend, w)  # [B, W]
+    chunk = rows_slice(seq, n - pend, w)  # [B, W]
     p = pend[:, None]
     x = jnp.where(j < p, chunk, jnp.where(j < p + k - 1, placeholder_id, pad_id)).astype(jnp.int32)
     valid = (j < p + k - 1) & live[:, None]
@@ -178,23 +178,23 @@ def _commit(st: LUDState, logits, key, params: RowParams, live, *, max_new_token
     b, k = logits.shape[:2]
     p = st.seq.shape[1] - max_new_tokens - 2 * k
     n = p + st.count
-    pred = _sample(key, logits, params)  # [B, k]
-    conf = _token_prob(logits, pred, params)  # [B, k]
+    pred = sample_rows(key, logits, params)  # [B, k]
+    conf = token_prob(logits, pred, params)  # [B, k]
     m = accept_count(conf, threshold)
     if repeat_ngram > 0 and k > 1:
         g = repeat_ngram
         ext = jnp.pad(st.seq, ((0, 0), (2 * g, 0)), constant_values=pad_id)
         ext_v = jnp.pad(st.seq_valid, ((0, 0), (2 * g, 0)))
-        rep = repeats(_rows_slice(ext, n, 2 * g), _rows_slice(ext_v, n, 2 * g), pred, g)  # ext col n+2g-1 = n-1
+        rep = repeats(rows_slice(ext, n, 2 * g), rows_slice(ext_v, n, 2 * g), pred, g)  # ext col n+2g-1 = n-1
         m = jnp.minimum(m, 1 + sampling_lib.count_leading_true(~rep[:, 1:]))
     stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
-    n_emit, hit = _kept(pred, m - 1, st.count, live, stop, max_new_tokens)
+    n_emit, hit = kept_tokens(pred, m - 1, st.count, live, stop, max_new_tokens)
     keep = jnp.arange(k)[None, :] < n_emit[:, None]
     count = st.count + n_emit
     done = st.done | (live & hit)
     return dataclasses.replace(
-        st, step=st.step + 1, seq=_rows_write(st.seq, jnp.where(keep, pred, pad_id), n),
-        seq_valid=_rows_write(st.seq_valid, keep, n), count=count, pend=jnp.where(live, n_emit, st.pend),
+        st, step=st.step + 1, seq=rows_write(st.seq, jnp.where(keep, pred, pad_id), n),
+        seq_valid=rows_write(st.seq_valid, keep, n), count=count, pend=jnp.where(live, n_emit, st.pend),
         done=done, finished=done | (count >= max_new_tokens),
         accept_hist=st.accept_hist + jax.nn.one_hot(m - 1, k, dtype=jnp.int32) * live[:, None])
 
@@ -219,7 +219,7 @@ def lud_round(model, st: LUDState, key, params: RowParams, *, max_new_tokens: in
 def _lud_jit(graphdef, state, prompt, prompt_valid, rng, params, *, max_new_tokens, k, threshold, repeat_ngram,
              placeholder_id, stop_tokens, pad_id, greedy):
     _TRACES[0] += 1
-    flag = _ALL_GREEDY.set(bool(greedy))
+    flag = ALL_GREEDY.set(bool(greedy))
     try:
         kw = dict(max_new_tokens=max_new_tokens, k=k, threshold=threshold, repeat_ngram=repeat_ngram,
                   placeholder_id=placeholder_id, stop_tokens=stop_tokens, pad_id=pad_id)
@@ -230,7 +230,7 @@ def _lud_jit(graphdef, state, prompt, prompt_valid, rng, params, *, max_new_toke
 
         st = jax.lax.while_loop(lambda st: ~jnp.all(st.finished), body, st)
     finally:
-        _ALL_GREEDY.reset(flag)
+        ALL_GREEDY.reset(flag)
     p = prompt.shape[1]
     out_valid = jnp.arange(max_new_tokens)[None, :] < st.count[:, None]
     return LUDResult(tokens=jnp.where(out_valid, st.seq[:, p:p + max_new_tokens], pad_id), valid=out_valid,

@@ -42,8 +42,9 @@ from jaxtok.sampling import SamplingParams
 
 from .draft_policies import DraftPolicy, Fixed
 from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID
+from .rows import ALL_GREEDY
 from .speculative import (
-    _ALL_GREEDY, ModelDrafter, DeerDrafter, RoutedDrafter, _RoundConfig, _SpecState, _cfg_of, _check_length,
+    ModelDrafter, DeerDrafter, RoutedDrafter, _RoundConfig, _SpecState, _cfg_of, _check_length,
     _layout, _spec_prefill, _spec_round, as_drafter, check_verify_chunk, verify_widths,
 )
 
@@ -89,13 +90,13 @@ def _stop_array(stop_tokens):
 def _empty_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params, *,
                max_new_tokens, gamma_max, stop_tokens, pad_id, greedy, verify_chunk):
     """All slots empty: a prefill of placeholder rows, every row done (frozen), counters at 0."""
-    flag = _ALL_GREEDY.set(bool(greedy))
+    flag = ALL_GREEDY.set(bool(greedy))
     try:
         st = _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params,
                            n_new=max_new_tokens, gamma_max=gamma_max, stop=_stop_array(stop_tokens), pad_id=pad_id,
                            return_logprobs=False)
     finally:
-        _ALL_GREEDY.reset(flag)
+        ALL_GREEDY.reset(flag)
     b = prompt.shape[0]
     # empty slots are frozen as "done" (finished stays True whatever the host's limit) until an admission
     return dataclasses.replace(st, done=jnp.ones((b,), bool), finished=jnp.ones((b,), bool),
@@ -107,13 +108,13 @@ def _empty_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_va
 def _admit_jit(target_graphdef, target_state, drafter, policy, state: _SpecState, slot, prompt, prompt_valid, key,
                params, limit, *, max_new_tokens, gamma_max, stop_tokens, pad_id, greedy, verify_chunk):
     """Prefill ``prompt [1, P]`` into row ``slot`` of ``state`` (a fresh row: cache, counters, policy state)."""
-    flag = _ALL_GREEDY.set(bool(greedy))
+    flag = ALL_GREEDY.set(bool(greedy))
     try:
         one = _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params,
                             n_new=max_new_tokens, gamma_max=gamma_max, stop=_stop_array(stop_tokens), pad_id=pad_id,
                             return_logprobs=False, limit=limit)
     finally:
-        _ALL_GREEDY.reset(flag)
+        ALL_GREEDY.reset(flag)
     new = write_row(state, one, slot)
     return dataclasses.replace(new, target_forwards=state.target_forwards + one.target_forwards,
                                draft_forwards=state.draft_forwards + one.draft_forwards)
@@ -124,7 +125,7 @@ def _run_jit(target_graphdef, target_state, drafter, policy, state: _SpecState, 
              max_new_tokens, gamma_max, stop_tokens, pad_id, greedy, verify_chunk):
     """Rounds of :func:`_spec_round` until ``max_rounds`` ran, no row is generating, or a row that was generating
     at the call's start finished. Returns ``(state, rounds run)``."""
-    flag = _ALL_GREEDY.set(bool(greedy))
+    flag = ALL_GREEDY.set(bool(greedy))
     try:
         p = state.seq.shape[1] - _layout(1, 0, max_new_tokens, gamma_max)[1]
         rc = _RoundConfig(p=p, g=gamma_max, stop_tokens=stop_tokens, widths=verify_widths(policy, drafter, gamma_max),
@@ -141,7 +142,7 @@ def _run_jit(target_graphdef, target_state, drafter, policy, state: _SpecState, 
 
         i, st = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     finally:
-        _ALL_GREEDY.reset(flag)
+        ALL_GREEDY.reset(flag)
     return st, i
 
 

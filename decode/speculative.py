@@ -52,7 +52,6 @@ log-probability under the target's processed distribution, the sampler log-prob 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
 from typing import Any, Optional, Sequence
@@ -69,7 +68,9 @@ from jaxtok.models import KVCache
 from jaxtok.sampling import RowParams, SamplingParams
 
 from .draft_policies import DraftPolicy, EADArgs, Fixed, draft_stats, ead_switch, top1_prob
-from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _argmax, _validate
+from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID, _validate
+from .rows import (ALL_GREEDY, greedy_tokens, kept_tokens, processed_probs, rows_slice, rows_write, sample_rows,
+                   token_logprob, token_prob)
 
 _TRACES = [0]  # incremented each time a jitted body of this module is traced
 
@@ -82,57 +83,6 @@ def num_traces() -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Small array helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _rows_slice(buf: jax.Array, start: jax.Array, width: int) -> jax.Array:
-    """``buf [B, S, ...]`` -> ``[B, width, ...]`` taken at per-row offsets ``start [B]`` (in range by construction)."""
-    def one(row, s):
-        return jax.lax.dynamic_slice_in_dim(row, s, width, axis=0)
-
-    return jax.vmap(one)(buf, start)
-
-
-def _rows_write(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write ``new [B, T, ...]`` into ``buf [B, S, ...]`` at per-row offsets ``start [B]``."""
-    def one(row, x, s):
-        return jax.lax.dynamic_update_slice_in_dim(row, x.astype(row.dtype), s, axis=0)
-
-    return jax.vmap(one)(buf, new, start)
-
-
-_ALL_GREEDY = contextvars.ContextVar("jaxtok_speculative_all_greedy", default=False)
-
-
-def _greedy_tokens(logits) -> jax.Array:
-    """``argmax`` over the last axis of ``logits [..., V]`` (blocked, as generate's all-greedy path)."""
-    lead = logits.shape[:-1]
-    return _argmax(logits.reshape(-1, logits.shape[-1])).reshape(lead)
-
-
-def _sample(key, logits, params: RowParams) -> jax.Array:
-    """Tokens drawn from S(logits) for ``logits [B, ..., V]`` with per-row params (argmax where T = 0). While a
-    loop over an all-greedy batch is traced (``_ALL_GREEDY``), the argmax alone: no ``[B, ..., V]`` Gumbel draw."""
-    if _ALL_GREEDY.get():
-        return _greedy_tokens(logits)
-    return params.sample(key, logits).tokens
-
-
-def _probs(logits, params: RowParams) -> jax.Array:
-    """The processed distribution S(logits) as probabilities, float32 ``[B, ..., V]``."""
-    return jax.nn.softmax(params.process(logits), axis=-1)
-
-
-def _token_logprob(logits, tokens, params: RowParams) -> jax.Array:
-    """``log S(logits)[tokens]``: log-probability of ``tokens [B, ...]`` under the processed distribution of
-    ``logits [B, ..., V]`` (``log_softmax`` of :func:`jaxtok.sampling.process_logits`, float32; temperature-0 rows at
-    temperature 1), the per-token log-prob :func:`jaxtok.decode.generate.generate` reports. ``[B, ...]``."""
-    return sampling.token_log_probs(jax.nn.log_softmax(params.process(logits), axis=-1), tokens)
-
-
-def _token_prob(logits, tokens, params: RowParams) -> jax.Array:
-    """``q(d) = S(logits)[d]``: the probability of the sampled drafts ``tokens [B, ...]`` under the draft
-    distribution of ``logits [B, ..., V]`` (greedy rows: the untempered softmax), float32 ``[B, ...]``."""
-    return jnp.take_along_axis(_probs(logits, params), tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,8 +203,8 @@ class ModelDrafter(Drafter):
         w = ctx.refeed or ctx.window  # R: re-feed the last R committed tokens (their KV may be stale or missing)
         need_hidden = policy.needs_hidden
         start = ctx.n - w
-        chunk = _rows_slice(ctx.seq, start, w)  # [B, R]
-        cvalid = _rows_slice(ctx.seq_valid, start, w) & ctx.live[:, None]
+        chunk = rows_slice(ctx.seq, start, w)  # [B, R]
+        cvalid = rows_slice(ctx.seq_valid, start, w) & ctx.live[:, None]
         out = model(chunk, valid=cvalid, cache=cache.rollback(start), logits_at=jnp.full((b, 1), w - 1, jnp.int32),
                     return_hidden=need_hidden)
         hidden0 = out.hidden[:, -1] if need_hidden else None
@@ -263,8 +213,8 @@ class ModelDrafter(Drafter):
         def step(c: _DraftCarry) -> _DraftCarry:
             """Draft ``d_j`` from the current logits, then (unless no row continues) one drafter forward on it."""
             j = c.j
-            tok = _sample(jax.random.fold_in(ctx.key, j), c.logits, ctx.params)  # [B]
-            tprob = _token_prob(c.logits, tok, ctx.params) if policy.needs_token_prob else None  # q_j(d_j) [B]
+            tok = sample_rows(jax.random.fold_in(ctx.key, j), c.logits, ctx.params)  # [B]
+            tprob = token_prob(c.logits, tok, ctx.params) if policy.needs_token_prob else None  # q_j(d_j) [B]
             tok = jnp.where(c.active, tok, ctx.pad_id)
             cont, pcarry = policy.after(c.pcarry, j, c.logits, c.hidden, tprob)
             nxt = c.active & cont & (j + 1 < ctx.gamma)
@@ -352,8 +302,8 @@ def ngram_lookup(seq, seq_valid, n, gamma, max_ngram, min_ngram, pad_id=0):
     found = jnp.zeros((b,), bool)
     best = jnp.zeros((b,), jnp.int32)  # start of the continuation
     for g in range(max_ngram, min_ngram - 1, -1):
-        pattern = _rows_slice(seq, jnp.maximum(n - g, 0), g)  # [B, g]
-        pat_ok = jnp.all(_rows_slice(seq_valid, jnp.maximum(n - g, 0), g), axis=1) & (n >= g)
+        pattern = rows_slice(seq, jnp.maximum(n - g, 0), g)  # [B, g]
+        pat_ok = jnp.all(rows_slice(seq_valid, jnp.maximum(n - g, 0), g), axis=1) & (n >= g)
         match = jnp.ones((b, s), bool)
         for k in range(g):
             shifted = jnp.roll(seq, -k, axis=1)  # shifted[:, i] = seq[:, i + k]
@@ -365,7 +315,7 @@ def ngram_lookup(seq, seq_valid, n, gamma, max_ngram, min_ngram, pad_id=0):
         take = hit & ~found
         best = jnp.where(take, last + g, best)
         found = found | hit
-    toks = _rows_slice(jnp.pad(seq, ((0, 0), (0, gamma))), best, gamma)
+    toks = rows_slice(jnp.pad(seq, ((0, 0), (0, gamma))), best, gamma)
     valid = found[:, None] & (best[:, None] + jnp.arange(gamma)[None, :] < n[:, None])
     return jnp.where(valid, toks, pad_id).astype(jnp.int32), valid
 
@@ -405,8 +355,8 @@ class DeerDrafter(Drafter):
         valid = ((idx < n) & ctx.seq_valid) | is_mask
         at = ctx.n[:, None] + jnp.arange(g)[None, :]  # [B, γ]
         logits = model(tokens, valid=valid & ctx.live[:, None], attention="bidirectional", logits_at=at).logits
-        drafts = _sample(ctx.key, logits, ctx.params)  # [B, γ]
-        tprob = _token_prob(logits, drafts, ctx.params) if policy.needs_token_prob else None  # [B, γ]
+        drafts = sample_rows(ctx.key, logits, ctx.params)  # [B, γ]
+        tprob = token_prob(logits, drafts, ctx.params) if policy.needs_token_prob else None  # [B, γ]
         dvalid = policy_mask(policy, logits, ctx.gamma, jnp.broadcast_to(ctx.live[:, None], (b, g)), tprob)
         return Draft(jnp.where(dvalid, drafts, ctx.pad_id), logits, dvalid, jnp.int32(1), state,
                      jnp.zeros((b,), jnp.int32))
@@ -598,13 +548,13 @@ def _accept_round(key, tokens, d_logits, dvalid, t_logits, params, pad_id: int, 
     drawn from S(p_1), as an AR step (argmax for greedy rows, as the greedy verdict's)."""
     b, k = tokens.shape
     if k == 0:
-        return jnp.zeros((b,), jnp.int32), _sample(key, t_logits[:, 0], params)[:, None].astype(jnp.int32)
+        return jnp.zeros((b,), jnp.int32), sample_rows(key, t_logits[:, 0], params)[:, None].astype(jnp.int32)
     if greedy:  # = sampling.speculative_accept_greedy with the blocked argmax
-        a = _greedy_tokens(t_logits)  # [B, k+1]
+        a = greedy_tokens(t_logits)  # [B, k+1]
         nacc = sampling.count_leading_true(dvalid & (tokens == a[:, :k]))
         return nacc, sampling._emit(tokens, nacc, jnp.take_along_axis(a, nacc[:, None], axis=1)[:, 0], pad_id)
-    q = _probs(d_logits, params)  # [B, k, V]
-    p_ = _probs(t_logits, params)  # [B, k+1, V]
+    q = processed_probs(d_logits, params)  # [B, k, V]
+    p_ = processed_probs(t_logits, params)  # [B, k+1, V]
     exact = sampling.speculative_accept(key, tokens, q, p_, dvalid, pad_id)
     verdict = sampling.speculative_accept_greedy(tokens, t_logits, dvalid, pad_id)
     is_greedy = params.temperature <= 0
@@ -623,7 +573,7 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
     draws are not traced). Same tokens as the general loop, whose greedy rows take the same argmaxes. ``mesh``:
     the model code's activation constraints follow ``jaxtok.mesh``'s rules on it (rows on the batch axes, heads /
     MLP / vocabulary on ``tensor``); the arguments arrive placed by :func:`speculative_generate`."""
-    flag = _ALL_GREEDY.set(bool(greedy))
+    flag = ALL_GREEDY.set(bool(greedy))
     rules = axis_rules(mesh) if mesh is not None else contextlib.nullcontext()
     try:
         with rules:
@@ -631,7 +581,7 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
                                      params, max_new_tokens, gamma_max, stop_tokens, pad_id, poison, greedy,
                                      return_logprobs, verify_chunk)
     finally:
-        _ALL_GREEDY.reset(flag)
+        ALL_GREEDY.reset(flag)
 
 
 @jax.tree_util.register_dataclass
@@ -688,7 +638,7 @@ def _verify(target_graphdef, target_state, cache: KVCache, last, d: Draft, dvali
             vcache, logits, fwd, pos = vo.cache, vo.logits, jnp.int32(1), jnp.int32(k + 1)
         nacc, emitted = _accept_round(key, d.tokens[:, :k], d.logits[:, :k], dvalid[:, :k], logits, params,
                                       pad_id, greedy)
-        lp = _token_logprob(logits, emitted, params) if return_logprobs else jnp.zeros(emitted.shape)
+        lp = token_logprob(logits, emitted, params) if return_logprobs else jnp.zeros(emitted.shape)
         widen = ((0, 0), (0, g - k))
         return (vcache, nacc, jnp.pad(emitted, widen, constant_values=pad_id),  # [B, γ+1]
                 jnp.pad(lp, widen), fwd, pos)
@@ -719,7 +669,7 @@ def _frontier_logits(target_graphdef, target_state, cache: KVCache, toks, dvalid
         if a == 0:
             alive = live
         else:  # greedy verdict on d_1..d_a from the logits at positions 0..a-1
-            match = dvalid[:, :a] & (toks[:, 1:a + 1] == _greedy_tokens(logits[:, :a]))
+            match = dvalid[:, :a] & (toks[:, 1:a + 1] == greedy_tokens(logits[:, :a]))
             alive = live & (sampling.count_leading_true(match) >= a)
 
         def run(args, a=a, e=e, alive=alive):
@@ -734,18 +684,6 @@ def _frontier_logits(target_graphdef, target_state, cache: KVCache, toks, dvalid
         cache, logits, ran = jax.lax.cond(jnp.any(alive), run, skip, (cache, logits))
         fwd, pos = fwd + ran, pos + ran * (e - a)
     return cache, logits, fwd, pos
-
-
-def _kept(emitted, nacc, count, live, stop, max_new_tokens: int):
-    """Step 5's cut: how many of a round's ``emitted [B, γ+1]`` tokens each row commits -> ``(n_emit [B], hit [B])``:
-    the accepted drafts and the next token, cut after the first stop token (``hit``) and at ``max_new_tokens``
-    (``count [B]`` already emitted); 0 for frozen rows."""
-    j = jnp.arange(emitted.shape[1])[None, :]
-    n_emit = jnp.minimum(nacc + 1, max_new_tokens - count)  # [B]
-    is_stop = jnp.any(emitted[..., None] == stop, axis=-1) & (j < n_emit[:, None])
-    hit = jnp.any(is_stop, axis=1)
-    n_emit = jnp.where(hit, sampling.first_true_index(is_stop) + 1, n_emit)
-    return jnp.where(live, n_emit, 0), hit
 
 
 def _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params, *, n_new,
@@ -763,9 +701,9 @@ def _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt
     seq_valid = jnp.zeros((b, s), bool).at[:, w:w + p].set(prompt_valid)
     out = target(seq[:, :w + p], valid=seq_valid[:, :w + p], cache=KVCache.init(target.cfg, b, s),
                  logits_at=jnp.full((b, 1), w + p - 1, jnp.int32))
-    first = _sample(key, out.logits[:, 0], params)
+    first = sample_rows(key, out.logits[:, 0], params)
     # per-token target log-probs, aligned with ``seq`` (return_logprobs only): [B, S] float32
-    lp_seq = (jnp.zeros((b, s), jnp.float32).at[:, w + p].set(_token_logprob(out.logits[:, 0], first, params))
+    lp_seq = (jnp.zeros((b, s), jnp.float32).at[:, w + p].set(token_logprob(out.logits[:, 0], first, params))
               if return_logprobs else None)
     seq = seq.at[:, w + p].set(first)
     seq_valid = seq_valid.at[:, w + p].set(True)
@@ -824,7 +762,7 @@ def _spec_round(st: _SpecState, target_graphdef, target_state, drafter, policy, 
     vcache, nacc, emitted, lp, vforwards, vtokens = _verify(
         target_graphdef, target_state, st.cache, last, d, dvalid, live, k_accept, params, rc.widths, pad_id,
         rc.greedy, rc.return_logprobs, rc.verify_chunk)
-    n_emit, hit = _kept(emitted, nacc, st.count, live, stop, limit)
+    n_emit, hit = kept_tokens(emitted, nacc, st.count, live, stop, limit)
     keep = jnp.arange(g + 1)[None, :] < n_emit[:, None]
     count = st.count + n_emit
     done = st.done | (live & hit)
@@ -838,9 +776,9 @@ def _spec_round(st: _SpecState, target_graphdef, target_state, drafter, policy, 
     pstate = policy.update(st.pstate, gamma, jnp.sum(dvalid, axis=1), nacc, draft_stats(d.logits, dvalid), live)
     acc_mask = (jnp.arange(g)[None, :] < nacc[:, None]) & dvalid
     return _SpecState(
-        round=st.round + 1, seq=_rows_write(st.seq, jnp.where(keep, emitted, pad_id), n),
-        seq_valid=_rows_write(st.seq_valid, keep, n),
-        lp_seq=_rows_write(st.lp_seq, jnp.where(keep, lp, 0.0), n) if rc.return_logprobs else None,
+        round=st.round + 1, seq=rows_write(st.seq, jnp.where(keep, emitted, pad_id), n),
+        seq_valid=rows_write(st.seq_valid, keep, n),
+        lp_seq=rows_write(st.lp_seq, jnp.where(keep, lp, 0.0), n) if rc.return_logprobs else None,
         count=count, done=done, finished=done | (count >= limit), cache=cache, dstate=dstate, pstate=pstate,
         target_forwards=st.target_forwards + vforwards, draft_forwards=st.draft_forwards + d.forwards,
         rounds=st.rounds + live, accepted=st.accepted + jnp.where(live, nacc, 0),
@@ -1051,8 +989,8 @@ def _sync_logits(graphdef, state, cache: KVCache, seq, seq_valid, n, use, chunk:
         model = nnx.merge(graphdef, state)
         start = cache.lengths
         pos = start[:, None] + jnp.arange(chunk)[None, :]
-        toks = _rows_slice(seq, start, chunk)
-        v = _rows_slice(seq_valid, start, chunk) & use[:, None] & (pos < target[:, None])
+        toks = rows_slice(seq, start, chunk)
+        v = rows_slice(seq_valid, start, chunk) & use[:, None] & (pos < target[:, None])
         o = model(toks, valid=v, cache=cache, return_logits=False)
         return o.cache.rollback(jnp.where(use, jnp.minimum(start + chunk, target), start)), f + 1
 
@@ -1133,7 +1071,7 @@ def _ead_jit(small_graphdef, small_state, large_graphdef, large_state, prompt, p
         ls, cache_s, fs = run(small_graphdef, small_state, st.small, use_s)
         ll, cache_l, fl = run(large_graphdef, large_state, st.large, use_l)
         logits = jnp.where(use_l[:, None], ll, ls)
-        tok = _sample(jax.random.fold_in(rng, jnp.max(st.count)), logits, params)
+        tok = sample_rows(jax.random.fold_in(rng, jnp.max(st.count)), logits, params)
         tok = jnp.where(live, tok, pad_id)
         ent = draft_stats(logits[:, None], live[:, None]).entropy_bits[:, 0]  # bits, untempered
         slot = jax.nn.one_hot(st.count % w, w, dtype=bool) & live[:, None]
@@ -1144,11 +1082,11 @@ def _ead_jit(small_graphdef, small_state, large_graphdef, large_state, prompt, p
         count = st.count + live
         done = st.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1))
         return _EADState(
-            seq=_rows_write(st.seq, tok[:, None], n), seq_valid=_rows_write(st.seq_valid, live[:, None], n),
+            seq=rows_write(st.seq, tok[:, None], n), seq_valid=rows_write(st.seq_valid, live[:, None], n),
             count=count, done=done, finished=done | (count >= n_new), small=cache_s, large=cache_l,
             small_forwards=st.small_forwards + fs, large_forwards=st.large_forwards + fl,
             mode=jnp.where(live, mode, st.mode), dwell=jnp.where(live, dwell, st.dwell), hist=hist,
-            from_large=_rows_write(st.from_large, use_l[:, None], st.count),
+            from_large=rows_write(st.from_large, use_l[:, None], st.count),
         )
 
     st = jax.lax.while_loop(lambda st: ~jnp.all(st.finished), step, state)

@@ -36,6 +36,7 @@ def piece_calls(target, draft, b: int, p: int, n_new: int, g: int) -> dict:
     spec = importlib.import_module("jaxtok.decode.speculative")
     from jaxtok import sampling
     from jaxtok.decode import draft_policies as dp
+    from jaxtok.decode import rows
     from jaxtok.models import KVCache
 
     w, s = spec._layout(b, p, n_new, g)
@@ -68,11 +69,11 @@ def piece_calls(target, draft, b: int, p: int, n_new: int, g: int) -> dict:
             ctx = spec.DraftContext(seq=seq, seq_valid=seq_valid, n=n, live=jnp.ones((b,), bool),
                                     gamma=jnp.full((b,), g, jnp.int32), params=params, key=key, gamma_max=g,
                                     window=w, pad_id=0, refeed=refeed)
-            tok = spec._ALL_GREEDY.set(True)
+            tok = rows.ALL_GREEDY.set(True)
             try:
                 d = drafter.draft(dstate, ctx, policy)
             finally:
-                spec._ALL_GREEDY.reset(tok)
+                rows.ALL_GREEDY.reset(tok)
             return d.tokens, d.state
         f = jax.jit(run)
         return lambda: f(dcache, jax.random.key(0))
@@ -83,11 +84,11 @@ def piece_calls(target, draft, b: int, p: int, n_new: int, g: int) -> dict:
 
     @jax.jit
     def accept(t_logits, d_tokens, seq, seq_valid, n):
-        a = spec._greedy_tokens(t_logits)  # [B, γ+1]
+        a = rows.greedy_tokens(t_logits)  # [B, γ+1]
         nacc = sampling.count_leading_true(d_tokens == a[:, :g])
         emitted = sampling._emit(d_tokens, nacc, jnp.take_along_axis(a, nacc[:, None], axis=1)[:, 0], 0)
         keep = jnp.arange(g + 1)[None, :] < (nacc + 1)[:, None]
-        return spec._rows_write(seq, jnp.where(keep, emitted, 0), n), spec._rows_write(seq_valid, keep, n), nacc
+        return rows.rows_write(seq, jnp.where(keep, emitted, 0), n), rows.rows_write(seq_valid, keep, n), nacc
 
     rollback = jax.jit(lambda c, m: c.rollback(m))
     return {
