@@ -23,7 +23,8 @@ steps per rollout batch): per seed the same summary plus the mechanism statistic
 (``(step - 1) % rollout.inner_epochs + 1``; on k = 1 the policy is the sampler, so every ratio is 1 by
 construction): mean / max ``clip_frac`` (for CPPO: the fraction of tokens its trust-region mask rejects), mean
 ``dual_clip_frac``, the extreme and mean ``ratio_min`` / ``ratio_max``, mean ``approx_kl`` and the mode's own
-entries (``cppo_*``), the inner-step-k clip fraction, entropy and gradient norm per 25-step window, and the median
+entries (``cppo_*``), the clip fraction per valid-position bucket (``clip_frac_pos*``), the inner-step-mu clip
+fraction, entropy, gradient norm and CPPO rejections per 25-step window, and the median
 seconds of a step that samples (k = 1) and of one that reuses the batch (k = 2). Over seeds: the mean final accuracy,
 its standard error over seeds and a 95 % Student-t interval when there are >= 2 seeds, else the binomial SE of the
 one run (then it is one run, not a mean). ``--reference NAME=DIR0,DIR1,...`` likewise: seed 0's row plus the seeds'
@@ -151,10 +152,15 @@ def mechanism(recs: list[dict], mu: int) -> dict:
                 d[f"{key}_max"] = _r(max(vals))
             if key in ("ratio_min", "cppo_mask_mean"):
                 d[f"{key}_min"] = _r(min(vals))
+        pos = sorted((int(key[len("clip_frac_pos"):]), key) for key in sel[0] if key.startswith("clip_frac_pos"))
+        if pos:  # per valid-position bucket (jaxtok.policy._position_buckets over the padded length)
+            d["clip_frac_by_position"] = [_r(np.mean([r.get(key, 0.0) for r in sel])) for _, key in pos]
         times = [r["step_time_s"] for r in sel if r.get("step_time_s") is not None and "compile_s" not in r]
         d["step_s_median"] = _r(np.median(times), 3) if times else None
         out[f"inner{k}"] = d
-    for key in ("clip_frac", "entropy", "grad_norm", "approx_kl"):
+    for key in ("clip_frac", "entropy", "grad_norm", "approx_kl", "cppo_token_reject_frac", "cppo_budget_reject_frac"):
+        if not any(r.get(key) is not None for r in rows):
+            continue
         win: dict[int, list[float]] = {}
         for r in rows:
             if (r["step"] - 1) % mu + 1 == mu and r.get(key) is not None:
