@@ -1,13 +1,13 @@
 """Continuous batching of speculative decoding: a slot engine and a dynamic-arrival host loop (FASER, §A7).
 
-The engine keeps ``B`` slots in the speculative loop's state (:class:`~jaxtok.decode.speculative._SpecState`: one
+The engine keeps ``B`` slots in the speculative loop's state (:class:`~jaxtok.decode.speculative.SpecState`: one
 committed buffer, KV caches, drafter and policy state per row) and exposes two jitted steps:
 
 - :meth:`SlotEngine.admit` — prefill one request into a free slot: the prompt (left-padded to the engine's ``P``)
-  through target and drafter at batch 1 (:func:`~jaxtok.decode.speculative._spec_prefill`, the same prefill as
+  through target and drafter at batch 1 (:func:`~jaxtok.decode.speculative.spec_prefill`, the same prefill as
   :func:`~jaxtok.decode.speculative.speculative_generate`), its first token from the target, and the slot's
   row of every per-row buffer overwritten (cache, lengths, counters, the draft-length policy's state);
-- :meth:`SlotEngine.run` — speculative rounds (:func:`~jaxtok.decode.speculative._spec_round`, the loop body of
+- :meth:`SlotEngine.run` — speculative rounds (:func:`~jaxtok.decode.speculative.spec_round`, the loop body of
   ``speculative_generate``) on all slots until ``rounds`` rounds ran or a row that was generating finished; empty
   and finished slots are frozen rows (masked, as finished rows are in ``speculative_generate``).
 
@@ -44,8 +44,8 @@ from .draft_policies import DraftPolicy, Fixed
 from .generate import DEFAULT_EOS_ID, DEFAULT_PAD_ID
 from .rows import ALL_GREEDY
 from .speculative import (
-    ModelDrafter, DeerDrafter, RoutedDrafter, _RoundConfig, _SpecState, _cfg_of, _check_length,
-    _layout, _spec_prefill, _spec_round, as_drafter, check_verify_chunk, verify_widths,
+    ModelDrafter, DeerDrafter, RoutedDrafter, RoundConfig, SpecState, cfg_of, check_length,
+    seq_layout, spec_prefill, spec_round, as_drafter, check_verify_chunk, verify_widths,
 )
 
 
@@ -92,7 +92,7 @@ def _empty_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_va
     """All slots empty: a prefill of placeholder rows, every row done (frozen), counters at 0."""
     flag = ALL_GREEDY.set(bool(greedy))
     try:
-        st = _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params,
+        st = spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params,
                            n_new=max_new_tokens, gamma_max=gamma_max, stop=_stop_array(stop_tokens), pad_id=pad_id,
                            return_logprobs=False)
     finally:
@@ -105,12 +105,12 @@ def _empty_jit(target_graphdef, target_state, drafter, policy, prompt, prompt_va
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _admit_jit(target_graphdef, target_state, drafter, policy, state: _SpecState, slot, prompt, prompt_valid, key,
+def _admit_jit(target_graphdef, target_state, drafter, policy, state: SpecState, slot, prompt, prompt_valid, key,
                params, limit, *, max_new_tokens, gamma_max, stop_tokens, pad_id, greedy, verify_chunk):
     """Prefill ``prompt [1, P]`` into row ``slot`` of ``state`` (a fresh row: cache, counters, policy state)."""
     flag = ALL_GREEDY.set(bool(greedy))
     try:
-        one = _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params,
+        one = spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params,
                             n_new=max_new_tokens, gamma_max=gamma_max, stop=_stop_array(stop_tokens), pad_id=pad_id,
                             return_logprobs=False, limit=limit)
     finally:
@@ -121,14 +121,14 @@ def _admit_jit(target_graphdef, target_state, drafter, policy, state: _SpecState
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _run_jit(target_graphdef, target_state, drafter, policy, state: _SpecState, rng, params, limit, max_rounds, *,
+def _run_jit(target_graphdef, target_state, drafter, policy, state: SpecState, rng, params, limit, max_rounds, *,
              max_new_tokens, gamma_max, stop_tokens, pad_id, greedy, verify_chunk):
-    """Rounds of :func:`_spec_round` until ``max_rounds`` ran, no row is generating, or a row that was generating
+    """Rounds of :func:`spec_round` until ``max_rounds`` ran, no row is generating, or a row that was generating
     at the call's start finished. Returns ``(state, rounds run)``."""
     flag = ALL_GREEDY.set(bool(greedy))
     try:
-        p = state.seq.shape[1] - _layout(1, 0, max_new_tokens, gamma_max)[1]
-        rc = _RoundConfig(p=p, g=gamma_max, stop_tokens=stop_tokens, widths=verify_widths(policy, drafter, gamma_max),
+        p = state.seq.shape[1] - seq_layout(1, 0, max_new_tokens, gamma_max)[1]
+        rc = RoundConfig(p=p, g=gamma_max, stop_tokens=stop_tokens, widths=verify_widths(policy, drafter, gamma_max),
                           pad_id=pad_id, greedy=greedy, verify_chunk=verify_chunk)
         started = ~state.finished
 
@@ -138,7 +138,7 @@ def _run_jit(target_graphdef, target_state, drafter, policy, state: _SpecState, 
 
         def body(c):
             i, st = c
-            return i + 1, _spec_round(st, target_graphdef, target_state, drafter, policy, rng, params, limit, rc)
+            return i + 1, spec_round(st, target_graphdef, target_state, drafter, policy, rng, params, limit, rc)
 
         i, st = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     finally:
@@ -182,10 +182,10 @@ class SlotEngine:
             raise ValueError(f"drafter: vocab_size {self.drafter.vocab_size} differs from the target's "
                              f"{target.cfg.vocab_size}")
         check_verify_chunk(verify_chunk, sampling)
-        _check_length("target", target.cfg, prompt_len, max_new_tokens, draft_len)
+        check_length("target", target.cfg, prompt_len, max_new_tokens, draft_len)
         for d in (self.drafter.drafters if isinstance(self.drafter, RoutedDrafter) else (self.drafter,)):
             if isinstance(d, (ModelDrafter, DeerDrafter)):
-                _check_length("drafter", _cfg_of(d.graphdef, d.state), prompt_len, max_new_tokens, draft_len)
+                check_length("drafter", cfg_of(d.graphdef, d.state), prompt_len, max_new_tokens, draft_len)
         self.slots, self.prompt_len, self.max_new_tokens, self.gamma_max = slots, prompt_len, max_new_tokens, draft_len
         self.graphdef, self.state_ = nnx.split(target)
         self.params = sampling.per_row(slots)
@@ -197,7 +197,7 @@ class SlotEngine:
                            greedy=bool(sampling.all_greedy), verify_chunk=int(verify_chunk))
         self.w = draft_len + 1  # emitted tokens of a row start at seq[w + P]
 
-    def empty(self) -> _SpecState:
+    def empty(self) -> SpecState:
         """Every slot empty (finished rows)."""
         b, p = self.slots, self.prompt_len
         prompt = jnp.full((b, p), self.pad_id, jnp.int32)
@@ -205,7 +205,7 @@ class SlotEngine:
         return _empty_jit(self.graphdef, self.state_, self.drafter, self.policy, prompt, valid,
                           jax.random.fold_in(self.rng, 0), self.params, **self.static)
 
-    def admit(self, state: _SpecState, slot: int, prompt, prompt_valid, limit: int, request_id: int) -> _SpecState:
+    def admit(self, state: SpecState, slot: int, prompt, prompt_valid, limit: int, request_id: int) -> SpecState:
         """Prefill a request (``prompt / prompt_valid [P]``, left-padded) into ``slot``; ``limit`` its
         max_new_tokens (<= N). Its first token is drawn with ``fold_in(rng, 10**6 + request_id)``."""
         p = jnp.where(jnp.asarray(prompt_valid, bool), jnp.asarray(prompt, jnp.int32), self.pad_id)[None, :]
@@ -213,13 +213,13 @@ class SlotEngine:
                           jnp.asarray(prompt_valid, bool)[None, :], jax.random.fold_in(self.rng, 10 ** 6 + request_id),
                           self.params1, jnp.asarray([limit], jnp.int32), **self.static)
 
-    def run(self, state: _SpecState, limit: np.ndarray, rounds: int) -> tuple[_SpecState, jax.Array]:
+    def run(self, state: SpecState, limit: np.ndarray, rounds: int) -> tuple[SpecState, jax.Array]:
         """Up to ``rounds`` speculative rounds on every slot, stopping early when a generating row finishes.
         ``limit [B]``: each slot's max_new_tokens. Returns ``(state, rounds run)``."""
         return _run_jit(self.graphdef, self.state_, self.drafter, self.policy, state, self.rng, self.params,
                         jnp.asarray(limit, jnp.int32), jnp.int32(rounds), **self.static)
 
-    def tokens(self, state: _SpecState, slot: int) -> np.ndarray:
+    def tokens(self, state: SpecState, slot: int) -> np.ndarray:
         """The emitted tokens of ``slot`` (its count of them)."""
         n = int(state.count[slot])
         start = self.w + self.prompt_len

@@ -19,8 +19,8 @@ Lossless loop (:func:`speculative_generate`). Every row keeps its committed sequ
    token or reached ``max_new_tokens`` are frozen with ``where``.
 
 FASER (§A7): ``verify_chunk=c`` splits step 3 into frontier forwards of c positions with early pruning (greedy
-rows only, off by default: :func:`_frontier_logits`); the round itself is :func:`_spec_round` on a
-:class:`_SpecState` built by :func:`_spec_prefill`, which the continuous-batching engine
+rows only, off by default: :func:`_frontier_logits`); the round itself is :func:`spec_round` on a
+:class:`SpecState` built by :func:`spec_prefill`, which the continuous-batching engine
 (:mod:`jaxtok.decode.serving`) reuses slot by slot.
 
 Drafters are small pytrees whose static fields (a model's ``GraphDef``, n-gram sizes) are part of the jit cache
@@ -186,7 +186,7 @@ class ModelDrafter(Drafter):
 
     @property
     def cfg(self):
-        return _cfg_of(self.graphdef, self.state)
+        return cfg_of(self.graphdef, self.state)
 
     @property
     def vocab_size(self) -> int:
@@ -262,7 +262,8 @@ class _DraftCarry:
     forwards: jax.Array
 
 
-def _cfg_of(graphdef, state):
+def cfg_of(graphdef, state):
+    """The model config of a split module."""
     return nnx.merge(graphdef, state).cfg
 
 
@@ -342,7 +343,7 @@ class DeerDrafter(Drafter):
 
     @property
     def vocab_size(self) -> int:
-        return _cfg_of(self.graphdef, self.state).vocab_size
+        return cfg_of(self.graphdef, self.state).vocab_size
 
     def draft(self, state, ctx: DraftContext, policy: DraftPolicy) -> Draft:
         model = nnx.merge(self.graphdef, self.state)
@@ -491,7 +492,7 @@ class SpeculativeResult:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _layout(b, p, n, g):
+def seq_layout(b, p, n, g):
     """Buffer geometry: W pad columns before the prompt, then P, then N + γ + 1 emitted slots."""
     w = g + 1
     return w, w + p + n + g + 1
@@ -586,11 +587,11 @@ def _speculative_jit(target_graphdef, target_state, drafter, policy, prompt, pro
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _SpecState:
+class SpecState:
     """Loop carry of :func:`_speculative_core` (the speculative counterpart of ``generate``'s ``_State``).
 
     ``round []`` rounds run (round r draws with ``fold_in(rng, r + 1)``); ``seq / seq_valid [B, S]`` the committed
-    buffer (:func:`_layout`); ``lp_seq [B, S]`` the target log-prob of each committed token (``return_logprobs``,
+    buffer (:func:`seq_layout`); ``lp_seq [B, S]`` the target log-prob of each committed token (``return_logprobs``,
     else None); ``count [B]`` emitted tokens; ``done [B]`` a stop token was emitted; ``finished [B]`` done or at
     ``max_new_tokens``; ``cache`` the target's KV cache (exact below ``n - 1``); ``dstate`` / ``pstate`` the
     drafter's and the draft-length policy's states; the counters of :class:`SpeculativeResult`."""
@@ -686,8 +687,8 @@ def _frontier_logits(target_graphdef, target_state, cache: KVCache, toks, dvalid
     return cache, logits, fwd, pos
 
 
-def _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params, *, n_new,
-                  gamma_max, stop, pad_id, return_logprobs, limit=None) -> _SpecState:
+def spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid, key, params, *, n_new,
+                  gamma_max, stop, pad_id, return_logprobs, limit=None) -> SpecState:
     """Prefill of the loop (before round 0): both models on ``pad | prompt`` (``[B, P]`` left-padded), the first
     token from the target (``key``; as in AR generation), counters at their prefill values. ``n_new``: the static
     cap on emitted tokens (buffer size); ``limit``: the cap a row finishes at (default ``n_new``; ``[B]`` per-row
@@ -695,7 +696,7 @@ def _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt
     target = nnx.merge(target_graphdef, target_state)
     b, p = prompt.shape
     g = gamma_max
-    w, s = _layout(b, p, n_new, g)
+    w, s = seq_layout(b, p, n_new, g)
     limit = n_new if limit is None else limit
     seq = jnp.full((b, s), pad_id, jnp.int32).at[:, w:w + p].set(prompt)
     seq_valid = jnp.zeros((b, s), bool).at[:, w:w + p].set(prompt_valid)
@@ -714,7 +715,7 @@ def _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt
     def zeros(*shape):
         return jnp.zeros((b,) + shape, jnp.int32)
 
-    return _SpecState(
+    return SpecState(
         round=jnp.int32(0), seq=seq, seq_valid=seq_valid, lp_seq=lp_seq, count=count, done=done,
         finished=done | (count >= limit), cache=out.cache, dstate=drafter.init(seq, seq_valid, w + p, s),
         pstate=policy.init(b, g), target_forwards=jnp.int32(1), draft_forwards=jnp.int32(drafter.prefill_forwards),
@@ -724,8 +725,8 @@ def _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt
 
 
 @dataclasses.dataclass(frozen=True)
-class _RoundConfig:
-    """Static settings of :func:`_spec_round`: prompt width ``p``, γmax ``g``, stop ids, verification ``widths``
+class RoundConfig:
+    """Static settings of :func:`spec_round`: prompt width ``p``, γmax ``g``, stop ids, verification ``widths``
     (:func:`verify_widths`), ``pad_id``, the ``poison`` test hook, ``greedy`` (all rows at temperature 0),
     ``return_logprobs`` and ``verify_chunk`` (0: one verification forward; c > 0: frontier verification in chunks
     of c positions with early pruning, :func:`_verify`)."""
@@ -741,8 +742,8 @@ class _RoundConfig:
     verify_chunk: int = 0
 
 
-def _spec_round(st: _SpecState, target_graphdef, target_state, drafter, policy, rng, params, limit,
-                rc: _RoundConfig) -> _SpecState:
+def spec_round(st: SpecState, target_graphdef, target_state, drafter, policy, rng, params, limit,
+                rc: RoundConfig) -> SpecState:
     """One draft -> verify -> accept round (module docstring, steps 1-5) on every row of ``st``; ``limit``: the cap
     on emitted tokens (the int ``max_new_tokens``, or ``[B]`` per row in the serving engine)."""
     p, g, pad_id = rc.p, rc.g, rc.pad_id
@@ -775,7 +776,7 @@ def _spec_round(st: _SpecState, target_graphdef, target_state, drafter, policy, 
                               is_leaf=lambda x: isinstance(x, KVCache))
     pstate = policy.update(st.pstate, gamma, jnp.sum(dvalid, axis=1), nacc, draft_stats(d.logits, dvalid), live)
     acc_mask = (jnp.arange(g)[None, :] < nacc[:, None]) & dvalid
-    return _SpecState(
+    return SpecState(
         round=st.round + 1, seq=rows_write(st.seq, jnp.where(keep, emitted, pad_id), n),
         seq_valid=rows_write(st.seq_valid, keep, n),
         lp_seq=rows_write(st.lp_seq, jnp.where(keep, lp, 0.0), n) if rc.return_logprobs else None,
@@ -797,19 +798,19 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
     b, p = prompt.shape
     n_new, g = max_new_tokens, gamma_max
     stop = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
-    state = _spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid,
+    state = spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid,
                           jax.random.fold_in(rng, 0), params, n_new=n_new, gamma_max=g, stop=stop, pad_id=pad_id,
                           return_logprobs=return_logprobs)
-    rc = _RoundConfig(p=p, g=g, stop_tokens=tuple(stop_tokens), widths=verify_widths(policy, drafter, g),
+    rc = RoundConfig(p=p, g=g, stop_tokens=tuple(stop_tokens), widths=verify_widths(policy, drafter, g),
                       pad_id=pad_id, poison=poison, greedy=greedy, return_logprobs=return_logprobs,
                       verify_chunk=verify_chunk)
     st = jax.lax.while_loop(
         lambda st: ~jnp.all(st.finished),
-        lambda st: _spec_round(st, target_graphdef, target_state, drafter, policy, rng, params, n_new, rc), state)
-    return _spec_result(st, p, n_new, g, pad_id, return_logprobs)
+        lambda st: spec_round(st, target_graphdef, target_state, drafter, policy, rng, params, n_new, rc), state)
+    return spec_result(st, p, n_new, g, pad_id, return_logprobs)
 
 
-def _spec_result(st: _SpecState, p: int, n_new: int, g: int, pad_id: int, return_logprobs: bool,
+def spec_result(st: SpecState, p: int, n_new: int, g: int, pad_id: int, return_logprobs: bool,
                  rows=None) -> SpeculativeResult:
     """:class:`SpeculativeResult` of a loop state (the emitted tokens are ``seq[w + p : w + p + N]``)."""
     w = g + 1
@@ -828,7 +829,9 @@ def _spec_result(st: _SpecState, p: int, n_new: int, g: int, pad_id: int, return
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_length(name: str, cfg, p: int, n: int, g: int) -> None:
+def check_length(name: str, cfg, p: int, n: int, g: int) -> None:
+    """ValueError naming model ``name`` when prompt ``p`` + ``n`` new tokens + γmax ``g`` + 1 (the loop's widest
+    position) exceed its ``max_position_embeddings``."""
     need = p + n + g + 1
     if need > cfg.max_position_embeddings:
         raise ValueError(f"prompt: length {p} + max_new_tokens {n} + draft_len {g} + 1 = {need} positions exceed "
@@ -931,10 +934,10 @@ def speculative_generate(
                          f"{target.cfg.vocab_size}")
     check_verify_chunk(verify_chunk, sampling)
     b, p = prompt.shape
-    _check_length("target", target.cfg, p, int(max_new_tokens), int(draft_len))
+    check_length("target", target.cfg, p, int(max_new_tokens), int(draft_len))
     for d in (drafter.drafters if isinstance(drafter, RoutedDrafter) else (drafter,)):
         if isinstance(d, (ModelDrafter, DeerDrafter)):
-            _check_length("drafter", _cfg_of(d.graphdef, d.state), p, int(max_new_tokens), int(draft_len))
+            check_length("drafter", cfg_of(d.graphdef, d.state), p, int(max_new_tokens), int(draft_len))
     params = sampling.per_row(b)
     prompt_valid = jnp.asarray(prompt_valid, bool)
     prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)
@@ -1006,7 +1009,7 @@ def _sync_logits(graphdef, state, cache: KVCache, seq, seq_valid, n, use, chunk:
 @dataclasses.dataclass(frozen=True)
 class _EADState:
     """Loop carry of :func:`_ead_jit`: ``seq / seq_valid [B, P + N + chunk]`` prompt and emitted tokens, ``count``
-    ``done`` ``finished [B]`` as in :class:`_SpecState`; each model's KV cache (``small`` / ``large``, exact for the
+    ``done`` ``finished [B]`` as in :class:`SpecState`; each model's KV cache (``small`` / ``large``, exact for the
     tokens that model has seen) and batched forwards; ``mode [B]`` True = the large model, ``dwell [B]`` tokens
     since the last switch, ``hist [B, window]`` the entropy ring buffer (bits), ``from_large [B, N + 1]``."""
 
@@ -1126,7 +1129,7 @@ def ead_generate(
         raise ValueError(f"args={args!r}: allowed an EADArgs")
     b, p = prompt.shape
     for name, m in (("small", small), ("large", large)):
-        _check_length(name, m.cfg, p, int(max_new_tokens), 0)
+        check_length(name, m.cfg, p, int(max_new_tokens), 0)
     params = sampling.per_row(b)
     prompt_valid = jnp.asarray(prompt_valid, bool)
     prompt = jnp.where(prompt_valid, jnp.asarray(prompt, jnp.int32), pad_id)

@@ -39,7 +39,7 @@ def piece_calls(target, draft, b: int, p: int, n_new: int, g: int) -> dict:
     from jaxtok.decode import rows
     from jaxtok.models import KVCache
 
-    w, s = spec._layout(b, p, n_new, g)
+    w, s = spec.seq_layout(b, p, n_new, g)
     fill = w + p + n_new // 2  # a half-filled cache
     tg, ts = nnx.split(target)
     dg, ds = nnx.split(draft)
