@@ -751,7 +751,8 @@ def _default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
-_REGISTERING_MODULES = ("jaxtok.tasks", "jaxtok.train.objectives", "jaxtok.train.rewards", "jaxtok.decode")
+_REGISTERING_MODULES = ("jaxtok.tasks", "jaxtok.train.objectives", "jaxtok.train.rewards", "jaxtok.decode",
+                        "jaxtok.bench")
 
 
 def import_registering_modules(modules: Sequence[str] = _REGISTERING_MODULES) -> list[str]:
@@ -800,9 +801,19 @@ def validate_names(cfg: Config) -> RunPlan:
     draft_policy, draft_policy_args = check_rollout_sampler(cfg)
     check_preset(cfg)
     decode = check_decode(cfg)
+    check_bench(cfg)
     return RunPlan(cfg=cfg, objective=objective, objective_args=objective_args, task=task, task_args=task_args,
                    rewards=tuple(cfg.rollout.rewards), draft_policy=draft_policy,
                    draft_policy_args=draft_policy_args, decode=decode)
+
+
+def check_bench(cfg: Config) -> None:
+    """``bench.name`` must be a registered benchmark and ``bench.args`` must fit its arguments, so ``jaxtok validate``
+    and every command catch a misspelt benchmark before anything runs (``jaxtok bench`` parses them again)."""
+    from jaxtok.registry import BENCHES
+
+    if len(BENCHES.names()) and cfg.bench.name:
+        check_named(BENCHES, "bench.name", cfg.bench.name, cfg.bench.args, "bench.args")
 
 
 def as_plan(cfg_or_plan: Config | RunPlan) -> RunPlan:

@@ -201,3 +201,16 @@ def test_logged_step_s_is_the_median_of_timed_windows():
             {"step": 4, "step_time_s": 0.9, "tokens_per_s": 8.0}]
     assert logged_step_s(rows) == 0.7
     assert logged_step_s(rows[:1]) is None
+
+
+def test_bench_name_and_args_are_checked_at_validation():
+    """A misspelt ``bench.name`` or an unknown ``bench.args`` key is a ConfigError when the config is validated
+    (``jaxtok validate`` and every command), naming the key and the allowed values, before anything runs."""
+    from jaxtok.config import from_dict, validate_names
+    from jaxtok.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=r"bench.name='trian': not a known benchmark; allowed: .*'sweep'"):
+        validate_names(from_dict({"bench": {"name": "trian"}}))
+    with pytest.raises(ConfigError, match=r"bench.args.varients"):
+        validate_names(from_dict({"bench": {"name": "sweep", "args": {"varients": {}}}}))
+    validate_names(from_dict({"bench": {"name": "decode"}}))  # a benchmark whose defaults parse
