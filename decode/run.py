@@ -197,7 +197,7 @@ def _results(cfg, plan, metrics: dict) -> tuple[dict, str]:
     if d.method in ("greedy", "sample") and d.policy:
         results["policy"] = d.policy
         results["policy_args"] = dict(d.policy_args)
-    if d.method == "lud":
+    if plan.method.spec.policy is None:  # a method with its own arguments (ead, lud)
         results["policy_args"] = dataclasses.asdict(plan.policy_args)
     if d.method == "speculative":
         results["policy"] = plan.policy.name

@@ -415,12 +415,6 @@ class DecodeSection(_Section):
     def check(self) -> None:
         if self.policy in _OLD_DECODE_POLICIES:
             raise ConfigError(f"decode.policy={self.policy!r}: {_OLD_DECODE_POLICIES[self.policy]}")
-        own_args = self.method in ("ead", "lave", "lud")  # policy_args are the method's own
-        if own_args and self.policy is not None:
-            raise ConfigError(f"decode.policy={self.policy!r}: decode.method={self.method!r} takes no policy (its "
-                              f"arguments are decode.policy_args)")
-        if not own_args and self.method != "greedy" and self.policy_args and self.policy is None:
-            raise ConfigError(f"decode.policy_args={self.policy_args!r}: set decode.policy too")
         if self.drafter != "single" and self.method != "speculative":
             raise ConfigError(f"decode.drafter={self.drafter!r}: drafters are for decode.method='speculative', got "
                               f"{self.method!r}")
@@ -861,7 +855,7 @@ def check_preset(cfg: Config) -> None:
 def check_decode(cfg: Config) -> Optional[DecodePlan]:
     """``decode.*`` resolved against :data:`~jaxtok.registry.DECODE_METHODS`: the method, the policy its loop takes
     (``decode.policy`` or the method's default, in the family the method's spec names) with ``decode.policy_args``
-    parsed — or, for a method without policies (ead, lave), its own arguments parsed from ``decode.policy_args`` —
+    parsed — or, for a method without policies (its spec's ``policy`` is None: ead, lave, lud), its own arguments parsed from ``decode.policy_args`` —
     and the drafter (``decode.drafter``/``decode.drafter_args``) of a method that takes one."""
     from jaxtok.registry import DECODE_METHODS, DRAFTERS
 
@@ -872,6 +866,11 @@ def check_decode(cfg: Config) -> Optional[DecodePlan]:
     spec = method.spec
     family = {"guide": LOGIT_GUIDES, "draft": DRAFT_POLICIES, "commit": COMMIT_POLICIES}.get(spec.policy)
     policy, args = None, None
+    if family is None and d.policy is not None:  # the spec says: policy_args are the method's own arguments
+        raise ConfigError(f"decode.policy={d.policy!r}: decode.method={d.method!r} takes no policy (its arguments "
+                          f"are decode.policy_args)")
+    if family is not None and d.method != "greedy" and d.policy_args and d.policy is None:
+        raise ConfigError(f"decode.policy_args={dict(d.policy_args)!r}: set decode.policy too")
     if family is None:
         args = check_named(DECODE_METHODS, "decode.method", d.method, d.policy_args, "decode.policy_args")
     elif d.policy or spec.default_policy:

@@ -293,3 +293,19 @@ def test_override_of_a_name_keeps_the_files_args_and_says_how_to_clear_them(tmp_
     assert dict(cfg.objective.args) == {"chunk_size": 64} and dict(cfg.decode.policy_args) == {}
     kept = load_config(path, ["decode.policy_args.threshold=0.7"])  # a merge into the file's arguments
     assert dict(kept.decode.policy_args) == {"threshold": 0.7}
+
+
+def test_decode_policy_rules_follow_the_method_spec():
+    """Whether ``decode.policy`` is allowed is read from the method's registered spec (``policy`` None: the
+    method's own arguments are ``decode.policy_args``), not from a list of method names: ead / lave / lud refuse a
+    policy naming the key; a policy family's method refuses ``policy_args`` without ``decode.policy``."""
+    from jaxtok.config import from_dict, validate_names
+    from jaxtok.registry import ConfigError
+
+    for method in ("ead", "lud"):
+        extra = {"draft_init_from": "runs/x"} if method == "ead" else {}
+        with pytest.raises(ConfigError, match=rf"decode.policy='fixed': decode.method='{method}' takes no policy"):
+            validate_names(from_dict({"decode": {"method": method, "policy": "fixed", **extra}}))
+    with pytest.raises(ConfigError, match=r"decode.policy_args=\{'initial': 2\}: set decode.policy too"):
+        validate_names(from_dict({"decode": {"method": "speculative", "policy_args": {"initial": 2}}}))
+    assert validate_names(from_dict({"decode": {"method": "lud", "policy_args": {"k": 3}}})).decode.policy_args.k == 3
