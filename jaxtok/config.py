@@ -386,11 +386,12 @@ class DecodeSection(_Section):
     """Decoding: the method (the loop), its drafter, sampling parameters, and the policy inside the loop."""
 
     _key: ClassVar[str] = "decode"
-    method: str = _f("greedy", choices=("greedy", "sample", "speculative", "ead", "diffusion", "lave", "lud"),
-                     doc="the decoding loop (jaxtok.decode.run): greedy/sample: autoregressive; speculative: "
-                         "lossless draft-and-verify; ead: entropy-adaptive small/large switching (lossy); "
-                         "diffusion: masked diffusion; lave: grammar-constrained masked diffusion (a host loop); "
-                         "lud: lexical unit decoding, k tokens per forward from placeholders (lossy)")
+    method: str = _f("greedy", doc="the decoding loop, a DECODE_METHODS name (`jaxtok registry decode-methods`; one "
+                                   "registered by your own code works too): greedy/sample: autoregressive; "
+                                   "speculative: lossless draft-and-verify; ead: entropy-adaptive small/large "
+                                   "switching (lossy); diffusion: masked diffusion; lave: grammar-constrained masked "
+                                   "diffusion (a host loop); lud: lexical unit decoding, k tokens per forward from "
+                                   "placeholders (lossy)")
     max_new_tokens: int = _f(32, min=1, doc="cap on generated tokens per row")
     temperature: float = _f(1.0, min=0.0, doc="sampling temperature (method=greedy ignores it; 0 = greedy)")
     top_k: int = _f(0, min=0, doc="keep the k most likely tokens; 0 = off")
@@ -402,10 +403,10 @@ class DecodeSection(_Section):
                                          "ead/lave/lud take none; None = the method's default")
     policy_args: Dict[str, Any] = _f({}, doc="the policy's arguments (checked against its dataclass); ead/lave/lud: "
                                              "the method's own arguments")
-    drafter: str = _f("single", choices=("single", "taps"),
-                      doc="speculative: single = decode.draft_init_from (an AR run: model drafter; a diffusion "
-                          "run: DEER; unset: n-gram prompt lookup); taps = route each round among several "
-                          "drafters (decode.drafter_args)")
+    drafter: str = _f("single", doc="speculative: a DRAFTERS name (`jaxtok registry drafters`): single = "
+                                    "decode.draft_init_from (an AR run: model drafter; a diffusion run: DEER; unset: "
+                                    "n-gram prompt lookup); taps = route each round among several drafters "
+                                    "(decode.drafter_args)")
     drafter_args: Dict[str, Any] = _f({}, doc="the drafter's arguments (taps: drafters, ngram, max_ngram)")
     draft_init_from: Optional[str] = _f(None, doc="speculative: run directory of the draft model; ead: the small "
                                                   "model")
@@ -415,9 +416,6 @@ class DecodeSection(_Section):
     def check(self) -> None:
         if self.policy in _OLD_DECODE_POLICIES:
             raise ConfigError(f"decode.policy={self.policy!r}: {_OLD_DECODE_POLICIES[self.policy]}")
-        if self.drafter != "single" and self.method != "speculative":
-            raise ConfigError(f"decode.drafter={self.drafter!r}: drafters are for decode.method='speculative', got "
-                              f"{self.method!r}")
         if self.drafter_args and self.drafter == "single":
             raise ConfigError(f"decode.drafter_args={self.drafter_args!r}: decode.drafter='single' takes none; "
                               f"set decode.drafter=taps")
@@ -860,7 +858,7 @@ def check_decode(cfg: Config) -> Optional[DecodePlan]:
     from jaxtok.registry import DECODE_METHODS, DRAFTERS
 
     d = cfg.decode
-    if d.method not in DECODE_METHODS:  # the decoding package registers nothing (yet)
+    if not DECODE_METHODS.names():  # the decoding package could not be imported: nothing to resolve against
         return None
     method = DECODE_METHODS.entry(d.method, "decode.method")
     spec = method.spec
@@ -878,6 +876,9 @@ def check_decode(cfg: Config) -> Optional[DecodePlan]:
         args = check_named(family, "decode.policy", name, d.policy_args, "decode.policy_args")
         policy = family.entry(name, "decode.policy")
     drafter, drafter_args = None, None
+    if d.drafter != "single" and not spec.drafter:
+        raise ConfigError(f"decode.drafter={d.drafter!r}: decode.method={d.method!r} takes no drafter (drafters are "
+                          f"for {[n for n in DECODE_METHODS.names() if DECODE_METHODS.entry(n).spec.drafter]})")
     if spec.drafter:
         drafter_args = check_named(DRAFTERS, "decode.drafter", d.drafter, d.drafter_args, "decode.drafter_args")
         drafter = DRAFTERS.entry(d.drafter, "decode.drafter")

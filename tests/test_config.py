@@ -85,7 +85,6 @@ def test_resolved_yaml_round_trips(tmp_path):
     ("optimizer.name=adamx", ["optimizer.name='adamx'", "adamw", "lion"]),
     ("decode.top_p=1.5", ["decode.top_p=1.5", "<= 1"]),
     ("decode.top_p=0", ["decode.top_p=0.0", "> 0"]),
-    ("decode.method=beam", ["decode.method='beam'", "speculative"]),
     ("mesh.fsdp=0", ["mesh.fsdp=0", "-1"]),
     ("train.micro_batches=3", ["train.micro_batches=3", "data.batch_size=64"]),
     ("train.steps=100", ["optimizer.warmup_steps=100", "train.steps=100", "warmup_cosine"]),
@@ -309,3 +308,25 @@ def test_decode_policy_rules_follow_the_method_spec():
     with pytest.raises(ConfigError, match=r"decode.policy_args=\{'initial': 2\}: set decode.policy too"):
         validate_names(from_dict({"decode": {"method": "speculative", "policy_args": {"initial": 2}}}))
     assert validate_names(from_dict({"decode": {"method": "lud", "policy_args": {"k": 3}}})).decode.policy_args.k == 3
+
+
+def test_decode_method_and_drafter_come_from_the_registry(monkeypatch):
+    """``decode.method`` / ``decode.drafter`` are names in DECODE_METHODS / DRAFTERS, not a list in the schema: a
+    method registered by research code validates with its own arguments; an unknown one names the registered ones;
+    a drafter on a method whose spec takes none is refused."""
+    from jaxtok.config import from_dict, validate_names
+    from jaxtok.registry import DECODE_METHODS, ConfigError
+
+    @dataclasses.dataclass(frozen=True)
+    class BeamArgs:
+        width: int = 4
+
+    entries = dict(DECODE_METHODS._entries)
+    monkeypatch.setattr(DECODE_METHODS, "_entries", entries)
+    DECODE_METHODS.register("_test_beam", BeamArgs)(lambda cfg, plan, model, tok, *, mesh, task: None)
+    plan = validate_names(from_dict({"decode": {"method": "_test_beam", "policy_args": {"width": 2}}}))
+    assert plan.decode.method.name == "_test_beam" and plan.decode.policy_args.width == 2
+    with pytest.raises(ConfigError, match=r"decode.method='beam'.*allowed:.*'_test_beam'.*'greedy'"):
+        validate_names(from_dict({"decode": {"method": "beam"}}))
+    with pytest.raises(ConfigError, match=r"decode.drafter='taps': decode.method='_test_beam' takes no drafter"):
+        validate_names(from_dict({"decode": {"method": "_test_beam", "drafter": "taps"}}))
