@@ -1,0 +1,291 @@
+"""CJ-GRPO on the testbed's diffusion student (issue 14 item 6): baseline objective, student properties, report.
+
+Three subcommands:
+
+``train CONFIG [key=value ...]``
+    ``jaxtok train`` with one more objective registered, ``cj_grpo_onestep``: the paper's skip-step baseline
+    ("one-step x_0 -> x_S", the diffu-GRPO-style estimate that transfers AR GRPO to a masked diffusion LM). Its
+    rollouts are CJ-GRPO's (same ASS + EOSER decodes, rewards, advantages, PPO-clip, k3 KL), but every generated
+    token is scored from the fully masked completion x_0 instead of the intermediate state it was sampled from,
+    so the only difference between the two arms is the optimisation trajectory. d1's random prompt masking is not
+    reproduced. The rollout log gains ``rollout/logp_traj_mean`` and ``rollout/logp_onestep_mean`` (mean log-prob
+    of the sampled tokens on their own state vs on x_0): their gap is the skip-step mismatch the paper names.
+
+``props --config CFG --run RUN_DIR [--step N ...]``
+    Held-out properties of a diffusion checkpoint under the config's decode policy: greedy exact match (the
+    training eval's prompts), T=1 sample success, unbiased pass@k from n samples per prompt and the share of
+    prompts whose n samples are mixed (a GRPO group carries signal only then).
+
+``report --json OUT.json --md-table OUT.table.md --png OUT.png NAME=RUN_DIR ...``
+    Held-out exact-match curves and the logged diagnostics of RL runs (``metrics.jsonl``), as a table, json, plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ONESTEP = "cj_grpo_onestep"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the skip-step baseline
+
+
+def onestep_ranks(commit_step) -> np.ndarray:
+    """Every committed position moved to step 0 (its state becomes x_0, the fully masked completion); −1 kept."""
+    cs = np.asarray(commit_step)
+    return np.where(cs >= 0, 0, -1).astype(np.int32)
+
+
+def masked_mean(values, mask) -> float:
+    """Mean of ``values`` where ``mask`` is true (0 when empty)."""
+    m = np.asarray(mask, bool)
+    return float(np.asarray(values)[m].mean()) if m.any() else 0.0
+
+
+def collect_onestep(model, prompts, *, args, **kw):
+    """CJ-GRPO's rollout with the commit steps collapsed to 0 and the old log-probs rescored on x_0."""
+    from flax import nnx
+
+    from jaxtok.train.objectives import cj_grpo as cj
+    from jaxtok.train.rollout import fetch
+
+    ro = cj.collect_cj_grpo(model, prompts, args=args, **kw)
+    b = ro.batch
+    traj_lp = b["old_logprobs"]
+    b["commit_step"] = onestep_ranks(b["commit_step"])
+    graphdef, state = nnx.split(model)
+    old, _ = cj._score_jit(graphdef, state, {k: b[k] for k in ("tokens", "valid", "gen_mask", "commit_step",
+                                                                "temperature")},
+                           mask_id=cj._mask_id(model, args), num_steps=args.max_steps or args.gen_len)
+    b["old_logprobs"] = np.where(b["loss_mask"], fetch(old), 0.0).astype(np.float32)
+    ro.info["rollout/logp_traj_mean"] = masked_mean(traj_lp, b["loss_mask"])
+    ro.info["rollout/logp_onestep_mean"] = masked_mean(b["old_logprobs"], b["loss_mask"])
+    return ro
+
+
+def register_onestep() -> None:
+    """Register ``cj_grpo_onestep`` (CJ-GRPO's arguments and loss, :func:`collect_onestep` as the collector)."""
+    from jaxtok.registry import OBJECTIVES
+    from jaxtok.train.objectives import cj_grpo as cj
+
+    if ONESTEP not in OBJECTIVES:
+        OBJECTIVES.register(ONESTEP, cj.CJGRPOArgs, data="rollout", models=("reference",), collect=collect_onestep,
+                            group_advantages=True, eval="diffusion")(cj.cj_grpo_loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# student properties
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``c`` correct out of ``n`` samples: 1 − C(n−c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def _diffusion_correct(model, task, tok, prompt, valid, index, *, cfg, temperature, seed, batch_size):
+    """[N] bool: is the diffusion completion (the config's decode policy) of each prompt row right."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtok.decode.diffusion import diffusion_generate
+    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+    from jaxtok.train.rollout import fetch
+
+    sp = SpecialTokens.of(tok)
+    out = np.zeros(prompt.shape[0], bool)
+    for s in range(0, prompt.shape[0], batch_size):
+        p, v = prompt[s:s + batch_size], valid[s:s + batch_size]
+        rows = p.shape[0]
+        if rows < batch_size:  # one static shape
+            p = np.concatenate([p, np.repeat(p[:1], batch_size - rows, 0)])
+            v = np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)])
+        res = diffusion_generate(model, jnp.asarray(p), jnp.asarray(v), gen_len=cfg.decode.max_new_tokens,
+                                 policy=cfg.decode.policy, policy_args=dict(cfg.decode.policy_args),
+                                 temperature=temperature, rng=jax.random.fold_in(jax.random.key(seed), s),
+                                 pad_id=sp.pad)
+        toks, ok = fetch(res.tokens), fetch(res.valid)
+        for r in range(rows):
+            ex = task.example("eval", int(index[s + r]))
+            out[s + r] = task.reward(decode(tok, toks[r][ok[r]]), ex) >= 1.0
+    return out
+
+
+def measure(run_dir, cfg, *, step, n: int, ks, seed: int, batch_size: int) -> dict:
+    """Greedy / T=1 properties of one checkpoint on ``cfg.data.num_eval`` held-out prompts."""
+    from jaxtok.data import make_task_from_config, prompt_dataset
+    from jaxtok.tasks import load_tokenizer
+    from jaxtok.train.loop import load_model
+
+    t0 = time.time()
+    model, _ = load_model(run_dir, step=step)
+    tok = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    task = make_task_from_config(cfg.data)
+    N = cfg.data.num_eval
+    ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=N, num_examples=N,
+                           overlong=cfg.data.overlong)
+    batch = next(iter(ds))
+    prompt, valid, index = (np.asarray(batch[k]) for k in ("prompt", "prompt_valid", "index"))
+    kw = dict(cfg=cfg, batch_size=batch_size)
+    greedy = _diffusion_correct(model, task, tok, prompt, valid, index, temperature=0.0, seed=seed, **kw)
+    rep = [np.repeat(a, n, 0) for a in (prompt, valid, index)]
+    samp = _diffusion_correct(model, task, tok, *rep, temperature=1.0, seed=seed + 1, **kw).reshape(N, n)
+    c = samp.sum(1)
+    q = c / n
+    p = float(greedy.mean())
+    return {"run_dir": str(run_dir), "step": step, "num_prompts": int(N), "greedy_exact_match": p,
+            "greedy_se": math.sqrt(p * (1 - p) / N), "samples_per_prompt": n, "sample_success_T1": float(samp.mean()),
+            "pass_at_k": {str(k): float(np.mean([pass_at_k(n, int(ci), k) for ci in c])) for k in ks},
+            "group_all_wrong": float(np.mean(c == 0)), "group_all_right": float(np.mean(c == n)),
+            "expected_mixed_group_share": {str(g): float(np.mean(1 - q ** g - (1 - q) ** g)) for g in (4, 6, 8)},
+            "seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+
+DIAGNOSTICS = ("rollout/reward_mean", "clip_frac", "ratio_mean", "kl", "steps_used", "rollout/steps_mean",
+               "rollout/length_mean", "rollout/logp_traj_mean", "rollout/logp_onestep_mean", "grad_norm")
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of ``RUN_DIR/metrics.jsonl``."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(records: list[dict]) -> dict:
+    """Held-out curve ``[(step, exact_match)]`` and the mean of each logged diagnostic over the first and the last
+    quarter of the logged steps."""
+    curve = [(r["step"], r["eval/exact_match"]) for r in records if "eval/exact_match" in r]
+    out = {"curve": curve, "diagnostics": {}}
+    for key in DIAGNOSTICS:
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if not pts:
+            continue
+        q = max(1, len(pts) // 4)
+        out["diagnostics"][key] = {"first_quarter": float(np.mean([v for _, v in pts[:q]])),
+                                   "last_quarter": float(np.mean([v for _, v in pts[-q:]]))}
+    return out
+
+
+def plot(runs: dict, path: str) -> None:
+    """Held-out exact match and sampled reward per step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, recs in runs.items():
+        curve = [(r["step"], r["eval/exact_match"]) for r in recs if "eval/exact_match" in r]
+        if curve:
+            ax[0].plot(*zip(*curve), marker="o", label=name)
+        rew = [(r["step"], r["rollout/reward_mean"]) for r in recs if r.get("rollout/reward_mean") is not None]
+        if rew:
+            ax[1].plot(*zip(*rew), alpha=0.7, label=name)
+    ax[0].set(xlabel="optimizer step", ylabel="held-out exact match (ASS greedy, 1200 prompts)")
+    ax[1].set(xlabel="optimizer step", ylabel="rollout reward (T=1, train prompts)")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def report(named: list[str], out_json: str, out_md: str, out_png: str) -> dict:
+    """Write the json, markdown table and plot of the runs ``NAME=RUN_DIR``."""
+    runs = {}
+    for spec in named:
+        name, path = spec.split("=", 1)
+        runs[name] = read_metrics(path)
+    summary = {name: summarize(recs) for name, recs in runs.items()}
+    lines = ["| run | start | best (step) | last (step) | " + " | ".join(f"{k} first→last ¼" for k in DIAGNOSTICS)
+             + " |", "|---" * (4 + len(DIAGNOSTICS)) + "|"]
+    for name, s in summary.items():
+        c = s["curve"]
+        best = max(c, key=lambda t: t[1]) if c else None
+        cells = [name, _fmt(c[0][1]) if c else "–", f"{best[1]:.4f} ({best[0]})" if best else "–",
+                 f"{c[-1][1]:.4f} ({c[-1][0]})" if c else "–"]
+        for k in DIAGNOSTICS:
+            d = s["diagnostics"].get(k)
+            cells.append(f"{_fmt(d['first_quarter'])} → {_fmt(d['last_quarter'])}" if d else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    Path(out_md).write_text("\n".join(lines) + "\n")
+    Path(out_json).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "runs": summary}, indent=2))
+    plot(runs, out_png)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        register_onestep()
+        from jaxtok.cli import main as jaxtok_main
+
+        return jaxtok_main(argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="jaxtok train with cj_grpo_onestep registered (arguments as jaxtok train)")
+    pp = sub.add_parser("props", help="greedy / T=1 properties of diffusion checkpoints")
+    pp.add_argument("--config", required=True)
+    pp.add_argument("--run", required=True)
+    pp.add_argument("--step", type=int, action="append", help="checkpoint step (repeatable; default latest)")
+    pp.add_argument("--n", type=int, default=8)
+    pp.add_argument("--k", default="1,2,4,6,8")
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--batch-size", type=int, default=1200)
+    pp.add_argument("--out", default=None)
+    pp.add_argument("overrides", nargs="*")
+    rp = sub.add_parser("report", help="tables, json and plot of RL runs")
+    rp.add_argument("--json", required=True)
+    rp.add_argument("--md-table", required=True)
+    rp.add_argument("--png", required=True)
+    rp.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
+    a = ap.parse_args(argv)
+    if a.cmd == "report":
+        bad = [s for s in a.runs if "=" not in s or not (Path(s.split("=", 1)[1]) / "metrics.jsonl").is_file()]
+        if bad:
+            print(f"report: expected NAME=RUN_DIR with a metrics.jsonl, got {bad}", file=sys.stderr)
+            return 2
+        report(a.runs, a.json, a.md_table, a.png)
+        return 0
+    from jaxtok.config import load_config
+    from jaxtok.registry import ConfigError
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+        ks = [int(k) for k in a.k.split(",")]
+        if any(k < 1 or k > a.n for k in ks):
+            raise ConfigError(f"--k {a.k}: every k must be in [1, --n={a.n}]")
+        res = {"command": "python " + " ".join(["scripts/cj_grpo_testbed.py"] + argv), "checkpoints": []}
+        for step in a.step or [None]:
+            m = measure(a.run, cfg, step=step, n=a.n, ks=ks, seed=a.seed, batch_size=a.batch_size)
+            print(json.dumps(m), flush=True)
+            res["checkpoints"].append(m)
+    except (ConfigError, ValueError) as e:
+        print(f"props: {e}", file=sys.stderr)
+        return 2
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
