@@ -105,6 +105,42 @@ def check_equal(small, big, prompts: np.ndarray, valid: np.ndarray, *, max_new: 
             "new_tokens": int(outs[0][1].sum())}
 
 
+def differing_rows(a: tuple, b: tuple) -> np.ndarray:
+    """``[B]`` bool: greedy rows whose generated tokens differ, ``a`` and ``b`` being ``(tokens, valid)`` pairs of
+    ``[B, T]`` arrays (tokens compared where valid; a different length counts as a difference)."""
+    (ta, va), (tb, vb) = a, b
+    va, vb = np.asarray(va).astype(bool), np.asarray(vb).astype(bool)
+    return np.any(va != vb, axis=1) | np.any(np.where(va, ta, -1) != np.where(vb, tb, -1), axis=1)
+
+
+def compare_runs(ma, mb, prompts: np.ndarray, valid: np.ndarray, *, max_new: int, stop, pad, tok, show: int) -> dict:
+    """How far two models with one tokenizer differ on the prompts (``--compare``, e.g. the source and a fine-tuned
+    expansion): max and mean |logit diff| over the prompt positions, the greedy rows that differ, their mean first
+    differing position, and up to ``show`` differing rows decoded."""
+    from jaxtok.decode.generate import generate
+    from jaxtok.sampling import SamplingParams
+
+    toks = jnp.asarray(prompts)
+    mask = np.asarray(valid).astype(bool)
+    d = np.abs(np.asarray(ma(toks).logits) - np.asarray(mb(toks).logits))[mask]
+    outs = []
+    for mdl in (ma, mb):
+        o = generate(mdl, prompts, valid, max_new_tokens=max_new, sampling=SamplingParams(temperature=0.0),
+                     stop_tokens=stop, pad_id=pad, rng=jax.random.key(0), return_logprobs=False)
+        outs.append((np.asarray(o.tokens), np.asarray(o.valid)))
+    diff = differing_rows(outs[0], outs[1])
+    (ta, va), (tb, vb) = outs
+    neq = (np.where(va, ta, -1) != np.where(vb, tb, -1)) | (va != vb)
+    first = [int(np.argmax(neq[i])) for i in np.flatnonzero(diff)]
+    text = lambda t, v, i: tok.decode([int(x) for x in t[i][v[i].astype(bool)]])
+    examples = [{"prompt": tok.decode([int(x) for x in prompts[i][mask[i]]]), "a": text(ta, va, i),
+                 "b": text(tb, vb, i)} for i in np.flatnonzero(diff)[:show]]
+    return {"rows": int(prompts.shape[0]), "rows_differing": int(diff.sum()),
+            "mean_first_diff_position": float(np.mean(first)) if first else None,
+            "max_abs_logit_diff": float(d.max()), "mean_abs_logit_diff": float(d.mean()),
+            "new_tokens_a": int(va.sum()), "new_tokens_b": int(vb.sum()), "examples": examples}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", default="runs/membound2/target")
@@ -116,6 +152,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--atol", type=float, default=1e-5)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="expand nothing: compare the existing runs --src and --dst "
+                    "(logits, greedy rows that differ) on --check-prompts held-out prompts and print it as JSON")
+    ap.add_argument("--compare-json", default=None, help="with --compare: also write the comparison to this file")
+    ap.add_argument("--compare-show", type=int, default=4, help="with --compare: differing rows shown decoded")
     args = ap.parse_args(argv)
     import os
 
@@ -130,6 +170,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     small, meta = load_any(args.src, key="--src")
+    if args.compare:
+        return _compare_main(args, small, t0, argv)
     big = expand(small, args.m)
     n0, n1 = num_params(small), num_params(big)
     assert n1 == cfg_params(big.cfg), (n1, cfg_params(big.cfg))
@@ -178,6 +220,31 @@ def main(argv=None) -> int:
         np.asarray(v).astype(bool)].max())
     print(f"saved {dst} ({time.time() - t0:.0f}s); reloaded max |logit diff| {d2:.2e}", flush=True)
     return 0 if d2 <= args.atol else 1
+
+
+def _compare_main(args, ma, t0: float, argv) -> int:
+    """``--compare``: load ``--dst``, compare it with ``ma`` (the ``--src`` model) and print/write the result."""
+    from jaxtok.bench.speculative import _prompt_batches
+    from jaxtok.config import load_config
+    from jaxtok.data import make_task_from_config
+    from jaxtok.models.hf import load_any
+    from jaxtok.tasks.tokenizer import SpecialTokens, load_tokenizer_for
+
+    mb, _ = load_any(args.dst, key="--dst")
+    cfg = load_config(args.config, [f"model.init_from={args.src}", f"decode.batch_size={args.check_prompts}"])
+    tok = load_tokenizer_for(cfg)
+    sp = SpecialTokens.of(tok)
+    batches, meta = _prompt_batches(make_task_from_config(cfg.data), "eval", tok, cfg, args.check_prompts)
+    p, v = batches[0]
+    n = meta[0][1]
+    res = compare_runs(ma, mb, np.asarray(p)[:n], np.asarray(v)[:n], max_new=args.max_new_tokens, stop=sp.eos_ids,
+                       pad=sp.pad, tok=tok, show=args.compare_show)
+    res = {"a": args.src, "b": args.dst, "layers_a": ma.cfg.num_layers, "layers_b": mb.cfg.num_layers, **res,
+           "seconds": time.time() - t0, "command": "python scripts/block_expand.py " + " ".join(argv or sys.argv[1:])}
+    print(json.dumps(res, indent=2), flush=True)
+    if args.compare_json:
+        Path(args.compare_json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
