@@ -1,0 +1,311 @@
+"""Measurements behind docs/results/trace_shred_testbed.md (issue 14 item 6) that the training runs do not log.
+
+- ``annotate``: TRACE's inputs on the testbed student: one rollout batch of configs/testbed/trace.yaml (the loop's
+  own ``collect`` with the objective's ``prepare`` hook, the rule-based annotator), a few annotated rows printed,
+  the diagnostic-label histogram, span coverage, and how the privileged self-teacher (the same parameters reading
+  ``privileged_template``) differs from the student on the same completion tokens: mean log-prob gap of the
+  sampled token and unclipped forward / reverse KL, on key spans, error spans and all completion tokens, for the
+  true labels, for the labels shuffled across rows (does the teacher read the label or only the prefix?) and for
+  the reference template ``reference:{target}``.
+- ``shred-eval``: the SHRED forget / retain metrics of one model (configs/testbed/shred.yaml): greedy exact match
+  and mean reference-token log-likelihood (teacher-forced target + EOS) on the forget instances (train split,
+  subtraction, indices < num_train), held-out subtraction, held-out addition and the testbed's mixed held-out set.
+- ``report``: the table, json and plot of docs/results/trace_shred_testbed from the run directories and the
+  two json files above.
+
+    python scripts/trace_shred_testbed.py annotate OUT.json
+    python scripts/trace_shred_testbed.py shred-eval RUN_DIR[@STEP] OUT.json
+    python scripts/trace_shred_testbed.py report
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TRACE_CFG, SHRED_CFG = "configs/testbed/trace.yaml", "configs/testbed/shred.yaml"
+STUDENT = "runs/testbed/student"
+OUT = Path("docs/results/trace_shred_testbed")
+
+
+def _model(path: str):
+    """``(model, tokenizer)`` of a run directory, ``DIR@STEP`` for one checkpoint step."""
+    from jaxtok.models.hf import load_any
+    from jaxtok.tasks import load_tokenizer
+
+    run, _, step = path.partition("@")
+    model, _ = load_any(run, key="model", step=int(step) if step else None)
+    return model, load_tokenizer(Path(run) / "tokenizer.json")
+
+
+def _span_stats(model, batch: dict, spans: np.ndarray, args) -> dict:
+    """Teacher (``model`` reading ``batch['teacher_*']``) minus student (``model`` on its own prompt): mean
+    log-prob gap of the sampled token and unclipped forward / reverse KL per token, on key spans, error spans and
+    every completion token."""
+    from jaxtok.train.objectives import distill
+    from jaxtok.train.rollout import score_rollout
+
+    mask = np.asarray(batch["loss_mask"], bool)
+    B, T = mask.shape
+    P2 = batch["teacher_tokens"].shape[1] - T
+    t_mask = np.concatenate([np.zeros((B, P2), bool), mask], axis=1)
+    temp = np.ones(B, np.float32)
+    lp_s = score_rollout(model, batch, temp)["old_logprobs"]
+    lp_t = score_rollout(model, {"tokens": batch["teacher_tokens"], "positions": batch["teacher_positions"],
+                                 "valid": batch["teacher_valid"], "loss_mask": t_mask}, temp)["old_logprobs"][:, P2:]
+    kl = distill._span_kl(model, model, {k: jnp.asarray(v) for k, v in batch.items()},
+                          dataclasses.replace(args, token_clip=None))
+    fkl, rkl = np.asarray(kl["fkl"]), np.asarray(kl["rkl"])
+    out = {}
+    for name, sel in (("key", mask & (spans == distill.SPAN_KEY)), ("error", mask & (spans == distill.SPAN_ERROR)),
+                      ("all", mask)):
+        n = int(sel.sum())
+        out[name] = {"tokens": n, "logp_gap": float((lp_t - lp_s)[sel].mean()) if n else None,
+                     "logp_student": float(lp_s[sel].mean()) if n else None,
+                     "forward_kl": float(fkl[sel].mean()) if n else None,
+                     "reverse_kl": float(rkl[sel].mean()) if n else None}
+    return out
+
+
+def annotate(out_path: str, prompts: int = 128, seed: int = 0) -> dict:
+    """TRACE's annotator and privileged-teacher checks on one rollout batch of the testbed student (module doc)."""
+    from jaxtok.config import load_config
+    from jaxtok.data import make_task_from_config, prompt_dataset
+    from jaxtok.train.objectives import distill
+    from jaxtok.train.rollout import collect
+
+    cfg = load_config(TRACE_CFG)
+    args = distill.TraceArgs(**dict(cfg.objective.args))
+    model, tok = _model(STUDENT)
+    task = make_task_from_config(cfg.data)
+    ds, _ = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len, batch_size=prompts,
+                           num_examples=prompts)
+    b = next(iter(ds))
+    prompts_ = {"prompt": np.asarray(b["prompt"]), "prompt_valid": np.asarray(b["prompt_valid"]),
+                "index": np.asarray(b["index"])}
+    ro = collect(model, prompts_, task=task, tokenizer=tok, settings=cfg.rollout, rng=jax.random.key(seed),
+                 prepare=lambda bt, tx, ex, tk, tz: distill.trace_annotate(bt, tx, ex, tk, tz, args))
+    batch, texts, exs = ro.batch, ro.completions, ro.examples
+    correct = [task.reward(t, e) >= 1.0 for t, e in zip(texts, exs)]
+    labels = [distill.diagnose_completion(t, e.target, c) for t, e, c in zip(texts, exs, correct)]
+    spans = np.asarray(batch["spans"])
+    hist = {}
+    for lab in labels:
+        hist[lab] = hist.get(lab, 0) + 1
+    rows = []
+    for i in range(len(texts)):
+        marked = [(texts[i][s:e], "key" if c == distill.SPAN_KEY else "error")
+                  for s, e, c in distill.annotate_completion(texts[i], exs[i].target, correct[i])]
+        rows.append({"prompt": exs[i].prompt, "completion": texts[i], "target": exs[i].target, "correct": correct[i],
+                     "label": labels[i], "spans": marked})
+    base = {k: batch[k] for k in ("tokens", "positions", "valid", "loss_mask", "temperature")}
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    variants = {"true_label": batch,
+                "shuffled_label": base | distill.trace_privileged_inputs(base, exs, [labels[j] for j in perm], tok,
+                                                                        args),
+                "reference": base | distill.trace_privileged_inputs(
+                    base, exs, labels, tok, dataclasses.replace(args, privileged_template="reference:{target}\n{prompt}"))}
+    gaps = {name: _span_stats(model, v, spans, args) for name, v in variants.items()}
+    mask = np.asarray(batch["loss_mask"], bool)
+    res = {"config": TRACE_CFG, "model": STUDENT, "prompts": prompts, "rows": len(texts), "seed": seed,
+           "rollout_exact_match": float(np.mean(correct)), "label_histogram": hist,
+           "span_coverage": {"key": float(((spans == distill.SPAN_KEY) & mask).sum() / mask.sum()),
+                             "error": float(((spans == distill.SPAN_ERROR) & mask).sum() / mask.sum())},
+           "gaps": gaps, "examples": [rows[i] for i in range(0, len(rows), max(1, len(rows) // 24))][:24]}
+    Path(out_path).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _sets(cfg, n_eval: int) -> dict:
+    """``{name: (task, split, indices)}`` of the SHRED measurement sets (module doc)."""
+    from jaxtok.data import make_task_from_config
+
+    def task(ops):
+        return make_task_from_config(dataclasses.replace(cfg.data, task_args={**dict(cfg.data.task_args), "ops": ops}))
+
+    return {"forget": (task("-"), "train", range(cfg.data.num_train)),
+            "heldout_sub": (task("-"), "eval", range(n_eval)),
+            "heldout_add": (task("+"), "eval", range(n_eval)),
+            "testbed_mixed": (task("+-"), "eval", range(n_eval))}
+
+
+def _greedy_and_ll(model, tok, task, split, indices, cfg, batch_size: int = 400) -> dict:
+    """Greedy exact match and the mean per-token log-likelihood of ``target + EOS`` of the examples."""
+    from jaxtok.data import encode_prompt, encode_sft, stack
+    from jaxtok.decode.generate import generate
+    from jaxtok.sampling import SamplingParams
+    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+    from jaxtok.train.rollout import fetch, score_rollout
+
+    sp = SpecialTokens.of(tok)
+    exs = [task.example(split, i) for i in indices]
+    right, ll_tok, ll_seq = [], [], []
+    for s in range(0, len(exs), batch_size):
+        chunk = exs[s:s + batch_size]
+        pr = stack([encode_prompt(tok, e, cfg.data.prompt_len, "error") for e in chunk])
+        res = generate(model, jnp.asarray(pr["prompt"]), jnp.asarray(pr["prompt_valid"]),
+                       max_new_tokens=cfg.decode.max_new_tokens, sampling=SamplingParams(temperature=0.0),
+                       rng=jax.random.key(0), stop_tokens=(sp.eos,), pad_id=sp.pad)
+        toks = fetch(res.tokens)
+        right += [task.reward(decode(tok, toks[r]), e) >= 1.0 for r, e in enumerate(chunk)]
+        sb = stack([encode_sft(tok, e, cfg.data.seq_len, "error") for e in chunk])
+        lp = score_rollout(model, sb, np.ones(len(chunk), np.float32))["old_logprobs"]
+        m = np.asarray(sb["loss_mask"], bool)
+        ll_tok += list(lp.sum(1) / m.sum(1))
+        ll_seq += list(lp.sum(1))
+    return {"n": len(exs), "distinct": len({e.prompt for e in exs}), "exact_match": float(np.mean(right)),
+            "loglik_per_token": float(np.mean(ll_tok)), "loglik_per_answer": float(np.mean(ll_seq))}
+
+
+def shred_eval(run: str, out_path: str, n_eval: int = 1200) -> dict:
+    """SHRED forget / retain metrics of ``run`` (``DIR`` or ``DIR@STEP``) on the sets of :func:`_sets`."""
+    from jaxtok.config import load_config
+
+    cfg = load_config(SHRED_CFG)
+    model, tok = _model(run)
+    res = {"run": run, "config": SHRED_CFG}
+    for name, (task, split, idx) in _sets(cfg, n_eval).items():
+        res[name] = _greedy_and_ll(model, tok, task, split, idx, cfg)
+    Path(out_path).write_text(json.dumps(res, indent=1))
+    return res
+
+
+GRPO_RUNS = ("runs/testbed/pilot_grpo_b1024_lr6e-4_w10", "runs/testbed/grpo_b1024_s1", "runs/testbed/grpo_b1024_s2")
+TRACE_RUNS = {"trace (self, diagnosis label)": "runs/testbed/trace_s0",
+              "trace_external (frozen teacher)": "runs/testbed/trace_external_s0"}
+TRAIN_KEYS = ("rollout/entropy_mean", "rollout/length_mean", "rollout/exact_match", "span_kl", "kl_lambda",
+              "key_frac", "error_frac")
+
+
+def _metrics(run: str) -> tuple[dict, dict]:
+    """``({step: held-out exact match}, {key: {step: value}})`` of a run's metrics.jsonl (empty if absent)."""
+    evals, train = {}, {k: {} for k in TRAIN_KEYS}
+    path = Path(run) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        d = json.loads(line)
+        if "eval/exact_match" in d:
+            evals[d["step"]] = d["eval/exact_match"]
+        for k in TRAIN_KEYS:
+            if k in d:
+                train[k][d["step"]] = d[k]
+    return evals, train
+
+
+def _window_mean(series: dict, lo: int, hi: int):
+    """Mean of ``series`` over steps ``lo <= step <= hi`` (None when empty)."""
+    vals = [v for s, v in series.items() if lo <= s <= hi]
+    return float(np.mean(vals)) if vals else None
+
+
+def report() -> dict:
+    """docs/results/trace_shred_testbed.{json,png} from the runs and the annotate / shred-eval json files; prints
+    the markdown tables."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grpo = [_metrics(r) for r in GRPO_RUNS]
+    steps = sorted(set.intersection(*(set(e) for e, _ in grpo)))
+    grpo_mean = {s: float(np.mean([e[s] for e, _ in grpo])) for s in steps}
+    arms = {"grpo (3 seeds, mean)": {"runs": list(GRPO_RUNS), "eval": grpo_mean,
+                                     "per_seed": [e for e, _ in grpo]}}
+    for name, run in TRACE_RUNS.items():
+        e, t = _metrics(run)
+        arms[name] = {"runs": [run], "eval": e, "train": t}
+    windows = ((1, 10), (11, 40), (41, 100), (101, 250))
+    diag = {}
+    for name, (run, (_, t)) in {**{f"grpo s{i}": (r, m) for i, (r, m) in enumerate(zip(GRPO_RUNS, grpo))},
+                                **{n: (r, _metrics(r)) for n, r in TRACE_RUNS.items()}}.items():
+        diag[name] = {k: {f"{lo}-{hi}": _window_mean(t[k], lo, hi) for lo, hi in windows}
+                      for k in ("rollout/entropy_mean", "rollout/length_mean")}
+    ann = json.loads(Path(f"{OUT}.annotate.json").read_text()) if Path(f"{OUT}.annotate.json").exists() else None
+    shred = {k: json.loads(Path(f"{OUT}.shred_{k}.json").read_text())
+             for k in ("before", "after") if Path(f"{OUT}.shred_{k}.json").exists()}
+    shred_curve, _ = _metrics("runs/testbed/shred_s0")
+    res = {"date": "2026-12-04", "start_acc": 0.29833333333333334, "arms": arms, "rollout_diagnostics": diag,
+           "annotate": ann and {k: ann[k] for k in ("rollout_exact_match", "label_histogram", "span_coverage",
+                                                     "gaps")},
+           "shred": shred, "shred_heldout_sub_curve": shred_curve}
+    Path(f"{OUT}.json").write_text(json.dumps(res, indent=1))
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    for e, _ in grpo:
+        ax[0].plot(sorted(e), [e[s] for s in sorted(e)], color="0.7", lw=1)
+    ax[0].plot(steps, [grpo_mean[s] for s in steps], color="k", lw=2, label="GRPO 128x8 (3 seeds; mean bold)")
+    for (name, run), c in zip(TRACE_RUNS.items(), ("tab:red", "tab:blue")):
+        e = arms[name]["eval"]
+        ax[0].plot([0] + sorted(e), [res["start_acc"]] + [e[s] for s in sorted(e)], color=c, marker="o", label=name)
+    ax[0].axvspan(0, 40, color="tab:red", alpha=0.07, label="TRACE KL on (lambda > 0)")
+    ax[0].set(xlabel="step", ylabel="held-out greedy exact match (1200)", title="TRACE vs GRPO, testbed student")
+    ax[0].legend(fontsize=7)
+    for (r, (_, t)), i in zip(zip(GRPO_RUNS, grpo), range(3)):
+        en = t["rollout/entropy_mean"]
+        ax[1].plot(sorted(en), [en[s] for s in sorted(en)], color="0.6", lw=1, label="GRPO seeds" if i == 0 else None)
+    for (name, run), c in zip(TRACE_RUNS.items(), ("tab:red", "tab:blue")):
+        en = arms[name]["train"]["rollout/entropy_mean"]
+        ax[1].plot(sorted(en), [en[s] for s in sorted(en)], color=c, label=name)
+    ax[1].axvspan(0, 40, color="tab:red", alpha=0.07)
+    ax[1].set(xlabel="step", ylabel="rollout token entropy (nats, T=1)", title="entropy (TRACE's leakage symptom)")
+    ax[1].legend(fontsize=7)
+    if shred_curve:
+        ax[2].plot([0] + sorted(shred_curve), [shred.get("before", {}).get("heldout_sub", {}).get("exact_match",
+                   np.nan)] + [shred_curve[s] for s in sorted(shred_curve)], marker="o", color="tab:purple",
+                   label="held-out subtraction (in-run eval)")
+    for k, m in (("forget", "s"), ("heldout_add", "^"), ("testbed_mixed", "D")):
+        pts = [(0, shred["before"][k]["exact_match"])] if "before" in shred else []
+        pts += [(max(shred_curve or {0: 0}), shred["after"][k]["exact_match"])] if "after" in shred else []
+        if pts:
+            ax[2].plot(*zip(*pts), marker=m, ls="--", label=k)
+    ax[2].set(xlabel="SHRED step", ylabel="greedy exact match", title="SHRED on the testbed teacher (forget '-')")
+    ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{OUT}.png", dpi=110)
+
+    print("| step | " + " | ".join(arms) + " |\n|---|" + "---|" * len(arms))
+    for s in sorted(set().union(*(a["eval"] for a in arms.values()))):
+        print(f"| {s} | " + " | ".join(f"{a['eval'][s]:.3f}" if s in a["eval"] else "–" for a in arms.values())
+              + " |")
+    print("\n| run | " + " | ".join(f"entropy {w[0]}-{w[1]}" for w in windows)
+          + " | " + " | ".join(f"length {w[0]}-{w[1]}" for w in windows) + " |\n|---|" + "---|" * 8)
+    for name, d in diag.items():
+        cells = [d[k][f"{lo}-{hi}"] for k in ("rollout/entropy_mean", "rollout/length_mean") for lo, hi in windows]
+        print(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    if shred:
+        print("\n| set | n (distinct) | " + " | ".join(f"{k} exact match | {k} log-lik/token" for k in shred)
+              + " |\n|---|---|" + "---|---|" * len(shred))
+        for k in ("forget", "heldout_sub", "heldout_add", "testbed_mixed"):
+            first = next(iter(shred.values()))[k]
+            print(f"| {k} | {first['n']} ({first['distinct']}) | " + " | ".join(
+                f"{v[k]['exact_match']:.3f} | {v[k]['loglik_per_token']:.3f}" for v in shred.values()) + " |")
+    return res
+
+
+def main(argv=None) -> int:
+    """Command line (module doc); bad usage exits 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["annotate"] and len(argv) == 2:
+        res = annotate(argv[1])
+        print(json.dumps({k: res[k] for k in ("rollout_exact_match", "label_histogram", "span_coverage", "gaps")},
+                         indent=1))
+        for r in res["examples"][:10]:
+            print(f"{r['prompt']!r:>10} -> {r['completion']!r:24} target {r['target']!r:20} {r['label']:18} {r['spans']}")
+        return 0
+    if argv[:1] == ["shred-eval"] and len(argv) == 3:
+        print(json.dumps(shred_eval(argv[1], argv[2]), indent=1))
+        return 0
+    if argv[:1] == ["report"] and len(argv) == 1:
+        report()
+        return 0
+    print("usage: trace_shred_testbed.py annotate OUT.json | shred-eval RUN_DIR[@STEP] OUT.json | report",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
