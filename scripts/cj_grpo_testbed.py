@@ -16,7 +16,7 @@ Three subcommands:
     training eval's prompts), T=1 sample success, unbiased pass@k from n samples per prompt and the share of
     prompts whose n samples are mixed (a GRPO group carries signal only then).
 
-``report --json OUT.json --md-table OUT.table.md --png OUT.png NAME=RUN_DIR ...``
+``report --json OUT.json --md-table OUT.table.md --png OUT.png [--ladder SFT_RUN_DIR] NAME=RUN_DIR ...``
     Held-out exact-match curves and the logged diagnostics of RL runs (``metrics.jsonl``), as a table, json, plot.
 """
 
@@ -178,14 +178,15 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def plot(runs: dict, path: str) -> None:
-    """Held-out exact match and sampled reward per step, one line per run."""
+def plot(runs: dict, path: str, ladder=None) -> None:
+    """Held-out exact match and sampled reward per step, one line per run; with ``ladder`` (the student's SFT
+    records) a third panel with its held-out curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 3 if ladder else 2, figsize=(16 if ladder else 11, 4))
     for name, recs in runs.items():
         curve = [(r["step"], r["eval/exact_match"]) for r in recs if "eval/exact_match" in r]
         if curve:
@@ -195,6 +196,11 @@ def plot(runs: dict, path: str) -> None:
             ax[1].plot(*zip(*rew), alpha=0.7, label=name)
     ax[0].set(xlabel="optimizer step", ylabel="held-out exact match (ASS greedy, 1200 prompts)")
     ax[1].set(xlabel="optimizer step", ylabel="rollout reward (T=1, train prompts)")
+    if ladder:
+        ax[2].plot(*zip(*[(r["step"], r["eval/exact_match"]) for r in ladder if "eval/exact_match" in r]),
+                   marker="o", label="diffusion student (mdlm SFT)")
+        ax[2].axhspan(0.2, 0.5, alpha=0.1, label="headroom band")
+        ax[2].set(xlabel="SFT step", ylabel="held-out exact match (ASS greedy)")
     for a in ax:
         a.grid(alpha=0.3)
         a.legend()
@@ -206,8 +212,8 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4g}"
 
 
-def report(named: list[str], out_json: str, out_md: str, out_png: str) -> dict:
-    """Write the json, markdown table and plot of the runs ``NAME=RUN_DIR``."""
+def report(named: list[str], out_json: str, out_md: str, out_png: str, ladder_dir=None) -> dict:
+    """Write the json, markdown table and plot of the runs ``NAME=RUN_DIR`` (and the student ladder's curve)."""
     runs = {}
     for spec in named:
         name, path = spec.split("=", 1)
@@ -225,8 +231,12 @@ def report(named: list[str], out_json: str, out_md: str, out_png: str) -> dict:
             cells.append(f"{_fmt(d['first_quarter'])} → {_fmt(d['last_quarter'])}" if d else "–")
         lines.append("| " + " | ".join(cells) + " |")
     Path(out_md).write_text("\n".join(lines) + "\n")
-    Path(out_json).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "runs": summary}, indent=2))
-    plot(runs, out_png)
+    ladder = read_metrics(ladder_dir) if ladder_dir else None
+    out = {"command": "python " + " ".join(sys.argv), "runs": summary}
+    if ladder:
+        out["student_ladder"] = [(r["step"], r["eval/exact_match"]) for r in ladder if "eval/exact_match" in r]
+    Path(out_json).write_text(json.dumps(out, indent=2))
+    plot(runs, out_png, ladder)
     return summary
 
 
@@ -257,6 +267,7 @@ def main(argv=None) -> int:
     rp.add_argument("--json", required=True)
     rp.add_argument("--md-table", required=True)
     rp.add_argument("--png", required=True)
+    rp.add_argument("--ladder", default=None, help="RUN_DIR of the student's SFT run (its held-out curve)")
     rp.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
     a = ap.parse_args(argv)
     if a.cmd == "report":
@@ -264,7 +275,10 @@ def main(argv=None) -> int:
         if bad:
             print(f"report: expected NAME=RUN_DIR with a metrics.jsonl, got {bad}", file=sys.stderr)
             return 2
-        report(a.runs, a.json, a.md_table, a.png)
+        if a.ladder and not (Path(a.ladder) / "metrics.jsonl").is_file():
+            print(f"report: --ladder {a.ladder} has no metrics.jsonl", file=sys.stderr)
+            return 2
+        report(a.runs, a.json, a.md_table, a.png, a.ladder)
         return 0
     from jaxtok.config import load_config
     from jaxtok.registry import ConfigError
