@@ -21,6 +21,16 @@ interval of each segment (it holds the compilation) and the intervals that hold 
 averages logged training keys (e.g. ``selected_frac``, ``q1``..``q4``) over a run's logged steps, then over seeds;
 ``--memory FILE`` adds a json's ``{arm: {temp_mb, peak_mb}}`` (the XLA memory analysis of the arm's compiled train
 step, ``jaxtok.bench.train.variant_step_memory``) to the arm.
+
+TRL arms (``scripts/trl_compare.py train`` for GRPO, ``scripts/trl_opd.py train`` for on-policy distillation): a
+run directory holding ``trl_run.json`` instead of ``metrics.jsonl``. Its held-out curve is the run's torch greedy
+eval (verified equal to jaxtok's eval on the same 1200 prompts), its steps the last eval step (a run stopped early
+counts up to its last eval), its step time the mean of the logged per-step seconds after the first step (no evals
+inside them), its wall time the sum of those seconds (training only, evals excluded). ``--mirror TRL_ARM=JAXTOK_ARM``
+is required for such an arm: its ``train_flops`` are the jaxtok arm's formula (same model, rows per step and tokens;
+checked) evaluated at the TRL arm's steps, so the two are equal by construction at equal steps. ``--overlay
+TITLE=JAXTOK_ARM,TRL_ARM`` (repeatable) draws held-out accuracy against step for both (jaxtok: each seed and the
+mean; TRL: each seed) to ``<out>_trl.png``.
 """
 
 from __future__ import annotations
@@ -28,11 +38,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+def is_trl_run(run: Path) -> bool:
+    """A TRL run directory: ``trl_run.json`` and no ``metrics.jsonl``."""
+    return (run / "trl_run.json").is_file() and not (run / "metrics.jsonl").is_file()
+
+
+def trl_run_summary(d: dict, at: int | None = None) -> dict:
+    """Curve (eval step -> held-out exact match, without the step-0 start eval, as jaxtok's logs), last eval step,
+    step seconds and rows per step of a ``trl_run.json`` dict, read up to eval step ``at`` if given."""
+    ev = {int(p["step"]): float(p["eval/exact_match"]) for p in d["curve"]
+          if p["step"] > 0 and (at is None or p["step"] <= at)}
+    if not ev:
+        raise UsageError(f"TRL run {d.get('name')}: no held-out eval after step 0" + (f" up to step {at}" if at else ""))
+    last = max(ev)
+    secs = [float(x) for x in d["step_seconds"][:last]]
+    cfg = d.get("config", {})
+    rows = d.get("rows_per_step") or int(cfg["per_device_train_batch_size"]) * int(cfg.get("gradient_accumulation_steps", 1))
+    return {"curve": dict(sorted(ev.items())), "steps": last, "wall_s": float(sum(secs)),
+            "step_s": float(np.mean(secs[1:])) if len(secs) > 1 else None, "rows_per_step": int(rows)}
 
 
 def _records(run: Path, at: int | None = None) -> list[dict]:
@@ -107,8 +143,44 @@ def _flops(run: Path, teacher: str | None = None, at: int | None = None) -> floa
     return float(total)
 
 
+def _trl_arm(runs: list[Path], at: int | None, mirror_run: Path | None, teacher: str | None) -> dict:
+    """The per-run fields of an arm made of TRL runs (see the module doc); FLOPs by the mirrored jaxtok arm's
+    formula at the TRL arm's steps, after checking that the rows per step match."""
+    if mirror_run is None:
+        raise UsageError(f"TRL runs {[str(r) for r in runs]}: give --mirror ARM=JAXTOK_ARM (the arm whose FLOPs "
+                         "formula applies)")
+    summ = [trl_run_summary(json.loads((r / "trl_run.json").read_text()), at) for r in runs]
+    from jaxtok.config import load_config
+
+    rows = load_config(mirror_run / "config.yaml").data.batch_size
+    for r, s_ in zip(runs, summ):
+        if s_["rows_per_step"] != rows:
+            raise UsageError(f"{r}: {s_['rows_per_step']} rows per step, the mirrored jaxtok run {mirror_run} has {rows}")
+    steps = min(s_["steps"] for s_ in summ)  # the flops at the shortest run's steps (all equal when complete)
+    return {"finals": [s_["curve"][max(s_["curve"])] for s_ in summ],
+            "curves": [{str(k): v for k, v in s_["curve"].items()} for s_ in summ],
+            "walls": [s_["wall_s"] for s_ in summ], "segs": [[s_["wall_s"]] for s_ in summ],
+            "step_s": [s_["step_s"] for s_ in summ], "steps": steps, "steps_per_seed": [s_["steps"] for s_ in summ],
+            "flops": _flops(mirror_run, teacher, steps), "rows_per_step": rows}
+
+
 def arm_summary(runs: list[Path], start_acc: float, n_eval: int, teacher: str | None = None, at: int | None = None,
-                train_metrics: tuple[str, ...] = ()) -> dict:
+                train_metrics: tuple[str, ...] = (), mirror_run: Path | None = None) -> dict:
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file() and not is_trl_run(r)]
+    if missing:
+        raise UsageError(f"{missing}: neither metrics.jsonl (jaxtok) nor trl_run.json (TRL)")
+    if any(is_trl_run(r) for r in runs):
+        if not all(is_trl_run(r) for r in runs):
+            raise UsageError(f"arm mixes TRL and jaxtok run directories: {[str(r) for r in runs]}")
+        t = _trl_arm(runs, at, mirror_run, teacher)
+        return _finish(t["finals"], start_acc, n_eval, steps=t["steps"], flops=t["flops"], walls=t["walls"],
+                       segs=t["segs"], step_s=t["step_s"], tm={k: [None] * len(runs) for k in train_metrics},
+                       curves=t["curves"], runs=runs,
+                       extra={"library": "trl", "steps_per_seed": t["steps_per_seed"],
+                              "rows_per_step": t["rows_per_step"],
+                              "flops_note": f"the formula of jaxtok run {mirror_run} (same model, rows per step and "
+                                            f"tokens) at {t['steps']} steps: equal to jaxtok's by construction",
+                              "wall_note": "sum of logged step seconds (training only; evals excluded)"})
     finals, curves, walls, segs, step_s = [], [], [], [], []
     tm = {k: [] for k in train_metrics}
     steps = None
@@ -126,6 +198,12 @@ def arm_summary(runs: list[Path], start_acc: float, n_eval: int, teacher: str | 
             vals = [r[k] for r in recs if k in r and "event" not in r]
             tm[k].append(float(np.mean(vals)) if vals else None)
         steps = last
+    return _finish(finals, start_acc, n_eval, steps=steps, flops=_flops(runs[0], teacher, at), walls=walls, segs=segs,
+                   step_s=step_s, tm=tm, curves=curves, runs=runs)
+
+
+def _finish(finals, start_acc, n_eval, *, steps, flops, walls, segs, step_s, tm, curves, runs, extra=None) -> dict:
+    """An arm's summary dict from its per-seed values: mean, 95% interval, gain, step time and FLOPs."""
     m = float(np.mean(finals))
     if len(finals) >= 2:
         half = T95[len(finals) - 1] * float(np.std(finals, ddof=1)) / math.sqrt(len(finals))
@@ -135,17 +213,72 @@ def arm_summary(runs: list[Path], start_acc: float, n_eval: int, teacher: str | 
         how = f"binomial, one seed, {n_eval} held-out prompts"
     return {"start_acc": start_acc, "final_acc_mean": m, "final_acc_ci95": [m - half, m + half], "ci95_method": how,
             "final_acc_per_seed": finals, "gain_pp": 100 * (m - start_acc), "seeds": len(finals), "steps": steps,
-            "train_flops": _flops(runs[0], teacher, at), "wall_s_per_seed": walls, "wall_s_segments": segs,
+            "train_flops": flops, "wall_s_per_seed": walls, "wall_s_segments": segs,
             "step_s_per_seed": step_s, "step_s_mean": _mean([x for x in step_s if x is not None]),
             "train_metrics": {k: {"per_seed": v, "mean": _mean([x for x in v if x is not None])} for k, v in tm.items()},
-            "curves": curves, "run_dirs": [str(r) for r in runs]}
+            "curves": curves, "run_dirs": [str(r) for r in runs], **(extra or {})}
 
 
 def _mean(xs) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
 
 
+def plot_overlay(arms: dict, overlays: list[tuple[str, str, str]], start_acc: float, png: Path, command: str) -> None:
+    """Held-out greedy exact match against the optimizer step, one panel per ``(title, jaxtok_arm, trl_arm)``:
+    jaxtok's seeds (thin) and their mean (thick, with the seeds' min-max band), TRL's seeds dashed; the start model
+    at step 0 on both; ``made by: <command>`` under the panels."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(overlays), figsize=(7.5 * len(overlays), 5.8), dpi=100, squeeze=False,
+                             layout="constrained")
+    for ax, (title, jname, tname) in zip(axes[0], overlays):
+        j, t = arms[jname], arms[tname]
+        series = [[(0, start_acc)] + [(int(k), v) for k, v in c.items()] for c in j["curves"]]
+        common = sorted(set.intersection(*[{x for x, _ in s_} for s_ in series]))
+        ys = np.array([[dict(s_)[x] for x in common] for s_ in series])
+        for n, s_ in enumerate(series):
+            ax.plot(*zip(*s_), "-", color="tab:blue", lw=0.8, alpha=0.45, label="jaxtok, each seed" if n == 0 else None)
+        ax.fill_between(common, ys.min(0), ys.max(0), color="tab:blue", alpha=0.12)
+        ax.plot(common, ys.mean(0), "-o", color="tab:blue", lw=2.2, ms=4,
+                label=f"jaxtok `{jname}`, mean of {len(series)} seeds (band: min-max)")
+        for n, c in enumerate(t["curves"]):
+            xs, vs = zip(*([(0, start_acc)] + [(int(k), v) for k, v in c.items()]))
+            ax.plot(xs, vs, "--s", color="tab:red", lw=1.6, ms=4, alpha=1.0 if n == 0 else 0.6,
+                    label=f"TRL `{tname}`, seed {n}")
+        ax.axhline(start_acc, color="grey", lw=0.8, ls=":", label=f"start model {start_acc:.3f}")
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out greedy exact match (1200 prompts)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.supxlabel("\n".join(textwrap.wrap(f"made by: {command}", 125 * len(overlays), subsequent_indent="    ")), fontsize=7,
+                  color="0.3", x=0.01, ha="left", family="monospace")
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def _pairs(specs: list[str], flag: str) -> dict:
+    """``NAME=VALUE`` command-line items as a dict (a missing ``=``: UsageError)."""
+    bad = [x for x in specs if "=" not in x]
+    if bad:
+        raise UsageError(f"{flag} {bad[0]!r}: expected NAME=VALUE")
+    return dict(x.split("=", 1) for x in specs)
+
+
 def main(argv=None):
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(f"proving_ground: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--start", required=True, help="run directory of the start model (its summary.json)")
     ap.add_argument("--arm", action="append", required=True, help="NAME=RUN_DIR[,RUN_DIR...]")
@@ -161,13 +294,28 @@ def main(argv=None):
     ap.add_argument("--memory-config", action="append", default=[],
                     help="NAME=CONFIG: compile the arm's train step from CONFIG (train.seed=0) and add its XLA memory "
                          "analysis (jaxtok.bench.train.variant_step_memory, the TIP bench's `memory: true`)")
+    ap.add_argument("--mirror", action="append", default=[],
+                    help="TRL_ARM=JAXTOK_ARM: the jaxtok arm a TRL arm mirrors (its FLOPs formula; rows checked)")
+    ap.add_argument("--overlay", action="append", default=[],
+                    help="TITLE=JAXTOK_ARM,TRL_ARM: a panel of <out>_trl.png (held-out accuracy vs step)")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .table.md are written)")
     a = ap.parse_args(argv)
     summ = json.loads((Path(a.start) / "summary.json").read_text())
     start_acc, n_eval = summ["eval/exact_match"], int(summ["eval/num_examples"])
-    cmds = dict(c.split("=", 1) for c in a.cmd)
-    notes = dict(c.split("=", 1) for c in a.note)
-    at = {k: int(v) for k, v in (c.split("=", 1) for c in a.at)}
+    cmds, notes = _pairs(a.cmd, "--cmd"), _pairs(a.note, "--note")
+    at = {k: int(v) for k, v in _pairs(a.at, "--at").items()}
+    arm_dirs = {name: [Path(d) for d in dirs.split(",")] for name, dirs in _pairs(a.arm, "--arm").items()}
+    mirror = _pairs(a.mirror, "--mirror")
+    unknown = [x for x in list(mirror.values()) if x not in arm_dirs]
+    if unknown:
+        raise UsageError(f"--mirror: no arm named {unknown[0]!r} (arms: {', '.join(arm_dirs)})")
+    overlays = []
+    for title, names in _pairs(a.overlay, "--overlay").items():
+        pair = names.split(",")
+        if len(pair) != 2 or any(n not in arm_dirs for n in pair):
+            raise UsageError(f"--overlay {title}={names}: expected two arm names JAXTOK_ARM,TRL_ARM "
+                             f"(arms: {', '.join(arm_dirs)})")
+        overlays.append((title, *pair))
     memory = json.loads(Path(a.memory).read_text()) if a.memory else {}
     for spec in a.memory_config:
         from jaxtok.config import load_config, validate_names
@@ -177,10 +325,11 @@ def main(argv=None):
         plan = validate_names(load_config(path, ["train.seed=0", "run.progress=false"]))
         memory[name] = {**variant_step_memory(plan), "config": path}
     arms = {}
-    for spec in a.arm:
-        name, dirs = spec.split("=", 1)
-        arms[name] = arm_summary([Path(d) for d in dirs.split(",")], start_acc, n_eval, a.teacher, at.get(name),
-                                 tuple(a.train_metric))
+    for name, dirs in arm_dirs.items():
+        arms[name] = arm_summary(dirs, start_acc, n_eval, a.teacher, at.get(name), tuple(a.train_metric),
+                                 arm_dirs[mirror[name]][0] if name in mirror else None)
+        if name in mirror:
+            arms[name]["mirrors"] = mirror[name]
         arms[name]["command"] = cmds.get(name)
         if name in notes:
             arms[name]["note"] = notes[name]
@@ -228,6 +377,9 @@ def main(argv=None):
         for run, curve in zip(r["run_dirs"], r["curves"]):
             lines.append(f"  * {run}: " + ", ".join(f"{k}: {v:.3f}" for k, v in curve.items()))
     Path(a.out + ".table.md").write_text("\n".join(lines) + "\n")
+    if overlays:
+        plot_overlay(arms, overlays, start_acc, Path(a.out + "_trl.png"),
+                     " ".join(["python scripts/proving_ground.py", *(shlex.quote(x) for x in (argv or sys.argv[1:]))]))
     print("\n".join(lines))
 
 

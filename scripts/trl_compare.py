@@ -4,12 +4,18 @@ Two Python environments take part: jaxtok's own (``.venv``, no torch) and a sepa
 transformers (``/work/trl-venv``; TRL/torch are an optional extra used only by this script). They exchange plain
 files under ``--work`` (default ``runs/trl_compare``):
 
-    # 1. jaxtok venv: the HF export of the student, the exact prompt stream jaxtok's GRPO loop draws
-    #    (train split, shuffled, 8 prompts per step) and the 1200 held-out eval prompts, with jaxtok's token ids
-    python scripts/trl_compare.py prepare --steps 200
-    # 2. TRL venv: GRPOTrainer on those prompts (same reward, group, lr, Adam betas/eps, clip, no KL, one optimizer
-    #    step per generation batch), a torch greedy held-out eval every 25 steps
-    /work/trl-venv/bin/python scripts/trl_compare.py train --lr 2e-4 --steps 100 --name trl_lr2e-4
+    # 1. jaxtok venv: the HF export of the student, the exact prompt stream jaxtok's GRPO loop draws (train split,
+    #    shuffled; by default configs/testbed/grpo.yaml's data.batch_size / num_generations = 128 prompts per step,
+    #    written to data/train_prompts_p128.jsonl; the first small setting: --prompts-per-step 8, data/train_prompts.jsonl)
+    #    and the 1200 held-out eval prompts, with jaxtok's token ids
+    python scripts/trl_compare.py prepare --steps 250
+    # 2. TRL venv: GRPOTrainer on those prompts (same reward, group, lr, warm-up, Adam betas/eps, clip, no KL, one
+    #    optimizer step per generation batch), a torch greedy held-out eval every 25 steps; lr, warm-up and prompts
+    #    per step default to grpo.yaml's (6e-4, 10 steps linear from 0 then constant, 128)
+    nice -n 10 /work/trl-venv/bin/python scripts/trl_compare.py train --steps 250 --seed 0 --name trl_b1024_s0
+    # the first (small) setting: 8 prompts per step, constant lr without warm-up
+    /work/trl-venv/bin/python scripts/trl_compare.py train --prompts-per-step 8 --warmup-steps 0 --lr 2e-4 \
+        --steps 100 --name trl_lr2e-4
     # the torch greedy eval on the start model (must equal jaxtok eval's exact match on the same 1200 prompts)
     /work/trl-venv/bin/python scripts/trl_compare.py eval-torch runs/trl_compare/student_hf
     # 3. jaxtok venv: the matching jaxtok run, then the report (json, markdown, overlay plot)
@@ -42,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs/testbed/base.yaml"
 GRPO_CONFIG = REPO / "configs/testbed/grpo.yaml"
-PROMPTS_PER_STEP = 8
+PROMPTS_PER_STEP = 8  # the first (small) setting; the working setting reads the config (128), see _grpo_setting
 NUM_GENERATIONS = 8
 MAX_NEW_TOKENS = 20
 BOS_TEXT = "<bos>"
@@ -61,6 +67,25 @@ def _task_base():
     sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+def _grpo_setting() -> dict:
+    """Prompts per step, learning rate and warm-up of ``configs/testbed/grpo.yaml`` (its sections laid over
+    ``base.yaml``'s, read with plain yaml so the TRL venv needs no jaxtok): the defaults of ``prepare`` / ``train``."""
+    import yaml
+
+    base = yaml.safe_load(BASE_CONFIG.read_text())
+    cfg = yaml.safe_load(GRPO_CONFIG.read_text())
+    sec = {k: {**(base.get(k) or {}), **(cfg.get(k) or {})} for k in ("data", "rollout", "optimizer")}
+    return {"prompts_per_step": int(sec["data"]["batch_size"]) // int(sec["rollout"]["num_generations"]),
+            "lr": float(sec["optimizer"]["lr"]), "warmup_steps": int(sec["optimizer"].get("warmup_steps", 0))}
+
+
+def train_prompts_path(work: Path, prompts_per_step: int) -> Path:
+    """The prompt-stream file ``prepare`` writes for ``prompts_per_step`` prompts per step (the first 8-prompt
+    setting keeps its original name)."""
+    name = "train_prompts.jsonl" if prompts_per_step == PROMPTS_PER_STEP else f"train_prompts_p{prompts_per_step}.jsonl"
+    return Path(work) / "data" / name
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -93,9 +118,10 @@ def cmd_prepare(a) -> None:
         from jaxtok.models.hf import convert
 
         convert("to-hf", str(REPO / a.student), str(hf_dir))
-    # the exact train prompt stream of train/loop.py: batch_size // rows_per_prompt prompts per rollout batch
-    per_step = cfg.data.batch_size // cfg.rollout.rows_per_prompt
-    assert per_step == PROMPTS_PER_STEP and cfg.rollout.num_generations == NUM_GENERATIONS, (per_step, cfg.rollout)
+    # the exact train prompt stream of jaxtok's loop at data.batch_size = per_step x rows_per_prompt: batch_size //
+    # rows_per_prompt prompts per rollout batch (data.seed fixes it; train.seed does not change it)
+    per_step = a.prompts_per_step or cfg.data.batch_size // cfg.rollout.rows_per_prompt
+    assert cfg.rollout.num_generations == NUM_GENERATIONS, cfg.rollout
     ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len, batch_size=per_step,
                                  num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True, num_epochs=None,
                                  drop_remainder=True, overlong=cfg.data.overlong)
@@ -107,14 +133,15 @@ def cmd_prepare(a) -> None:
             ex = task.example("train", idx)
             ids = [int(t) for t, v in zip(batch["prompt"][r], batch["prompt_valid"][r]) if v]
             rows.append({"step": step, "index": idx, "prompt": ex.prompt, "answer": ex.answer, "prompt_ids": ids})
-    _write_jsonl(work / "data/train_prompts.jsonl", rows)
+    _write_jsonl(train_prompts_path(work, per_step), rows)
     n = capped(task, "eval", cfg.data.num_eval)
     ev = []
     for i in range(n):
         ex = task.example("eval", i)
         ev.append({"index": i, "prompt": ex.prompt, "answer": ex.answer, "prompt_ids": prompt_ids(tok, ex)})
     _write_jsonl(work / "data/eval_prompts.jsonl", ev)
-    print(f"prepare: {len(rows)} train prompts ({a.steps} steps x {per_step}), {len(ev)} eval prompts, "
+    print(f"prepare: {len(rows)} train prompts ({a.steps} steps x {per_step}) -> {train_prompts_path(work, per_step)}, "
+          f"{len(ev)} eval prompts, "
           f"dropped overlong {dropped.count}; HF export {hf_dir}")
 
 
@@ -210,9 +237,15 @@ def cmd_train(a) -> None:
     work = Path(a.work)
     run = work / a.name
     run.mkdir(parents=True, exist_ok=True)
-    train_rows = [r for r in _read_jsonl(work / "data/train_prompts.jsonl") if r["step"] <= a.steps]
+    per_step = a.prompts_per_step
+    src = train_prompts_path(work, per_step)
+    if not src.is_file():
+        sys.exit(f"train: {src} missing: run `python scripts/trl_compare.py prepare --prompts-per-step {per_step}` "
+                 "in the jaxtok venv first")
+    train_rows = [r for r in _read_jsonl(src) if r["step"] <= a.steps]
     eval_rows = _read_jsonl(work / "data/eval_prompts.jsonl")
-    assert len(train_rows) == a.steps * PROMPTS_PER_STEP, (len(train_rows), a.steps)
+    if len(train_rows) != a.steps * per_step:
+        sys.exit(f"train: {src} holds {len(train_rows)} prompts for {a.steps} steps x {per_step}: prepare more --steps")
     # TRL tokenizes plain-text prompts with the tokenizer's own special tokens: it must give jaxtok's ids (<bos> first)
     for r in train_rows[:64] + eval_rows[:64]:
         ids = tok(r["prompt"])["input_ids"]
@@ -229,12 +262,14 @@ def cmd_train(a) -> None:
     ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in train_rows])
     args = GRPOConfig(
         output_dir=str(run / "trainer"), max_steps=a.steps, seed=a.seed, use_cpu=True, bf16=False, fp16=False,
-        # optimizer: Adam(W) without weight decay, constant lr, global-norm clip 1.0 (jaxtok: optax.adamw, wd 0,
-        # schedule constant, grad_clip 1.0 from configs/testbed/base.yaml)
-        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+        # optimizer: Adam(W) without weight decay, constant lr after a linear warm-up from 0 (none: --warmup-steps 0),
+        # global-norm clip 1.0 (jaxtok: optax.adamw, wd 0, schedule constant with optimizer.warmup_steps linear from
+        # 0, grad_clip 1.0 from configs/testbed/base.yaml)
+        learning_rate=a.lr, lr_scheduler_type="constant_with_warmup" if a.warmup_steps else "constant",
+        warmup_steps=a.warmup_steps, weight_decay=0.0, optim="adamw_torch",
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-        # batch: 8 prompts x 8 completions = 64 rows, one optimizer step per generation batch, on-policy
-        per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS, gradient_accumulation_steps=1,
+        # batch: per_step prompts x 8 completions, one optimizer step per generation batch, on-policy
+        per_device_train_batch_size=per_step * NUM_GENERATIONS, gradient_accumulation_steps=1,
         steps_per_generation=1, num_iterations=1, num_generations=NUM_GENERATIONS, shuffle_dataset=False,
         # sampling: T=1, no top-k/top-p/min-p, 20 new tokens
         max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, min_p=None,
@@ -262,7 +297,9 @@ def cmd_train(a) -> None:
 
     def _dump():
         hist = [h for h in trainer.state.log_history if "reward" in h or "loss" in h]
-        out = {"name": a.name, "lr": a.lr, "steps": a.steps, "seed": a.seed, "trl_version": trl.__version__,
+        out = {"name": a.name, "lr": a.lr, "steps": a.steps, "seed": a.seed, "prompts_per_step": per_step,
+               "num_generations": NUM_GENERATIONS, "rows_per_step": per_step * NUM_GENERATIONS,
+               "warmup_steps": a.warmup_steps, "trl_version": trl.__version__,
                "torch_version": torch.__version__, "threads": a.threads, "curve": curve,
                "step_seconds": step_times, "log_history": hist, "config": args.to_dict()}
         (run / "trl_run.json").write_text(json.dumps(out, indent=1, default=str))
@@ -640,9 +677,16 @@ def main(argv=None) -> int:
     s = sub.add_parser("prepare", help="(jaxtok venv) HF export + prompt files")
     s.add_argument("--student", default="runs/testbed/student")
     s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--prompts-per-step", type=int, default=None,
+                   help="prompts per step (default: configs/testbed/grpo.yaml's data.batch_size / num_generations)")
     s.set_defaults(fn=cmd_prepare)
     s = sub.add_parser("train", help="(TRL venv) GRPOTrainer run with a held-out eval every --eval-every steps")
-    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--lr", type=float, default=None, help="default: configs/testbed/grpo.yaml's optimizer.lr")
+    s.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps, then constant (default: grpo.yaml's optimizer.warmup_steps)")
+    s.add_argument("--prompts-per-step", type=int, default=None,
+                   help="prompts per step (default: grpo.yaml's data.batch_size / num_generations; the first "
+                        "cross-check used 8)")
     s.add_argument("--steps", type=int, default=100)
     s.add_argument("--name", required=True)
     s.add_argument("--seed", type=int, default=0)
@@ -684,6 +728,14 @@ def main(argv=None) -> int:
     s.add_argument("--command", required=True, help="the report command that wrote the JSON (the plot's caption)")
     s.set_defaults(fn=cmd_replot)
     a = p.parse_args(argv)
+    if a.cmd == "train":  # defaults from the committed GRPO config
+        setting = _grpo_setting()
+        for key in ("prompts_per_step", "lr", "warmup_steps"):
+            if getattr(a, key) is None:
+                setattr(a, key, setting[key])
+        if a.prompts_per_step < 1 or a.warmup_steps < 0 or a.steps < 1 or a.lr <= 0:
+            p.error(f"train: need --prompts-per-step >= 1, --warmup-steps >= 0, --steps >= 1, --lr > 0 "
+                    f"(got {a.prompts_per_step}, {a.warmup_steps}, {a.steps}, {a.lr})")
     a.fn(a)
     return 0
 
