@@ -10,11 +10,14 @@
 - ``shred-eval``: the SHRED forget / retain metrics of one model (configs/testbed/shred.yaml): greedy exact match
   and mean reference-token log-likelihood (teacher-forced target + EOS) on the forget instances (train split,
   subtraction, indices < num_train), held-out subtraction, held-out addition and the testbed's mixed held-out set.
+- ``shred-positions``: which answer tokens (restated operands, step result, ``>``, answer, EOS) SHRED's stage 1
+  selects as forget positions on the forget set.
 - ``report``: the table, json and plot of docs/results/trace_shred_testbed from the run directories and the
   two json files above.
 
     python scripts/trace_shred_testbed.py annotate OUT.json
     python scripts/trace_shred_testbed.py shred-eval RUN_DIR[@STEP] OUT.json
+    python scripts/trace_shred_testbed.py shred-positions OUT.json
     python scripts/trace_shred_testbed.py report
 """
 from __future__ import annotations
@@ -175,9 +178,59 @@ def shred_eval(run: str, out_path: str, n_eval: int = 1200) -> dict:
     return res
 
 
+def _char_roles(target: str) -> list[str]:
+    """Role of each character of a worked answer ``a∘b=r>ans``: ``copy`` (the restated ``a∘b=``), ``result`` (the
+    step result ``r``), ``mark`` (``>``), ``answer``."""
+    cut, eq = target.rindex(">"), target.index("=")
+    return ["copy" if i <= eq else "result" if i < cut else "mark" if i == cut else "answer"
+            for i in range(len(target))]
+
+
+def shred_positions(out_path: str) -> dict:
+    """Which answer tokens SHRED's stage 1 picks as forget positions on the forget set (configs/testbed/shred.yaml,
+    θ0 = the testbed teacher): per role (:func:`_char_roles`, plus ``eos``) the token count, the share of that role
+    selected (lowest-``forget_fraction`` θ0 probability per instance, :func:`jaxtok.select.lowest_prob`, as the
+    loss does) and θ0's mean probability of the token."""
+    from jaxtok.config import load_config
+    from jaxtok.data import encode_sft, stack
+    from jaxtok.select import lowest_prob
+    from jaxtok.train.objectives.distill import _piece_lengths
+    from jaxtok.train.rollout import score_rollout
+
+    cfg = load_config(SHRED_CFG)
+    model, tok = _model(cfg.model.init_from)
+    task, split, idx = _sets(cfg, 0)["forget"]
+    exs = [task.example(split, i) for i in idx]
+    b = stack([encode_sft(tok, e, cfg.data.seq_len, "error") for e in exs])
+    lp = score_rollout(model, b, np.ones(len(exs), np.float32))["old_logprobs"]
+    mask = np.asarray(b["loss_mask"], bool)
+    forget = np.asarray(lowest_prob(jnp.asarray(lp), jnp.asarray(mask), cfg.objective.args["forget_fraction"])) > 0
+    stats = {}
+    for r, e in enumerate(exs):
+        roles, cols, pos = _char_roles(e.target), np.nonzero(mask[r])[0], 0
+        for c, n in zip(cols, _piece_lengths(tok, b["tokens"][r, cols])):
+            role = roles[pos] if n and pos < len(roles) else "eos"
+            pos += n
+            st = stats.setdefault(role, {"tokens": 0, "selected": 0, "p_theta0": 0.0})
+            st["tokens"] += 1
+            st["selected"] += int(forget[r, c])
+            st["p_theta0"] += float(np.exp(lp[r, c]))
+    total_sel = sum(v["selected"] for v in stats.values())
+    res = {role: {"tokens": v["tokens"], "share_selected": v["selected"] / v["tokens"],
+                  "share_of_forget_positions": v["selected"] / total_sel, "mean_p_theta0": v["p_theta0"] / v["tokens"]}
+           for role, v in stats.items()}
+    Path(out_path).write_text(json.dumps(res, indent=1))
+    return res
+
+
 GRPO_RUNS = ("runs/testbed/pilot_grpo_b1024_lr6e-4_w10", "runs/testbed/grpo_b1024_s1", "runs/testbed/grpo_b1024_s2")
 TRACE_RUNS = {"trace (self, diagnosis label)": "runs/testbed/trace_s0",
               "trace_external (frozen teacher)": "runs/testbed/trace_external_s0"}
+SHRED_RUNS = {"P=0.5": "runs/testbed/shred_s0", "P=0.2": "runs/testbed/shred_p20_s0"}
+# shred-eval json tags per arm and step (step 0: θ0, the testbed teacher)
+SHRED_EVALS = {"P=0.5": {0: "before", 25: "step25", 50: "step50", 100: "step100", 200: "after"},
+               "P=0.2": {0: "before", 50: "p20_step50", 200: "p20_after"}}
+SHRED_SETS = ("forget", "heldout_sub", "heldout_add", "testbed_mixed")
 TRAIN_KEYS = ("rollout/entropy_mean", "rollout/length_mean", "rollout/exact_match", "span_kl", "kl_lambda",
               "key_frac", "error_frac")
 
@@ -225,13 +278,15 @@ def report() -> dict:
         diag[name] = {k: {f"{lo}-{hi}": _window_mean(t[k], lo, hi) for lo, hi in windows}
                       for k in ("rollout/entropy_mean", "rollout/length_mean")}
     ann = json.loads(Path(f"{OUT}.annotate.json").read_text()) if Path(f"{OUT}.annotate.json").exists() else None
-    shred = {k: json.loads(Path(f"{OUT}.shred_{k}.json").read_text())
-             for k in ("before", "after") if Path(f"{OUT}.shred_{k}.json").exists()}
-    shred_curve, _ = _metrics("runs/testbed/shred_s0")
+    shred = {arm: {step: json.loads(Path(f"{OUT}.shred_{tag}.json").read_text()) for step, tag in tags.items()
+                   if Path(f"{OUT}.shred_{tag}.json").exists()} for arm, tags in SHRED_EVALS.items()}
+    shred_curve = {arm: _metrics(run)[0] for arm, run in SHRED_RUNS.items()}
     res = {"date": "2026-12-04", "start_acc": 0.29833333333333334, "arms": arms, "rollout_diagnostics": diag,
            "annotate": ann and {k: ann[k] for k in ("rollout_exact_match", "label_histogram", "span_coverage",
                                                      "gaps")},
-           "shred": shred, "shred_heldout_sub_curve": shred_curve}
+           "shred": {a: {str(t): v for t, v in p.items()} for a, p in shred.items()},
+           "shred_positions": json.loads(Path(f"{OUT}.shred_positions.json").read_text()),
+           "shred_heldout_sub_in_run_eval": shred_curve}
     Path(f"{OUT}.json").write_text(json.dumps(res, indent=1))
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -253,15 +308,11 @@ def report() -> dict:
     ax[1].axvspan(0, 40, color="tab:red", alpha=0.07)
     ax[1].set(xlabel="step", ylabel="rollout token entropy (nats, T=1)", title="entropy (TRACE's leakage symptom)")
     ax[1].legend(fontsize=7)
-    if shred_curve:
-        ax[2].plot([0] + sorted(shred_curve), [shred.get("before", {}).get("heldout_sub", {}).get("exact_match",
-                   np.nan)] + [shred_curve[s] for s in sorted(shred_curve)], marker="o", color="tab:purple",
-                   label="held-out subtraction (in-run eval)")
-    for k, m in (("forget", "s"), ("heldout_add", "^"), ("testbed_mixed", "D")):
-        pts = [(0, shred["before"][k]["exact_match"])] if "before" in shred else []
-        pts += [(max(shred_curve or {0: 0}), shred["after"][k]["exact_match"])] if "after" in shred else []
-        if pts:
-            ax[2].plot(*zip(*pts), marker=m, ls="--", label=k)
+    for (arm, pts), ls in zip(shred.items(), ("-", "--")):
+        for k, c in (("forget", "tab:red"), ("heldout_sub", "tab:orange"), ("heldout_add", "tab:green")):
+            if len(pts) > 1:
+                ax[2].plot(sorted(pts), [pts[t][k]["exact_match"] for t in sorted(pts)], ls=ls, marker="o", color=c,
+                           label=f"{arm} {k}")
     ax[2].set(xlabel="SHRED step", ylabel="greedy exact match", title="SHRED on the testbed teacher (forget '-')")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
@@ -276,13 +327,12 @@ def report() -> dict:
     for name, d in diag.items():
         cells = [d[k][f"{lo}-{hi}"] for k in ("rollout/entropy_mean", "rollout/length_mean") for lo, hi in windows]
         print(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
-    if shred:
-        print("\n| set | n (distinct) | " + " | ".join(f"{k} exact match | {k} log-lik/token" for k in shred)
-              + " |\n|---|---|" + "---|---|" * len(shred))
-        for k in ("forget", "heldout_sub", "heldout_add", "testbed_mixed"):
-            first = next(iter(shred.values()))[k]
-            print(f"| {k} | {first['n']} ({first['distinct']}) | " + " | ".join(
-                f"{v[k]['exact_match']:.3f} | {v[k]['loglik_per_token']:.3f}" for v in shred.values()) + " |")
+    print("\n| SHRED arm | step | " + " | ".join(f"{k} EM | {k} log-lik/tok" for k in SHRED_SETS)
+          + " |\n|---|---|" + "---|---|" * len(SHRED_SETS))
+    for arm, pts in shred.items():
+        for t in sorted(pts):
+            print(f"| {arm} | {t} | " + " | ".join(f"{pts[t][k]['exact_match']:.3f} | {pts[t][k]['loglik_per_token']:.3f}"
+                                                  for k in SHRED_SETS) + " |")
     return res
 
 
@@ -299,10 +349,14 @@ def main(argv=None) -> int:
     if argv[:1] == ["shred-eval"] and len(argv) == 3:
         print(json.dumps(shred_eval(argv[1], argv[2]), indent=1))
         return 0
+    if argv[:1] == ["shred-positions"] and len(argv) == 2:
+        print(json.dumps(shred_positions(argv[1]), indent=1))
+        return 0
     if argv[:1] == ["report"] and len(argv) == 1:
         report()
         return 0
-    print("usage: trace_shred_testbed.py annotate OUT.json | shred-eval RUN_DIR[@STEP] OUT.json | report",
+    print("usage: trace_shred_testbed.py annotate OUT.json | shred-eval RUN_DIR[@STEP] OUT.json | "
+          "shred-positions OUT.json | report",
           file=sys.stderr)
     return 2
 
