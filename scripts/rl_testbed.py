@@ -29,6 +29,12 @@ seconds of a step that samples (k = 1) and of one that reuses the batch (k = 2).
 its standard error over seeds and a 95 % Student-t interval when there are >= 2 seeds, else the binomial SE of the
 one run (then it is one run, not a mean). ``--reference NAME=DIR0,DIR1,...`` likewise: seed 0's row plus the seeds'
 mean. ``--plot`` draws the held-out curves of both arms and the mu = 2 clip fractions. Nothing is interpreted here.
+
+Methods with their own structure (``--method NAME=DIR[,DIR...]``, seeds 0, 1, ...; APPO, ReasonMaxxer, REFINE:
+``configs/testbed/rl_{appo,reasonmaxxer,refine}.yaml``; ``--cmd method_NAME=...``): per seed the same summary, the
+held-out accuracy at steps 150 and 250 beside the GRPO means of both arms (``--reference grpo`` and ``--mu2 grpo``)
+at the same steps, and the method's own logged diagnostics (``DIAGNOSTIC_KEYS`` that the run logged): the mean over
+the rows of each inner step k and, for k = mu, the mean per 25-step window.
 """
 
 from __future__ import annotations
@@ -44,6 +50,17 @@ import yaml
 from proving_ground import T95
 from proving_ground import _segments as segments  # one reader of resumed runs' metrics.jsonl
 
+DIAGNOSTIC_KEYS = (
+    # APPO: loss weight (tokens of initial rows only), future-KL factor f, tree rollout, PPO clip
+    "count", "appo_future_factor_mean", "appo_dropped_seqs", "clip_frac", "dual_clip_frac", "approx_kl", "kl_loss",
+    "adv_abs_mean", "rollout/branch_point_mean", "rollout/branch_reward_mean", "rollout/branch_adv_abs_mean",
+    # ReasonMaxxer: entropy-gated decision tokens and the KL anchor
+    "decision_frac", "decision_tokens", "pos_decision_tokens", "anchor_tokens", "decision_loss", "kl_anchor",
+    # REFINE: NTP and chunk-rollout GRPO terms, rollout reward and match against the true continuation
+    "ntp_loss", "pg_loss", "rollout/reward_mean", "rollout/token_match", "rollout/start_mean", "rollout/length_mean",
+    # all: rollout reward, policy entropy, gradient norm
+    "rollout/exact_match", "entropy", "grad_norm")
+COMPARE_STEPS = ("150", "250")
 MECHANISM_KEYS = ("clip_frac", "dual_clip_frac", "ratio_min", "ratio_max", "ratio_mean", "approx_kl",
                   "cppo_token_reject_frac", "cppo_budget_reject_frac", "cppo_mask_mean")
 
@@ -169,6 +186,28 @@ def mechanism(recs: list[dict], mu: int) -> dict:
     return out
 
 
+def diagnostics(recs: list[dict], mu: int) -> dict:
+    """Mean of each logged ``DIAGNOSTIC_KEYS`` entry over the training rows of each inner step k, and for k = mu its
+    mean per 25-step window (the rows where the policy has moved furthest from the sampler)."""
+    rows = [r for r in recs if "loss" in r and "event" not in r]
+    out: dict = {}
+    for key in DIAGNOSTIC_KEYS:
+        if not any(r.get(key) is not None for r in rows):
+            continue
+        d: dict = {}
+        for k in range(1, mu + 1):
+            vals = [r[key] for r in rows if (r["step"] - 1) % mu + 1 == k and r.get(key) is not None]
+            if vals:
+                d[f"inner{k}_mean"] = _r(np.mean(vals))
+        win: dict[int, list[float]] = {}
+        for r in rows:
+            if (r["step"] - 1) % mu + 1 == mu and r.get(key) is not None:
+                win.setdefault((r["step"] - 1) // 25, []).append(r[key])
+        d[f"inner{mu}_per_25"] = [_r(np.mean(v), 5) for _, v in sorted(win.items())]
+        out[key] = d
+    return out
+
+
 def arm(dirs: list[Path], start_acc: float, loadavg: Path | None, cmd: str | None) -> dict:
     """Per-seed summaries and, over the seeds that reached their last eval, the mean final held-out accuracy with
     its SE over seeds and a 95 % Student-t interval (>= 2 seeds), else the one run's binomial SE."""
@@ -257,13 +296,57 @@ def arm_table(res: dict) -> list[str]:
     return lines
 
 
+def _grpo_means(res: dict) -> dict[str, dict]:
+    """The GRPO mean curves the methods are read against: mu = 1 (``--reference grpo`` seeds) and mu = 2."""
+    out = {}
+    if "grpo" in res.get("reference_seeds", {}):
+        out["GRPO mu=1"] = res["reference_seeds"]["grpo"].get("mean_curve", {})
+    if "grpo" in res["mu2"]:
+        out["GRPO mu=2"] = res["mu2"]["grpo"].get("mean_curve", {})
+    return out
+
+
+def compare_table(res: dict) -> list[str]:
+    """Per method seed: held-out accuracy at ``COMPARE_STEPS`` and its difference (points) from each GRPO mean."""
+    refs = _grpo_means(res)
+    head = "| run | mu | " + " | ".join(f"acc {s}" for s in COMPARE_STEPS)
+    sep = "|---|---|" + "---|" * len(COMPARE_STEPS)
+    for ref in refs:
+        head += " | " + " | ".join(f"{ref} {s} (diff)" for s in COMPARE_STEPS)
+        sep += "---|" * len(COMPARE_STEPS)
+    lines = [head + " |", sep]
+    for name, a in res["methods"].items():
+        for i, r in enumerate(a["seeds"]):
+            cells = [_fmt(r["curve"].get(s)) for s in COMPARE_STEPS]
+            for curve in refs.values():
+                for s in COMPARE_STEPS:
+                    g, m = curve.get(s), r["curve"].get(s)
+                    cells.append(f"{_fmt(g)} ({100 * (m - g):+.1f})" if g is not None and m is not None else _fmt(g))
+            lines.append(f"| {name} s{i} | {r['inner_epochs']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def diagnostics_table(res: dict) -> list[str]:
+    """Per method seed and logged diagnostic: mean per inner step, first and last 25-step window (k = mu)."""
+    lines = ["| run | diagnostic | mean k=1 | mean k=mu | first 25 steps (k=mu) | last 25 steps (k=mu) |",
+             "|---|---|---|---|---|---|"]
+    for name, a in res["methods"].items():
+        for i, r in enumerate(a["seeds"]):
+            mu = r["inner_epochs"]
+            for key, d in r["diagnostics"].items():
+                win = d.get(f"inner{mu}_per_25") or [None]
+                lines.append(f"| {name} s{i} | {key} | {_fmt(d.get('inner1_mean'), '.5g')} | "
+                             f"{_fmt(d.get(f'inner{mu}_mean'), '.5g')} | {_fmt(win[0], '.5g')} | {_fmt(win[-1], '.5g')} |")
+    return lines
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 6), dpi=100)
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(22, 6), dpi=100)
     names = list(dict.fromkeys([*res["reference"], *res["runs"], *res["mu2"]]))
     colour = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
     start = res["start"]["acc"]
@@ -290,6 +373,19 @@ def plot(res: dict, path: Path) -> None:
     bx.set(xlabel="optimizer step (25-step windows)", ylabel="clip fraction on the 2nd inner step (tokens)",
            title="mu=2: fraction of tokens clipped / masked when the batch is reused")
     bx.legend(fontsize=7)
+    for n, curve in _grpo_means(res).items():
+        xs = [0] + sorted(map(int, curve))
+        cx.plot(xs, [start] + [curve[str(x)] for x in xs[1:]], "--" if "mu=1" in n else ":", color="black",
+                label=f"{n} (mean of seeds)")
+    for j, (n, a) in enumerate(res["methods"].items()):
+        for i, r in enumerate(a["seeds"]):
+            xs = [0] + sorted(map(int, r["curve"]))
+            cx.plot(xs, [start] + [r["curve"][str(x)] for x in xs[1:]], "-o", ms=3, color=plt.cm.Set1(j),
+                    alpha=1.0 if i == 0 else 0.5, label=f"{n} (seed {i}, mu={r['inner_epochs']})")
+    cx.axhline(start, color="grey", lw=0.8)
+    cx.set(xlabel="optimizer step", ylabel="held-out greedy exact match (1200 prompts)",
+           title="APPO / ReasonMaxxer / REFINE against the GRPO means")
+    cx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -305,6 +401,8 @@ def main(argv=None):
     ap.add_argument("--reference", action="append", default=[],
                     help="NAME=RUN_DIR[,RUN_DIR...] (seeds 0, 1, ...) shown beside the variants")
     ap.add_argument("--mu2", action="append", default=[], help="NAME=RUN_DIR[,RUN_DIR...]: the mu=2 arm, seeds 0, 1, ...")
+    ap.add_argument("--method", action="append", default=[],
+                    help="NAME=RUN_DIR[,RUN_DIR...]: a method with its own structure (APPO, ReasonMaxxer, REFINE), seeds 0, 1, ...")
     ap.add_argument("--cmd", action="append", default=[], help="NAME=COMMAND that made the run ({seed}: its seed)")
     ap.add_argument("--loadavg", type=Path, default=None)
     ap.add_argument("--note", action="append", default=[])
@@ -316,7 +414,7 @@ def main(argv=None):
     cmds = _pairs(args.cmd)
     res = {"start": {"run_dir": args.start, "acc": round(start_acc, 4),
                      "n_eval": start.get("eval/num_examples")},
-           "seed": 0, "notes": args.note, "runs": {}, "reference": {}, "reference_seeds": {}, "mu2": {}}
+           "seed": 0, "notes": args.note, "runs": {}, "reference": {}, "reference_seeds": {}, "mu2": {}, "methods": {}}
     for name, path in _pairs(args.run).items():
         res["runs"][name] = {**summarize(Path(path), start_acc, args.loadavg), "command": cmds.get(name)}
     for name, dirs in _dirs(args.reference).items():
@@ -325,6 +423,10 @@ def main(argv=None):
             res["reference_seeds"][name] = arm(dirs, start_acc, args.loadavg, None)
     for name, dirs in _dirs(args.mu2).items():
         res["mu2"][name] = arm(dirs, start_acc, args.loadavg, cmds.get(f"mu2_{name}"))
+    for name, dirs in _dirs(args.method).items():
+        res["methods"][name] = arm(dirs, start_acc, args.loadavg, cmds.get(f"method_{name}"))
+        for seed_dir, seed in zip(dirs, res["methods"][name]["seeds"]):
+            seed["diagnostics"] = diagnostics(records(seed_dir), seed["inner_epochs"])
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     mu1_rows = [*res["reference"].items(), *res["runs"].items()]
@@ -335,6 +437,12 @@ def main(argv=None):
                   *curve_table(mu2_rows), "", "Final accuracy per variant:", "", *arm_table(res), "",
                   "mu=2 mechanism statistics per inner step k (k=1 samples, k=2 reuses the batch):", "",
                   *mechanism_table(mu2_rows)]
+    method_rows = [(f"{n} s{i}", r) for n, a in res["methods"].items() for i, r in enumerate(a["seeds"])]
+    if method_rows:
+        lines += ["", "Methods with their own structure (APPO, ReasonMaxxer, REFINE), held-out greedy exact match:", "",
+                  *curve_table(method_rows), "", "Against the GRPO means at the same optimizer step (points):", "",
+                  *compare_table(res), "", "Method diagnostics (logged per step; k = inner step):", "",
+                  *diagnostics_table(res)]
     out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
     if args.plot:
         plot(res, out.with_suffix(".png"))
