@@ -88,6 +88,12 @@ def train_prompts_path(work: Path, prompts_per_step: int) -> Path:
     return Path(work) / "data" / name
 
 
+def _usage_exit(msg: str) -> None:
+    """Bad input: the message on stderr, exit status 2."""
+    print(msg, file=sys.stderr)
+    sys.exit(2)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -240,12 +246,12 @@ def cmd_train(a) -> None:
     per_step = a.prompts_per_step
     src = train_prompts_path(work, per_step)
     if not src.is_file():
-        sys.exit(f"train: {src} missing: run `python scripts/trl_compare.py prepare --prompts-per-step {per_step}` "
-                 "in the jaxtok venv first")
+        _usage_exit(f"train: {src} missing: run `python scripts/trl_compare.py prepare --prompts-per-step "
+                    f"{per_step}` in the jaxtok venv first")
     train_rows = [r for r in _read_jsonl(src) if r["step"] <= a.steps]
     eval_rows = _read_jsonl(work / "data/eval_prompts.jsonl")
     if len(train_rows) != a.steps * per_step:
-        sys.exit(f"train: {src} holds {len(train_rows)} prompts for {a.steps} steps x {per_step}: prepare more --steps")
+        _usage_exit(f"train: {src} holds {len(train_rows)} prompts for {a.steps} steps x {per_step}: prepare more --steps")
     # TRL tokenizes plain-text prompts with the tokenizer's own special tokens: it must give jaxtok's ids (<bos> first)
     for r in train_rows[:64] + eval_rows[:64]:
         ids = tok(r["prompt"])["input_ids"]
