@@ -236,7 +236,8 @@ def cmd_batch_trl(a) -> None:
 
 
 def per_sequence_mean(per_token, valid):
-    """Alternative reduction for comparison: mean over sequences of each sequence's token mean (numpy)."""
+    """Alternative reduction for comparison: mean over sequences of each sequence's token mean (numpy arrays
+    ``per_token [B, T]``, ``valid [B, T]``; rows without a valid token are skipped)."""
     import numpy as np
 
     n = valid.sum(1)
@@ -336,18 +337,19 @@ def _jaxtok_curve(run: Path, start: float) -> list[dict]:
         {"step": r["step"], "eval/exact_match": r["eval/exact_match"]} for r in recs if "eval/exact_match" in r]
 
 
-def _jaxtok_step_seconds(run: Path, lo: int = 0, hi: int = 10 ** 9) -> float | None:
-    """Median seconds per train step of a jaxtok run from its log records' wall clock, steps ``lo..hi``, skipping
-    intervals that hold an eval and the first (compile) interval."""
+def _jaxtok_step_seconds(run: Path) -> float | None:
+    """Median seconds per train step of a jaxtok run from its log records' wall clock, skipping intervals that
+    hold an eval and the first (compile) interval."""
     recs = tc._read_jsonl(run / "metrics.jsonl")
     train = [r for r in recs if "loss" in r and "time" in r]
     evals = {r["step"] for r in recs if "eval/exact_match" in r}
     per = [(c["time"] - p["time"]) / (c["step"] - p["step"]) for p, c in zip(train, train[1:])
-           if p["step"] not in evals and p["step"] != train[0]["step"] and lo <= p["step"] and c["step"] <= hi]
+           if p["step"] not in evals and p["step"] != train[0]["step"]]
     return float(sorted(per)[len(per) // 2]) if per else None
 
 
 def _median(xs):
+    """The upper median of ``xs`` (None when empty)."""
     xs = sorted(xs)
     return float(xs[len(xs) // 2]) if xs else None
 
@@ -358,20 +360,23 @@ def cmd_report(a) -> None:
     out = {"start_acc": start, "eval_prompts": 1200, "jaxtok": [], "trl": [], "timing": {}}
     for d in a.jaxtok:
         c = _jaxtok_curve(REPO / d, start)
+        recs = tc._read_jsonl(REPO / d / "metrics.jsonl")
         out["jaxtok"].append({"run": d, "curve": c, "final_acc": c[-1]["eval/exact_match"],
-                              "step_seconds_median": _jaxtok_step_seconds(REPO / d)})
+                              "step_seconds_median": _jaxtok_step_seconds(REPO / d),
+                              "loss": [{"step": r["step"], "loss": r["loss"]} for r in recs if "loss" in r]})
     for d in a.trl:
         t = json.loads((REPO / d / "trl_run.json").read_text())
         out["trl"].append({"run": d, "curve": t["curve"], "final_acc": t["curve"][-1]["eval/exact_match"],
                            "steps_done": len(t["step_seconds"]),
                            "step_seconds_median": _median(t["step_seconds"][1:]),
-                           "loss_first_5": [h["loss"] for h in t["log_history"][:5]]})
-    for spec in a.timing or []:  # JAXTOK_RUN,TRL_RUN,FIRST:LAST (jaxtok steps), same machine, same time
+                           "loss": [{"step": h["step"], "loss": float(h["loss"])} for h in t["log_history"]]})
+    out["per_step"] = per_step_table(out)
+    for spec in a.timing or []:  # JAXTOK_RUN,TRL_RUN,FIRST:LAST (TRL steps that ran while the jaxtok run did)
         jd, td, window = spec.split(",")
         lo, hi = (int(x) for x in window.split(":"))
-        js = _jaxtok_step_seconds(REPO / jd, lo, hi)
-        ts = _median(json.loads((REPO / td / "trl_run.json").read_text())["step_seconds"][1:])
-        out["timing"][f"{jd} vs {td}"] = {"jaxtok_step_s": js, "trl_step_s": ts, "jaxtok_steps": [lo, hi],
+        js = _jaxtok_step_seconds(REPO / jd)
+        ts = _median(json.loads((REPO / td / "trl_run.json").read_text())["step_seconds"][lo - 1:hi])
+        out["timing"][f"{jd} vs {td}"] = {"jaxtok_step_s": js, "trl_step_s": ts, "trl_steps": [lo, hi],
                                           "ratio_trl_over_jaxtok": ts / js if js and ts else None}
     for name in ("batch_check", "eval_teacher", "eval_student"):
         p = REPO / a.work / DATA / f"{name}.json"
@@ -385,8 +390,27 @@ def cmd_report(a) -> None:
     print(json.dumps(out["timing"]))
 
 
+def per_step_table(out: dict) -> list[dict]:
+    """At each eval step of the TRL runs: jaxtok's mean / min / max over its seeds and each TRL run's accuracy."""
+    rows = []
+    for st in [p["step"] for p in out["trl"][0]["curve"]]:
+        js = [p["eval/exact_match"] for r in out["jaxtok"] for p in r["curve"] if p["step"] == st]
+        ts = [p["eval/exact_match"] for r in out["trl"] for p in r["curve"] if p["step"] == st]
+        if js:
+            rows.append({"step": st, "jaxtok_mean": sum(js) / len(js), "jaxtok_min": min(js), "jaxtok_max": max(js),
+                         "jaxtok_seeds": len(js), "trl": ts})
+    return rows
+
+
+def _window_mean(loss: list[dict], st: int, width: int = 20) -> float:
+    """Mean train loss over the records with step in ``(st - width, st]``."""
+    xs = [r["loss"] for r in loss if st - width < r["step"] <= st]
+    return sum(xs) / len(xs)
+
+
 def _plot(out: dict, png: Path, command: str) -> None:
-    """Held-out greedy exact match against the step: jaxtok's opd seeds (blue) and TRL's (red)."""
+    """Left: held-out greedy exact match against the step, jaxtok's opd seeds (blue) and TRL's (red). Right: the
+    train loss (reverse KL on each step's own samples), mean over the last 20 steps."""
     import textwrap
 
     import matplotlib
@@ -394,17 +418,24 @@ def _plot(out: dict, png: Path, command: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 6), dpi=100, layout="constrained")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 6), dpi=100, layout="constrained")
     for side, style, colour, label in (("jaxtok", "-o", "tab:blue", "jaxtok opd"),
                                        ("trl", "--s", "tab:red", "TRL DistillationTrainer (beta=1)")):
         for n, r in enumerate(out[side]):
             ax.plot([p["step"] for p in r["curve"]], [p["eval/exact_match"] for p in r["curve"]], style,
                     color=colour, alpha=1.0 if n == 0 else 0.5, ms=5, label=f"{label}: {r['run'].split('/')[-1]}")
+            xs = [q["step"] for q in r["loss"]]
+            ax2.plot(xs, [_window_mean(r["loss"], x) for x in xs], style[:-1], color=colour,
+                     alpha=1.0 if n == 0 else 0.5)
     ax.axhline(out["start_acc"], color="grey", lw=0.8, ls=":", label=f"start model {out['start_acc']:.3f}")
     ax.set_xlabel("optimizer step (64 prompts x 1 on-policy completion each)")
     ax.set_ylabel(f"held-out greedy exact match (fraction of {out['eval_prompts']} prompts)")
     ax.set_title("On-policy distillation (reverse KL, lr 6e-4, warm-up 10): jaxtok vs TRL, same prompts")
-    ax.grid(alpha=0.3)
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("train loss: reverse KL per completion token (mean of the last 20 steps)")
+    ax2.set_title("training objective on each step's own on-policy samples")
+    for a_ in (ax, ax2):
+        a_.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.supxlabel("\n".join(textwrap.wrap(f"made by: {command}", 140, subsequent_indent="    ")), fontsize=7,
                   color="0.3", x=0.01, ha="left", family="monospace")
@@ -449,7 +480,7 @@ def main(argv=None) -> int:
     s = sub.add_parser("report", help="json + overlay plot of jaxtok opd vs TRL runs")
     s.add_argument("--jaxtok", action="append", required=True, help="jaxtok opd run dir (repeat per seed)")
     s.add_argument("--trl", action="append", required=True, help="TRL run dir with trl_run.json (repeat)")
-    s.add_argument("--timing", action="append", help="JAXTOK_RUN,TRL_RUN,FIRST:LAST run at the same time")
+    s.add_argument("--timing", action="append", help="JAXTOK_RUN,TRL_RUN,FIRST:LAST: TRL steps FIRST..LAST ran during the jaxtok run")
     s.add_argument("--student", default="runs/testbed/student")
     s.add_argument("--out", default="docs/results/trl_opd")
     s.set_defaults(fn=cmd_report)
