@@ -567,6 +567,16 @@ def _trl_run(run: Path) -> dict:
             "step_seconds_median": float(st[len(st) // 2]) if st else None, "step_seconds_samples": len(st)}
 
 
+def cmd_reward_windows(a) -> None:
+    """Mean sampled (T=1) rollout accuracy per ``--every``-step window up to ``--upto`` of jaxtok runs
+    (``metrics.jsonl``, logged every ``log_every`` steps) and TRL runs (``trl_run.json``, every step)."""
+    for d in a.runs:
+        run = REPO / d
+        sampled = (_trl_run(run) if (run / "trl_run.json").is_file() else _jaxtok_run(run, float("nan")))["sampled"]
+        means = [_window_mean(sampled, lo, lo + a.every - 1) for lo in range(1, a.upto + 1, a.every)]
+        print(d, " ".join("-" if m is None else f"{m:.3f}" for m in means))
+
+
 def _window_mean(sampled: list[dict], lo: int, hi: int) -> float | None:
     xs = [s["rollout/exact_match"] for s in sampled if lo <= s["step"] <= hi]
     return sum(xs) / len(xs) if xs else None
@@ -729,6 +739,11 @@ def main(argv=None) -> int:
     s.add_argument("--note", action="append")
     s.add_argument("--out", default="docs/results/trl_compare")
     s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("reward-windows", help="mean sampled rollout accuracy per step window of jaxtok/TRL runs")
+    s.add_argument("runs", nargs="+", help="run directories (metrics.jsonl or trl_run.json)")
+    s.add_argument("--every", type=int, default=25)
+    s.add_argument("--upto", type=int, default=250)
+    s.set_defaults(fn=cmd_reward_windows)
     s = sub.add_parser("replot", help="(jaxtok venv) redraw a report's plot from its JSON (no run directories)")
     s.add_argument("--json", default="docs/results/trl_compare.json")
     s.add_argument("--command", required=True, help="the report command that wrote the JSON (the plot's caption)")
