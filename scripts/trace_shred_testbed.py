@@ -6,7 +6,8 @@
   ``privileged_template``) differs from the student on the same completion tokens: mean log-prob gap of the
   sampled token and unclipped forward / reverse KL, on key spans, error spans and all completion tokens, for the
   true labels, for the labels shuffled across rows (does the teacher read the label or only the prefix?) and for
-  the reference template ``reference:{target}``.
+  the reference template ``reference:{target}``; and the roles (restated operands, step result, answer) of the
+  span tokens left after the coverage cap.
 - ``shred-eval``: the SHRED forget / retain metrics of one model (configs/testbed/shred.yaml): greedy exact match
   and mean reference-token log-likelihood (teacher-forced target + EOS) on the forget instances (train split,
   subtraction, indices < num_train), held-out subtraction, held-out addition and the testbed's mixed held-out set.
@@ -75,6 +76,27 @@ def _span_stats(model, batch: dict, spans: np.ndarray, args) -> dict:
     return out
 
 
+def _capped_span_roles(batch: dict, texts: list, args) -> dict:
+    """``{"key|error/role": tokens}`` of the span tokens the loss keeps after the coverage cap
+    (:func:`jaxtok.select.cap_spans`), by role in the completion (:func:`_char_roles`; ``answer`` includes EOS;
+    ``other``: a completion without ``=``/``>``).
+    The synthetic tokenizer has one character per token."""
+    from jaxtok.select import cap_spans
+    from jaxtok.train.objectives import distill
+
+    spans, mask = np.asarray(batch["spans"]), np.asarray(batch["loss_mask"], bool)
+    capped = np.asarray(cap_spans(jnp.asarray(spans != 0), jnp.asarray(mask), args.coverage_cap)) > 0
+    out = {}
+    for r, text in enumerate(texts):
+        roles = _char_roles(text) if "=" in text and ">" in text else ["other"] * len(text)
+        for j, c in enumerate(np.nonzero(mask[r])[0]):
+            if capped[r, c]:
+                kind = "key" if spans[r, c] == distill.SPAN_KEY else "error"
+                name = f"{kind}/{roles[j] if j < len(roles) else 'answer'}"
+                out[name] = out.get(name, 0) + 1
+    return out
+
+
 def annotate(out_path: str, prompts: int = 128, seed: int = 0) -> dict:
     """TRACE's annotator and privileged-teacher checks on one rollout batch of the testbed student (module doc)."""
     from jaxtok.config import load_config
@@ -108,17 +130,18 @@ def annotate(out_path: str, prompts: int = 128, seed: int = 0) -> dict:
                      "label": labels[i], "spans": marked})
     base = {k: batch[k] for k in ("tokens", "positions", "valid", "loss_mask", "temperature")}
     perm = np.random.default_rng(seed).permutation(len(labels))
+    ref_args = dataclasses.replace(args, privileged_template="reference:{target}\n{prompt}")
     variants = {"true_label": batch,
                 "shuffled_label": base | distill.trace_privileged_inputs(base, exs, [labels[j] for j in perm], tok,
                                                                         args),
-                "reference": base | distill.trace_privileged_inputs(
-                    base, exs, labels, tok, dataclasses.replace(args, privileged_template="reference:{target}\n{prompt}"))}
+                "reference": base | distill.trace_privileged_inputs(base, exs, labels, tok, ref_args)}
     gaps = {name: _span_stats(model, v, spans, args) for name, v in variants.items()}
     mask = np.asarray(batch["loss_mask"], bool)
     res = {"config": TRACE_CFG, "model": STUDENT, "prompts": prompts, "rows": len(texts), "seed": seed,
            "rollout_exact_match": float(np.mean(correct)), "label_histogram": hist,
            "span_coverage": {"key": float(((spans == distill.SPAN_KEY) & mask).sum() / mask.sum()),
                              "error": float(((spans == distill.SPAN_ERROR) & mask).sum() / mask.sum())},
+           "capped_span_roles": _capped_span_roles(batch, texts, args),
            "gaps": gaps, "examples": [rows[i] for i in range(0, len(rows), max(1, len(rows) // 24))][:24]}
     Path(out_path).write_text(json.dumps(res, indent=1))
     return res
@@ -271,7 +294,7 @@ def report() -> dict:
     for name, run in TRACE_RUNS.items():
         e, t = _metrics(run)
         arms[name] = {"runs": [run], "eval": e, "train": t}
-    windows = ((1, 10), (11, 40), (41, 100), (101, 250))
+    windows = ((1, 10), (11, 40), (41, 100), (101, 150), (151, 250))
     diag = {}
     for name, (run, (_, t)) in {**{f"grpo s{i}": (r, m) for i, (r, m) in enumerate(zip(GRPO_RUNS, grpo))},
                                 **{n: (r, _metrics(r)) for n, r in TRACE_RUNS.items()}}.items():
@@ -282,8 +305,8 @@ def report() -> dict:
                    if Path(f"{OUT}.shred_{tag}.json").exists()} for arm, tags in SHRED_EVALS.items()}
     shred_curve = {arm: _metrics(run)[0] for arm, run in SHRED_RUNS.items()}
     res = {"date": "2026-12-04", "start_acc": 0.29833333333333334, "arms": arms, "rollout_diagnostics": diag,
-           "annotate": ann and {k: ann[k] for k in ("rollout_exact_match", "label_histogram", "span_coverage",
-                                                     "gaps")},
+           "annotate": ann and {k: ann.get(k) for k in ("rollout_exact_match", "label_histogram", "span_coverage",
+                                                         "capped_span_roles", "gaps")},
            "shred": {a: {str(t): v for t, v in p.items()} for a, p in shred.items()},
            "shred_positions": json.loads(Path(f"{OUT}.shred_positions.json").read_text()),
            "shred_heldout_sub_in_run_eval": shred_curve}
@@ -292,7 +315,8 @@ def report() -> dict:
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     for e, _ in grpo:
         ax[0].plot(sorted(e), [e[s] for s in sorted(e)], color="0.7", lw=1)
-    ax[0].plot(steps, [grpo_mean[s] for s in steps], color="k", lw=2, label="GRPO 128x8 (3 seeds; mean bold)")
+    ax[0].plot([0] + steps, [res["start_acc"]] + [grpo_mean[s] for s in steps], color="k", lw=2,
+               label="GRPO 128x8 (3 seeds; mean bold)")
     for (name, run), c in zip(TRACE_RUNS.items(), ("tab:red", "tab:blue")):
         e = arms[name]["eval"]
         ax[0].plot([0] + sorted(e), [res["start_acc"]] + [e[s] for s in sorted(e)], color=c, marker="o", label=name)
@@ -323,7 +347,7 @@ def report() -> dict:
         print(f"| {s} | " + " | ".join(f"{a['eval'][s]:.3f}" if s in a["eval"] else "–" for a in arms.values())
               + " |")
     print("\n| run | " + " | ".join(f"entropy {w[0]}-{w[1]}" for w in windows)
-          + " | " + " | ".join(f"length {w[0]}-{w[1]}" for w in windows) + " |\n|---|" + "---|" * 8)
+          + " | " + " | ".join(f"length {w[0]}-{w[1]}" for w in windows) + " |\n|---|" + "---|" * (2 * len(windows)))
     for name, d in diag.items():
         cells = [d[k][f"{lo}-{hi}"] for k in ("rollout/entropy_mean", "rollout/length_mean") for lo, hi in windows]
         print(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
@@ -331,8 +355,8 @@ def report() -> dict:
           + " |\n|---|---|" + "---|---|" * len(SHRED_SETS))
     for arm, pts in shred.items():
         for t in sorted(pts):
-            print(f"| {arm} | {t} | " + " | ".join(f"{pts[t][k]['exact_match']:.3f} | {pts[t][k]['loglik_per_token']:.3f}"
-                                                  for k in SHRED_SETS) + " |")
+            cells = [f"{pts[t][k]['exact_match']:.3f} | {pts[t][k]['loglik_per_token']:.3f}" for k in SHRED_SETS]
+            print(f"| {arm} | {t} | " + " | ".join(cells) + " |")
     return res
 
 
@@ -341,10 +365,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["annotate"] and len(argv) == 2:
         res = annotate(argv[1])
-        print(json.dumps({k: res[k] for k in ("rollout_exact_match", "label_histogram", "span_coverage", "gaps")},
+        print(json.dumps({k: res[k] for k in ("rollout_exact_match", "label_histogram", "span_coverage",
+                                              "capped_span_roles", "gaps")},
                          indent=1))
         for r in res["examples"][:10]:
-            print(f"{r['prompt']!r:>10} -> {r['completion']!r:24} target {r['target']!r:20} {r['label']:18} {r['spans']}")
+            print(f"{r['prompt']!r:>10} -> {r['completion']!r:24} target {r['target']!r:20} {r['label']:18} "
+                  f"{r['spans']}")
         return 0
     if argv[:1] == ["shred-eval"] and len(argv) == 3:
         print(json.dumps(shred_eval(argv[1], argv[2]), indent=1))
