@@ -18,7 +18,7 @@
 
     python scripts/trace_shred_testbed.py annotate OUT.json
     python scripts/trace_shred_testbed.py shred-eval RUN_DIR[@STEP] OUT.json
-    python scripts/trace_shred_testbed.py shred-positions OUT.json
+    python scripts/trace_shred_testbed.py shred-positions OUT.json [P]
     python scripts/trace_shred_testbed.py report
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -209,11 +210,11 @@ def _char_roles(target: str) -> list[str]:
             for i in range(len(target))]
 
 
-def shred_positions(out_path: str) -> dict:
+def shred_positions(out_path: str, fraction: Optional[float] = None) -> dict:
     """Which answer tokens SHRED's stage 1 picks as forget positions on the forget set (configs/testbed/shred.yaml,
     θ0 = the testbed teacher): per role (:func:`_char_roles`, plus ``eos``) the token count, the share of that role
     selected (lowest-``forget_fraction`` θ0 probability per instance, :func:`jaxtok.select.lowest_prob`, as the
-    loss does) and θ0's mean probability of the token."""
+    loss does) and θ0's mean probability of the token. ``fraction``: P (default: the config's ``forget_fraction``)."""
     from jaxtok.config import load_config
     from jaxtok.data import encode_sft, stack
     from jaxtok.select import lowest_prob
@@ -227,7 +228,8 @@ def shred_positions(out_path: str) -> dict:
     b = stack([encode_sft(tok, e, cfg.data.seq_len, "error") for e in exs])
     lp = score_rollout(model, b, np.ones(len(exs), np.float32))["old_logprobs"]
     mask = np.asarray(b["loss_mask"], bool)
-    forget = np.asarray(lowest_prob(jnp.asarray(lp), jnp.asarray(mask), cfg.objective.args["forget_fraction"])) > 0
+    frac = cfg.objective.args["forget_fraction"] if fraction is None else fraction
+    forget = np.asarray(lowest_prob(jnp.asarray(lp), jnp.asarray(mask), frac)) > 0
     stats = {}
     for r, e in enumerate(exs):
         roles, cols, pos = _char_roles(e.target), np.nonzero(mask[r])[0], 0
@@ -254,7 +256,7 @@ SHRED_RUNS = {"P=0.5": "runs/testbed/shred_s0", "P=0.2": "runs/testbed/shred_p20
 SHRED_EVALS = {"P=0.5": {0: "before", 25: "step25", 50: "step50", 100: "step100", 200: "after"},
                "P=0.2": {0: "before", 50: "p20_step50", 200: "p20_after"}}
 SHRED_SETS = ("forget", "heldout_sub", "heldout_add", "testbed_mixed")
-TRAIN_KEYS = ("rollout/entropy_mean", "rollout/length_mean", "rollout/exact_match", "span_kl", "kl_lambda",
+TRAIN_KEYS = ("step_time_s", "rollout/entropy_mean", "rollout/length_mean", "rollout/exact_match", "span_kl", "kl_lambda",
               "key_frac", "error_frac")
 
 
@@ -299,7 +301,7 @@ def report() -> dict:
     for name, (run, (_, t)) in {**{f"grpo s{i}": (r, m) for i, (r, m) in enumerate(zip(GRPO_RUNS, grpo))},
                                 **{n: (r, _metrics(r)) for n, r in TRACE_RUNS.items()}}.items():
         diag[name] = {k: {f"{lo}-{hi}": _window_mean(t[k], lo, hi) for lo, hi in windows}
-                      for k in ("rollout/entropy_mean", "rollout/length_mean")}
+                      for k in ("rollout/entropy_mean", "rollout/length_mean", "step_time_s")}
     ann = json.loads(Path(f"{OUT}.annotate.json").read_text()) if Path(f"{OUT}.annotate.json").exists() else None
     shred = {arm: {step: json.loads(Path(f"{OUT}.shred_{tag}.json").read_text()) for step, tag in tags.items()
                    if Path(f"{OUT}.shred_{tag}.json").exists()} for arm, tags in SHRED_EVALS.items()}
@@ -308,7 +310,8 @@ def report() -> dict:
            "annotate": ann and {k: ann.get(k) for k in ("rollout_exact_match", "label_histogram", "span_coverage",
                                                          "capped_span_roles", "gaps")},
            "shred": {a: {str(t): v for t, v in p.items()} for a, p in shred.items()},
-           "shred_positions": json.loads(Path(f"{OUT}.shred_positions.json").read_text()),
+           "shred_positions": {arm: json.loads(Path(f"{OUT}.shred_positions{tag}.json").read_text())
+                               for arm, tag in (("P=0.5", ""), ("P=0.2", "_p20"))},
            "shred_heldout_sub_in_run_eval": shred_curve}
     Path(f"{OUT}.json").write_text(json.dumps(res, indent=1))
 
@@ -375,14 +378,19 @@ def main(argv=None) -> int:
     if argv[:1] == ["shred-eval"] and len(argv) == 3:
         print(json.dumps(shred_eval(argv[1], argv[2]), indent=1))
         return 0
-    if argv[:1] == ["shred-positions"] and len(argv) == 2:
-        print(json.dumps(shred_positions(argv[1]), indent=1))
+    if argv[:1] == ["shred-positions"] and len(argv) in (2, 3):
+        try:
+            frac = float(argv[2]) if len(argv) == 3 else None
+        except ValueError:
+            print(f"P={argv[2]!r}: a number in [0, 1]", file=sys.stderr)
+            return 2
+        print(json.dumps(shred_positions(argv[1], frac), indent=1))
         return 0
     if argv[:1] == ["report"] and len(argv) == 1:
         report()
         return 0
     print("usage: trace_shred_testbed.py annotate OUT.json | shred-eval RUN_DIR[@STEP] OUT.json | "
-          "shred-positions OUT.json | report",
+          "shred-positions OUT.json [P] | report",
           file=sys.stderr)
     return 2
 
