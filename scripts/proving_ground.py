@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -378,8 +377,9 @@ def _main(argv=None):
             lines.append(f"  * {run}: " + ", ".join(f"{k}: {v:.3f}" for k, v in curve.items()))
     Path(a.out + ".table.md").write_text("\n".join(lines) + "\n")
     if overlays:
+        runs = "; ".join(f"{n}: {','.join(arms[n]['run_dirs'])}" for _, j, t in overlays for n in (j, t))
         plot_overlay(arms, overlays, start_acc, Path(a.out + "_trl.png"),
-                     " ".join(["python scripts/proving_ground.py", *(shlex.quote(x) for x in (argv or sys.argv[1:]))]))
+                     f"python scripts/proving_ground.py ... --out {a.out} (full command beside the results page); {runs}")
     print("\n".join(lines))
 
 
