@@ -32,7 +32,7 @@ mean. ``--plot`` draws the held-out curves of both arms and the mu = 2 clip frac
 
 Methods with their own structure (``--method NAME=DIR[,DIR...]``, seeds 0, 1, ...; APPO, ReasonMaxxer, REFINE:
 ``configs/testbed/rl_{appo,reasonmaxxer,refine}.yaml``; ``--cmd method_NAME=...``): per seed the same summary, the
-held-out accuracy at steps 150 and 250 beside the GRPO means of both arms (``--reference grpo`` and ``--mu2 grpo``)
+held-out accuracy at steps 150 and 250 (and its latest eval step) beside the GRPO means of both arms (``--reference grpo`` and ``--mu2 grpo``)
 at the same steps, and the method's own logged diagnostics (``DIAGNOSTIC_KEYS`` that the run logged): the mean over
 the rows of each inner step k and, for k = mu, the mean per 25-step window.
 """
@@ -307,22 +307,18 @@ def _grpo_means(res: dict) -> dict[str, dict]:
 
 
 def compare_table(res: dict) -> list[str]:
-    """Per method seed: held-out accuracy at ``COMPARE_STEPS`` and its difference (points) from each GRPO mean."""
+    """Per method seed, one row per step of ``COMPARE_STEPS`` it reached and its latest eval step: held-out accuracy
+    and its difference (points) from each GRPO mean at the same optimizer step."""
     refs = _grpo_means(res)
-    head = "| run | mu | " + " | ".join(f"acc {s}" for s in COMPARE_STEPS)
-    sep = "|---|---|" + "---|" * len(COMPARE_STEPS)
-    for ref in refs:
-        head += " | " + " | ".join(f"{ref} {s} (diff)" for s in COMPARE_STEPS)
-        sep += "---|" * len(COMPARE_STEPS)
-    lines = [head + " |", sep]
+    lines = ["| run | mu | step | acc | " + " | ".join(f"{ref} mean (diff)" for ref in refs) + " |",
+             "|---|---|---|---|" + "---|" * len(refs)]
     for name, a in res["methods"].items():
         for i, r in enumerate(a["seeds"]):
-            cells = [_fmt(r["curve"].get(s)) for s in COMPARE_STEPS]
-            for curve in refs.values():
-                for s in COMPARE_STEPS:
-                    g, m = curve.get(s), r["curve"].get(s)
-                    cells.append(f"{_fmt(g)} ({100 * (m - g):+.1f})" if g is not None and m is not None else _fmt(g))
-            lines.append(f"| {name} s{i} | {r['inner_epochs']} | " + " | ".join(cells) + " |")
+            latest = str(r.get("latest_eval_step", ""))
+            for s in sorted({s for s in (*COMPARE_STEPS, latest) if s in r["curve"]}, key=int):
+                m = r["curve"][s]
+                cells = [f"{_fmt(c.get(s))} ({100 * (m - c[s]):+.1f})" if s in c else "–" for c in refs.values()]
+                lines.append(f"| {name} s{i} | {r['inner_epochs']} | {s} | {m:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
