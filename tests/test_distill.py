@@ -395,10 +395,15 @@ def test_annotate_completion_hand_made():
     target = "12+7=19;19-3=16>16"
     # correct: the results of both steps and the answer are key spans
     assert D.annotate_completion(target, target, True) == [(5, 7, 1), (13, 15, 1), (16, 18, 1)]
-    # the first step departs: error span = that step only
-    assert D.annotate_completion("12+7=18;18-3=15>15", target, False) == [(0, 7, 2)]
-    # the second step departs
-    assert D.annotate_completion("12+7=19;19-3=17>17", target, False) == [(8, 15, 2)]
+    # the first step departs: error span = that step from where it departs (its result; not the copied operands)
+    assert D.annotate_completion("12+7=18;18-3=15>15", target, False) == [(6, 7, 2)]
+    # the second step departs in its result digits
+    assert D.annotate_completion("12+7=19;19-3=17>17", target, False) == [(14, 15, 2)]
+    # a miscopied operand: from that operand on; a truncated result (a prefix of the solution's): its last character
+    assert D.annotate_completion("12+7=19;18-3=15>15", target, False) == [(9, 15, 2)]
+    assert D.annotate_completion("12+7=19;19-3=1>1", target, False) == [(13, 14, 2)]
+    # the helper's failing case: 85-63=19 against 85-63=22 marks "19" only
+    assert D.annotate_completion("85-63=19>19", "85-63=22>22", False) == [(6, 8, 2)]
     # every step right, answer wrong: the answer
     assert D.annotate_completion("12+7=19;19-3=16>61", target, False) == [(16, 18, 2)]
     # extra step beyond the solution's steps
@@ -431,7 +436,7 @@ def test_trace_annotate_maps_characters_to_completion_tokens():
     assert spans.dtype == np.int8 and spans.shape == (2, T)
     key_chars = "".join(texts[0][c - P] for c in np.nonzero(spans[0] == D.SPAN_KEY)[0])
     assert key_chars == "191616"
-    assert list(np.nonzero(spans[1] == D.SPAN_ERROR)[0]) == list(range(P, P + 7))
+    assert list(np.nonzero(spans[1] == D.SPAN_ERROR)[0]) == [P + 6]  # "12+7=18": the result digit that departs
     assert not np.any(spans[:, :P]) and not np.any(spans[1] == D.SPAN_KEY)
     assert OBJECTIVES.entry("trace").spec.prepare is D.trace_annotate
 

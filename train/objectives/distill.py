@@ -506,8 +506,10 @@ def annotate_completion(completion: str, target: str, correct: bool) -> list[tup
 
     Correct completions: *key* spans = the result of each scratchpad step (the text after its last ``=``, the
     whole step when it has none) and the final answer. Incorrect completions: one *error* span = the first step
-    that departs from the solution's step at the same index (or, when every step matches, the answer — or the
-    text after the last matching step when there is no ``>``)."""
+    that departs from the solution's step at the same index, from the first character where it departs to its end
+    (``85-63=19`` against ``85-63=22``: ``19``, not the correctly copied operands — which, as the step's first
+    tokens, the 25 % span cap would otherwise keep alone); or, when every step matches, the answer — or the text
+    after the last matching step when there is no ``>``."""
     steps, answer = _step_chars(completion)
     if correct:
         out = []
@@ -523,10 +525,19 @@ def annotate_completion(completion: str, target: str, correct: bool) -> list[tup
     for i, (s, e) in enumerate(steps):
         ref = target[ref_steps[i][0]:ref_steps[i][1]] if i < len(ref_steps) else None
         if completion[s:e] != ref:
-            return [(s, max(e, s + 1), SPAN_ERROR)] if s < len(completion) else []
+            return [(_departure(completion[s:e], ref) + s, max(e, s + 1), SPAN_ERROR)] if s < len(completion) else []
     if answer is not None:
         return [(answer[0], max(answer[1], answer[0] + 1), SPAN_ERROR)] if answer[0] < len(completion) else []
     return []
+
+
+def _departure(step: str, ref: Optional[str]) -> int:
+    """Index in ``step`` of its first character that differs from the solution's step ``ref`` (its last character
+    when ``step`` is a proper prefix of ``ref``; 0 without a solution step)."""
+    if ref is None or not step:
+        return 0
+    k = next((i for i, (a, b) in enumerate(zip(step, ref)) if a != b), min(len(step), len(ref)))
+    return min(k, len(step) - 1)
 
 
 def _step_error_type(step: str, ref: Optional[str]) -> str:
