@@ -1,15 +1,9 @@
-"""CJ-GRPO on the testbed's diffusion student (issue 14 item 6): baseline objective, student properties, report.
+"""CJ-GRPO on the testbed's diffusion student (issue 14 item 6): student properties and the report.
 
-Three subcommands:
-
-``train CONFIG [key=value ...]``
-    ``jaxtok train`` with one more objective registered, ``cj_grpo_onestep``: the paper's skip-step baseline
-    ("one-step x_0 -> x_S", the diffu-GRPO-style estimate that transfers AR GRPO to a masked diffusion LM). Its
-    rollouts are CJ-GRPO's (same ASS + EOSER decodes, rewards, advantages, PPO-clip, k3 KL), but every generated
-    token is scored from the fully masked completion x_0 instead of the intermediate state it was sampled from,
-    so the only difference between the two arms is the optimisation trajectory. d1's random prompt masking is not
-    reproduced. The rollout log gains ``rollout/logp_traj_mean`` and ``rollout/logp_onestep_mean`` (mean log-prob
-    of the sampled tokens on their own state vs on x_0): their gap is the skip-step mismatch the paper names.
+The two arms are plain ``jaxtok train`` runs: ``configs/testbed/rl_cj_grpo.yaml`` and its skip-step baseline
+``configs/testbed/rl_cj_grpo_onestep.yaml`` (objective ``cj_grpo`` with ``trajectory: one_step``: every generated
+token scored from the fully masked completion x_0; its rollout log gives ``rollout/logp_traj_mean`` and
+``rollout/logp_onestep_mean``, whose gap is the skip-step mismatch the paper names). Two subcommands:
 
 ``props --config CFG --run RUN_DIR [--step N ...]``
     Held-out properties of a diffusion checkpoint under the config's decode policy: greedy exact match (the
@@ -30,56 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ONESTEP = "cj_grpo_onestep"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the skip-step baseline
-
-
-def onestep_ranks(commit_step) -> np.ndarray:
-    """Every committed position moved to step 0 (its state becomes x_0, the fully masked completion); −1 kept."""
-    cs = np.asarray(commit_step)
-    return np.where(cs >= 0, 0, -1).astype(np.int32)
-
-
-def masked_mean(values, mask) -> float:
-    """Mean of ``values`` where ``mask`` is true (0 when empty)."""
-    m = np.asarray(mask, bool)
-    return float(np.asarray(values)[m].mean()) if m.any() else 0.0
-
-
-def collect_onestep(model, prompts, *, args, **kw):
-    """CJ-GRPO's rollout with the commit steps collapsed to 0 and the old log-probs rescored on x_0."""
-    from flax import nnx
-
-    from jaxtok.train.objectives import cj_grpo as cj
-    from jaxtok.train.rollout import fetch
-
-    ro = cj.collect_cj_grpo(model, prompts, args=args, **kw)
-    b = ro.batch
-    traj_lp = b["old_logprobs"]
-    b["commit_step"] = onestep_ranks(b["commit_step"])
-    graphdef, state = nnx.split(model)
-    old, _ = cj._score_jit(graphdef, state, {k: b[k] for k in ("tokens", "valid", "gen_mask", "commit_step",
-                                                                "temperature")},
-                           mask_id=cj._mask_id(model, args), num_steps=args.max_steps or args.gen_len)
-    b["old_logprobs"] = np.where(b["loss_mask"], fetch(old), 0.0).astype(np.float32)
-    ro.info["rollout/logp_traj_mean"] = masked_mean(traj_lp, b["loss_mask"])
-    ro.info["rollout/logp_onestep_mean"] = masked_mean(b["old_logprobs"], b["loss_mask"])
-    return ro
-
-
-def register_onestep() -> None:
-    """Register ``cj_grpo_onestep`` (CJ-GRPO's arguments and loss, :func:`collect_onestep` as the collector)."""
-    from jaxtok.registry import OBJECTIVES
-    from jaxtok.train.objectives import cj_grpo as cj
-
-    if ONESTEP not in OBJECTIVES:
-        OBJECTIVES.register(ONESTEP, cj.CJGRPOArgs, data="rollout", models=("reference",), collect=collect_onestep,
-                            group_advantages=True, eval="diffusion")(cj.cj_grpo_loss)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # student properties
@@ -245,14 +189,8 @@ def report(named: list[str], out_json: str, out_md: str, out_png: str, ladder_di
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        register_onestep()
-        from jaxtok.cli import main as jaxtok_main
-
-        return jaxtok_main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("train", help="jaxtok train with cj_grpo_onestep registered (arguments as jaxtok train)")
     pp = sub.add_parser("props", help="greedy / T=1 properties of diffusion checkpoints")
     pp.add_argument("--config", required=True)
     pp.add_argument("--run", required=True)

@@ -109,3 +109,38 @@ def test_collector_first_epoch_ratio_one():
     assert float(aux["clip_frac"][0]) == 0 and np.isfinite(float(s))
     entry = OBJECTIVES.entry("cj_grpo")
     assert entry.spec.collect is CJ.collect_cj_grpo and entry.spec.models == ("reference",)
+
+
+def test_collector_one_step_trajectory_is_the_skip_step_baseline():
+    """``trajectory=one_step`` (the paper's skip-step baseline): the same decodes and rewards as CJ-GRPO under the
+    same key, every revealed position moved to step 0 (scored from x_0, ratio 1 on the first epoch), and both mean
+    log-probs logged; consistent rollouts log neither. An unknown trajectory is a ConfigError naming the value."""
+    tok = build_tokenizer()
+    model = Decoder(presets.get("tiny_diffusion", vocab_size=tok.get_vocab_size(), num_layers=1),
+                    rngs=nnx.Rngs(1))
+    task = make_task("arith", {"digits": 1})
+    ds, _ = prompt_dataset(task, "train", tok, prompt_len=8, batch_size=2, num_examples=8)
+    prompts = next(iter(ds))
+    settings = from_dict({"rollout": {"num_generations": 2, "temperature": 1.0}}).rollout
+    out = {}
+    for traj in ("consistent", "one_step"):
+        args = OBJECTIVES.parse_args("cj_grpo", {"gen_len": 8, "policy": "ass", "kl_coef": 0.0, "trajectory": traj},
+                                     "objective.args")
+        out[traj] = (args, CJ.collect_cj_grpo(model, prompts, task=task, tokenizer=tok, settings=settings,
+                                              rng=jax.random.key(0), args=args))
+    (_, c), (args, o) = out["consistent"], out["one_step"]
+    np.testing.assert_array_equal(o.batch["tokens"], c.batch["tokens"])
+    np.testing.assert_array_equal(o.batch["rewards"], c.batch["rewards"])
+    cs = c.batch["commit_step"]
+    np.testing.assert_array_equal(o.batch["commit_step"], np.where(cs >= 0, 0, -1))
+    x0 = dict(c.batch, commit_step=o.batch["commit_step"])
+    logp, _ = CJ.trajectory_logprobs(model, x0, mask_id=CJ._mask_id(model, args), num_steps=8)
+    m = o.batch["loss_mask"]
+    np.testing.assert_allclose(o.batch["old_logprobs"][m], np.asarray(logp)[m], rtol=1e-5)
+    np.testing.assert_allclose(o.info["rollout/logp_traj_mean"], c.batch["old_logprobs"][m].mean(), rtol=1e-5)
+    np.testing.assert_allclose(o.info["rollout/logp_onestep_mean"], o.batch["old_logprobs"][m].mean(), rtol=1e-5)
+    assert "rollout/logp_traj_mean" not in c.info
+    s, _, aux = jax.jit(lambda x: CJ.cj_grpo_loss(model, x, None, args))(o.batch)
+    np.testing.assert_allclose(float(aux["ratio_mean"][0]) / float(aux["ratio_mean"][1]), 1.0, atol=1e-5)
+    with pytest.raises(ConfigError, match="trajectory='x0'"):
+        CJ.CJGRPOArgs(trajectory="x0")

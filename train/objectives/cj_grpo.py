@@ -55,7 +55,11 @@ class CJGRPOArgs:
     ``advantage_estimator`` (``dr_grpo``: r − mean, the code; ``grpo``: / std, the paper), ``aggregation``
     (``step-mean`` | ``token-mean``), ``max_steps`` (static cap on trajectory steps; None = ``gen_len``, always enough).
     Sampling (collector): ``gen_len``, commit ``policy`` (e.g. ``ass``, ``eoser``, ``llada``) with
-    ``policy_args``, ``steps`` / ``block_len`` overrides, ``mask_id`` (None: the model config's)."""
+    ``policy_args``, ``steps`` / ``block_len`` overrides, ``mask_id`` (None: the model config's). ``trajectory``:
+    ``consistent`` (CJ-GRPO: each token scored on the intermediate state it was sampled from) or ``one_step`` (the
+    paper's skip-step baseline, diffu-GRPO style: every token scored from the fully masked completion x_0; the
+    rollout log then also gives both mean log-probs, ``rollout/logp_traj_mean`` / ``rollout/logp_onestep_mean``,
+    whose gap is the mismatch CJ-GRPO removes)."""
 
     eps: float = 0.5
     kl_coef: float = 0.04
@@ -70,6 +74,7 @@ class CJGRPOArgs:
     steps: Optional[int] = None
     block_len: Optional[int] = None
     mask_id: Optional[int] = None
+    trajectory: str = "consistent"
 
     def __post_init__(self):
         if not 0.0 < self.eps < 1.0:
@@ -79,6 +84,7 @@ class CJGRPOArgs:
         P._check_choice("kl_estimator", self.kl_estimator, P.KL_ESTIMATORS)
         P._check_choice("advantage_estimator", self.advantage_estimator, P.ADV_ESTIMATORS)
         P._check_choice("aggregation", self.aggregation, ("step-mean", "token-mean"))
+        P._check_choice("trajectory", self.trajectory, ("consistent", "one_step"))
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps!r} must be ≥ 1 (or null = the generation length)")
         if self.gen_len < 1:
@@ -87,7 +93,8 @@ class CJGRPOArgs:
     def __hash__(self):  # policy_args is a dict; the args are a static jit argument in tests/benches
         return hash((self.eps, self.kl_coef, self.kl_estimator, self.advantage_estimator, self.adv_eps,
                      self.aggregation, self.max_steps, self.gen_len, self.policy,
-                     tuple(sorted(self.policy_args.items())), self.steps, self.block_len, self.mask_id))
+                     tuple(sorted(self.policy_args.items())), self.steps, self.block_len, self.mask_id,
+                     self.trajectory))
 
 
 def _mask_id(model, args: CJGRPOArgs) -> int:
@@ -191,6 +198,12 @@ def cj_grpo_terms(logp, old_logp, advantages, loss_mask, commit_step, num_steps:
 # collector (``ObjectiveSpec.collect``)
 
 
+def _masked_mean(values, mask) -> float:
+    """Mean of ``values`` where ``mask`` is true (0 when empty)."""
+    m = np.asarray(mask, bool)
+    return float(np.asarray(values)[m].mean()) if m.any() else 0.0
+
+
 def collect_cj_grpo(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None,
                     teacher=None, prepare=None, args: CJGRPOArgs = CJGRPOArgs()) -> Any:
     """One CJ-GRPO rollout batch: ``settings.num_generations`` diffusion decodes per prompt with the commit
@@ -226,16 +239,27 @@ def collect_cj_grpo(model: nnx.Module, prompts: dict, *, task, tokenizer, settin
              "temperature": np.full((B,), settings.temperature, np.float32)}
     batch["positions"] = np.maximum(np.cumsum(batch["valid"], 1) - 1, 0).astype(np.int32)
     graphdef, state = nnx.split(model)
-    old, _ = _score_jit(graphdef, state, {k: batch[k] for k in ("tokens", "valid", "gen_mask", "commit_step",
-                                                                 "temperature")}, mask_id=mask_id, num_steps=num_steps)
-    batch["old_logprobs"] = np.where(batch["loss_mask"], fetch(old), 0.0).astype(np.float32)
+
+    def old_logprobs():  # [B, P+N] the sampling policy's log-probs on the states batch["commit_step"] names
+        old, _ = _score_jit(graphdef, state, {k: batch[k] for k in ("tokens", "valid", "gen_mask", "commit_step",
+                                                                     "temperature")}, mask_id=mask_id,
+                            num_steps=num_steps)
+        return np.where(batch["loss_mask"], fetch(old), 0.0).astype(np.float32)
+
+    info = {}
+    if args.trajectory == "one_step":  # the skip-step baseline: every revealed position scored from x_0
+        info["rollout/logp_traj_mean"] = _masked_mean(old_logprobs(), batch["loss_mask"])
+        batch["commit_step"] = np.where(batch["commit_step"] >= 0, 0, -1).astype(np.int32)
+    batch["old_logprobs"] = old_logprobs()
+    if args.trajectory == "one_step":
+        info["rollout/logp_onestep_mean"] = _masked_mean(batch["old_logprobs"], batch["loss_mask"])
     examples = examples_of(task, "train", rows)
     completions = [decode(tokenizer, gen_tok[b][gen_valid[b]]) for b in range(B)]
     batch["rewards"] = score(task, completions, examples, settings.rewards)
     batch["group_ids"] = (np.arange(B) // n).astype(np.int32)
-    info = {"rollout/reward_mean": float(batch["rewards"].mean()),
-            "rollout/length_mean": float(gen_valid.sum(axis=1).mean()),
-            "rollout/steps_mean": float(fetch(res.num_steps))}
+    info.update({"rollout/reward_mean": float(batch["rewards"].mean()),
+                 "rollout/length_mean": float(gen_valid.sum(axis=1).mean()),
+                 "rollout/steps_mean": float(fetch(res.num_steps))})
     return Rollout(batch=batch, completions=completions, examples=examples, info=info)
 
 
