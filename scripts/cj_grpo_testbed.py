@@ -24,44 +24,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+from testbed_props import correct_rows, pass_at_k  # scripts/: one pass@k and one scoring loop
 
 # ----------------------------------------------------------------------------------------------------------------
 # student properties
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``c`` correct out of ``n`` samples: 1 − C(n−c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
-
-
 def _diffusion_correct(model, task, tok, prompt, valid, index, *, cfg, temperature, seed, batch_size):
     """[N] bool: is the diffusion completion (the config's decode policy) of each prompt row right."""
-    import jax
-    import jax.numpy as jnp
-
     from jaxtok.decode.diffusion import diffusion_generate
-    from jaxtok.tasks.tokenizer import SpecialTokens, decode
-    from jaxtok.train.rollout import fetch
+    from jaxtok.tasks.tokenizer import SpecialTokens
 
     sp = SpecialTokens.of(tok)
-    out = np.zeros(prompt.shape[0], bool)
-    for s in range(0, prompt.shape[0], batch_size):
-        p, v = prompt[s:s + batch_size], valid[s:s + batch_size]
-        rows = p.shape[0]
-        if rows < batch_size:  # one static shape
-            p = np.concatenate([p, np.repeat(p[:1], batch_size - rows, 0)])
-            v = np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)])
-        res = diffusion_generate(model, jnp.asarray(p), jnp.asarray(v), gen_len=cfg.decode.max_new_tokens,
-                                 policy=cfg.decode.policy, policy_args=dict(cfg.decode.policy_args),
-                                 temperature=temperature, rng=jax.random.fold_in(jax.random.key(seed), s),
+
+    def decode_fn(p, v, key):
+        res = diffusion_generate(model, p, v, gen_len=cfg.decode.max_new_tokens, policy=cfg.decode.policy,
+                                 policy_args=dict(cfg.decode.policy_args), temperature=temperature, rng=key,
                                  pad_id=sp.pad)
-        toks, ok = fetch(res.tokens), fetch(res.valid)
-        for r in range(rows):
-            ex = task.example("eval", int(index[s + r]))
-            out[s + r] = task.reward(decode(tok, toks[r][ok[r]]), ex) >= 1.0
-    return out
+        return res.tokens, res.valid
+
+    return correct_rows(decode_fn, task, tok, prompt, valid, index, seed=seed, batch_size=batch_size)
 
 
 def measure(run_dir, cfg, *, step, n: int, ks, seed: int, batch_size: int) -> dict:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtok.data import pad_prompt_batch
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from ``c`` correct out of ``n`` samples: 1 - C(n-c, k) / C(n, k)."""
@@ -45,29 +47,40 @@ def _eval_prompts(task, tok, cfg, num_eval):
     return np.asarray(batch["prompt"]), np.asarray(batch["prompt_valid"]), np.asarray(batch["index"])
 
 
-def _correct(model, task, tok, prompt, valid, index, *, temperature, seed, max_new_tokens, batch_size):
-    """[N] bool: is the completion of each prompt row right (reward == 1)."""
-    from jaxtok.decode.generate import generate
-    from jaxtok.sampling import SamplingParams
-    from jaxtok.tasks.tokenizer import SpecialTokens, decode
+def correct_rows(decode_fn, task, tok, prompt, valid, index, *, seed, batch_size):
+    """[N] bool: is the completion of each prompt row right (reward == 1). ``decode_fn(prompt, valid, key) ->
+    (tokens [b, n], valid [b, n] or None)`` decodes one fixed-shape batch (the last one padded with copies of its
+    first row); ``index [N]`` the rows' eval example ids."""
+    from jaxtok.tasks.tokenizer import decode
     from jaxtok.train.rollout import fetch
 
-    sp = SpecialTokens.of(tok)
     out = np.zeros(prompt.shape[0], bool)
     for s in range(0, prompt.shape[0], batch_size):
-        p, v = prompt[s:s + batch_size], valid[s:s + batch_size]
-        rows = p.shape[0]
-        if rows < batch_size:  # one static shape
-            p = np.concatenate([p, np.repeat(p[:1], batch_size - rows, 0)])
-            v = np.concatenate([v, np.repeat(v[:1], batch_size - rows, 0)])
-        res = generate(model, jnp.asarray(p), jnp.asarray(v), max_new_tokens=max_new_tokens,
-                       sampling=SamplingParams(temperature=temperature),
-                       rng=jax.random.fold_in(jax.random.key(seed), s), stop_tokens=(sp.eos,), pad_id=sp.pad)
-        toks = fetch(res.tokens)
+        rows = min(batch_size, prompt.shape[0] - s)
+        p, v = pad_prompt_batch({"prompt": prompt[s:s + rows], "prompt_valid": valid[s:s + rows]}, batch_size)
+        toks, ok = decode_fn(jnp.asarray(p), jnp.asarray(v), jax.random.fold_in(jax.random.key(seed), s))
+        toks = fetch(toks)
+        ok = np.ones(toks.shape, bool) if ok is None else fetch(ok)
         for r in range(rows):
             ex = task.example("eval", int(index[s + r]))
-            out[s + r] = task.reward(decode(tok, toks[r]), ex) >= 1.0
+            out[s + r] = task.reward(decode(tok, toks[r][ok[r]]), ex) >= 1.0
     return out
+
+
+def _correct(model, task, tok, prompt, valid, index, *, temperature, seed, max_new_tokens, batch_size):
+    """[N] bool: is the AR completion (``generate`` at ``temperature``) of each prompt row right."""
+    from jaxtok.decode.generate import generate
+    from jaxtok.sampling import SamplingParams
+    from jaxtok.tasks.tokenizer import SpecialTokens
+
+    sp = SpecialTokens.of(tok)
+
+    def decode_fn(p, v, key):
+        res = generate(model, p, v, max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=temperature),
+                       rng=key, stop_tokens=(sp.eos,), pad_id=sp.pad)
+        return res.tokens, None
+
+    return correct_rows(decode_fn, task, tok, prompt, valid, index, seed=seed, batch_size=batch_size)
 
 
 def measure(run_dir, cfg, *, n: int, ks, temperature: float, seed: int, batch_size: int) -> dict:
