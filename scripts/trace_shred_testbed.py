@@ -250,7 +250,10 @@ def shred_positions(out_path: str, fraction: Optional[float] = None) -> dict:
 
 GRPO_RUNS = ("runs/testbed/pilot_grpo_b1024_lr6e-4_w10", "runs/testbed/grpo_b1024_s1", "runs/testbed/grpo_b1024_s2")
 TRACE_RUNS = {"trace (self, diagnosis label)": "runs/testbed/trace_s0",
-              "trace_external (frozen teacher)": "runs/testbed/trace_external_s0"}
+              "trace_external (frozen teacher)": "runs/testbed/trace_external_s0",
+              "trace (self), error spans fixed (18ef8f5)": "runs/testbed/trace_fixspan_s0",
+              "trace_external seed 1": "runs/testbed/trace_external_s1"}
+TRACE_COLORS = ("tab:red", "tab:blue", "tab:purple", "tab:cyan")
 SHRED_RUNS = {"P=0.5": "runs/testbed/shred_s0", "P=0.2": "runs/testbed/shred_p20_s0"}
 # shred-eval json tags per arm and step (step 0: θ0, the testbed teacher)
 SHRED_EVALS = {"P=0.5": {0: "before", 25: "step25", 50: "step50", 100: "step100", 200: "after"},
@@ -320,7 +323,7 @@ def report() -> dict:
         ax[0].plot(sorted(e), [e[s] for s in sorted(e)], color="0.7", lw=1)
     ax[0].plot([0] + steps, [res["start_acc"]] + [grpo_mean[s] for s in steps], color="k", lw=2,
                label="GRPO 128x8 (3 seeds; mean bold)")
-    for (name, run), c in zip(TRACE_RUNS.items(), ("tab:red", "tab:blue")):
+    for (name, run), c in zip(TRACE_RUNS.items(), TRACE_COLORS):
         e = arms[name]["eval"]
         ax[0].plot([0] + sorted(e), [res["start_acc"]] + [e[s] for s in sorted(e)], color=c, marker="o", label=name)
     ax[0].axvspan(0, 40, color="tab:red", alpha=0.07, label="TRACE KL on (lambda > 0)")
@@ -329,7 +332,7 @@ def report() -> dict:
     for (r, (_, t)), i in zip(zip(GRPO_RUNS, grpo), range(3)):
         en = t["rollout/entropy_mean"]
         ax[1].plot(sorted(en), [en[s] for s in sorted(en)], color="0.6", lw=1, label="GRPO seeds" if i == 0 else None)
-    for (name, run), c in zip(TRACE_RUNS.items(), ("tab:red", "tab:blue")):
+    for (name, run), c in zip(TRACE_RUNS.items(), TRACE_COLORS):
         en = arms[name]["train"]["rollout/entropy_mean"]
         ax[1].plot(sorted(en), [en[s] for s in sorted(en)], color=c, label=name)
     ax[1].axvspan(0, 40, color="tab:red", alpha=0.07)
