@@ -233,10 +233,42 @@ def cmd_eval_torch(a) -> None:
         Path(a.out).write_text(json.dumps(out, indent=2))
 
 
+def eval_timing_callback(model, eval_rows, *, steps: int, eval_every: int, curve: list, step_times: list, dump,
+                         tag: str, dump_every: int = 0):
+    """The one TRL-side bookkeeping of ``train`` runs (this script's GRPO and ``trl_opd.py``'s distillation): the
+    torch greedy held-out exact match of ``model`` at step 0 (now) and every ``eval_every`` steps and the last into
+    ``curve``, each optimizer step's wall seconds into ``step_times``, ``dump()`` after every eval (and every
+    ``dump_every`` steps when > 0). ``eval_every=0``: no evaluation (timing runs). Returns a ``TrainerCallback``."""
+    from transformers import TrainerCallback
+
+    def evaluate(step: int) -> None:
+        acc, _ = torch_greedy_eval(model, eval_rows)
+        curve.append({"step": step, "eval/exact_match": acc})
+        print(f"[{tag}] step {step} held-out greedy exact match {acc:.4f}", flush=True)
+
+    class EvalTimer(TrainerCallback):
+        t0 = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step_times.append(time.perf_counter() - self.t0)
+            step = state.global_step
+            evaluated = bool(eval_every) and (step % eval_every == 0 or step == steps)
+            if evaluated:
+                evaluate(step)
+            if evaluated or (dump_every and step % dump_every == 0):
+                dump()
+
+    if eval_every:
+        evaluate(0)
+    return EvalTimer()
+
+
 def cmd_train(a) -> None:
     torch, tok, model = _load_hf(str(Path(a.work) / "student_hf"), a.threads)
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     import trl
 
@@ -286,21 +318,6 @@ def cmd_train(a) -> None:
     )
     curve, step_times = [], []
 
-    class Cb(TrainerCallback):
-        def __init__(self):
-            self.t0 = None
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            step_times.append(time.perf_counter() - self.t0)
-            if a.eval_every and (state.global_step % a.eval_every == 0 or state.global_step == a.steps):
-                acc, _ = torch_greedy_eval(model, eval_rows)
-                curve.append({"step": state.global_step, "eval/exact_match": acc})
-                print(f"[trl_compare] step {state.global_step} held-out greedy exact match {acc:.4f}", flush=True)
-                _dump()
-
     def _dump():
         hist = [h for h in trainer.state.log_history if "reward" in h or "loss" in h]
         out = {"name": a.name, "lr": a.lr, "steps": a.steps, "seed": a.seed, "prompts_per_step": per_step,
@@ -311,11 +328,9 @@ def cmd_train(a) -> None:
         (run / "trl_run.json").write_text(json.dumps(out, indent=1, default=str))
 
     trainer = GRPOTrainer(model=model, reward_funcs=[exact_match], args=args, train_dataset=ds,
-                          processing_class=tok, callbacks=[Cb()])
-    if a.eval_every:  # --eval-every 0: no evaluation at all (timing runs)
-        acc0, _ = torch_greedy_eval(trainer.model, eval_rows)
-        curve.append({"step": 0, "eval/exact_match": acc0})
-        print(f"[trl_compare] step 0 held-out greedy exact match {acc0:.4f}", flush=True)
+                          processing_class=tok)
+    trainer.add_callback(eval_timing_callback(trainer.model, eval_rows, steps=a.steps, eval_every=a.eval_every,
+                                              curve=curve, step_times=step_times, dump=_dump, tag="trl_compare"))
     trainer.train()
     _dump()
     if a.save:

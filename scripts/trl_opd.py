@@ -156,7 +156,6 @@ def _trainer(work: Path, rows: list[dict], out_dir: str, steps: int, seed: int, 
 def cmd_train(a) -> None:
     """DistillationTrainer run; torch greedy held-out eval every ``--eval-every`` steps; ``trl_run.json`` in
     trl_compare's format."""
-    from transformers import TrainerCallback
     import trl
 
     work = Path(a.work)
@@ -169,22 +168,6 @@ def cmd_train(a) -> None:
     run.mkdir(parents=True, exist_ok=True)
     curve, step_times = [], []
 
-    class Cb(TrainerCallback):
-        def __init__(self):
-            self.t0 = None
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            step_times.append(time.perf_counter() - self.t0)
-            if a.eval_every and (state.global_step % a.eval_every == 0 or state.global_step == a.steps):
-                acc, _ = tc.torch_greedy_eval(model, eval_rows)
-                curve.append({"step": state.global_step, "eval/exact_match": acc})
-                print(f"[trl_opd] step {state.global_step} held-out greedy exact match {acc:.4f}", flush=True)
-            if state.global_step % 5 == 0 or curve and curve[-1]["step"] == state.global_step:
-                _dump()
-
     def _dump():
         hist = [h for h in trainer.state.log_history if "loss" in h]
         out = {"name": run.name, "lr": LR, "steps": a.steps, "seed": a.seed, "trl_version": trl.__version__,
@@ -193,13 +176,12 @@ def cmd_train(a) -> None:
                "trainer": "trl.DistillationTrainer (beta=1.0: reverse KL)", "command": " ".join(sys.argv)}
         (run / "trl_run.json").write_text(json.dumps(out, indent=1, default=str))
 
-    torch, tok, trainer = _trainer(work, rows, str(run / "trainer"), a.steps, a.seed, a.threads, [Cb()])
+    torch, tok, trainer = _trainer(work, rows, str(run / "trainer"), a.steps, a.seed, a.threads)
     model = trainer.model
     model._trl_cmp_decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
-    if a.eval_every:  # --eval-every 0: no evaluation at all (timing runs)
-        acc0, _ = tc.torch_greedy_eval(model, eval_rows)
-        curve.append({"step": 0, "eval/exact_match": acc0})
-        print(f"[trl_opd] step 0 held-out greedy exact match {acc0:.4f}", flush=True)
+    trainer.add_callback(tc.eval_timing_callback(model, eval_rows, steps=a.steps, eval_every=a.eval_every,
+                                                 curve=curve, step_times=step_times, dump=_dump, tag="trl_opd",
+                                                 dump_every=5))
     trainer.train()
     _dump()
 
