@@ -109,11 +109,41 @@ def _write_jsonl(path: Path, rows) -> None:
 # prepare (jaxtok venv)
 
 
+def train_prompt_stream(cfg, task, tok, per_step: int, steps: int) -> tuple[list[dict], object]:
+    """The exact train prompt stream jaxtok's loop draws (``cfg.data``: shuffled with ``data.seed``, ``per_step``
+    prompts per rollout batch) for ``steps`` steps, one row per prompt ``{step, index, prompt, answer, prompt_ids}``
+    with jaxtok's token ids; and the dataset's dropped-overlong counter."""
+    from jaxtok.data import prompt_dataset
+
+    ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len, batch_size=per_step,
+                                 num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True, num_epochs=None,
+                                 drop_remainder=True, overlong=cfg.data.overlong)
+    it, rows = iter(ds), []
+    for step in range(1, steps + 1):
+        batch = next(it)
+        for r in range(per_step):
+            idx = int(batch["index"][r])
+            ex = task.example("train", idx)
+            ids = [int(t) for t, v in zip(batch["prompt"][r], batch["prompt_valid"][r]) if v]
+            rows.append({"step": step, "index": idx, "prompt": ex.prompt, "answer": ex.answer, "prompt_ids": ids})
+    return rows, dropped
+
+
+def eval_prompt_rows(cfg, task, tok) -> list[dict]:
+    """The held-out prompts ``jaxtok eval`` scores (the first ``data.num_eval`` eval examples) with their ids."""
+    from jaxtok.data import capped, prompt_ids
+
+    rows = []
+    for i in range(capped(task, "eval", cfg.data.num_eval)):
+        ex = task.example("eval", i)
+        rows.append({"index": i, "prompt": ex.prompt, "answer": ex.answer, "prompt_ids": prompt_ids(tok, ex)})
+    return rows
+
+
 def cmd_prepare(a) -> None:
     from jaxtok.config import load_config
-    from jaxtok.data import capped, prompt_dataset, prompt_ids
-    from jaxtok.tasks import load_tokenizer
     from jaxtok.data import make_task_from_config
+    from jaxtok.tasks import load_tokenizer
 
     work = Path(a.work)
     cfg = load_config(GRPO_CONFIG)
@@ -128,23 +158,9 @@ def cmd_prepare(a) -> None:
     # rows_per_prompt prompts per rollout batch (data.seed fixes it; train.seed does not change it)
     per_step = a.prompts_per_step or cfg.data.batch_size // cfg.rollout.rows_per_prompt
     assert cfg.rollout.num_generations == NUM_GENERATIONS, cfg.rollout
-    ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len, batch_size=per_step,
-                                 num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True, num_epochs=None,
-                                 drop_remainder=True, overlong=cfg.data.overlong)
-    it, rows = iter(ds), []
-    for step in range(1, a.steps + 1):
-        batch = next(it)
-        for r in range(per_step):
-            idx = int(batch["index"][r])
-            ex = task.example("train", idx)
-            ids = [int(t) for t, v in zip(batch["prompt"][r], batch["prompt_valid"][r]) if v]
-            rows.append({"step": step, "index": idx, "prompt": ex.prompt, "answer": ex.answer, "prompt_ids": ids})
+    rows, dropped = train_prompt_stream(cfg, task, tok, per_step, a.steps)
     _write_jsonl(train_prompts_path(work, per_step), rows)
-    n = capped(task, "eval", cfg.data.num_eval)
-    ev = []
-    for i in range(n):
-        ex = task.example("eval", i)
-        ev.append({"index": i, "prompt": ex.prompt, "answer": ex.answer, "prompt_ids": prompt_ids(tok, ex)})
+    ev = eval_prompt_rows(cfg, task, tok)
     _write_jsonl(work / "data/eval_prompts.jsonl", ev)
     print(f"prepare: {len(rows)} train prompts ({a.steps} steps x {per_step}) -> {train_prompts_path(work, per_step)}, "
           f"{len(ev)} eval prompts, "

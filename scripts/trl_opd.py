@@ -58,7 +58,7 @@ class UsageError(Exception):
 def cmd_prepare(a) -> None:
     """HF exports of student and teacher, jaxtok's OPD train prompt stream and the held-out eval prompts."""
     from jaxtok.config import load_config
-    from jaxtok.data import capped, make_task_from_config, prompt_dataset, prompt_ids
+    from jaxtok.data import make_task_from_config
     from jaxtok.models.hf import convert
     from jaxtok.tasks import load_tokenizer
 
@@ -74,22 +74,9 @@ def cmd_prepare(a) -> None:
     task = make_task_from_config(cfg.data)
     per_step = cfg.data.batch_size // cfg.rollout.rows_per_prompt  # train/loop.py's rollout prompt batch
     assert per_step == PROMPTS_PER_STEP and cfg.rollout.num_generations == 1, (per_step, cfg.rollout)
-    ds, dropped = prompt_dataset(task, "train", tok, prompt_len=cfg.data.prompt_len, batch_size=per_step,
-                                 num_examples=cfg.data.num_train, seed=cfg.data.seed, shuffle=True, num_epochs=None,
-                                 drop_remainder=True, overlong=cfg.data.overlong)
-    it, rows = iter(ds), []
-    for step in range(1, a.steps + 1):
-        batch = next(it)
-        for r in range(per_step):
-            idx = int(batch["index"][r])
-            ex = task.example("train", idx)
-            ids = [int(t) for t, v in zip(batch["prompt"][r], batch["prompt_valid"][r]) if v]
-            rows.append({"step": step, "index": idx, "prompt": ex.prompt, "answer": ex.answer, "prompt_ids": ids})
+    rows, dropped = tc.train_prompt_stream(cfg, task, tok, per_step, a.steps)
     tc._write_jsonl(data / "train_prompts.jsonl", rows)
-    ev = []
-    for i in range(capped(task, "eval", cfg.data.num_eval)):
-        ex = task.example("eval", i)
-        ev.append({"index": i, "prompt": ex.prompt, "answer": ex.answer, "prompt_ids": prompt_ids(tok, ex)})
+    ev = tc.eval_prompt_rows(cfg, task, tok)
     tc._write_jsonl(data / "eval_prompts.jsonl", ev)
     print(f"prepare: {len(rows)} train prompts ({a.steps} steps x {per_step}), {len(ev)} eval prompts, "
           f"dropped overlong {dropped.count}; HF exports {data / 'student_hf'}, {work / 'teacher_hf'}")
