@@ -853,8 +853,8 @@ def check_preset(cfg: Config) -> None:
 def check_decode(cfg: Config) -> Optional[DecodePlan]:
     """``decode.*`` resolved against :data:`~jaxtok.registry.DECODE_METHODS`: the method, the policy its loop takes
     (``decode.policy`` or the method's default, in the family the method's spec names) with ``decode.policy_args``
-    parsed — or, for a method without policies (its spec's ``policy`` is None: ead, lave, lud), its own arguments parsed from ``decode.policy_args`` —
-    and the drafter (``decode.drafter``/``decode.drafter_args``) of a method that takes one."""
+    parsed — or, for a method without policies (its spec's ``policy`` is None: ead, lave, lud), its own arguments
+    parsed from ``decode.policy_args`` — and the drafter (``decode.drafter``/``decode.drafter_args``) of a method that takes one."""
     from jaxtok.registry import DECODE_METHODS, DRAFTERS
 
     d = cfg.decode

@@ -198,12 +198,6 @@ def cj_grpo_terms(logp, old_logp, advantages, loss_mask, commit_step, num_steps:
 # collector (``ObjectiveSpec.collect``)
 
 
-def _masked_mean(values, mask) -> float:
-    """Mean of ``values`` where ``mask`` is true (0 when empty)."""
-    m = np.asarray(mask, bool)
-    return float(np.asarray(values)[m].mean()) if m.any() else 0.0
-
-
 def collect_cj_grpo(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None,
                     teacher=None, prepare=None, args: CJGRPOArgs = CJGRPOArgs()) -> Any:
     """One CJ-GRPO rollout batch: ``settings.num_generations`` diffusion decodes per prompt with the commit
@@ -248,11 +242,11 @@ def collect_cj_grpo(model: nnx.Module, prompts: dict, *, task, tokenizer, settin
 
     info = {}
     if args.trajectory == "one_step":  # the skip-step baseline: every revealed position scored from x_0
-        info["rollout/logp_traj_mean"] = _masked_mean(old_logprobs(), batch["loss_mask"])
+        info["rollout/logp_traj_mean"] = float(P.masked_mean(old_logprobs(), batch["loss_mask"]))
         batch["commit_step"] = np.where(batch["commit_step"] >= 0, 0, -1).astype(np.int32)
     batch["old_logprobs"] = old_logprobs()
     if args.trajectory == "one_step":
-        info["rollout/logp_onestep_mean"] = _masked_mean(batch["old_logprobs"], batch["loss_mask"])
+        info["rollout/logp_onestep_mean"] = float(P.masked_mean(batch["old_logprobs"], batch["loss_mask"]))
     examples = examples_of(task, "train", rows)
     completions = [decode(tokenizer, gen_tok[b][gen_valid[b]]) for b in range(B)]
     batch["rewards"] = score(task, completions, examples, settings.rewards)
