@@ -68,7 +68,7 @@ class _IdTokenizer:
         return PAD_ID
 
 
-def tunix_worker(model_dir: str, cache_size: int) -> None:
+def tunix_worker(model_dir: str, cache_size: int, dtype: str) -> None:
     """Line protocol: ``{"prompt": [[ids]], "new": n}`` -> ``{"seconds": s, "tokens": [[ids]]}``."""
     import jax
     import jax.numpy as jnp
@@ -83,8 +83,8 @@ def tunix_worker(model_dir: str, cache_size: int) -> None:
         hidden_dim=cfg_hf["intermediate_size"], num_heads=cfg_hf["num_attention_heads"], head_dim=cfg_hf["head_dim"],
         num_kv_heads=cfg_hf["num_key_value_heads"], rope_theta=int(cfg_hf.get("rope_theta", 1_000_000)),
         norm_eps=cfg_hf["rms_norm_eps"], use_tied_embedding=cfg_hf.get("tie_word_embeddings", False),
-        dtype=jnp.float32, param_dtype=jnp.float32)
-    model = qwen3_params.create_model_from_safe_tensors(model_dir, cfg, mesh=None, dtype=jnp.float32)
+        dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    model = qwen3_params.create_model_from_safe_tensors(model_dir, cfg, mesh=None, dtype=jnp.dtype(dtype))
     cache = sampler_lib.CacheConfig(cache_size=cache_size, num_layers=cfg.num_layers,
                                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     sampler = sampler_lib.Sampler(model, _IdTokenizer(), cache)
@@ -105,12 +105,14 @@ def tunix_worker(model_dir: str, cache_size: int) -> None:
 
 
 class TunixPeer:
-    def __init__(self, python: str, model_dir: str, cache_size: int):
+    def __init__(self, python: str, model_dir: str, cache_size: int, dtype: str, path: str | None = None):
         env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
+        env.pop("PYTHONPATH", None)  # the worker's venv, not this one's (``path``: packages carried beside it)
+        if path:
+            env["PYTHONPATH"] = path
         self.proc = subprocess.Popen(
             [python, os.path.abspath(__file__), "--worker", "tunix", "--model-dir", model_dir,
-             "--cache-size", str(cache_size)],
+             "--cache-size", str(cache_size), "--dtype", dtype],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tempfile.gettempdir())
         self.info = self._read()
 
@@ -138,14 +140,15 @@ class TunixPeer:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_model(vocab: int, seed: int):
+def build_model(vocab: int, seed: int, dtype: str = "float32"):
     from flax import nnx
 
     from jaxtok.models import Decoder
     from jaxtok.models.transformer import ModelConfig
 
     cfg = ModelConfig(vocab_size=vocab, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_embeddings=True,
-                      qk_norm=True, architecture="qwen3", max_position_embeddings=4096, **SHAPE)
+                      qk_norm=True, architecture="qwen3", max_position_embeddings=4096, dtype=dtype,
+                      param_dtype=dtype, **SHAPE)
     return Decoder(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -203,21 +206,22 @@ def spec_runner(model, new: int, draft_len: int):
     return run
 
 
-def hf_runner(model_dir: str, new: int, threads: int):
+def hf_runner(model_dir: str, new: int, threads: int, dtype: str = "float32", device: str = "cpu",
+              attn: str = "eager"):
     import torch
     import transformers
 
     torch.set_num_threads(threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                              attn_implementation=attn).eval().to(device)
 
     def run(prompt: np.ndarray):
-        ids = torch.from_numpy(np.asarray(prompt, np.int64))
+        ids = torch.from_numpy(np.asarray(prompt, np.int64)).to(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
                                  eos_token_id=STOP_ID, pad_token_id=PAD_ID)
-        gen = out[:, ids.shape[1]:].numpy()
+        gen = out[:, ids.shape[1]:].cpu().numpy()  # the copy waits for the device
         dt = time.perf_counter() - t0
         rows = []
         for row in gen:
@@ -284,6 +288,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tunix-python", default=None, help="python of a venv with google-tunix (omit: no Tunix)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and compute of all three (stored so in the HF export)")
+    ap.add_argument("--hf-device", default="cpu", help="torch device of HF generate (cuda on a GPU machine)")
+    ap.add_argument("--hf-attn", default="eager", help="HF attn_implementation (eager, sdpa)")
+    ap.add_argument("--tunix-path", default=None,
+                    help="PYTHONPATH of the Tunix worker (packages carried beside --tunix-python's own)")
     ap.add_argument("--spec", action="store_true", help="also time speculative (draft = target copy) at batch 1")
     ap.add_argument("--draft-len", type=int, default=4)
     ap.add_argument("--baseline-generate", default=None,
@@ -296,7 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
     if args.worker == "tunix":
-        tunix_worker(args.model_dir, args.cache_size)
+        tunix_worker(args.model_dir, args.cache_size, args.dtype)
         return 0
 
     import jax
@@ -304,7 +314,7 @@ def main(argv=None) -> int:
     from jaxtok.models.hf import save_hf
 
     t_start = time.time()
-    model = build_model(args.vocab, args.seed)
+    model = build_model(args.vocab, args.seed, args.dtype)
     if args.profile is not None:
         for f in ([args.baseline_generate] if args.baseline_generate else []) + [None]:
             trace_dir = tempfile.mkdtemp(prefix="trace_")
@@ -328,12 +338,13 @@ def main(argv=None) -> int:
     versions = {"jax": jax.__version__}
     tunix = None
     if args.tunix_python:
-        tunix = TunixPeer(args.tunix_python, tmp, args.prompt_len + args.new_tokens)
+        tunix = TunixPeer(args.tunix_python, tmp, args.prompt_len + args.new_tokens, args.dtype, args.tunix_path)
         versions["tunix"] = tunix.info.get("tunix")
         versions["tunix_jax"] = tunix.info.get("jax")
         runners["tunix"] = lambda p: tunix(p, args.new_tokens)
     if not args.no_hf:
-        hf, versions["transformers"], versions["torch"] = hf_runner(tmp, args.new_tokens, args.torch_threads)
+        hf, versions["transformers"], versions["torch"] = hf_runner(tmp, args.new_tokens, args.torch_threads,
+                                                                      args.dtype, args.hf_device, args.hf_attn)
         runners["hf"] = hf
     spec = spec_runner(model, args.new_tokens, args.draft_len) if args.spec else None
 
@@ -366,13 +377,15 @@ def main(argv=None) -> int:
 
     command = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + (argv if argv is not None else sys.argv[1:]))
     settings = {"model": {**SHAPE, "vocab_size": args.vocab, "qwen3": True, "tie_embeddings": True,
-                          "params": n_params, "dtype": "float32", "weights": f"random, seed {args.seed}"},
+                          "params": n_params, "dtype": args.dtype, "weights": f"random, seed {args.seed}"},
                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
                 "stop_token": STOP_ID, "repeats": args.repeats, "torch_threads": args.torch_threads,
                 "timing": "end to end per call (prefill + loop + host copy), compiled/warmed first; interleaved "
                           "repeats with rotated order; ratio = median over repeats of per-repeat "
                           "jaxtok tokens/s / peer tokens/s",
-                "machine": f"{platform.machine()} {os.cpu_count()} cores (shared)", "versions": versions}
+                "hf_device": args.hf_device, "hf_attn": args.hf_attn,
+                "machine": f"{platform.machine()} {os.cpu_count()} cores (shared)", "jax_devices": str(jax.devices()),
+                "versions": versions}
     results: dict = {"settings": settings, "command": command,
                      "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start)), "rows": {}}
     for b in batches:

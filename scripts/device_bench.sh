@@ -26,7 +26,9 @@ if [[ "${1:-}" == "fetch" ]]; then
   py=$(command -v python3)
   # versions as in the project's CPU environment; --no-deps: each needed one is named (the GPU image has absl-py,
   # cloudpickle, etils, protobuf, pyyaml, numpy, jax, flax, optax, orbax-checkpoint, tensorstore)
-  for pkg in grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 omegaconf==2.4.0; do
+  # + Tunix's sampler for the GPU peer run (its imports the image lacks)
+  for pkg in grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 omegaconf==2.4.0 \
+             google-tunix==0.1.7 clu==0.0.12 google-metrax==0.2.4 perfetto==0.59.1 tensorboardX==2.6.5; do
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d .whl "$pkg" || exit 1
@@ -37,6 +39,10 @@ fi
 
 OUT=${OUT:-runs/device_bench}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ONLY=${ONLY:-}  # comma-separated run names to run (empty: all), e.g. ONLY=peers,spec_membound,decode_06b
+want() { [[ -z "$ONLY" || ",$ONLY," == *",$1,"* ]]; }
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the Tunix worker and torch share the device with this process
 SMOKE=${JAXTOK_BENCH_SMOKE:-0}
 if [[ "$SMOKE" == "1" ]]; then TOTAL_S=${TOTAL_S:-3600}; else TOTAL_S=${TOTAL_S:-480}; fi
 LOG="$OUT/log.txt"
@@ -92,8 +98,24 @@ else
 fi
 list() { local IFS=,; echo "[$*]"; }
 
+limit_for() {  # name, limit -> the limit cut to what is left (0: skip)
+  local left=$(( TOTAL_S - $(elapsed) - 15 )) limit=$2
+  if (( left < 45 )); then say "skip $1: ${left} s left of TOTAL_S=${TOTAL_S}"; echo 0; return; fi
+  (( limit > left )) && limit=$left
+  echo "$limit"
+}
+
+run_cmd() {  # name, timeout, command... (a script that writes its own files under $OUT)
+  local name=$1 limit; want "$name" || return; limit=$(limit_for "$1" "$2"); shift 2
+  (( limit == 0 )) && return
+  say "start $name (limit ${limit} s): $*"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  say "done $name: rc=$?"
+}
+
 run_bench() {  # name, timeout, config, overrides...
   local name=$1 limit=$2 config=$3; shift 3
+  want "$name" || return
   local left=$(( TOTAL_S - $(elapsed) - 15 ))
   if (( left < 45 )); then say "skip $name: ${left} s left of TOTAL_S=${TOTAL_S}"; return; fi
   (( limit > left )) && limit=$left
@@ -123,6 +145,33 @@ COMMON_TRAIN=(model.dtype=$DT model.param_dtype=float32 model.vocab_size=$VOCAB 
               bench.args.steps=$STEPS bench.args.warmup=$WARM)
 COMMON_DEC=(model.dtype=$DT model.param_dtype=$DT model.vocab_size=$VOCAB bench.args.prompt_len=$PROMPT
             bench.args.new_tokens=$NEW bench.args.repeats=$REPS bench.args.batch_sizes=$(list "${DEC_B[@]}"))
+
+# 0a. issue 20 on a device: jaxtok's AR loop against Tunix's sampler and HF generate (torch on the same GPU),
+#     one random Qwen3-shaped model (42M parameters, full vocabulary) in bfloat16, side by side, interleaved repeats
+if [[ "$SMOKE" == "1" ]]; then
+  PEERS=(--vocab 1000 --batch-sizes 1,4 --new-tokens 8 --repeats 1 --hf-device cpu)
+else
+  PEERS=(--batch-sizes 1,16,64 --repeats 5 --hf-device cuda)
+fi
+TUNIX_PY=${TUNIX_PY:-python3}
+run_cmd peers 150 python3 scripts/decode_peers.py "${PEERS[@]}" --dtype bfloat16 --hf-attn sdpa --with-logprobs \
+  --spec --tunix-python "$TUNIX_PY" --tunix-path "${TUNIX_PATH-/tmp/site}" \
+  --json "$OUT/decode_peers.json" --md "$OUT/decode_peers.md"
+# 0b. issue 20 items 3-4 on a device: the memory-bound pair trained here (configs/bench/membound_{target,draft}.yaml),
+#     then speculative vs AR at batch 1/16/64 (greedy: token identity; T = 1: χ²)
+MB=/tmp/device_bench_runs/membound
+if [[ "$SMOKE" == "1" ]]; then
+  MB_TRAIN=(train.steps=4 optimizer.warmup_steps=1 data.num_eval=8); MB_SPEC=(--batch-sizes 1,4 --gammas 2,4 --prompts 1:2,4:4 --repeats 1
+    --chi2-rows 32 --max-new-tokens 8)
+else
+  MB_TRAIN=(); MB_SPEC=(--batch-sizes 1,64 --gammas 2,4,8 --prompts 1:16,64:128 --repeats 3 --chi2-rows 1024)
+fi
+run_cmd spec_membound 300 bash -c "
+  ${JAXTOK[*]} train configs/bench/membound_target.yaml run.out_dir=$MB run.progress=false ${MB_TRAIN[*]} &&
+  ${JAXTOK[*]} train configs/bench/membound_draft.yaml run.out_dir=$MB run.progress=false ${MB_TRAIN[*]} &&
+  python3 scripts/spec_membound.py --target $MB/target --draft $MB/draft --heads-out $MB/heads \
+    --adaptive-batches '' --sampled-batches 1 ${MB_SPEC[*]} \
+    --json $OUT/spec_membound.json --md $OUT/spec_membound.md"
 
 # 1. the new path: kernel attention (cuDNN flash on GPU) + scanned layers, no remat, both shapes
 run_bench train_new "$T_MAIN" configs/bench/train.yaml "${COMMON_TRAIN[@]}" "${EXEC_NEW[@]}" \
