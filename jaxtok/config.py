@@ -867,7 +867,7 @@ def check_decode(cfg: Config) -> Optional[DecodePlan]:
     if family is None and d.policy is not None:  # the spec says: policy_args are the method's own arguments
         raise ConfigError(f"decode.policy={d.policy!r}: decode.method={d.method!r} takes no policy (its arguments "
                           f"are decode.policy_args)")
-    if family is not None and d.method != "greedy" and d.policy_args and d.policy is None:
+    if family is not None and d.policy_args and d.policy is None:
         raise ConfigError(f"decode.policy_args={dict(d.policy_args)!r}: set decode.policy too")
     if family is None:
         args = check_named(DECODE_METHODS, "decode.method", d.method, d.policy_args, "decode.policy_args")

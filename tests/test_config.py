@@ -142,6 +142,9 @@ def test_decode_policy_checked_against_registry(monkeypatch):
     class ThresholdArgs:
         threshold: float = 0.9
 
+    from jaxtok.config import import_registering_modules
+
+    import_registering_modules()  # first: run alone, the later import would register 'threshold' into the fake
     reg = Registry("commit policy")
     reg.register("threshold", ThresholdArgs)(lambda: None)
     monkeypatch.setattr(COMMIT_POLICIES, "_entries", reg._entries)
@@ -305,8 +308,9 @@ def test_decode_policy_rules_follow_the_method_spec():
         extra = {"draft_init_from": "runs/x"} if method == "ead" else {}
         with pytest.raises(ConfigError, match=rf"decode.policy='fixed': decode.method='{method}' takes no policy"):
             validate_names(from_dict({"decode": {"method": method, "policy": "fixed", **extra}}))
-    with pytest.raises(ConfigError, match=r"decode.policy_args=\{'initial': 2\}: set decode.policy too"):
-        validate_names(from_dict({"decode": {"method": "speculative", "policy_args": {"initial": 2}}}))
+    for method in ("speculative", "greedy", "sample"):  # greedy's arguments were silently dropped before
+        with pytest.raises(ConfigError, match=r"decode.policy_args=\{'initial': 2\}: set decode.policy too"):
+            validate_names(from_dict({"decode": {"method": method, "policy_args": {"initial": 2}}}))
     assert validate_names(from_dict({"decode": {"method": "lud", "policy_args": {"k": 3}}})).decode.policy_args.k == 3
 
 
