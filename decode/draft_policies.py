@@ -81,6 +81,11 @@ class DraftPolicy:
     def round_gamma(self, state, gamma_max: int, batch: int) -> jax.Array:
         return jnp.full((batch,), gamma_max, jnp.int32)
 
+    def constant_gamma(self, gamma_max: int, batch: int) -> Optional[int]:
+        """The draft length every row asks for in every round when the policy fixes it before decoding (the loop
+        then verifies that one static width instead of switching among several); None: it varies by row or round."""
+        return None
+
     def gamma_for_round(self, state, gamma_max: int, batch: int, live: jax.Array) -> jax.Array:
         """What the loop calls: :meth:`round_gamma`, for policies that also read the rows still generating
         (``live [B]``, the load of a continuous batch: ``faser``) this one is overridden."""
@@ -109,6 +114,9 @@ class DraftPolicy:
 @dataclasses.dataclass(frozen=True)
 class Fixed(DraftPolicy):
     """Fixed γ = ``decode.draft_len`` every round (Leviathan et al. 2023)."""
+
+    def constant_gamma(self, gamma_max, batch):
+        return gamma_max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,6 +471,9 @@ class BatchGamma(DraftPolicy):
 
     def round_gamma(self, state, gamma_max, batch):
         return jnp.full((batch,), min(self.gamma_for(batch), gamma_max), jnp.int32)
+
+    def constant_gamma(self, gamma_max, batch):
+        return min(self.gamma_for(batch), gamma_max)
 
 
 # ----------------------------------------------------------------------------------------------------------------

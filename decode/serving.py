@@ -128,8 +128,9 @@ def _run_jit(target_graphdef, target_state, drafter, policy, state: SpecState, r
     flag = ALL_GREEDY.set(bool(greedy))
     try:
         p = state.seq.shape[1] - seq_layout(1, 0, max_new_tokens, gamma_max)[1]
-        rc = RoundConfig(p=p, g=gamma_max, stop_tokens=stop_tokens, widths=verify_widths(policy, drafter, gamma_max),
-                          pad_id=pad_id, greedy=greedy, verify_chunk=verify_chunk)
+        widths = verify_widths(policy, drafter, gamma_max, state.seq.shape[0])
+        rc = RoundConfig(p=p, g=gamma_max, stop_tokens=stop_tokens, widths=widths, pad_id=pad_id, greedy=greedy,
+                          verify_chunk=verify_chunk)
         started = ~state.finished
 
         def cond(c):

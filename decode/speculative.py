@@ -529,16 +529,18 @@ def _drafts_fewer(drafter: Drafter) -> bool:
     return not isinstance(drafter, (ModelDrafter, DeerDrafter))
 
 
-def verify_widths(policy: DraftPolicy, drafter: Drafter, gamma_max: int) -> tuple:
+def verify_widths(policy: DraftPolicy, drafter: Drafter, gamma_max: int, batch: int) -> tuple:
     """The static verification widths (drafts verified per round, increasing) a round picks from: the smallest that
-    covers every live row's valid drafts. ``(γmax,)`` when every round drafts γmax (``fixed`` policy, a drafter
-    that fills γ); else ``(0, γmax)``, plus ``γmax // 2`` for γmax >= 4. Width 0 is an AR step (no row drafted:
-    e.g. ``batch_gamma`` with γ* = 0, or an n-gram miss on every row); each width is a branch of a ``lax.switch``
-    (one more target forward compiled per width). :class:`NoDrafter`: ``(0,)``."""
+    covers every live row's valid drafts. ``(γ,)`` when every round drafts the same γ (the policy's
+    ``constant_gamma``: ``fixed``'s γmax, ``batch_gamma``'s γ* at this batch size; a drafter that fills γ); else
+    ``(0, γmax)``, plus ``γmax // 2`` for γmax >= 4. Width 0 is an AR step (no row drafted: e.g. ``batch_gamma``
+    with γ* = 0, or an n-gram miss on every row); each width is a branch of a ``lax.switch`` (one more target
+    forward compiled per width, and the switch's cost every round). :class:`NoDrafter`: ``(0,)``."""
     if isinstance(drafter, NoDrafter):
         return (0,)
-    if isinstance(policy, Fixed) and not _drafts_fewer(drafter):
-        return (gamma_max,)
+    constant = policy.constant_gamma(gamma_max, batch)
+    if constant is not None and not _drafts_fewer(drafter):
+        return (constant,)
     return tuple(sorted({0, gamma_max // 2 if gamma_max >= 4 else 0, gamma_max}))
 
 
@@ -801,7 +803,7 @@ def _speculative_core(target_graphdef, target_state, drafter, policy, prompt, pr
     state = spec_prefill(target_graphdef, target_state, drafter, policy, prompt, prompt_valid,
                           jax.random.fold_in(rng, 0), params, n_new=n_new, gamma_max=g, stop=stop, pad_id=pad_id,
                           return_logprobs=return_logprobs)
-    rc = RoundConfig(p=p, g=g, stop_tokens=tuple(stop_tokens), widths=verify_widths(policy, drafter, g),
+    rc = RoundConfig(p=p, g=g, stop_tokens=tuple(stop_tokens), widths=verify_widths(policy, drafter, g, b),
                       pad_id=pad_id, poison=poison, greedy=greedy, return_logprobs=return_logprobs,
                       verify_chunk=verify_chunk)
     st = jax.lax.while_loop(

@@ -282,8 +282,9 @@ def test_batch_gamma_at_zero_runs_ar_inside_the_loop(models, greedy_ref, target_
     greedy AR with one target forward per emitted token; sampled rows follow the target's law (χ², α = 0.001)."""
     drafter, policy = ModelDrafter.of(models[1]), dp.BatchGamma(dp.BatchGammaArgs(acceptance=(0.0,)))
     assert policy.gamma_for(ROWS) == 0
-    assert spec_module.verify_widths(policy, drafter, G) == (0, G)
-    assert spec_module.verify_widths(dp.build_policy("fixed"), drafter, G) == (G,)
+    assert spec_module.verify_widths(policy, drafter, G, ROWS) == (0,)  # γ* is fixed before decoding: one width
+    assert spec_module.verify_widths(dp.build_policy("fixed"), drafter, G, ROWS) == (G,)
+    assert spec_module.verify_widths(dp.build_policy("heuristic"), drafter, G, ROWS) == (0, G)
     prompt, valid, ref = greedy_ref
     out = _run(models, drafter, policy, 0.0, prompt=prompt, valid=valid, poison_stale_cache=True)
     for field in ("tokens", "valid", "done", "lengths"):
@@ -292,6 +293,24 @@ def test_batch_gamma_at_zero_runs_ar_inside_the_loop(models, greedy_ref, target_
     assert int(out.target_forwards) == N  # prefill + N - 1 one-token rounds
     s = _run(models, drafter, policy, TEMP, rng=1, poison_stale_cache=True)
     assert int(np.sum(np.asarray(s.drafted))) == 0
+    toks = np.where(np.asarray(s.valid), np.asarray(s.tokens), V)[:, :3]
+    assert _chi2_pvalue(toks, target_joint) > 1e-3
+
+
+def test_batch_gamma_below_draft_len_verifies_one_width(models, greedy_ref, target_joint):
+    """``batch_gamma`` with 0 < γ* < ``draft_len``: the loop verifies the single static width γ* every round (no
+    ``lax.switch`` among widths, the 4-8 % it cost at batch 1 and 64 in docs/results/spec_membound_x4_ft.md); rows
+    draft at most γ*, greedy rows equal greedy AR, sampled rows follow the target's law (χ², α = 0.001)."""
+    drafter = ModelDrafter.of(models[1])
+    policy = dp.BatchGamma(dp.BatchGammaArgs(acceptance=(0.9,), draft_cost=(0.0,), candidates=(0, G - 1)))
+    assert policy.gamma_for(ROWS) == G - 1
+    assert spec_module.verify_widths(policy, drafter, G, ROWS) == (G - 1,)
+    prompt, valid, ref = greedy_ref
+    out = _run(models, drafter, policy, 0.0, prompt=prompt, valid=valid, poison_stale_cache=True)
+    for field in ("tokens", "valid", "done", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(ref, field)), err_msg=field)
+    assert int(np.max(np.asarray(out.drafted_by_position)[:, G - 1:], initial=0)) == 0  # no draft past γ*
+    s = _run(models, drafter, policy, TEMP, rng=2, poison_stale_cache=True)
     toks = np.where(np.asarray(s.valid), np.asarray(s.tokens), V)[:, :3]
     assert _chi2_pvalue(toks, target_joint) > 1e-3
 
