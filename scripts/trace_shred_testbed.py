@@ -252,7 +252,9 @@ GRPO_RUNS = ("runs/testbed/pilot_grpo_b1024_lr6e-4_w10", "runs/testbed/grpo_b102
 TRACE_RUNS = {"trace (self, diagnosis label)": "runs/testbed/trace_s0",
               "trace_external (frozen teacher)": "runs/testbed/trace_external_s0",
               "trace (self), error spans fixed (18ef8f5)": "runs/testbed/trace_fixspan_s0",
-              "trace_external seed 1": "runs/testbed/trace_external_s1"}
+              "trace_external seed 1": "runs/testbed/trace_external_s1",
+              "trace (self), error spans fixed, seed 1": "runs/testbed/trace_fixspan_s1",
+              "trace (self), error spans fixed, seed 2": "runs/testbed/trace_fixspan_s2"}
 TRACE_COLORS = ("tab:red", "tab:blue", "tab:purple", "tab:cyan")
 SHRED_RUNS = {"P=0.5": "runs/testbed/shred_s0", "P=0.2": "runs/testbed/shred_p20_s0"}
 # shred-eval json tags per arm and step (step 0: θ0, the testbed teacher)
