@@ -31,6 +31,10 @@ is required for such an arm: its ``train_flops`` are the jaxtok arm's formula (s
 checked) evaluated at the TRL arm's steps, so the two are equal by construction at equal steps. ``--overlay
 TITLE=JAXTOK_ARM,TRL_ARM`` (repeatable) draws held-out accuracy against step for both (jaxtok: each seed and the
 mean; TRL: each seed) to ``<out>_trl.png``.
+
+``--keep PREV.json`` updates an earlier output: arms not named by ``--arm`` are carried over as recorded (marked
+``kept_from``; their run directories may be gone), named ones are recomputed in place. A TRL arm that mirrors a
+carried-over arm names the config its FLOPs formula comes from: ``--mirror trl_grpo=grpo:configs/testbed/grpo.yaml``.
 """
 
 from __future__ import annotations
@@ -108,12 +112,15 @@ def _step_s(recs: list[dict]) -> float | None:
 
 
 def _flops(run: Path, teacher: str | None = None, at: int | None = None) -> float:
+    """Training FLOPs of a jaxtok run directory, or of a config file (``.yaml``) run as written: the tokenizer is then
+    the one of its ``model.init_from`` run."""
     from jaxtok.config import load_config
     from jaxtok.models import flops_per_token, presets
     from jaxtok.tasks import load_tokenizer
 
-    cfg = load_config(run / "config.yaml")
-    V = load_tokenizer(run / "tokenizer.json").get_vocab_size()
+    cfg = load_config(run if run.suffix == ".yaml" else run / "config.yaml")
+    tok_dir = Path(cfg.model.init_from) if run.suffix == ".yaml" else run
+    V = load_tokenizer(tok_dir / "tokenizer.json").get_vocab_size()
 
     def fwd(path_or_preset, seq):
         if path_or_preset in presets.PRESETS:
@@ -146,12 +153,12 @@ def _trl_arm(runs: list[Path], at: int | None, mirror_run: Path | None, teacher:
     """The per-run fields of an arm made of TRL runs (see the module doc); FLOPs by the mirrored jaxtok arm's
     formula at the TRL arm's steps, after checking that the rows per step match."""
     if mirror_run is None:
-        raise UsageError(f"TRL runs {[str(r) for r in runs]}: give --mirror ARM=JAXTOK_ARM (the arm whose FLOPs "
-                         "formula applies)")
+        raise UsageError(f"TRL runs {[str(r) for r in runs]}: give --mirror ARM=JAXTOK_ARM or ARM=CONFIG.yaml (the "
+                         "arm or config whose FLOPs formula applies)")
     summ = [trl_run_summary(json.loads((r / "trl_run.json").read_text()), at) for r in runs]
     from jaxtok.config import load_config
 
-    rows = load_config(mirror_run / "config.yaml").data.batch_size
+    rows = load_config(mirror_run if mirror_run.suffix == ".yaml" else mirror_run / "config.yaml").data.batch_size
     for r, s_ in zip(runs, summ):
         if s_["rows_per_step"] != rows:
             raise UsageError(f"{r}: {s_['rows_per_step']} rows per step, the mirrored jaxtok run {mirror_run} has {rows}")
@@ -177,7 +184,7 @@ def arm_summary(runs: list[Path], start_acc: float, n_eval: int, teacher: str | 
                        curves=t["curves"], runs=runs,
                        extra={"library": "trl", "steps_per_seed": t["steps_per_seed"],
                               "rows_per_step": t["rows_per_step"],
-                              "flops_note": f"the formula of jaxtok run {mirror_run} (same model, rows per step and "
+                              "flops_note": f"the jaxtok formula of {mirror_run} (same model, rows per step and "
                                             f"tokens) at {t['steps']} steps: equal to jaxtok's by construction",
                               "wall_note": "sum of logged step seconds (training only; evals excluded)"})
     finals, curves, walls, segs, step_s = [], [], [], [], []
@@ -222,10 +229,10 @@ def _mean(xs) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
 
 
-def plot_overlay(arms: dict, overlays: list[tuple[str, str, str]], start_acc: float, png: Path, command: str) -> None:
+def plot_overlay(arms: dict, overlays: list[tuple[str, str, str]], png: Path, command: str) -> None:
     """Held-out greedy exact match against the optimizer step, one panel per ``(title, jaxtok_arm, trl_arm)``:
-    jaxtok's seeds (thin) and their mean (thick, with the seeds' min-max band), TRL's seeds dashed; the start model
-    at step 0 on both; ``made by: <command>`` under the panels."""
+    jaxtok's seeds (thin) and their mean (thick, with the seeds' min-max band), TRL's seeds dashed; each arm's start
+    model at step 0; ``made by: <command>`` under the panels."""
     import textwrap
 
     import matplotlib
@@ -237,6 +244,7 @@ def plot_overlay(arms: dict, overlays: list[tuple[str, str, str]], start_acc: fl
                              layout="constrained")
     for ax, (title, jname, tname) in zip(axes[0], overlays):
         j, t = arms[jname], arms[tname]
+        start_acc = j["start_acc"]
         series = [[(0, start_acc)] + [(int(k), v) for k, v in c.items()] for c in j["curves"]]
         common = sorted(set.intersection(*[{x for x, _ in s_} for s_ in series]))
         ys = np.array([[dict(s_)[x] for x in common] for s_ in series])
@@ -246,10 +254,12 @@ def plot_overlay(arms: dict, overlays: list[tuple[str, str, str]], start_acc: fl
         ax.plot(common, ys.mean(0), "-o", color="tab:blue", lw=2.2, ms=4,
                 label=f"jaxtok `{jname}`, mean of {len(series)} seeds (band: min-max)")
         for n, c in enumerate(t["curves"]):
-            xs, vs = zip(*([(0, start_acc)] + [(int(k), v) for k, v in c.items()]))
+            xs, vs = zip(*([(0, t["start_acc"])] + [(int(k), v) for k, v in c.items()]))
             ax.plot(xs, vs, "--s", color="tab:red", lw=1.6, ms=4, alpha=1.0 if n == 0 else 0.6,
                     label=f"TRL `{tname}`, seed {n}")
         ax.axhline(start_acc, color="grey", lw=0.8, ls=":", label=f"start model {start_acc:.3f}")
+        if abs(t["start_acc"] - start_acc) > 1e-9:
+            ax.axhline(t["start_acc"], color="tab:red", lw=0.8, ls=":", label=f"TRL's start model {t['start_acc']:.3f}")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("held-out greedy exact match (1200 prompts)")
@@ -294,7 +304,12 @@ def _main(argv=None):
                     help="NAME=CONFIG: compile the arm's train step from CONFIG (train.seed=0) and add its XLA memory "
                          "analysis (jaxtok.bench.train.variant_step_memory, the TIP bench's `memory: true`)")
     ap.add_argument("--mirror", action="append", default=[],
-                    help="TRL_ARM=JAXTOK_ARM: the jaxtok arm a TRL arm mirrors (its FLOPs formula; rows checked)")
+                    help="TRL_ARM=JAXTOK_ARM[:CONFIG.yaml]: the jaxtok arm a TRL arm mirrors (its FLOPs formula; rows "
+                         "checked); the formula comes from the arm's first run directory, or from CONFIG.yaml when "
+                         "given (needed when the jaxtok arm is carried over by --keep)")
+    ap.add_argument("--keep", default=None,
+                    help="a previous output json: its arms not named by --arm are carried over as recorded (their "
+                         "run directories need not exist any more); named arms are recomputed in place")
     ap.add_argument("--overlay", action="append", default=[],
                     help="TITLE=JAXTOK_ARM,TRL_ARM: a panel of <out>_trl.png (held-out accuracy vs step)")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .table.md are written)")
@@ -304,16 +319,30 @@ def _main(argv=None):
     cmds, notes = _pairs(a.cmd, "--cmd"), _pairs(a.note, "--note")
     at = {k: int(v) for k, v in _pairs(a.at, "--at").items()}
     arm_dirs = {name: [Path(d) for d in dirs.split(",")] for name, dirs in _pairs(a.arm, "--arm").items()}
-    mirror = _pairs(a.mirror, "--mirror")
-    unknown = [x for x in list(mirror.values()) if x not in arm_dirs]
-    if unknown:
-        raise UsageError(f"--mirror: no arm named {unknown[0]!r} (arms: {', '.join(arm_dirs)})")
+    kept = {}
+    if a.keep:
+        if not Path(a.keep).is_file():
+            raise UsageError(f"--keep {a.keep}: no such file")
+        kept = {n: {**r, "kept_from": r.get("kept_from", a.keep)}
+                for n, r in json.loads(Path(a.keep).read_text())["arms"].items() if n not in arm_dirs}
+    known = [*kept, *arm_dirs]
+    mirror, mirror_src = {}, {}
+    for trl_arm, spec in _pairs(a.mirror, "--mirror").items():
+        jname, _, config = spec.partition(":")
+        if jname not in known:
+            raise UsageError(f"--mirror: no arm named {jname!r} (arms: {', '.join(known)})")
+        if not config and jname not in arm_dirs:
+            raise UsageError(f"--mirror {trl_arm}={spec}: {jname!r} is carried over by --keep (no run directory): "
+                             f"give its config, {trl_arm}={jname}:CONFIG.yaml")
+        if config and not Path(config).is_file():
+            raise UsageError(f"--mirror {trl_arm}={spec}: no such config file {config!r}")
+        mirror[trl_arm], mirror_src[trl_arm] = jname, Path(config) if config else arm_dirs[jname][0]
     overlays = []
     for title, names in _pairs(a.overlay, "--overlay").items():
         pair = names.split(",")
-        if len(pair) != 2 or any(n not in arm_dirs for n in pair):
+        if len(pair) != 2 or any(n not in known for n in pair):
             raise UsageError(f"--overlay {title}={names}: expected two arm names JAXTOK_ARM,TRL_ARM "
-                             f"(arms: {', '.join(arm_dirs)})")
+                             f"(arms: {', '.join(known)})")
         overlays.append((title, *pair))
     memory = json.loads(Path(a.memory).read_text()) if a.memory else {}
     for spec in a.memory_config:
@@ -323,10 +352,13 @@ def _main(argv=None):
         name, path = spec.split("=", 1)
         plan = validate_names(load_config(path, ["train.seed=0", "run.progress=false"]))
         memory[name] = {**variant_step_memory(plan), "config": path}
-    arms = {}
+    fresh = {}
     for name, dirs in arm_dirs.items():
-        arms[name] = arm_summary(dirs, start_acc, n_eval, a.teacher, at.get(name), tuple(a.train_metric),
-                                 arm_dirs[mirror[name]][0] if name in mirror else None)
+        fresh[name] = arm_summary(dirs, start_acc, n_eval, a.teacher, at.get(name), tuple(a.train_metric),
+                                  mirror_src.get(name))
+    order = list(json.loads(Path(a.keep).read_text())["arms"]) if a.keep else []
+    arms = {n: kept.get(n) or fresh[n] for n in [*order, *[n for n in fresh if n not in order]]}
+    for name in fresh:
         if name in mirror:
             arms[name]["mirrors"] = mirror[name]
         arms[name]["command"] = cmds.get(name)
@@ -378,7 +410,7 @@ def _main(argv=None):
     Path(a.out + ".table.md").write_text("\n".join(lines) + "\n")
     if overlays:
         runs = "; ".join(f"{n}: {','.join(arms[n]['run_dirs'])}" for _, j, t in overlays for n in (j, t))
-        plot_overlay(arms, overlays, start_acc, Path(a.out + "_trl.png"),
+        plot_overlay(arms, overlays, Path(a.out + "_trl.png"),
                      f"python scripts/proving_ground.py ... --out {a.out} (full command beside the results page); {runs}")
     print("\n".join(lines))
 
