@@ -10,8 +10,10 @@ token scored from the fully masked completion x_0; its rollout log gives ``rollo
     training eval's prompts), T=1 sample success, unbiased pass@k from n samples per prompt and the share of
     prompts whose n samples are mixed (a GRPO group carries signal only then).
 
-``report --json OUT.json --md-table OUT.table.md --png OUT.png [--ladder SFT_RUN_DIR] NAME=RUN_DIR ...``
+``report --json OUT.json --md-table OUT.table.md --png OUT.png [--ladder SFT_RUN_DIR] [--arm NAME=DIR,DIR ...] NAME=RUN_DIR ...``
     Held-out exact-match curves and the logged diagnostics of RL runs (``metrics.jsonl``), as a table, json, plot.
+    ``--arm`` names the seeds of one arm: its final accuracy per seed, mean, 95 % interval (Student t over seeds;
+    binomial for one) and gain; with two arms of equal seed count, their per-seed (paired) difference too.
 """
 
 from __future__ import annotations
@@ -138,12 +140,55 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4g}"
 
 
-def report(named: list[str], out_json: str, out_md: str, out_png: str, ladder_dir=None) -> dict:
-    """Write the json, markdown table and plot of the runs ``NAME=RUN_DIR`` (and the student ladder's curve)."""
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+
+
+def _interval(xs: list[float], n_eval: int) -> list[float]:
+    """95 % interval of a mean over seeds: Student t for two or more, else the one run's binomial interval."""
+    m = float(np.mean(xs))
+    if len(xs) >= 2:
+        half = T95[len(xs) - 1] * float(np.std(xs, ddof=1)) / math.sqrt(len(xs))
+    else:
+        half = 1.96 * math.sqrt(m * (1 - m) / n_eval)
+    return [m - half, m + half]
+
+
+def seed_arms(arms: dict[str, list[str]], runs: dict[str, list[dict]]) -> dict:
+    """Per arm (``name -> [run name per seed]``): start, final held-out exact match per seed (its last eval), mean,
+    95 % interval and gain in points; with exactly two arms of equal seed count, the per-seed difference of the
+    second minus the first (seeds paired by position) with its t-interval."""
+    out = {}
+    for name, members in arms.items():
+        curves = [[(r["step"], r["eval/exact_match"]) for r in runs[m] if "eval/exact_match" in r] for m in members]
+        n_eval = int(next(r["eval/num_examples"] for r in runs[members[0]] if "eval/num_examples" in r))
+        finals = [c[-1][1] for c in curves]
+        start = float(np.mean([c[0][1] for c in curves]))
+        out[name] = {"runs": members, "seeds": len(members), "steps": [c[-1][0] for c in curves], "start_acc": start,
+                     "final_acc_per_seed": finals, "final_acc_mean": float(np.mean(finals)),
+                     "final_acc_ci95": _interval(finals, n_eval), "gain_pp": 100 * (float(np.mean(finals)) - start)}
+    names = list(out)
+    if len(names) == 2 and out[names[0]]["seeds"] == out[names[1]]["seeds"] >= 2:
+        a, b = (out[n]["final_acc_per_seed"] for n in names)
+        d = [100 * (y - x) for x, y in zip(a, b)]
+        half = T95[len(d) - 1] * float(np.std(d, ddof=1)) / math.sqrt(len(d))
+        out["paired"] = {"diff": f"{names[1]} - {names[0]}", "diff_pp_per_seed": d, "diff_pp_mean": float(np.mean(d)),
+                         "diff_pp_ci95": [float(np.mean(d)) - half, float(np.mean(d)) + half]}
+    return out
+
+
+def report(named: list[str], out_json: str, out_md: str, out_png: str, ladder_dir=None,
+           arms: dict[str, list[str]] | None = None) -> dict:
+    """Write the json, markdown table and plot of the runs ``NAME=RUN_DIR`` and of the seeds of each arm
+    (``arms``: ``NAME -> [RUN_DIR per seed]``, runs named ``NAME_s<i>``), and the student ladder's curve."""
     runs = {}
     for spec in named:
         name, path = spec.split("=", 1)
         runs[name] = read_metrics(path)
+    members = {}
+    for arm, dirs in (arms or {}).items():
+        members[arm] = [f"{arm}_s{i}" for i in range(len(dirs))]
+        for m, d in zip(members[arm], dirs):
+            runs[m] = read_metrics(d)
     summary = {name: summarize(recs) for name, recs in runs.items()}
     lines = ["| run | start | best (step) | last (step) | " + " | ".join(f"{k} first→last ¼" for k in DIAGNOSTICS)
              + " |", "|---" * (4 + len(DIAGNOSTICS)) + "|"]
@@ -156,9 +201,25 @@ def report(named: list[str], out_json: str, out_md: str, out_png: str, ladder_di
             d = s["diagnostics"].get(k)
             cells.append(f"{_fmt(d['first_quarter'])} → {_fmt(d['last_quarter'])}" if d else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    agg = seed_arms(members, runs) if members else {}
+    if agg:
+        lines += ["", "| arm | seeds | start | final per seed | mean | 95 % interval | gain (pp) |", "|---" * 7 + "|"]
+        for arm in members:
+            r = agg[arm]
+            lines.append(f"| {arm} | {r['seeds']} | {r['start_acc']:.4f} | "
+                         + " / ".join(f"{x:.4f}" for x in r["final_acc_per_seed"])
+                         + f" | {r['final_acc_mean']:.4f} | [{r['final_acc_ci95'][0]:.4f}, {r['final_acc_ci95'][1]:.4f}] | "
+                         f"{r['gain_pp']:+.1f} |")
+        if "paired" in agg:
+            pr = agg["paired"]
+            lines.append(f"\n{pr['diff']} per seed: " + " / ".join(f"{x:+.1f}" for x in pr["diff_pp_per_seed"])
+                         + f" pp, mean {pr['diff_pp_mean']:+.1f}, 95 % t-interval [{pr['diff_pp_ci95'][0]:+.1f}, "
+                         f"{pr['diff_pp_ci95'][1]:+.1f}]")
     Path(out_md).write_text("\n".join(lines) + "\n")
     ladder = read_metrics(ladder_dir) if ladder_dir else None
     out = {"command": "python " + " ".join(sys.argv), "runs": summary}
+    if agg:
+        out["arms"] = agg
     if ladder:
         out["student_ladder"] = [(r["step"], r["eval/exact_match"]) for r in ladder if "eval/exact_match" in r]
     Path(out_json).write_text(json.dumps(out, indent=2))
@@ -188,17 +249,23 @@ def main(argv=None) -> int:
     rp.add_argument("--md-table", required=True)
     rp.add_argument("--png", required=True)
     rp.add_argument("--ladder", default=None, help="RUN_DIR of the student's SFT run (its held-out curve)")
-    rp.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
+    rp.add_argument("--arm", action="append", default=[], help="NAME=RUN_DIR,RUN_DIR,... (the seeds of one arm)")
+    rp.add_argument("runs", nargs="*", help="NAME=RUN_DIR")
     a = ap.parse_args(argv)
     if a.cmd == "report":
-        bad = [s for s in a.runs if "=" not in s or not (Path(s.split("=", 1)[1]) / "metrics.jsonl").is_file()]
-        if bad:
-            print(f"report: expected NAME=RUN_DIR with a metrics.jsonl, got {bad}", file=sys.stderr)
+        dirs = [s.split("=", 1)[1] if "=" in s else "" for s in a.runs]
+        arms = {s.split("=", 1)[0]: s.split("=", 1)[1].split(",") for s in a.arm if "=" in s}
+        bad = [s for s, d in zip(a.runs, dirs) if not d or not (Path(d) / "metrics.jsonl").is_file()]
+        bad += [s for s in a.arm if "=" not in s]
+        bad += [d for ds in arms.values() for d in ds if not (Path(d) / "metrics.jsonl").is_file()]
+        if bad or not (a.runs or arms):
+            print(f"report: expected NAME=RUN_DIR (or --arm NAME=RUN_DIR,...) with a metrics.jsonl, got "
+                  f"{bad or 'nothing'}", file=sys.stderr)
             return 2
         if a.ladder and not (Path(a.ladder) / "metrics.jsonl").is_file():
             print(f"report: --ladder {a.ladder} has no metrics.jsonl", file=sys.stderr)
             return 2
-        report(a.runs, a.json, a.md_table, a.png, a.ladder)
+        report(a.runs, a.json, a.md_table, a.png, a.ladder, arms)
         return 0
     from jaxtok.config import load_config
     from jaxtok.registry import ConfigError
