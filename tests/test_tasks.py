@@ -301,3 +301,44 @@ def test_arith_samples_train_from_file_eval_from_arith(tmp_path):
     assert kept.example("train", 1).prompt == "12+7="
     with pytest.raises((ConfigError, ValueError)):
         make_task("arith_samples", {"digits": 2})
+
+
+# --------------------------------------------------------------------------------------------------- arith direct mix
+
+
+def test_arith_direct_fraction_zero_is_todays_task_and_one_is_all_direct():
+    plain, zero = ArithTask(ArithArgs(steps=2)), ArithTask(ArithArgs(steps=2, direct_fraction=0.0))
+    one = ArithTask(ArithArgs(steps=2, direct_fraction=1.0))
+    for i in range(200):
+        assert zero.example("train", i) == plain.example("train", i)
+        ex, d = plain.example("train", i), one.example("train", i)
+        assert (d.prompt, d.answer, d.target) == (ex.prompt, ex.answer, ">" + ex.answer)
+        assert d.meta["direct"] and one.reward(d.target, ex) == 1.0 and one.format_ok(d.target)
+    for i in range(50):  # eval targets never change
+        assert one.example("eval", i) == plain.example("eval", i)
+
+
+def test_arith_direct_fraction_split_is_deterministic_and_near_the_share():
+    a, b = ArithTask(ArithArgs(steps=2, direct_fraction=0.3)), ArithTask(ArithArgs(steps=2, direct_fraction=0.3))
+    direct = [a.example("train", i).target.startswith(">") for i in range(2000)]
+    assert direct == [b.example("train", i).target.startswith(">") for i in range(2000)]
+    assert 0.26 < sum(direct) / len(direct) < 0.34
+    other_seed = ArithTask(ArithArgs(steps=2, direct_fraction=0.3), seed=1)
+    assert direct != [other_seed.example("train", i).target.startswith(">") for i in range(2000)]
+
+
+def test_arith_direct_completion_reward():
+    task = ArithTask(ArithArgs(steps=2, direct_fraction=0.5))
+    ex = Example(prompt="12+7-3=", target="12+7=19;19-3=16>16", answer="16")
+    assert task.reward(">16", ex) == 1.0 and task.format_ok(">16")
+    assert task.reward(">17", ex) == 0.0 and task.format_ok(">17")
+    assert task.reward(">-16", ex) == 0.0 and task.format_ok(">-16")
+    assert task.reward(">", ex) == 0.0 and not task.format_ok(">")
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_arith_direct_fraction_rejected_naming_the_key(bad):
+    with pytest.raises(ValueError, match="direct_fraction="):
+        ArithArgs(direct_fraction=bad)
+    with pytest.raises(ConfigError, match="direct_fraction="):
+        make_task("arith", {"direct_fraction": bad})

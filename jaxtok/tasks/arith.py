@@ -2,11 +2,17 @@
 
 Prompt ``12+7-3=``; target ``12+7=19;19-3=16>16`` — one scratchpad step per ``;``-separated segment (left to
 right evaluation), then ``>`` and the answer. Step boundaries are exposed for span-level methods (TRACE).
+
+``direct_fraction`` mixes answer-only targets into the train split: for that share of train examples (chosen by a
+hash of the seed and the example index, so the split is deterministic) the target is ``>16`` alone, without the
+scratchpad. A model SFT'd on the mix sometimes writes the scratchpad (long) and sometimes answers directly (short):
+the variable-length testbed variant of docs/results/length_control_testbed.md. Eval targets never change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 from jaxtok.registry import TASKS
 from jaxtok.tasks.base import Example, MarkedAnswerTask, sample_in_split
@@ -18,6 +24,7 @@ class ArithArgs:
     steps: int = 1  # number of operations
     ops: str = "+-"  # allowed operators among "+-*"
     eval_fraction: float = 0.1
+    direct_fraction: float = 0.0  # share of TRAIN targets that are the answer alone (">16", no scratchpad)
 
     def __post_init__(self):
         if not 1 <= self.digits <= 6:
@@ -28,6 +35,16 @@ class ArithArgs:
             raise ValueError(f"ops={self.ops!r}: a non-empty subset of '+-*'")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction={self.eval_fraction}: allowed (0, 1)")
+        if not 0.0 <= self.direct_fraction <= 1.0:  # also rejects NaN
+            raise ValueError(f"direct_fraction={self.direct_fraction}: allowed [0, 1]")
+
+
+def is_direct(seed: int, index: int, direct_fraction: float) -> bool:
+    """Whether train example ``index`` gets an answer-only target: a uniform draw in [0, 1) from a hash of
+    ``(seed, index)`` falls below ``direct_fraction`` (0: never, 1: always; deterministic, independent of the
+    problem drawn, so about that share of any index range is direct)."""
+    h = int.from_bytes(hashlib.blake2b(f"direct/{seed}/{index}".encode(), digest_size=8).digest(), "little")
+    return h / 2.0**64 < direct_fraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +68,8 @@ class ArithTask(MarkedAnswerTask):
             lines.append(f"{acc}{op}{n}={new}")
             acc = new
         prompt = str(nums[0]) + "".join(o + str(n) for o, n in zip(ops, nums[1:])) + "="
+        if split == "train" and is_direct(self.seed, index, self.args.direct_fraction):
+            return Example(prompt=prompt, target=f">{acc}", answer=str(acc), meta={"steps": lines, "direct": True})
         return Example(prompt=prompt, target=";".join(lines) + f">{acc}", answer=str(acc), meta={"steps": lines})
 
     def format_ok(self, completion: str) -> bool:
