@@ -12,7 +12,18 @@ item 6). On the testbed's 1200 held-out prompts (configs/testbed/base.yaml) and 
 
     python scripts/length_control_testbed.py lengths|oracle|paired OUT.json
     python scripts/length_control_testbed.py plot   # after the bench and length_control_testbed.json
+
+Flags (defaults = the testbed run above): ``--config`` (task/data settings), ``--policy``, ``--lenvm``,
+``--max-new`` (the no-budget decode length), ``--budgets`` (oracle budgets), ``--paired-budgets``,
+``--paired-aims`` (``B``, ``B+1`` or both, comma-separated), ``--scales`` (paired guide scales). The variable-length
+variant (docs/results/length_control_testbed.md, "Variable-length variant") runs them with
+``--config configs/testbed/lenvm_var_student.yaml --policy runs/testbed_var/student --lenvm runs/testbed_var/lenvm``.
+Every subcommand also splits samples by form: ``direct`` (the completion starts with ``>``: answer only) or
+scratchpad. ``paired`` scores every arm two ways: ``acc`` (the decoded text of the B tokens, rows cut before EOS
+included: the bench's old accounting) and ``acc_finished`` (right AND EOS within B: the bench's accounting since
+the fix, the same for both arms).
 """
+import argparse
 import collections
 import json
 import sys
@@ -33,32 +44,49 @@ from jaxtok.tasks.tokenizer import SpecialTokens, decode, encode
 from jaxtok.train.rollout import fetch
 
 N, BS, K = 1200, 400, 16
-POLICY, LENVM = "runs/testbed/student", "runs/testbed/lenvm"
-cfg = load_config("configs/testbed/base.yaml")
-task = make_task_from_config(cfg.data)
-policy, _ = load_any(POLICY, key="policy")
-tok = load_tokenizer(Path(POLICY) / "tokenizer.json")
-sp = SpecialTokens.of(tok)
-ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=N, num_examples=N,
-                       overlong=cfg.data.overlong)
-_b = next(iter(ds))
-P, V, I = map(np.asarray, (_b["prompt"], _b["prompt_valid"], _b["index"]))
-exs = [task.example("eval", int(i)) for i in I]
-ref = np.array([len(encode(tok, e.target)) + 1 for e in exs])  # + EOS
+POLICY, LENVM, CONFIG = "runs/testbed/student", "runs/testbed/lenvm", "configs/testbed/base.yaml"
+MAX_NEW = 20
+ORACLE_BUDGETS, PAIRED_BUDGETS, PAIRED_AIMS, SCALES = (10, 11, 12, 13, 14, 20), (11, 12), ("B", "B+1"), (1.0, 2.0, 8.0)
 
 
-def sample(max_new, key, fold, *, temperature=1.0, top_k=0, guide=None):
-    """[N] right flags and lengths of one decode of every prompt; batch o uses fold_in(key, fold + o)."""
+def setup(config=CONFIG, policy_dir=POLICY):
+    """Load the task, policy, tokenizer and the N held-out prompts (module globals used by the subcommands)."""
+    global cfg, task, policy, tok, sp, P, V, I, exs, ref
+    cfg = load_config(config)
+    task = make_task_from_config(cfg.data)
+    policy, _ = load_any(policy_dir, key="policy")
+    tok = load_tokenizer(Path(policy_dir) / "tokenizer.json")
+    sp = SpecialTokens.of(tok)
+    ds, _ = prompt_dataset(task, "eval", tok, prompt_len=cfg.data.prompt_len, batch_size=N, num_examples=N,
+                           overlong=cfg.data.overlong)
+    _b = next(iter(ds))
+    P, V, I = map(np.asarray, (_b["prompt"], _b["prompt_valid"], _b["index"]))
+    exs = [task.example("eval", int(i)) for i in I]
+    ref = np.array([len(encode(tok, e.target)) + 1 for e in exs])  # + EOS
+
+
+def is_direct_form(text: str) -> bool:
+    """A completion in the answer-only form (``>16``): it starts with the answer mark, no scratchpad."""
+    return text.startswith(">")
+
+
+def sample(max_new, key, fold, *, temperature=1.0, top_k=0, guide=None, full=False):
+    """[N] right flags and lengths of one decode of every prompt; batch o uses fold_in(key, fold + o). With
+    ``full`` also [N] finished (EOS within max_new) and direct-form flags."""
     ok, ln = np.zeros(N, bool), np.zeros(N, int)
+    done, direct = np.zeros(N, bool), np.zeros(N, bool)
     for o in range(0, N, BS):
         out = generate(policy, jnp.asarray(P[o:o + BS]), jnp.asarray(V[o:o + BS]), max_new_tokens=max_new,
                        sampling=SamplingParams(temperature=temperature, top_k=top_k),
                        rng=jax.random.fold_in(key, fold + o), stop_tokens=sp.eos_ids, pad_id=sp.pad, guide=guide)
         toks = fetch(out.tokens)
         ln[o:o + BS] = np.asarray(out.lengths)
+        done[o:o + BS] = np.asarray(out.done)
         for r in range(toks.shape[0]):
-            ok[o + r] = task.reward(decode(tok, toks[r]), exs[o + r]) >= 1.0
-    return ok, ln
+            text = decode(tok, toks[r])
+            ok[o + r] = task.reward(text, exs[o + r]) >= 1.0
+            direct[o + r] = is_direct_form(text)
+    return (ok, ln, done, direct) if full else (ok, ln)
 
 
 def hist(a):
@@ -71,51 +99,88 @@ def q(a):
             "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "hist": hist(a)}
 
 
+def mean_or_none(a):
+    """Mean of a possibly empty array (None when empty, e.g. no prompt's reference fits a small budget)."""
+    return float(np.mean(a)) if np.size(a) else None
+
+
+def form_stats(ok, ln, direct) -> dict:
+    """Per answer form (direct ``>16`` vs scratchpad): share of samples, accuracy, length distribution."""
+    out = {"direct_share": float(direct.mean())}
+    for name, m in (("direct", direct), ("scratchpad", ~direct)):
+        out[name] = {"n": int(m.sum()), "acc": float(ok[m].mean()) if m.any() else None,
+                     "acc_se": float(ok[m].std(ddof=1) / np.sqrt(m.sum())) if m.sum() > 1 else None,
+                     "len": q(ln[m]) if m.any() else None}
+    return out
+
+
 def lengths(S=4):
     key = jax.random.key(123)
     right, wrong, right_is_ref, wrong_is_ref = [], [], [], []
+    OK, LN, DI = [], [], []
     for s in range(S):
-        ok, ln = sample(20, key, s * 10000)
+        ok, ln, done, direct = sample(MAX_NEW, key, s * 10000, full=True)
         right += ln[ok].tolist(); wrong += ln[~ok].tolist()
         right_is_ref += (ln[ok] == ref[ok]).tolist(); wrong_is_ref += (ln[~ok] == ref[~ok]).tolist()
-    g_ok, _ = sample(20, key, S * 10000, temperature=0.0)
+        OK.append(ok); LN.append(ln); DI.append(direct)
+    g_ok, _ = sample(MAX_NEW, key, S * 10000, temperature=0.0)
+    OK, LN, DI = map(np.concatenate, (OK, LN, DI))
     return {"samples_per_prompt": S, "prompts": N, "ref_len": q(ref), "right_sample_len": q(right),
             "wrong_sample_len": q(wrong), "right_len_equals_ref_share": float(np.mean(right_is_ref)),
             "wrong_len_equals_ref_share": float(np.mean(wrong_is_ref)),
             "sample_success": len(right) / (len(right) + len(wrong)), "greedy_exact": float(g_ok.mean()),
-            "right_within_budget_share": {B: float(np.mean(np.asarray(right) <= B)) for B in range(6, 21)},
-            "ref_within_budget_share": {B: float(np.mean(ref <= B)) for B in range(6, 21)}}
+            "right_within_budget_share": {B: float(np.mean(np.asarray(right) <= B)) for B in range(2, MAX_NEW + 1)},
+            "ref_within_budget_share": {B: float(np.mean(ref <= B)) for B in range(2, MAX_NEW + 1)},
+            "by_form": form_stats(OK, LN, DI)}
+
+
+def oracle_by_budget(OK, L, done, B) -> dict:
+    """[N, S] right flags, lengths (EOS included) and finished flags of S samples per prompt, budget B (EOS within
+    B): truncation accuracy E[right & fits], the length-only ceiling E_prompt[P(right | fits)] and their per-prompt
+    difference (the possible gain) with its SE over prompts."""
+    fit = done & (L <= B)
+    trunc = (OK & fit).mean(1)  # [N]
+    cond = np.where(fit.any(1), (OK & fit).sum(1) / np.maximum(fit.sum(1), 1), 0.0)  # [N]
+    gap = cond - trunc
+    return {"truncation_acc": float(trunc.mean()), "rejection_oracle_acc": float(cond.mean()),
+            "gap": float(gap.mean()), "gap_se": float(gap.std(ddof=1) / np.sqrt(len(gap))),
+            "prompts_with_a_fit": float(fit.any(1).mean()), "prompts_ref_le_B": float((ref <= B).mean()),
+            "acc_if_ref_le_B_else_0": float((OK.mean(1) * (ref <= B)).mean())}
 
 
 def oracle(S=8):
     key = jax.random.key(7)
     OK, L = np.zeros((N, S), bool), np.zeros((N, S), int)
+    D, DI = np.zeros((N, S), bool), np.zeros((N, S), bool)
     for s in range(S):
-        OK[:, s], L[:, s] = sample(20, key, s * 10000)
-    res = {"samples_per_prompt": S, "prompts": N, "sample_success": float(OK.mean()), "by_budget": {}}
-    for B in (10, 11, 12, 13, 14, 20):
-        fit = L <= B
-        cond = np.where(fit.any(1), (OK & fit).sum(1) / np.maximum(fit.sum(1), 1), 0.0)
-        res["by_budget"][B] = {"truncation_acc": float((OK & fit).mean()), "rejection_oracle_acc": float(cond.mean()),
-                               "prompts_ref_le_B": float((ref <= B).mean()),
-                               "acc_if_ref_le_B_else_0": float((OK.mean(1) * (ref <= B)).mean())}
+        OK[:, s], L[:, s], D[:, s], DI[:, s] = sample(MAX_NEW, key, s * 10000, full=True)
+    res = {"samples_per_prompt": S, "prompts": N, "sample_success": float(OK.mean()),
+           "finished_share": float(D.mean()), "by_form": form_stats(OK.ravel(), L.ravel(), DI.ravel()),
+           "by_budget": {B: oracle_by_budget(OK, L, D, B) for B in ORACLE_BUDGETS}}
     return res
 
 
 def paired():
     vm, _ = load_any(LENVM, key="lenvm")
     key, res = jax.random.key(0), {}
-    for B in (11, 12):
-        base, _ = sample(B, key, 0, top_k=K)
-        res[f"truncate @ {B}"] = {"acc": float(base.mean()), "acc_on_ref_le_B1": float(base[ref <= B + 1].mean())}
-        for tgt in (B, B + 1):
-            for s in (1.0, 2.0, 8.0):
-                ok, ln = sample(B, key, 0, guide=LengthGuide.of(vm, mode="budget", scale=s, target=tgt, candidates=K))
+    for B in PAIRED_BUDGETS:
+        base, _, bdone, bdir = sample(B, key, 0, top_k=K, full=True)
+        bfin = base & bdone
+        res[f"truncate @ {B}"] = {"acc": float(base.mean()), "acc_finished": float(bfin.mean()),
+                                  "acc_on_ref_le_B1": mean_or_none(base[ref <= B + 1]),
+                                  "direct_share": float(bdir.mean()), "finished_share": float(bdone.mean())}
+        for tgt in [B + (aim == "B+1") for aim in PAIRED_AIMS]:
+            for s in SCALES:
+                ok, ln, done, direct = sample(B, key, 0, guide=LengthGuide.of(vm, mode="budget", scale=s, target=tgt,
+                                                                              candidates=K), full=True)
                 d = ok.astype(float) - base
+                df = (ok & done).astype(float) - bfin
                 res[f"budget B={B} aim {tgt} s={s:g}"] = {
                     "acc": float(ok.mean()), "diff_vs_trunc": float(d.mean()),
-                    "diff_se": float(d.std(ddof=1) / np.sqrt(N)), "acc_on_ref_le_B1": float(ok[ref <= B + 1].mean()),
-                    "mean_len": float(ln.mean())}
+                    "diff_se": float(d.std(ddof=1) / np.sqrt(N)), "acc_on_ref_le_B1": mean_or_none(ok[ref <= B + 1]),
+                    "mean_len": float(ln.mean()), "acc_finished": float((ok & done).mean()),
+                    "diff_finished_vs_trunc": float(df.mean()), "diff_finished_se": float(df.std(ddof=1) / np.sqrt(N)),
+                    "direct_share": float(direct.mean()), "finished_share": float(done.mean())}
     return res
 
 
@@ -167,10 +232,37 @@ def plot(bench_json="runs/testbed/bench_length_control/results.json", lengths_js
     return png
 
 
+def parse(argv):
+    """Subcommand, output path and the flags of the module docstring (defaults: the testbed run)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("cmd", choices=("lengths", "oracle", "paired", "plot"))
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--config", default=CONFIG)
+    ap.add_argument("--policy", default=POLICY)
+    ap.add_argument("--lenvm", default=LENVM)
+    ap.add_argument("--max-new", type=int, default=MAX_NEW)
+    ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
+    ap.add_argument("--budgets", type=ints, default=ORACLE_BUDGETS)
+    ap.add_argument("--paired-budgets", type=ints, default=PAIRED_BUDGETS)
+    ap.add_argument("--paired-aims", type=lambda v: tuple(v.split(",")), default=PAIRED_AIMS)
+    ap.add_argument("--scales", type=lambda v: tuple(float(x) for x in v.split(",")), default=SCALES)
+    a = ap.parse_args(argv)
+    if a.cmd != "plot" and not a.out:
+        ap.error(f"{a.cmd} needs OUT.json")
+    if set(a.paired_aims) - {"B", "B+1"}:
+        ap.error(f"--paired-aims={','.join(a.paired_aims)}: allowed B, B+1")
+    return a
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "plot":
+    a = parse(sys.argv[1:])
+    if a.cmd == "plot":
         print(plot())
         sys.exit(0)
-    out = {"lengths": lengths, "oracle": oracle, "paired": paired}[sys.argv[1]]()
+    LENVM, MAX_NEW, ORACLE_BUDGETS, PAIRED_BUDGETS = a.lenvm, a.max_new, a.budgets, a.paired_budgets
+    PAIRED_AIMS, SCALES = a.paired_aims, a.scales
+    setup(a.config, a.policy)
+    out = {"lengths": lengths, "oracle": oracle, "paired": paired}[a.cmd]()
+    out["command"] = "python scripts/length_control_testbed.py " + " ".join(sys.argv[1:])
     print(json.dumps(out, indent=1))
-    Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
+    Path(a.out).write_text(json.dumps(out, indent=1))
