@@ -11,6 +11,9 @@ The policy is ``model.init_from`` (the model whose sampled completions the LenVM
 - ``target L``: guided to length L (``mode=target``), against ``top-K`` at the same L;
 - ``tilt s``: ``p'(c) ∝ p(c)·exp(−s·n_c)``, mean length and accuracy as s moves;
 - ``budget B``: ``max_new_tokens = B`` truncation (the token-budget baseline) against guided ``mode=budget``.
+  Both arms are scored the same way, :func:`finished_only`: a row counts as right only if it is right AND its EOS
+  came within the B tokens (the guide aims at exactly that). Before, truncation also scored rows cut just before
+  their EOS (full answer text, no EOS), crediting it answers of B + 1 tokens the guide was steered away from.
 
 Writes results.json, results.md (one row per arm) and plots (length error per target, length/accuracy vs tilt).
 """
@@ -21,6 +24,7 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxtok.data import make_task_from_config, pad_prompt_batch, prompt_dataset
@@ -74,16 +78,25 @@ def _batches(cfg, tok, args):
     return task, out
 
 
-def _arm(policy, task, tok, cfg, args, *, max_new, top_k=0, guide=None, target=None) -> dict:
+def finished_only(tokens, done, pad_id: int):
+    """``[B, T]`` completion tokens with every row that did not finish (``done [B]`` False: no EOS within the
+    budget) blanked to ``pad_id``, so it decodes to "" and scores 0: the budget arms' accounting (module
+    docstring), the same for truncation and guidance."""
+    return jnp.where(jnp.asarray(done, bool)[:, None], tokens, pad_id)
+
+
+def _arm(policy, task, tok, cfg, args, *, max_new, top_k=0, guide=None, target=None, budget=False) -> dict:
     """Decode every prompt (:func:`jaxtok.decode.evaluate.evaluate` of an AR step); per-row lengths and finished
-    flags plus summary metrics."""
+    flags plus summary metrics. With ``budget`` only rows that finished within ``max_new`` tokens can score
+    (:func:`finished_only`); lengths and shares still count every generated token."""
     sp = SpecialTokens.of(tok)
 
     def step(prompt, valid, key):  # stats: the rows' lengths and finished flags (readout, shares)
         out = generate(policy, prompt, valid, max_new_tokens=max_new,
                        sampling=SamplingParams(temperature=args.temperature, top_k=top_k), rng=key,
                        stop_tokens=sp.eos_ids, pad_id=sp.pad, guide=guide)
-        return out.tokens, out.valid, {"length": out.lengths, "done": out.done}
+        tokens = finished_only(out.tokens, out.done, sp.pad) if budget else out.tokens
+        return tokens, out.valid, {"length": out.lengths, "done": out.done}
 
     m, _ = evaluate(step, task, tok, prompt_len=cfg.data.prompt_len, batch_size=args.batch_size,
                     num_examples=args.num_prompts, overlong=cfg.data.overlong, key=jax.random.key(args.seed),
@@ -147,12 +160,13 @@ def length_bench(cfg, run_dir: str | Path, args: LengthBenchArgs) -> dict:
         add(f"tilt {s:g}", "tilt", s, _arm(policy, task, tok, cfg, args, max_new=N, guide=guide("tilt", s)),
             max_new_tokens=N)
     for B in args.budgets:
-        add(f"truncate @ {B}", "-", None, _arm(policy, task, tok, cfg, args, max_new=B, top_k=K, target=B),
-            target=B, max_new_tokens=B)
+        add(f"truncate @ {B}", "-", None,
+            _arm(policy, task, tok, cfg, args, max_new=B, top_k=K, target=B, budget=True),
+            target=B, max_new_tokens=B, scored="right and finished within B")
         for s in args.budget_scales:
             add(f"budget {B} s={s:g}", "budget", s,
-                _arm(policy, task, tok, cfg, args, max_new=B, guide=guide("budget", s, B), target=B),
-                target=B, max_new_tokens=B)
+                _arm(policy, task, tok, cfg, args, max_new=B, guide=guide("budget", s, B), target=B, budget=True),
+                target=B, max_new_tokens=B, scored="right and finished within B")
 
     overhead = arms["top-K"]["row"]["tokens_per_s"] / max(arms["tilt 0"]["row"]["tokens_per_s"], 1e-9) \
         if "tilt 0" in arms else None

@@ -193,3 +193,28 @@ def test_length_control_bench_smoke(tmp_path):
     rows = {r["arm"]: r for r in res["rows"]}
     for key in ("exact_match", "mean_length", "finished_share"):
         assert rows["tilt 0"][key] == rows["top-K"][key]
+    for arm in ("truncate @ 2", "budget 2 s=1"):  # only rows finished within the budget can score
+        assert rows[arm]["scored"] == "right and finished within B"
+        assert rows[arm]["exact_match"] <= rows[arm]["finished_share"]
+
+
+def test_budget_accounting_scores_only_rows_finished_within_the_budget():
+    """bench/length.py budget arms (truncation and guidance alike): a row cut before its EOS scores 0 even when its
+    text already holds the right answer (before the fix truncation credited it: answers of B + 1 tokens)."""
+    from bench.length import finished_only
+    from jaxtok.tasks import Example, build_tokenizer
+    from jaxtok.tasks.arith import ArithArgs, ArithTask
+    from jaxtok.tasks.tokenizer import SpecialTokens, decode, encode
+
+    tok, task = build_tokenizer(), ArithTask(ArithArgs(steps=2))
+    sp = SpecialTokens.of(tok)
+    exs = [Example(prompt="12+7-3=", target="12+7=19;19-3=16>16", answer="16"),
+           Example(prompt="2-7-11=", target="2-7=-5;-5-11=-16>-16", answer="-16")]
+    done_row = encode(tok, ">16") + [sp.eos]  # budget 4: EOS within it
+    cut_row = encode(tok, ">-16")  # budget 4: the whole answer text, cut just before its EOS
+    tokens = jnp.asarray([done_row, cut_row], jnp.int32)  # [2, 4]
+    done = jnp.asarray([True, False])
+    assert [task.reward(decode(tok, r), e) for r, e in zip(np.asarray(tokens), exs)] == [1.0, 1.0]  # old accounting
+    kept = np.asarray(finished_only(tokens, done, sp.pad))
+    assert [task.reward(decode(tok, r), e) for r, e in zip(kept, exs)] == [1.0, 0.0]
+    assert (kept[0] == done_row).all() and (kept[1] == sp.pad).all()
