@@ -201,7 +201,7 @@ def test_length_control_bench_smoke(tmp_path):
 def test_budget_accounting_scores_only_rows_finished_within_the_budget():
     """bench/length.py budget arms (truncation and guidance alike): a row cut before its EOS scores 0 even when its
     text already holds the right answer (before the fix truncation credited it: answers of B + 1 tokens)."""
-    from bench.length import finished_only
+    from jaxtok.bench.length import finished_only
     from jaxtok.tasks import Example, build_tokenizer
     from jaxtok.tasks.arith import ArithArgs, ArithTask
     from jaxtok.tasks.tokenizer import SpecialTokens, decode, encode
