@@ -153,13 +153,17 @@ def _interval(xs: list[float], n_eval: int) -> list[float]:
     return [m - half, m + half]
 
 
-def seed_arms(arms: dict[str, list[str]], runs: dict[str, list[dict]]) -> dict:
-    """Per arm (``name -> [run name per seed]``): start, final held-out exact match per seed (its last eval), mean,
-    95 % interval and gain in points; with exactly two arms of equal seed count, the per-seed difference of the
-    second minus the first (seeds paired by position) with its t-interval."""
+def seed_arms(arms: dict[str, list[str]], runs: dict[str, list[dict]], at: int | None = None) -> dict:
+    """Per arm (``name -> [run name per seed]``): start, final held-out exact match per seed (its last eval, or its
+    eval at step ``at``), mean, 95 % interval and gain in points; with exactly two arms of equal seed count, the
+    per-seed difference of the second minus the first (seeds paired by position) with its t-interval."""
     out = {}
     for name, members in arms.items():
-        curves = [[(r["step"], r["eval/exact_match"]) for r in runs[m] if "eval/exact_match" in r] for m in members]
+        curves = [[(r["step"], r["eval/exact_match"]) for r in runs[m] if "eval/exact_match" in r
+                   and (at is None or r["step"] <= at)] for m in members]
+        short = [m for m, c in zip(members, curves) if at is not None and c[-1][0] != at]
+        if short:
+            raise ValueError(f"--at {at}: no eval at that step in {short}")
         n_eval = int(next(r["eval/num_examples"] for r in runs[members[0]] if "eval/num_examples" in r))
         finals = [c[-1][1] for c in curves]
         start = float(np.mean([c[0][1] for c in curves]))
@@ -177,7 +181,7 @@ def seed_arms(arms: dict[str, list[str]], runs: dict[str, list[dict]]) -> dict:
 
 
 def report(named: list[str], out_json: str, out_md: str, out_png: str, ladder_dir=None,
-           arms: dict[str, list[str]] | None = None) -> dict:
+           arms: dict[str, list[str]] | None = None, at: list[int] | None = None) -> dict:
     """Write the json, markdown table and plot of the runs ``NAME=RUN_DIR`` and of the seeds of each arm
     (``arms``: ``NAME -> [RUN_DIR per seed]``, runs named ``NAME_s<i>``), and the student ladder's curve."""
     runs = {}
@@ -201,12 +205,12 @@ def report(named: list[str], out_json: str, out_md: str, out_png: str, ladder_di
             d = s["diagnostics"].get(k)
             cells.append(f"{_fmt(d['first_quarter'])} → {_fmt(d['last_quarter'])}" if d else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    agg = seed_arms(members, runs) if members else {}
-    if agg:
-        lines += ["", "| arm | seeds | start | final per seed | mean | 95 % interval | gain (pp) |", "|---" * 7 + "|"]
+    aggs = {str(t): seed_arms(members, runs, t) for t in (at or [None])} if members else {}
+    for t, agg in aggs.items():
+        lines += ["", "| arm | step | seeds | start | per seed | mean | 95 % interval | gain (pp) |", "|---" * 8 + "|"]
         for arm in members:
             r = agg[arm]
-            lines.append(f"| {arm} | {r['seeds']} | {r['start_acc']:.4f} | "
+            lines.append(f"| {arm} | {t if t != 'None' else 'last'} | {r['seeds']} | {r['start_acc']:.4f} | "
                          + " / ".join(f"{x:.4f}" for x in r["final_acc_per_seed"])
                          + f" | {r['final_acc_mean']:.4f} | [{r['final_acc_ci95'][0]:.4f}, {r['final_acc_ci95'][1]:.4f}] | "
                          f"{r['gain_pp']:+.1f} |")
@@ -218,8 +222,9 @@ def report(named: list[str], out_json: str, out_md: str, out_png: str, ladder_di
     Path(out_md).write_text("\n".join(lines) + "\n")
     ladder = read_metrics(ladder_dir) if ladder_dir else None
     out = {"command": "python " + " ".join(sys.argv), "runs": summary}
-    if agg:
-        out["arms"] = agg
+    if aggs:
+        out["arms"] = aggs if at else aggs["None"]
+        out["arms_at"] = "eval step -> arms" if at else "each run's last eval"
     if ladder:
         out["student_ladder"] = [(r["step"], r["eval/exact_match"]) for r in ladder if "eval/exact_match" in r]
     Path(out_json).write_text(json.dumps(out, indent=2))
@@ -250,6 +255,8 @@ def main(argv=None) -> int:
     rp.add_argument("--png", required=True)
     rp.add_argument("--ladder", default=None, help="RUN_DIR of the student's SFT run (its held-out curve)")
     rp.add_argument("--arm", action="append", default=[], help="NAME=RUN_DIR,RUN_DIR,... (the seeds of one arm)")
+    rp.add_argument("--at", type=int, action="append", default=None,
+                    help="read the arms at this eval step (repeatable; default each run's last eval)")
     rp.add_argument("runs", nargs="*", help="NAME=RUN_DIR")
     a = ap.parse_args(argv)
     if a.cmd == "report":
@@ -265,7 +272,11 @@ def main(argv=None) -> int:
         if a.ladder and not (Path(a.ladder) / "metrics.jsonl").is_file():
             print(f"report: --ladder {a.ladder} has no metrics.jsonl", file=sys.stderr)
             return 2
-        report(a.runs, a.json, a.md_table, a.png, a.ladder, arms)
+        try:
+            report(a.runs, a.json, a.md_table, a.png, a.ladder, arms, a.at)
+        except ValueError as e:
+            print(f"report: {e}", file=sys.stderr)
+            return 2
         return 0
     from jaxtok.config import load_config
     from jaxtok.registry import ConfigError
