@@ -92,8 +92,12 @@ def test_one_train_step_equal_scanned_and_unrolled():
     for loss, gnorm, params in others:
         np.testing.assert_allclose(loss, l0, rtol=1e-6)
         np.testing.assert_allclose(gnorm, g0, rtol=1e-5)
-        for k in p0:  # Adam's g / (|g| + eps) magnifies float rounding of near-zero gradients: 1e-5 of a 1e-2 step
-            _close(params[k], p0[k], rtol=1e-5, atol=1e-5)
+        # Adam's first step moves each parameter by lr * g / (|g| + eps): for a gradient element near eps, float
+        # rounding of g (scan and unrolled fuse the backward differently) moves that update by a visible share of
+        # lr = 1e-2 (1.7e-5 seen once under load). 1e-4 (1 % of a step) still fails on any real difference, which
+        # moves most elements by ~lr; the gradients themselves are compared tightly in the remat test below.
+        for k in p0:
+            _close(params[k], p0[k], rtol=1e-5, atol=1e-4)
 
 
 def _grads(cfg, batch):
