@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from proving_ground import T95  # scripts/: one t-table
 from testbed_props import correct_rows, pass_at_k  # scripts/: one pass@k and one scoring loop
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,9 +139,6 @@ def plot(runs: dict, path: str, ladder=None) -> None:
 
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4g}"
-
-
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 
 
 def _interval(xs: list[float], n_eval: int) -> list[float]:
