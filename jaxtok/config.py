@@ -316,6 +316,10 @@ class RolloutSection(_Section):
     top_k: int = _f(0, min=0, doc="sampling top-k; 0 = off (old log-probs are recomputed without filters)")
     top_p: float = _f(1.0, gt=0.0, max=1.0, doc="sampling nucleus; 1 = off")
     inner_epochs: int = _f(1, min=1, doc="optimizer steps per rollout batch (PPO's mu)")
+    width_buckets: int = _f(4, min=1, doc="rollout batches drop all-padding columns (left of the longest prompt, "
+                                          "right of the longest completion) and are cut to the next of this many "
+                                          "equal widths up to data.prompt_len + max_new_tokens, so the scoring and "
+                                          "train step compile at most this many shapes; 1 = always the full width")
     teacher_init_from: Optional[str] = _f(None, doc="run directory of the frozen teacher (objectives needing one)")
     reference: str = _f("none", doc="frozen reference policy for KL terms: none | init (the initial policy) | "
                                     "<run dir>")

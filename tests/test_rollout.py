@@ -58,7 +58,8 @@ def test_collect_old_logprobs_match_the_sampler(tok, policy):
     ds, _ = prompt_dataset(task, "train", tok, prompt_len=12, batch_size=2, num_examples=8)
     prompts = next(iter(ds))
     settings = _settings(num_generations=3, max_new_tokens=6, temperature=1.5, rewards={"exact_match": 1.0,
-                                                                                        "format": 0.5})
+                                                                                        "format": 0.5},
+                         width_buckets=1)  # the full [B, P + N] layout (trimming: the next test)
     key = jax.random.key(7)
     ro = rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=settings, rng=key, chunk_size=5)
     b = ro.batch
@@ -86,6 +87,64 @@ def test_collect_old_logprobs_match_the_sampler(tok, policy):
     rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=settings, rng=jax.random.key(8),
                     chunk_size=5)
     assert rollout._score_jit._cache_size() == before  # equal shapes: the scoring forward is not recompiled
+
+
+def test_bucketed_width_and_trim_padding_hand_computed():
+    assert [rollout.bucketed_width(n, 32, 4) for n in (0, 1, 8, 9, 23, 24, 25, 32)] == [8, 8, 8, 16, 24, 24, 32, 32]
+    assert rollout.bucketed_width(5, 30, 4) == 8 and rollout.bucketed_width(29, 30, 4) == 30  # steps of 8, capped
+    assert rollout.bucketed_width(3, 30, 1) == 30  # one bucket: always the full width
+    pv = np.array([[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]], bool)  # P = 5, longest prompt 3
+    cv = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], bool)  # N = 4, longest completion 2
+    assert rollout.trim_padding(pv, cv, 1) == (slice(0, 5), slice(0, 4))
+    assert rollout.trim_padding(pv, cv, 9) == (slice(2, 5), slice(0, 2))  # width 5 = 3 + 2 exactly
+    assert rollout.trim_padding(pv, cv, 3) == (slice(1, 5), slice(0, 2))  # width 6: one more prompt pad column
+    assert rollout.trim_padding(pv, np.zeros_like(cv), 9) == (slice(2, 5), slice(0, 1))  # keeps one completion col
+
+
+def test_trimmed_rollout_equals_the_full_width_batch(tok, policy):
+    """Trimming (``rollout.width_buckets``) drops only columns that are padding in every row: on the kept columns
+    the batch equals the full-width one (same rng), the dropped ones hold no valid token, and a policy-gradient
+    loss and its gradient are unchanged (padding is masked everywhere)."""
+    task = make_task("arith", {"digits": 1})
+    ds, _ = prompt_dataset(task, "train", tok, prompt_len=12, batch_size=2, num_examples=8)
+    prompts = next(iter(ds))
+    common = dict(num_generations=3, max_new_tokens=6, temperature=1.5)
+    full = rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=_settings(**common, width_buckets=1),
+                           rng=jax.random.key(7), chunk_size=5).batch
+    cut = rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=_settings(**common, width_buckets=6),
+                          rng=jax.random.key(7), chunk_size=5).batch
+    assert full["tokens"].shape == (6, 18)
+    T = cut["tokens"].shape[1]
+    p_max = int(prompts["prompt_valid"].sum(1).max())
+    n_max = int(full["loss_mask"].sum(1).max())
+    assert T == rollout.bucketed_width(p_max + n_max, 18, 6) < 18
+    p_keep = min(12, T - n_max)
+    cols = np.r_[12 - p_keep:12, 12:12 + T - p_keep]  # the kept columns of the full batch
+    assert not full["valid"][:, np.setdiff1d(np.arange(18), cols)].any()
+    for k, v in full.items():
+        if np.ndim(v) == 2 and k in ("tokens", "positions", "valid", "loss_mask", "sampler_logprobs"):
+            np.testing.assert_array_equal(cut[k], v[:, cols], err_msg=k)
+        elif np.ndim(v) == 2:
+            np.testing.assert_allclose(cut[k], v[:, cols], atol=1e-6, err_msg=k)
+        else:
+            np.testing.assert_array_equal(cut[k], v, err_msg=k)
+    from jaxtok.train.objectives import policy_gradient as PG
+
+    loss_fn, args = PG.policy_gradient_loss, PG.PolicyGradientArgs(loss_mode="grpo")
+    rewards_ = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0], np.float32)  # a learning signal in both groups
+
+    def loss_and_grad(batch):
+        def f(m):
+            s, c, _ = loss_fn(m, {k: jnp.asarray(v) for k, v in dict(batch, rewards=rewards_).items()},
+                              jax.random.key(0), args)
+            return s / c
+        return nnx.value_and_grad(f)(policy)
+
+    (l_full, g_full), (l_cut, g_cut) = loss_and_grad(full), loss_and_grad(cut)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_full)) > 1e-4  # a real gradient, not zeros
+    np.testing.assert_allclose(float(l_cut), float(l_full), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 def test_rewards_hand_computed():
@@ -262,7 +321,7 @@ def test_score_rollout_topk_matches_the_sampler_topk(tok, policy):
     task = make_task("arith", {"digits": 1})
     ds, _ = prompt_dataset(task, "train", tok, prompt_len=12, batch_size=2, num_examples=8)
     prompts = next(iter(ds))
-    settings = _settings(num_generations=2, max_new_tokens=5, temperature=1.3)
+    settings = _settings(num_generations=2, max_new_tokens=5, temperature=1.3, width_buckets=1)  # [B, P + N]
     key = jax.random.key(11)
     K = 5
     ro = rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=settings, rng=key, chunk_size=7, topk=K)

@@ -111,7 +111,7 @@ def collect_appo(model, prompts: dict, *, task, tokenizer, settings, rng: jax.Ar
     n, nb = settings.num_generations, settings.branches
     k_init, k_branch = jax.random.split(rng)
     init = rollout_lib.collect(model, prompts, task=task, tokenizer=tokenizer, settings=settings, rng=k_init,
-                               mesh=mesh, teacher=teacher, chunk_size=chunk_size)
+                               mesh=mesh, teacher=teacher, chunk_size=chunk_size, trim=False)  # [G·n, P + N]
     b0 = init.batch
     P = prompts["prompt"].shape[1]
     N = b0["tokens"].shape[1] - P

@@ -69,6 +69,29 @@ def assemble(prompt: np.ndarray, prompt_valid: np.ndarray, completion: np.ndarra
     return {"tokens": tokens, "positions": positions, "valid": valid, "loss_mask": loss_mask}
 
 
+def bucketed_width(needed: int, full: int, buckets: int) -> int:
+    """The smallest of ``buckets`` equal widths ``k·ceil(full/buckets)`` (capped at ``full``) that holds ``needed``
+    columns: a rollout batch takes one of at most ``buckets`` shapes, so its jitted consumers compile at most that
+    many times."""
+    step = -(-full // max(buckets, 1))
+    return min(full, -(-max(needed, 1) // step) * step)
+
+
+def trim_padding(prompt_valid: np.ndarray, completion_valid: np.ndarray, buckets: int) -> tuple[slice, slice]:
+    """Column slices ``(prompt_cols, completion_cols)`` that drop all-padding columns of a rollout: the prompt's
+    left padding beyond the longest prompt ``[B, P]`` and the completion's right padding beyond the longest
+    completion ``[B, N]``, widened to :func:`bucketed_width` (prompt padding first, then completion padding).
+
+    Only columns invalid in every row are dropped, and positions count valid tokens, so every forward over the
+    trimmed batch gives the full-width batch's values on the kept tokens (padding is masked everywhere)."""
+    P, N = prompt_valid.shape[1], completion_valid.shape[1]
+    p_max = int(prompt_valid.sum(axis=1).max(initial=0))  # left-padded: the longest prompt's columns
+    n_max = max(int(completion_valid.sum(axis=1).max(initial=0)), 1)  # right-padded (at least one column)
+    width = bucketed_width(p_max + n_max, P + N, buckets)
+    p_keep = min(P, width - n_max)
+    return slice(P - p_keep, P), slice(0, width - p_keep)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "topk"))
 def _score_jit(graphdef, state, tokens, positions, valid, temperature, *, chunk_size, topk=0):
     model = nnx.merge(graphdef, state)
@@ -366,9 +389,12 @@ class DrafterRefresh:
 
 def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng: jax.Array, mesh=None,
             teacher: Optional[nnx.Module] = None, prepare: Optional[Callable] = None,
-            chunk_size: int = 1024, topk: int = 0, sampler: Optional[SpeculativeSampler] = None) -> Rollout:
+            chunk_size: int = 1024, topk: int = 0, sampler: Optional[SpeculativeSampler] = None,
+            trim: bool = True) -> Rollout:
     """One scored rollout batch (module docstring); ``settings`` is the config's ``rollout`` section; ``sampler``
     a :class:`SpeculativeSampler` samples the policy's completions (the teacher's off-policy rows stay AR).
+    ``trim``: drop all-padding columns (:func:`trim_padding` with ``settings.width_buckets``); False keeps the
+    ``[B, P + N]`` layout of the prompt width ``P`` and ``rollout.max_new_tokens`` ``N``.
 
     Batch keys: ``tokens, positions, valid, loss_mask [B, T]``, ``old_logprobs, entropy [B, T]`` float32,
     ``sampler_logprobs [B, T]`` (the sampler's own log-probs, with its filters: APPO's rollout-engine log-prob),
@@ -408,8 +434,14 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
             completion = np.where(on_policy[:, None], completion, t_tok)
             completion_valid = np.where(on_policy[:, None], completion_valid, t_valid)
             sampler_lp = np.where(on_policy[:, None], sampler_lp, t_lp)
-    batch = assemble(rows["prompt"], rows["prompt_valid"], completion, completion_valid)
-    batch["sampler_logprobs"] = np.concatenate([np.zeros_like(rows["prompt"], np.float32), sampler_lp], axis=1)
+    prompt, prompt_valid = rows["prompt"], rows["prompt_valid"]
+    if trim:
+        p_cols, c_cols = trim_padding(prompt_valid, completion_valid, getattr(settings, "width_buckets", 1))
+        prompt, prompt_valid = prompt[:, p_cols], prompt_valid[:, p_cols]  # [B, P'] P' <= P
+        completion, completion_valid, sampler_lp = (x[:, c_cols] for x in (completion, completion_valid,
+                                                                           sampler_lp))  # [B, N'] N' <= N
+    batch = assemble(prompt, prompt_valid, completion, completion_valid)
+    batch["sampler_logprobs"] = np.concatenate([np.zeros_like(prompt, np.float32), sampler_lp], axis=1)
     temperature = np.full((G * n,), settings.temperature, np.float32)
     batch.update(score_rollout(model, batch, temperature, mesh=mesh, chunk_size=chunk_size, topk=topk))
     from jaxtok.data import examples_of
