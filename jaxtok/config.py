@@ -320,6 +320,12 @@ class RolloutSection(_Section):
                                           "right of the longest completion) and are cut to the next of this many "
                                           "equal widths up to data.prompt_len + max_new_tokens, so the scoring and "
                                           "train step compile at most this many shapes; 1 = always the full width")
+    behaviour_logprobs: str = _f("recompute", choices=("recompute", "sampler"),
+                                 doc="the rollout batch's old_logprobs / entropy: recompute = a scoring forward of "
+                                     "the policy over the sampled tokens (logs the sampler/trainer mismatch every "
+                                     "step); sampler = the sampler's own log-probs and entropies, no scoring forward "
+                                     "(TRL's single-epoch shortcut: the train step's ratio_* / approx_kl then show the "
+                                     "mismatch); needs no top-k/top-p filter, the ar sampler, no off-policy rows")
     teacher_init_from: Optional[str] = _f(None, doc="run directory of the frozen teacher (objectives needing one)")
     reference: str = _f("none", doc="frozen reference policy for KL terms: none | init (the initial policy) | "
                                     "<run dir>")
@@ -361,6 +367,16 @@ class RolloutSection(_Section):
         for name, w in self.rewards.items():
             if not isinstance(w, (int, float)) or _non_finite(w):
                 raise ConfigError(f"rollout.rewards.{name}={w!r}: weights are finite numbers")
+        if self.behaviour_logprobs == "sampler":
+            clash = {k: v for k, v in (("top_k", self.top_k), ("top_p", self.top_p), ("sampler", self.sampler),
+                                       ("off_policy_fraction", self.off_policy_fraction), ("branches", self.branches))
+                     if v != {"top_k": 0, "top_p": 1.0, "sampler": "ar", "off_policy_fraction": 0.0,
+                              "branches": 0}[k]}
+            if clash:
+                raise ConfigError(f"rollout.behaviour_logprobs='sampler' with rollout.{next(iter(clash))}="
+                                  f"{next(iter(clash.values()))!r}: the sampler's log-probs are the policy's only "
+                                  f"without top-k/top-p filters, from the ar sampler, on the policy's own rows (no "
+                                  f"off-policy or APPO branch rows); use behaviour_logprobs: recompute")
         if self.sampler == "speculative":
             if not self.draft_init_from:
                 raise ConfigError("rollout.draft_init_from=None: rollout.sampler='speculative' needs a drafter (a run "

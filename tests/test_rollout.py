@@ -147,6 +147,36 @@ def test_trimmed_rollout_equals_the_full_width_batch(tok, policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_sampler_behaviour_logprobs_skip_the_scoring_forward(tok, policy, monkeypatch):
+    """``rollout.behaviour_logprobs: sampler``: old log-probs and entropies are the sampler's own, equal to the
+    recomputed ones up to float error, with no scoring forward; filters, which make the sampler's log-probs those
+    of S(p) rather than p, are refused naming the key."""
+    task = make_task("arith", {"digits": 1})
+    ds, _ = prompt_dataset(task, "train", tok, prompt_len=12, batch_size=2, num_examples=8)
+    prompts = next(iter(ds))
+    common = dict(num_generations=3, max_new_tokens=6, temperature=1.5)
+    ref = rollout.collect(policy, prompts, task=task, tokenizer=tok, settings=_settings(**common),
+                          rng=jax.random.key(7), chunk_size=5)
+
+    def no_forward(*a, **k):
+        raise AssertionError("scoring forward called")
+
+    monkeypatch.setattr(rollout, "score_rollout", no_forward)
+    fast = rollout.collect(policy, prompts, task=task, tokenizer=tok,
+                           settings=_settings(**common, behaviour_logprobs="sampler"), rng=jax.random.key(7),
+                           chunk_size=5)
+    np.testing.assert_array_equal(fast.batch["tokens"], ref.batch["tokens"])
+    np.testing.assert_allclose(fast.batch["old_logprobs"], ref.batch["old_logprobs"], atol=2e-5)
+    np.testing.assert_allclose(fast.batch["entropy"], ref.batch["entropy"], atol=2e-5)
+    assert "rollout/sampler_kl" in ref.info and "rollout/sampler_kl" not in fast.info
+    for bad in ({"top_k": 5}, {"top_p": 0.9}, {"off_policy_fraction": 0.5}):
+        with pytest.raises(ConfigError, match=f"rollout.{next(iter(bad))}"):
+            _settings(**common, behaviour_logprobs="sampler", **bad)
+    with pytest.raises(ValueError, match="top-K"):
+        rollout.collect(policy, prompts, task=task, tokenizer=tok, topk=3, rng=jax.random.key(7),
+                        settings=_settings(**common, behaviour_logprobs="sampler"))
+
+
 def test_rewards_hand_computed():
     task = make_task("arith", {"digits": 1})
     ex = task.example("train", 0)

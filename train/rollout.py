@@ -171,9 +171,10 @@ def sampler_trainer_mismatch(old_logprobs: np.ndarray, sampler_logprobs: np.ndar
     return {"rollout/sampler_abs_logp_diff": float(out["abs_logp_diff"]), "rollout/sampler_kl": float(out["kl"])}
 
 
-def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh, sampler=None):
+def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh, sampler=None, entropy=False):
     """``(tokens [B, N], valid [B, N], logprobs [B, N])`` host arrays of the policy's completions: AR
-    :func:`~jaxtok.decode.generate.generate`, or ``sampler`` (a :class:`SpeculativeSampler`) when given."""
+    :func:`~jaxtok.decode.generate.generate`, or ``sampler`` (a :class:`SpeculativeSampler`) when given;
+    ``entropy``: AR only, ``entropies [B, N]`` of the sampling distribution appended."""
     if sampler is not None:
         return sampler.sample(model, prompt, prompt_valid, settings, rng, sp, mesh)
     from jaxtok.decode.generate import generate
@@ -182,8 +183,8 @@ def _sample(model, prompt, prompt_valid, settings, rng, sp: SpecialTokens, mesh,
     out = generate(model, prompt, prompt_valid, max_new_tokens=settings.max_new_tokens,
                    sampling=SamplingParams(temperature=settings.temperature, top_k=settings.top_k,
                                            top_p=settings.top_p), rng=rng,
-                   stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh)
-    return fetch(out.tokens), fetch(out.valid), fetch(out.logprobs)
+                   stop_tokens=sp.eos_ids, pad_id=sp.pad, mesh=mesh, return_entropy=entropy)
+    return (fetch(out.tokens), fetch(out.valid), fetch(out.logprobs)) + ((fetch(out.entropy),) if entropy else ())
 
 
 @dataclasses.dataclass
@@ -418,8 +419,13 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
         spec_info = sampler.before_rollout(model, prompts, task=task, tokenizer=tokenizer, settings=settings,
                                            rng=jax.random.fold_in(rng, 7), mesh=mesh,
                                            every=getattr(settings, "draft_refresh_every", 0))
-    completion, completion_valid, sampler_lp = _sample(model, rows["prompt"], rows["prompt_valid"], settings, k_student,
-                                                       sp, mesh, sampler=sampler)
+    from_sampler = getattr(settings, "behaviour_logprobs", "recompute") == "sampler"
+    if from_sampler and (topk or sampler is not None):
+        raise ValueError("rollout.behaviour_logprobs='sampler' takes the ar sampler's log-probs; this objective "
+                         "needs the behaviour top-K (rollout.topk) or a speculative sampler: use 'recompute'")
+    completion, completion_valid, sampler_lp, *sampler_ent = _sample(
+        model, rows["prompt"], rows["prompt_valid"], settings, k_student, sp, mesh, sampler=sampler,
+        entropy=from_sampler)
     if sampler is not None:
         spec_info.update(sampler.last)
     on_policy = np.ones(G * n, bool)
@@ -438,12 +444,18 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
     if trim:
         p_cols, c_cols = trim_padding(prompt_valid, completion_valid, getattr(settings, "width_buckets", 1))
         prompt, prompt_valid = prompt[:, p_cols], prompt_valid[:, p_cols]  # [B, P'] P' <= P
-        completion, completion_valid, sampler_lp = (x[:, c_cols] for x in (completion, completion_valid,
-                                                                           sampler_lp))  # [B, N'] N' <= N
+        completion, completion_valid, sampler_lp, *sampler_ent = (
+            x[:, c_cols] for x in (completion, completion_valid, sampler_lp, *sampler_ent))  # [B, N'] N' <= N
     batch = assemble(prompt, prompt_valid, completion, completion_valid)
-    batch["sampler_logprobs"] = np.concatenate([np.zeros_like(prompt, np.float32), sampler_lp], axis=1)
+    pad = np.zeros_like(prompt, np.float32)  # [B, P']
+    batch["sampler_logprobs"] = np.concatenate([pad, sampler_lp], axis=1)
     temperature = np.full((G * n,), settings.temperature, np.float32)
-    batch.update(score_rollout(model, batch, temperature, mesh=mesh, chunk_size=chunk_size, topk=topk))
+    if from_sampler:  # the sampler's own log-probs (0 after a row's end) stand for the scoring forward's
+        batch.update(old_logprobs=np.where(batch["loss_mask"], batch["sampler_logprobs"], 0.0).astype(np.float32),
+                     entropy=np.where(batch["loss_mask"], np.concatenate([pad, sampler_ent[0]], axis=1),
+                                      0.0).astype(np.float32))
+    else:
+        batch.update(score_rollout(model, batch, temperature, mesh=mesh, chunk_size=chunk_size, topk=topk))
     from jaxtok.data import examples_of
     from jaxtok.train.rewards import score
 
@@ -464,7 +476,8 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
             "rollout/exact_match": float(batch["accuracy"].mean()),
             "rollout/length_mean": float(lengths.mean()),
             "rollout/entropy_mean": float(batch["entropy"].sum() / max(batch["loss_mask"].sum(), 1))}
-    info.update(sampler_trainer_mismatch(batch["old_logprobs"], batch["sampler_logprobs"],
-                                         batch["loss_mask"] & on_policy[:, None]))
+    if not from_sampler:  # with the sampler's log-probs the train step's ratio_* / approx_kl show the mismatch
+        info.update(sampler_trainer_mismatch(batch["old_logprobs"], batch["sampler_logprobs"],
+                                             batch["loss_mask"] & on_policy[:, None]))
     info.update(spec_info)
     return Rollout(batch=batch, completions=completions, examples=examples, info=info)
