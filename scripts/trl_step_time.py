@@ -152,7 +152,7 @@ def plot(res: dict, png: Path) -> None:
             ax.bar(i, res["settings"][setting]["step_s_median"][arm], color="tab:red" if arm == "trl" else "tab:blue",
                    alpha=0.7)
             ax.plot([i] * len(reps), reps, "ko", ms=3)
-        ax.set_xticks(range(len(arms)), arms, fontsize=8)
+        ax.set_xticks(range(len(arms)), [a.replace("jaxtok_", "jaxtok\n") for a in arms], fontsize=8)
         ax.set_ylabel("seconds per step (median; dots: repeats)")
         ax.set_title(f"{setting}: one step on the testbed")
     fig.supxlabel(f"made by: {res['command']}", fontsize=7, color="0.3")
