@@ -368,13 +368,11 @@ class RolloutSection(_Section):
             if not isinstance(w, (int, float)) or _non_finite(w):
                 raise ConfigError(f"rollout.rewards.{name}={w!r}: weights are finite numbers")
         if self.behaviour_logprobs == "sampler":
-            clash = {k: v for k, v in (("top_k", self.top_k), ("top_p", self.top_p), ("sampler", self.sampler),
-                                       ("off_policy_fraction", self.off_policy_fraction), ("branches", self.branches))
-                     if v != {"top_k": 0, "top_p": 1.0, "sampler": "ar", "off_policy_fraction": 0.0,
-                              "branches": 0}[k]}
+            needed = {"top_k": 0, "top_p": 1.0, "sampler": "ar", "off_policy_fraction": 0.0, "branches": 0}
+            clash = [(k, getattr(self, k)) for k, v in needed.items() if getattr(self, k) != v]
             if clash:
-                raise ConfigError(f"rollout.behaviour_logprobs='sampler' with rollout.{next(iter(clash))}="
-                                  f"{next(iter(clash.values()))!r}: the sampler's log-probs are the policy's only "
+                raise ConfigError(f"rollout.behaviour_logprobs='sampler' with rollout.{clash[0][0]}="
+                                  f"{clash[0][1]!r}: the sampler's log-probs are the policy's only "
                                   f"without top-k/top-p filters, from the ar sampler, on the policy's own rows (no "
                                   f"off-policy or APPO branch rows); use behaviour_logprobs: recompute")
         if self.sampler == "speculative":

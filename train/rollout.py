@@ -395,7 +395,9 @@ def collect(model: nnx.Module, prompts: dict, *, task, tokenizer, settings, rng:
     """One scored rollout batch (module docstring); ``settings`` is the config's ``rollout`` section; ``sampler``
     a :class:`SpeculativeSampler` samples the policy's completions (the teacher's off-policy rows stay AR).
     ``trim``: drop all-padding columns (:func:`trim_padding` with ``settings.width_buckets``); False keeps the
-    ``[B, P + N]`` layout of the prompt width ``P`` and ``rollout.max_new_tokens`` ``N``.
+    ``[B, P + N]`` layout of the prompt width ``P`` and ``rollout.max_new_tokens`` ``N``. With
+    ``settings.behaviour_logprobs == "sampler"`` ``old_logprobs`` / ``entropy`` are the AR sampler's own (no
+    scoring forward, no ``rollout/sampler_*`` info).
 
     Batch keys: ``tokens, positions, valid, loss_mask [B, T]``, ``old_logprobs, entropy [B, T]`` float32,
     ``sampler_logprobs [B, T]`` (the sampler's own log-probs, with its filters: APPO's rollout-engine log-prob),
